@@ -1,0 +1,534 @@
+//! The candle engine for convkit: builds a [`convkit_core::Sequential`] as candle tensors,
+//! trains it with core's Keras update rules, and exchanges weights in the canonical layout
+//! (candle's own conv `[out, in, kh, kw]` and linear `[out, in]` layouts already match it).
+//!
+//! ```no_run
+//! use convkit_core::{Backend, Compile, Loss, Model, Optimizer, Sequential};
+//! let backend = convkit_candle::CandleBackend::cpu();
+//! let spec = Sequential::preset("tutorial-mnist")?;
+//! let compile = Compile::new(Optimizer::adam(), Loss::SparseCategoricalCrossentropy);
+//! let model = Model::new(spec, compile, &backend, 42)?;
+//! # Ok::<(), convkit_core::Error>(())
+//! ```
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use convkit_core::backend::{Backend, Network, StepStats, Targets};
+use convkit_core::compile::{Compile, Head, Loss, Optimizer};
+use convkit_core::ndarray::{Array2, ArrayView4};
+use convkit_core::optim::{Slots, TensorMath};
+use convkit_core::spec::{Activation, LayerKind, Sequential};
+use convkit_core::weights::{Tensor as CoreTensor, Weights};
+
+/// Errors of the candle engine; they reach users as [`convkit_core::Error::Engine`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// Something the candle engine cannot do.
+    #[error("not supported by candle: {0}")]
+    Unsupported(String),
+}
+
+impl Error {
+    fn into_core(self, engine: &str) -> convkit_core::Error {
+        convkit_core::Error::engine(engine, self)
+    }
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// candle on one device (`candle-cpu`, or `candle-cuda` with the `cuda` feature).
+#[derive(Debug, Clone)]
+pub struct CandleBackend {
+    device: Device,
+    name: &'static str,
+}
+
+impl CandleBackend {
+    /// The CPU.
+    pub fn cpu() -> Self {
+        CandleBackend {
+            device: Device::Cpu,
+            name: "candle-cpu",
+        }
+    }
+
+    /// CUDA device `ordinal`; fails without a GPU, or when built without the `cuda` feature.
+    pub fn cuda(ordinal: usize) -> convkit_core::Result<Self> {
+        let device =
+            Device::new_cuda(ordinal).map_err(|e| convkit_core::Error::engine("candle-cuda", e))?;
+        Ok(CandleBackend {
+            device,
+            name: "candle-cuda",
+        })
+    }
+}
+
+impl Backend for CandleBackend {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn device(&self) -> String {
+        match &self.device {
+            Device::Cpu => format!("CPU, {} threads", candle_core::utils::get_num_threads()),
+            other => format!("{other:?}"),
+        }
+    }
+
+    fn build(
+        &self,
+        spec: &Sequential,
+        compile: &Compile,
+        weights: &Weights,
+    ) -> convkit_core::Result<Box<dyn Network>> {
+        let head = compile.check(spec)?;
+        weights.check(spec)?;
+        let net = CandleNetwork::new(spec, compile, head, weights, &self.device, self.name)
+            .map_err(|e| e.into_core(self.name))?;
+        Ok(Box::new(net))
+    }
+}
+
+/// A device tensor as core's optimizer rules see it.
+struct Param(Tensor);
+
+impl TensorMath for Param {
+    fn zeros_like(&self) -> convkit_core::Result<Self> {
+        lift(self.0.zeros_like())
+    }
+    fn affine(&self, mul: f64, add: f64) -> convkit_core::Result<Self> {
+        lift(self.0.affine(mul, add))
+    }
+    fn add(&self, rhs: &Self) -> convkit_core::Result<Self> {
+        lift(&self.0 + &rhs.0)
+    }
+    fn sub(&self, rhs: &Self) -> convkit_core::Result<Self> {
+        lift(&self.0 - &rhs.0)
+    }
+    fn mul(&self, rhs: &Self) -> convkit_core::Result<Self> {
+        lift(&self.0 * &rhs.0)
+    }
+    fn div(&self, rhs: &Self) -> convkit_core::Result<Self> {
+        lift(&self.0 / &rhs.0)
+    }
+    fn sqr(&self) -> convkit_core::Result<Self> {
+        lift(self.0.sqr())
+    }
+    fn sqrt(&self) -> convkit_core::Result<Self> {
+        lift(self.0.sqrt())
+    }
+}
+
+fn lift(r: candle_core::Result<Tensor>) -> convkit_core::Result<Param> {
+    r.map(Param)
+        .map_err(|e| convkit_core::Error::engine("candle", e))
+}
+
+enum Op {
+    Conv {
+        weight: usize,
+        pad: [usize; 4],
+        stride: usize,
+        activation: Activation,
+    },
+    MaxPool {
+        size: (usize, usize),
+        stride: (usize, usize),
+    },
+    AvgPool {
+        size: (usize, usize),
+        stride: (usize, usize),
+    },
+    Flatten,
+    Dense {
+        weight: usize,
+        activation: Activation,
+    },
+    Dropout(f32),
+}
+
+struct Variable {
+    name: String,
+    layer: usize,
+    var: Var,
+    slots: Slots<Param>,
+}
+
+struct CandleNetwork {
+    engine: &'static str,
+    device: Device,
+    input_shape: [usize; 3],
+    ops: Vec<Op>,
+    /// `weight` then `bias` of each weighted layer, in layer order.
+    vars: Vec<Variable>,
+    trainable: Vec<bool>,
+    optimizer: Optimizer,
+    learning_rate: f64,
+    loss: Loss,
+    head: Head,
+    step: u64,
+}
+
+impl CandleNetwork {
+    fn new(
+        spec: &Sequential,
+        compile: &Compile,
+        head: Head,
+        weights: &Weights,
+        device: &Device,
+        engine: &'static str,
+    ) -> Result<Self> {
+        let names = spec.layer_names();
+        let shapes = spec
+            .output_shapes()
+            .map_err(|e| Error::Unsupported(e.to_string()))?;
+        let mut input = spec.input();
+        let mut ops = Vec::new();
+        let mut vars = Vec::new();
+        let add_vars = |layer: usize, vars: &mut Vec<Variable>| -> Result<usize> {
+            let first = vars.len();
+            for part in ["weight", "bias"] {
+                let name = format!("{}.{part}", names[layer]);
+                let t = weights
+                    .get(&name)
+                    .map_err(|e| Error::Unsupported(e.to_string()))?;
+                let var =
+                    Var::from_tensor(&Tensor::from_slice(&t.data, t.shape.as_slice(), device)?)?;
+                vars.push(Variable {
+                    name,
+                    layer,
+                    var,
+                    slots: Slots::default(),
+                });
+            }
+            Ok(first)
+        };
+        for (i, layer) in spec.layers.iter().enumerate() {
+            let op = match &layer.kind {
+                LayerKind::Conv2D(conv) => {
+                    if conv.strides[0] != conv.strides[1] {
+                        return Err(Error::Unsupported(format!(
+                            "layer {i} ({}): Conv2D strides {:?} differ per axis; candle's conv2d takes one stride",
+                            names[i], conv.strides
+                        )));
+                    }
+                    let convkit_core::spec::Shape::Image { h, w, .. } = input else {
+                        unreachable!("checked by the spec")
+                    };
+                    Op::Conv {
+                        weight: add_vars(i, &mut vars)?,
+                        pad: conv.pad_amounts(h, w),
+                        stride: conv.strides[0],
+                        activation: conv.activation,
+                    }
+                }
+                LayerKind::MaxPooling2D(p) => Op::MaxPool {
+                    size: (p.pool_size[0], p.pool_size[1]),
+                    stride: (p.strides()[0], p.strides()[1]),
+                },
+                LayerKind::AveragePooling2D(p) => Op::AvgPool {
+                    size: (p.pool_size[0], p.pool_size[1]),
+                    stride: (p.strides()[0], p.strides()[1]),
+                },
+                LayerKind::Flatten => Op::Flatten,
+                LayerKind::Dense(d) => Op::Dense {
+                    weight: add_vars(i, &mut vars)?,
+                    activation: d.activation,
+                },
+                LayerKind::Dropout(d) => Op::Dropout(d.rate),
+            };
+            ops.push(op);
+            input = shapes[i];
+        }
+        Ok(CandleNetwork {
+            engine,
+            device: device.clone(),
+            input_shape: spec.input_shape,
+            ops,
+            vars,
+            trainable: vec![true; spec.layers.len()],
+            optimizer: compile.optimizer.clone(),
+            learning_rate: compile.optimizer.learning_rate(),
+            loss: compile.loss,
+            head,
+            step: 0,
+        })
+    }
+
+    /// NHWC host batch → NCHW device tensor.
+    fn input(&self, x: ArrayView4<'_, f32>) -> Result<Tensor> {
+        let (n, h, w, c) = x.dim();
+        if [h, w, c] != self.input_shape {
+            return Err(Error::Unsupported(format!(
+                "input batch is {h}×{w}×{c}, the model expects {:?}",
+                self.input_shape
+            )));
+        }
+        let x = x.as_standard_layout();
+        let t = Tensor::from_slice(
+            x.as_slice().expect("standard layout"),
+            (n, h, w, c),
+            &self.device,
+        )?;
+        Ok(t.permute((0, 3, 1, 2))?.contiguous()?)
+    }
+
+    /// Logits: the last layer's pre-activation when the head applies softmax/sigmoid.
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = x.clone();
+        let last = self.ops.len() - 1;
+        for (i, op) in self.ops.iter().enumerate() {
+            let act = |t: Tensor, a: Activation| if i == last { Ok(t) } else { activate(t, a) };
+            x = match op {
+                Op::Conv {
+                    weight,
+                    pad,
+                    stride,
+                    activation,
+                } => {
+                    let (w, b) = (
+                        self.vars[*weight].var.as_tensor(),
+                        self.vars[*weight + 1].var.as_tensor(),
+                    );
+                    let [top, bottom, left, right] = *pad;
+                    let y = if top == bottom && left == right && top == left {
+                        x.conv2d(w, top, *stride, 1, 1)?
+                    } else {
+                        x.pad_with_zeros(2, top, bottom)?
+                            .pad_with_zeros(3, left, right)?
+                            .conv2d(w, 0, *stride, 1, 1)?
+                    };
+                    let y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
+                    act(y, *activation)?
+                }
+                Op::MaxPool { size, stride } => x.max_pool2d_with_stride(*size, *stride)?,
+                Op::AvgPool { size, stride } => x.avg_pool2d_with_stride(*size, *stride)?,
+                // Keras flattens channels-last: (H, W, C).
+                Op::Flatten => x.permute((0, 2, 3, 1))?.flatten_from(1)?,
+                Op::Dense { weight, activation } => {
+                    let (w, b) = (
+                        self.vars[*weight].var.as_tensor(),
+                        self.vars[*weight + 1].var.as_tensor(),
+                    );
+                    act(x.matmul(&w.t()?)?.broadcast_add(b)?, *activation)?
+                }
+                Op::Dropout(rate) if train && *rate > 0.0 => candle_nn::ops::dropout(&x, *rate)?,
+                Op::Dropout(_) => x,
+            };
+        }
+        // A last layer with its own non-head activation (e.g. relu) still needs it applied.
+        if let Some(Op::Conv { activation, .. } | Op::Dense { activation, .. }) = self.ops.last() {
+            if !matches!(
+                activation,
+                Activation::Softmax | Activation::Sigmoid | Activation::Linear
+            ) {
+                x = activate(x, *activation)?;
+            }
+        }
+        Ok(x)
+    }
+
+    fn loss(&self, logits: &Tensor, y: &Targets) -> Result<Tensor> {
+        Ok(match (self.loss, y) {
+            (Loss::SparseCategoricalCrossentropy, Targets::Sparse(labels)) => {
+                let t = Tensor::from_slice(labels, labels.len(), &self.device)?;
+                candle_nn::loss::cross_entropy(logits, &t)?
+            }
+            (Loss::CategoricalCrossentropy, Targets::Dense(rows)) => {
+                let rows = rows.as_standard_layout();
+                let t = Tensor::from_slice(
+                    rows.as_slice().expect("standard layout"),
+                    rows.dim(),
+                    &self.device,
+                )?;
+                (candle_nn::ops::log_softmax(logits, D::Minus1)? * t)?
+                    .sum(1)?
+                    .mean(0)?
+                    .neg()?
+            }
+            (Loss::BinaryCrossentropy, Targets::Binary(v)) => {
+                // max(x, 0) − x·y + log(1 + exp(−|x|)), stable for any logit.
+                let x = logits.flatten_all()?;
+                let t = Tensor::from_slice(v, v.len(), &self.device)?;
+                let soft = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+                ((x.relu()? - (&x * &t)?)? + soft)?.mean(0)?
+            }
+            (loss, targets) => {
+                return Err(Error::Unsupported(format!(
+                    "{} needs {} targets, found {targets:?}",
+                    loss.name(),
+                    match loss {
+                        Loss::SparseCategoricalCrossentropy => "sparse class-index",
+                        Loss::CategoricalCrossentropy => "dense (one-hot)",
+                        Loss::BinaryCrossentropy => "binary 0/1",
+                    }
+                )))
+            }
+        })
+    }
+
+    fn correct(&self, logits: &Tensor, y: &Targets) -> Result<usize> {
+        let rows = logits.to_vec2::<f32>()?;
+        let argmax = |r: &[f32]| {
+            r.iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                )
+                .0
+        };
+        Ok(match y {
+            Targets::Sparse(labels) => rows
+                .iter()
+                .zip(labels)
+                .filter(|(r, &l)| argmax(r) == l as usize)
+                .count(),
+            Targets::Dense(t) => rows
+                .iter()
+                .zip(t.rows())
+                .filter(|(r, t)| argmax(r) == argmax(t.as_slice().expect("standard")))
+                .count(),
+            Targets::Binary(t) => rows
+                .iter()
+                .zip(t)
+                .filter(|(r, &t)| (r[0] > 0.0) == (t > 0.5))
+                .count(),
+        })
+    }
+
+    fn train_step_inner(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
+        if x.dim().0 != y.len() {
+            return Err(Error::Unsupported(format!(
+                "batch has {} images but {} targets",
+                x.dim().0,
+                y.len()
+            )));
+        }
+        let x = self.input(x)?;
+        let logits = self.forward(&x, true)?;
+        let loss = self.loss(&logits, y)?;
+        let correct = self.correct(&logits, y)?;
+        let grads = loss.backward()?;
+        self.step += 1;
+        for v in &mut self.vars {
+            if !self.trainable[v.layer] {
+                continue;
+            }
+            let Some(g) = grads.get(v.var.as_tensor()) else {
+                continue;
+            };
+            let w = Param(v.var.as_tensor().clone());
+            let new = self
+                .optimizer
+                .update(
+                    self.learning_rate,
+                    self.step,
+                    &w,
+                    &Param(g.clone()),
+                    &mut v.slots,
+                )
+                .map_err(|e| Error::Unsupported(e.to_string()))?;
+            v.var.set(&new.0)?;
+        }
+        Ok(StepStats {
+            loss: loss.to_scalar::<f32>()?,
+            correct,
+        })
+    }
+
+    fn predict_inner(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
+        let logits = self.forward(&self.input(x)?, false)?;
+        let p = match self.head {
+            Head::Softmax => candle_nn::ops::softmax(&logits, D::Minus1)?,
+            Head::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
+        };
+        let (n, k) = p.dims2()?;
+        let data = p.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Array2::from_shape_vec((n, k), data).expect("dims from the tensor"))
+    }
+
+    fn weights_inner(&self) -> Result<Weights> {
+        let mut w = Weights::default();
+        for v in &self.vars {
+            let t = v.var.as_tensor();
+            let data = t.flatten_all()?.to_vec1::<f32>()?;
+            w.insert(
+                v.name.clone(),
+                CoreTensor {
+                    shape: t.dims().to_vec(),
+                    data,
+                },
+            );
+        }
+        Ok(w)
+    }
+
+    fn set_weights_inner(&mut self, weights: &Weights) -> Result<()> {
+        for v in &self.vars {
+            let t = weights
+                .get(&v.name)
+                .map_err(|e| Error::Unsupported(e.to_string()))?;
+            if t.shape != v.var.as_tensor().dims() {
+                return Err(Error::Unsupported(format!(
+                    "tensor `{}`: expected shape {:?}, found {:?}",
+                    v.name,
+                    v.var.as_tensor().dims(),
+                    t.shape
+                )));
+            }
+            v.var.set(&Tensor::from_slice(
+                &t.data,
+                t.shape.as_slice(),
+                &self.device,
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+fn activate(x: Tensor, a: Activation) -> Result<Tensor> {
+    Ok(match a {
+        Activation::Linear => x,
+        Activation::Relu => x.relu()?,
+        Activation::Sigmoid => candle_nn::ops::sigmoid(&x)?,
+        Activation::Tanh => x.tanh()?,
+        Activation::Softmax => candle_nn::ops::softmax(&x, D::Minus1)?,
+    })
+}
+
+impl Network for CandleNetwork {
+    fn train_step(
+        &mut self,
+        x: ArrayView4<'_, f32>,
+        y: &Targets,
+    ) -> convkit_core::Result<StepStats> {
+        self.train_step_inner(x, y)
+            .map_err(|e| e.into_core(self.engine))
+    }
+    fn predict(&self, x: ArrayView4<'_, f32>) -> convkit_core::Result<Array2<f32>> {
+        self.predict_inner(x).map_err(|e| e.into_core(self.engine))
+    }
+    fn weights(&self) -> convkit_core::Result<Weights> {
+        self.weights_inner().map_err(|e| e.into_core(self.engine))
+    }
+    fn set_weights(&mut self, weights: &Weights) -> convkit_core::Result<()> {
+        self.set_weights_inner(weights)
+            .map_err(|e| e.into_core(self.engine))
+    }
+    fn set_trainable(&mut self, layer: usize, trainable: bool) -> convkit_core::Result<()> {
+        let n = self.trainable.len();
+        let slot = self.trainable.get_mut(layer).ok_or_else(|| {
+            convkit_core::Error::engine(
+                self.engine,
+                format!("layer index {layer} out of range: the model has {n} layers"),
+            )
+        })?;
+        *slot = trainable;
+        Ok(())
+    }
+    fn set_learning_rate(&mut self, learning_rate: f64) {
+        self.learning_rate = learning_rate;
+    }
+}

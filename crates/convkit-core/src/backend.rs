@@ -1,0 +1,74 @@
+//! The seam between core and the engines. An engine does only what needs tensors: build a
+//! network from a spec and weights, one training step, a forward pass, weights out and in,
+//! and per-layer freezing. Everything else (data, loop, metrics, plots, files) is core's.
+
+use ndarray::{Array2, ArrayView4};
+
+use crate::compile::Compile;
+use crate::spec::Sequential;
+use crate::weights::Weights;
+use crate::Result;
+
+/// Training targets for one batch; which variant follows from the loss.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Targets {
+    /// Class indices `[n]` (sparse categorical cross-entropy).
+    Sparse(Vec<u32>),
+    /// Probability rows `[n, classes]` (categorical cross-entropy; one-hot for hard labels).
+    Dense(Array2<f32>),
+    /// 0/1 targets `[n]` (binary cross-entropy).
+    Binary(Vec<f32>),
+}
+
+impl Targets {
+    pub fn len(&self) -> usize {
+        match self {
+            Targets::Sparse(v) => v.len(),
+            Targets::Dense(a) => a.nrows(),
+            Targets::Binary(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What one training step reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the batch (before the update).
+    pub loss: f32,
+    /// Correctly classified samples in the batch (before the update).
+    pub correct: usize,
+}
+
+/// An engine: builds networks on one device. Object safe, so the CLI can pick one by name.
+pub trait Backend: Send + Sync {
+    /// The CLI name, e.g. `candle-cpu`.
+    fn name(&self) -> &str;
+    /// Human-readable device description.
+    fn device(&self) -> String;
+    /// Build `spec` with `weights` (canonical layout), ready to train with `compile`.
+    fn build(
+        &self,
+        spec: &Sequential,
+        compile: &Compile,
+        weights: &Weights,
+    ) -> Result<Box<dyn Network>>;
+}
+
+/// A built network on an engine's device.
+pub trait Network {
+    /// One optimizer step on a batch `x` (`[n, H, W, C]`, normalised). Dropout is active.
+    fn train_step(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats>;
+    /// Probabilities `[n, classes]` (`[n, 1]` for a sigmoid head) in inference mode.
+    fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>>;
+    /// Current weights, canonical layout.
+    fn weights(&self) -> Result<Weights>;
+    /// Replace the weights (canonical layout); optimizer state is kept.
+    fn set_weights(&mut self, weights: &Weights) -> Result<()>;
+    /// Freeze (`false`) or unfreeze a layer by index; frozen weights are not updated.
+    fn set_trainable(&mut self, layer: usize, trainable: bool) -> Result<()>;
+    /// Change the learning rate used from the next step on (schedules, ReduceLROnPlateau).
+    fn set_learning_rate(&mut self, learning_rate: f64);
+}

@@ -1,0 +1,53 @@
+//! Initial weights, made once in core so every engine starts from the same numbers:
+//! Keras' defaults, glorot-uniform kernels and zero biases, from a seeded ChaCha8 stream.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::spec::Sequential;
+use crate::weights::{Tensor, Weights};
+use crate::Result;
+
+/// Glorot-uniform kernels (limit √(6 / (fan_in + fan_out)), with fan_in = kh·kw·in and
+/// fan_out = kh·kw·out for convolutions) and zero biases, in layer order from `seed`.
+pub fn glorot_uniform(spec: &Sequential, seed: u64) -> Result<Weights> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut weights = Weights::default();
+    for (name, shape) in spec.weight_shapes()? {
+        let tensor = if name.ends_with(".bias") {
+            Tensor::zeros(shape)
+        } else {
+            let receptive: usize = shape[2..].iter().product();
+            let fan_in = shape[1] * receptive;
+            let fan_out = shape[0] * receptive;
+            let limit = (6.0 / (fan_in + fan_out) as f64).sqrt() as f32;
+            let n = shape.iter().product();
+            let data = (0..n).map(|_| rng.random_range(-limit..limit)).collect();
+            Tensor::new(shape, data)?
+        };
+        weights.insert(name, tensor);
+    }
+    Ok(weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glorot_limits_and_determinism() {
+        let spec = Sequential::preset("tutorial-mnist").unwrap();
+        let a = glorot_uniform(&spec, 7).unwrap();
+        let b = glorot_uniform(&spec, 7).unwrap();
+        let c = glorot_uniform(&spec, 8).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        a.check(&spec).unwrap();
+        let k = a.get("conv2d.weight").unwrap();
+        assert_eq!(k.shape, vec![32, 1, 3, 3]);
+        let limit = (6.0f32 / (9.0 + 288.0)).sqrt();
+        assert!(k.data.iter().all(|v| v.abs() <= limit));
+        assert!(k.data.iter().any(|v| v.abs() > limit * 0.9));
+        assert!(a.get("dense.bias").unwrap().data.iter().all(|v| *v == 0.0));
+    }
+}

@@ -1,0 +1,33 @@
+//! Engine-neutral core of convkit: datasets, the model spec, Keras-default initialisation,
+//! compile settings and the optimizer rules, the one training loop, metrics, plots, and
+//! engine-neutral weights. Engines implement [`Backend`] / [`Network`]; nothing here knows
+//! which engines exist.
+
+pub mod backend;
+pub mod compile;
+pub mod data;
+mod error;
+pub mod init;
+pub mod io;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod spec;
+pub mod table;
+pub mod train;
+pub mod weights;
+
+pub use backend::{Backend, Network, StepStats, Targets};
+pub use compile::{Compile, Head, Loss, Optimizer};
+pub use data::{Dataset, ImageShape, Normalisation};
+pub use error::{Error, Result};
+pub use metrics::{ClassificationReport, ConfusionMatrix};
+pub use spec::{Activation, Conv2D, Dense, Dropout, LayerKind, Padding, Pool2D, Sequential};
+pub use train::{
+    CsvLogger, EarlyStopping, Evaluation, History, Model, ModelCheckpoint, Monitor, Verbosity,
+};
+pub use weights::{Checkpoint, CheckpointMeta, Tensor, Weights};
+
+/// Re-exported so downstream crates use the same versions.
+pub use ndarray;
+pub use polars;

@@ -1,0 +1,241 @@
+//! Keras' optimizer update rules, written once against a tiny element-wise tensor trait that
+//! every engine implements for its own tensor type, so all engines run the same arithmetic in
+//! the same order on their own devices.
+
+use crate::compile::Optimizer;
+use crate::Result;
+
+/// The element-wise operations the update rules need. Engines implement this for their
+/// device tensors; core implements it for `ndarray` (used by the tests below).
+pub trait TensorMath: Sized {
+    fn zeros_like(&self) -> Result<Self>;
+    /// `self · mul + add`.
+    fn affine(&self, mul: f64, add: f64) -> Result<Self>;
+    fn add(&self, rhs: &Self) -> Result<Self>;
+    fn sub(&self, rhs: &Self) -> Result<Self>;
+    fn mul(&self, rhs: &Self) -> Result<Self>;
+    fn div(&self, rhs: &Self) -> Result<Self>;
+    fn sqr(&self) -> Result<Self>;
+    fn sqrt(&self) -> Result<Self>;
+}
+
+/// Per-parameter optimizer state (Keras' "slots"), created on first use.
+#[derive(Debug)]
+pub struct Slots<T> {
+    /// SGD/RMSprop momentum, Adam's first moment.
+    pub m: Option<T>,
+    /// Adam's second moment, RMSprop's mean square.
+    pub v: Option<T>,
+    /// RMSprop centred: mean gradient.
+    pub mg: Option<T>,
+}
+
+impl<T> Default for Slots<T> {
+    fn default() -> Self {
+        Slots {
+            m: None,
+            v: None,
+            mg: None,
+        }
+    }
+}
+
+fn slot<'a, T: TensorMath>(s: &'a mut Option<T>, like: &T) -> Result<&'a mut T> {
+    if s.is_none() {
+        *s = Some(like.zeros_like()?);
+    }
+    Ok(s.as_mut().expect("just set"))
+}
+
+impl Optimizer {
+    /// One update of weight `w` with gradient `g`; returns the new weight. `lr` is the
+    /// current learning rate (schedules change it), `step` the 1-based count of updates
+    /// applied so far including this one (Keras' `iterations + 1`).
+    pub fn update<T: TensorMath>(
+        &self,
+        lr: f64,
+        step: u64,
+        w: &T,
+        g: &T,
+        slots: &mut Slots<T>,
+    ) -> Result<T> {
+        match *self {
+            Optimizer::Sgd {
+                momentum, nesterov, ..
+            } => {
+                if momentum == 0.0 {
+                    return w.sub(&g.affine(lr, 0.0)?);
+                }
+                let m = slot(&mut slots.m, w)?;
+                let lr_g = g.affine(lr, 0.0)?;
+                *m = m.affine(momentum, 0.0)?.sub(&lr_g)?;
+                if nesterov {
+                    w.add(&m.affine(momentum, 0.0)?)?.sub(&lr_g)
+                } else {
+                    w.add(m)
+                }
+            }
+            Optimizer::Adam {
+                beta_1,
+                beta_2,
+                epsilon,
+                ..
+            } => {
+                let t = step as i32;
+                let alpha = lr * (1.0 - beta_2.powi(t)).sqrt() / (1.0 - beta_1.powi(t));
+                let m = slot(&mut slots.m, w)?;
+                *m = m.add(&g.sub(m)?.affine(1.0 - beta_1, 0.0)?)?;
+                let v = slot(&mut slots.v, w)?;
+                *v = v.add(&g.sqr()?.sub(v)?.affine(1.0 - beta_2, 0.0)?)?;
+                let m = slots.m.as_ref().expect("set above");
+                let v = slots.v.as_ref().expect("set above");
+                w.sub(
+                    &m.affine(alpha, 0.0)?
+                        .div(&v.sqrt()?.affine(1.0, epsilon)?)?,
+                )
+            }
+            Optimizer::Rmsprop {
+                rho,
+                momentum,
+                epsilon,
+                centered,
+                ..
+            } => {
+                let v = slot(&mut slots.v, w)?;
+                *v = v.affine(rho, 0.0)?.add(&g.sqr()?.affine(1.0 - rho, 0.0)?)?;
+                let mut denominator = v.affine(1.0, epsilon)?;
+                if centered {
+                    let mg = slot(&mut slots.mg, w)?;
+                    *mg = mg.affine(rho, 0.0)?.add(&g.affine(1.0 - rho, 0.0)?)?;
+                    denominator = denominator.sub(&mg.sqr()?)?;
+                }
+                let increment = g.affine(lr, 0.0)?.div(&denominator.sqrt()?)?;
+                if momentum > 0.0 {
+                    let m = slot(&mut slots.m, w)?;
+                    *m = m.affine(momentum, 0.0)?.add(&increment)?;
+                    w.sub(m)
+                } else {
+                    w.sub(&increment)
+                }
+            }
+        }
+    }
+}
+
+impl TensorMath for ndarray::ArrayD<f32> {
+    fn zeros_like(&self) -> Result<Self> {
+        Ok(Self::zeros(self.raw_dim()))
+    }
+    fn affine(&self, mul: f64, add: f64) -> Result<Self> {
+        Ok(self.mapv(|x| (x as f64 * mul + add) as f32))
+    }
+    fn add(&self, rhs: &Self) -> Result<Self> {
+        Ok(self + rhs)
+    }
+    fn sub(&self, rhs: &Self) -> Result<Self> {
+        Ok(self - rhs)
+    }
+    fn mul(&self, rhs: &Self) -> Result<Self> {
+        Ok(self * rhs)
+    }
+    fn div(&self, rhs: &Self) -> Result<Self> {
+        Ok(self / rhs)
+    }
+    fn sqr(&self) -> Result<Self> {
+        Ok(self.mapv(|x| x * x))
+    }
+    fn sqrt(&self) -> Result<Self> {
+        Ok(self.mapv(f32::sqrt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{arr1, ArrayD};
+
+    fn t(v: &[f32]) -> ArrayD<f32> {
+        arr1(v).into_dyn()
+    }
+
+    fn run(opt: &Optimizer, grads: &[f32]) -> Vec<f32> {
+        let mut w = t(&[1.0]);
+        let mut slots = Slots::default();
+        for (i, g) in grads.iter().enumerate() {
+            w = opt
+                .update(opt.learning_rate(), i as u64 + 1, &w, &t(&[*g]), &mut slots)
+                .unwrap();
+        }
+        w.into_raw_vec_and_offset().0
+    }
+
+    fn close(a: f32, b: f64) {
+        assert!((a as f64 - b).abs() < 1e-6, "{a} vs {b}");
+    }
+
+    #[test]
+    fn sgd_plain_momentum_nesterov() {
+        // w = 1 - 0.1*0.5 = 0.95
+        close(
+            run(&Optimizer::sgd().with_learning_rate(0.1), &[0.5])[0],
+            0.95,
+        );
+        // momentum 0.9: v1 = -0.05, w1 = 0.95; v2 = -0.045 - 0.05 = -0.095, w2 = 0.855
+        let m = Optimizer::sgd()
+            .with_learning_rate(0.1)
+            .with_momentum(0.9)
+            .unwrap();
+        close(run(&m, &[0.5, 0.5])[0], 0.855);
+        // nesterov: v1 = -0.05, w1 = 1 + 0.9*(-0.05) - 0.05 = 0.905
+        let n = Optimizer::Sgd {
+            learning_rate: 0.1,
+            momentum: 0.9,
+            nesterov: true,
+        };
+        close(run(&n, &[0.5])[0], 0.905);
+    }
+
+    #[test]
+    fn adam_matches_keras() {
+        // step 1: m = 0.1*g, v = 0.001*g², alpha = lr*sqrt(0.001)/0.1
+        // w = 1 - alpha * m / (sqrt(v) + eps) with g = 0.5:
+        let g = 0.5f64;
+        let (m, v) = (0.1 * g, 0.001 * g * g);
+        let alpha = 1e-3 * (0.001f64).sqrt() / 0.1;
+        let expect1 = 1.0 - alpha * m / (v.sqrt() + 1e-7);
+        close(run(&Optimizer::adam(), &[0.5])[0], expect1);
+        // step 2 with g = -0.2
+        let g2 = -0.2f64;
+        let m2 = m + (g2 - m) * 0.1;
+        let v2 = v + (g2 * g2 - v) * 0.001;
+        let alpha2 = 1e-3 * (1.0 - 0.999f64.powi(2)).sqrt() / (1.0 - 0.9f64.powi(2));
+        let expect2 = expect1 - alpha2 * m2 / (v2.sqrt() + 1e-7);
+        close(run(&Optimizer::adam(), &[0.5, -0.2])[0], expect2);
+    }
+
+    #[test]
+    fn rmsprop_matches_keras() {
+        // s = 0.1*g², w = 1 - lr*g/sqrt(s + eps)
+        let g = 0.5f64;
+        let s = 0.1 * g * g;
+        let expect = 1.0 - 1e-3 * g / (s + 1e-7).sqrt();
+        close(run(&Optimizer::rmsprop(), &[0.5])[0], expect);
+        // with momentum 0.5, two steps of g = 0.5
+        let opt = Optimizer::rmsprop().with_momentum(0.5).unwrap();
+        let s2 = 0.9 * s + 0.1 * g * g;
+        let inc1 = 1e-3 * g / (s + 1e-7).sqrt();
+        let inc2 = 1e-3 * g / (s2 + 1e-7).sqrt();
+        let expect = 1.0 - inc1 - (0.5 * inc1 + inc2);
+        close(run(&opt, &[0.5, 0.5])[0], expect);
+        // centred: denominator s - mg² + eps, mg = 0.1 g
+        let c = Optimizer::Rmsprop {
+            learning_rate: 1e-3,
+            rho: 0.9,
+            momentum: 0.0,
+            epsilon: 1e-7,
+            centered: true,
+        };
+        let expect = 1.0 - 1e-3 * g / (s - (0.1 * g).powi(2) + 1e-7).sqrt();
+        close(run(&c, &[0.5])[0], expect);
+    }
+}

@@ -1,0 +1,818 @@
+//! Model specification: a Keras-style `Sequential` stack of layers, with shape inference,
+//! parameter counts, `summary()`, JSON round trip and the tutorial presets.
+//!
+//! Shapes follow Keras' channels-last view: images are `H×W×C`; `Flatten` flattens in
+//! `(H, W, C)` order on every engine, so a Dense kernel's input index is `(h·W + w)·C + c`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Element-wise activation applied after a Conv2D or Dense layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    #[default]
+    Linear,
+    Relu,
+    Sigmoid,
+    Softmax,
+    Tanh,
+}
+
+impl std::str::FromStr for Activation {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase())).map_err(|_| {
+            Error::config(
+                "activation",
+                format!("expected relu, sigmoid, softmax, tanh or linear, found `{s}`"),
+            )
+        })
+    }
+}
+
+/// Convolution padding, as in Keras: `valid` (none) or `same` (output = ceil(input / stride)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Padding {
+    #[default]
+    Valid,
+    Same,
+}
+
+/// 2-D convolution (`Conv2D`). Kernel stored canonically as `[filters, in_channels, kh, kw]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conv2D {
+    pub filters: usize,
+    pub kernel_size: [usize; 2],
+    #[serde(default = "one_by_one")]
+    pub strides: [usize; 2],
+    #[serde(default)]
+    pub padding: Padding,
+    #[serde(default)]
+    pub activation: Activation,
+}
+
+fn one_by_one() -> [usize; 2] {
+    [1, 1]
+}
+
+impl Conv2D {
+    /// `filters` output channels with a square `kernel`×`kernel` window, stride 1, valid padding.
+    pub fn new(filters: usize, kernel: usize) -> Self {
+        Conv2D {
+            filters,
+            kernel_size: [kernel, kernel],
+            strides: [1, 1],
+            padding: Padding::Valid,
+            activation: Activation::Linear,
+        }
+    }
+    pub fn activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
+    }
+    pub fn strides(mut self, sh: usize, sw: usize) -> Self {
+        self.strides = [sh, sw];
+        self
+    }
+    pub fn padding(mut self, padding: Padding) -> Self {
+        self.padding = padding;
+        self
+    }
+
+    /// Zero padding `[top, bottom, left, right]` for an input of `h`×`w`, as Keras/TensorFlow
+    /// pad for `same` (the odd extra row/column goes at the bottom/right).
+    pub fn pad_amounts(&self, h: usize, w: usize) -> [usize; 4] {
+        match self.padding {
+            Padding::Valid => [0; 4],
+            Padding::Same => {
+                let total = |n: usize, k: usize, s: usize| {
+                    let out = n.div_ceil(s);
+                    ((out - 1) * s + k).saturating_sub(n)
+                };
+                let th = total(h, self.kernel_size[0], self.strides[0]);
+                let tw = total(w, self.kernel_size[1], self.strides[1]);
+                [th / 2, th - th / 2, tw / 2, tw - tw / 2]
+            }
+        }
+    }
+}
+
+/// 2-D pooling window (`MaxPooling2D` / `AveragePooling2D`), valid padding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pool2D {
+    pub pool_size: [usize; 2],
+    /// Defaults to `pool_size`, as in Keras.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strides: Option<[usize; 2]>,
+}
+
+impl Pool2D {
+    pub fn new(size: usize) -> Self {
+        Pool2D {
+            pool_size: [size, size],
+            strides: None,
+        }
+    }
+    pub fn strides(&self) -> [usize; 2] {
+        self.strides.unwrap_or(self.pool_size)
+    }
+}
+
+/// Fully connected layer (`Dense`). Kernel stored canonically as `[units, in_features]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dense {
+    pub units: usize,
+    #[serde(default)]
+    pub activation: Activation,
+}
+
+impl Dense {
+    pub fn new(units: usize) -> Self {
+        Dense {
+            units,
+            activation: Activation::Linear,
+        }
+    }
+    pub fn activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
+    }
+}
+
+/// Randomly zeroes a fraction `rate` of its inputs during training (inverted dropout);
+/// the identity at inference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dropout {
+    pub rate: f32,
+}
+
+impl Dropout {
+    pub fn new(rate: f32) -> Self {
+        Dropout { rate }
+    }
+}
+
+/// What a layer does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum LayerKind {
+    Conv2D(Conv2D),
+    MaxPooling2D(Pool2D),
+    AveragePooling2D(Pool2D),
+    Flatten,
+    Dense(Dense),
+    Dropout(Dropout),
+}
+
+impl LayerKind {
+    /// Keras' class name.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            LayerKind::Conv2D(_) => "Conv2D",
+            LayerKind::MaxPooling2D(_) => "MaxPooling2D",
+            LayerKind::AveragePooling2D(_) => "AveragePooling2D",
+            LayerKind::Flatten => "Flatten",
+            LayerKind::Dense(_) => "Dense",
+            LayerKind::Dropout(_) => "Dropout",
+        }
+    }
+
+    /// Keras' automatic name stem (`conv2d`, `max_pooling2d`, ...).
+    fn name_stem(&self) -> &'static str {
+        match self {
+            LayerKind::Conv2D(_) => "conv2d",
+            LayerKind::MaxPooling2D(_) => "max_pooling2d",
+            LayerKind::AveragePooling2D(_) => "average_pooling2d",
+            LayerKind::Flatten => "flatten",
+            LayerKind::Dense(_) => "dense",
+            LayerKind::Dropout(_) => "dropout",
+        }
+    }
+
+    /// Whether the layer owns weights (`weight` and `bias`).
+    pub fn has_weights(&self) -> bool {
+        matches!(self, LayerKind::Conv2D(_) | LayerKind::Dense(_))
+    }
+}
+
+impl From<Conv2D> for LayerKind {
+    fn from(l: Conv2D) -> Self {
+        LayerKind::Conv2D(l)
+    }
+}
+impl From<Dense> for LayerKind {
+    fn from(l: Dense) -> Self {
+        LayerKind::Dense(l)
+    }
+}
+impl From<Dropout> for LayerKind {
+    fn from(l: Dropout) -> Self {
+        LayerKind::Dropout(l)
+    }
+}
+
+/// One layer of a [`Sequential`]: what it does, an optional explicit name, and whether its
+/// weights are trained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Layer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(flatten)]
+    pub kind: LayerKind,
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub trainable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+impl<K: Into<LayerKind>> From<K> for Layer {
+    fn from(kind: K) -> Self {
+        Layer {
+            name: None,
+            kind: kind.into(),
+            trainable: true,
+        }
+    }
+}
+
+/// Shape of the activations between layers (batch dimension omitted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `height × width × channels`.
+    Image { h: usize, w: usize, c: usize },
+    /// A flat feature vector.
+    Flat(usize),
+}
+
+impl Shape {
+    pub fn numel(&self) -> usize {
+        match *self {
+            Shape::Image { h, w, c } => h * w * c,
+            Shape::Flat(n) => n,
+        }
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Shape::Image { h, w, c } => write!(f, "(None, {h}, {w}, {c})"),
+            Shape::Flat(n) => write!(f, "(None, {n})"),
+        }
+    }
+}
+
+/// A linear stack of layers on an `H×W×C` input, as Keras' `Sequential`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sequential {
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// `[height, width, channels]`.
+    pub input_shape: [usize; 3],
+    pub layers: Vec<Layer>,
+}
+
+fn default_name() -> String {
+    "sequential".into()
+}
+
+/// Names of the built-in presets, one per tutorial seed model.
+pub const PRESETS: [&str; 6] = [
+    "tutorial-random",
+    "tutorial-mnist-3conv",
+    "tutorial-cifar10-ann",
+    "tutorial-cifar10-cnn",
+    "tutorial-64x64",
+    "tutorial-mnist",
+];
+
+impl Sequential {
+    /// An empty stack on an `h`×`w`×`c` input.
+    pub fn new(h: usize, w: usize, c: usize) -> Self {
+        Sequential {
+            name: default_name(),
+            input_shape: [h, w, c],
+            layers: Vec::new(),
+        }
+    }
+
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Append a layer (`Conv2D`, `Dense`, `Dropout`, or a [`LayerKind`] such as
+    /// `LayerKind::Flatten`).
+    pub fn add(mut self, layer: impl Into<Layer>) -> Self {
+        self.layers.push(layer.into());
+        self
+    }
+
+    /// Append a `MaxPooling2D` with a square window `size` (stride = size).
+    pub fn max_pool(self, size: usize) -> Self {
+        self.add(LayerKind::MaxPooling2D(Pool2D::new(size)))
+    }
+
+    /// Append a `Flatten`.
+    pub fn flatten(self) -> Self {
+        self.add(LayerKind::Flatten)
+    }
+
+    /// A built-in preset by name (see [`PRESETS`]).
+    pub fn preset(name: &str) -> Result<Self> {
+        use Activation::*;
+        let conv = |f| Conv2D::new(f, 3).activation(Relu);
+        let spec = match name {
+            "tutorial-random" => Sequential::new(100, 100, 3)
+                .add(conv(32))
+                .max_pool(2)
+                .flatten()
+                .add(Dense::new(1).activation(Sigmoid)),
+            "tutorial-mnist-3conv" => Sequential::new(28, 28, 1)
+                .add(conv(32))
+                .max_pool(2)
+                .add(conv(64))
+                .max_pool(2)
+                .add(conv(64))
+                .flatten()
+                .add(Dense::new(64).activation(Relu))
+                .add(Dense::new(10).activation(Softmax)),
+            "tutorial-cifar10-ann" => Sequential::new(32, 32, 3)
+                .flatten()
+                .add(Dense::new(3000).activation(Relu))
+                .add(Dense::new(1000).activation(Relu))
+                .add(Dense::new(10).activation(Softmax)),
+            "tutorial-cifar10-cnn" => Sequential::new(32, 32, 3)
+                .add(conv(32))
+                .max_pool(2)
+                .add(conv(64))
+                .max_pool(2)
+                .flatten()
+                .add(Dense::new(64).activation(Relu))
+                .add(Dense::new(10).activation(Softmax)),
+            "tutorial-64x64" => Sequential::new(64, 64, 3)
+                .add(conv(32))
+                .max_pool(2)
+                .add(conv(64))
+                .max_pool(2)
+                .flatten()
+                .add(Dense::new(128).activation(Relu))
+                .add(Dense::new(10).activation(Softmax)),
+            "tutorial-mnist" => Sequential::new(28, 28, 1)
+                .add(conv(32))
+                .max_pool(2)
+                .add(conv(64))
+                .max_pool(2)
+                .flatten()
+                .add(Dense::new(128).activation(Relu))
+                .add(Dense::new(10).activation(Softmax)),
+            other => {
+                return Err(Error::config(
+                    "model",
+                    format!(
+                        "unknown preset `{other}`; expected one of {} or a path to a spec .json",
+                        PRESETS.join(", ")
+                    ),
+                ))
+            }
+        };
+        Ok(spec.named(name))
+    }
+
+    /// A preset name, or a path to a JSON spec.
+    pub fn from_preset_or_file(name_or_path: &str) -> Result<Self> {
+        if PRESETS.contains(&name_or_path) {
+            return Sequential::preset(name_or_path);
+        }
+        let path = Path::new(name_or_path);
+        if path.extension().is_some_and(|e| e == "json") || path.exists() {
+            return Sequential::load_json(path);
+        }
+        Sequential::preset(name_or_path)
+    }
+
+    /// Read a spec from JSON and check it.
+    pub fn load_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let spec: Sequential = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        spec.output_shapes()?;
+        Ok(spec)
+    }
+
+    /// The spec as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a spec always serialises")
+    }
+
+    /// Write the spec as JSON, atomically.
+    pub fn save_json(&self, path: &Path) -> Result<()> {
+        crate::io::write_bytes_atomic(path, self.to_json().as_bytes())
+    }
+
+    /// The input shape as a [`Shape`].
+    pub fn input(&self) -> Shape {
+        let [h, w, c] = self.input_shape;
+        Shape::Image { h, w, c }
+    }
+
+    /// Each layer's name: its explicit name, or Keras' automatic one (`conv2d`, `conv2d_1`, ...).
+    pub fn layer_names(&self) -> Vec<String> {
+        let mut counts = std::collections::HashMap::<&str, usize>::new();
+        self.layers
+            .iter()
+            .map(|layer| {
+                let stem = layer.kind.name_stem();
+                let n = counts.entry(stem).or_default();
+                let auto = if *n == 0 {
+                    stem.to_string()
+                } else {
+                    format!("{stem}_{n}")
+                };
+                *n += 1;
+                layer.name.clone().unwrap_or(auto)
+            })
+            .collect()
+    }
+
+    fn layer_error(&self, index: usize, message: impl Into<String>) -> Error {
+        Error::Layer {
+            index,
+            name: self.layer_names()[index].clone(),
+            message: message.into(),
+        }
+    }
+
+    /// The output shape of every layer, checking that each layer fits its input.
+    pub fn output_shapes(&self) -> Result<Vec<Shape>> {
+        let [h, w, c] = self.input_shape;
+        if h == 0 || w == 0 || c == 0 {
+            return Err(Error::config(
+                "model",
+                format!("input shape must be positive, found {h}×{w}×{c}"),
+            ));
+        }
+        if self.layers.is_empty() {
+            return Err(Error::config("model", "the model has no layers"));
+        }
+        let mut shape = self.input();
+        let mut shapes = Vec::with_capacity(self.layers.len());
+        let mut names = std::collections::HashSet::new();
+        for (i, (layer, name)) in self.layers.iter().zip(self.layer_names()).enumerate() {
+            if !names.insert(name.clone()) {
+                return Err(self.layer_error(i, "duplicate layer name"));
+            }
+            shape = self.layer_output(i, &layer.kind, shape)?;
+            shapes.push(shape);
+        }
+        Ok(shapes)
+    }
+
+    fn layer_output(&self, i: usize, kind: &LayerKind, input: Shape) -> Result<Shape> {
+        let image = |what: &str| match input {
+            Shape::Image { h, w, c } => Ok((h, w, c)),
+            Shape::Flat(n) => Err(self.layer_error(
+                i,
+                format!("{what} expects an image input (H×W×C), found a flat vector of {n}"),
+            )),
+        };
+        let window = |what: &str, n: usize, k: usize, s: usize, axis: &str| {
+            if k == 0 || s == 0 {
+                return Err(
+                    self.layer_error(i, format!("{what} window and strides must be positive"))
+                );
+            }
+            if k > n {
+                return Err(self.layer_error(
+                    i,
+                    format!("{what} window of {k} does not fit an input {axis} of {n} (use a smaller window, `same` padding, or fewer pooling layers)"),
+                ));
+            }
+            Ok((n - k) / s + 1)
+        };
+        Ok(match kind {
+            LayerKind::Conv2D(conv) => {
+                let (h, w, _) = image("Conv2D")?;
+                if conv.filters == 0 {
+                    return Err(self.layer_error(i, "Conv2D needs at least one filter"));
+                }
+                let [kh, kw] = conv.kernel_size;
+                let [sh, sw] = conv.strides;
+                let (oh, ow) = match conv.padding {
+                    Padding::Valid => (
+                        window("Conv2D", h, kh, sh, "height")?,
+                        window("Conv2D", w, kw, sw, "width")?,
+                    ),
+                    Padding::Same => {
+                        if kh == 0 || kw == 0 || sh == 0 || sw == 0 {
+                            return Err(
+                                self.layer_error(i, "Conv2D window and strides must be positive")
+                            );
+                        }
+                        (h.div_ceil(sh), w.div_ceil(sw))
+                    }
+                };
+                Shape::Image {
+                    h: oh,
+                    w: ow,
+                    c: conv.filters,
+                }
+            }
+            LayerKind::MaxPooling2D(pool) | LayerKind::AveragePooling2D(pool) => {
+                let what = kind.type_name();
+                let (h, w, c) = image(what)?;
+                let [kh, kw] = pool.pool_size;
+                let [sh, sw] = pool.strides();
+                Shape::Image {
+                    h: window(what, h, kh, sh, "height")?,
+                    w: window(what, w, kw, sw, "width")?,
+                    c,
+                }
+            }
+            LayerKind::Flatten => Shape::Flat(input.numel()),
+            LayerKind::Dense(dense) => {
+                if let Shape::Image { h, w, c } = input {
+                    return Err(self.layer_error(
+                        i,
+                        format!("Dense expects a flat input, found {h}×{w}×{c}; add a Flatten layer before it"),
+                    ));
+                }
+                if dense.units == 0 {
+                    return Err(self.layer_error(i, "Dense needs at least one unit"));
+                }
+                Shape::Flat(dense.units)
+            }
+            LayerKind::Dropout(d) => {
+                if !(0.0..1.0).contains(&d.rate) {
+                    return Err(self.layer_error(
+                        i,
+                        format!("Dropout rate must be in [0, 1), found {}", d.rate),
+                    ));
+                }
+                input
+            }
+        })
+    }
+
+    /// The shape of the model's output.
+    pub fn output_shape(&self) -> Result<Shape> {
+        Ok(*self.output_shapes()?.last().expect("checked non-empty"))
+    }
+
+    /// `(name, shape)` of every weight tensor in canonical layout, in layer order:
+    /// conv `weight` `[out, in, kh, kw]`, dense `weight` `[out, in]`, `bias` `[out]`.
+    pub fn weight_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        let shapes = self.output_shapes()?;
+        let names = self.layer_names();
+        let mut input = self.input();
+        let mut out = Vec::new();
+        for ((layer, name), shape) in self.layers.iter().zip(&names).zip(&shapes) {
+            match &layer.kind {
+                LayerKind::Conv2D(conv) => {
+                    let Shape::Image { c, .. } = input else {
+                        unreachable!("checked by output_shapes")
+                    };
+                    let [kh, kw] = conv.kernel_size;
+                    out.push((format!("{name}.weight"), vec![conv.filters, c, kh, kw]));
+                    out.push((format!("{name}.bias"), vec![conv.filters]));
+                }
+                LayerKind::Dense(dense) => {
+                    out.push((format!("{name}.weight"), vec![dense.units, input.numel()]));
+                    out.push((format!("{name}.bias"), vec![dense.units]));
+                }
+                _ => {}
+            }
+            input = *shape;
+        }
+        Ok(out)
+    }
+
+    /// Number of parameters of each layer.
+    pub fn param_counts(&self) -> Result<Vec<usize>> {
+        let shapes = self.output_shapes()?;
+        let mut input = self.input();
+        Ok(self
+            .layers
+            .iter()
+            .zip(&shapes)
+            .map(|(layer, shape)| {
+                let n = match &layer.kind {
+                    LayerKind::Conv2D(conv) => {
+                        let Shape::Image { c, .. } = input else {
+                            unreachable!()
+                        };
+                        conv.kernel_size[0] * conv.kernel_size[1] * c * conv.filters + conv.filters
+                    }
+                    LayerKind::Dense(dense) => input.numel() * dense.units + dense.units,
+                    _ => 0,
+                };
+                input = *shape;
+                n
+            })
+            .collect())
+    }
+
+    /// Index of the layer with this name, or an error listing the names.
+    pub fn layer_index(&self, name: &str) -> Result<usize> {
+        let names = self.layer_names();
+        names.iter().position(|n| n == name).ok_or_else(|| {
+            Error::config(
+                "layer name",
+                format!("no layer named `{name}`; layers are {}", names.join(", ")),
+            )
+        })
+    }
+
+    /// A Keras-style summary: layers, output shapes, parameter counts, trainable and
+    /// non-trainable totals.
+    pub fn summary(&self) -> Result<String> {
+        let shapes = self.output_shapes()?;
+        let params = self.param_counts()?;
+        let names = self.layer_names();
+        let mut s = String::new();
+        let rule = "_".repeat(65);
+        let _ = writeln!(s, "Model: \"{}\"", self.name);
+        let _ = writeln!(s, "{rule}");
+        let _ = writeln!(
+            s,
+            " {:<28}{:<26}{}",
+            "Layer (type)", "Output Shape", "Param #"
+        );
+        let _ = writeln!(s, "{}", "=".repeat(65));
+        let (mut trainable, mut frozen) = (0, 0);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let label = format!("{} ({})", names[i], layer.kind.type_name());
+            let _ = writeln!(
+                s,
+                " {:<28}{:<26}{}",
+                label,
+                shapes[i].to_string(),
+                thousands(params[i])
+            );
+            if layer.trainable {
+                trainable += params[i];
+            } else {
+                frozen += params[i];
+            }
+        }
+        let _ = writeln!(s, "{}", "=".repeat(65));
+        let _ = writeln!(s, "Total params: {}", thousands(trainable + frozen));
+        let _ = writeln!(s, "Trainable params: {}", thousands(trainable));
+        let _ = writeln!(s, "Non-trainable params: {}", thousands(frozen));
+        let _ = write!(s, "{rule}");
+        Ok(s)
+    }
+
+    /// Multiply-accumulate operations of one forward pass of one image, ×2 (FLOPs).
+    pub fn forward_flops(&self) -> Result<u64> {
+        let shapes = self.output_shapes()?;
+        let mut input = self.input();
+        let mut flops = 0u64;
+        for (layer, shape) in self.layers.iter().zip(&shapes) {
+            flops += match &layer.kind {
+                LayerKind::Conv2D(conv) => {
+                    let Shape::Image { c, .. } = input else {
+                        unreachable!()
+                    };
+                    2 * (shape.numel() * conv.kernel_size[0] * conv.kernel_size[1] * c) as u64
+                }
+                LayerKind::Dense(dense) => 2 * (input.numel() * dense.units) as u64,
+                _ => 0,
+            };
+            input = *shape;
+        }
+        Ok(flops)
+    }
+}
+
+/// `1234567` → `"1,234,567"`.
+pub(crate) fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mnist_preset_shapes_and_params_match_keras() {
+        let spec = Sequential::preset("tutorial-mnist").unwrap();
+        let shapes = spec.output_shapes().unwrap();
+        assert_eq!(
+            shapes[0],
+            Shape::Image {
+                h: 26,
+                w: 26,
+                c: 32
+            }
+        );
+        assert_eq!(shapes[3], Shape::Image { h: 5, w: 5, c: 64 });
+        assert_eq!(shapes[4], Shape::Flat(1600));
+        // Keras reports 225,034 parameters for this model.
+        assert_eq!(spec.param_counts().unwrap().iter().sum::<usize>(), 225_034);
+        let summary = spec.summary().unwrap();
+        assert!(summary.contains("conv2d_1 (Conv2D)"), "{summary}");
+        assert!(summary.contains("Total params: 225,034"), "{summary}");
+        assert!(summary.contains("(None, 13, 13, 32)"), "{summary}");
+    }
+
+    #[test]
+    fn every_preset_is_valid() {
+        for name in PRESETS {
+            let spec = Sequential::preset(name).unwrap();
+            spec.output_shapes().unwrap();
+        }
+        // Keras: 93,322 for the 3-conv MNIST model; 122,570 for the CIFAR-10 CNN.
+        let count = |n| {
+            Sequential::preset(n)
+                .unwrap()
+                .param_counts()
+                .unwrap()
+                .iter()
+                .sum::<usize>()
+        };
+        assert_eq!(count("tutorial-mnist-3conv"), 93_322);
+        assert_eq!(count("tutorial-cifar10-cnn"), 167_562);
+    }
+
+    #[test]
+    fn pool_on_too_small_map_names_the_layer() {
+        let spec = Sequential::new(4, 4, 1)
+            .add(Conv2D::new(2, 3))
+            .max_pool(2)
+            .max_pool(2);
+        let err = spec.output_shapes().unwrap_err().to_string();
+        assert!(err.contains("layer 2 (max_pooling2d_1)"), "{err}");
+        assert!(
+            err.contains("window of 2 does not fit an input height of 1"),
+            "{err}"
+        );
+        let spec = Sequential::new(4, 4, 1).max_pool(2).max_pool(2).max_pool(2);
+        let err = spec.output_shapes().unwrap_err().to_string();
+        assert!(err.contains("layer 2 (max_pooling2d_2)"), "{err}");
+        assert!(err.contains("does not fit an input height of 1"), "{err}");
+    }
+
+    #[test]
+    fn dense_before_flatten_is_rejected() {
+        let spec = Sequential::new(8, 8, 1)
+            .add(Conv2D::new(2, 3))
+            .add(Dense::new(3));
+        let err = spec.output_shapes().unwrap_err().to_string();
+        assert!(err.contains("layer 1 (dense)"), "{err}");
+        assert!(err.contains("add a Flatten"), "{err}");
+    }
+
+    #[test]
+    fn same_padding_matches_tensorflow() {
+        let conv = Conv2D::new(1, 3).padding(Padding::Same).strides(2, 2);
+        // 6 -> out 3, total pad = (3-1)*2+3-6 = 1: none on top, one at the bottom.
+        assert_eq!(conv.pad_amounts(6, 5), [0, 1, 1, 1]);
+        let spec = Sequential::new(6, 5, 1).add(conv);
+        assert_eq!(
+            spec.output_shape().unwrap(),
+            Shape::Image { h: 3, w: 3, c: 1 }
+        );
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let mut spec = Sequential::preset("tutorial-mnist-3conv").unwrap();
+        spec.layers[0].trainable = false;
+        spec.layers[1].name = Some("pool_a".into());
+        let json = spec.to_json();
+        let back: Sequential = serde_json::from_str(&json).unwrap();
+        assert_eq!(spec, back);
+        assert!(json.contains("\"type\": \"Conv2D\""), "{json}");
+        assert_eq!(back.layer_names()[1], "pool_a");
+    }
+
+    #[test]
+    fn frozen_layers_counted_as_non_trainable() {
+        let mut spec = Sequential::preset("tutorial-mnist").unwrap();
+        spec.layers[0].trainable = false;
+        let summary = spec.summary().unwrap();
+        assert!(summary.contains("Non-trainable params: 320"), "{summary}");
+    }
+}

@@ -1,0 +1,871 @@
+//! The one training loop every engine runs: `Model::fit` (seeded shuffle, batching,
+//! validation, progress, callbacks, History), `evaluate` and `predict`, as in Keras.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ndarray::{s, Array2, Array4};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use crate::backend::{Backend, Network, Targets};
+use crate::compile::{Compile, Head, Loss};
+use crate::data::Dataset;
+use crate::metrics::ConfusionMatrix;
+use crate::spec::Sequential;
+use crate::weights::{Checkpoint, CheckpointMeta, Weights};
+use crate::{Error, Result};
+
+/// A compiled model on one engine: spec + compile settings + the engine's network.
+pub struct Model {
+    spec: Sequential,
+    compile: Compile,
+    head: Head,
+    network: Box<dyn Network>,
+    backend: String,
+    learning_rate: f64,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("spec", &self.spec.name)
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+impl Model {
+    /// Build `spec` on `backend` with Keras' default initialisation from `seed`.
+    pub fn new(
+        spec: Sequential,
+        compile: Compile,
+        backend: &dyn Backend,
+        seed: u64,
+    ) -> Result<Self> {
+        compile.check(&spec)?;
+        let weights = crate::init::glorot_uniform(&spec, seed)?;
+        Self::with_weights(spec, compile, backend, &weights)
+    }
+
+    /// Build `spec` on `backend` with the given weights (checked against the spec).
+    pub fn with_weights(
+        spec: Sequential,
+        compile: Compile,
+        backend: &dyn Backend,
+        weights: &Weights,
+    ) -> Result<Self> {
+        let head = compile.check(&spec)?;
+        weights.check(&spec)?;
+        let mut network = backend.build(&spec, &compile, weights)?;
+        for (i, layer) in spec.layers.iter().enumerate() {
+            if !layer.trainable {
+                network.set_trainable(i, false)?;
+            }
+        }
+        Ok(Model {
+            learning_rate: compile.optimizer.learning_rate(),
+            spec,
+            compile,
+            head,
+            network,
+            backend: backend.name().to_string(),
+        })
+    }
+
+    /// Rebuild a saved model on `backend`.
+    pub fn from_checkpoint(checkpoint: &Checkpoint, backend: &dyn Backend) -> Result<Self> {
+        Self::with_weights(
+            checkpoint.spec.clone(),
+            checkpoint.compile.clone(),
+            backend,
+            &checkpoint.weights,
+        )
+    }
+
+    pub fn spec(&self) -> &Sequential {
+        &self.spec
+    }
+    pub fn compile_settings(&self) -> &Compile {
+        &self.compile
+    }
+    pub fn head(&self) -> Head {
+        self.head
+    }
+    pub fn backend_name(&self) -> &str {
+        &self.backend
+    }
+    /// The engine's network, for direct access (conformance tests, benchmarks).
+    pub fn network_mut(&mut self) -> &mut dyn Network {
+        self.network.as_mut()
+    }
+    pub fn learning_rate(&self) -> f64 {
+        self.learning_rate
+    }
+    pub fn set_learning_rate(&mut self, learning_rate: f64) {
+        self.learning_rate = learning_rate;
+        self.network.set_learning_rate(learning_rate);
+    }
+
+    pub fn weights(&self) -> Result<Weights> {
+        self.network.weights()
+    }
+
+    pub fn set_weights(&mut self, weights: &Weights) -> Result<()> {
+        weights.check(&self.spec)?;
+        self.network.set_weights(weights)
+    }
+
+    /// Freeze or unfreeze layer `index`; recorded in the spec, so it survives save/load.
+    pub fn set_trainable(&mut self, index: usize, trainable: bool) -> Result<()> {
+        let n = self.spec.layers.len();
+        let layer = self.spec.layers.get_mut(index).ok_or_else(|| {
+            Error::config(
+                "layer index",
+                format!(
+                    "the model has {n} layers (0..{}), found {index}",
+                    n.saturating_sub(1)
+                ),
+            )
+        })?;
+        layer.trainable = trainable;
+        self.network.set_trainable(index, trainable)
+    }
+
+    /// Keras-style summary.
+    pub fn summary(&self) -> Result<String> {
+        self.spec.summary()
+    }
+
+    /// A checkpoint of the current state.
+    pub fn checkpoint(&self, meta: CheckpointMeta) -> Result<Checkpoint> {
+        Ok(Checkpoint {
+            spec: self.spec.clone(),
+            compile: self.compile.clone(),
+            weights: self.weights()?,
+            meta,
+        })
+    }
+
+    /// Start configuring a `fit` on `train`; finish with [`Fit::run`].
+    pub fn fit<'a>(&'a mut self, train: &'a Dataset) -> Fit<'a> {
+        Fit {
+            model: self,
+            train,
+            validation: None,
+            validation_split: None,
+            epochs: 1,
+            batch_size: 32,
+            shuffle: true,
+            seed: 0,
+            verbosity: Verbosity::Auto,
+            callbacks: Vec::new(),
+        }
+    }
+
+    fn check_data(&self, ds: &Dataset) -> Result<()> {
+        let [h, w, c] = self.spec.input_shape;
+        let s = ds.shape;
+        if (s.height, s.width, s.channels) != (h, w, c) {
+            return Err(Error::Shape {
+                expected: format!("images of {h}×{w}×{c} (model `{}` input)", self.spec.name),
+                found: format!("{s} images"),
+            });
+        }
+        let outputs = self.spec.output_shape()?.numel();
+        let ok = match self.head {
+            Head::Softmax => outputs == ds.num_classes(),
+            Head::Sigmoid => ds.num_classes() == 2,
+        };
+        if !ok {
+            return Err(Error::Shape {
+                expected: match self.head {
+                    Head::Softmax => {
+                        format!("a dataset with {outputs} classes (the model's output units)")
+                    }
+                    Head::Sigmoid => "a dataset with 2 classes (one sigmoid unit)".into(),
+                },
+                found: format!("{} classes", ds.num_classes()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Probabilities `[n, classes]` (`[n, 1]` for a sigmoid head), in batches of `batch_size`.
+    pub fn predict(&self, ds: &Dataset, batch_size: usize) -> Result<Array2<f32>> {
+        let [h, w, c] = self.spec.input_shape;
+        if (ds.shape.height, ds.shape.width, ds.shape.channels) != (h, w, c) {
+            self.check_data(ds)?;
+        }
+        let indices: Vec<usize> = (0..ds.len()).collect();
+        self.predict_indices(ds, &indices, batch_size)
+    }
+
+    fn predict_indices(
+        &self,
+        ds: &Dataset,
+        indices: &[usize],
+        batch_size: usize,
+    ) -> Result<Array2<f32>> {
+        check_batch_size(batch_size)?;
+        let [h, w, c] = self.spec.input_shape;
+        let outputs = self.spec.output_shape()?.numel();
+        let mut out = Array2::zeros((indices.len(), outputs));
+        let mut buffer = Array4::zeros((batch_size.min(indices.len().max(1)), h, w, c));
+        for (b, chunk) in indices.chunks(batch_size).enumerate() {
+            let mut x = buffer.slice_mut(s![..chunk.len(), .., .., ..]);
+            ds.fill_batch(chunk, x.view_mut())?;
+            let p = self.network.predict(x.view())?;
+            if p.dim() != (chunk.len(), outputs) {
+                return Err(Error::engine(
+                    &self.backend,
+                    format!(
+                        "predict returned {:?}, expected ({}, {outputs})",
+                        p.dim(),
+                        chunk.len()
+                    ),
+                ));
+            }
+            out.slice_mut(s![b * batch_size..b * batch_size + chunk.len(), ..])
+                .assign(&p);
+        }
+        Ok(out)
+    }
+
+    /// Loss and accuracy on `ds` (one forward pass), keeping the probabilities.
+    pub fn evaluate(&self, ds: &Dataset, batch_size: usize) -> Result<Evaluation> {
+        self.check_data(ds)?;
+        let indices: Vec<usize> = (0..ds.len()).collect();
+        self.evaluate_indices(ds, &indices, batch_size)
+    }
+
+    fn evaluate_indices(
+        &self,
+        ds: &Dataset,
+        indices: &[usize],
+        batch_size: usize,
+    ) -> Result<Evaluation> {
+        let probabilities = self.predict_indices(ds, indices, batch_size)?;
+        let labels: Vec<u32> = indices.iter().map(|&i| ds.labels[i]).collect();
+        Evaluation::new(
+            self.compile.loss,
+            self.head,
+            probabilities,
+            labels,
+            ds.classes.clone(),
+        )
+    }
+}
+
+fn check_batch_size(batch_size: usize) -> Result<()> {
+    if batch_size == 0 {
+        return Err(Error::config("batch size", "must be at least 1, found 0"));
+    }
+    Ok(())
+}
+
+/// Class predicted from one row of probabilities.
+pub fn predicted_class(head: Head, probabilities: &[f32]) -> u32 {
+    match head {
+        Head::Sigmoid => u32::from(probabilities[0] > 0.5),
+        Head::Softmax => {
+            probabilities
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (i, &p)| {
+                    if p > best.1 {
+                        (i, p)
+                    } else {
+                        best
+                    }
+                })
+                .0 as u32
+        }
+    }
+}
+
+/// Keras clips probabilities to `[ε, 1−ε]` with ε = 1e-7 before taking logs.
+const PROB_EPSILON: f64 = 1e-7;
+
+/// Loss and accuracy of a model on a dataset, with its probabilities and predictions.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub loss: f64,
+    pub accuracy: f64,
+    /// `[n, outputs]`.
+    pub probabilities: Array2<f32>,
+    pub predicted: Vec<u32>,
+    pub labels: Vec<u32>,
+    pub classes: Vec<String>,
+}
+
+impl Evaluation {
+    /// Score `probabilities` against `labels` with `loss` (cross-entropy of clipped probabilities).
+    pub fn new(
+        loss: Loss,
+        head: Head,
+        probabilities: Array2<f32>,
+        labels: Vec<u32>,
+        classes: Vec<String>,
+    ) -> Result<Self> {
+        if probabilities.nrows() != labels.len() {
+            return Err(Error::Shape {
+                expected: format!("{} rows of probabilities", labels.len()),
+                found: format!("{}", probabilities.nrows()),
+            });
+        }
+        let clip = |p: f32| (p as f64).clamp(PROB_EPSILON, 1.0 - PROB_EPSILON);
+        let mut total = 0.0;
+        let mut correct = 0usize;
+        let mut predicted = Vec::with_capacity(labels.len());
+        for (row, &label) in probabilities.rows().into_iter().zip(&labels) {
+            let row = row.as_slice().expect("standard layout");
+            total += match (loss, head) {
+                (Loss::BinaryCrossentropy, _) | (_, Head::Sigmoid) => {
+                    let p = clip(row[0]);
+                    if label == 1 {
+                        -p.ln()
+                    } else {
+                        -(1.0 - p).ln()
+                    }
+                }
+                _ => -clip(row[label as usize]).ln(),
+            };
+            let class = predicted_class(head, row);
+            correct += usize::from(class == label);
+            predicted.push(class);
+        }
+        let n = labels.len().max(1) as f64;
+        Ok(Evaluation {
+            loss: total / n,
+            accuracy: correct as f64 / n,
+            probabilities,
+            predicted,
+            labels,
+            classes,
+        })
+    }
+
+    pub fn confusion_matrix(&self) -> Result<ConfusionMatrix> {
+        ConfusionMatrix::new(&self.labels, &self.predicted, self.classes.clone())
+    }
+}
+
+/// How `fit` reports progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verbosity {
+    /// Nothing.
+    Silent,
+    /// One line per epoch (what a log file wants).
+    Lines,
+    /// A live progress bar per epoch, then its line.
+    Bar,
+    /// `Bar` on a terminal, `Lines` otherwise.
+    Auto,
+}
+
+/// Keras' per-epoch logs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EpochLog {
+    /// 1-based.
+    pub epoch: usize,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    /// Wall-clock seconds of the epoch's training (validation excluded).
+    pub seconds: f64,
+    pub learning_rate: f64,
+}
+
+impl std::fmt::Display for EpochLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1}s - loss: {:.4} - accuracy: {:.4}",
+            self.seconds, self.loss, self.accuracy
+        )?;
+        if let (Some(l), Some(a)) = (self.val_loss, self.val_accuracy) {
+            write!(f, " - val_loss: {l:.4} - val_accuracy: {a:.4}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What `fit` returns: one [`EpochLog`] per epoch run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct History {
+    pub epochs: Vec<EpochLog>,
+}
+
+impl History {
+    /// Columns epoch, loss, accuracy, val_loss, val_accuracy, seconds, learning_rate.
+    pub fn to_dataframe(&self) -> Result<polars::prelude::DataFrame> {
+        use polars::prelude::*;
+        let e = &self.epochs;
+        let col = |name: &str, v: Vec<f64>| Column::new(name.into(), v);
+        let opt = |name: &str, v: Vec<Option<f64>>| Column::new(name.into(), v);
+        DataFrame::new_infer_height(vec![
+            Column::new(
+                "epoch".into(),
+                e.iter().map(|l| l.epoch as u32).collect::<Vec<_>>(),
+            ),
+            col("loss", e.iter().map(|l| l.loss).collect()),
+            col("accuracy", e.iter().map(|l| l.accuracy).collect()),
+            opt("val_loss", e.iter().map(|l| l.val_loss).collect()),
+            opt("val_accuracy", e.iter().map(|l| l.val_accuracy).collect()),
+            col("seconds", e.iter().map(|l| l.seconds).collect()),
+            col("learning_rate", e.iter().map(|l| l.learning_rate).collect()),
+        ])
+        .map_err(|e| Error::Table(e.to_string()))
+    }
+
+    /// Write the history as CSV, atomically.
+    pub fn write_csv(&self, path: &Path) -> Result<()> {
+        crate::table::write_csv(&mut self.to_dataframe()?, path)
+    }
+}
+
+/// What a callback tells the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Stop,
+}
+
+/// Hooks into `fit`, as Keras callbacks.
+pub trait Callback {
+    fn on_train_begin(&mut self, _model: &mut Model) -> Result<()> {
+        Ok(())
+    }
+    /// Called after each epoch's validation; `history` includes this epoch.
+    fn on_epoch_end(&mut self, history: &History, model: &mut Model) -> Result<Control>;
+    fn on_train_end(&mut self, _history: &History, _model: &mut Model) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A quantity a callback watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Monitor {
+    Loss,
+    Accuracy,
+    ValLoss,
+    ValAccuracy,
+}
+
+impl Monitor {
+    fn value(&self, log: &EpochLog) -> Result<f64> {
+        match self {
+            Monitor::Loss => Some(log.loss),
+            Monitor::Accuracy => Some(log.accuracy),
+            Monitor::ValLoss => log.val_loss,
+            Monitor::ValAccuracy => log.val_accuracy,
+        }
+        .ok_or_else(|| {
+            Error::config(
+                "callback",
+                format!(
+                    "it monitors {}, but fit has no validation data",
+                    self.name()
+                ),
+            )
+        })
+    }
+    fn name(&self) -> &'static str {
+        match self {
+            Monitor::Loss => "loss",
+            Monitor::Accuracy => "accuracy",
+            Monitor::ValLoss => "val_loss",
+            Monitor::ValAccuracy => "val_accuracy",
+        }
+    }
+    /// Whether `value` beats `best` by more than `min_delta`.
+    fn improves(&self, value: f64, best: Option<f64>, min_delta: f64) -> bool {
+        match (best, self) {
+            (None, _) => true,
+            (Some(b), Monitor::Loss | Monitor::ValLoss) => value < b - min_delta,
+            (Some(b), _) => value > b + min_delta,
+        }
+    }
+}
+
+impl std::str::FromStr for Monitor {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "loss" => Ok(Monitor::Loss),
+            "accuracy" => Ok(Monitor::Accuracy),
+            "val_loss" => Ok(Monitor::ValLoss),
+            "val_accuracy" => Ok(Monitor::ValAccuracy),
+            o => Err(Error::config(
+                "monitor",
+                format!("expected loss, accuracy, val_loss or val_accuracy, found `{o}`"),
+            )),
+        }
+    }
+}
+
+/// Stop when the monitored quantity has not improved for `patience` epochs; optionally
+/// restore the best epoch's weights.
+#[derive(Debug)]
+pub struct EarlyStopping {
+    pub monitor: Monitor,
+    pub patience: usize,
+    pub min_delta: f64,
+    pub restore_best_weights: bool,
+    best: Option<f64>,
+    best_weights: Option<Weights>,
+    wait: usize,
+    /// The epoch (1-based) training stopped at, if it stopped early.
+    pub stopped_epoch: Option<usize>,
+}
+
+impl EarlyStopping {
+    pub fn new(monitor: Monitor, patience: usize) -> Self {
+        EarlyStopping {
+            monitor,
+            patience,
+            min_delta: 0.0,
+            restore_best_weights: false,
+            best: None,
+            best_weights: None,
+            wait: 0,
+            stopped_epoch: None,
+        }
+    }
+    pub fn min_delta(mut self, d: f64) -> Self {
+        self.min_delta = d;
+        self
+    }
+    pub fn restore_best_weights(mut self, yes: bool) -> Self {
+        self.restore_best_weights = yes;
+        self
+    }
+}
+
+impl Callback for EarlyStopping {
+    fn on_epoch_end(&mut self, history: &History, model: &mut Model) -> Result<Control> {
+        let log = history.epochs.last().expect("called after an epoch");
+        let value = self.monitor.value(log)?;
+        if self.monitor.improves(value, self.best, self.min_delta) {
+            self.best = Some(value);
+            self.wait = 0;
+            if self.restore_best_weights {
+                self.best_weights = Some(model.weights()?);
+            }
+            return Ok(Control::Continue);
+        }
+        self.wait += 1;
+        if self.wait > self.patience {
+            self.stopped_epoch = Some(log.epoch);
+            return Ok(Control::Stop);
+        }
+        Ok(Control::Continue)
+    }
+
+    fn on_train_end(&mut self, _history: &History, model: &mut Model) -> Result<()> {
+        if let Some(w) = self.best_weights.take() {
+            model.set_weights(&w)?;
+        }
+        Ok(())
+    }
+}
+
+/// Save a checkpoint after each epoch (or only when the monitored quantity improves).
+#[derive(Debug)]
+pub struct ModelCheckpoint {
+    pub path: PathBuf,
+    pub monitor: Monitor,
+    pub save_best_only: bool,
+    pub meta: CheckpointMeta,
+    best: Option<f64>,
+}
+
+impl ModelCheckpoint {
+    pub fn new(path: impl Into<PathBuf>, meta: CheckpointMeta) -> Self {
+        ModelCheckpoint {
+            path: path.into(),
+            monitor: Monitor::ValLoss,
+            save_best_only: false,
+            meta,
+            best: None,
+        }
+    }
+    pub fn save_best_only(mut self, monitor: Monitor) -> Self {
+        self.save_best_only = true;
+        self.monitor = monitor;
+        self
+    }
+}
+
+impl Callback for ModelCheckpoint {
+    fn on_epoch_end(&mut self, history: &History, model: &mut Model) -> Result<Control> {
+        let log = history.epochs.last().expect("called after an epoch");
+        if self.save_best_only {
+            let value = self.monitor.value(log)?;
+            if !self.monitor.improves(value, self.best, 0.0) {
+                return Ok(Control::Continue);
+            }
+            self.best = Some(value);
+        }
+        model.checkpoint(self.meta.clone())?.save(&self.path)?;
+        Ok(Control::Continue)
+    }
+}
+
+/// Write the history so far to a CSV file after every epoch (Keras' `CSVLogger`).
+#[derive(Debug)]
+pub struct CsvLogger {
+    pub path: PathBuf,
+}
+
+impl CsvLogger {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        CsvLogger { path: path.into() }
+    }
+}
+
+impl Callback for CsvLogger {
+    fn on_epoch_end(&mut self, history: &History, _model: &mut Model) -> Result<Control> {
+        history.write_csv(&self.path)?;
+        Ok(Control::Continue)
+    }
+}
+
+/// `model.fit(...)` settings; see [`Model::fit`].
+pub struct Fit<'a> {
+    model: &'a mut Model,
+    train: &'a Dataset,
+    validation: Option<&'a Dataset>,
+    validation_split: Option<f32>,
+    epochs: usize,
+    batch_size: usize,
+    shuffle: bool,
+    seed: u64,
+    verbosity: Verbosity,
+    callbacks: Vec<Box<dyn Callback + 'a>>,
+}
+
+impl<'a> Fit<'a> {
+    pub fn epochs(mut self, epochs: usize) -> Self {
+        self.epochs = epochs;
+        self
+    }
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+    /// Shuffle the training order every epoch (default on), from `seed`.
+    pub fn shuffle(mut self, shuffle: bool) -> Self {
+        self.shuffle = shuffle;
+        self
+    }
+    /// Seed of the shuffle: the same seed gives the same batches on every engine.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+    pub fn validation_data(mut self, validation: &'a Dataset) -> Self {
+        self.validation = Some(validation);
+        self
+    }
+    /// Hold out the last `fraction` of the training data (before shuffling), as Keras.
+    pub fn validation_split(mut self, fraction: f32) -> Self {
+        self.validation_split = Some(fraction);
+        self
+    }
+    pub fn verbosity(mut self, verbosity: Verbosity) -> Self {
+        self.verbosity = verbosity;
+        self
+    }
+    pub fn callback(mut self, callback: impl Callback + 'a) -> Self {
+        self.callbacks.push(Box::new(callback));
+        self
+    }
+
+    /// Train; returns the History.
+    pub fn run(mut self) -> Result<History> {
+        let model = &mut *self.model;
+        let train = self.train;
+        model.check_data(train)?;
+        check_batch_size(self.batch_size)?;
+        if self.epochs == 0 {
+            return Err(Error::config("epochs", "must be at least 1, found 0"));
+        }
+        if let Some(v) = self.validation {
+            model.check_data(v)?;
+        }
+        let (mut order, val_indices): (Vec<usize>, Option<Vec<usize>>) =
+            match (self.validation, self.validation_split) {
+                (Some(_), Some(_)) => {
+                    return Err(Error::config(
+                        "fit",
+                        "give validation data or a validation split, not both",
+                    ))
+                }
+                (None, Some(fraction)) => {
+                    if !(fraction > 0.0 && fraction < 1.0) {
+                        return Err(Error::config(
+                            "validation split",
+                            format!("expected a fraction in (0, 1), found {fraction}"),
+                        ));
+                    }
+                    let cut =
+                        train.len() - ((train.len() as f64) * fraction as f64).round() as usize;
+                    if cut == 0 || cut == train.len() {
+                        return Err(Error::config(
+                            "validation split",
+                            format!("{fraction} of {} images leaves an empty part", train.len()),
+                        ));
+                    }
+                    ((0..cut).collect(), Some((cut..train.len()).collect()))
+                }
+                (Some(v), None) => ((0..train.len()).collect(), Some((0..v.len()).collect())),
+                (None, None) => ((0..train.len()).collect(), None),
+            };
+        if order.is_empty() {
+            return Err(Error::config("fit", "the training data is empty"));
+        }
+        let val_data = self.validation.unwrap_or(train);
+        let verbosity = match self.verbosity {
+            Verbosity::Auto if std::io::stderr().is_terminal() => Verbosity::Bar,
+            Verbosity::Auto => Verbosity::Lines,
+            v => v,
+        };
+        for cb in &mut self.callbacks {
+            cb.on_train_begin(model)?;
+        }
+        let [h, w, c] = model.spec.input_shape;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        let mut buffer = Array4::<f32>::zeros((self.batch_size.min(order.len()), h, w, c));
+        let mut targets = match model.compile.loss {
+            Loss::SparseCategoricalCrossentropy => {
+                Targets::Sparse(Vec::with_capacity(self.batch_size))
+            }
+            Loss::CategoricalCrossentropy => {
+                Targets::Dense(Array2::zeros((0, train.num_classes())))
+            }
+            Loss::BinaryCrossentropy => Targets::Binary(Vec::with_capacity(self.batch_size)),
+        };
+        let mut history = History::default();
+        let batches = order.len().div_ceil(self.batch_size);
+        for epoch in 1..=self.epochs {
+            if self.shuffle {
+                order.shuffle(&mut rng);
+            }
+            let bar = progress_bar(verbosity, epoch, self.epochs, batches);
+            let start = Instant::now();
+            let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+            for chunk in order.chunks(self.batch_size) {
+                let mut x = buffer.slice_mut(s![..chunk.len(), .., .., ..]);
+                train.fill_batch(chunk, x.view_mut())?;
+                fill_targets(&mut targets, train, chunk);
+                let stats = model.network.train_step(x.view(), &targets)?;
+                if !stats.loss.is_finite() {
+                    return Err(Error::engine(
+                        &model.backend,
+                        format!("loss became {} at epoch {epoch}, sample {seen}: lower the learning rate or normalise the inputs", stats.loss),
+                    ));
+                }
+                loss_sum += stats.loss as f64 * chunk.len() as f64;
+                correct += stats.correct;
+                seen += chunk.len();
+                if let Some(bar) = &bar {
+                    bar.set_message(format!(
+                        "loss: {:.4} - accuracy: {:.4}",
+                        loss_sum / seen as f64,
+                        correct as f64 / seen as f64
+                    ));
+                    bar.inc(1);
+                }
+            }
+            let seconds = start.elapsed().as_secs_f64();
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let (val_loss, val_accuracy) = match &val_indices {
+                Some(idx) => {
+                    let e = model.evaluate_indices(val_data, idx, self.batch_size.max(256))?;
+                    (Some(e.loss), Some(e.accuracy))
+                }
+                None => (None, None),
+            };
+            let log = EpochLog {
+                epoch,
+                loss: loss_sum / seen as f64,
+                accuracy: correct as f64 / seen as f64,
+                val_loss,
+                val_accuracy,
+                seconds,
+                learning_rate: model.learning_rate,
+            };
+            if verbosity != Verbosity::Silent {
+                eprintln!(
+                    "Epoch {epoch}/{} - {batches}/{batches} - {log}",
+                    self.epochs
+                );
+            }
+            history.epochs.push(log);
+            let mut stop = false;
+            for cb in &mut self.callbacks {
+                stop |= cb.on_epoch_end(&history, model)? == Control::Stop;
+            }
+            if stop {
+                if verbosity != Verbosity::Silent {
+                    eprintln!("Epoch {epoch}: early stopping");
+                }
+                break;
+            }
+        }
+        for cb in &mut self.callbacks {
+            cb.on_train_end(&history, model)?;
+        }
+        Ok(history)
+    }
+}
+
+fn fill_targets(targets: &mut Targets, ds: &Dataset, chunk: &[usize]) {
+    match targets {
+        Targets::Sparse(v) => {
+            v.clear();
+            v.extend(chunk.iter().map(|&i| ds.labels[i]));
+        }
+        Targets::Binary(v) => {
+            v.clear();
+            v.extend(chunk.iter().map(|&i| ds.labels[i] as f32));
+        }
+        Targets::Dense(a) => {
+            if a.nrows() != chunk.len() {
+                *a = Array2::zeros((chunk.len(), ds.num_classes()));
+            } else {
+                a.fill(0.0);
+            }
+            for (r, &i) in chunk.iter().enumerate() {
+                a[[r, ds.labels[i] as usize]] = 1.0;
+            }
+        }
+    }
+}
+
+fn progress_bar(
+    verbosity: Verbosity,
+    epoch: usize,
+    epochs: usize,
+    batches: usize,
+) -> Option<indicatif::ProgressBar> {
+    (verbosity == Verbosity::Bar).then(|| {
+        let bar = indicatif::ProgressBar::new(batches as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "Epoch {prefix} [{bar:30}] {pos}/{len} - ETA {eta} - {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{epoch}/{epochs}"));
+        bar
+    })
+}

@@ -1,0 +1,277 @@
+//! Engine-neutral weights: named f32 tensors in the canonical layout (conv `[out, in, kh, kw]`,
+//! dense `[out, in]`, as PyTorch), saved as safetensors. A checkpoint also carries the model
+//! spec, the compile settings, the class names and the input normalisation in its metadata, so
+//! a file trained on one engine loads on any other (and in PyTorch).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::compile::Compile;
+use crate::data::Normalisation;
+use crate::spec::Sequential;
+use crate::{Error, Result};
+
+/// A dense f32 tensor, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::Shape {
+                expected: format!("{n} values for shape {shape:?}"),
+                found: format!("{} values", data.len()),
+            });
+        }
+        Ok(Tensor { shape, data })
+    }
+
+    pub fn zeros(shape: Vec<usize>) -> Self {
+        let n = shape.iter().product();
+        Tensor {
+            shape,
+            data: vec![0.0; n],
+        }
+    }
+
+    /// Largest absolute element-wise difference; `None` if the shapes differ.
+    pub fn max_abs_diff(&self, other: &Tensor) -> Option<f32> {
+        (self.shape == other.shape).then(|| {
+            self.data
+                .iter()
+                .zip(&other.data)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max)
+        })
+    }
+}
+
+/// Named tensors of a model, ordered by name.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Weights {
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+impl Weights {
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| Error::Weights {
+            tensor: name.into(),
+            message: "missing".into(),
+        })
+    }
+
+    pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
+        self.tensors.insert(name.into(), tensor);
+    }
+
+    /// Check names and shapes against a spec: every expected tensor present with the right
+    /// shape, and nothing else.
+    pub fn check(&self, spec: &Sequential) -> Result<()> {
+        let expected = spec.weight_shapes()?;
+        for (name, shape) in &expected {
+            let tensor = self.tensors.get(name).ok_or_else(|| Error::Weights {
+                tensor: name.clone(),
+                message: format!("missing (the model expects shape {shape:?})"),
+            })?;
+            if &tensor.shape != shape {
+                return Err(Error::Weights {
+                    tensor: name.clone(),
+                    message: format!("expected shape {shape:?}, found {:?}", tensor.shape),
+                });
+            }
+        }
+        if let Some(extra) = self
+            .tensors
+            .keys()
+            .find(|k| !expected.iter().any(|(n, _)| n == *k))
+        {
+            return Err(Error::Weights {
+                tensor: extra.clone(),
+                message: format!(
+                    "not part of model `{}` (expected tensors: {})",
+                    spec.name,
+                    expected
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Largest difference per tensor against `other` (same names required).
+    pub fn max_abs_diff(&self, other: &Weights) -> Result<Vec<(String, f32)>> {
+        self.tensors
+            .iter()
+            .map(|(name, t)| {
+                let o = other.get(name)?;
+                let d = t.max_abs_diff(o).ok_or_else(|| Error::Weights {
+                    tensor: name.clone(),
+                    message: format!("shape {:?} vs {:?}", t.shape, o.shape),
+                })?;
+                Ok((name.clone(), d))
+            })
+            .collect()
+    }
+
+    /// Serialise as safetensors bytes with `metadata`.
+    pub fn to_safetensors(&self, metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
+            .tensors
+            .iter()
+            .map(|(name, t)| {
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    t.shape.clone(),
+                    bytemuck_f32(&t.data),
+                )
+                .expect("shape checked on construction");
+                (name.clone(), view)
+            })
+            .collect();
+        safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Weights {
+            tensor: "*".into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Parse safetensors bytes read from `path` (used in messages); returns weights and metadata.
+    pub fn from_safetensors(path: &Path, bytes: &[u8]) -> Result<(Self, HashMap<String, String>)> {
+        let bad = |message: String| Error::format(path, 0, message);
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let mut weights = Weights::default();
+        for (name, view) in st.tensors() {
+            if view.dtype() != safetensors::Dtype::F32 {
+                return Err(Error::Weights {
+                    tensor: name,
+                    message: format!(
+                        "expected dtype F32, found {:?} in {}",
+                        view.dtype(),
+                        path.display()
+                    ),
+                });
+            }
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            weights.insert(name, Tensor::new(view.shape().to_vec(), data)?);
+        }
+        Ok((weights, metadata))
+    }
+}
+
+fn bytemuck_f32(data: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding or invalid bit patterns; u8 has alignment 1. safetensors is
+    // little-endian, as is every platform convkit builds for (checked below).
+    const _: () = assert!(cfg!(target_endian = "little"));
+    unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data)) }
+}
+
+/// Everything needed to rebuild and use a trained model, stored in one safetensors file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub spec: Sequential,
+    pub compile: Compile,
+    pub weights: Weights,
+    pub meta: CheckpointMeta,
+}
+
+/// What the checkpoint knows about the data the model was trained on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct CheckpointMeta {
+    /// Class names, in output order.
+    pub classes: Vec<String>,
+    /// How the model's inputs were normalised.
+    pub normalisation: Normalisation,
+    /// The engine it was trained on (informational).
+    #[serde(default)]
+    pub backend: String,
+}
+
+const META_SPEC: &str = "convkit.spec";
+const META_COMPILE: &str = "convkit.compile";
+const META_DATA: &str = "convkit.data";
+
+impl Checkpoint {
+    /// Save as safetensors, atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.weights.check(&self.spec)?;
+        let mut metadata = HashMap::new();
+        metadata.insert(
+            META_SPEC.into(),
+            serde_json::to_string(&self.spec).expect("serialisable"),
+        );
+        metadata.insert(
+            META_COMPILE.into(),
+            serde_json::to_string(&self.compile).expect("serialisable"),
+        );
+        metadata.insert(
+            META_DATA.into(),
+            serde_json::to_string(&self.meta).expect("serialisable"),
+        );
+        metadata.insert("format".into(), "pt".into());
+        let bytes = self.weights.to_safetensors(metadata)?;
+        crate::io::write_bytes_atomic(path, &bytes)
+    }
+
+    /// Load a checkpoint written by [`Checkpoint::save`]; a directory means `DIR/model.safetensors`.
+    /// Names and shapes are checked against the stored spec.
+    pub fn load(path: &Path) -> Result<Self> {
+        let path = if path.is_dir() {
+            path.join("model.safetensors")
+        } else {
+            path.to_path_buf()
+        };
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let (weights, metadata) = Weights::from_safetensors(&path, &bytes)?;
+        let field = |key: &str| {
+            metadata.get(key).ok_or_else(|| {
+                Error::data(
+                    &path,
+                    format!("safetensors metadata has no `{key}`: not a convkit checkpoint (load raw weights with Weights::from_safetensors)"),
+                )
+            })
+        };
+        let json = |key: &str, text: &String| Error::Json {
+            path: path.clone(),
+            message: format!("metadata `{key}`: {text}"),
+        };
+        let spec: Sequential =
+            serde_json::from_str(field(META_SPEC)?).map_err(|e| json(META_SPEC, &e.to_string()))?;
+        let compile: Compile = serde_json::from_str(field(META_COMPILE)?)
+            .map_err(|e| json(META_COMPILE, &e.to_string()))?;
+        let meta: CheckpointMeta = match metadata.get(META_DATA) {
+            Some(text) => {
+                serde_json::from_str(text).map_err(|e| json(META_DATA, &e.to_string()))?
+            }
+            None => CheckpointMeta::default(),
+        };
+        weights.check(&spec).map_err(|e| match e {
+            Error::Weights { tensor, message } => Error::Weights {
+                tensor,
+                message: format!("{message} (in {})", path.display()),
+            },
+            other => other,
+        })?;
+        Ok(Checkpoint {
+            spec,
+            compile,
+            weights,
+            meta,
+        })
+    }
+}
