@@ -1,1 +1,78 @@
+//! # convkit
+//!
+//! The classic Keras CNN tutorials in Rust: load MNIST or CIFAR-10, normalise, stack
+//! Conv2D / MaxPooling2D / Flatten / Dense, compile, fit, evaluate, predict, read the
+//! confusion matrix and classification report, plot the curves — one pipeline, written once
+//! against [`Backend`], run on the engine a cargo feature picks.
+//!
+//! ```no_run
+//! use convkit::prelude::*;
+//!
+//! let backend = convkit::backend("candle-cpu")?;
+//! let locator = Locator::from_env();
+//! let train = locator.load(DatasetName::Mnist, Split::Train, None)?.normalise(Normalisation::Rescale);
+//! let test = locator.load(DatasetName::Mnist, Split::Test, None)?.normalise(Normalisation::Rescale);
+//!
+//! let spec = Sequential::preset("tutorial-mnist")?;
+//! println!("{}", spec.summary()?);
+//! let compile = Compile::new(Optimizer::adam(), Loss::SparseCategoricalCrossentropy);
+//! let mut model = Model::new(spec, compile, backend.as_ref(), 42)?;
+//! let history = model.fit(&train).epochs(5).batch_size(32).validation_data(&test).run()?;
+//!
+//! let scored = Scored::new(model.evaluate(&test, 256)?)?;
+//! println!("{}", scored.text());
+//! TrainingCurves(&history).save("history.png".as_ref())?;
+//! # Ok::<(), convkit::Error>(())
+//! ```
+//!
+//! Engines (features): `candle` (default, `candle-cpu`), `candle-cuda`.
 
+pub use convkit_core::*;
+
+#[cfg(feature = "candle")]
+pub use convkit_candle;
+
+/// Everything a tutorial needs, in one import.
+pub mod prelude {
+    pub use convkit_core::artifacts::Scored;
+    pub use convkit_core::data::{one_hot, synthetic, DatasetName, Locator, Split};
+    pub use convkit_core::plot::{ConfusionHeatmap, Figure, SampleGrid, TrainingCurves};
+    pub use convkit_core::{
+        Activation, Backend, Compile, Conv2D, CsvLogger, Dataset, Dense, Dropout, EarlyStopping,
+        ImageShape, LayerKind, Loss, Model, ModelCheckpoint, Monitor, Normalisation, Optimizer,
+        Padding, Sequential, Verbosity,
+    };
+}
+
+/// Names of the engines compiled into this build (whether or not their device is present).
+pub fn backend_names() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut names = Vec::new();
+    #[cfg(feature = "candle")]
+    names.push("candle-cpu");
+    #[cfg(feature = "candle-cuda")]
+    names.push("candle-cuda");
+    names
+}
+
+/// The engine called `name` (see [`backend_names`]); an error names the compiled-in ones, or
+/// says why the device is unavailable.
+pub fn backend(name: &str) -> Result<Box<dyn Backend>> {
+    match name {
+        #[cfg(feature = "candle")]
+        "candle-cpu" => Ok(Box::new(convkit_candle::CandleBackend::cpu())),
+        #[cfg(feature = "candle-cuda")]
+        "candle-cuda" => Ok(Box::new(convkit_candle::CandleBackend::cuda(0)?)),
+        _ => Err(Error::UnknownBackend {
+            name: name.into(),
+            available: {
+                let names = backend_names();
+                if names.is_empty() {
+                    "none (build with a feature such as `candle`)".into()
+                } else {
+                    names.join(", ")
+                }
+            },
+        }),
+    }
+}

@@ -1,1 +1,348 @@
-fn main() {}
+//! The `convkit` command line: train, evaluate, predict, summary, backends.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use convkit::prelude::*;
+use convkit::{artifacts::Scored, data, Checkpoint, CheckpointMeta};
+
+#[derive(Parser)]
+#[command(
+    name = "convkit",
+    version,
+    about = "Keras-style CNN tutorials on burn, candle and tch"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model, evaluate it on the test split and write the run's files.
+    Train(TrainArgs),
+    /// Evaluate saved weights on a dataset's test split.
+    Evaluate(EvaluateArgs),
+    /// Classify image files with saved weights.
+    Predict(PredictArgs),
+    /// Print a model's layers, output shapes and parameter counts.
+    Summary {
+        /// A preset (tutorial-mnist, ...) or a spec .json.
+        #[arg(long, default_value = "tutorial-mnist")]
+        model: String,
+    },
+    /// List the compiled-in engines and their devices.
+    Backends,
+}
+
+#[derive(Args)]
+struct DataArgs {
+    /// mnist, fashion-mnist, cifar10, synthetic, or a folder with train/<class>/ and test/<class>/.
+    #[arg(long, default_value = "mnist")]
+    dataset: String,
+    /// Engine to run on (see `convkit backends`).
+    #[arg(long, default_value = "candle-cpu")]
+    backend: String,
+    /// Use at most N images of each split.
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// A preset (tutorial-mnist, tutorial-cifar10-cnn, ...) or a spec .json.
+    #[arg(long, default_value = "tutorial-mnist")]
+    model: String,
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// sgd, adam or rmsprop (Keras defaults).
+    #[arg(long, default_value = "adam")]
+    optimizer: String,
+    /// Override the optimizer's learning rate.
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// Loss; defaults to sparse_categorical_crossentropy (binary_crossentropy for one sigmoid unit).
+    #[arg(long)]
+    loss: Option<String>,
+    /// Hold out this fraction of the training data for validation (default: validate on the test split).
+    #[arg(long)]
+    validation_split: Option<f32>,
+    /// Stop when val_loss has not improved for this many epochs, restoring the best weights.
+    #[arg(long)]
+    early_stopping: Option<usize>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Output folder.
+    #[arg(long, default_value = "runs/latest")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct EvaluateArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// A checkpoint file, or a run folder holding model.safetensors.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Write metrics.json and predictions.csv here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// A checkpoint file, or a run folder holding model.safetensors.
+    #[arg(long)]
+    weights: PathBuf,
+    #[arg(long, default_value = "candle-cpu")]
+    backend: String,
+    /// Image files (png, jpg).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train(args),
+        Command::Evaluate(args) => evaluate(args),
+        Command::Predict(args) => predict(args),
+        Command::Summary { model } => Sequential::from_preset_or_file(&model)
+            .and_then(|s| s.summary())
+            .map(|s| println!("{s}"))
+            .map_err(Into::into),
+        Command::Backends => {
+            backends();
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn backends() {
+    for name in convkit::backend_names() {
+        match convkit::backend(name) {
+            Ok(b) => println!("{name:<14} {}", b.device()),
+            Err(e) => println!("{name:<14} unavailable: {e}"),
+        }
+    }
+}
+
+fn input_shape(spec: &Sequential) -> ImageShape {
+    let [h, w, c] = spec.input_shape;
+    ImageShape::new(h, w, c)
+}
+
+fn classes_for(spec: &Sequential) -> anyhow::Result<usize> {
+    Ok(spec.output_shape()?.numel().max(2))
+}
+
+fn load_split(
+    args: &DataArgs,
+    split: Split,
+    spec: &Sequential,
+    seed: u64,
+    normalisation: &Normalisation,
+) -> anyhow::Result<Dataset> {
+    let ds = data::open(
+        &args.dataset,
+        split,
+        input_shape(spec),
+        classes_for(spec)?,
+        seed,
+        &Locator::from_env(),
+    )
+    .with_context(|| format!("loading the {split:?} split of `{}`", args.dataset))?;
+    let ds = match args.limit {
+        Some(n) => ds.limit(n),
+        None => ds,
+    };
+    if ds.is_empty() {
+        bail!("the {split:?} split of `{}` is empty", args.dataset);
+    }
+    Ok(ds.normalise(normalisation.clone()))
+}
+
+fn verbosity(quiet: bool) -> Verbosity {
+    if quiet {
+        Verbosity::Silent
+    } else {
+        Verbosity::Auto
+    }
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let spec = Sequential::from_preset_or_file(&args.model)?;
+    let mut optimizer = Optimizer::by_name(&args.optimizer)?;
+    if let Some(lr) = args.learning_rate {
+        optimizer = optimizer.with_learning_rate(lr);
+    }
+    let loss = match &args.loss {
+        Some(name) => Loss::by_name(name)?,
+        None if spec.output_shape()?.numel() == 1 => Loss::BinaryCrossentropy,
+        None => Loss::SparseCategoricalCrossentropy,
+    };
+    let compile = Compile::new(optimizer, loss);
+    compile.check(&spec)?;
+    let backend = convkit::backend(&args.data.backend)?;
+    let normalisation = Normalisation::Rescale;
+    let train = load_split(&args.data, Split::Train, &spec, args.seed, &normalisation)?;
+    let test = load_split(&args.data, Split::Test, &spec, args.seed, &normalisation)?;
+    if !args.data.quiet {
+        println!("{}", spec.summary()?);
+        println!(
+            "training on {} ({}), {} train / {} test images of {}",
+            backend.name(),
+            backend.device(),
+            train.len(),
+            test.len(),
+            train.shape
+        );
+    }
+    let mut model = Model::new(spec, compile, backend.as_ref(), args.seed)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut fit = model
+        .fit(&train)
+        .epochs(args.epochs)
+        .batch_size(args.data.batch_size)
+        .seed(args.seed)
+        .verbosity(verbosity(args.data.quiet))
+        .callback(CsvLogger::new(args.out.join("history.csv")));
+    fit = match args.validation_split {
+        Some(f) => fit.validation_split(f),
+        None => fit.validation_data(&test),
+    };
+    if let Some(patience) = args.early_stopping {
+        fit =
+            fit.callback(EarlyStopping::new(Monitor::ValLoss, patience).restore_best_weights(true));
+    }
+    let history = fit.run()?;
+
+    let scored = Scored::new(model.evaluate(&test, 256)?)?;
+    println!("{}", scored.text());
+    let meta = CheckpointMeta {
+        classes: train.classes.clone(),
+        normalisation,
+        backend: backend.name().into(),
+    };
+    let out = &args.out;
+    model
+        .checkpoint(meta)?
+        .save(&out.join("model.safetensors"))?;
+    model.spec().save_json(&out.join("model.json"))?;
+    history.write_csv(&out.join("history.csv"))?;
+    let extra = serde_json::json!({
+        "backend": backend.name(), "model": model.spec().name, "dataset": args.data.dataset,
+        "optimizer": model.compile_settings().optimizer.name(), "loss": loss.name(), "epochs_run": history.epochs.len(),
+        "batch_size": args.data.batch_size, "seed": args.seed, "train_images": train.len(), "test_images": test.len(),
+    });
+    scored.write_metrics_json(&out.join("metrics.json"), Some(&history), extra)?;
+    scored.write_predictions_csv(&out.join("predictions.csv"))?;
+    let report = format!("{}\n\n{}", model.summary()?, scored.text());
+    convkit::io::write_bytes_atomic(&out.join("report.txt"), report.as_bytes())?;
+    for ext in ["png", "svg"] {
+        TrainingCurves(&history).save(&out.join(format!("history.{ext}")))?;
+        ConfusionHeatmap(&scored.confusion).save(&out.join(format!("confusion_matrix.{ext}")))?;
+        SampleGrid::new(&test, 32, Some(&scored.evaluation.predicted))
+            .save(&out.join(format!("samples.{ext}")))?;
+    }
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+fn load_checkpoint(path: &Path) -> anyhow::Result<Checkpoint> {
+    Ok(Checkpoint::load(path)?)
+}
+
+fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
+    let ckpt = load_checkpoint(&args.weights)?;
+    let backend = convkit::backend(&args.data.backend)?;
+    let test = load_split(
+        &args.data,
+        Split::Test,
+        &ckpt.spec,
+        0,
+        &ckpt.meta.normalisation,
+    )?;
+    if !ckpt.meta.classes.is_empty() && ckpt.meta.classes != test.classes {
+        bail!(
+            "the weights were trained on classes {:?}, but `{}` has {:?}",
+            ckpt.meta.classes,
+            args.data.dataset,
+            test.classes
+        );
+    }
+    let model = Model::from_checkpoint(&ckpt, backend.as_ref())?;
+    let scored = Scored::new(model.evaluate(&test, args.data.batch_size.max(1))?)?;
+    println!("{}", scored.text());
+    if let Some(out) = &args.out {
+        let extra = serde_json::json!({"backend": backend.name(), "model": ckpt.spec.name, "dataset": args.data.dataset, "weights": args.weights});
+        scored.write_metrics_json(&out.join("metrics.json"), None, extra)?;
+        scored.write_predictions_csv(&out.join("predictions.csv"))?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn predict(args: PredictArgs) -> anyhow::Result<()> {
+    let ckpt = load_checkpoint(&args.weights)?;
+    let backend = convkit::backend(&args.backend)?;
+    let model = Model::from_checkpoint(&ckpt, backend.as_ref())?;
+    let shape = input_shape(&ckpt.spec);
+    let mut pixels = Vec::with_capacity(args.images.len() * shape.len());
+    for path in &args.images {
+        pixels.extend(data::load_image(path, shape)?);
+    }
+    let classes = if ckpt.meta.classes.is_empty() {
+        (0..classes_for(&ckpt.spec)?)
+            .map(|c| c.to_string())
+            .collect()
+    } else {
+        ckpt.meta.classes.clone()
+    };
+    let ds = Dataset::new(pixels, shape, vec![0; args.images.len()], classes.clone())?
+        .normalise(ckpt.meta.normalisation.clone());
+    let probabilities = model.predict(&ds, 64)?;
+    for (path, row) in args.images.iter().zip(probabilities.rows()) {
+        let row = row.to_vec();
+        let scores: Vec<(String, f32)> = if row.len() == 1 {
+            vec![
+                (classes[0].clone(), 1.0 - row[0]),
+                (classes[1].clone(), row[0]),
+            ]
+        } else {
+            classes.iter().cloned().zip(row).collect()
+        };
+        let (top, p) = scores
+            .iter()
+            .cloned()
+            .fold((String::new(), f32::NEG_INFINITY), |b, s| {
+                if s.1 > b.1 {
+                    s
+                } else {
+                    b
+                }
+            });
+        println!("{}: {top} ({p:.4})", path.display());
+        for (name, p) in &scores {
+            println!("    {name:<16} {p:.4}");
+        }
+    }
+    Ok(())
+}

@@ -23,10 +23,20 @@ use convkit_core::weights::{Tensor as CoreTensor, Weights};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
     /// Something the candle engine cannot do.
     #[error("not supported by candle: {0}")]
     Unsupported(String),
+}
+
+impl From<candle_core::Error> for Error {
+    /// Drops the backtrace candle captures under `RUST_BACKTRACE`: users get the message.
+    fn from(e: candle_core::Error) -> Self {
+        match e {
+            candle_core::Error::WithBacktrace { inner, .. } => Error::Candle(*inner),
+            other => Error::Candle(other),
+        }
+    }
 }
 
 impl Error {
@@ -302,8 +312,12 @@ impl CandleNetwork {
                     let y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
                     act(y, *activation)?
                 }
-                Op::MaxPool { size, stride } => x.max_pool2d_with_stride(*size, *stride)?,
-                Op::AvgPool { size, stride } => x.avg_pool2d_with_stride(*size, *stride)?,
+                Op::MaxPool { size, stride } if size == stride => tiled_max_pool(&x, *size)?,
+                Op::AvgPool { size, stride } if size == stride => {
+                    x.avg_pool2d_with_stride(*size, *stride)?
+                }
+                Op::MaxPool { size, stride } => windowed_pool(&x, *size, *stride, true)?,
+                Op::AvgPool { size, stride } => windowed_pool(&x, *size, *stride, false)?,
                 // Keras flattens channels-last: (H, W, C).
                 Op::Flatten => x.permute((0, 2, 3, 1))?.flatten_from(1)?,
                 Op::Dense { weight, activation } => {
@@ -486,6 +500,62 @@ impl CandleNetwork {
         }
         Ok(())
     }
+}
+
+/// Non-overlapping max pooling as a reshape and two `max` reductions. candle's own
+/// `max_pool2d` backward (0.11.1) scales the gradient by the share of maxima in the window
+/// (¼ for a unique maximum in 2×2) instead of dividing by their count; the reductions'
+/// backward is right. Rows/columns that do not fill a window are dropped, as Keras does.
+fn tiled_max_pool(x: &Tensor, (kh, kw): (usize, usize)) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (oh, ow) = (h / kh, w / kw);
+    let x = if oh * kh != h || ow * kw != w {
+        x.narrow(2, 0, oh * kh)?
+            .narrow(3, 0, ow * kw)?
+            .contiguous()?
+    } else {
+        x.clone()
+    };
+    Ok(x.reshape((n, c, oh, kh, ow, kw))?.max(5)?.max(3)?)
+}
+
+/// Pooling whose stride differs from its window, from shifted slices (candle's pooling ops
+/// have no backward pass for that case): max/sum over the window offsets at stride 1, then
+/// every `stride`-th row and column.
+fn windowed_pool(
+    x: &Tensor,
+    (kh, kw): (usize, usize),
+    (sh, sw): (usize, usize),
+    max: bool,
+) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (full_h, full_w) = (h - kh + 1, w - kw + 1);
+    let mut acc: Option<Tensor> = None;
+    for dy in 0..kh {
+        for dx in 0..kw {
+            let part = x.narrow(2, dy, full_h)?.narrow(3, dx, full_w)?;
+            acc = Some(match acc {
+                None => part,
+                Some(a) if max => a.maximum(&part)?,
+                Some(a) => (a + part)?,
+            });
+        }
+    }
+    let mut y = acc.expect("window is at least 1×1");
+    if !max {
+        y = (y / (kh * kw) as f64)?;
+    }
+    let pick = |n: usize, s: usize| -> Result<Tensor> {
+        let idx: Vec<u32> = (0..n).step_by(s).map(|i| i as u32).collect();
+        Ok(Tensor::from_vec(idx.clone(), idx.len(), x.device())?)
+    };
+    if sh > 1 {
+        y = y.index_select(&pick(full_h, sh)?, 2)?;
+    }
+    if sw > 1 {
+        y = y.index_select(&pick(full_w, sw)?, 3)?;
+    }
+    Ok(y)
 }
 
 fn activate(x: Tensor, a: Activation) -> Result<Tensor> {

@@ -3,6 +3,7 @@
 //! engine-neutral weights. Engines implement [`Backend`] / [`Network`]; nothing here knows
 //! which engines exist.
 
+pub mod artifacts;
 pub mod backend;
 pub mod compile;
 pub mod data;

@@ -193,8 +193,8 @@ pub struct ConfusionHeatmap<'a>(pub &'a ConfusionMatrix);
 impl Figure for ConfusionHeatmap<'_> {
     fn size(&self) -> (u32, u32) {
         let k = self.0.classes().len() as u32;
-        let side = 160 + 56 * k.max(2);
-        (side + 40, side)
+        let side = 56 * k.max(2);
+        (side + 160, side + 100)
     }
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
         root.fill(&WHITE).map_err(e)?;
@@ -245,15 +245,23 @@ impl Figure for ConfusionHeatmap<'_> {
             .map_err(e)?;
         }
         for c in 0..k {
-            let name: String = cm.classes()[c as usize].chars().take(9).collect();
-            let style = font(11.0).transform(FontTransform::Rotate90);
+            let name: String = cm.classes()[c as usize].chars().take(8).collect();
+            let dx = (name.chars().count() as i32 * 6) / 2;
             root.draw(&Text::new(
                 name,
-                (left + c * cell + cell / 2 + 6, top + k * cell + 6),
-                style,
+                (left + c * cell + cell / 2 - dx, top + k * cell + 6),
+                font(11.0),
             ))
             .map_err(e)?;
         }
+        root.draw(&Text::new(
+            "predicted",
+            (left + k * cell / 2 - 30, top + k * cell + 26),
+            font(14.0),
+        ))
+        .map_err(e)?;
+        root.draw(&Text::new("true", (8, top - 20), font(14.0)))
+            .map_err(e)?;
         Ok(())
     }
 }

@@ -101,6 +101,10 @@ impl Model {
     pub fn network_mut(&mut self) -> &mut dyn Network {
         self.network.as_mut()
     }
+    /// The engine's network, read-only (direct predictions on raw batches).
+    pub fn network(&self) -> &dyn Network {
+        self.network.as_ref()
+    }
     pub fn learning_rate(&self) -> f64 {
         self.learning_rate
     }

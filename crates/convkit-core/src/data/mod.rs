@@ -13,6 +13,7 @@ pub use folder::load_image;
 pub use folder::read_image_folder;
 pub use idx::{read_idx_images, read_idx_labels};
 pub use source::{download, Checksum, DatasetName, Locator, Resource, Split};
+
 pub use synthetic::synthetic;
 
 use ndarray::{Array2, ArrayViewMut4};
@@ -454,4 +455,61 @@ mod tests {
         assert_eq!(rgb.images, vec![10, 10, 10, 20, 20, 20]);
         assert_eq!(rgb.to_channels(1).unwrap().images, vec![10, 20]);
     }
+}
+
+/// Open a dataset by what a user types: `mnist`, `fashion-mnist`, `cifar10`, `synthetic`, or a
+/// path to an image folder with `train/<class>/` and `test/<class>/`. Images come out in
+/// `input`'s shape: folders are resized and converted; named datasets must already match.
+/// `classes` sizes synthetic data (2 for a sigmoid head).
+pub fn open(
+    source: &str,
+    split: Split,
+    input: ImageShape,
+    classes: usize,
+    seed: u64,
+    locator: &Locator,
+) -> Result<Dataset> {
+    if source == "synthetic" {
+        let (n, offset) = match split {
+            Split::Train => (2000, 0),
+            Split::Test => (500, 1),
+        };
+        return synthetic(n, input, classes.max(2), seed.wrapping_add(offset));
+    }
+    if let Ok(name) = source.parse::<DatasetName>() {
+        let ds = locator.load(name, split, None)?;
+        if ds.shape != input {
+            return Err(Error::Shape {
+                expected: format!("{input} images (the model's input)"),
+                found: format!(
+                    "{source} images of {}; pick a model made for {source}",
+                    ds.shape
+                ),
+            });
+        }
+        return Ok(ds);
+    }
+    let root = std::path::Path::new(source);
+    if !root.is_dir() {
+        return Err(Error::config(
+            "dataset",
+            format!("expected mnist, fashion-mnist, cifar10, synthetic or a folder with train/ and test/, found `{source}` (no such folder)"),
+        ));
+    }
+    let train_dir = root.join("train");
+    let class_names: Vec<String> = {
+        let mut names: Vec<String> = std::fs::read_dir(&train_dir)
+            .map_err(|e| Error::io(&train_dir, e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let dir = match split {
+        Split::Train => train_dir,
+        Split::Test => root.join("test"),
+    };
+    read_image_folder(&dir, input, Some(&class_names))
 }

@@ -1,0 +1,289 @@
+//! The `convkit` binary: outputs of a run, and clear errors with a non-zero exit on bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn convkit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_convkit"))
+        .args(args)
+        .env("CONVKIT_DATA", common::data_dir())
+        .env("CONVKIT_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn train_evaluate_predict_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let o = convkit(&[
+        "train",
+        "--dataset",
+        "mnist",
+        "--model",
+        "tutorial-mnist",
+        "--epochs",
+        "1",
+        "--limit",
+        "300",
+        "--out",
+        out_s,
+        "--quiet",
+        "--optimizer",
+        "rmsprop",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = text(&o);
+    assert!(
+        stdout.contains("test accuracy:")
+            && stdout.contains("macro avg")
+            && stdout.contains("true\\pred"),
+        "{stdout}"
+    );
+    for f in [
+        "model.safetensors",
+        "model.json",
+        "history.csv",
+        "report.txt",
+        "metrics.json",
+        "predictions.csv",
+        "history.png",
+        "history.svg",
+        "confusion_matrix.png",
+        "confusion_matrix.svg",
+        "samples.png",
+        "samples.svg",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    for key in [
+        "test_loss",
+        "test_accuracy",
+        "classes",
+        "confusion_matrix",
+        "per_class",
+        "epoch_seconds",
+    ] {
+        assert!(metrics.get(key).is_some(), "metrics.json lacks {key}");
+    }
+    assert_eq!(metrics["confusion_matrix"].as_array().unwrap().len(), 10);
+    let preds = std::fs::read_to_string(out.join("predictions.csv")).unwrap();
+    assert!(
+        preds.starts_with("index,label,predicted,p_0,p_1"),
+        "{}",
+        &preds[..80]
+    );
+    assert_eq!(preds.lines().count(), 301);
+    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".tmp")));
+
+    // evaluate the run folder: same accuracy as the training run reported
+    let eval_out = dir.path().join("eval");
+    let o = convkit(&[
+        "evaluate",
+        "--weights",
+        out_s,
+        "--dataset",
+        "mnist",
+        "--limit",
+        "300",
+        "--out",
+        eval_out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval_out.join("metrics.json")).unwrap())
+            .unwrap();
+    assert!(
+        (again["test_accuracy"].as_f64().unwrap() - metrics["test_accuracy"].as_f64().unwrap())
+            .abs()
+            < 1e-9
+    );
+
+    // predict on PNGs written from test images
+    let img = dir.path().join("digit.png");
+    image::GrayImage::from_fn(28, 28, |x, y| {
+        image::Luma([if (10..18).contains(&x) && y > 4 && y < 24 {
+            255
+        } else {
+            0
+        }])
+    })
+    .save(&img)
+    .unwrap();
+    let o = convkit(&[
+        "predict",
+        "--weights",
+        &format!("{out_s}/model.safetensors"),
+        img.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("digit.png: "), "{}", text(&o));
+}
+
+#[test]
+fn summary_and_backends() {
+    let o = convkit(&["summary", "--model", "tutorial-mnist-3conv"]);
+    assert!(o.status.success());
+    assert!(text(&o).contains("Total params: 93,322"), "{}", text(&o));
+    let o = convkit(&["backends"]);
+    assert!(o.status.success());
+    assert!(text(&o).contains("candle-cpu"), "{}", text(&o));
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let o = convkit(args);
+    let t = text(&o);
+    assert!(!o.status.success(), "expected failure for {args:?}: {t}");
+    assert!(!t.contains("panicked"), "{t}");
+    for n in needles {
+        assert!(t.contains(n), "expected `{n}` in: {t}");
+    }
+}
+
+#[test]
+fn bad_input_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("never");
+    let out_s = out.to_str().unwrap();
+    fails_with(
+        &["train", "--dataset", "imagenet", "--out", out_s],
+        &[
+            "expected mnist, fashion-mnist, cifar10, synthetic or a folder",
+            "imagenet",
+        ],
+    );
+    fails_with(
+        &["train", "--model", "tutorial-nope", "--out", out_s],
+        &["unknown preset `tutorial-nope`"],
+    );
+    fails_with(
+        &["train", "--backend", "tch-cpu", "--out", out_s],
+        &["unknown backend `tch-cpu`", "candle-cpu"],
+    );
+    fails_with(
+        &["train", "--optimizer", "adagrad", "--out", out_s],
+        &["expected sgd, adam or rmsprop"],
+    );
+    fails_with(
+        &[
+            "train",
+            "--dataset",
+            "mnist",
+            "--model",
+            "tutorial-cifar10-cnn",
+            "--out",
+            out_s,
+        ],
+        &["32×32×3", "28×28×1"],
+    );
+    fails_with(
+        &[
+            "train",
+            "--loss",
+            "binary_crossentropy",
+            "--limit",
+            "10",
+            "--out",
+            out_s,
+        ],
+        &["binary_crossentropy needs one unit"],
+    );
+    assert!(!out.exists(), "a failed run left files behind");
+
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"definitely not safetensors").unwrap();
+    fails_with(
+        &["evaluate", "--weights", garbage.to_str().unwrap()],
+        &["garbage.safetensors", "not a safetensors file"],
+    );
+    fails_with(
+        &[
+            "predict",
+            "--weights",
+            dir.path().join("missing.safetensors").to_str().unwrap(),
+            "x.png",
+        ],
+        &["missing.safetensors"],
+    );
+    let bad_spec = dir.path().join("spec.json");
+    std::fs::write(&bad_spec, r#"{"input_shape":[4,4,1],"layers":[{"type":"MaxPooling2D","pool_size":[2,2]},{"type":"MaxPooling2D","pool_size":[2,2]},{"type":"MaxPooling2D","pool_size":[2,2]}]}"#).unwrap();
+    fails_with(
+        &["summary", "--model", bad_spec.to_str().unwrap()],
+        &[
+            "layer 2 (max_pooling2d_2)",
+            "does not fit an input height of 1",
+        ],
+    );
+    fails_with(
+        &[
+            "train",
+            "--batch-size",
+            "0",
+            "--limit",
+            "10",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--out",
+            out_s,
+        ],
+        &["batch size"],
+    );
+}
+
+#[test]
+fn image_folder_dataset_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("shapes");
+    for split in ["train", "test"] {
+        for (class, v) in [("dark", 40u8), ("light", 210u8)] {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..6 {
+                let img = image::RgbImage::from_fn(50 + i, 37, |x, _| {
+                    image::Rgb([v, v.saturating_add((x % 7) as u8), v])
+                });
+                img.save(d.join(format!("{i}.jpg"))).unwrap();
+            }
+        }
+    }
+    let spec = dir.path().join("spec.json");
+    std::fs::write(&spec, r#"{"name":"tiny","input_shape":[16,16,3],"layers":[{"type":"Conv2D","filters":4,"kernel_size":[3,3],"activation":"relu"},{"type":"MaxPooling2D","pool_size":[2,2]},{"type":"Flatten"},{"type":"Dense","units":2,"activation":"softmax"}]}"#).unwrap();
+    let out = dir.path().join("run");
+    let o = convkit(&[
+        "train",
+        "--dataset",
+        root.to_str().unwrap(),
+        "--model",
+        spec.to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["classes"], serde_json::json!(["dark", "light"]));
+    assert!(Path::new(&out.join("samples.png")).is_file());
+}

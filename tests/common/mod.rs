@@ -1,0 +1,186 @@
+//! Shared test helpers: a naive f64 reference forward pass (the semantics every engine must
+//! match), tolerances, and small models and batches.
+#![allow(dead_code)]
+
+use convkit::ndarray::{Array2, Array4};
+use convkit::spec::{Activation, LayerKind, Sequential, Shape};
+use convkit::Weights;
+use rand::{Rng, SeedableRng};
+
+/// Tolerances, in one place.
+pub mod tol {
+    /// Forward probabilities, max abs.
+    pub const FORWARD: f32 = 1e-4;
+    /// Every weight after one optimizer step, max abs.
+    pub const STEP: f32 = 1e-5;
+    /// Loss of one batch.
+    pub const LOSS: f64 = 1e-5;
+}
+
+/// Seeded uniform batch `[n, h, w, c]` in [0, 1).
+pub fn batch(n: usize, shape: [usize; 3], seed: u64) -> Array4<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    Array4::from_shape_fn((n, shape[0], shape[1], shape[2]), |_| rng.random::<f32>())
+}
+
+fn act(x: f64, a: Activation) -> f64 {
+    match a {
+        Activation::Linear | Activation::Softmax => x,
+        Activation::Relu => x.max(0.0),
+        Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        Activation::Tanh => x.tanh(),
+    }
+}
+
+/// Keras semantics, in plain loops: NHWC activations, canonical weights, (H, W, C) flatten.
+/// Returns the probabilities `[n, outputs]`.
+pub fn reference_forward(spec: &Sequential, w: &Weights, x: &Array4<f32>) -> Array2<f64> {
+    let names = spec.layer_names();
+    let shapes = spec.output_shapes().unwrap();
+    let n = x.dim().0;
+    let mut out = Vec::new();
+    for s in 0..n {
+        // activation stored HWC (flat vectors as h = w = 1)
+        let [h0, w0, c0] = spec.input_shape;
+        let mut cur: Vec<f64> = x
+            .slice(convkit::ndarray::s![s, .., .., ..])
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let (mut h, mut wd, mut c) = (h0, w0, c0);
+        for (i, layer) in spec.layers.iter().enumerate() {
+            let (oh, ow, oc) = match shapes[i] {
+                Shape::Image { h, w, c } => (h, w, c),
+                Shape::Flat(k) => (1, 1, k),
+            };
+            let mut next = vec![0f64; oh * ow * oc];
+            match &layer.kind {
+                LayerKind::Conv2D(conv) => {
+                    let k = w.get(&format!("{}.weight", names[i])).unwrap();
+                    let b = w.get(&format!("{}.bias", names[i])).unwrap();
+                    let [kh, kw] = conv.kernel_size;
+                    let [sh, sw] = conv.strides;
+                    let [pt, _, pl, _] = conv.pad_amounts(h, wd);
+                    for y in 0..oh {
+                        for xx in 0..ow {
+                            for o in 0..oc {
+                                let mut acc = b.data[o] as f64;
+                                for ky in 0..kh {
+                                    for kx in 0..kw {
+                                        let iy = (y * sh + ky) as isize - pt as isize;
+                                        let ix = (xx * sw + kx) as isize - pl as isize;
+                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize
+                                        {
+                                            continue;
+                                        }
+                                        for ci in 0..c {
+                                            let v = cur[(iy as usize * wd + ix as usize) * c + ci];
+                                            acc += v * k.data[((o * c + ci) * kh + ky) * kw + kx]
+                                                as f64;
+                                        }
+                                    }
+                                }
+                                next[(y * ow + xx) * oc + o] = act(acc, conv.activation);
+                            }
+                        }
+                    }
+                }
+                LayerKind::MaxPooling2D(p) | LayerKind::AveragePooling2D(p) => {
+                    let max = matches!(layer.kind, LayerKind::MaxPooling2D(_));
+                    let [kh, kw] = p.pool_size;
+                    let [sh, sw] = p.strides();
+                    for y in 0..oh {
+                        for xx in 0..ow {
+                            for ci in 0..oc {
+                                let vals = (0..kh)
+                                    .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
+                                    .map(|(ky, kx)| {
+                                        cur[((y * sh + ky) * wd + xx * sw + kx) * c + ci]
+                                    });
+                                next[(y * ow + xx) * oc + ci] = if max {
+                                    vals.fold(f64::NEG_INFINITY, f64::max)
+                                } else {
+                                    vals.sum::<f64>() / (kh * kw) as f64
+                                };
+                            }
+                        }
+                    }
+                }
+                LayerKind::Flatten | LayerKind::Dropout(_) => next = cur.clone(),
+                LayerKind::Dense(d) => {
+                    let k = w.get(&format!("{}.weight", names[i])).unwrap();
+                    let b = w.get(&format!("{}.bias", names[i])).unwrap();
+                    let inputs = cur.len();
+                    for o in 0..d.units {
+                        let acc: f64 = b.data[o] as f64
+                            + (0..inputs)
+                                .map(|j| cur[j] * k.data[o * inputs + j] as f64)
+                                .sum::<f64>();
+                        next[o] = act(acc, d.activation);
+                    }
+                    if d.activation == Activation::Softmax {
+                        let m = next.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let z: f64 = next.iter().map(|v| (v - m).exp()).sum();
+                        next.iter_mut().for_each(|v| *v = (*v - m).exp() / z);
+                    }
+                }
+            }
+            cur = next;
+            (h, wd, c) = (oh, ow, oc);
+        }
+        out.push(cur);
+    }
+    let k = out[0].len();
+    Array2::from_shape_vec((n, k), out.into_iter().flatten().collect()).unwrap()
+}
+
+/// Small models that exercise every layer and padding case.
+pub fn small_specs() -> Vec<Sequential> {
+    use convkit::{Conv2D, Dense, Dropout, Padding, Pool2D};
+    vec![
+        // asymmetric `same` padding with stride 2, tanh, a linear-logits head
+        Sequential::new(7, 6, 2)
+            .add(
+                Conv2D::new(3, 3)
+                    .padding(Padding::Same)
+                    .strides(2, 2)
+                    .activation(Activation::Relu),
+            )
+            .add(Conv2D::new(2, 2).activation(Activation::Tanh))
+            .flatten()
+            .add(Dense::new(4).activation(Activation::Sigmoid))
+            .add(Dense::new(3).activation(Activation::Softmax))
+            .named("small-same"),
+        // max then average pooling with overlapping stride, dropout
+        Sequential::new(8, 8, 1)
+            .add(Conv2D::new(3, 3).activation(Activation::Relu))
+            .max_pool(2)
+            .add(LayerKind::AveragePooling2D(Pool2D {
+                pool_size: [2, 2],
+                strides: Some([1, 1]),
+            }))
+            .flatten()
+            .add(Dropout::new(0.3))
+            .add(Dense::new(2).activation(Activation::Softmax))
+            .named("small-pools"),
+        // binary head
+        Sequential::new(5, 5, 3)
+            .add(
+                Conv2D::new(2, 3)
+                    .padding(Padding::Same)
+                    .activation(Activation::Relu),
+            )
+            .flatten()
+            .add(Dense::new(1).activation(Activation::Sigmoid))
+            .named("small-binary"),
+    ]
+}
+
+/// `CONVKIT_DATA`, or the shared folder beside the checkout.
+pub fn data_dir() -> std::path::PathBuf {
+    std::env::var_os("CONVKIT_DATA")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets")
+        })
+}

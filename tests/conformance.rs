@@ -1,0 +1,432 @@
+//! The conformance suite: every compiled-in engine, the same specs, weights and batches.
+//! Each engine is checked against the naive reference in `common` (Keras semantics) and,
+//! where several engines are compiled in, against each other.
+
+mod common;
+
+use common::{batch, reference_forward, small_specs, tol};
+use convkit::backend::Targets;
+use convkit::optim::Slots;
+use convkit::{init, Compile, Loss, Model, Optimizer, Sequential, Weights};
+
+fn engines() -> Vec<Box<dyn convkit::Backend>> {
+    let names = convkit::backend_names();
+    assert!(!names.is_empty(), "no engine compiled in");
+    names
+        .into_iter()
+        .filter_map(|n| convkit::backend(n).ok())
+        .collect()
+}
+
+fn loss_for(spec: &Sequential) -> Loss {
+    if spec.output_shape().unwrap().numel() == 1 {
+        Loss::BinaryCrossentropy
+    } else {
+        Loss::SparseCategoricalCrossentropy
+    }
+}
+
+fn targets(loss: Loss, n: usize, classes: usize) -> Targets {
+    let labels: Vec<u32> = (0..n as u32)
+        .map(|i| (i * 7 + 3) % classes.max(2) as u32)
+        .collect();
+    match loss {
+        Loss::SparseCategoricalCrossentropy => Targets::Sparse(labels),
+        Loss::CategoricalCrossentropy => {
+            Targets::Dense(convkit::data::one_hot(&labels, classes).unwrap())
+        }
+        Loss::BinaryCrossentropy => Targets::Binary(labels.iter().map(|&l| l as f32).collect()),
+    }
+}
+
+/// Cross-entropy of reference probabilities, f64.
+fn reference_loss(p: &convkit::ndarray::Array2<f64>, y: &Targets) -> f64 {
+    let n = p.nrows() as f64;
+    match y {
+        Targets::Sparse(l) => {
+            l.iter()
+                .enumerate()
+                .map(|(i, &c)| -p[[i, c as usize]].ln())
+                .sum::<f64>()
+                / n
+        }
+        Targets::Dense(t) => {
+            t.rows()
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    r.iter()
+                        .enumerate()
+                        .map(|(c, &v)| -(v as f64) * p[[i, c]].ln())
+                        .sum::<f64>()
+                })
+                .sum::<f64>()
+                / n
+        }
+        Targets::Binary(t) => {
+            t.iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    if v > 0.5 {
+                        -p[[i, 0]].ln()
+                    } else {
+                        -(1.0 - p[[i, 0]]).ln()
+                    }
+                })
+                .sum::<f64>()
+                / n
+        }
+    }
+}
+
+fn worst(diffs: &[(String, f32)]) -> (String, f32) {
+    diffs
+        .iter()
+        .cloned()
+        .fold((String::new(), 0.0), |a, b| if b.1 > a.1 { b } else { a })
+}
+
+#[test]
+fn forward_matches_the_reference_for_every_preset_and_small_model() {
+    let mut specs: Vec<Sequential> = convkit::spec::PRESETS
+        .iter()
+        .map(|p| Sequential::preset(p).unwrap())
+        .collect();
+    specs.extend(small_specs());
+    for engine in engines() {
+        for spec in &specs {
+            let weights = init::glorot_uniform(spec, 11).unwrap();
+            let compile = Compile::new(Optimizer::adam(), loss_for(spec));
+            let model =
+                Model::with_weights(spec.clone(), compile, engine.as_ref(), &weights).unwrap();
+            let x = batch(3, spec.input_shape, 5);
+            let ours = model.network().predict(x.view()).unwrap();
+            let reference = reference_forward(spec, &weights, &x);
+            let diff = ours
+                .iter()
+                .zip(reference.iter())
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                diff <= tol::FORWARD as f64,
+                "{}: model `{}` forward differs from the reference by {diff:e}",
+                engine.name(),
+                spec.name
+            );
+        }
+    }
+}
+
+#[test]
+fn loss_and_gradients_match_the_reference() {
+    for engine in engines() {
+        for spec in small_specs() {
+            let losses = if loss_for(&spec) == Loss::BinaryCrossentropy {
+                vec![Loss::BinaryCrossentropy]
+            } else {
+                vec![
+                    Loss::SparseCategoricalCrossentropy,
+                    Loss::CategoricalCrossentropy,
+                ]
+            };
+            let classes = spec.output_shape().unwrap().numel();
+            // no dropout for gradient checks
+            let mut spec = spec.clone();
+            spec.layers
+                .retain(|l| !matches!(l.kind, convkit::LayerKind::Dropout(_)));
+            for loss in losses {
+                let weights = init::glorot_uniform(&spec, 3).unwrap();
+                let x = batch(4, spec.input_shape, 9);
+                let y = targets(loss, 4, classes);
+                // SGD with lr 1: w' = w − g, so g = w − w'.
+                let compile = Compile::new(Optimizer::sgd().with_learning_rate(1.0), loss);
+                let mut model =
+                    Model::with_weights(spec.clone(), compile, engine.as_ref(), &weights).unwrap();
+                let stats = model.network_mut().train_step(x.view(), &y).unwrap();
+                let reference = reference_loss(&reference_forward(&spec, &weights, &x), &y);
+                assert!(
+                    (stats.loss as f64 - reference).abs() < tol::LOSS * 10.0,
+                    "{}: {} loss {} vs reference {reference}",
+                    engine.name(),
+                    loss.name(),
+                    stats.loss
+                );
+                let after = model.weights().unwrap();
+                // central differences on a few entries of every tensor
+                for (name, t) in &weights.tensors {
+                    for k in [0, t.data.len() / 2, t.data.len() - 1] {
+                        let grad = (t.data[k] - after.get(name).unwrap().data[k]) as f64;
+                        let eps = 1e-3;
+                        let at = |d: f64| {
+                            let mut w = weights.clone();
+                            w.tensors.get_mut(name).unwrap().data[k] += d as f32;
+                            reference_loss(&reference_forward(&spec, &w, &x), &y)
+                        };
+                        let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+                        assert!(
+                            (grad - numeric).abs() < 2e-3 + 2e-2 * numeric.abs(),
+                            "{}: model `{}`, {}: gradient of {name}[{k}] is {grad}, finite differences give {numeric}",
+                            engine.name(), spec.name, loss.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn one_step_of_each_optimizer_follows_the_keras_rule() {
+    let spec = small_specs().remove(0);
+    let weights = init::glorot_uniform(&spec, 21).unwrap();
+    let x = batch(4, spec.input_shape, 2);
+    let y = targets(Loss::SparseCategoricalCrossentropy, 4, 3);
+    for engine in engines() {
+        // the engine's gradient
+        let mut probe = Model::with_weights(
+            spec.clone(),
+            Compile::new(
+                Optimizer::sgd().with_learning_rate(1.0),
+                Loss::SparseCategoricalCrossentropy,
+            ),
+            engine.as_ref(),
+            &weights,
+        )
+        .unwrap();
+        probe.network_mut().train_step(x.view(), &y).unwrap();
+        let stepped = probe.weights().unwrap();
+        let optimizers = [
+            Optimizer::sgd(),
+            Optimizer::sgd().with_momentum(0.9).unwrap(),
+            Optimizer::Sgd {
+                learning_rate: 0.05,
+                momentum: 0.8,
+                nesterov: true,
+            },
+            Optimizer::adam(),
+            Optimizer::rmsprop(),
+            Optimizer::Rmsprop {
+                learning_rate: 0.01,
+                rho: 0.8,
+                momentum: 0.5,
+                epsilon: 1e-7,
+                centered: true,
+            },
+        ];
+        for opt in optimizers {
+            let mut model = Model::with_weights(
+                spec.clone(),
+                Compile::new(opt.clone(), Loss::SparseCategoricalCrossentropy),
+                engine.as_ref(),
+                &weights,
+            )
+            .unwrap();
+            model.network_mut().train_step(x.view(), &y).unwrap();
+            let got = model.weights().unwrap();
+            let mut expected = Weights::default();
+            for (name, w) in &weights.tensors {
+                let g: Vec<f32> = w
+                    .data
+                    .iter()
+                    .zip(&stepped.get(name).unwrap().data)
+                    .map(|(a, b)| a - b)
+                    .collect();
+                let wa = convkit::ndarray::ArrayD::from_shape_vec(w.shape.clone(), w.data.clone())
+                    .unwrap();
+                let ga = convkit::ndarray::ArrayD::from_shape_vec(w.shape.clone(), g).unwrap();
+                let new = opt
+                    .update(opt.learning_rate(), 1, &wa, &ga, &mut Slots::default())
+                    .unwrap();
+                expected.insert(
+                    name.clone(),
+                    convkit::Tensor::new(w.shape.clone(), new.into_raw_vec_and_offset().0).unwrap(),
+                );
+            }
+            let (name, d) = worst(&got.max_abs_diff(&expected).unwrap());
+            assert!(
+                d <= tol::STEP,
+                "{}: {opt:?}: tensor `{name}` differs from the Keras rule by {d:e}",
+                engine.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn frozen_layers_stay_bit_identical() {
+    let spec = Sequential::preset("tutorial-mnist").unwrap();
+    let weights = init::glorot_uniform(&spec, 1).unwrap();
+    let x = batch(8, spec.input_shape, 1);
+    let y = targets(Loss::SparseCategoricalCrossentropy, 8, 10);
+    for engine in engines() {
+        let mut model = Model::with_weights(
+            spec.clone(),
+            Compile::new(Optimizer::adam(), Loss::SparseCategoricalCrossentropy),
+            engine.as_ref(),
+            &weights,
+        )
+        .unwrap();
+        model.set_trainable(0, false).unwrap();
+        model.set_trainable(2, false).unwrap();
+        for _ in 0..2 {
+            model.network_mut().train_step(x.view(), &y).unwrap();
+        }
+        let after = model.weights().unwrap();
+        for name in [
+            "conv2d.weight",
+            "conv2d.bias",
+            "conv2d_1.weight",
+            "conv2d_1.bias",
+        ] {
+            assert_eq!(
+                after.get(name).unwrap(),
+                weights.get(name).unwrap(),
+                "{}: frozen {name} changed",
+                engine.name()
+            );
+        }
+        assert_ne!(
+            after.get("dense.weight").unwrap(),
+            weights.get("dense.weight").unwrap(),
+            "{}: trainable dense did not change",
+            engine.name()
+        );
+        assert!(model
+            .summary()
+            .unwrap()
+            .contains("Non-trainable params: 18,816"));
+        assert!(model.set_trainable(99, false).is_err());
+    }
+}
+
+#[test]
+fn saved_weights_load_on_every_engine_and_predict_the_same() {
+    let spec = small_specs().remove(1);
+    let x = batch(5, spec.input_shape, 8);
+    let dir = tempfile::tempdir().unwrap();
+    for source in engines() {
+        let compile = Compile::new(Optimizer::rmsprop(), Loss::SparseCategoricalCrossentropy);
+        let mut model = Model::new(spec.clone(), compile, source.as_ref(), 4).unwrap();
+        model
+            .network_mut()
+            .train_step(
+                x.view(),
+                &targets(Loss::SparseCategoricalCrossentropy, 5, 2),
+            )
+            .unwrap();
+        let path = dir.path().join(format!("{}.safetensors", source.name()));
+        model
+            .checkpoint(Default::default())
+            .unwrap()
+            .save(&path)
+            .unwrap();
+        let expected = model.network().predict(x.view()).unwrap();
+        for target in engines() {
+            let ckpt = convkit::Checkpoint::load(&path).unwrap();
+            let loaded = Model::from_checkpoint(&ckpt, target.as_ref()).unwrap();
+            let got = loaded.network().predict(x.view()).unwrap();
+            let d = got
+                .iter()
+                .zip(expected.iter())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                d <= tol::FORWARD,
+                "{} -> {}: predictions differ by {d:e}",
+                source.name(),
+                target.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn dropout_is_active_only_in_training() {
+    let spec = Sequential::new(4, 4, 1)
+        .flatten()
+        .add(convkit::Dropout::new(0.5))
+        .add(convkit::Dense::new(3).activation(convkit::Activation::Softmax));
+    let weights = init::glorot_uniform(&spec, 2).unwrap();
+    let x = batch(64, spec.input_shape, 3);
+    let y = targets(Loss::SparseCategoricalCrossentropy, 64, 3);
+    for engine in engines() {
+        let mut model = Model::with_weights(
+            spec.clone(),
+            Compile::new(Optimizer::sgd(), Loss::SparseCategoricalCrossentropy),
+            engine.as_ref(),
+            &weights,
+        )
+        .unwrap();
+        let a = model.network().predict(x.view()).unwrap();
+        let reference = reference_forward(&spec, &weights, &x);
+        let d = a
+            .iter()
+            .zip(reference.iter())
+            .map(|(p, r)| (*p as f64 - r).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            d < tol::FORWARD as f64,
+            "{}: inference with dropout differs from no dropout by {d}",
+            engine.name()
+        );
+        // training loss with dropout differs from the inference loss
+        let train_loss = model.network_mut().train_step(x.view(), &y).unwrap().loss as f64;
+        let infer_loss = reference_loss(&reference, &y);
+        assert!(
+            (train_loss - infer_loss).abs() > 1e-4,
+            "{}: dropout had no effect in training",
+            engine.name()
+        );
+    }
+}
+
+#[test]
+fn unsupported_requests_are_errors_that_say_so() {
+    // Per-axis strides: some engines cannot; those must say so, the others must be right.
+    let spec = Sequential::new(6, 6, 1)
+        .add(convkit::Conv2D::new(2, 2).strides(1, 2))
+        .flatten()
+        .add(convkit::Dense::new(2).activation(convkit::Activation::Softmax));
+    let weights = init::glorot_uniform(&spec, 0).unwrap();
+    let x = batch(2, spec.input_shape, 0);
+    for engine in engines() {
+        match Model::with_weights(
+            spec.clone(),
+            Compile::new(Optimizer::sgd(), Loss::SparseCategoricalCrossentropy),
+            engine.as_ref(),
+            &weights,
+        ) {
+            Ok(model) => {
+                let p = model.network().predict(x.view()).unwrap();
+                let r = reference_forward(&spec, &weights, &x);
+                let d = p
+                    .iter()
+                    .zip(r.iter())
+                    .map(|(a, b)| (*a as f64 - b).abs())
+                    .fold(0.0, f64::max);
+                assert!(d < tol::FORWARD as f64, "{}", engine.name());
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(engine.name())
+                        && msg.contains("not supported")
+                        && msg.contains("conv2d"),
+                    "{msg}"
+                );
+            }
+        }
+        // a wrong-shaped batch is an error, not a panic
+        let model = Model::with_weights(
+            Sequential::preset("tutorial-mnist").unwrap(),
+            Compile::new(Optimizer::sgd(), Loss::SparseCategoricalCrossentropy),
+            engine.as_ref(),
+            &init::glorot_uniform(&Sequential::preset("tutorial-mnist").unwrap(), 0).unwrap(),
+        )
+        .unwrap();
+        assert!(model
+            .network()
+            .predict(batch(1, [32, 32, 3], 0).view())
+            .is_err());
+    }
+}

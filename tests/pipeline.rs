@@ -1,0 +1,265 @@
+//! End to end through the library: data → model → fit (callbacks, History) → evaluate →
+//! reports, on every compiled-in engine.
+
+mod common;
+
+use convkit::prelude::*;
+use convkit::{Checkpoint, CheckpointMeta};
+
+fn engines() -> Vec<Box<dyn Backend>> {
+    convkit::backend_names()
+        .into_iter()
+        .filter_map(|n| convkit::backend(n).ok())
+        .collect()
+}
+
+fn mnist(split: Split, n: usize) -> Dataset {
+    let dir = common::data_dir().join("mnist");
+    let loc = Locator {
+        data_dir: None,
+        cache_dir: None,
+        system_dirs: vec![],
+        mirrors: None,
+        download: false,
+    };
+    loc.load(DatasetName::Mnist, split, Some(&dir))
+        .unwrap_or_else(|e| panic!("MNIST is needed for this test (set CONVKIT_DATA): {e}"))
+        .limit(n)
+        .normalise(Normalisation::Rescale)
+}
+
+#[test]
+fn tutorial_mnist_learns_from_2000_images_in_one_epoch() {
+    let train = mnist(Split::Train, 2000);
+    let test = mnist(Split::Test, 1000);
+    for engine in engines() {
+        let spec = Sequential::preset("tutorial-mnist").unwrap();
+        let compile = Compile::new(Optimizer::adam(), Loss::SparseCategoricalCrossentropy);
+        let mut model = Model::new(spec, compile, engine.as_ref(), 42).unwrap();
+        let history = model
+            .fit(&train)
+            .epochs(1)
+            .batch_size(32)
+            .seed(1)
+            .validation_data(&test)
+            .verbosity(Verbosity::Silent)
+            .run()
+            .unwrap();
+        let scored = Scored::new(model.evaluate(&test, 256).unwrap()).unwrap();
+        // chance is 0.10
+        assert!(
+            scored.evaluation.accuracy > 0.7,
+            "{}: test accuracy {}",
+            engine.name(),
+            scored.evaluation.accuracy
+        );
+        assert_eq!(history.epochs.len(), 1);
+        assert!(
+            (history.epochs[0].val_accuracy.unwrap() - scored.evaluation.accuracy).abs() < 1e-9
+        );
+        assert_eq!(scored.confusion.total(), 1000);
+        assert_eq!(scored.report.per_class.len(), 10);
+        let df = history.to_dataframe().unwrap();
+        assert_eq!(
+            df.get_column_names(),
+            [
+                "epoch",
+                "loss",
+                "accuracy",
+                "val_loss",
+                "val_accuracy",
+                "seconds",
+                "learning_rate"
+            ]
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_batches_same_result() {
+    let train = synthetic(96, ImageShape::new(8, 8, 1), 3, 0)
+        .unwrap()
+        .normalise(Normalisation::Rescale);
+    let spec = Sequential::new(8, 8, 1)
+        .add(Conv2D::new(4, 3).activation(Activation::Relu))
+        .flatten()
+        .add(Dense::new(3).activation(Activation::Softmax));
+    for engine in engines() {
+        let run = |seed| {
+            let mut m = Model::new(
+                spec.clone(),
+                Compile::new(Optimizer::sgd(), Loss::CategoricalCrossentropy),
+                engine.as_ref(),
+                3,
+            )
+            .unwrap();
+            m.fit(&train)
+                .epochs(2)
+                .batch_size(16)
+                .seed(seed)
+                .verbosity(Verbosity::Silent)
+                .run()
+                .unwrap();
+            m.weights().unwrap()
+        };
+        assert_eq!(run(5), run(5), "{}: not deterministic", engine.name());
+        assert_ne!(run(5), run(6));
+    }
+}
+
+#[test]
+fn binary_classification_with_validation_split_and_callbacks() {
+    let data = synthetic(400, ImageShape::new(10, 10, 3), 2, 7)
+        .unwrap()
+        .normalise(Normalisation::Rescale);
+    let spec = Sequential::new(10, 10, 3)
+        .add(Conv2D::new(4, 3).activation(Activation::Relu))
+        .max_pool(2)
+        .flatten()
+        .add(Dense::new(1).activation(Activation::Sigmoid));
+    let dir = tempfile::tempdir().unwrap();
+    for engine in engines() {
+        let mut model = Model::new(
+            spec.clone(),
+            Compile::new(
+                Optimizer::rmsprop().with_learning_rate(0.01),
+                Loss::BinaryCrossentropy,
+            ),
+            engine.as_ref(),
+            0,
+        )
+        .unwrap();
+        let csv = dir.path().join(format!("{}-log.csv", engine.name()));
+        let best = dir
+            .path()
+            .join(format!("{}-best.safetensors", engine.name()));
+        let history = model
+            .fit(&data)
+            .epochs(4)
+            .batch_size(20)
+            .validation_split(0.25)
+            .verbosity(Verbosity::Lines)
+            .callback(CsvLogger::new(&csv))
+            .callback(
+                ModelCheckpoint::new(&best, CheckpointMeta::default())
+                    .save_best_only(Monitor::ValAccuracy),
+            )
+            .run()
+            .unwrap();
+        assert_eq!(history.epochs.len(), 4);
+        assert!(history.epochs.iter().all(|e| e.val_loss.is_some()));
+        assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 5);
+        let ckpt = Checkpoint::load(&best).unwrap();
+        assert_eq!(ckpt.spec, spec);
+        let scored = Scored::new(model.evaluate(&data, 64).unwrap()).unwrap();
+        assert!(
+            scored.evaluation.accuracy > 0.8,
+            "{}: {}",
+            engine.name(),
+            scored.evaluation.accuracy
+        );
+        let b = scored.confusion.binary().unwrap();
+        assert_eq!(
+            b.true_positives + b.false_positives + b.false_negatives + b.true_negatives,
+            400
+        );
+        assert!(scored
+            .text()
+            .contains("TP (true class_1, predicted class_1)"));
+    }
+}
+
+#[test]
+fn early_stopping_stops_and_restores_the_best_weights() {
+    let data = synthetic(64, ImageShape::new(6, 6, 1), 2, 1)
+        .unwrap()
+        .normalise(Normalisation::Rescale);
+    let spec = Sequential::new(6, 6, 1)
+        .flatten()
+        .add(Dense::new(2).activation(Activation::Softmax));
+    for engine in engines() {
+        // A huge learning rate makes validation loss blow up after the first epoch.
+        let compile = Compile::new(
+            Optimizer::sgd().with_learning_rate(50.0),
+            Loss::SparseCategoricalCrossentropy,
+        );
+        let mut model = Model::new(spec.clone(), compile, engine.as_ref(), 0).unwrap();
+        let history = model
+            .fit(&data)
+            .epochs(30)
+            .validation_split(0.5)
+            .verbosity(Verbosity::Silent)
+            .callback(EarlyStopping::new(Monitor::ValLoss, 1).restore_best_weights(true))
+            .run();
+        match history {
+            Ok(h) => {
+                assert!(h.epochs.len() < 30, "{}: never stopped", engine.name());
+                let best = h
+                    .epochs
+                    .iter()
+                    .map(|e| e.val_loss.unwrap())
+                    .fold(f64::INFINITY, f64::min);
+                let (_, val) = data.clone().split(0.5).unwrap();
+                let now = model.evaluate(&val, 32).unwrap().loss;
+                assert!(
+                    (now - best).abs() < 1e-4,
+                    "{}: restored loss {now} vs best {best}",
+                    engine.name()
+                );
+            }
+            Err(e) => assert!(e.to_string().contains("loss became"), "{e}"),
+        }
+    }
+}
+
+#[test]
+fn wrong_data_for_the_model_is_a_clear_error() {
+    let engine = &engines()[0];
+    let spec = Sequential::preset("tutorial-mnist").unwrap();
+    let mut model = Model::new(
+        spec,
+        Compile::new(Optimizer::adam(), Loss::SparseCategoricalCrossentropy),
+        engine.as_ref(),
+        0,
+    )
+    .unwrap();
+    let cifar_like = synthetic(4, ImageShape::new(32, 32, 3), 10, 0).unwrap();
+    let err = model.fit(&cifar_like).run().unwrap_err().to_string();
+    assert!(
+        err.contains("expected images of 28×28×1") && err.contains("found 32×32×3"),
+        "{err}"
+    );
+    let three = synthetic(4, ImageShape::new(28, 28, 1), 3, 0).unwrap();
+    let err = model.evaluate(&three, 4).unwrap_err().to_string();
+    assert!(
+        err.contains("10 classes") && err.contains("found 3 classes"),
+        "{err}"
+    );
+    let ok = synthetic(4, ImageShape::new(28, 28, 1), 10, 0).unwrap();
+    assert!(model
+        .fit(&ok)
+        .batch_size(0)
+        .run()
+        .unwrap_err()
+        .to_string()
+        .contains("batch size"));
+    assert!(model.fit(&ok).epochs(0).run().is_err());
+    assert!(model.fit(&ok).validation_split(1.5).run().is_err());
+}
+
+#[test]
+fn fashion_mnist_from_the_system_location() {
+    // Debian's dataset-fashion-mnist, installed by `cargo xtask setup`.
+    let loc = Locator {
+        data_dir: None,
+        cache_dir: None,
+        system_dirs: vec!["/usr/share/datasets".into()],
+        mirrors: None,
+        download: false,
+    };
+    let test = loc
+        .load(DatasetName::FashionMnist, Split::Test, None)
+        .expect("run `cargo xtask setup` (installs dataset-fashion-mnist)");
+    assert_eq!(test.len(), 10_000);
+    assert_eq!(test.classes[9], "Ankle boot");
+}
