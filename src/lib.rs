@@ -25,18 +25,21 @@
 //! # Ok::<(), convkit::Error>(())
 //! ```
 //!
-//! Engines (features): `candle` (default, `candle-cpu`), `candle-cuda`.
+//! Engines (features): `candle` (default, `candle-cpu`), `candle-cuda`, `tch` (`tch-cpu`, `tch-cuda`).
 
 pub use convkit_core::*;
 
 #[cfg(feature = "candle")]
 pub use convkit_candle;
+#[cfg(feature = "tch")]
+pub use convkit_tch;
 
 /// Everything a tutorial needs, in one import.
 pub mod prelude {
     pub use convkit_core::artifacts::Scored;
     pub use convkit_core::data::{one_hot, synthetic, DatasetName, Locator, Split};
     pub use convkit_core::plot::{ConfusionHeatmap, Figure, SampleGrid, TrainingCurves};
+    pub use convkit_core::weights::{Checkpoint, CheckpointMeta};
     pub use convkit_core::{
         Activation, Backend, Compile, Conv2D, CsvLogger, Dataset, Dense, Dropout, EarlyStopping,
         ImageShape, LayerKind, Loss, Model, ModelCheckpoint, Monitor, Normalisation, Optimizer,
@@ -52,6 +55,8 @@ pub fn backend_names() -> Vec<&'static str> {
     names.push("candle-cpu");
     #[cfg(feature = "candle-cuda")]
     names.push("candle-cuda");
+    #[cfg(feature = "tch")]
+    names.extend(["tch-cpu", "tch-cuda"]);
     names
 }
 
@@ -63,6 +68,10 @@ pub fn backend(name: &str) -> Result<Box<dyn Backend>> {
         "candle-cpu" => Ok(Box::new(convkit_candle::CandleBackend::cpu())),
         #[cfg(feature = "candle-cuda")]
         "candle-cuda" => Ok(Box::new(convkit_candle::CandleBackend::cuda(0)?)),
+        #[cfg(feature = "tch")]
+        "tch-cpu" => Ok(Box::new(convkit_tch::TchBackend::cpu())),
+        #[cfg(feature = "tch")]
+        "tch-cuda" => Ok(Box::new(convkit_tch::TchBackend::cuda(0)?)),
         _ => Err(Error::UnknownBackend {
             name: name.into(),
             available: {

@@ -10,12 +10,7 @@ use convkit::optim::Slots;
 use convkit::{init, Compile, Loss, Model, Optimizer, Sequential, Weights};
 
 fn engines() -> Vec<Box<dyn convkit::Backend>> {
-    let names = convkit::backend_names();
-    assert!(!names.is_empty(), "no engine compiled in");
-    names
-        .into_iter()
-        .filter_map(|n| convkit::backend(n).ok())
-        .collect()
+    common::available_engines()
 }
 
 fn loss_for(spec: &Sequential) -> Loss {
@@ -428,5 +423,79 @@ fn unsupported_requests_are_errors_that_say_so() {
             .network()
             .predict(batch(1, [32, 32, 3], 0).view())
             .is_err());
+    }
+}
+
+/// The reference engine for cross-engine checks: tch-cpu when compiled in, else the first.
+fn reference_engine(engines: &[Box<dyn convkit::Backend>]) -> usize {
+    engines
+        .iter()
+        .position(|e| e.name() == "tch-cpu")
+        .unwrap_or(0)
+}
+
+#[test]
+fn engines_agree_with_the_reference_engine() {
+    let engines = engines();
+    let r = reference_engine(&engines);
+    let spec = Sequential::preset("tutorial-mnist").unwrap();
+    let weights = init::glorot_uniform(&spec, 99).unwrap();
+    let x = batch(6, spec.input_shape, 4);
+    let optimizers = [
+        Optimizer::sgd().with_momentum(0.9).unwrap(),
+        Optimizer::adam(),
+        Optimizer::rmsprop(),
+    ];
+    for loss in [
+        Loss::SparseCategoricalCrossentropy,
+        Loss::CategoricalCrossentropy,
+    ] {
+        let y = targets(loss, 6, 10);
+        for opt in &optimizers {
+            let run = |e: &dyn convkit::Backend| {
+                let mut m =
+                    Model::with_weights(spec.clone(), Compile::new(opt.clone(), loss), e, &weights)
+                        .unwrap();
+                let before = m.network().predict(x.view()).unwrap();
+                let stats = m.network_mut().train_step(x.view(), &y).unwrap();
+                (before, stats, m.weights().unwrap())
+            };
+            let (p_ref, s_ref, w_ref) = run(engines[r].as_ref());
+            for (i, e) in engines.iter().enumerate() {
+                if i == r {
+                    continue;
+                }
+                let (p, s, w) = run(e.as_ref());
+                let d = p
+                    .iter()
+                    .zip(p_ref.iter())
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    d <= tol::FORWARD,
+                    "{} vs {}: forward differs by {d:e}",
+                    e.name(),
+                    engines[r].name()
+                );
+                assert!(
+                    ((s.loss - s_ref.loss) as f64).abs() <= tol::LOSS * 10.0,
+                    "{} vs {}: {} loss {} vs {}",
+                    e.name(),
+                    engines[r].name(),
+                    loss.name(),
+                    s.loss,
+                    s_ref.loss
+                );
+                assert_eq!(s.correct, s_ref.correct);
+                let (name, d) = worst(&w.max_abs_diff(&w_ref).unwrap());
+                assert!(
+                    d <= tol::STEP,
+                    "{} vs {}: after one {} step tensor `{name}` differs by {d:e}",
+                    e.name(),
+                    engines[r].name(),
+                    opt.name()
+                );
+            }
+        }
     }
 }

@@ -7,10 +7,7 @@ use convkit::prelude::*;
 use convkit::{Checkpoint, CheckpointMeta};
 
 fn engines() -> Vec<Box<dyn Backend>> {
-    convkit::backend_names()
-        .into_iter()
-        .filter_map(|n| convkit::backend(n).ok())
-        .collect()
+    common::available_engines()
 }
 
 fn mnist(split: Split, n: usize) -> Dataset {

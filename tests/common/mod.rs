@@ -184,3 +184,21 @@ pub fn data_dir() -> std::path::PathBuf {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets")
         })
 }
+
+/// Every compiled-in engine whose device is here. Only GPU engines may be missing (no GPU on
+/// this machine); a CPU engine that fails to start is a test failure, never a silent skip.
+pub fn available_engines() -> Vec<Box<dyn convkit::Backend>> {
+    let names = convkit::backend_names();
+    assert!(!names.is_empty(), "no engine compiled in");
+    names
+        .into_iter()
+        .filter_map(|n| match convkit::backend(n) {
+            Ok(b) => Some(b),
+            Err(e) if n.ends_with("-cuda") => {
+                eprintln!("skipping {n}: {e}");
+                None
+            }
+            Err(e) => panic!("{n} is compiled in but cannot start: {e}"),
+        })
+        .collect()
+}

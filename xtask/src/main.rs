@@ -1,1 +1,256 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's own automation.
+//!
+//! - `setup`     install what the tests and tutorials need: Debian's dataset-fashion-mnist, and
+//!               torch==2.13.0 from PyPI into `.venv` for the tch engine (unless LIBTORCH is set)
+//! - `test`      setup, then every test of the workspace (what CI runs)
+//! - `tutorial`  setup, then train `tutorial-mnist` on MNIST in release mode (extra args go
+//!               to `convkit train`)
+//! - `bench`     criterion benches: one training step and one inference batch per engine
+//!
+//! Builds go to `$CONVKIT_TARGET_DIR` (default `~/.cache/convkit/target`), outside the
+//! checkout, so fresh clones on the same machine reuse them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let command = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    match command.as_str() {
+        "setup" => setup(),
+        "test" => {
+            setup()?;
+            test(&rest)
+        }
+        "tutorial" => {
+            setup()?;
+            tutorial(&rest)
+        }
+        "bench" => run(cargo(&["bench", "--bench", "engines", "--"]).args(&rest)),
+        _ => {
+            eprintln!("usage: cargo xtask <setup | test | tutorial | bench> [args]\n\n  setup     install system packages the tests need (dataset-fashion-mnist)\n  test      setup, then run every test of the workspace\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)");
+            if command.is_empty() || command == "help" || command == "--help" {
+                Ok(())
+            } else {
+                bail!("unknown xtask command `{command}`")
+            }
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CONVKIT_TARGET_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/convkit/target")))
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// `$CONVKIT_DATA`, else the `shared/datasets` folder beside the checkout when present.
+fn data_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("CONVKIT_DATA") {
+        return Some(d.into());
+    }
+    let shared = root().join("../shared/datasets");
+    shared
+        .is_dir()
+        .then(|| shared.canonicalize().unwrap_or(shared))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Install missing Debian packages (with sudo when not root).
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let sudo = if is_root() { vec![] } else { vec!["sudo"] };
+    let apt = |args: &[&str]| {
+        let mut all: Vec<&str> = sudo.clone();
+        all.push("apt-get");
+        all.extend(args);
+        let mut c = Command::new(all[0]);
+        c.args(&all[1..]).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    if run(&mut apt(&["install", "-y", "--no-install-recommends"]).args(&missing)).is_err() {
+        run(&mut apt(&["update"]))?;
+        run(&mut apt(&["install", "-y", "--no-install-recommends"]).args(&missing))?;
+    }
+    Ok(())
+}
+
+/// The PyTorch release tch 0.26 is built against; libtorch must match it exactly.
+const TORCH_VERSION: &str = "2.13.0";
+
+fn venv() -> PathBuf {
+    root().join(".venv")
+}
+
+fn setup() -> Result<()> {
+    // Fashion-MNIST comes from Debian (installs /usr/share/datasets/fashion-mnist/).
+    apt_install(&["dataset-fashion-mnist"])?;
+    setup_libtorch()
+}
+
+/// libtorch for the tch engine: the user's `LIBTORCH` if set, else the torch wheel in a
+/// project-local virtual environment (`.venv`), installed once.
+fn setup_libtorch() -> Result<()> {
+    if let Some(dir) = std::env::var_os("LIBTORCH") {
+        let dir = PathBuf::from(dir);
+        let lib = dir.join("lib");
+        if !lib.join("libtorch_cpu.so").exists() && !lib.join("libtorch_cpu.dylib").exists() {
+            bail!("LIBTORCH={} has no lib/libtorch_cpu.so: point it at a libtorch {TORCH_VERSION} folder, or unset it to use the torch=={TORCH_VERSION} wheel", dir.display());
+        }
+        if let Ok(v) = std::fs::read_to_string(dir.join("build-version")) {
+            if !v.trim().starts_with(TORCH_VERSION) {
+                bail!(
+                    "LIBTORCH={} is libtorch {}, but tch 0.26 needs {TORCH_VERSION} exactly",
+                    dir.display(),
+                    v.trim()
+                );
+            }
+        }
+        return Ok(());
+    }
+    let python = venv().join("bin/python");
+    let installed = Command::new(&python)
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('torch'))",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    if installed.starts_with(TORCH_VERSION) {
+        return Ok(());
+    }
+    let start = std::time::Instant::now();
+    if !python.exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(venv()))
+            .context("creating .venv (on Debian: apt-get install python3-venv)")?;
+    }
+    run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("torch=={TORCH_VERSION}"),
+    ]))?;
+    eprintln!(
+        "xtask: torch {TORCH_VERSION} installed into .venv in {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args(args)
+        .current_dir(root())
+        .env("CARGO_TARGET_DIR", target_dir());
+    // tch finds libtorch through the venv's python unless the user set LIBTORCH.
+    if std::env::var_os("LIBTORCH").is_none() {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![venv().join("bin")];
+        paths.extend(std::env::split_paths(&path));
+        c.env("LIBTORCH_USE_PYTORCH", "1")
+            .env("PATH", std::env::join_paths(paths).expect("valid PATH"));
+    }
+    if let Some(d) = data_dir() {
+        c.env("CONVKIT_DATA", d);
+    }
+    c
+}
+
+/// The engine features that build on a machine without CUDA (candle-cuda needs nvcc).
+const ENGINE_FEATURES: [&str; 2] = ["candle", "tch"];
+
+fn test(extra: &[String]) -> Result<()> {
+    let start = std::time::Instant::now();
+    // Each engine feature alone must compile: no feature may lean on another. (`check`, not
+    // `build`: it catches the same mistakes without a full code generation per feature set.)
+    for feature in ENGINE_FEATURES {
+        run(&mut cargo(&[
+            "check",
+            "--no-default-features",
+            "--features",
+            feature,
+            "--bins",
+            "--lib",
+        ]))?;
+    }
+    let mut c = cargo(&[
+        "test",
+        "--workspace",
+        "--features",
+        &ENGINE_FEATURES.join(","),
+    ]);
+    c.args(extra).env("CONVKIT_OFFLINE", "1");
+    run(&mut c)?;
+    eprintln!(
+        "xtask: all tests passed in {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn tutorial(extra: &[String]) -> Result<()> {
+    let mut args = vec![
+        "run",
+        "--release",
+        "--bin",
+        "convkit",
+        "--",
+        "train",
+        "--dataset",
+        "mnist",
+        "--model",
+        "tutorial-mnist",
+        "--out",
+        "runs/tutorial-mnist",
+    ];
+    let has_epochs = extra.iter().any(|a| a == "--epochs");
+    if !has_epochs {
+        args.extend(["--epochs", "1"]);
+    }
+    let mut c = cargo(&args);
+    c.args(extra);
+    run(&mut c)
+}

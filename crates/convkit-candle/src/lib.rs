@@ -289,7 +289,14 @@ impl CandleNetwork {
         let mut x = x.clone();
         let last = self.ops.len() - 1;
         for (i, op) in self.ops.iter().enumerate() {
-            let act = |t: Tensor, a: Activation| if i == last { Ok(t) } else { activate(t, a) };
+            // The head's softmax/sigmoid is left to the loss (training) and `predict`.
+            let act = |t: Tensor, a: Activation| {
+                if i == last && matches!(a, Activation::Softmax | Activation::Sigmoid) {
+                    Ok(t)
+                } else {
+                    activate(t, a)
+                }
+            };
             x = match op {
                 Op::Conv {
                     weight,
@@ -330,15 +337,6 @@ impl CandleNetwork {
                 Op::Dropout(rate) if train && *rate > 0.0 => candle_nn::ops::dropout(&x, *rate)?,
                 Op::Dropout(_) => x,
             };
-        }
-        // A last layer with its own non-head activation (e.g. relu) still needs it applied.
-        if let Some(Op::Conv { activation, .. } | Op::Dense { activation, .. }) = self.ops.last() {
-            if !matches!(
-                activation,
-                Activation::Softmax | Activation::Sigmoid | Activation::Linear
-            ) {
-                x = activate(x, *activation)?;
-            }
         }
         Ok(x)
     }

@@ -151,6 +151,14 @@ impl Figure for TrainingCurves<'_> {
                 .configure_mesh()
                 .x_desc("epoch")
                 .y_desc(name)
+                .x_labels(epochs.len().clamp(1, 10) + 1)
+                .x_label_formatter(&|x| {
+                    if x.fract() == 0.0 {
+                        format!("{x:.0}")
+                    } else {
+                        String::new()
+                    }
+                })
                 .draw()
                 .map_err(e)?;
             for (label, get, color) in [("train", train, BLUE), ("validation", val, RED)] {

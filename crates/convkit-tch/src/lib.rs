@@ -1,0 +1,555 @@
+//! The libtorch engine for convkit, through tch: builds a [`convkit_core::Sequential`] as
+//! libtorch tensors, trains it with core's Keras update rules, and exchanges weights in the
+//! canonical layout (libtorch's own conv `[out, in, kh, kw]` and linear `[out, in]`).
+//!
+//! libtorch comes from the `torch==2.13.0` wheel (`cargo xtask setup`); `LIBTORCH` is
+//! respected. The thread count follows `CONVKIT_THREADS`, else the machine's cores.
+
+use convkit_core::backend::{Backend, Network, StepStats, Targets};
+use convkit_core::compile::{Compile, Head, Loss, Optimizer};
+use convkit_core::ndarray::{Array2, ArrayView4};
+use convkit_core::optim::{Slots, TensorMath};
+use convkit_core::spec::{Activation, LayerKind, Sequential, Shape};
+use convkit_core::weights::{Tensor as CoreTensor, Weights};
+use tch::{Device, Kind, Reduction, Tensor};
+
+/// Errors of the tch engine; they reach users as [`convkit_core::Error::Engine`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+    /// Something the tch engine cannot do, or input it cannot use.
+    #[error("not supported by tch: {0}")]
+    Unsupported(String),
+}
+
+impl Error {
+    fn into_core(self, engine: &str) -> convkit_core::Error {
+        convkit_core::Error::engine(engine, self)
+    }
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// libtorch on one device (`tch-cpu`, or `tch-cuda` when libtorch sees a GPU).
+#[derive(Debug, Clone)]
+pub struct TchBackend {
+    device: Device,
+    name: &'static str,
+}
+
+fn set_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let threads = std::env::var("CONVKIT_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get() as i32)
+                    .unwrap_or(1)
+            });
+        tch::set_num_threads(threads.max(1));
+    });
+}
+
+impl TchBackend {
+    pub fn cpu() -> Self {
+        set_threads();
+        TchBackend {
+            device: Device::Cpu,
+            name: "tch-cpu",
+        }
+    }
+
+    /// CUDA device `ordinal`; an error when libtorch reports no CUDA device.
+    pub fn cuda(ordinal: usize) -> convkit_core::Result<Self> {
+        set_threads();
+        if !tch::Cuda::is_available() {
+            return Err(convkit_core::Error::engine(
+                "tch-cuda",
+                "libtorch reports no CUDA device (or was built without CUDA)",
+            ));
+        }
+        let count = tch::Cuda::device_count() as usize;
+        if ordinal >= count {
+            return Err(convkit_core::Error::engine(
+                "tch-cuda",
+                format!("CUDA device {ordinal} requested, libtorch sees {count}"),
+            ));
+        }
+        Ok(TchBackend {
+            device: Device::Cuda(ordinal),
+            name: "tch-cuda",
+        })
+    }
+}
+
+impl Backend for TchBackend {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn device(&self) -> String {
+        match self.device {
+            Device::Cpu => format!("CPU, {} threads (libtorch)", tch::get_num_threads()),
+            Device::Cuda(i) => format!(
+                "CUDA device {i} of {} (libtorch)",
+                tch::Cuda::device_count()
+            ),
+            other => format!("{other:?}"),
+        }
+    }
+
+    fn build(
+        &self,
+        spec: &Sequential,
+        compile: &Compile,
+        weights: &Weights,
+    ) -> convkit_core::Result<Box<dyn Network>> {
+        let head = compile.check(spec)?;
+        weights.check(spec)?;
+        let net = TchNetwork::new(spec, compile, head, weights, self.device, self.name)
+            .map_err(|e| e.into_core(self.name))?;
+        Ok(Box::new(net))
+    }
+}
+
+/// A device tensor as core's optimizer rules see it (used under `no_grad`).
+struct Param(Tensor);
+
+fn lift(r: std::result::Result<Tensor, tch::TchError>) -> convkit_core::Result<Param> {
+    r.map(Param)
+        .map_err(|e| convkit_core::Error::engine("tch", e))
+}
+
+impl TensorMath for Param {
+    fn zeros_like(&self) -> convkit_core::Result<Self> {
+        lift(self.0.f_zeros_like())
+    }
+    fn affine(&self, mul: f64, add: f64) -> convkit_core::Result<Self> {
+        lift(self.0.f_mul_scalar(mul).and_then(|t| t.f_add_scalar(add)))
+    }
+    fn add(&self, rhs: &Self) -> convkit_core::Result<Self> {
+        lift(self.0.f_add(&rhs.0))
+    }
+    fn sub(&self, rhs: &Self) -> convkit_core::Result<Self> {
+        lift(self.0.f_sub(&rhs.0))
+    }
+    fn mul(&self, rhs: &Self) -> convkit_core::Result<Self> {
+        lift(self.0.f_mul(&rhs.0))
+    }
+    fn div(&self, rhs: &Self) -> convkit_core::Result<Self> {
+        lift(self.0.f_div(&rhs.0))
+    }
+    fn sqr(&self) -> convkit_core::Result<Self> {
+        lift(self.0.f_square())
+    }
+    fn sqrt(&self) -> convkit_core::Result<Self> {
+        lift(self.0.f_sqrt())
+    }
+}
+
+enum Op {
+    Conv {
+        weight: usize,
+        pad: [usize; 4],
+        stride: [usize; 2],
+        activation: Activation,
+    },
+    MaxPool {
+        size: [i64; 2],
+        stride: [i64; 2],
+    },
+    AvgPool {
+        size: [i64; 2],
+        stride: [i64; 2],
+    },
+    Flatten,
+    Dense {
+        weight: usize,
+        activation: Activation,
+    },
+    Dropout(f64),
+}
+
+struct Variable {
+    name: String,
+    layer: usize,
+    tensor: Tensor,
+    slots: Slots<Param>,
+}
+
+struct TchNetwork {
+    engine: &'static str,
+    device: Device,
+    input_shape: [usize; 3],
+    ops: Vec<Op>,
+    vars: Vec<Variable>,
+    trainable: Vec<bool>,
+    optimizer: Optimizer,
+    learning_rate: f64,
+    loss: Loss,
+    head: Head,
+    step: u64,
+}
+
+fn i64s(v: &[usize]) -> Vec<i64> {
+    v.iter().map(|&x| x as i64).collect()
+}
+
+fn to_device(t: &CoreTensor, device: Device) -> Result<Tensor> {
+    Ok(Tensor::f_from_slice(&t.data)?
+        .f_reshape(i64s(&t.shape))?
+        .f_to_device(device)?)
+}
+
+impl TchNetwork {
+    fn new(
+        spec: &Sequential,
+        compile: &Compile,
+        head: Head,
+        weights: &Weights,
+        device: Device,
+        engine: &'static str,
+    ) -> Result<Self> {
+        let names = spec.layer_names();
+        let shapes = spec
+            .output_shapes()
+            .map_err(|e| Error::Unsupported(e.to_string()))?;
+        let mut input = spec.input();
+        let mut ops = Vec::new();
+        let mut vars: Vec<Variable> = Vec::new();
+        let add_vars = |layer: usize, vars: &mut Vec<Variable>| -> Result<usize> {
+            let first = vars.len();
+            for part in ["weight", "bias"] {
+                let name = format!("{}.{part}", names[layer]);
+                let t = weights
+                    .get(&name)
+                    .map_err(|e| Error::Unsupported(e.to_string()))?;
+                let tensor = to_device(t, device)?.set_requires_grad(true);
+                vars.push(Variable {
+                    name,
+                    layer,
+                    tensor,
+                    slots: Slots::default(),
+                });
+            }
+            Ok(first)
+        };
+        for (i, layer) in spec.layers.iter().enumerate() {
+            let op = match &layer.kind {
+                LayerKind::Conv2D(conv) => {
+                    let Shape::Image { h, w, .. } = input else {
+                        unreachable!("checked by the spec")
+                    };
+                    Op::Conv {
+                        weight: add_vars(i, &mut vars)?,
+                        pad: conv.pad_amounts(h, w),
+                        stride: conv.strides,
+                        activation: conv.activation,
+                    }
+                }
+                LayerKind::MaxPooling2D(p) => Op::MaxPool {
+                    size: [p.pool_size[0] as i64, p.pool_size[1] as i64],
+                    stride: [p.strides()[0] as i64, p.strides()[1] as i64],
+                },
+                LayerKind::AveragePooling2D(p) => Op::AvgPool {
+                    size: [p.pool_size[0] as i64, p.pool_size[1] as i64],
+                    stride: [p.strides()[0] as i64, p.strides()[1] as i64],
+                },
+                LayerKind::Flatten => Op::Flatten,
+                LayerKind::Dense(d) => Op::Dense {
+                    weight: add_vars(i, &mut vars)?,
+                    activation: d.activation,
+                },
+                LayerKind::Dropout(d) => Op::Dropout(d.rate as f64),
+            };
+            ops.push(op);
+            input = shapes[i];
+        }
+        Ok(TchNetwork {
+            engine,
+            device,
+            input_shape: spec.input_shape,
+            ops,
+            vars,
+            trainable: vec![true; spec.layers.len()],
+            optimizer: compile.optimizer.clone(),
+            learning_rate: compile.optimizer.learning_rate(),
+            loss: compile.loss,
+            head,
+            step: 0,
+        })
+    }
+
+    /// NHWC host batch → NCHW device tensor.
+    fn input(&self, x: ArrayView4<'_, f32>) -> Result<Tensor> {
+        let (n, h, w, c) = x.dim();
+        if [h, w, c] != self.input_shape {
+            return Err(Error::Unsupported(format!(
+                "input batch is {h}×{w}×{c}, the model expects {:?}",
+                self.input_shape
+            )));
+        }
+        let x = x.as_standard_layout();
+        let t = Tensor::f_from_slice(x.as_slice().expect("standard layout"))?
+            .f_reshape([n as i64, h as i64, w as i64, c as i64])?;
+        Ok(t.f_to_device(self.device)?
+            .f_permute([0, 3, 1, 2])?
+            .f_contiguous()?)
+    }
+
+    /// Logits: the last layer's pre-activation when the head applies softmax/sigmoid.
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = x.shallow_clone();
+        let last = self.ops.len() - 1;
+        for (i, op) in self.ops.iter().enumerate() {
+            let act = |t: Tensor, a: Activation| -> Result<Tensor> {
+                if i == last && matches!(a, Activation::Softmax | Activation::Sigmoid) {
+                    Ok(t)
+                } else {
+                    activate(t, a)
+                }
+            };
+            x = match op {
+                Op::Conv {
+                    weight,
+                    pad,
+                    stride,
+                    activation,
+                } => {
+                    let (w, b) = (&self.vars[*weight].tensor, &self.vars[*weight + 1].tensor);
+                    let [top, bottom, left, right] = *pad;
+                    let y = if top == bottom && left == right {
+                        x.f_conv2d(
+                            w,
+                            Some(b),
+                            i64s(stride),
+                            [top as i64, left as i64],
+                            [1, 1],
+                            1,
+                        )?
+                    } else {
+                        x.f_constant_pad_nd([left as i64, right as i64, top as i64, bottom as i64])?
+                            .f_conv2d(w, Some(b), i64s(stride), [0, 0], [1, 1], 1)?
+                    };
+                    act(y, *activation)?
+                }
+                Op::MaxPool { size, stride } => {
+                    x.f_max_pool2d(size, stride, [0, 0], [1, 1], false)?
+                }
+                Op::AvgPool { size, stride } => {
+                    x.f_avg_pool2d(size, stride, [0, 0], false, true, None::<i64>)?
+                }
+                // Keras flattens channels-last: (H, W, C).
+                Op::Flatten => x.f_permute([0, 2, 3, 1])?.f_flatten(1, -1)?,
+                Op::Dense { weight, activation } => {
+                    let (w, b) = (&self.vars[*weight].tensor, &self.vars[*weight + 1].tensor);
+                    act(x.f_linear(w, Some(b))?, *activation)?
+                }
+                Op::Dropout(rate) => x.f_dropout(*rate, train)?,
+            };
+        }
+        Ok(x)
+    }
+
+    fn loss(&self, logits: &Tensor, y: &Targets) -> Result<Tensor> {
+        Ok(match (self.loss, y) {
+            (Loss::SparseCategoricalCrossentropy, Targets::Sparse(labels)) => {
+                let t =
+                    Tensor::f_from_slice(&labels.iter().map(|&l| l as i64).collect::<Vec<_>>())?
+                        .f_to_device(self.device)?;
+                logits
+                    .f_log_softmax(-1, Kind::Float)?
+                    .f_nll_loss::<Tensor>(&t, None, Reduction::Mean, -100)?
+            }
+            (Loss::CategoricalCrossentropy, Targets::Dense(rows)) => {
+                let rows = rows.as_standard_layout();
+                let (n, k) = rows.dim();
+                let t = Tensor::f_from_slice(rows.as_slice().expect("standard layout"))?
+                    .f_reshape([n as i64, k as i64])?
+                    .f_to_device(self.device)?;
+                logits
+                    .f_log_softmax(-1, Kind::Float)?
+                    .f_mul(&t)?
+                    .f_sum_dim_intlist([1i64].as_slice(), false, Kind::Float)?
+                    .f_mean(Kind::Float)?
+                    .f_neg()?
+            }
+            (Loss::BinaryCrossentropy, Targets::Binary(v)) => {
+                let t = Tensor::f_from_slice(v)?.f_to_device(self.device)?;
+                logits
+                    .f_flatten(0, -1)?
+                    .f_binary_cross_entropy_with_logits::<Tensor>(&t, None, None, Reduction::Mean)?
+            }
+            (loss, targets) => {
+                return Err(Error::Unsupported(format!(
+                    "{} cannot use targets {targets:?}",
+                    loss.name()
+                )))
+            }
+        })
+    }
+
+    fn correct(&self, logits: &Tensor, y: &Targets) -> Result<usize> {
+        let hits = match y {
+            Targets::Sparse(labels) => {
+                let t =
+                    Tensor::f_from_slice(&labels.iter().map(|&l| l as i64).collect::<Vec<_>>())?
+                        .f_to_device(self.device)?;
+                logits.f_argmax(-1, false)?.f_eq_tensor(&t)?
+            }
+            Targets::Dense(rows) => {
+                let rows = rows.as_standard_layout();
+                let (n, k) = rows.dim();
+                let t = Tensor::f_from_slice(rows.as_slice().expect("standard layout"))?
+                    .f_reshape([n as i64, k as i64])?
+                    .f_to_device(self.device)?;
+                logits
+                    .f_argmax(-1, false)?
+                    .f_eq_tensor(&t.f_argmax(-1, false)?)?
+            }
+            Targets::Binary(v) => {
+                let t = Tensor::f_from_slice(v)?
+                    .f_to_device(self.device)?
+                    .f_gt(0.5)?;
+                logits.f_flatten(0, -1)?.f_gt(0.0)?.f_eq_tensor(&t)?
+            }
+        };
+        Ok(i64::try_from(hits.f_sum(Kind::Int64)?)? as usize)
+    }
+
+    fn train_step_inner(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
+        if x.dim().0 != y.len() {
+            return Err(Error::Unsupported(format!(
+                "batch has {} images but {} targets",
+                x.dim().0,
+                y.len()
+            )));
+        }
+        let x = self.input(x)?;
+        let logits = self.forward(&x, true)?;
+        let loss = self.loss(&logits, y)?;
+        let correct = tch::no_grad(|| self.correct(&logits, y))?;
+        for v in &mut self.vars {
+            v.tensor.zero_grad();
+        }
+        loss.f_backward()?;
+        self.step += 1;
+        let (optimizer, lr, step) = (&self.optimizer, self.learning_rate, self.step);
+        for v in &mut self.vars {
+            if !self.trainable[v.layer] {
+                continue;
+            }
+            let grad = v.tensor.grad();
+            if !grad.defined() {
+                continue;
+            }
+            tch::no_grad(|| -> Result<()> {
+                let w = Param(v.tensor.detach());
+                let new = optimizer
+                    .update(lr, step, &w, &Param(grad), &mut v.slots)
+                    .map_err(|e| Error::Unsupported(e.to_string()))?;
+                v.tensor.f_copy_(&new.0)?;
+                Ok(())
+            })?;
+        }
+        Ok(StepStats {
+            loss: f64::try_from(&loss)? as f32,
+            correct,
+        })
+    }
+
+    fn predict_inner(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
+        tch::no_grad(|| {
+            let logits = self.forward(&self.input(x)?, false)?;
+            let p = match self.head {
+                Head::Softmax => logits.f_softmax(-1, Kind::Float)?,
+                Head::Sigmoid => logits.f_sigmoid()?,
+            };
+            let size = p.size();
+            let (n, k) = (size[0] as usize, size[1] as usize);
+            let data = Vec::<f32>::try_from(p.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
+            Ok(Array2::from_shape_vec((n, k), data).expect("dims from the tensor"))
+        })
+    }
+
+    fn weights_inner(&self) -> Result<Weights> {
+        let mut w = Weights::default();
+        for v in &self.vars {
+            let shape = v.tensor.size().iter().map(|&d| d as usize).collect();
+            let data = Vec::<f32>::try_from(
+                v.tensor
+                    .detach()
+                    .f_to_device(Device::Cpu)?
+                    .f_flatten(0, -1)?,
+            )?;
+            w.insert(v.name.clone(), CoreTensor { shape, data });
+        }
+        Ok(w)
+    }
+
+    fn set_weights_inner(&mut self, weights: &Weights) -> Result<()> {
+        for v in &mut self.vars {
+            let t = weights
+                .get(&v.name)
+                .map_err(|e| Error::Unsupported(e.to_string()))?;
+            let expected: Vec<usize> = v.tensor.size().iter().map(|&d| d as usize).collect();
+            if t.shape != expected {
+                return Err(Error::Unsupported(format!(
+                    "tensor `{}`: expected shape {expected:?}, found {:?}",
+                    v.name, t.shape
+                )));
+            }
+            let src = to_device(t, self.device)?;
+            tch::no_grad(|| v.tensor.f_copy_(&src))?;
+        }
+        Ok(())
+    }
+}
+
+fn activate(x: Tensor, a: Activation) -> Result<Tensor> {
+    Ok(match a {
+        Activation::Linear => x,
+        Activation::Relu => x.f_relu()?,
+        Activation::Sigmoid => x.f_sigmoid()?,
+        Activation::Tanh => x.f_tanh()?,
+        Activation::Softmax => x.f_softmax(-1, Kind::Float)?,
+    })
+}
+
+impl Network for TchNetwork {
+    fn train_step(
+        &mut self,
+        x: ArrayView4<'_, f32>,
+        y: &Targets,
+    ) -> convkit_core::Result<StepStats> {
+        self.train_step_inner(x, y)
+            .map_err(|e| e.into_core(self.engine))
+    }
+    fn predict(&self, x: ArrayView4<'_, f32>) -> convkit_core::Result<Array2<f32>> {
+        self.predict_inner(x).map_err(|e| e.into_core(self.engine))
+    }
+    fn weights(&self) -> convkit_core::Result<Weights> {
+        self.weights_inner().map_err(|e| e.into_core(self.engine))
+    }
+    fn set_weights(&mut self, weights: &Weights) -> convkit_core::Result<()> {
+        self.set_weights_inner(weights)
+            .map_err(|e| e.into_core(self.engine))
+    }
+    fn set_trainable(&mut self, layer: usize, trainable: bool) -> convkit_core::Result<()> {
+        let n = self.trainable.len();
+        let slot = self.trainable.get_mut(layer).ok_or_else(|| {
+            convkit_core::Error::engine(
+                self.engine,
+                format!("layer index {layer} out of range: the model has {n} layers"),
+            )
+        })?;
+        *slot = trainable;
+        Ok(())
+    }
+    fn set_learning_rate(&mut self, learning_rate: f64) {
+        self.learning_rate = learning_rate;
+    }
+}
