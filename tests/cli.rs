@@ -287,3 +287,68 @@ fn image_folder_dataset_trains() {
     assert_eq!(metrics["classes"], serde_json::json!(["dark", "light"]));
     assert!(Path::new(&out.join("samples.png")).is_file());
 }
+
+#[test]
+fn every_engine_trains_from_the_cli_with_the_same_outcome() {
+    let listing = text(&convkit(&["backends"]));
+    let names: Vec<&str> = listing
+        .lines()
+        .filter(|l| !l.contains("unavailable"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(names.contains(&"candle-cpu"), "{listing}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut outcomes = Vec::new();
+    for name in &names {
+        let out = dir.path().join(name);
+        let o = convkit(&[
+            "train",
+            "--backend",
+            name,
+            "--epochs",
+            "1",
+            "--limit",
+            "256",
+            "--optimizer",
+            "sgd",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap())
+                .unwrap();
+        assert_eq!(metrics["backend"], *name);
+        let predicted: Vec<String> = std::fs::read_to_string(out.join("predictions.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(2).unwrap().to_string())
+            .collect();
+        outcomes.push((
+            name,
+            metrics["test_accuracy"].as_f64().unwrap(),
+            metrics["test_loss"].as_f64().unwrap(),
+            predicted,
+        ));
+    }
+    let (first, acc0, loss0, pred0) = &outcomes[0];
+    for (name, acc, loss, pred) in &outcomes[1..] {
+        // Same initial weights and batches: the engines may differ only by float rounding.
+        assert!(
+            (acc - acc0).abs() <= 0.01,
+            "{name} accuracy {acc} vs {first} {acc0}"
+        );
+        assert!(
+            (loss - loss0).abs() <= 1e-3,
+            "{name} loss {loss} vs {first} {loss0}"
+        );
+        let same = pred.iter().zip(pred0).filter(|(a, b)| a == b).count();
+        assert!(
+            same as f64 >= 0.99 * pred.len() as f64,
+            "{name} and {first} agree on {same} of {} predictions",
+            pred.len()
+        );
+    }
+}

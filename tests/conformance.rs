@@ -440,7 +440,7 @@ fn engines_agree_with_the_reference_engine() {
     let r = reference_engine(&engines);
     let spec = Sequential::preset("tutorial-mnist").unwrap();
     let weights = init::glorot_uniform(&spec, 99).unwrap();
-    let x = batch(6, spec.input_shape, 4);
+    let x = common::blank_border(batch(6, spec.input_shape, 4), 7);
     let optimizers = [
         Optimizer::sgd().with_momentum(0.9).unwrap(),
         Optimizer::adam(),

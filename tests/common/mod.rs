@@ -23,6 +23,23 @@ pub fn batch(n: usize, shape: [usize; 3], seed: u64) -> Array4<f32> {
     Array4::from_shape_fn((n, shape[0], shape[1], shape[2]), |_| rng.random::<f32>())
 }
 
+/// `batch` with a blank (exactly 0) border of `width` pixels and a saturated (1.0) block inside,
+/// as real images have: at
+/// initialisation (zero biases) a conv over a blank patch gives exactly 0 before its ReLU, and
+/// max-pool windows tie. Engines must treat both as Keras does.
+pub fn blank_border(mut x: Array4<f32>, width: usize) -> Array4<f32> {
+    let (_, h, w, _) = x.dim();
+    x.indexed_iter_mut().for_each(|((_, i, j, _), v)| {
+        if i < width || j < width || i >= h - width || j >= w - width {
+            *v = 0.0;
+        } else if i < width + 6 && j < width + 6 {
+            // a saturated block: equal activations, so max-pool windows tie above zero too
+            *v = 1.0;
+        }
+    });
+    x
+}
+
 fn act(x: f64, a: Activation) -> f64 {
     match a {
         Activation::Linear | Activation::Softmax => x,

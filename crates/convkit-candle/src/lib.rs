@@ -319,6 +319,10 @@ impl CandleNetwork {
                     let y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
                     act(y, *activation)?
                 }
+                // candle's own max-pool forward is right; only its backward is not.
+                Op::MaxPool { size, stride } if size == stride && !train => {
+                    x.max_pool2d_with_stride(*size, *stride)?
+                }
                 Op::MaxPool { size, stride } if size == stride => tiled_max_pool(&x, *size)?,
                 Op::AvgPool { size, stride } if size == stride => {
                     x.avg_pool2d_with_stride(*size, *stride)?
@@ -500,21 +504,30 @@ impl CandleNetwork {
     }
 }
 
-/// Non-overlapping max pooling as a reshape and two `max` reductions. candle's own
-/// `max_pool2d` backward (0.11.1) scales the gradient by the share of maxima in the window
-/// (¼ for a unique maximum in 2×2) instead of dividing by their count; the reductions'
-/// backward is right. Rows/columns that do not fill a window are dropped, as Keras does.
+/// Non-overlapping max pooling with Keras'/PyTorch's gradient: all of it to the first
+/// maximum of each window. candle's own `max_pool2d` backward (0.11.1) scales the gradient by
+/// the share of maxima in the window (¼ for a unique maximum in 2×2), and its `max` reduction
+/// gives every tied maximum the whole gradient (saturated image patches tie). So each window
+/// becomes a row, its first maximum is picked by `argmax`, and the output is the sum of the row
+/// under that one-hot mask. Rows/columns that do not fill a window are dropped, as Keras does.
 fn tiled_max_pool(x: &Tensor, (kh, kw): (usize, usize)) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let (oh, ow) = (h / kh, w / kw);
     let x = if oh * kh != h || ow * kw != w {
-        x.narrow(2, 0, oh * kh)?
-            .narrow(3, 0, ow * kw)?
-            .contiguous()?
+        x.narrow(2, 0, oh * kh)?.narrow(3, 0, ow * kw)?
     } else {
         x.clone()
     };
-    Ok(x.reshape((n, c, oh, kh, ow, kw))?.max(5)?.max(3)?)
+    let windows = x
+        .reshape((n, c, oh, kh, ow, kw))?
+        .permute((0, 1, 2, 4, 3, 5))?
+        .contiguous()?
+        .reshape((n, c, oh, ow, kh * kw))?;
+    let first = windows.argmax_keepdim(4)?;
+    let slots =
+        Tensor::arange(0u32, (kh * kw) as u32, x.device())?.reshape((1, 1, 1, 1, kh * kw))?;
+    let mask = slots.broadcast_eq(&first)?.to_dtype(x.dtype())?;
+    Ok((windows * mask)?.sum(4)?)
 }
 
 /// Pooling whose stride differs from its window, from shifted slices (candle's pooling ops
@@ -556,10 +569,17 @@ fn windowed_pool(
     Ok(y)
 }
 
+/// ReLU with Keras'/PyTorch's gradient: 0 at exactly 0. candle's `relu` (0.11.1) passes the
+/// gradient at 0, which matters on real images: a blank patch gives a pre-activation of
+/// exactly 0 at initialisation (zero biases).
+fn relu(x: &Tensor) -> Result<Tensor> {
+    Ok((x * x.gt(0.0)?.to_dtype(x.dtype())?)?)
+}
+
 fn activate(x: Tensor, a: Activation) -> Result<Tensor> {
     Ok(match a {
         Activation::Linear => x,
-        Activation::Relu => x.relu()?,
+        Activation::Relu => relu(&x)?,
         Activation::Sigmoid => candle_nn::ops::sigmoid(&x)?,
         Activation::Tanh => x.tanh()?,
         Activation::Softmax => candle_nn::ops::softmax(&x, D::Minus1)?,

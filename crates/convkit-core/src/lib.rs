@@ -5,6 +5,7 @@
 
 pub mod artifacts;
 pub mod backend;
+pub mod compare;
 pub mod compile;
 pub mod data;
 mod error;

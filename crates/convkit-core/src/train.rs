@@ -444,6 +444,10 @@ pub trait Callback {
     fn on_train_begin(&mut self, _model: &mut Model) -> Result<()> {
         Ok(())
     }
+    /// Called after each training batch with its stats (Keras' `on_train_batch_end`).
+    fn on_batch_end(&mut self, _batch: usize, _stats: &crate::backend::StepStats) -> Result<()> {
+        Ok(())
+    }
     /// Called after each epoch's validation; `history` includes this epoch.
     fn on_epoch_end(&mut self, history: &History, model: &mut Model) -> Result<Control>;
     fn on_train_end(&mut self, _history: &History, _model: &mut Model) -> Result<()> {
@@ -774,6 +778,9 @@ impl<'a> Fit<'a> {
                         format!("loss became {} at epoch {epoch}, sample {seen}: lower the learning rate or normalise the inputs", stats.loss),
                     ));
                 }
+                for cb in &mut self.callbacks {
+                    cb.on_batch_end(seen / self.batch_size, &stats)?;
+                }
                 loss_sum += stats.loss as f64 * chunk.len() as f64;
                 correct += stats.correct;
                 seen += chunk.len();
@@ -872,4 +879,20 @@ fn progress_bar(
         bar.set_prefix(format!("{epoch}/{epochs}"));
         bar
     })
+}
+
+/// A borrowed callback, so its state can be read after `fit`.
+impl<C: Callback + ?Sized> Callback for &mut C {
+    fn on_train_begin(&mut self, model: &mut Model) -> Result<()> {
+        (**self).on_train_begin(model)
+    }
+    fn on_batch_end(&mut self, batch: usize, stats: &crate::backend::StepStats) -> Result<()> {
+        (**self).on_batch_end(batch, stats)
+    }
+    fn on_epoch_end(&mut self, history: &History, model: &mut Model) -> Result<Control> {
+        (**self).on_epoch_end(history, model)
+    }
+    fn on_train_end(&mut self, history: &History, model: &mut Model) -> Result<()> {
+        (**self).on_train_end(history, model)
+    }
 }

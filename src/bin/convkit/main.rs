@@ -1,5 +1,7 @@
 //! The `convkit` command line: train, evaluate, predict, summary, backends.
 
+mod compare;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -35,6 +37,11 @@ enum Command {
     },
     /// List the compiled-in engines and their devices.
     Backends,
+    /// Cross-check and benchmark every engine on the same work.
+    Compare(compare::CompareArgs),
+    /// One engine of a comparison, in its own process (used by `compare`).
+    #[command(hide = true)]
+    CompareWorker(compare::CompareArgs),
 }
 
 #[derive(Args)]
@@ -120,6 +127,8 @@ fn main() -> ExitCode {
             .and_then(|s| s.summary())
             .map(|s| println!("{s}"))
             .map_err(Into::into),
+        Command::Compare(args) => compare::compare(args),
+        Command::CompareWorker(args) => compare::worker(args),
         Command::Backends => {
             backends();
             Ok(())

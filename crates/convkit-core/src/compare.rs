@@ -1,0 +1,527 @@
+//! Cross-engine comparison: what one engine's run records ([`EngineRun`]), and the agreement
+//! and speed report over several runs ([`Comparison`]): `compare.md`, `compare.json`,
+//! `compare.csv` and PNG charts.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::plot::Figure;
+use crate::weights::Checkpoint;
+use crate::{Error, Result};
+
+/// Agreement tolerances, in one place.
+///
+/// The first two are exact detectors: the same weights and batch must give the same
+/// probabilities and, after one SGD step, the same weights up to float rounding. The one-step
+/// check uses SGD whatever `--optimizer` says: Adam and RMSprop divide each gradient by its
+/// own magnitude, so rounding noise in a near-zero gradient becomes a step of up to `lr`.
+/// Their update rules are checked exactly, per engine, by the conformance suite. The rest are
+/// sanity bounds on whole runs, which drift apart by rounding over thousands of steps (most
+/// with adaptive optimizers, and on borderline images).
+pub mod tolerance {
+    /// Forward probabilities at initialisation, max abs.
+    pub const FORWARD: f64 = 1e-4;
+    /// Every weight after one SGD step (lr 0.01), max abs.
+    pub const ONE_STEP: f64 = 1e-5;
+    /// Training loss of each epoch, abs.
+    pub const EPOCH_LOSS: f64 = 0.05;
+    /// Final test accuracy, abs.
+    pub const ACCURACY: f64 = 0.02;
+    /// Share of test predictions that must match the reference's.
+    pub const PREDICTION_AGREEMENT: f64 = 0.90;
+    /// Share of confusion-matrix counts that may move between cells.
+    pub const CONFUSION_MOVED: f64 = 0.05;
+}
+
+/// What one engine's run records. Written by the worker process as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct EngineRun {
+    pub backend: String,
+    pub device: String,
+    pub build_profile: String,
+    pub model: String,
+    pub dataset: String,
+    pub optimizer: String,
+    pub batch_size: usize,
+    pub train_images: usize,
+    pub test_images: usize,
+    /// Probabilities of the first test images at initialisation.
+    pub init_probabilities: Vec<Vec<f32>>,
+    /// Checkpoint after one SGD step (lr 0.01) on the first batch.
+    pub one_step_weights: PathBuf,
+    /// Training loss and accuracy per epoch (first repeat).
+    pub epoch_loss: Vec<f64>,
+    pub epoch_accuracy: Vec<f64>,
+    /// Mean loss over every `loss_trace_every` training batches (first repeat).
+    pub loss_trace: Vec<f64>,
+    pub loss_trace_every: usize,
+    /// Seconds of every epoch of every repeat.
+    pub epoch_seconds: Vec<f64>,
+    pub test_loss: f64,
+    pub test_accuracy: f64,
+    pub confusion_matrix: Vec<Vec<u64>>,
+    pub predicted: Vec<u32>,
+    pub inference_images_per_second: f64,
+    pub peak_rss_bytes: u64,
+    /// Forward + backward ≈ 3 × forward FLOPs per training image.
+    pub flops_per_training_image: u64,
+    /// Set when the engine failed; everything else may be empty.
+    pub error: Option<String>,
+}
+
+impl EngineRun {
+    /// A run that failed before it could record anything.
+    pub fn failed(backend: &str, error: impl Into<String>) -> Self {
+        EngineRun {
+            backend: backend.into(),
+            error: Some(error.into()),
+            ..Default::default()
+        }
+    }
+
+    pub fn median_epoch_seconds(&self) -> f64 {
+        let mut s = self.epoch_seconds.clone();
+        if s.is_empty() {
+            return f64::NAN;
+        }
+        s.sort_by(|a, b| a.total_cmp(b));
+        let m = s.len() / 2;
+        if s.len() % 2 == 1 {
+            s[m]
+        } else {
+            (s[m - 1] + s[m]) / 2.0
+        }
+    }
+
+    pub fn train_images_per_second(&self) -> f64 {
+        self.train_images as f64 / self.median_epoch_seconds()
+    }
+
+    pub fn gflops(&self) -> f64 {
+        self.train_images_per_second() * self.flops_per_training_image as f64 / 1e9
+    }
+}
+
+/// One agreement check of one engine against the reference.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub engine: String,
+    pub check: String,
+    pub value: f64,
+    pub tolerance: f64,
+    pub pass: bool,
+}
+
+/// The whole comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub runs: Vec<EngineRun>,
+    pub reference: Option<String>,
+    pub checks: Vec<Check>,
+    /// FP32 matrix-multiply peak of this machine, GFLOP/s, as measured by the harness.
+    pub machine_peak_gflops: f64,
+    pub peak_method: String,
+}
+
+fn max_abs(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max)
+}
+
+impl Comparison {
+    /// Compare every successful run with the reference (`tch-cpu` when present, else the
+    /// first successful run).
+    pub fn new(runs: Vec<EngineRun>, machine_peak_gflops: f64, peak_method: &str) -> Result<Self> {
+        let ok: Vec<&EngineRun> = runs.iter().filter(|r| r.error.is_none()).collect();
+        let reference = ok
+            .iter()
+            .find(|r| r.backend == "tch-cpu")
+            .or(ok.first())
+            .copied();
+        let mut checks = Vec::new();
+        if let Some(r) = reference {
+            let r_step = Checkpoint::load(&r.one_step_weights)?;
+            for e in ok.iter().filter(|e| e.backend != r.backend) {
+                let mut check = |name: &str, value: f64, tolerance: f64, pass: bool| {
+                    checks.push(Check {
+                        engine: e.backend.clone(),
+                        check: name.into(),
+                        value,
+                        tolerance,
+                        pass,
+                    })
+                };
+                let d = max_abs(&e.init_probabilities, &r.init_probabilities);
+                check(
+                    "forward at init (max abs)",
+                    d,
+                    tolerance::FORWARD,
+                    d <= tolerance::FORWARD,
+                );
+                let step = Checkpoint::load(&e.one_step_weights)?;
+                let d = step
+                    .weights
+                    .max_abs_diff(&r_step.weights)?
+                    .into_iter()
+                    .map(|(_, d)| d as f64)
+                    .fold(0.0, f64::max);
+                check(
+                    "weights after one SGD step (max abs)",
+                    d,
+                    tolerance::ONE_STEP,
+                    d <= tolerance::ONE_STEP,
+                );
+                let d = e
+                    .epoch_loss
+                    .iter()
+                    .zip(&r.epoch_loss)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max);
+                check(
+                    "loss per epoch (max abs)",
+                    d,
+                    tolerance::EPOCH_LOSS,
+                    d <= tolerance::EPOCH_LOSS,
+                );
+                let d = (e.test_accuracy - r.test_accuracy).abs();
+                check(
+                    "final test accuracy (abs)",
+                    d,
+                    tolerance::ACCURACY,
+                    d <= tolerance::ACCURACY,
+                );
+                let n = e.predicted.len().max(1) as f64;
+                let same = e
+                    .predicted
+                    .iter()
+                    .zip(&r.predicted)
+                    .filter(|(a, b)| a == b)
+                    .count() as f64
+                    / n;
+                check(
+                    "test predictions agreeing (share)",
+                    same,
+                    tolerance::PREDICTION_AGREEMENT,
+                    same >= tolerance::PREDICTION_AGREEMENT,
+                );
+                let moved: u64 = e
+                    .confusion_matrix
+                    .iter()
+                    .flatten()
+                    .zip(r.confusion_matrix.iter().flatten())
+                    .map(|(a, b)| a.abs_diff(*b))
+                    .sum();
+                let share = moved as f64 / 2.0 / n;
+                check(
+                    "confusion-matrix counts moved (share)",
+                    share,
+                    tolerance::CONFUSION_MOVED,
+                    share <= tolerance::CONFUSION_MOVED,
+                );
+            }
+        }
+        Ok(Comparison {
+            reference: reference.map(|r| r.backend.clone()),
+            runs,
+            checks,
+            machine_peak_gflops,
+            peak_method: peak_method.into(),
+        })
+    }
+
+    /// Whether every check passed and no engine failed.
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.pass) && self.runs.iter().all(|r| r.error.is_none())
+    }
+
+    /// The speed table as a DataFrame, one row per engine.
+    pub fn to_dataframe(&self) -> Result<polars::prelude::DataFrame> {
+        use polars::prelude::*;
+        let ok: Vec<&EngineRun> = self.runs.iter().collect();
+        let f = |g: &dyn Fn(&EngineRun) -> f64| {
+            ok.iter()
+                .map(|r| if r.error.is_some() { None } else { Some(g(r)) })
+                .collect::<Vec<Option<f64>>>()
+        };
+        DataFrame::new_infer_height(vec![
+            Column::new(
+                "engine".into(),
+                ok.iter().map(|r| r.backend.clone()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "device".into(),
+                ok.iter().map(|r| r.device.clone()).collect::<Vec<_>>(),
+            ),
+            Column::new("seconds_per_epoch".into(), f(&|r| r.median_epoch_seconds())),
+            Column::new(
+                "train_images_per_s".into(),
+                f(&|r| r.train_images_per_second()),
+            ),
+            Column::new(
+                "inference_images_per_s".into(),
+                f(&|r| r.inference_images_per_second),
+            ),
+            Column::new(
+                "peak_rss_mib".into(),
+                f(&|r| r.peak_rss_bytes as f64 / 1048576.0),
+            ),
+            Column::new("gflops".into(), f(&|r| r.gflops())),
+            Column::new(
+                "share_of_peak".into(),
+                f(&|r| r.gflops() / self.machine_peak_gflops),
+            ),
+            Column::new("test_accuracy".into(), f(&|r| r.test_accuracy)),
+            Column::new(
+                "error".into(),
+                ok.iter().map(|r| r.error.clone()).collect::<Vec<_>>(),
+            ),
+        ])
+        .map_err(|e| Error::Table(e.to_string()))
+    }
+
+    /// The report as Markdown.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let first = self.runs.iter().find(|r| r.error.is_none());
+        let _ = writeln!(s, "# convkit compare\n");
+        if let Some(r) = first {
+            let _ = writeln!(
+                s,
+                "Model `{}` on `{}`: {} training and {} test images, batch {}, {}, build profile `{}`. FLOPs per training image (forward + backward ≈ 3 × forward): {}.\n",
+                r.model, r.dataset, r.train_images, r.test_images, r.batch_size, r.optimizer, r.build_profile, r.flops_per_training_image
+            );
+        }
+        let _ = writeln!(
+            s,
+            "Machine FP32 matrix-multiply peak: {:.1} GFLOP/s ({}).\n",
+            self.machine_peak_gflops, self.peak_method
+        );
+        let _ = writeln!(
+            s,
+            "## Agreement (reference: {})\n",
+            self.reference.as_deref().unwrap_or("none")
+        );
+        let _ = writeln!(
+            s,
+            "| engine | check | value | tolerance | result |\n|---|---|---|---|---|"
+        );
+        for c in &self.checks {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.3e} | {:.0e} | {} |",
+                c.engine,
+                c.check,
+                c.value,
+                c.tolerance,
+                if c.pass { "PASS" } else { "FAIL" }
+            );
+        }
+        if self.checks.is_empty() {
+            let _ = writeln!(s, "| — | fewer than two engines ran | | | |");
+        }
+        let _ = writeln!(s, "\n## Speed\n");
+        let _ = writeln!(s, "| engine | device | s / epoch (median) | train img/s | inference img/s (batch 256) | peak RSS MiB | GFLOP/s | share of peak | test accuracy |\n|---|---|---|---|---|---|---|---|---|");
+        for r in &self.runs {
+            match &r.error {
+                Some(e) => {
+                    let _ = writeln!(
+                        s,
+                        "| {} | FAILED: {} | | | | | | | |",
+                        r.backend,
+                        e.replace('\n', " ").replace('|', "/")
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1}% | {:.4} |",
+                        r.backend,
+                        r.device,
+                        r.median_epoch_seconds(),
+                        r.train_images_per_second(),
+                        r.inference_images_per_second,
+                        r.peak_rss_bytes as f64 / 1048576.0,
+                        r.gflops(),
+                        100.0 * r.gflops() / self.machine_peak_gflops,
+                        r.test_accuracy
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\nOverall: {}",
+            if self.passed() { "PASS" } else { "FAIL" }
+        );
+        s
+    }
+
+    /// Write `compare.md`, `compare.json`, `compare.csv`, `throughput.png`, `loss.png` and
+    /// `accuracy.png` into `dir`, atomically each.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        crate::io::write_bytes_atomic(&dir.join("compare.md"), self.markdown().as_bytes())?;
+        let json = serde_json::to_string_pretty(self).expect("serialisable");
+        crate::io::write_bytes_atomic(&dir.join("compare.json"), json.as_bytes())?;
+        crate::table::write_csv(&mut self.to_dataframe()?, &dir.join("compare.csv"))?;
+        let ok: Vec<&EngineRun> = self.runs.iter().filter(|r| r.error.is_none()).collect();
+        Bars {
+            title: "training throughput (images/s)",
+            bars: ok
+                .iter()
+                .map(|r| (r.backend.clone(), r.train_images_per_second()))
+                .collect(),
+        }
+        .save(&dir.join("throughput.png"))?;
+        Bars {
+            title: "final test accuracy",
+            bars: ok
+                .iter()
+                .map(|r| (r.backend.clone(), r.test_accuracy))
+                .collect(),
+        }
+        .save(&dir.join("accuracy.png"))?;
+        LossCurves(&ok).save(&dir.join("loss.png"))?;
+        Ok(())
+    }
+}
+
+type DrawResult = std::result::Result<(), String>;
+
+fn e<T: std::fmt::Display>(err: T) -> String {
+    err.to_string()
+}
+
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+/// A bar per engine.
+struct Bars {
+    title: &'static str,
+    bars: Vec<(String, f64)>,
+}
+
+impl Figure for Bars {
+    fn size(&self) -> (u32, u32) {
+        (200 + 120 * self.bars.len().max(1) as u32, 400)
+    }
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
+        root.fill(&WHITE).map_err(e)?;
+        let max = self.bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1e-9) * 1.15;
+        let n = self.bars.len();
+        let mut chart = ChartBuilder::on(root)
+            .caption(self.title, ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(35)
+            .y_label_area_size(70)
+            .build_cartesian_2d((0..n).into_segmented(), 0f64..max)
+            .map_err(e)?;
+        let names: Vec<String> = self.bars.iter().map(|b| b.0.clone()).collect();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+                _ => String::new(),
+            })
+            .draw()
+            .map_err(e)?;
+        chart
+            .draw_series(self.bars.iter().enumerate().map(|(i, (_, v))| {
+                let mut bar = Rectangle::new(
+                    [
+                        (SegmentValue::Exact(i), 0.0),
+                        (SegmentValue::Exact(i + 1), *v),
+                    ],
+                    PALETTE[i % PALETTE.len()].filled(),
+                );
+                bar.set_margin(0, 0, 18, 18);
+                bar
+            }))
+            .map_err(e)?;
+        Ok(())
+    }
+}
+
+/// Every engine's smoothed training loss on one plot.
+struct LossCurves<'a>(&'a [&'a EngineRun]);
+
+impl Figure for LossCurves<'_> {
+    fn size(&self) -> (u32, u32) {
+        (900, 450)
+    }
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
+        root.fill(&WHITE).map_err(e)?;
+        let len = self
+            .0
+            .iter()
+            .map(|r| r.loss_trace.len())
+            .max()
+            .unwrap_or(1)
+            .max(2);
+        let max = self
+            .0
+            .iter()
+            .flat_map(|r| r.loss_trace.iter().cloned())
+            .fold(0.0, f64::max)
+            .max(1e-3)
+            * 1.05;
+        let every = self
+            .0
+            .first()
+            .map(|r| r.loss_trace_every)
+            .unwrap_or(1)
+            .max(1);
+        let mut chart = ChartBuilder::on(root)
+            .caption(
+                format!("training loss (mean of every {every} batches)"),
+                ("sans-serif", 20),
+            )
+            .margin(15)
+            .x_label_area_size(35)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..(len * every) as f64, 0f64..max)
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .x_desc("batch")
+            .y_desc("loss")
+            .draw()
+            .map_err(e)?;
+        for (i, r) in self.0.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            chart
+                .draw_series(LineSeries::new(
+                    r.loss_trace
+                        .iter()
+                        .enumerate()
+                        .map(|(k, v)| (((k + 1) * every) as f64, *v)),
+                    color.stroke_width(2),
+                ))
+                .map_err(e)?
+                .label(r.backend.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(e)?;
+        Ok(())
+    }
+}
