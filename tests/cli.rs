@@ -174,8 +174,8 @@ fn bad_input_fails_clearly() {
         &["unknown preset `tutorial-nope`"],
     );
     fails_with(
-        &["train", "--backend", "tch-cpu", "--out", out_s],
-        &["unknown backend `tch-cpu`", "candle-cpu"],
+        &["train", "--backend", "no-such-engine", "--out", out_s],
+        &["unknown backend `no-such-engine`", "candle-cpu"],
     );
     fails_with(
         &["train", "--optimizer", "adagrad", "--out", out_s],
@@ -351,4 +351,84 @@ fn every_engine_trains_from_the_cli_with_the_same_outcome() {
             pred.len()
         );
     }
+}
+
+#[test]
+fn compare_reports_agreement_and_speed_and_survives_a_failing_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cmp");
+    let o = convkit(&[
+        "compare",
+        "--dataset",
+        "mnist",
+        "--limit",
+        "256",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    for f in [
+        "compare.md",
+        "compare.json",
+        "compare.csv",
+        "throughput.png",
+        "loss.png",
+        "accuracy.png",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    assert!(
+        md.contains("## Agreement") && md.contains("## Speed") && md.contains("Overall: PASS"),
+        "{md}"
+    );
+    assert!(md.contains("GFLOP/s"), "{md}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    assert!(json["machine_peak_gflops"].as_f64().unwrap() > 0.0);
+    let engines = json["runs"].as_array().unwrap().len();
+    if engines > 1 {
+        assert!(
+            md.contains("weights after one SGD step") && md.contains("PASS"),
+            "{md}"
+        );
+    }
+
+    // An engine that is not compiled in fails alone: the others' results are still written.
+    let out2 = dir.path().join("cmp2");
+    let o = convkit(&[
+        "compare",
+        "--backends",
+        "candle-cpu,no-such-engine",
+        "--dataset",
+        "mnist",
+        "--limit",
+        "64",
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("unknown backend `no-such-engine`"), "{t}");
+    let md = std::fs::read_to_string(out2.join("compare.md")).unwrap();
+    assert!(
+        md.contains("| candle-cpu | CPU")
+            && md.contains("no-such-engine | FAILED")
+            && md.contains("Overall: FAIL"),
+        "{md}"
+    );
+
+    // A missing dataset: a clear message, no panic.
+    let o = convkit(&[
+        "compare",
+        "--dataset",
+        "cifar10",
+        "--backends",
+        "candle-cpu",
+        "--out",
+        dir.path().join("c3").to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(!o.status.success() && !t.contains("panicked"), "{t}");
 }

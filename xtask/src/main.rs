@@ -5,6 +5,8 @@
 //! - `test`      setup, then every test of the workspace (what CI runs)
 //! - `tutorial`  setup, then train `tutorial-mnist` on MNIST in release mode (extra args go
 //!               to `convkit train`)
+//! - `compare`   setup, then `convkit compare` in release mode with every engine that builds
+//!               here: the same model, weights and batches on each; agreement and speed
 //! - `bench`     criterion benches: one training step and one inference batch per engine
 //!
 //! Builds go to `$CONVKIT_TARGET_DIR` (default `~/.cache/convkit/target`), outside the
@@ -29,9 +31,24 @@ fn main() -> Result<()> {
             setup()?;
             tutorial(&rest)
         }
-        "bench" => run(cargo(&["bench", "--bench", "engines", "--"]).args(&rest)),
+        "compare" => {
+            setup()?;
+            compare(&rest)
+        }
+        "bench" => {
+            setup()?;
+            run(cargo(&[
+                "bench",
+                "--features",
+                &ENGINE_FEATURES.join(","),
+                "--bench",
+                "engines",
+                "--",
+            ])
+            .args(&rest))
+        }
         _ => {
-            eprintln!("usage: cargo xtask <setup | test | tutorial | bench> [args]\n\n  setup     install system packages the tests need (dataset-fashion-mnist)\n  test      setup, then run every test of the workspace\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)");
+            eprintln!("usage: cargo xtask <compare | setup | test | tutorial | bench> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install system packages the tests need (dataset-fashion-mnist)\n  test      setup, then run every test of the workspace\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)");
             if command.is_empty() || command == "help" || command == "--help" {
                 Ok(())
             } else {
@@ -229,6 +246,22 @@ fn test(extra: &[String]) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn compare(extra: &[String]) -> Result<()> {
+    let features = ENGINE_FEATURES.join(",");
+    let mut c = cargo(&[
+        "run",
+        "--release",
+        "--features",
+        &features,
+        "--bin",
+        "convkit",
+        "--",
+        "compare",
+    ]);
+    c.args(extra);
+    run(&mut c)
 }
 
 fn tutorial(extra: &[String]) -> Result<()> {

@@ -643,21 +643,21 @@ impl Sequential {
         let params = self.param_counts()?;
         let names = self.layer_names();
         let mut s = String::new();
-        let rule = "_".repeat(65);
+        let rule = "_".repeat(71);
         let _ = writeln!(s, "Model: \"{}\"", self.name);
         let _ = writeln!(s, "{rule}");
         let _ = writeln!(
             s,
-            " {:<28}{:<26}{}",
+            " {:<34}{:<26}{}",
             "Layer (type)", "Output Shape", "Param #"
         );
-        let _ = writeln!(s, "{}", "=".repeat(65));
+        let _ = writeln!(s, "{}", "=".repeat(71));
         let (mut trainable, mut frozen) = (0, 0);
         for (i, layer) in self.layers.iter().enumerate() {
             let label = format!("{} ({})", names[i], layer.kind.type_name());
             let _ = writeln!(
                 s,
-                " {:<28}{:<26}{}",
+                " {:<34}{:<26}{}",
                 label,
                 shapes[i].to_string(),
                 thousands(params[i])
@@ -668,7 +668,7 @@ impl Sequential {
                 frozen += params[i];
             }
         }
-        let _ = writeln!(s, "{}", "=".repeat(65));
+        let _ = writeln!(s, "{}", "=".repeat(71));
         let _ = writeln!(s, "Total params: {}", thousands(trainable + frozen));
         let _ = writeln!(s, "Trainable params: {}", thousands(trainable));
         let _ = writeln!(s, "Non-trainable params: {}", thousands(frozen));
