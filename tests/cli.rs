@@ -432,3 +432,44 @@ fn compare_reports_agreement_and_speed_and_survives_a_failing_engine() {
     let t = text(&o);
     assert!(!o.status.success() && !t.contains("panicked"), "{t}");
 }
+
+/// Peak resident memory of one engine's compare worker on `limit` images.
+fn worker_peak_rss(engine: &str, limit: usize, dir: &Path) -> f64 {
+    let o = convkit(&[
+        "compare-worker",
+        "--backends",
+        engine,
+        "--dataset",
+        "mnist",
+        "--limit",
+        &limit.to_string(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{engine}.json"))).unwrap())
+            .unwrap();
+    run["peak_rss_bytes"].as_f64().unwrap()
+}
+
+#[test]
+fn training_memory_does_not_grow_with_the_number_of_steps() {
+    // A leak once kept every step's autograd graph alive through the optimizer state.
+    let listing = text(&convkit(&["backends"]));
+    let dir = tempfile::tempdir().unwrap();
+    for engine in listing
+        .lines()
+        .filter(|l| !l.contains("unavailable"))
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        let short = worker_peak_rss(engine, 320, dir.path());
+        let long = worker_peak_rss(engine, 2560, dir.path());
+        assert!(
+            long < short * 1.3 + 64e6,
+            "{engine}: peak memory {:.0} MiB after 80 steps vs {:.0} MiB after 10",
+            long / 1048576.0,
+            short / 1048576.0
+        );
+    }
+}

@@ -92,6 +92,42 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Run `cargo test`, echoing its output, and add up its `test result:` lines.
+fn run_counting_tests(cmd: &mut Command) -> Result<(usize, usize)> {
+    use std::io::BufRead;
+    eprintln!("xtask: running {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in std::io::BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';').find_map(|part| {
+                    part.trim()
+                        .trim_start_matches("ok. ")
+                        .trim_start_matches("FAILED. ")
+                        .strip_suffix(word)?
+                        .trim()
+                        .parse::<usize>()
+                        .ok()
+                })
+            };
+            passed += count("passed").unwrap_or(0);
+            failed += count("failed").unwrap_or(0);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        println!("tests: {passed} passed, {failed} failed");
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok((passed, failed))
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -240,11 +276,13 @@ fn test(extra: &[String]) -> Result<()> {
         &ENGINE_FEATURES.join(","),
     ]);
     c.args(extra).env("CONVKIT_OFFLINE", "1");
-    run(&mut c)?;
+    let (passed, failed) = run_counting_tests(&mut c)?;
     eprintln!(
         "xtask: all tests passed in {:.0} s",
         start.elapsed().as_secs_f64()
     );
+    // One closing line for the whole run (cargo's own last line is that of the last crate).
+    println!("tests: {passed} passed, {failed} failed");
     Ok(())
 }
 

@@ -13,9 +13,9 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use convkit_core::backend::{Backend, Network, StepStats, Targets};
-use convkit_core::compile::{Compile, Head, Loss, Optimizer};
+use convkit_core::compile::{Compile, Head, Loss};
 use convkit_core::ndarray::{Array2, ArrayView4};
-use convkit_core::optim::{Slots, TensorMath};
+use convkit_core::optim::{Slots, TensorMath, Training};
 use convkit_core::spec::{Activation, LayerKind, Sequential};
 use convkit_core::weights::{Tensor as CoreTensor, Weights};
 
@@ -172,12 +172,9 @@ struct CandleNetwork {
     ops: Vec<Op>,
     /// `weight` then `bias` of each weighted layer, in layer order.
     vars: Vec<Variable>,
-    trainable: Vec<bool>,
-    optimizer: Optimizer,
-    learning_rate: f64,
+    training: Training,
     loss: Loss,
     head: Head,
-    step: u64,
 }
 
 impl CandleNetwork {
@@ -257,12 +254,9 @@ impl CandleNetwork {
             input_shape: spec.input_shape,
             ops,
             vars,
-            trainable: vec![true; spec.layers.len()],
-            optimizer: compile.optimizer.clone(),
-            learning_rate: compile.optimizer.learning_rate(),
+            training: Training::new(&compile.optimizer, spec.layers.len()),
             loss: compile.loss,
             head,
-            step: 0,
         })
     }
 
@@ -427,25 +421,20 @@ impl CandleNetwork {
         let loss = self.loss(&logits, y)?;
         let correct = self.correct(&logits, y)?;
         let grads = loss.backward()?;
-        self.step += 1;
+        self.training.begin_step();
         for v in &mut self.vars {
-            if !self.trainable[v.layer] {
-                continue;
-            }
             let Some(g) = grads.get(v.var.as_tensor()) else {
                 continue;
             };
-            let w = Param(v.var.as_tensor().clone());
-            let new = self
-                .optimizer
-                .update(
-                    self.learning_rate,
-                    self.step,
-                    &w,
-                    &Param(g.clone()),
-                    &mut v.slots,
-                )
-                .map_err(|e| Error::Unsupported(e.to_string()))?;
+            // Detached: otherwise the optimizer slots would keep this step's whole autograd
+            // graph alive through their history, and memory would grow with every step.
+            let w = Param(v.var.as_tensor().detach());
+            let update = self
+                .training
+                .apply(v.layer, &w, &Param(g.detach()), &mut v.slots);
+            let Some(new) = update.map_err(|e| Error::Unsupported(e.to_string()))? else {
+                continue;
+            };
             v.var.set(&new.0)?;
         }
         Ok(StepStats {
@@ -606,17 +595,9 @@ impl Network for CandleNetwork {
             .map_err(|e| e.into_core(self.engine))
     }
     fn set_trainable(&mut self, layer: usize, trainable: bool) -> convkit_core::Result<()> {
-        let n = self.trainable.len();
-        let slot = self.trainable.get_mut(layer).ok_or_else(|| {
-            convkit_core::Error::engine(
-                self.engine,
-                format!("layer index {layer} out of range: the model has {n} layers"),
-            )
-        })?;
-        *slot = trainable;
-        Ok(())
+        self.training.set_trainable(layer, trainable)
     }
     fn set_learning_rate(&mut self, learning_rate: f64) {
-        self.learning_rate = learning_rate;
+        self.training.set_learning_rate(learning_rate);
     }
 }

@@ -239,3 +239,66 @@ mod tests {
         close(run(&c, &[0.5])[0], expect);
     }
 }
+
+/// The optimizer bookkeeping every engine keeps: the rule, the current learning rate, the
+/// update count and which layers train. Engines own their device tensors and [`Slots`]; this
+/// owns the rest, so freezing and schedules behave the same on every engine.
+#[derive(Debug, Clone)]
+pub struct Training {
+    optimizer: crate::compile::Optimizer,
+    learning_rate: f64,
+    step: u64,
+    trainable: Vec<bool>,
+}
+
+impl Training {
+    /// All `layers` trainable, at the optimizer's learning rate.
+    pub fn new(optimizer: &crate::compile::Optimizer, layers: usize) -> Self {
+        Training {
+            optimizer: optimizer.clone(),
+            learning_rate: optimizer.learning_rate(),
+            step: 0,
+            trainable: vec![true; layers],
+        }
+    }
+
+    pub fn set_trainable(&mut self, layer: usize, trainable: bool) -> Result<()> {
+        let n = self.trainable.len();
+        let slot = self.trainable.get_mut(layer).ok_or_else(|| {
+            crate::Error::config(
+                "layer index",
+                format!(
+                    "the model has {n} layers (0..{}), found {layer}",
+                    n.saturating_sub(1)
+                ),
+            )
+        })?;
+        *slot = trainable;
+        Ok(())
+    }
+
+    pub fn set_learning_rate(&mut self, learning_rate: f64) {
+        self.learning_rate = learning_rate;
+    }
+
+    /// Count one optimizer step (Keras counts it even when every layer is frozen).
+    pub fn begin_step(&mut self) {
+        self.step += 1;
+    }
+
+    /// The new value of weight `w` of `layer` given gradient `g`, or `None` if the layer is frozen.
+    pub fn apply<T: TensorMath>(
+        &self,
+        layer: usize,
+        w: &T,
+        g: &T,
+        slots: &mut Slots<T>,
+    ) -> Result<Option<T>> {
+        if !self.trainable[layer] {
+            return Ok(None);
+        }
+        self.optimizer
+            .update(self.learning_rate, self.step, w, g, slots)
+            .map(Some)
+    }
+}

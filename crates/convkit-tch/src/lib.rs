@@ -6,9 +6,9 @@
 //! respected. The thread count follows `CONVKIT_THREADS`, else the machine's cores.
 
 use convkit_core::backend::{Backend, Network, StepStats, Targets};
-use convkit_core::compile::{Compile, Head, Loss, Optimizer};
+use convkit_core::compile::{Compile, Head, Loss};
 use convkit_core::ndarray::{Array2, ArrayView4};
-use convkit_core::optim::{Slots, TensorMath};
+use convkit_core::optim::{Slots, TensorMath, Training};
 use convkit_core::spec::{Activation, LayerKind, Sequential, Shape};
 use convkit_core::weights::{Tensor as CoreTensor, Weights};
 use tch::{Device, Kind, Reduction, Tensor};
@@ -186,12 +186,9 @@ struct TchNetwork {
     input_shape: [usize; 3],
     ops: Vec<Op>,
     vars: Vec<Variable>,
-    trainable: Vec<bool>,
-    optimizer: Optimizer,
-    learning_rate: f64,
+    training: Training,
     loss: Loss,
     head: Head,
-    step: u64,
 }
 
 fn i64s(v: &[usize]) -> Vec<i64> {
@@ -274,12 +271,9 @@ impl TchNetwork {
             input_shape: spec.input_shape,
             ops,
             vars,
-            trainable: vec![true; spec.layers.len()],
-            optimizer: compile.optimizer.clone(),
-            learning_rate: compile.optimizer.learning_rate(),
+            training: Training::new(&compile.optimizer, spec.layers.len()),
             loss: compile.loss,
             head,
-            step: 0,
         })
     }
 
@@ -436,21 +430,19 @@ impl TchNetwork {
             v.tensor.zero_grad();
         }
         loss.f_backward()?;
-        self.step += 1;
-        let (optimizer, lr, step) = (&self.optimizer, self.learning_rate, self.step);
+        self.training.begin_step();
+        let training = &self.training;
         for v in &mut self.vars {
-            if !self.trainable[v.layer] {
-                continue;
-            }
             let grad = v.tensor.grad();
             if !grad.defined() {
                 continue;
             }
             tch::no_grad(|| -> Result<()> {
                 let w = Param(v.tensor.detach());
-                let new = optimizer
-                    .update(lr, step, &w, &Param(grad), &mut v.slots)
-                    .map_err(|e| Error::Unsupported(e.to_string()))?;
+                let update = training.apply(v.layer, &w, &Param(grad), &mut v.slots);
+                let Some(new) = update.map_err(|e| Error::Unsupported(e.to_string()))? else {
+                    return Ok(());
+                };
                 v.tensor.f_copy_(&new.0)?;
                 Ok(())
             })?;
@@ -539,17 +531,9 @@ impl Network for TchNetwork {
             .map_err(|e| e.into_core(self.engine))
     }
     fn set_trainable(&mut self, layer: usize, trainable: bool) -> convkit_core::Result<()> {
-        let n = self.trainable.len();
-        let slot = self.trainable.get_mut(layer).ok_or_else(|| {
-            convkit_core::Error::engine(
-                self.engine,
-                format!("layer index {layer} out of range: the model has {n} layers"),
-            )
-        })?;
-        *slot = trainable;
-        Ok(())
+        self.training.set_trainable(layer, trainable)
     }
     fn set_learning_rate(&mut self, learning_rate: f64) {
-        self.learning_rate = learning_rate;
+        self.training.set_learning_rate(learning_rate);
     }
 }
