@@ -16,7 +16,7 @@ use convkit_core::backend::{Backend, Network, StepStats, Targets};
 use convkit_core::compile::{Compile, Head, Loss};
 use convkit_core::ndarray::{Array2, ArrayView4};
 use convkit_core::optim::{Slots, TensorMath, Training};
-use convkit_core::spec::{Activation, LayerKind, Sequential};
+use convkit_core::spec::{Activation, PlannedOp, Sequential};
 use convkit_core::weights::{Tensor as CoreTensor, Weights};
 
 /// Errors of the candle engine; they reach users as [`convkit_core::Error::Engine`].
@@ -186,67 +186,47 @@ impl CandleNetwork {
         device: &Device,
         engine: &'static str,
     ) -> Result<Self> {
+        let plan = spec.plan().map_err(|e| Error::Unsupported(e.to_string()))?;
         let names = spec.layer_names();
-        let shapes = spec
-            .output_shapes()
-            .map_err(|e| Error::Unsupported(e.to_string()))?;
-        let mut input = spec.input();
-        let mut ops = Vec::new();
         let mut vars = Vec::new();
-        let add_vars = |layer: usize, vars: &mut Vec<Variable>| -> Result<usize> {
-            let first = vars.len();
-            for part in ["weight", "bias"] {
-                let name = format!("{}.{part}", names[layer]);
+        let mut ops = Vec::with_capacity(plan.len());
+        for (layer, planned) in plan.into_iter().enumerate() {
+            let mut param = |name: &str| -> Result<usize> {
                 let t = weights
-                    .get(&name)
+                    .get(name)
                     .map_err(|e| Error::Unsupported(e.to_string()))?;
                 let var =
                     Var::from_tensor(&Tensor::from_slice(&t.data, t.shape.as_slice(), device)?)?;
                 vars.push(Variable {
-                    name,
+                    name: name.to_string(),
                     layer,
                     var,
                     slots: Slots::default(),
                 });
-            }
-            Ok(first)
-        };
-        for (i, layer) in spec.layers.iter().enumerate() {
-            let op = match &layer.kind {
-                LayerKind::Conv2D(conv) => {
-                    if conv.strides[0] != conv.strides[1] {
+                Ok(vars.len() - 1)
+            };
+            ops.push(match planned {
+                PlannedOp::Conv2D { weight, bias, pad, strides, activation } => {
+                    if strides[0] != strides[1] {
                         return Err(Error::Unsupported(format!(
-                            "layer {i} ({}): Conv2D strides {:?} differ per axis; candle's conv2d takes one stride",
-                            names[i], conv.strides
+                            "layer {layer} ({}): Conv2D strides {strides:?} differ per axis; candle's conv2d takes one stride",
+                            names[layer]
                         )));
                     }
-                    let convkit_core::spec::Shape::Image { h, w, .. } = input else {
-                        unreachable!("checked by the spec")
-                    };
-                    Op::Conv {
-                        weight: add_vars(i, &mut vars)?,
-                        pad: conv.pad_amounts(h, w),
-                        stride: conv.strides[0],
-                        activation: conv.activation,
-                    }
+                    let weight = param(&weight)?;
+                    param(&bias)?;
+                    Op::Conv { weight, pad, stride: strides[0], activation }
                 }
-                LayerKind::MaxPooling2D(p) => Op::MaxPool {
-                    size: (p.pool_size[0], p.pool_size[1]),
-                    stride: (p.strides()[0], p.strides()[1]),
-                },
-                LayerKind::AveragePooling2D(p) => Op::AvgPool {
-                    size: (p.pool_size[0], p.pool_size[1]),
-                    stride: (p.strides()[0], p.strides()[1]),
-                },
-                LayerKind::Flatten => Op::Flatten,
-                LayerKind::Dense(d) => Op::Dense {
-                    weight: add_vars(i, &mut vars)?,
-                    activation: d.activation,
-                },
-                LayerKind::Dropout(d) => Op::Dropout(d.rate),
-            };
-            ops.push(op);
-            input = shapes[i];
+                PlannedOp::MaxPool2D { size, strides } => Op::MaxPool { size: (size[0], size[1]), stride: (strides[0], strides[1]) },
+                PlannedOp::AvgPool2D { size, strides } => Op::AvgPool { size: (size[0], size[1]), stride: (strides[0], strides[1]) },
+                PlannedOp::Flatten => Op::Flatten,
+                PlannedOp::Dense { weight, bias, activation } => {
+                    let weight = param(&weight)?;
+                    param(&bias)?;
+                    Op::Dense { weight, activation }
+                }
+                PlannedOp::Dropout { rate } => Op::Dropout(rate),
+            });
         }
         Ok(CandleNetwork {
             engine,
@@ -281,16 +261,7 @@ impl CandleNetwork {
     /// Logits: the last layer's pre-activation when the head applies softmax/sigmoid.
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = x.clone();
-        let last = self.ops.len() - 1;
-        for (i, op) in self.ops.iter().enumerate() {
-            // The head's softmax/sigmoid is left to the loss (training) and `predict`.
-            let act = |t: Tensor, a: Activation| {
-                if i == last && matches!(a, Activation::Softmax | Activation::Sigmoid) {
-                    Ok(t)
-                } else {
-                    activate(t, a)
-                }
-            };
+        for op in &self.ops {
             x = match op {
                 Op::Conv {
                     weight,
@@ -311,7 +282,7 @@ impl CandleNetwork {
                             .conv2d(w, 0, *stride, 1, 1)?
                     };
                     let y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
-                    act(y, *activation)?
+                    activate(y, *activation)?
                 }
                 // candle's own max-pool forward is right; only its backward is not.
                 Op::MaxPool { size, stride } if size == stride && !train => {
@@ -330,7 +301,7 @@ impl CandleNetwork {
                         self.vars[*weight].var.as_tensor(),
                         self.vars[*weight + 1].var.as_tensor(),
                     );
-                    act(x.matmul(&w.t()?)?.broadcast_add(b)?, *activation)?
+                    activate(x.matmul(&w.t()?)?.broadcast_add(b)?, *activation)?
                 }
                 Op::Dropout(rate) if train && *rate > 0.0 => candle_nn::ops::dropout(&x, *rate)?,
                 Op::Dropout(_) => x,

@@ -809,10 +809,127 @@ mod tests {
     }
 
     #[test]
+    fn plan_resolves_padding_names_and_leaves_the_head_to_the_loss() {
+        let spec = Sequential::new(6, 5, 1)
+            .add(
+                Conv2D::new(2, 3)
+                    .padding(Padding::Same)
+                    .strides(2, 2)
+                    .activation(Activation::Relu),
+            )
+            .flatten()
+            .add(Dense::new(3).activation(Activation::Softmax));
+        let plan = spec.plan().unwrap();
+        assert_eq!(
+            plan[0],
+            PlannedOp::Conv2D {
+                weight: "conv2d.weight".into(),
+                bias: "conv2d.bias".into(),
+                pad: [0, 1, 1, 1],
+                strides: [2, 2],
+                activation: Activation::Relu
+            }
+        );
+        assert_eq!(plan[1], PlannedOp::Flatten);
+        assert_eq!(
+            plan[2],
+            PlannedOp::Dense {
+                weight: "dense.weight".into(),
+                bias: "dense.bias".into(),
+                activation: Activation::Linear
+            }
+        );
+    }
+
+    #[test]
     fn frozen_layers_counted_as_non_trainable() {
         let mut spec = Sequential::preset("tutorial-mnist").unwrap();
         spec.layers[0].trainable = false;
         let summary = spec.summary().unwrap();
         assert!(summary.contains("Non-trainable params: 320"), "{summary}");
+    }
+}
+
+/// One operation an engine builds, resolved from the spec: padding amounts, strides and weight
+/// names are computed, and the head's softmax/sigmoid is left out, because engines produce
+/// logits and apply the head in the loss and in `predict`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlannedOp {
+    Conv2D {
+        weight: String,
+        bias: String,
+        /// `[top, bottom, left, right]` zero padding.
+        pad: [usize; 4],
+        strides: [usize; 2],
+        activation: Activation,
+    },
+    MaxPool2D {
+        size: [usize; 2],
+        strides: [usize; 2],
+    },
+    AvgPool2D {
+        size: [usize; 2],
+        strides: [usize; 2],
+    },
+    /// To `(H, W, C)` order, as Keras flattens.
+    Flatten,
+    Dense {
+        weight: String,
+        bias: String,
+        activation: Activation,
+    },
+    /// Active in training only.
+    Dropout { rate: f32 },
+}
+
+impl Sequential {
+    /// The operations an engine builds, one per layer, in order.
+    pub fn plan(&self) -> Result<Vec<PlannedOp>> {
+        let shapes = self.output_shapes()?;
+        let names = self.layer_names();
+        let last = self.layers.len() - 1;
+        let mut input = self.input();
+        let mut ops = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let logits = |a: Activation| {
+                if i == last && matches!(a, Activation::Softmax | Activation::Sigmoid) {
+                    Activation::Linear
+                } else {
+                    a
+                }
+            };
+            let (weight, bias) = (format!("{}.weight", names[i]), format!("{}.bias", names[i]));
+            ops.push(match &layer.kind {
+                LayerKind::Conv2D(conv) => {
+                    let Shape::Image { h, w, .. } = input else {
+                        unreachable!("checked by output_shapes")
+                    };
+                    PlannedOp::Conv2D {
+                        weight,
+                        bias,
+                        pad: conv.pad_amounts(h, w),
+                        strides: conv.strides,
+                        activation: logits(conv.activation),
+                    }
+                }
+                LayerKind::MaxPooling2D(p) => PlannedOp::MaxPool2D {
+                    size: p.pool_size,
+                    strides: p.strides(),
+                },
+                LayerKind::AveragePooling2D(p) => PlannedOp::AvgPool2D {
+                    size: p.pool_size,
+                    strides: p.strides(),
+                },
+                LayerKind::Flatten => PlannedOp::Flatten,
+                LayerKind::Dense(d) => PlannedOp::Dense {
+                    weight,
+                    bias,
+                    activation: logits(d.activation),
+                },
+                LayerKind::Dropout(d) => PlannedOp::Dropout { rate: d.rate },
+            });
+            input = shapes[i];
+        }
+        Ok(ops)
     }
 }

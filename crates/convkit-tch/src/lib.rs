@@ -9,7 +9,7 @@ use convkit_core::backend::{Backend, Network, StepStats, Targets};
 use convkit_core::compile::{Compile, Head, Loss};
 use convkit_core::ndarray::{Array2, ArrayView4};
 use convkit_core::optim::{Slots, TensorMath, Training};
-use convkit_core::spec::{Activation, LayerKind, Sequential, Shape};
+use convkit_core::spec::{Activation, PlannedOp, Sequential};
 use convkit_core::weights::{Tensor as CoreTensor, Weights};
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -210,60 +210,61 @@ impl TchNetwork {
         device: Device,
         engine: &'static str,
     ) -> Result<Self> {
-        let names = spec.layer_names();
-        let shapes = spec
-            .output_shapes()
-            .map_err(|e| Error::Unsupported(e.to_string()))?;
-        let mut input = spec.input();
-        let mut ops = Vec::new();
-        let mut vars: Vec<Variable> = Vec::new();
-        let add_vars = |layer: usize, vars: &mut Vec<Variable>| -> Result<usize> {
-            let first = vars.len();
-            for part in ["weight", "bias"] {
-                let name = format!("{}.{part}", names[layer]);
+        let plan = spec.plan().map_err(|e| Error::Unsupported(e.to_string()))?;
+        let mut vars = Vec::new();
+        let mut ops = Vec::with_capacity(plan.len());
+        let pair = |v: [usize; 2]| [v[0] as i64, v[1] as i64];
+        for (layer, planned) in plan.into_iter().enumerate() {
+            let mut param = |name: &str| -> Result<usize> {
                 let t = weights
-                    .get(&name)
+                    .get(name)
                     .map_err(|e| Error::Unsupported(e.to_string()))?;
                 let tensor = to_device(t, device)?.set_requires_grad(true);
                 vars.push(Variable {
-                    name,
+                    name: name.to_string(),
                     layer,
                     tensor,
                     slots: Slots::default(),
                 });
-            }
-            Ok(first)
-        };
-        for (i, layer) in spec.layers.iter().enumerate() {
-            let op = match &layer.kind {
-                LayerKind::Conv2D(conv) => {
-                    let Shape::Image { h, w, .. } = input else {
-                        unreachable!("checked by the spec")
-                    };
+                Ok(vars.len() - 1)
+            };
+            ops.push(match planned {
+                PlannedOp::Conv2D {
+                    weight,
+                    bias,
+                    pad,
+                    strides,
+                    activation,
+                } => {
+                    let weight = param(&weight)?;
+                    param(&bias)?;
                     Op::Conv {
-                        weight: add_vars(i, &mut vars)?,
-                        pad: conv.pad_amounts(h, w),
-                        stride: conv.strides,
-                        activation: conv.activation,
+                        weight,
+                        pad,
+                        stride: strides,
+                        activation,
                     }
                 }
-                LayerKind::MaxPooling2D(p) => Op::MaxPool {
-                    size: [p.pool_size[0] as i64, p.pool_size[1] as i64],
-                    stride: [p.strides()[0] as i64, p.strides()[1] as i64],
+                PlannedOp::MaxPool2D { size, strides } => Op::MaxPool {
+                    size: pair(size),
+                    stride: pair(strides),
                 },
-                LayerKind::AveragePooling2D(p) => Op::AvgPool {
-                    size: [p.pool_size[0] as i64, p.pool_size[1] as i64],
-                    stride: [p.strides()[0] as i64, p.strides()[1] as i64],
+                PlannedOp::AvgPool2D { size, strides } => Op::AvgPool {
+                    size: pair(size),
+                    stride: pair(strides),
                 },
-                LayerKind::Flatten => Op::Flatten,
-                LayerKind::Dense(d) => Op::Dense {
-                    weight: add_vars(i, &mut vars)?,
-                    activation: d.activation,
-                },
-                LayerKind::Dropout(d) => Op::Dropout(d.rate as f64),
-            };
-            ops.push(op);
-            input = shapes[i];
+                PlannedOp::Flatten => Op::Flatten,
+                PlannedOp::Dense {
+                    weight,
+                    bias,
+                    activation,
+                } => {
+                    let weight = param(&weight)?;
+                    param(&bias)?;
+                    Op::Dense { weight, activation }
+                }
+                PlannedOp::Dropout { rate } => Op::Dropout(rate as f64),
+            });
         }
         Ok(TchNetwork {
             engine,
@@ -297,15 +298,7 @@ impl TchNetwork {
     /// Logits: the last layer's pre-activation when the head applies softmax/sigmoid.
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = x.shallow_clone();
-        let last = self.ops.len() - 1;
-        for (i, op) in self.ops.iter().enumerate() {
-            let act = |t: Tensor, a: Activation| -> Result<Tensor> {
-                if i == last && matches!(a, Activation::Softmax | Activation::Sigmoid) {
-                    Ok(t)
-                } else {
-                    activate(t, a)
-                }
-            };
+        for op in &self.ops {
             x = match op {
                 Op::Conv {
                     weight,
@@ -328,7 +321,7 @@ impl TchNetwork {
                         x.f_constant_pad_nd([left as i64, right as i64, top as i64, bottom as i64])?
                             .f_conv2d(w, Some(b), i64s(stride), [0, 0], [1, 1], 1)?
                     };
-                    act(y, *activation)?
+                    activate(y, *activation)?
                 }
                 Op::MaxPool { size, stride } => {
                     x.f_max_pool2d(size, stride, [0, 0], [1, 1], false)?
@@ -340,7 +333,7 @@ impl TchNetwork {
                 Op::Flatten => x.f_permute([0, 2, 3, 1])?.f_flatten(1, -1)?,
                 Op::Dense { weight, activation } => {
                     let (w, b) = (&self.vars[*weight].tensor, &self.vars[*weight + 1].tensor);
-                    act(x.f_linear(w, Some(b))?, *activation)?
+                    activate(x.f_linear(w, Some(b))?, *activation)?
                 }
                 Op::Dropout(rate) => x.f_dropout(*rate, train)?,
             };
@@ -348,22 +341,33 @@ impl TchNetwork {
         Ok(x)
     }
 
+    /// Class indices as an i64 device tensor `[n]`.
+    fn class_indices(&self, labels: &[u32]) -> Result<Tensor> {
+        let labels: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+        Ok(Tensor::f_from_slice(&labels)?.f_to_device(self.device)?)
+    }
+
+    /// Dense target rows as an f32 device tensor `[n, classes]`.
+    fn target_rows(&self, rows: &convkit_core::ndarray::Array2<f32>) -> Result<Tensor> {
+        let rows = rows.as_standard_layout();
+        let (n, k) = rows.dim();
+        Ok(
+            Tensor::f_from_slice(rows.as_slice().expect("standard layout"))?
+                .f_reshape([n as i64, k as i64])?
+                .f_to_device(self.device)?,
+        )
+    }
+
     fn loss(&self, logits: &Tensor, y: &Targets) -> Result<Tensor> {
         Ok(match (self.loss, y) {
             (Loss::SparseCategoricalCrossentropy, Targets::Sparse(labels)) => {
-                let t =
-                    Tensor::f_from_slice(&labels.iter().map(|&l| l as i64).collect::<Vec<_>>())?
-                        .f_to_device(self.device)?;
+                let t = self.class_indices(labels)?;
                 logits
                     .f_log_softmax(-1, Kind::Float)?
                     .f_nll_loss::<Tensor>(&t, None, Reduction::Mean, -100)?
             }
             (Loss::CategoricalCrossentropy, Targets::Dense(rows)) => {
-                let rows = rows.as_standard_layout();
-                let (n, k) = rows.dim();
-                let t = Tensor::f_from_slice(rows.as_slice().expect("standard layout"))?
-                    .f_reshape([n as i64, k as i64])?
-                    .f_to_device(self.device)?;
+                let t = self.target_rows(rows)?;
                 logits
                     .f_log_softmax(-1, Kind::Float)?
                     .f_mul(&t)?
@@ -389,17 +393,11 @@ impl TchNetwork {
     fn correct(&self, logits: &Tensor, y: &Targets) -> Result<usize> {
         let hits = match y {
             Targets::Sparse(labels) => {
-                let t =
-                    Tensor::f_from_slice(&labels.iter().map(|&l| l as i64).collect::<Vec<_>>())?
-                        .f_to_device(self.device)?;
+                let t = self.class_indices(labels)?;
                 logits.f_argmax(-1, false)?.f_eq_tensor(&t)?
             }
             Targets::Dense(rows) => {
-                let rows = rows.as_standard_layout();
-                let (n, k) = rows.dim();
-                let t = Tensor::f_from_slice(rows.as_slice().expect("standard layout"))?
-                    .f_reshape([n as i64, k as i64])?
-                    .f_to_device(self.device)?;
+                let t = self.target_rows(rows)?;
                 logits
                     .f_argmax(-1, false)?
                     .f_eq_tensor(&t.f_argmax(-1, false)?)?
