@@ -214,6 +214,15 @@ fn setup_libtorch() -> Result<()> {
         return Ok(());
     }
     let start = std::time::Instant::now();
+    // Debian's own python3 needs python3-venv to make a virtual environment.
+    let has_venv = Command::new("python3")
+        .args(["-c", "import ensurepip, venv"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has_venv {
+        apt_install(&["python3", "python3-venv"])?;
+    }
     if !python.exists() {
         run(Command::new("python3").args(["-m", "venv"]).arg(venv()))
             .context("creating .venv (on Debian: apt-get install python3-venv)")?;
