@@ -473,3 +473,120 @@ fn training_memory_does_not_grow_with_the_number_of_steps() {
         );
     }
 }
+
+#[test]
+fn fine_tune_with_frozen_layers_and_a_new_head_on_another_engine() {
+    let listing = text(&convkit(&["backends"]));
+    let engines: Vec<&str> = listing
+        .lines()
+        .filter(|l| !l.contains("unavailable"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let (first, second) = (engines[0], *engines.last().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let o = convkit(&[
+        "train",
+        "--backend",
+        first,
+        "--epochs",
+        "1",
+        "--limit",
+        "256",
+        "--quiet",
+        "--out",
+        base.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // A two-class folder of 28×28 grey images of another size and format.
+    let root = dir.path().join("bars");
+    for split in ["train", "test"] {
+        for (class, vertical) in [("horizontal", false), ("vertical", true)] {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..8u32 {
+                let img = image::GrayImage::from_fn(40, 40, |x, y| {
+                    image::Luma([if (if vertical { x } else { y }) / 5 % 2 == i % 2 {
+                        230
+                    } else {
+                        10
+                    }])
+                });
+                img.save(d.join(format!("{i}.png"))).unwrap();
+            }
+        }
+    }
+    let tuned = dir.path().join("tuned");
+    let o = convkit(&[
+        "train",
+        "--backend",
+        second,
+        "--init-weights",
+        base.to_str().unwrap(),
+        "--freeze",
+        "4",
+        "--new-head",
+        "2",
+        "--dataset",
+        root.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--out",
+        tuned.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("Non-trainable params: 18,816"), "{t}");
+    let before = convkit::Checkpoint::load(&base).unwrap();
+    let after = convkit::Checkpoint::load(&tuned).unwrap();
+    for name in [
+        "conv2d.weight",
+        "conv2d.bias",
+        "conv2d_1.weight",
+        "conv2d_1.bias",
+    ] {
+        assert_eq!(
+            before.weights.get(name).unwrap(),
+            after.weights.get(name).unwrap(),
+            "frozen {name} changed ({first} -> {second})"
+        );
+    }
+    assert_eq!(
+        after.weights.get("dense_1.weight").unwrap().shape,
+        vec![2, 128]
+    );
+    assert!(
+        !after.spec.layers[0].trainable && after.spec.layers[4].trainable,
+        "freezing is saved in the checkpoint"
+    );
+    assert_eq!(after.meta.classes, vec!["horizontal", "vertical"]);
+
+    let out = dir.path().join("never");
+    fails_with(
+        &[
+            "train",
+            "--init-weights",
+            base.to_str().unwrap(),
+            "--new-head",
+            "0",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["new head", "at least one unit"],
+    );
+    fails_with(
+        &[
+            "train",
+            "--init-weights",
+            base.to_str().unwrap(),
+            "--freeze",
+            "99",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["cannot freeze the first 99"],
+    );
+}

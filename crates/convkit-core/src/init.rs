@@ -51,3 +51,19 @@ mod tests {
         assert!(a.get("dense.bias").unwrap().data.iter().all(|v| *v == 0.0));
     }
 }
+
+/// Weights for `spec` taken from `trained` wherever a tensor of the same name and shape exists
+/// (fine-tuning), and freshly initialised from `seed` elsewhere (a new head).
+pub fn transfer(spec: &Sequential, trained: &Weights, seed: u64) -> Result<Weights> {
+    let mut weights = glorot_uniform(spec, seed)?;
+    for (name, tensor) in weights.tensors.iter_mut() {
+        if let Some(t) = trained
+            .tensors
+            .get(name)
+            .filter(|t| t.shape == tensor.shape)
+        {
+            *tensor = t.clone();
+        }
+    }
+    Ok(weights)
+}

@@ -933,3 +933,58 @@ impl Sequential {
         Ok(ops)
     }
 }
+
+impl Sequential {
+    /// The same model with its last Dense layer replaced by a fresh one of `units` outputs
+    /// (softmax, or sigmoid for one unit): the classifier head of transfer learning.
+    pub fn with_new_head(&self, units: usize) -> Result<Sequential> {
+        let last = self
+            .layers
+            .len()
+            .checked_sub(1)
+            .ok_or_else(|| Error::config("model", "the model has no layers"))?;
+        if !matches!(self.layers[last].kind, LayerKind::Dense(_)) {
+            return Err(self.layer_error(
+                last,
+                format!(
+                    "a new head replaces the last Dense layer, found {}",
+                    self.layers[last].kind.type_name()
+                ),
+            ));
+        }
+        if units == 0 {
+            return Err(Error::config("new head", "needs at least one unit"));
+        }
+        let activation = if units == 1 {
+            Activation::Sigmoid
+        } else {
+            Activation::Softmax
+        };
+        let mut spec = self.clone();
+        spec.layers[last] = Layer {
+            name: self.layers[last].name.clone(),
+            kind: Dense::new(units).activation(activation).into(),
+            trainable: true,
+        };
+        spec.output_shapes()?;
+        Ok(spec)
+    }
+
+    /// Freeze the first `n` layers (their weights are not trained; recorded in the spec).
+    pub fn freeze_first(&mut self, n: usize) -> Result<()> {
+        if n > self.layers.len() {
+            return Err(Error::config(
+                "freeze",
+                format!(
+                    "the model has {} layers, cannot freeze the first {n}",
+                    self.layers.len()
+                ),
+            ));
+        }
+        self.layers
+            .iter_mut()
+            .take(n)
+            .for_each(|l| l.trainable = false);
+        Ok(())
+    }
+}

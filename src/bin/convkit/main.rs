@@ -88,6 +88,16 @@ struct TrainArgs {
     early_stopping: Option<usize>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Start from a trained checkpoint (its model replaces --model): fine-tuning, possibly on
+    /// another engine than the one it was trained on.
+    #[arg(long)]
+    init_weights: Option<PathBuf>,
+    /// Freeze the first N layers (they keep their weights; saved in the checkpoint).
+    #[arg(long)]
+    freeze: Option<usize>,
+    /// Replace the last Dense layer by a new one with K outputs (a new classifier head).
+    #[arg(long)]
+    new_head: Option<usize>,
     /// Output folder.
     #[arg(long, default_value = "runs/latest")]
     out: PathBuf,
@@ -196,7 +206,24 @@ fn verbosity(quiet: bool) -> Verbosity {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let spec = Sequential::from_preset_or_file(&args.model)?;
+    // The starting point: a preset/spec with fresh weights, or a trained checkpoint.
+    let (mut spec, start, normalisation) = match &args.init_weights {
+        Some(path) => {
+            let ckpt = load_checkpoint(path)?;
+            (ckpt.spec, Some(ckpt.weights), ckpt.meta.normalisation)
+        }
+        None => (
+            Sequential::from_preset_or_file(&args.model)?,
+            None,
+            Normalisation::Rescale,
+        ),
+    };
+    if let Some(k) = args.new_head {
+        spec = spec.with_new_head(k)?;
+    }
+    if let Some(n) = args.freeze {
+        spec.freeze_first(n)?;
+    }
     let mut optimizer = Optimizer::by_name(&args.optimizer)?;
     if let Some(lr) = args.learning_rate {
         optimizer = optimizer.with_learning_rate(lr);
@@ -209,7 +236,6 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let compile = Compile::new(optimizer, loss);
     compile.check(&spec)?;
     let backend = convkit::backend(&args.data.backend)?;
-    let normalisation = Normalisation::Rescale;
     let train = load_split(&args.data, Split::Train, &spec, args.seed, &normalisation)?;
     let test = load_split(&args.data, Split::Test, &spec, args.seed, &normalisation)?;
     if !args.data.quiet {
@@ -223,7 +249,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             train.shape
         );
     }
-    let mut model = Model::new(spec, compile, backend.as_ref(), args.seed)?;
+    let weights = match &start {
+        Some(trained) => convkit::init::transfer(&spec, trained, args.seed)?,
+        None => convkit::init::glorot_uniform(&spec, args.seed)?,
+    };
+    let mut model = Model::with_weights(spec, compile, backend.as_ref(), &weights)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut fit = model
