@@ -42,8 +42,8 @@ pub mod prelude {
     pub use convkit_core::weights::{Checkpoint, CheckpointMeta};
     pub use convkit_core::{
         Activation, Backend, Compile, Conv2D, CsvLogger, Dataset, Dense, Dropout, EarlyStopping,
-        ImageShape, LayerKind, Loss, Model, ModelCheckpoint, Monitor, Normalisation, Optimizer,
-        Padding, Sequential, Verbosity,
+        ImageShape, LayerKind, LearningRateScheduler, Loss, Model, ModelCheckpoint, Monitor,
+        Normalisation, Optimizer, Padding, ReduceLrOnPlateau, Schedule, Sequential, Verbosity,
     };
 }
 

@@ -205,6 +205,10 @@ fn bad_input_fails_clearly() {
         ],
         &["binary_crossentropy needs one unit"],
     );
+    fails_with(
+        &["train", "--lr-schedule", "cosine", "--out", out_s],
+        &["expected step=FACTOR/EVERY or exp=RATE, found `cosine`"],
+    );
     assert!(!out.exists(), "a failed run left files behind");
 
     let garbage = dir.path().join("garbage.safetensors");

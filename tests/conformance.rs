@@ -499,3 +499,36 @@ fn engines_agree_with_the_reference_engine() {
         }
     }
 }
+
+#[test]
+fn a_changed_learning_rate_reaches_the_engine() {
+    let spec = small_specs().remove(0);
+    let weights = init::glorot_uniform(&spec, 5).unwrap();
+    let x = batch(4, spec.input_shape, 6);
+    let y = targets(Loss::SparseCategoricalCrossentropy, 4, 3);
+    for engine in engines() {
+        let step = |initial: f64, set: Option<f64>| {
+            let compile = Compile::new(
+                Optimizer::sgd().with_learning_rate(initial),
+                Loss::SparseCategoricalCrossentropy,
+            );
+            let mut m =
+                Model::with_weights(spec.clone(), compile, engine.as_ref(), &weights).unwrap();
+            if let Some(lr) = set {
+                m.set_learning_rate(lr);
+            }
+            m.network_mut().train_step(x.view(), &y).unwrap();
+            m.weights().unwrap()
+        };
+        let (name, d) = worst(
+            &step(0.1, Some(0.05))
+                .max_abs_diff(&step(0.05, None))
+                .unwrap(),
+        );
+        assert!(
+            d <= 1e-7,
+            "{}: set_learning_rate(0.05) differs from building with 0.05 at `{name}` by {d:e}",
+            engine.name()
+        );
+    }
+}

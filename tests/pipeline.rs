@@ -260,3 +260,54 @@ fn fashion_mnist_from_the_system_location() {
     assert_eq!(test.len(), 10_000);
     assert_eq!(test.classes[9], "Ankle boot");
 }
+
+#[test]
+fn learning_rate_schedules_and_plateaus() {
+    let data = synthetic(64, ImageShape::new(6, 6, 1), 2, 3)
+        .unwrap()
+        .normalise(Normalisation::Rescale);
+    let spec = Sequential::new(6, 6, 1)
+        .flatten()
+        .add(Dense::new(2).activation(Activation::Softmax));
+    for engine in engines() {
+        let compile = Compile::new(
+            Optimizer::sgd().with_learning_rate(0.1),
+            Loss::SparseCategoricalCrossentropy,
+        );
+        let mut model = Model::new(spec.clone(), compile, engine.as_ref(), 0).unwrap();
+        let h = model
+            .fit(&data)
+            .epochs(3)
+            .verbosity(Verbosity::Silent)
+            .callback(LearningRateScheduler(Schedule::Step {
+                initial: 0.1,
+                factor: 0.5,
+                every: 1,
+            }))
+            .run()
+            .unwrap();
+        let rates: Vec<f64> = h.epochs.iter().map(|e| e.learning_rate).collect();
+        assert_eq!(rates, vec![0.1, 0.05, 0.025], "{}", engine.name());
+
+        // A rate so small the loss cannot improve: the plateau rule halves it after one epoch.
+        let compile = Compile::new(
+            Optimizer::sgd().with_learning_rate(1e-12),
+            Loss::SparseCategoricalCrossentropy,
+        );
+        let mut model = Model::new(spec.clone(), compile, engine.as_ref(), 0).unwrap();
+        let h = model
+            .fit(&data)
+            .epochs(3)
+            .verbosity(Verbosity::Silent)
+            .callback(ReduceLrOnPlateau::new(Monitor::Loss, 1).factor(0.5))
+            .run()
+            .unwrap();
+        let rates: Vec<f64> = h.epochs.iter().map(|e| e.learning_rate).collect();
+        assert_eq!(rates, vec![1e-12, 1e-12, 5e-13], "{}", engine.name());
+        assert!(model
+            .fit(&data)
+            .callback(ReduceLrOnPlateau::new(Monitor::Loss, 1).factor(2.0))
+            .run()
+            .is_err());
+    }
+}

@@ -26,7 +26,8 @@ pub use error::{Error, Result};
 pub use metrics::{ClassificationReport, ConfusionMatrix};
 pub use spec::{Activation, Conv2D, Dense, Dropout, LayerKind, Padding, Pool2D, Sequential};
 pub use train::{
-    CsvLogger, EarlyStopping, Evaluation, History, Model, ModelCheckpoint, Monitor, Verbosity,
+    Callback, Control, CsvLogger, EarlyStopping, Evaluation, History, LearningRateScheduler, Model,
+    ModelCheckpoint, Monitor, ReduceLrOnPlateau, Schedule, Verbosity,
 };
 pub use weights::{Checkpoint, CheckpointMeta, Tensor, Weights};
 

@@ -444,6 +444,10 @@ pub trait Callback {
     fn on_train_begin(&mut self, _model: &mut Model) -> Result<()> {
         Ok(())
     }
+    /// Called before each epoch (1-based), e.g. to set its learning rate.
+    fn on_epoch_begin(&mut self, _epoch: usize, _model: &mut Model) -> Result<()> {
+        Ok(())
+    }
     /// Called after each training batch with its stats (Keras' `on_train_batch_end`).
     fn on_batch_end(&mut self, _batch: usize, _stats: &crate::backend::StepStats) -> Result<()> {
         Ok(())
@@ -764,6 +768,9 @@ impl<'a> Fit<'a> {
             if self.shuffle {
                 order.shuffle(&mut rng);
             }
+            for cb in &mut self.callbacks {
+                cb.on_epoch_begin(epoch, model)?;
+            }
             let bar = progress_bar(verbosity, epoch, self.epochs, batches);
             let start = Instant::now();
             let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
@@ -889,10 +896,125 @@ impl<C: Callback + ?Sized> Callback for &mut C {
     fn on_batch_end(&mut self, batch: usize, stats: &crate::backend::StepStats) -> Result<()> {
         (**self).on_batch_end(batch, stats)
     }
+    fn on_epoch_begin(&mut self, epoch: usize, model: &mut Model) -> Result<()> {
+        (**self).on_epoch_begin(epoch, model)
+    }
     fn on_epoch_end(&mut self, history: &History, model: &mut Model) -> Result<Control> {
         (**self).on_epoch_end(history, model)
     }
     fn on_train_end(&mut self, history: &History, model: &mut Model) -> Result<()> {
         (**self).on_train_end(history, model)
+    }
+}
+
+/// A learning rate per epoch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Schedule {
+    /// `initial · factor^⌊(epoch − 1) / every⌋`.
+    Step {
+        initial: f64,
+        factor: f64,
+        every: usize,
+    },
+    /// `initial · rate^(epoch − 1)`.
+    Exponential { initial: f64, rate: f64 },
+}
+
+impl Schedule {
+    /// The rate for `epoch` (1-based).
+    pub fn rate(&self, epoch: usize) -> f64 {
+        match *self {
+            Schedule::Step {
+                initial,
+                factor,
+                every,
+            } => initial * factor.powi(((epoch - 1) / every.max(1)) as i32),
+            Schedule::Exponential { initial, rate } => initial * rate.powi(epoch as i32 - 1),
+        }
+    }
+}
+
+/// Sets each epoch's learning rate from a [`Schedule`] (Keras' `LearningRateScheduler`).
+#[derive(Debug, Clone)]
+pub struct LearningRateScheduler(pub Schedule);
+
+impl Callback for LearningRateScheduler {
+    fn on_epoch_begin(&mut self, epoch: usize, model: &mut Model) -> Result<()> {
+        let rate = self.0.rate(epoch);
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(Error::config(
+                "learning-rate schedule",
+                format!("gives {rate} for epoch {epoch}; expected a positive rate"),
+            ));
+        }
+        model.set_learning_rate(rate);
+        Ok(())
+    }
+    fn on_epoch_end(&mut self, _history: &History, _model: &mut Model) -> Result<Control> {
+        Ok(Control::Continue)
+    }
+}
+
+/// Multiply the learning rate by `factor` once the monitored quantity has not improved by
+/// `min_delta` for `patience` epochs, never below `min_lr` (Keras' `ReduceLROnPlateau`).
+#[derive(Debug, Clone)]
+pub struct ReduceLrOnPlateau {
+    pub monitor: Monitor,
+    pub factor: f64,
+    pub patience: usize,
+    pub min_delta: f64,
+    pub min_lr: f64,
+    best: Option<f64>,
+    wait: usize,
+}
+
+impl ReduceLrOnPlateau {
+    /// Keras' defaults: factor 0.1, min_delta 1e-4, min_lr 0.
+    pub fn new(monitor: Monitor, patience: usize) -> Self {
+        ReduceLrOnPlateau {
+            monitor,
+            factor: 0.1,
+            patience,
+            min_delta: 1e-4,
+            min_lr: 0.0,
+            best: None,
+            wait: 0,
+        }
+    }
+    pub fn factor(mut self, factor: f64) -> Self {
+        self.factor = factor;
+        self
+    }
+    pub fn min_lr(mut self, min_lr: f64) -> Self {
+        self.min_lr = min_lr;
+        self
+    }
+}
+
+impl Callback for ReduceLrOnPlateau {
+    fn on_train_begin(&mut self, _model: &mut Model) -> Result<()> {
+        if !(self.factor > 0.0 && self.factor < 1.0) {
+            return Err(Error::config(
+                "ReduceLROnPlateau",
+                format!("factor must be in (0, 1), found {}", self.factor),
+            ));
+        }
+        Ok(())
+    }
+    fn on_epoch_end(&mut self, history: &History, model: &mut Model) -> Result<Control> {
+        let log = history.epochs.last().expect("called after an epoch");
+        let value = self.monitor.value(log)?;
+        if self.monitor.improves(value, self.best, self.min_delta) {
+            self.best = Some(value);
+            self.wait = 0;
+        } else {
+            self.wait += 1;
+            if self.wait >= self.patience {
+                let lr = (model.learning_rate() * self.factor).max(self.min_lr);
+                model.set_learning_rate(lr);
+                self.wait = 0;
+            }
+        }
+        Ok(Control::Continue)
     }
 }

@@ -86,6 +86,12 @@ struct TrainArgs {
     /// Stop when val_loss has not improved for this many epochs, restoring the best weights.
     #[arg(long)]
     early_stopping: Option<usize>,
+    /// Multiply the learning rate by 0.1 when val_loss has not improved for this many epochs.
+    #[arg(long)]
+    reduce_lr_on_plateau: Option<usize>,
+    /// Learning rate per epoch: `step=FACTOR/EVERY` (×FACTOR every EVERY epochs) or `exp=RATE`.
+    #[arg(long, value_parser = parse_schedule)]
+    lr_schedule: Option<LrSchedule>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Start from a trained checkpoint (its model replaces --model): fine-tuning, possibly on
@@ -150,6 +156,34 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--lr-schedule`, before the initial rate is known.
+#[derive(Clone, Copy)]
+enum LrSchedule {
+    Step { factor: f64, every: usize },
+    Exponential { rate: f64 },
+}
+
+fn parse_schedule(text: &str) -> Result<LrSchedule, String> {
+    let bad = || format!("expected step=FACTOR/EVERY or exp=RATE, found `{text}`");
+    let (kind, value) = text.split_once('=').ok_or_else(bad)?;
+    match kind {
+        "step" => {
+            let (factor, every) = value.split_once('/').ok_or_else(bad)?;
+            let factor: f64 = factor.parse().map_err(|_| bad())?;
+            let every: usize = every.parse().map_err(|_| bad())?;
+            if factor <= 0.0 || every == 0 {
+                return Err(bad());
+            }
+            Ok(LrSchedule::Step { factor, every })
+        }
+        "exp" => match value.parse::<f64>() {
+            Ok(rate) if rate > 0.0 => Ok(LrSchedule::Exponential { rate }),
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
     }
 }
 
@@ -253,6 +287,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         Some(trained) => convkit::init::transfer(&spec, trained, args.seed)?,
         None => convkit::init::glorot_uniform(&spec, args.seed)?,
     };
+    let optimizer_lr = compile.optimizer.learning_rate();
     let mut model = Model::with_weights(spec, compile, backend.as_ref(), &weights)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -267,6 +302,20 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         Some(f) => fit.validation_split(f),
         None => fit.validation_data(&test),
     };
+    if let Some(patience) = args.reduce_lr_on_plateau {
+        fit = fit.callback(ReduceLrOnPlateau::new(Monitor::ValLoss, patience));
+    }
+    if let Some(schedule) = args.lr_schedule {
+        let initial = optimizer_lr;
+        fit = fit.callback(LearningRateScheduler(match schedule {
+            LrSchedule::Step { factor, every } => Schedule::Step {
+                initial,
+                factor,
+                every,
+            },
+            LrSchedule::Exponential { rate } => Schedule::Exponential { initial, rate },
+        }));
+    }
     if let Some(patience) = args.early_stopping {
         fit =
             fit.callback(EarlyStopping::new(Monitor::ValLoss, patience).restore_best_weights(true));
