@@ -594,3 +594,29 @@ fn fine_tune_with_frozen_layers_and_a_new_head_on_another_engine() {
         &["cannot freeze the first 99"],
     );
 }
+
+#[test]
+fn evaluate_an_ensemble_by_average_and_by_vote() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for seed in ["1", "2", "3"] {
+        let out = dir.path().join(format!("m{seed}"));
+        let o = convkit(&["train", "--epochs", "1", "--limit", "200", "--seed", seed, "--quiet", "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text(&o));
+        runs.push(out.to_str().unwrap().to_string());
+    }
+    for how in ["average", "vote"] {
+        let out = dir.path().join(format!("ens-{how}"));
+        let mut args = vec!["evaluate", "--limit", "200", "--ensemble", how, "--out", out.to_str().unwrap()];
+        for r in &runs {
+            args.extend(["--weights", r.as_str()]);
+        }
+        let o = convkit(&args);
+        let t = text(&o);
+        assert!(o.status.success(), "{t}");
+        assert!(t.contains("ensemble of 3 models") && t.contains("macro avg") && t.matches("test accuracy").count() >= 4, "{t}");
+        let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+        assert!(metrics["test_accuracy"].as_f64().unwrap() > 0.3, "{how}: {metrics}");
+    }
+    fails_with(&["evaluate", "--weights", &runs[0], "--ensemble", "median"], &["expected average or vote"]);
+}

@@ -115,3 +115,139 @@ impl Scored {
         crate::table::write_csv(&mut self.predictions_dataframe()?, path)
     }
 }
+
+/// How an ensemble combines its members' predictions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combine {
+    /// Mean of the members' probabilities.
+    Average,
+    /// Majority vote of the members' predicted classes; the "probabilities" are vote shares
+    /// (a tie goes to the lowest class index).
+    Vote,
+}
+
+impl std::str::FromStr for Combine {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "average" | "mean" => Ok(Combine::Average),
+            "vote" => Ok(Combine::Vote),
+            o => Err(Error::config(
+                "ensemble",
+                format!("expected average or vote, found `{o}`"),
+            )),
+        }
+    }
+}
+
+/// Combine the evaluations of several models on the same data into the ensemble's.
+pub fn ensemble(
+    members: &[Evaluation],
+    combine: Combine,
+    loss: crate::Loss,
+    head: crate::Head,
+) -> Result<Evaluation> {
+    let first = members
+        .first()
+        .ok_or_else(|| Error::config("ensemble", "needs at least one model"))?;
+    for (i, m) in members.iter().enumerate() {
+        if m.labels != first.labels
+            || m.classes != first.classes
+            || m.probabilities.dim() != first.probabilities.dim()
+        {
+            return Err(Error::config(
+                "ensemble",
+                format!("model {i} was evaluated on other data or classes ({:?} probabilities, {} classes) than model 0 ({:?}, {})", m.probabilities.dim(), m.classes.len(), first.probabilities.dim(), first.classes.len()),
+            ));
+        }
+    }
+    let n = members.len() as f32;
+    let probabilities = match combine {
+        Combine::Average => {
+            members.iter().fold(
+                ndarray::Array2::zeros(first.probabilities.dim()),
+                |acc, m| acc + &m.probabilities,
+            ) / n
+        }
+        Combine::Vote => {
+            let (rows, cols) = first.probabilities.dim();
+            let mut shares = ndarray::Array2::<f32>::zeros((rows, cols));
+            for m in members {
+                for (r, &class) in m.predicted.iter().enumerate() {
+                    match head {
+                        crate::Head::Sigmoid => shares[[r, 0]] += class as f32 / n,
+                        crate::Head::Softmax => shares[[r, class as usize]] += 1.0 / n,
+                    }
+                }
+            }
+            shares
+        }
+    };
+    Evaluation::new(
+        loss,
+        head,
+        probabilities,
+        first.labels.clone(),
+        first.classes.clone(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::arr2;
+
+    fn eval(p: ndarray::Array2<f32>) -> Evaluation {
+        Evaluation::new(
+            crate::Loss::SparseCategoricalCrossentropy,
+            crate::Head::Softmax,
+            p,
+            vec![0, 1, 2],
+            vec!["a".into(), "b".into(), "c".into()],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn average_and_vote() {
+        let a = eval(arr2(&[[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.1, 0.1, 0.8]]));
+        let b = eval(arr2(&[[0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7]]));
+        let c = eval(arr2(&[[0.5, 0.4, 0.1], [0.1, 0.6, 0.3], [0.6, 0.2, 0.2]]));
+        let members = [a, b, c];
+        let avg = ensemble(
+            &members,
+            Combine::Average,
+            crate::Loss::SparseCategoricalCrossentropy,
+            crate::Head::Softmax,
+        )
+        .unwrap();
+        assert!((avg.probabilities[[0, 0]] - 1.3 / 3.0).abs() < 1e-6);
+        assert_eq!(avg.predicted, vec![0, 1, 2]);
+        let vote = ensemble(
+            &members,
+            Combine::Vote,
+            crate::Loss::SparseCategoricalCrossentropy,
+            crate::Head::Softmax,
+        )
+        .unwrap();
+        // sample 0: votes a→0, b→1, c→0 → 0; sample 2: 2, 2, 0 → 2
+        assert_eq!(vote.predicted, vec![0, 1, 2]);
+        assert!((vote.probabilities[[0, 0]] - 2.0 / 3.0).abs() < 1e-6);
+        assert_eq!(vote.accuracy, 1.0);
+        let other = Evaluation::new(
+            crate::Loss::SparseCategoricalCrossentropy,
+            crate::Head::Softmax,
+            arr2(&[[1.0, 0.0, 0.0]]),
+            vec![0],
+            vec!["a".into(), "b".into(), "c".into()],
+        )
+        .unwrap();
+        assert!(ensemble(
+            &[members[0].clone(), other],
+            Combine::Average,
+            crate::Loss::SparseCategoricalCrossentropy,
+            crate::Head::Softmax
+        )
+        .is_err());
+    }
+}

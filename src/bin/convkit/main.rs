@@ -113,9 +113,13 @@ struct TrainArgs {
 struct EvaluateArgs {
     #[command(flatten)]
     data: DataArgs,
-    /// A checkpoint file, or a run folder holding model.safetensors.
-    #[arg(long)]
-    weights: PathBuf,
+    /// A checkpoint file, or a run folder holding model.safetensors; repeat it to evaluate an
+    /// ensemble of models.
+    #[arg(long, required = true)]
+    weights: Vec<PathBuf>,
+    /// How an ensemble combines its models: average (probabilities) or vote (classes).
+    #[arg(long, default_value = "average")]
+    ensemble: convkit::artifacts::Combine,
     /// Write metrics.json and predictions.csv here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -359,28 +363,66 @@ fn load_checkpoint(path: &Path) -> anyhow::Result<Checkpoint> {
 }
 
 fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
-    let ckpt = load_checkpoint(&args.weights)?;
     let backend = convkit::backend(&args.data.backend)?;
-    let test = load_split(
-        &args.data,
-        Split::Test,
-        &ckpt.spec,
-        0,
-        &ckpt.meta.normalisation,
-    )?;
-    if !ckpt.meta.classes.is_empty() && ckpt.meta.classes != test.classes {
-        bail!(
-            "the weights were trained on classes {:?}, but `{}` has {:?}",
-            ckpt.meta.classes,
-            args.data.dataset,
-            test.classes
-        );
+    let mut members = Vec::new();
+    let mut first: Option<(Checkpoint, Dataset)> = None;
+    for path in &args.weights {
+        let ckpt = load_checkpoint(path)?;
+        let test = match &first {
+            Some((f, ds))
+                if f.spec.input_shape == ckpt.spec.input_shape
+                    && f.meta.normalisation == ckpt.meta.normalisation =>
+            {
+                ds.clone()
+            }
+            _ => load_split(
+                &args.data,
+                Split::Test,
+                &ckpt.spec,
+                0,
+                &ckpt.meta.normalisation,
+            )?,
+        };
+        if !ckpt.meta.classes.is_empty() && ckpt.meta.classes != test.classes {
+            bail!(
+                "{}: the weights were trained on classes {:?}, but `{}` has {:?}",
+                path.display(),
+                ckpt.meta.classes,
+                args.data.dataset,
+                test.classes
+            );
+        }
+        let model = Model::from_checkpoint(&ckpt, backend.as_ref())?;
+        let evaluation = model.evaluate(&test, args.data.batch_size.max(1))?;
+        if args.weights.len() > 1 {
+            println!(
+                "{}: test loss {:.4}, test accuracy {:.4}",
+                path.display(),
+                evaluation.loss,
+                evaluation.accuracy
+            );
+        }
+        members.push(evaluation);
+        if first.is_none() {
+            first = Some((ckpt, test));
+        }
     }
-    let model = Model::from_checkpoint(&ckpt, backend.as_ref())?;
-    let scored = Scored::new(model.evaluate(&test, args.data.batch_size.max(1))?)?;
+    let (ckpt, _) = first.expect("at least one --weights");
+    let evaluation = if members.len() == 1 {
+        members.remove(0)
+    } else {
+        let head = ckpt.compile.check(&ckpt.spec)?;
+        println!(
+            "ensemble of {} models ({:?}):",
+            members.len(),
+            args.ensemble
+        );
+        convkit::artifacts::ensemble(&members, args.ensemble, ckpt.compile.loss, head)?
+    };
+    let scored = Scored::new(evaluation)?;
     println!("{}", scored.text());
     if let Some(out) = &args.out {
-        let extra = serde_json::json!({"backend": backend.name(), "model": ckpt.spec.name, "dataset": args.data.dataset, "weights": args.weights});
+        let extra = serde_json::json!({"backend": backend.name(), "model": ckpt.spec.name, "dataset": args.data.dataset, "weights": args.weights, "ensemble": format!("{:?}", args.ensemble)});
         scored.write_metrics_json(&out.join("metrics.json"), None, extra)?;
         scored.write_predictions_csv(&out.join("predictions.csv"))?;
         println!("wrote {}", out.display());
