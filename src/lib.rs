@@ -37,6 +37,7 @@ pub use convkit_tch;
 /// Everything a tutorial needs, in one import.
 pub mod prelude {
     pub use convkit_core::artifacts::Scored;
+    pub use convkit_core::augment::Augment;
     pub use convkit_core::data::{one_hot, synthetic, DatasetName, Locator, Split};
     pub use convkit_core::plot::{ConfusionHeatmap, Figure, SampleGrid, TrainingCurves};
     pub use convkit_core::weights::{Checkpoint, CheckpointMeta};

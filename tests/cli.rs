@@ -601,22 +601,85 @@ fn evaluate_an_ensemble_by_average_and_by_vote() {
     let mut runs = Vec::new();
     for seed in ["1", "2", "3"] {
         let out = dir.path().join(format!("m{seed}"));
-        let o = convkit(&["train", "--epochs", "1", "--limit", "200", "--seed", seed, "--quiet", "--out", out.to_str().unwrap()]);
+        let o = convkit(&[
+            "train",
+            "--epochs",
+            "1",
+            "--limit",
+            "200",
+            "--seed",
+            seed,
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{}", text(&o));
         runs.push(out.to_str().unwrap().to_string());
     }
     for how in ["average", "vote"] {
         let out = dir.path().join(format!("ens-{how}"));
-        let mut args = vec!["evaluate", "--limit", "200", "--ensemble", how, "--out", out.to_str().unwrap()];
+        let mut args = vec![
+            "evaluate",
+            "--limit",
+            "200",
+            "--ensemble",
+            how,
+            "--out",
+            out.to_str().unwrap(),
+        ];
         for r in &runs {
             args.extend(["--weights", r.as_str()]);
         }
         let o = convkit(&args);
         let t = text(&o);
         assert!(o.status.success(), "{t}");
-        assert!(t.contains("ensemble of 3 models") && t.contains("macro avg") && t.matches("test accuracy").count() >= 4, "{t}");
-        let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
-        assert!(metrics["test_accuracy"].as_f64().unwrap() > 0.3, "{how}: {metrics}");
+        assert!(
+            t.contains("ensemble of 3 models")
+                && t.contains("macro avg")
+                && t.matches("test accuracy").count() >= 4,
+            "{t}"
+        );
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap())
+                .unwrap();
+        assert!(
+            metrics["test_accuracy"].as_f64().unwrap() > 0.3,
+            "{how}: {metrics}"
+        );
     }
-    fails_with(&["evaluate", "--weights", &runs[0], "--ensemble", "median"], &["expected average or vote"]);
+    fails_with(
+        &["evaluate", "--weights", &runs[0], "--ensemble", "median"],
+        &["expected average or vote"],
+    );
+}
+
+#[test]
+fn augmented_training_writes_examples_and_rejects_bad_specs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("aug");
+    let o = convkit(&[
+        "train",
+        "--epochs",
+        "1",
+        "--limit",
+        "128",
+        "--augment",
+        "rotate=10,shift=0.1,zoom=0.1",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let img = image::open(out.join("augmented.png")).unwrap();
+    assert!(img.width() > 100 && img.height() > 100);
+    fails_with(
+        &[
+            "train",
+            "--augment",
+            "rotate=10,blur",
+            "--out",
+            dir.path().join("x").to_str().unwrap(),
+        ],
+        &["unknown `blur`"],
+    );
 }

@@ -4,6 +4,7 @@
 //! which engines exist.
 
 pub mod artifacts;
+pub mod augment;
 pub mod backend;
 pub mod compare;
 pub mod compile;

@@ -165,6 +165,7 @@ impl Model {
             shuffle: true,
             seed: 0,
             verbosity: Verbosity::Auto,
+            augment: crate::augment::Augment::default(),
             callbacks: Vec::new(),
         }
     }
@@ -658,6 +659,7 @@ pub struct Fit<'a> {
     shuffle: bool,
     seed: u64,
     verbosity: Verbosity,
+    augment: crate::augment::Augment,
     callbacks: Vec<Box<dyn Callback + 'a>>,
 }
 
@@ -691,6 +693,11 @@ impl<'a> Fit<'a> {
     }
     pub fn verbosity(mut self, verbosity: Verbosity) -> Self {
         self.verbosity = verbosity;
+        self
+    }
+    /// Augment every training batch on the fly (seeded from the fit's seed).
+    pub fn augment(mut self, augment: crate::augment::Augment) -> Self {
+        self.augment = augment;
         self
     }
     pub fn callback(mut self, callback: impl Callback + 'a) -> Self {
@@ -752,6 +759,10 @@ impl<'a> Fit<'a> {
         }
         let [h, w, c] = model.spec.input_shape;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        // A separate stream, so turning augmentation on leaves the batch order unchanged.
+        let mut augment_rng =
+            rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ 0xa5a5_5a5a_f00d_cafe);
+        let mut augment_scratch = Vec::new();
         let mut buffer = Array4::<f32>::zeros((self.batch_size.min(order.len()), h, w, c));
         let mut targets = match model.compile.loss {
             Loss::SparseCategoricalCrossentropy => {
@@ -777,6 +788,8 @@ impl<'a> Fit<'a> {
             for chunk in order.chunks(self.batch_size) {
                 let mut x = buffer.slice_mut(s![..chunk.len(), .., .., ..]);
                 train.fill_batch(chunk, x.view_mut())?;
+                self.augment
+                    .apply(x.view_mut(), &mut augment_rng, &mut augment_scratch);
                 fill_targets(&mut targets, train, chunk);
                 let stats = model.network.train_step(x.view(), &targets)?;
                 if !stats.loss.is_finite() {

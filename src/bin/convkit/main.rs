@@ -89,6 +89,10 @@ struct TrainArgs {
     /// Multiply the learning rate by 0.1 when val_loss has not improved for this many epochs.
     #[arg(long)]
     reduce_lr_on_plateau: Option<usize>,
+    /// Augment training batches on the fly: any of flip, vflip, rotate=DEG, shift=FRACTION,
+    /// zoom=FRACTION, comma-separated. Writes augmented.png with examples.
+    #[arg(long, value_parser = |s: &str| convkit::augment::Augment::parse(s).map_err(|e| e.to_string()))]
+    augment: Option<convkit::augment::Augment>,
     /// Learning rate per epoch: `step=FACTOR/EVERY` (×FACTOR every EVERY epochs) or `exp=RATE`.
     #[arg(long, value_parser = parse_schedule)]
     lr_schedule: Option<LrSchedule>,
@@ -306,6 +310,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         Some(f) => fit.validation_split(f),
         None => fit.validation_data(&test),
     };
+    if let Some(augment) = args.augment {
+        fit = fit.augment(augment);
+        SampleGrid::new(&augment.preview(&train, 32, args.seed)?, 32, None)
+            .save(&args.out.join("augmented.png"))?;
+    }
     if let Some(patience) = args.reduce_lr_on_plateau {
         fit = fit.callback(ReduceLrOnPlateau::new(Monitor::ValLoss, patience));
     }
