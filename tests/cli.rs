@@ -683,3 +683,44 @@ fn augmented_training_writes_examples_and_rejects_bad_specs() {
         &["unknown `blur`"],
     );
 }
+
+#[test]
+fn search_ranks_trials_and_saves_the_best_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    let space = dir.path().join("space.toml");
+    std::fs::write(&space, "model = \"tutorial-mnist\"\ndataset = \"mnist\"\nlimit = 256\nvalidation_split = 0.25\n[space]\noptimizer = [\"adam\", \"sgd\"]\nfilters = [8, 16]\ndropout = [0.0, 0.3]\n").unwrap();
+    let out = dir.path().join("search");
+    let o = convkit(&[
+        "search",
+        "--space",
+        space.to_str().unwrap(),
+        "--trials",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let csv = std::fs::read_to_string(out.join("search.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 4, "{csv}");
+    assert!(
+        lines[0]
+            .starts_with("trial,optimizer,learning_rate,batch_size,filters,dropout,val_accuracy"),
+        "{csv}"
+    );
+    let acc: Vec<f64> = lines[1..]
+        .iter()
+        .map(|l| l.split(',').nth(6).unwrap().parse().unwrap())
+        .collect();
+    assert!(acc.windows(2).all(|w| w[0] >= w[1]), "not sorted: {acc:?}");
+    let best = convkit::Sequential::load_json(&out.join("best_model.json")).unwrap();
+    assert!(best.layers.iter().any(
+        |l| matches!(&l.kind, convkit::LayerKind::Conv2D(c) if c.filters == 8 || c.filters == 16)
+    ));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[space]\noptimizer = [\"adagrad\"]\n").unwrap();
+    fails_with(
+        &["search", "--space", bad.to_str().unwrap()],
+        &["expected sgd, adam or rmsprop"],
+    );
+}

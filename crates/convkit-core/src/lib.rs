@@ -15,6 +15,7 @@ pub mod io;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod search;
 pub mod spec;
 pub mod table;
 pub mod train;

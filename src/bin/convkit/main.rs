@@ -37,6 +37,8 @@ enum Command {
     },
     /// List the compiled-in engines and their devices.
     Backends,
+    /// Hyper-parameter search: short fits over a space read from TOML, ranked by validation accuracy.
+    Search(SearchArgs),
     /// Cross-check and benchmark every engine on the same work.
     Compare(compare::CompareArgs),
     /// One engine of a comparison, in its own process (used by `compare`).
@@ -114,6 +116,22 @@ struct TrainArgs {
 }
 
 #[derive(Args)]
+struct SearchArgs {
+    /// The search: base model, dataset, epochs, limit, validation_split, strategy (grid or
+    /// random), seed, and a [space] of optimizer, learning_rate, batch_size, filters, dropout.
+    #[arg(long)]
+    space: PathBuf,
+    /// At most this many trials (the first of the grid, or this many random draws).
+    #[arg(long, default_value_t = 10)]
+    trials: usize,
+    #[arg(long, default_value = "candle-cpu")]
+    backend: String,
+    /// Writes search.csv (trials ranked by validation accuracy), best_model.json and best.json.
+    #[arg(long, default_value = "runs/search")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct EvaluateArgs {
     #[command(flatten)]
     data: DataArgs,
@@ -152,6 +170,7 @@ fn main() -> ExitCode {
             .map(|s| println!("{s}"))
             .map_err(Into::into),
         Command::Compare(args) => compare::compare(args),
+        Command::Search(args) => search(args),
         Command::CompareWorker(args) => compare::worker(args),
         Command::Backends => {
             backends();
@@ -364,6 +383,134 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             .save(&out.join(format!("samples.{ext}")))?;
     }
     println!("wrote {}", out.display());
+    Ok(())
+}
+
+fn search(args: SearchArgs) -> anyhow::Result<()> {
+    use convkit::polars::prelude::{Column, DataFrame, IntoColumn, SortMultipleOptions};
+    let config = convkit::search::SearchConfig::from_toml(&args.space)?;
+    let base = Sequential::from_preset_or_file(&config.model)?;
+    let backend = convkit::backend(&args.backend)?;
+    let data = DataArgs {
+        dataset: config.dataset.clone(),
+        backend: args.backend.clone(),
+        limit: config.limit,
+        batch_size: 32,
+        quiet: true,
+    };
+    let train = load_split(
+        &data,
+        Split::Train,
+        &base,
+        config.seed,
+        &Normalisation::Rescale,
+    )?;
+    let trials = config.trials(args.trials);
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut results = Vec::new();
+    for (i, trial) in trials.iter().enumerate() {
+        let spec = trial.spec(&base)?;
+        let loss = if spec.output_shape()?.numel() == 1 {
+            Loss::BinaryCrossentropy
+        } else {
+            Loss::SparseCategoricalCrossentropy
+        };
+        let compile = Compile::new(trial.optimizer()?, loss);
+        let mut model = Model::new(spec.clone(), compile.clone(), backend.as_ref(), config.seed)?;
+        let start = std::time::Instant::now();
+        let history = model
+            .fit(&train)
+            .epochs(config.epochs)
+            .batch_size(trial.batch_size)
+            .seed(config.seed)
+            .validation_split(config.validation_split)
+            .verbosity(Verbosity::Silent)
+            .run()?;
+        let last = history.epochs.last().expect("at least one epoch");
+        let (acc, vloss) = (
+            last.val_accuracy.unwrap_or(f64::NAN),
+            last.val_loss.unwrap_or(f64::NAN),
+        );
+        eprintln!(
+            "trial {}/{}: {trial:?} → val_accuracy {acc:.4}, val_loss {vloss:.4}",
+            i + 1,
+            trials.len()
+        );
+        results.push((
+            trial.clone(),
+            acc,
+            vloss,
+            start.elapsed().as_secs_f64(),
+            spec,
+            compile,
+        ));
+    }
+    let col = |name: &str, v: Vec<f64>| Column::new(name.into(), v);
+    let mut df = DataFrame::new_infer_height(vec![
+        Column::new(
+            "trial".into(),
+            (1..=results.len() as u32).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "optimizer".into(),
+            results
+                .iter()
+                .map(|r| r.0.optimizer.clone())
+                .collect::<Vec<_>>(),
+        ),
+        col(
+            "learning_rate",
+            results
+                .iter()
+                .map(|r| r.5.optimizer.learning_rate())
+                .collect(),
+        ),
+        Column::new(
+            "batch_size".into(),
+            results
+                .iter()
+                .map(|r| r.0.batch_size as u32)
+                .collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "filters".into(),
+            results
+                .iter()
+                .map(|r| r.0.filters.map(|f| f as u32))
+                .collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "dropout".into(),
+            results.iter().map(|r| r.0.dropout).collect::<Vec<_>>(),
+        )
+        .into_column(),
+        col("val_accuracy", results.iter().map(|r| r.1).collect()),
+        col("val_loss", results.iter().map(|r| r.2).collect()),
+        col("seconds", results.iter().map(|r| r.3).collect()),
+    ])?
+    .sort(
+        ["val_accuracy"],
+        SortMultipleOptions::default().with_order_descending(true),
+    )?;
+    println!("{df}");
+    convkit::table::write_csv(&mut df, &args.out.join("search.csv"))?;
+    let best = results
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .context("no trials: the space is empty or --trials is 0")?;
+    best.4.save_json(&args.out.join("best_model.json"))?;
+    let summary = serde_json::json!({"trial": best.0, "compile": best.5, "val_accuracy": best.1, "val_loss": best.2, "backend": backend.name()});
+    convkit::io::write_bytes_atomic(
+        &args.out.join("best.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    println!(
+        "best: {:?} (val_accuracy {:.4}); wrote {}",
+        best.0,
+        best.1,
+        args.out.display()
+    );
     Ok(())
 }
 
