@@ -14,6 +14,16 @@ fn convkit(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The engines `convkit backends` lists as usable on this machine.
+fn listed_engines() -> Vec<String> {
+    let listing = text(&convkit(&["backends"]));
+    listing
+        .lines()
+        .filter(|l| !l.contains("unavailable"))
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect()
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -294,13 +304,8 @@ fn image_folder_dataset_trains() {
 
 #[test]
 fn every_engine_trains_from_the_cli_with_the_same_outcome() {
-    let listing = text(&convkit(&["backends"]));
-    let names: Vec<&str> = listing
-        .lines()
-        .filter(|l| !l.contains("unavailable"))
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
-    assert!(names.contains(&"candle-cpu"), "{listing}");
+    let names = listed_engines();
+    assert!(names.iter().any(|n| n == "candle-cpu"), "{names:?}");
     let dir = tempfile::tempdir().unwrap();
     let mut outcomes = Vec::new();
     for name in &names {
@@ -460,13 +465,8 @@ fn worker_peak_rss(engine: &str, limit: usize, dir: &Path) -> f64 {
 #[test]
 fn training_memory_does_not_grow_with_the_number_of_steps() {
     // A leak once kept every step's autograd graph alive through the optimizer state.
-    let listing = text(&convkit(&["backends"]));
     let dir = tempfile::tempdir().unwrap();
-    for engine in listing
-        .lines()
-        .filter(|l| !l.contains("unavailable"))
-        .filter_map(|l| l.split_whitespace().next())
-    {
+    for engine in listed_engines().iter().map(String::as_str) {
         let short = worker_peak_rss(engine, 320, dir.path());
         let long = worker_peak_rss(engine, 2560, dir.path());
         assert!(
@@ -480,13 +480,8 @@ fn training_memory_does_not_grow_with_the_number_of_steps() {
 
 #[test]
 fn fine_tune_with_frozen_layers_and_a_new_head_on_another_engine() {
-    let listing = text(&convkit(&["backends"]));
-    let engines: Vec<&str> = listing
-        .lines()
-        .filter(|l| !l.contains("unavailable"))
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
-    let (first, second) = (engines[0], *engines.last().unwrap());
+    let engines = listed_engines();
+    let (first, second) = (engines[0].as_str(), engines.last().unwrap().as_str());
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
     let o = convkit(&[
