@@ -219,9 +219,10 @@ impl Model {
         let outputs = self.spec.output_shape()?.numel();
         let mut out = Array2::zeros((indices.len(), outputs));
         let mut buffer = Array4::zeros((batch_size.min(indices.len().max(1)), h, w, c));
+        let batcher = ds.batcher()?;
         for (b, chunk) in indices.chunks(batch_size).enumerate() {
             let mut x = buffer.slice_mut(s![..chunk.len(), .., .., ..]);
-            ds.fill_batch(chunk, x.view_mut())?;
+            batcher.fill(chunk, x.view_mut())?;
             let p = self.network.predict(x.view())?;
             if p.dim() != (chunk.len(), outputs) {
                 return Err(Error::engine(
@@ -773,6 +774,7 @@ impl<'a> Fit<'a> {
             }
             Loss::BinaryCrossentropy => Targets::Binary(Vec::with_capacity(self.batch_size)),
         };
+        let batcher = train.batcher()?;
         let mut history = History::default();
         let batches = order.len().div_ceil(self.batch_size);
         for epoch in 1..=self.epochs {
@@ -787,7 +789,7 @@ impl<'a> Fit<'a> {
             let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
             for chunk in order.chunks(self.batch_size) {
                 let mut x = buffer.slice_mut(s![..chunk.len(), .., .., ..]);
-                train.fill_batch(chunk, x.view_mut())?;
+                batcher.fill(chunk, x.view_mut())?;
                 self.augment
                     .apply(x.view_mut(), &mut augment_rng, &mut augment_scratch);
                 fill_targets(&mut targets, train, chunk);

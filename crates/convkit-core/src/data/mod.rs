@@ -321,10 +321,33 @@ impl Dataset {
         Ok(out)
     }
 
-    /// Fill `out` (`[n, H, W, C]`, normalised f32) with the images at `indices`.
-    /// Reuses the caller's buffer: no allocation per call beyond the lookup table.
-    pub fn fill_batch(&self, indices: &[usize], mut out: ArrayViewMut4<'_, f32>) -> Result<()> {
-        let s = self.shape;
+    /// Fill `out` (`[n, H, W, C]`, normalised f32) with the images at `indices`. For many
+    /// batches, make a [`Batcher`] once instead: this builds the normalisation table each call.
+    pub fn fill_batch(&self, indices: &[usize], out: ArrayViewMut4<'_, f32>) -> Result<()> {
+        self.batcher()?.fill(indices, out)
+    }
+
+    /// Batches of this dataset, with the normalisation table built once.
+    pub fn batcher(&self) -> Result<Batcher<'_>> {
+        Ok(Batcher {
+            data: self,
+            table: self.normalisation.table(self.shape.channels)?,
+        })
+    }
+}
+
+/// Fills normalised f32 batches from a [`Dataset`], reusing the caller's buffer: no allocation
+/// per batch or per image.
+pub struct Batcher<'a> {
+    data: &'a Dataset,
+    /// `[channel][u8 value] -> f32`.
+    table: Vec<[f32; 256]>,
+}
+
+impl Batcher<'_> {
+    /// Fill `out` (`[n, H, W, C]`) with the images at `indices`.
+    pub fn fill(&self, indices: &[usize], mut out: ArrayViewMut4<'_, f32>) -> Result<()> {
+        let s = self.data.shape;
         if out.shape() != [indices.len(), s.height, s.width, s.channels] {
             return Err(Error::Shape {
                 expected: format!(
@@ -337,13 +360,12 @@ impl Dataset {
                 found: format!("{:?}", out.shape()),
             });
         }
-        let table = self.normalisation.table(s.channels)?;
         let dst = out
             .as_slice_mut()
             .expect("batch buffers are standard layout");
         for (chunk, &i) in dst.chunks_exact_mut(s.len()).zip(indices) {
-            for (k, (d, &v)) in chunk.iter_mut().zip(self.image(i)).enumerate() {
-                *d = table[k % s.channels][v as usize];
+            for (k, (d, &v)) in chunk.iter_mut().zip(self.data.image(i)).enumerate() {
+                *d = self.table[k % s.channels][v as usize];
             }
         }
         Ok(())
