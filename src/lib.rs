@@ -25,10 +25,18 @@
 //! # Ok::<(), convkit::Error>(())
 //! ```
 //!
-//! Engines (features): `candle` (default, `candle-cpu`), `candle-cuda`, `tch` (`tch-cpu`, `tch-cuda`).
+//! Engines (features): `candle` (default, `candle-cpu`), `candle-cuda`, `tch` (`tch-cpu`,
+//! `tch-cuda`), `burn-flex`, `burn-ndarray`, `burn-wgpu`, `burn-cuda`.
 
 pub use convkit_core::*;
 
+#[cfg(any(
+    feature = "burn-flex",
+    feature = "burn-ndarray",
+    feature = "burn-wgpu",
+    feature = "burn-cuda"
+))]
+pub use convkit_burn;
 #[cfg(feature = "candle")]
 pub use convkit_candle;
 #[cfg(feature = "tch")]
@@ -58,6 +66,14 @@ pub fn backend_names() -> Vec<&'static str> {
     names.push("candle-cuda");
     #[cfg(feature = "tch")]
     names.extend(["tch-cpu", "tch-cuda"]);
+    #[cfg(feature = "burn-flex")]
+    names.push("burn-flex");
+    #[cfg(feature = "burn-ndarray")]
+    names.push("burn-ndarray");
+    #[cfg(feature = "burn-wgpu")]
+    names.push("burn-wgpu");
+    #[cfg(feature = "burn-cuda")]
+    names.push("burn-cuda");
     names
 }
 
@@ -73,6 +89,14 @@ pub fn backend(name: &str) -> Result<Box<dyn Backend>> {
         "tch-cpu" => Ok(Box::new(convkit_tch::TchBackend::cpu())),
         #[cfg(feature = "tch")]
         "tch-cuda" => Ok(Box::new(convkit_tch::TchBackend::cuda(0)?)),
+        #[cfg(feature = "burn-flex")]
+        "burn-flex" => Ok(Box::new(convkit_burn::BurnBackend::flex())),
+        #[cfg(feature = "burn-ndarray")]
+        "burn-ndarray" => Ok(Box::new(convkit_burn::BurnBackend::ndarray())),
+        #[cfg(feature = "burn-wgpu")]
+        "burn-wgpu" => Ok(Box::new(convkit_burn::BurnBackend::wgpu()?)),
+        #[cfg(feature = "burn-cuda")]
+        "burn-cuda" => Ok(Box::new(convkit_burn::BurnBackend::cuda(0)?)),
         _ => Err(Error::UnknownBackend {
             name: name.into(),
             available: {

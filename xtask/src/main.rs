@@ -1,7 +1,7 @@
 //! `cargo xtask <command>`: the project's own automation.
 //!
 //! - `setup`     install what the tests and tutorials need: Debian's dataset-fashion-mnist, and
-//!               torch==2.13.0 from PyPI into `.venv` for the tch engine (unless LIBTORCH is set)
+//!               torch==2.9.0 from PyPI into `.venv` for the tch engine (unless LIBTORCH is set)
 //! - `test`      setup, then every test of the workspace (what CI runs)
 //! - `tutorial`  setup, then train `tutorial-mnist` on MNIST in release mode (extra args go
 //!               to `convkit train`)
@@ -168,8 +168,8 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// The PyTorch release tch 0.26 is built against; libtorch must match it exactly.
-const TORCH_VERSION: &str = "2.13.0";
+/// The PyTorch release tch 0.22 is built against; libtorch must match it exactly.
+const TORCH_VERSION: &str = "2.9.0";
 
 fn venv() -> PathBuf {
     root().join(".venv")
@@ -193,7 +193,7 @@ fn setup_libtorch() -> Result<()> {
         if let Ok(v) = std::fs::read_to_string(dir.join("build-version")) {
             if !v.trim().starts_with(TORCH_VERSION) {
                 bail!(
-                    "LIBTORCH={} is libtorch {}, but tch 0.26 needs {TORCH_VERSION} exactly",
+                    "LIBTORCH={} is libtorch {}, but tch 0.22 needs {TORCH_VERSION} exactly",
                     dir.display(),
                     v.trim()
                 );

@@ -281,6 +281,11 @@ impl Training {
         self.learning_rate = learning_rate;
     }
 
+    /// Whether `layer`'s weights are updated (engines may skip its gradients when not).
+    pub fn is_trainable(&self, layer: usize) -> bool {
+        self.trainable.get(layer).copied().unwrap_or(true)
+    }
+
     /// Count one optimizer step (Keras counts it even when every layer is frozen).
     pub fn begin_step(&mut self) {
         self.step += 1;

@@ -2,7 +2,7 @@
 //! libtorch tensors, trains it with core's Keras update rules, and exchanges weights in the
 //! canonical layout (libtorch's own conv `[out, in, kh, kw]` and linear `[out, in]`).
 //!
-//! libtorch comes from the `torch==2.13.0` wheel (`cargo xtask setup`); `LIBTORCH` is
+//! libtorch comes from the `torch==2.9.0` wheel (`cargo xtask setup`); `LIBTORCH` is
 //! respected. The thread count follows `CONVKIT_THREADS`, else the machine's cores.
 
 use convkit_core::backend::{Backend, Network, StepStats, Targets};
