@@ -247,6 +247,86 @@ fn one_step_of_each_optimizer_follows_the_keras_rule() {
     }
 }
 
+/// L1/L2 kernel regularisers as Keras applies them: one plain SGD step on the regularised
+/// model moves each kernel by an extra `−lr·(l1·sign(w) + 2·l2·w)`, leaves biases as the
+/// unregularised step does, and the reported loss gains `l1·Σ|w| + l2·Σw²`.
+#[test]
+fn kernel_regularisers_add_their_penalty_and_gradient() {
+    use convkit::{LayerKind, Regularizer};
+    let plain = small_specs().remove(0);
+    let mut regularised = plain.clone();
+    let factors = [
+        Regularizer::l1_l2(0.01, 0.02),
+        Regularizer::l2(0.05),
+        Regularizer::l1(0.03),
+    ];
+    let mut kernels = Vec::new();
+    let mut next = factors.iter();
+    let names = regularised.layer_names();
+    for (i, layer) in regularised.layers.iter_mut().enumerate() {
+        let slot = match &mut layer.kind {
+            LayerKind::Conv2D(c) => &mut c.kernel_regularizer,
+            LayerKind::Dense(d) => &mut d.kernel_regularizer,
+            _ => continue,
+        };
+        if let Some(&r) = next.next() {
+            *slot = Some(r);
+            kernels.push((format!("{}.weight", names[i]), r));
+        }
+    }
+    let weights = init::glorot_uniform(&plain, 5).unwrap();
+    let penalty: f64 = kernels
+        .iter()
+        .map(|(name, r)| r.penalty(&weights.get(name).unwrap().data))
+        .sum();
+    assert!((regularised.kernel_penalty(&weights).unwrap() - penalty).abs() < 1e-12);
+    let x = batch(4, plain.input_shape, 3);
+    let y = targets(Loss::SparseCategoricalCrossentropy, 4, 3);
+    let lr = 0.1f32;
+    let compile = Compile::new(
+        Optimizer::sgd().with_learning_rate(lr as f64),
+        Loss::SparseCategoricalCrossentropy,
+    );
+    for engine in engines() {
+        let step = |spec: &Sequential| {
+            let mut model =
+                Model::with_weights(spec.clone(), compile.clone(), engine.as_ref(), &weights)
+                    .unwrap();
+            let stats = model.network_mut().train_step(x.view(), &y).unwrap();
+            (stats.loss as f64, model.weights().unwrap())
+        };
+        let (loss_plain, after_plain) = step(&plain);
+        let (loss_reg, after_reg) = step(&regularised);
+        let extra = loss_reg - loss_plain;
+        assert!(
+            (extra - penalty).abs() <= 1e-4 * penalty.max(1.0),
+            "{}: the loss gained {extra}, the penalty is {penalty}",
+            engine.name()
+        );
+        for (name, w0) in &weights.tensors {
+            let r = kernels.iter().find(|(k, _)| k == name).map(|(_, r)| *r);
+            let (a, b) = (after_plain.get(name).unwrap(), after_reg.get(name).unwrap());
+            let d = w0
+                .data
+                .iter()
+                .zip(a.data.iter().zip(&b.data))
+                .map(|(&w, (&p, &q))| {
+                    let expected = r.map_or(0.0, |r| {
+                        let sign = if w == 0.0 { 0.0 } else { w.signum() };
+                        -lr * (r.l1 * sign + 2.0 * r.l2 * w)
+                    });
+                    ((q - p) - expected).abs()
+                })
+                .fold(0.0f32, f32::max);
+            assert!(
+                d <= tol::STEP,
+                "{}: tensor `{name}` ({r:?}) is {d:e} from the regularised step",
+                engine.name()
+            );
+        }
+    }
+}
+
 #[test]
 fn frozen_layers_stay_bit_identical() {
     let spec = Sequential::preset("tutorial-mnist").unwrap();

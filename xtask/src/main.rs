@@ -1,7 +1,8 @@
 //! `cargo xtask <command>`: the project's own automation.
 //!
-//! - `setup`     install what the tests and tutorials need: Debian's dataset-fashion-mnist, and
-//!               torch==2.9.0 from PyPI into `.venv` for the tch engine (unless LIBTORCH is set)
+//! - `setup`     install what the tests and tutorials need: Debian's dataset-fashion-mnist and
+//!               mesa-vulkan-drivers (lavapipe, for burn-wgpu without a GPU), and torch==2.9.0
+//!               from PyPI into `.venv` for the tch engine (unless LIBTORCH is set)
 //! - `test`      setup, then every test of the workspace (what CI runs)
 //! - `tutorial`  setup, then train `tutorial-mnist` on MNIST in release mode (extra args go
 //!               to `convkit train`)
@@ -48,7 +49,7 @@ fn main() -> Result<()> {
             .args(&rest))
         }
         _ => {
-            eprintln!("usage: cargo xtask <compare | setup | test | tutorial | bench> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install system packages the tests need (dataset-fashion-mnist)\n  test      setup, then run every test of the workspace\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)");
+            eprintln!("usage: cargo xtask <compare | setup | test | tutorial | bench> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)");
             if command.is_empty() || command == "help" || command == "--help" {
                 Ok(())
             } else {
@@ -176,8 +177,9 @@ fn venv() -> PathBuf {
 }
 
 fn setup() -> Result<()> {
-    // Fashion-MNIST comes from Debian (installs /usr/share/datasets/fashion-mnist/).
-    apt_install(&["dataset-fashion-mnist"])?;
+    // Fashion-MNIST comes from Debian (installs /usr/share/datasets/fashion-mnist/); Mesa's
+    // software Vulkan driver (lavapipe) gives burn-wgpu a device on machines without a GPU.
+    apt_install(&["dataset-fashion-mnist", "mesa-vulkan-drivers", "libvulkan1"])?;
     setup_libtorch()
 }
 
@@ -258,17 +260,29 @@ fn cargo(args: &[&str]) -> Command {
     if let Some(d) = data_dir() {
         c.env("CONVKIT_DATA", d);
     }
+    // The Vulkan loader (burn-wgpu) wants a private runtime dir; CI shells often have none.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = target_dir().join("xdg-runtime");
+        if std::fs::create_dir_all(&dir).is_ok() {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+            c.env("XDG_RUNTIME_DIR", dir);
+        }
+    }
     c
 }
 
-/// The engine features that build on a machine without CUDA (candle-cuda needs nvcc).
-const ENGINE_FEATURES: [&str; 2] = ["candle", "tch"];
+/// The engine features that build and run on a machine without CUDA (candle-cuda needs nvcc).
+const ENGINE_FEATURES: [&str; 5] = ["candle", "tch", "burn-flex", "burn-ndarray", "burn-wgpu"];
+
+/// Engine features that are type-checked alone but cannot be built or run without CUDA.
+const CHECK_ONLY_FEATURES: [&str; 1] = ["burn-cuda"];
 
 fn test(extra: &[String]) -> Result<()> {
     let start = std::time::Instant::now();
     // Each engine feature alone must compile: no feature may lean on another. (`check`, not
     // `build`: it catches the same mistakes without a full code generation per feature set.)
-    for feature in ENGINE_FEATURES {
+    for feature in ENGINE_FEATURES.iter().chain(&CHECK_ONLY_FEATURES) {
         run(&mut cargo(&[
             "check",
             "--no-default-features",

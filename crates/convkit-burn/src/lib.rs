@@ -195,6 +195,12 @@ impl TensorMath for Param {
     fn sqrt(&self) -> convkit_core::Result<Self> {
         Ok(Param(self.0.clone().sqrt()))
     }
+    fn sign(&self) -> convkit_core::Result<Self> {
+        Ok(Param(self.0.clone().sign()))
+    }
+    fn sum(&self) -> convkit_core::Result<f64> {
+        Ok(self.0.clone().sum().into_scalar::<f32>() as f64)
+    }
 }
 
 /// One layer, its parameters named by index into [`BurnNetwork::vars`] (weight, then bias).
@@ -218,6 +224,8 @@ enum Op {
 struct Variable {
     name: String,
     layer: usize,
+    /// A kernel (weight), not a bias: its layer's regulariser applies.
+    kernel: bool,
     /// Device shape: conv `[out, in, kh, kw]`, dense `[in, out]`, bias `[out]`.
     shape: Vec<usize>,
     /// Dense weights are stored transposed relative to the canonical `[out, in]`.
@@ -309,7 +317,8 @@ impl BurnNetwork {
         let mut vars = Vec::new();
         let mut ops = Vec::with_capacity(plan.len());
         for (layer, planned) in plan.into_iter().enumerate() {
-            let mut param = |name: &str, transposed: bool| -> Result<usize> {
+            // Kernels are the weights (not biases); dense kernels are stored transposed.
+            let mut param = |name: &str, kernel: bool, transposed: bool| -> Result<usize> {
                 let t = weights
                     .get(name)
                     .map_err(|e| Error::Unsupported(e.to_string()))?;
@@ -321,6 +330,7 @@ impl BurnNetwork {
                 let mut var = Variable {
                     name: name.to_string(),
                     layer,
+                    kernel,
                     shape,
                     transposed,
                     value: Tensor::zeros([1], &backend.device),
@@ -338,8 +348,8 @@ impl BurnNetwork {
                     strides,
                     activation,
                 } => {
-                    let weight = param(&weight, false)?;
-                    param(&bias, false)?;
+                    let weight = param(&weight, true, false)?;
+                    param(&bias, false, false)?;
                     Op::Conv {
                         weight,
                         options: ConvOptions::new_with_padding(
@@ -363,8 +373,8 @@ impl BurnNetwork {
                     bias,
                     activation,
                 } => {
-                    let weight = param(&weight, true)?;
-                    param(&bias, false)?;
+                    let weight = param(&weight, true, true)?;
+                    param(&bias, false, false)?;
                     Op::Dense { weight, activation }
                 }
                 PlannedOp::Dropout { rate } => Op::Dropout(rate as f64),
@@ -376,7 +386,7 @@ impl BurnNetwork {
             input_shape: spec.input_shape,
             ops,
             vars,
-            training: Training::new(&compile.optimizer, spec.layers.len()),
+            training: Training::new(&compile.optimizer, spec),
             loss: compile.loss,
             head,
             classes: spec
@@ -558,19 +568,23 @@ impl BurnNetwork {
         let grads = loss.backward();
         let loss = read(loss.inner())?[0];
         self.training.begin_step();
+        let mut penalty = 0.0;
         for (v, t) in self.vars.iter_mut().zip(&tracked) {
-            let Some(grad) = t.grad(&grads) else {
-                continue;
-            };
-            let update = self
+            let grad = t.grad(&grads).map(Param);
+            let w = Param(v.value.clone());
+            let (new, p) = self
                 .training
-                .apply(v.layer, &Param(v.value.clone()), &Param(grad), &mut v.slots)
+                .step(v.layer, v.kernel, &w, grad.as_ref(), &mut v.slots)
                 .map_err(|e| Error::Unsupported(e.to_string()))?;
-            if let Some(new) = update {
+            penalty += p;
+            if let Some(new) = new {
                 v.value = new.0;
             }
         }
-        Ok(StepStats { loss, correct })
+        Ok(StepStats {
+            loss: (loss as f64 + penalty) as f32,
+            correct,
+        })
     }
 
     fn predict_inner(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {

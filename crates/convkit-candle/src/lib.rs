@@ -128,6 +128,15 @@ impl TensorMath for Param {
     fn sqrt(&self) -> convkit_core::Result<Self> {
         lift(self.0.sqrt())
     }
+    fn sign(&self) -> convkit_core::Result<Self> {
+        lift(self.0.sign())
+    }
+    fn sum(&self) -> convkit_core::Result<f64> {
+        self.0
+            .sum_all()
+            .and_then(|t| t.to_dtype(DType::F64)?.to_scalar::<f64>())
+            .map_err(|e| convkit_core::Error::engine("candle", e))
+    }
 }
 
 fn lift(r: candle_core::Result<Tensor>) -> convkit_core::Result<Param> {
@@ -161,6 +170,8 @@ enum Op {
 struct Variable {
     name: String,
     layer: usize,
+    /// A kernel (weight), not a bias: its layer's regulariser applies.
+    kernel: bool,
     var: Var,
     slots: Slots<Param>,
 }
@@ -191,7 +202,7 @@ impl CandleNetwork {
         let mut vars = Vec::new();
         let mut ops = Vec::with_capacity(plan.len());
         for (layer, planned) in plan.into_iter().enumerate() {
-            let mut param = |name: &str| -> Result<usize> {
+            let mut param = |name: &str, kernel: bool| -> Result<usize> {
                 let t = weights
                     .get(name)
                     .map_err(|e| Error::Unsupported(e.to_string()))?;
@@ -200,6 +211,7 @@ impl CandleNetwork {
                 vars.push(Variable {
                     name: name.to_string(),
                     layer,
+                    kernel,
                     var,
                     slots: Slots::default(),
                 });
@@ -213,16 +225,16 @@ impl CandleNetwork {
                             names[layer]
                         )));
                     }
-                    let weight = param(&weight)?;
-                    param(&bias)?;
+                    let weight = param(&weight, true)?;
+                    param(&bias, false)?;
                     Op::Conv { weight, pad, stride: strides[0], activation }
                 }
                 PlannedOp::MaxPool2D { size, strides } => Op::MaxPool { size: (size[0], size[1]), stride: (strides[0], strides[1]) },
                 PlannedOp::AvgPool2D { size, strides } => Op::AvgPool { size: (size[0], size[1]), stride: (strides[0], strides[1]) },
                 PlannedOp::Flatten => Op::Flatten,
                 PlannedOp::Dense { weight, bias, activation } => {
-                    let weight = param(&weight)?;
-                    param(&bias)?;
+                    let weight = param(&weight, true)?;
+                    param(&bias, false)?;
                     Op::Dense { weight, activation }
                 }
                 PlannedOp::Dropout { rate } => Op::Dropout(rate),
@@ -234,7 +246,7 @@ impl CandleNetwork {
             input_shape: spec.input_shape,
             ops,
             vars,
-            training: Training::new(&compile.optimizer, spec.layers.len()),
+            training: Training::new(&compile.optimizer, spec),
             loss: compile.loss,
             head,
         })
@@ -393,23 +405,23 @@ impl CandleNetwork {
         let correct = self.correct(&logits, y)?;
         let grads = loss.backward()?;
         self.training.begin_step();
+        let mut penalty = 0.0;
         for v in &mut self.vars {
-            let Some(g) = grads.get(v.var.as_tensor()) else {
-                continue;
-            };
             // Detached: otherwise the optimizer slots would keep this step's whole autograd
             // graph alive through their history, and memory would grow with every step.
             let w = Param(v.var.as_tensor().detach());
-            let update = self
+            let g = grads.get(v.var.as_tensor()).map(|g| Param(g.detach()));
+            let (new, p) = self
                 .training
-                .apply(v.layer, &w, &Param(g.detach()), &mut v.slots);
-            let Some(new) = update.map_err(|e| Error::Unsupported(e.to_string()))? else {
-                continue;
-            };
-            v.var.set(&new.0)?;
+                .step(v.layer, v.kernel, &w, g.as_ref(), &mut v.slots)
+                .map_err(|e| Error::Unsupported(e.to_string()))?;
+            penalty += p;
+            if let Some(new) = new {
+                v.var.set(&new.0)?;
+            }
         }
         Ok(StepStats {
-            loss: loss.to_scalar::<f32>()?,
+            loss: (loss.to_scalar::<f32>()? as f64 + penalty) as f32,
             correct,
         })
     }

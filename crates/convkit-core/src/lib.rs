@@ -26,7 +26,9 @@ pub use compile::{Compile, Head, Loss, Optimizer};
 pub use data::{Dataset, ImageShape, Normalisation};
 pub use error::{Error, Result};
 pub use metrics::{ClassificationReport, ConfusionMatrix};
-pub use spec::{Activation, Conv2D, Dense, Dropout, LayerKind, Padding, Pool2D, Sequential};
+pub use spec::{
+    Activation, Conv2D, Dense, Dropout, LayerKind, Padding, Pool2D, Regularizer, Sequential,
+};
 pub use train::{
     Callback, Control, CsvLogger, EarlyStopping, Evaluation, History, LearningRateScheduler, Model,
     ModelCheckpoint, Monitor, ReduceLrOnPlateau, Schedule, Verbosity,

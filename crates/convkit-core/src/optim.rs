@@ -3,6 +3,7 @@
 //! the same order on their own devices.
 
 use crate::compile::Optimizer;
+use crate::spec::{Regularizer, Sequential};
 use crate::Result;
 
 /// The element-wise operations the update rules need. Engines implement this for their
@@ -17,6 +18,10 @@ pub trait TensorMath: Sized {
     fn div(&self, rhs: &Self) -> Result<Self>;
     fn sqr(&self) -> Result<Self>;
     fn sqrt(&self) -> Result<Self>;
+    /// −1, 0 or 1 per element.
+    fn sign(&self) -> Result<Self>;
+    /// The sum of every element, read back to the host.
+    fn sum(&self) -> Result<f64>;
 }
 
 /// Per-parameter optimizer state (Keras' "slots"), created on first use.
@@ -147,6 +152,12 @@ impl TensorMath for ndarray::ArrayD<f32> {
     fn sqrt(&self) -> Result<Self> {
         Ok(self.mapv(f32::sqrt))
     }
+    fn sign(&self) -> Result<Self> {
+        Ok(self.mapv(|x| if x == 0.0 { 0.0 } else { x.signum() }))
+    }
+    fn sum(&self) -> Result<f64> {
+        Ok(self.iter().map(|&x| x as f64).sum())
+    }
 }
 
 #[cfg(test)]
@@ -249,16 +260,20 @@ pub struct Training {
     learning_rate: f64,
     step: u64,
     trainable: Vec<bool>,
+    regularizers: Vec<Option<Regularizer>>,
 }
 
 impl Training {
-    /// All `layers` trainable, at the optimizer's learning rate.
-    pub fn new(optimizer: &crate::compile::Optimizer, layers: usize) -> Self {
+    /// Every layer of `spec` trainable, at the optimizer's learning rate, with the spec's
+    /// kernel regularisers.
+    pub fn new(optimizer: &crate::compile::Optimizer, spec: &Sequential) -> Self {
+        let layers = spec.layers.len();
         Training {
             optimizer: optimizer.clone(),
             learning_rate: optimizer.learning_rate(),
             step: 0,
             trainable: vec![true; layers],
+            regularizers: (0..layers).map(|i| spec.kernel_regularizer(i)).collect(),
         }
     }
 
@@ -291,10 +306,63 @@ impl Training {
         self.step += 1;
     }
 
-    /// The new value of weight `w` of `layer` given gradient `g`, or `None` if the layer is frozen.
+    /// The penalty `l1·Σ|w| + l2·Σw²` that Keras adds to the loss for `layer`'s kernel `w`
+    /// (0 without a regulariser; frozen layers still count, as in Keras).
+    pub fn penalty<T: TensorMath>(&self, layer: usize, w: &T) -> Result<f64> {
+        let Some(Regularizer { l1, l2 }) = self.regularizers.get(layer).copied().flatten() else {
+            return Ok(0.0);
+        };
+        let mut penalty = 0.0;
+        if l1 > 0.0 {
+            penalty += l1 as f64 * w.sign()?.mul(w)?.sum()?;
+        }
+        if l2 > 0.0 {
+            penalty += l2 as f64 * w.sqr()?.sum()?;
+        }
+        Ok(penalty)
+    }
+
+    /// The data gradient `g` of kernel `w` plus the penalty's: `l1·sign(w) + 2·l2·w`.
+    fn regularised<T: TensorMath>(&self, layer: usize, w: &T, g: &T) -> Result<Option<T>> {
+        let Some(Regularizer { l1, l2 }) = self.regularizers.get(layer).copied().flatten() else {
+            return Ok(None);
+        };
+        let mut out: Option<T> = None;
+        if l1 > 0.0 {
+            out = Some(g.add(&w.sign()?.affine(l1 as f64, 0.0)?)?);
+        }
+        if l2 > 0.0 {
+            let base = out.as_ref().unwrap_or(g);
+            out = Some(base.add(&w.affine(2.0 * l2 as f64, 0.0)?)?);
+        }
+        Ok(out)
+    }
+
+    /// One variable's share of a step, what every engine calls per variable after backward:
+    /// the new value of `w` (`None` when the layer is frozen or `g` is missing) and, for a
+    /// `kernel`, the penalty its regulariser adds to the loss, taken before the update.
+    pub fn step<T: TensorMath>(
+        &self,
+        layer: usize,
+        kernel: bool,
+        w: &T,
+        g: Option<&T>,
+        slots: &mut Slots<T>,
+    ) -> Result<(Option<T>, f64)> {
+        let penalty = if kernel { self.penalty(layer, w)? } else { 0.0 };
+        let new = match g {
+            Some(g) => self.apply(layer, kernel, w, g, slots)?,
+            None => None,
+        };
+        Ok((new, penalty))
+    }
+
+    /// The new value of weight `w` of `layer` given the data gradient `g`, or `None` if the
+    /// layer is frozen. A `kernel` (not a bias) has its regulariser's gradient added first.
     pub fn apply<T: TensorMath>(
         &self,
         layer: usize,
+        kernel: bool,
         w: &T,
         g: &T,
         slots: &mut Slots<T>,
@@ -302,8 +370,19 @@ impl Training {
         if !self.trainable[layer] {
             return Ok(None);
         }
+        let regularised = if kernel {
+            self.regularised(layer, w, g)?
+        } else {
+            None
+        };
         self.optimizer
-            .update(self.learning_rate, self.step, w, g, slots)
+            .update(
+                self.learning_rate,
+                self.step,
+                w,
+                regularised.as_ref().unwrap_or(g),
+                slots,
+            )
             .map(Some)
     }
 }

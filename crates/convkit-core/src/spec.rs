@@ -55,6 +55,9 @@ pub struct Conv2D {
     pub padding: Padding,
     #[serde(default)]
     pub activation: Activation,
+    /// Keras' `kernel_regularizer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_regularizer: Option<Regularizer>,
 }
 
 fn one_by_one() -> [usize; 2] {
@@ -70,10 +73,16 @@ impl Conv2D {
             strides: [1, 1],
             padding: Padding::Valid,
             activation: Activation::Linear,
+            kernel_regularizer: None,
         }
     }
     pub fn activation(mut self, activation: Activation) -> Self {
         self.activation = activation;
+        self
+    }
+    /// Penalise the kernel: `Conv2D::new(32, 3).kernel_regularizer(Regularizer::l2(0.01))`.
+    pub fn kernel_regularizer(mut self, regularizer: Regularizer) -> Self {
+        self.kernel_regularizer = Some(regularizer);
         self
     }
     pub fn strides(mut self, sh: usize, sw: usize) -> Self {
@@ -130,6 +139,9 @@ pub struct Dense {
     pub units: usize,
     #[serde(default)]
     pub activation: Activation,
+    /// Keras' `kernel_regularizer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_regularizer: Option<Regularizer>,
 }
 
 impl Dense {
@@ -137,11 +149,74 @@ impl Dense {
         Dense {
             units,
             activation: Activation::Linear,
+            kernel_regularizer: None,
         }
     }
     pub fn activation(mut self, activation: Activation) -> Self {
         self.activation = activation;
         self
+    }
+    /// Penalise the kernel: `Dense::new(64).kernel_regularizer(Regularizer::l1(1e-4))`.
+    pub fn kernel_regularizer(mut self, regularizer: Regularizer) -> Self {
+        self.kernel_regularizer = Some(regularizer);
+        self
+    }
+}
+
+/// Keras' kernel regularisers: `l1·Σ|w| + l2·Σw²` over a layer's kernel (not its bias) is
+/// added to the loss, so the gradient gains `l1·sign(w) + 2·l2·w`. Keras' defaults are 0.01.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Regularizer {
+    #[serde(default)]
+    pub l1: f32,
+    #[serde(default)]
+    pub l2: f32,
+}
+
+impl Regularizer {
+    /// `keras.regularizers.L1(l1)`.
+    pub fn l1(l1: f32) -> Self {
+        Regularizer { l1, l2: 0.0 }
+    }
+    /// `keras.regularizers.L2(l2)`.
+    pub fn l2(l2: f32) -> Self {
+        Regularizer { l1: 0.0, l2 }
+    }
+    /// `keras.regularizers.L1L2(l1, l2)`.
+    pub fn l1_l2(l1: f32, l2: f32) -> Self {
+        Regularizer { l1, l2 }
+    }
+    /// Parses `l1=F`, `l2=F` or `l1=F,l2=F` (the CLI's `--kernel-regularizer`).
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = |found: &str| {
+            Error::config(
+                "kernel regularizer",
+                format!("expected l1=F, l2=F or l1=F,l2=F with F ≥ 0, found `{found}`"),
+            )
+        };
+        let mut r = Regularizer::default();
+        for part in text.split(',').map(str::trim) {
+            let (key, value) = part.split_once('=').ok_or_else(|| bad(part))?;
+            let value: f32 = value.trim().parse().map_err(|_| bad(part))?;
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(bad(part));
+            }
+            match key.trim() {
+                "l1" => r.l1 = value,
+                "l2" => r.l2 = value,
+                _ => return Err(bad(part)),
+            }
+        }
+        Ok(r)
+    }
+
+    /// The penalty `l1·Σ|w| + l2·Σw²` of a kernel's values.
+    pub fn penalty(&self, kernel: &[f32]) -> f64 {
+        let (l1, l2) = (self.l1 as f64, self.l2 as f64);
+        kernel
+            .iter()
+            .map(|&w| l1 * (w as f64).abs() + l2 * (w as f64) * (w as f64))
+            .sum()
     }
 }
 
@@ -503,6 +578,22 @@ impl Sequential {
             }
             Ok((n - k) / s + 1)
         };
+        let regularizer = match kind {
+            LayerKind::Conv2D(conv) => conv.kernel_regularizer,
+            LayerKind::Dense(dense) => dense.kernel_regularizer,
+            _ => None,
+        };
+        if let Some(r) = regularizer {
+            if !(r.l1.is_finite() && r.l2.is_finite() && r.l1 >= 0.0 && r.l2 >= 0.0) {
+                return Err(self.layer_error(
+                    i,
+                    format!(
+                        "kernel regularizer factors must be finite and non-negative, found l1 = {}, l2 = {}",
+                        r.l1, r.l2
+                    ),
+                ));
+            }
+        }
         Ok(match kind {
             LayerKind::Conv2D(conv) => {
                 let (h, w, _) = image("Conv2D")?;
@@ -565,6 +656,40 @@ impl Sequential {
                 input
             }
         })
+    }
+
+    /// Every Conv2D and Dense kernel penalised by `regularizer` (the CLI's
+    /// `--kernel-regularizer`), replacing any regulariser already set.
+    pub fn with_kernel_regularizer(mut self, regularizer: Regularizer) -> Self {
+        for layer in &mut self.layers {
+            match &mut layer.kind {
+                LayerKind::Conv2D(conv) => conv.kernel_regularizer = Some(regularizer),
+                LayerKind::Dense(dense) => dense.kernel_regularizer = Some(regularizer),
+                _ => {}
+            }
+        }
+        self
+    }
+
+    /// The kernel regulariser of layer `layer`, if it has one.
+    pub fn kernel_regularizer(&self, layer: usize) -> Option<Regularizer> {
+        match &self.layers.get(layer)?.kind {
+            LayerKind::Conv2D(conv) => conv.kernel_regularizer,
+            LayerKind::Dense(dense) => dense.kernel_regularizer,
+            _ => None,
+        }
+    }
+
+    /// What Keras adds to the loss for these weights: the sum of every kernel's penalty.
+    pub fn kernel_penalty(&self, weights: &crate::weights::Weights) -> Result<f64> {
+        let names = self.layer_names();
+        let mut total = 0.0;
+        for (i, name) in names.iter().enumerate() {
+            if let Some(r) = self.kernel_regularizer(i) {
+                total += r.penalty(&weights.get(&format!("{name}.weight"))?.data);
+            }
+        }
+        Ok(total)
     }
 
     /// The shape of the model's output.
@@ -839,6 +964,33 @@ mod tests {
                 activation: Activation::Linear
             }
         );
+    }
+
+    #[test]
+    fn kernel_regularisers_parse_round_trip_and_are_checked() {
+        assert_eq!(
+            Regularizer::parse("l1=0.01, l2=0.5").unwrap(),
+            Regularizer::l1_l2(0.01, 0.5)
+        );
+        for bad in ["l3=1", "l2", "l2=-1", "l1=x", "l2=inf"] {
+            let e = Regularizer::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(bad), "{e}");
+        }
+        let spec = Sequential::preset("tutorial-mnist")
+            .unwrap()
+            .with_kernel_regularizer(Regularizer::l2(0.001));
+        let back: Sequential = serde_json::from_str(&spec.to_json()).unwrap();
+        assert_eq!(back, spec);
+        assert_eq!(back.kernel_regularizer(0), Some(Regularizer::l2(0.001)));
+        assert_eq!(back.kernel_regularizer(1), None, "pooling has no kernel");
+        let mut bad = spec.clone();
+        if let LayerKind::Dense(d) = &mut bad.layers.last_mut().unwrap().kind {
+            d.kernel_regularizer = Some(Regularizer::l1(-1.0));
+        }
+        let e = bad.output_shapes().unwrap_err().to_string();
+        assert!(e.contains("non-negative") && e.contains("dense"), "{e}");
+        // Σ|w|·l1 + Σw²·l2 over [1, −2]: 0.5·3 + 0.25·5.
+        assert_eq!(Regularizer::l1_l2(0.5, 0.25).penalty(&[1.0, -2.0]), 2.75);
     }
 
     #[test]

@@ -255,13 +255,18 @@ impl Model {
     ) -> Result<Evaluation> {
         let probabilities = self.predict_indices(ds, indices, batch_size)?;
         let labels: Vec<u32> = indices.iter().map(|&i| ds.labels[i]).collect();
-        Evaluation::new(
+        let mut evaluation = Evaluation::new(
             self.compile.loss,
             self.head,
             probabilities,
             labels,
             ds.classes.clone(),
-        )
+        )?;
+        // Keras' evaluate reports the loss with the kernel regularisers' penalty added.
+        if (0..self.spec.layers.len()).any(|i| self.spec.kernel_regularizer(i).is_some()) {
+            evaluation.loss += self.spec.kernel_penalty(&self.weights()?)?;
+        }
+        Ok(evaluation)
     }
 }
 

@@ -148,6 +148,15 @@ impl TensorMath for Param {
     fn sqrt(&self) -> convkit_core::Result<Self> {
         lift(self.0.f_sqrt())
     }
+    fn sign(&self) -> convkit_core::Result<Self> {
+        lift(self.0.f_sign())
+    }
+    fn sum(&self) -> convkit_core::Result<f64> {
+        self.0
+            .f_sum(Kind::Double)
+            .and_then(|t| f64::try_from(t))
+            .map_err(|e| convkit_core::Error::engine("tch", e))
+    }
 }
 
 enum Op {
@@ -176,6 +185,8 @@ enum Op {
 struct Variable {
     name: String,
     layer: usize,
+    /// A kernel (weight), not a bias: its layer's regulariser applies.
+    kernel: bool,
     tensor: Tensor,
     slots: Slots<Param>,
 }
@@ -215,7 +226,7 @@ impl TchNetwork {
         let mut ops = Vec::with_capacity(plan.len());
         let pair = |v: [usize; 2]| [v[0] as i64, v[1] as i64];
         for (layer, planned) in plan.into_iter().enumerate() {
-            let mut param = |name: &str| -> Result<usize> {
+            let mut param = |name: &str, kernel: bool| -> Result<usize> {
                 let t = weights
                     .get(name)
                     .map_err(|e| Error::Unsupported(e.to_string()))?;
@@ -223,6 +234,7 @@ impl TchNetwork {
                 vars.push(Variable {
                     name: name.to_string(),
                     layer,
+                    kernel,
                     tensor,
                     slots: Slots::default(),
                 });
@@ -236,8 +248,8 @@ impl TchNetwork {
                     strides,
                     activation,
                 } => {
-                    let weight = param(&weight)?;
-                    param(&bias)?;
+                    let weight = param(&weight, true)?;
+                    param(&bias, false)?;
                     Op::Conv {
                         weight,
                         pad,
@@ -259,8 +271,8 @@ impl TchNetwork {
                     bias,
                     activation,
                 } => {
-                    let weight = param(&weight)?;
-                    param(&bias)?;
+                    let weight = param(&weight, true)?;
+                    param(&bias, false)?;
                     Op::Dense { weight, activation }
                 }
                 PlannedOp::Dropout { rate } => Op::Dropout(rate as f64),
@@ -272,7 +284,7 @@ impl TchNetwork {
             input_shape: spec.input_shape,
             ops,
             vars,
-            training: Training::new(&compile.optimizer, spec.layers.len()),
+            training: Training::new(&compile.optimizer, spec),
             loss: compile.loss,
             head,
         })
@@ -430,23 +442,24 @@ impl TchNetwork {
         loss.f_backward()?;
         self.training.begin_step();
         let training = &self.training;
+        let mut penalty = 0.0;
         for v in &mut self.vars {
             let grad = v.tensor.grad();
-            if !grad.defined() {
-                continue;
-            }
+            let grad = grad.defined().then(|| Param(grad));
             tch::no_grad(|| -> Result<()> {
                 let w = Param(v.tensor.detach());
-                let update = training.apply(v.layer, &w, &Param(grad), &mut v.slots);
-                let Some(new) = update.map_err(|e| Error::Unsupported(e.to_string()))? else {
-                    return Ok(());
-                };
-                v.tensor.f_copy_(&new.0)?;
+                let (new, p) = training
+                    .step(v.layer, v.kernel, &w, grad.as_ref(), &mut v.slots)
+                    .map_err(|e| Error::Unsupported(e.to_string()))?;
+                penalty += p;
+                if let Some(new) = new {
+                    v.tensor.f_copy_(&new.0)?;
+                }
                 Ok(())
             })?;
         }
         Ok(StepStats {
-            loss: f64::try_from(&loss)? as f32,
+            loss: (f64::try_from(&loss)? + penalty) as f32,
             correct,
         })
     }

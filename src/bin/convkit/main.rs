@@ -95,6 +95,10 @@ struct TrainArgs {
     /// zoom=FRACTION, comma-separated. Writes augmented.png with examples.
     #[arg(long, value_parser = |s: &str| convkit::augment::Augment::parse(s).map_err(|e| e.to_string()))]
     augment: Option<convkit::augment::Augment>,
+    /// Penalise every Conv2D and Dense kernel, as Keras' kernel_regularizer: `l2=0.001`,
+    /// `l1=0.0001` or `l1=F,l2=F`; the penalty is added to the loss.
+    #[arg(long, value_parser = |s: &str| convkit::Regularizer::parse(s).map_err(|e| e.to_string()))]
+    kernel_regularizer: Option<convkit::Regularizer>,
     /// Learning rate per epoch: `step=FACTOR/EVERY` (×FACTOR every EVERY epochs) or `exp=RATE`.
     #[arg(long, value_parser = parse_schedule)]
     lr_schedule: Option<LrSchedule>,
@@ -281,6 +285,9 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     if let Some(k) = args.new_head {
         spec = spec.with_new_head(k)?;
+    }
+    if let Some(r) = args.kernel_regularizer {
+        spec = spec.with_kernel_regularizer(r);
     }
     if let Some(n) = args.freeze {
         spec.freeze_first(n)?;
