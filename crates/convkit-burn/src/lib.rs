@@ -29,7 +29,7 @@ use burn_tensor::activation::{log_softmax, relu, sigmoid, softmax, tanh};
 use burn_tensor::module::{avg_pool2d, conv2d, max_pool2d};
 use burn_tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions};
 use burn_tensor::{Device, Distribution, Tensor, TensorData};
-use convkit_core::backend::{Backend, Network, StepStats, Targets};
+use convkit_core::backend::{Backend, EngineNetwork, Network, StepStats, Targets};
 use convkit_core::compile::{Compile, Head, Loss};
 use convkit_core::ndarray::{Array2, ArrayView4};
 use convkit_core::optim::{Slots, TensorMath, Training};
@@ -544,8 +544,27 @@ impl BurnNetwork {
         };
         Ok(hits.int().sum().into_scalar::<i64>() as usize)
     }
+}
 
-    fn train_step_inner(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
+fn activate<const D: usize>(x: Tensor<D>, a: Activation) -> Tensor<D> {
+    match a {
+        Activation::Linear => x,
+        Activation::Relu => relu(x),
+        Activation::Sigmoid => sigmoid(x),
+        Activation::Tanh => tanh(x),
+        Activation::Softmax => softmax(x, D - 1),
+    }
+}
+
+impl EngineNetwork for BurnNetwork {
+    type Error = Error;
+    fn engine(&self) -> &str {
+        self.engine
+    }
+    fn training_mut(&mut self) -> &mut Training {
+        &mut self.training
+    }
+    fn train_step(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
         self.check_targets(x.dim().0, y)?;
         let x = self.input(x)?;
         let targets = self.target_rows(y);
@@ -587,7 +606,7 @@ impl BurnNetwork {
         })
     }
 
-    fn predict_inner(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
+    fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
         let n = x.dim().0;
         let values: Vec<Tensor<1>> = self.vars.iter().map(|v| v.value.clone()).collect();
         let logits = self.forward(&values, self.input(x)?, false);
@@ -599,7 +618,7 @@ impl BurnNetwork {
         Ok(Array2::from_shape_vec((n, self.classes), data).expect("dims from the tensor"))
     }
 
-    fn weights_inner(&self) -> Result<Weights> {
+    fn weights(&self) -> Result<Weights> {
         let mut w = Weights::default();
         for v in &self.vars {
             w.insert(v.name.clone(), v.download()?);
@@ -607,7 +626,7 @@ impl BurnNetwork {
         Ok(w)
     }
 
-    fn set_weights_inner(&mut self, weights: &Weights) -> Result<()> {
+    fn set_weights(&mut self, weights: &Weights) -> Result<()> {
         let mut values = Vec::with_capacity(self.vars.len());
         for v in &self.vars {
             let t = weights
@@ -619,42 +638,5 @@ impl BurnNetwork {
             v.value = value;
         }
         Ok(())
-    }
-}
-
-fn activate<const D: usize>(x: Tensor<D>, a: Activation) -> Tensor<D> {
-    match a {
-        Activation::Linear => x,
-        Activation::Relu => relu(x),
-        Activation::Sigmoid => sigmoid(x),
-        Activation::Tanh => tanh(x),
-        Activation::Softmax => softmax(x, D - 1),
-    }
-}
-
-impl Network for BurnNetwork {
-    fn train_step(
-        &mut self,
-        x: ArrayView4<'_, f32>,
-        y: &Targets,
-    ) -> convkit_core::Result<StepStats> {
-        self.train_step_inner(x, y)
-            .map_err(|e| e.into_core(self.engine))
-    }
-    fn predict(&self, x: ArrayView4<'_, f32>) -> convkit_core::Result<Array2<f32>> {
-        self.predict_inner(x).map_err(|e| e.into_core(self.engine))
-    }
-    fn weights(&self) -> convkit_core::Result<Weights> {
-        self.weights_inner().map_err(|e| e.into_core(self.engine))
-    }
-    fn set_weights(&mut self, weights: &Weights) -> convkit_core::Result<()> {
-        self.set_weights_inner(weights)
-            .map_err(|e| e.into_core(self.engine))
-    }
-    fn set_trainable(&mut self, layer: usize, trainable: bool) -> convkit_core::Result<()> {
-        self.training.set_trainable(layer, trainable)
-    }
-    fn set_learning_rate(&mut self, learning_rate: f64) {
-        self.training.set_learning_rate(learning_rate);
     }
 }

@@ -12,7 +12,7 @@
 //! ```
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use convkit_core::backend::{Backend, Network, StepStats, Targets};
+use convkit_core::backend::{Backend, EngineNetwork, Network, StepStats, Targets};
 use convkit_core::compile::{Compile, Head, Loss};
 use convkit_core::ndarray::{Array2, ArrayView4};
 use convkit_core::optim::{Slots, TensorMath, Training};
@@ -390,90 +390,6 @@ impl CandleNetwork {
                 .count(),
         })
     }
-
-    fn train_step_inner(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
-        if x.dim().0 != y.len() {
-            return Err(Error::Unsupported(format!(
-                "batch has {} images but {} targets",
-                x.dim().0,
-                y.len()
-            )));
-        }
-        let x = self.input(x)?;
-        let logits = self.forward(&x, true)?;
-        let loss = self.loss(&logits, y)?;
-        let correct = self.correct(&logits, y)?;
-        let grads = loss.backward()?;
-        self.training.begin_step();
-        let mut penalty = 0.0;
-        for v in &mut self.vars {
-            // Detached: otherwise the optimizer slots would keep this step's whole autograd
-            // graph alive through their history, and memory would grow with every step.
-            let w = Param(v.var.as_tensor().detach());
-            let g = grads.get(v.var.as_tensor()).map(|g| Param(g.detach()));
-            let (new, p) = self
-                .training
-                .step(v.layer, v.kernel, &w, g.as_ref(), &mut v.slots)
-                .map_err(|e| Error::Unsupported(e.to_string()))?;
-            penalty += p;
-            if let Some(new) = new {
-                v.var.set(&new.0)?;
-            }
-        }
-        Ok(StepStats {
-            loss: (loss.to_scalar::<f32>()? as f64 + penalty) as f32,
-            correct,
-        })
-    }
-
-    fn predict_inner(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
-        let logits = self.forward(&self.input(x)?, false)?;
-        let p = match self.head {
-            Head::Softmax => candle_nn::ops::softmax(&logits, D::Minus1)?,
-            Head::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
-        };
-        let (n, k) = p.dims2()?;
-        let data = p.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Array2::from_shape_vec((n, k), data).expect("dims from the tensor"))
-    }
-
-    fn weights_inner(&self) -> Result<Weights> {
-        let mut w = Weights::default();
-        for v in &self.vars {
-            let t = v.var.as_tensor();
-            let data = t.flatten_all()?.to_vec1::<f32>()?;
-            w.insert(
-                v.name.clone(),
-                CoreTensor {
-                    shape: t.dims().to_vec(),
-                    data,
-                },
-            );
-        }
-        Ok(w)
-    }
-
-    fn set_weights_inner(&mut self, weights: &Weights) -> Result<()> {
-        for v in &self.vars {
-            let t = weights
-                .get(&v.name)
-                .map_err(|e| Error::Unsupported(e.to_string()))?;
-            if t.shape != v.var.as_tensor().dims() {
-                return Err(Error::Unsupported(format!(
-                    "tensor `{}`: expected shape {:?}, found {:?}",
-                    v.name,
-                    v.var.as_tensor().dims(),
-                    t.shape
-                )));
-            }
-            v.var.set(&Tensor::from_slice(
-                &t.data,
-                t.shape.as_slice(),
-                &self.device,
-            )?)?;
-        }
-        Ok(())
-    }
 }
 
 /// Non-overlapping max pooling with Keras'/PyTorch's gradient: all of it to the first
@@ -558,29 +474,95 @@ fn activate(x: Tensor, a: Activation) -> Result<Tensor> {
     })
 }
 
-impl Network for CandleNetwork {
-    fn train_step(
-        &mut self,
-        x: ArrayView4<'_, f32>,
-        y: &Targets,
-    ) -> convkit_core::Result<StepStats> {
-        self.train_step_inner(x, y)
-            .map_err(|e| e.into_core(self.engine))
+impl EngineNetwork for CandleNetwork {
+    type Error = Error;
+    fn engine(&self) -> &str {
+        self.engine
     }
-    fn predict(&self, x: ArrayView4<'_, f32>) -> convkit_core::Result<Array2<f32>> {
-        self.predict_inner(x).map_err(|e| e.into_core(self.engine))
+    fn training_mut(&mut self) -> &mut Training {
+        &mut self.training
     }
-    fn weights(&self) -> convkit_core::Result<Weights> {
-        self.weights_inner().map_err(|e| e.into_core(self.engine))
+    fn train_step(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
+        if x.dim().0 != y.len() {
+            return Err(Error::Unsupported(format!(
+                "batch has {} images but {} targets",
+                x.dim().0,
+                y.len()
+            )));
+        }
+        let x = self.input(x)?;
+        let logits = self.forward(&x, true)?;
+        let loss = self.loss(&logits, y)?;
+        let correct = self.correct(&logits, y)?;
+        let grads = loss.backward()?;
+        self.training.begin_step();
+        let mut penalty = 0.0;
+        for v in &mut self.vars {
+            // Detached: otherwise the optimizer slots would keep this step's whole autograd
+            // graph alive through their history, and memory would grow with every step.
+            let w = Param(v.var.as_tensor().detach());
+            let g = grads.get(v.var.as_tensor()).map(|g| Param(g.detach()));
+            let (new, p) = self
+                .training
+                .step(v.layer, v.kernel, &w, g.as_ref(), &mut v.slots)
+                .map_err(|e| Error::Unsupported(e.to_string()))?;
+            penalty += p;
+            if let Some(new) = new {
+                v.var.set(&new.0)?;
+            }
+        }
+        Ok(StepStats {
+            loss: (loss.to_scalar::<f32>()? as f64 + penalty) as f32,
+            correct,
+        })
     }
-    fn set_weights(&mut self, weights: &Weights) -> convkit_core::Result<()> {
-        self.set_weights_inner(weights)
-            .map_err(|e| e.into_core(self.engine))
+
+    fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
+        let logits = self.forward(&self.input(x)?, false)?;
+        let p = match self.head {
+            Head::Softmax => candle_nn::ops::softmax(&logits, D::Minus1)?,
+            Head::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
+        };
+        let (n, k) = p.dims2()?;
+        let data = p.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Array2::from_shape_vec((n, k), data).expect("dims from the tensor"))
     }
-    fn set_trainable(&mut self, layer: usize, trainable: bool) -> convkit_core::Result<()> {
-        self.training.set_trainable(layer, trainable)
+
+    fn weights(&self) -> Result<Weights> {
+        let mut w = Weights::default();
+        for v in &self.vars {
+            let t = v.var.as_tensor();
+            let data = t.flatten_all()?.to_vec1::<f32>()?;
+            w.insert(
+                v.name.clone(),
+                CoreTensor {
+                    shape: t.dims().to_vec(),
+                    data,
+                },
+            );
+        }
+        Ok(w)
     }
-    fn set_learning_rate(&mut self, learning_rate: f64) {
-        self.training.set_learning_rate(learning_rate);
+
+    fn set_weights(&mut self, weights: &Weights) -> Result<()> {
+        for v in &self.vars {
+            let t = weights
+                .get(&v.name)
+                .map_err(|e| Error::Unsupported(e.to_string()))?;
+            if t.shape != v.var.as_tensor().dims() {
+                return Err(Error::Unsupported(format!(
+                    "tensor `{}`: expected shape {:?}, found {:?}",
+                    v.name,
+                    v.var.as_tensor().dims(),
+                    t.shape
+                )));
+            }
+            v.var.set(&Tensor::from_slice(
+                &t.data,
+                t.shape.as_slice(),
+                &self.device,
+            )?)?;
+        }
+        Ok(())
     }
 }

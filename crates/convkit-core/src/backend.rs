@@ -5,6 +5,7 @@
 use ndarray::{Array2, ArrayView4};
 
 use crate::compile::Compile;
+use crate::optim::Training;
 use crate::spec::Sequential;
 use crate::weights::Weights;
 use crate::Result;
@@ -71,4 +72,49 @@ pub trait Network {
     fn set_trainable(&mut self, layer: usize, trainable: bool) -> Result<()>;
     /// Change the learning rate used from the next step on (schedules, ReduceLROnPlateau).
     fn set_learning_rate(&mut self, learning_rate: f64);
+}
+
+/// What an engine writes for its network, in its own error type. Core turns every
+/// `EngineNetwork` into a [`Network`]: errors become [`crate::Error::Engine`] naming the engine,
+/// and freezing and learning-rate changes go to the network's [`Training`].
+pub trait EngineNetwork {
+    type Error: std::fmt::Display;
+    /// The engine's CLI name, e.g. `burn-flex`, for error messages.
+    fn engine(&self) -> &str;
+    /// The optimizer bookkeeping the network steps with.
+    fn training_mut(&mut self) -> &mut Training;
+    /// See [`Network::train_step`].
+    fn train_step(
+        &mut self,
+        x: ArrayView4<'_, f32>,
+        y: &Targets,
+    ) -> std::result::Result<StepStats, Self::Error>;
+    /// See [`Network::predict`].
+    fn predict(&self, x: ArrayView4<'_, f32>) -> std::result::Result<Array2<f32>, Self::Error>;
+    /// See [`Network::weights`].
+    fn weights(&self) -> std::result::Result<Weights, Self::Error>;
+    /// See [`Network::set_weights`].
+    fn set_weights(&mut self, weights: &Weights) -> std::result::Result<(), Self::Error>;
+}
+
+impl<N: EngineNetwork> Network for N {
+    fn train_step(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
+        EngineNetwork::train_step(self, x, y).map_err(|e| crate::Error::engine(self.engine(), e))
+    }
+    fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
+        EngineNetwork::predict(self, x).map_err(|e| crate::Error::engine(self.engine(), e))
+    }
+    fn weights(&self) -> Result<Weights> {
+        EngineNetwork::weights(self).map_err(|e| crate::Error::engine(self.engine(), e))
+    }
+    fn set_weights(&mut self, weights: &Weights) -> Result<()> {
+        EngineNetwork::set_weights(self, weights)
+            .map_err(|e| crate::Error::engine(self.engine(), e))
+    }
+    fn set_trainable(&mut self, layer: usize, trainable: bool) -> Result<()> {
+        self.training_mut().set_trainable(layer, trainable)
+    }
+    fn set_learning_rate(&mut self, learning_rate: f64) {
+        self.training_mut().set_learning_rate(learning_rate);
+    }
 }

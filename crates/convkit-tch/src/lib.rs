@@ -5,7 +5,7 @@
 //! libtorch comes from the `torch==2.9.0` wheel (`cargo xtask setup`); `LIBTORCH` is
 //! respected. The thread count follows `CONVKIT_THREADS`, else the machine's cores.
 
-use convkit_core::backend::{Backend, Network, StepStats, Targets};
+use convkit_core::backend::{Backend, EngineNetwork, Network, StepStats, Targets};
 use convkit_core::compile::{Compile, Head, Loss};
 use convkit_core::ndarray::{Array2, ArrayView4};
 use convkit_core::optim::{Slots, TensorMath, Training};
@@ -423,8 +423,27 @@ impl TchNetwork {
         };
         Ok(i64::try_from(hits.f_sum(Kind::Int64)?)? as usize)
     }
+}
 
-    fn train_step_inner(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
+fn activate(x: Tensor, a: Activation) -> Result<Tensor> {
+    Ok(match a {
+        Activation::Linear => x,
+        Activation::Relu => x.f_relu()?,
+        Activation::Sigmoid => x.f_sigmoid()?,
+        Activation::Tanh => x.f_tanh()?,
+        Activation::Softmax => x.f_softmax(-1, Kind::Float)?,
+    })
+}
+
+impl EngineNetwork for TchNetwork {
+    type Error = Error;
+    fn engine(&self) -> &str {
+        self.engine
+    }
+    fn training_mut(&mut self) -> &mut Training {
+        &mut self.training
+    }
+    fn train_step(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
         if x.dim().0 != y.len() {
             return Err(Error::Unsupported(format!(
                 "batch has {} images but {} targets",
@@ -464,7 +483,7 @@ impl TchNetwork {
         })
     }
 
-    fn predict_inner(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
+    fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
         tch::no_grad(|| {
             let logits = self.forward(&self.input(x)?, false)?;
             let p = match self.head {
@@ -478,7 +497,7 @@ impl TchNetwork {
         })
     }
 
-    fn weights_inner(&self) -> Result<Weights> {
+    fn weights(&self) -> Result<Weights> {
         let mut w = Weights::default();
         for v in &self.vars {
             let shape = v.tensor.size().iter().map(|&d| d as usize).collect();
@@ -493,7 +512,7 @@ impl TchNetwork {
         Ok(w)
     }
 
-    fn set_weights_inner(&mut self, weights: &Weights) -> Result<()> {
+    fn set_weights(&mut self, weights: &Weights) -> Result<()> {
         for v in &mut self.vars {
             let t = weights
                 .get(&v.name)
@@ -509,42 +528,5 @@ impl TchNetwork {
             tch::no_grad(|| v.tensor.f_copy_(&src))?;
         }
         Ok(())
-    }
-}
-
-fn activate(x: Tensor, a: Activation) -> Result<Tensor> {
-    Ok(match a {
-        Activation::Linear => x,
-        Activation::Relu => x.f_relu()?,
-        Activation::Sigmoid => x.f_sigmoid()?,
-        Activation::Tanh => x.f_tanh()?,
-        Activation::Softmax => x.f_softmax(-1, Kind::Float)?,
-    })
-}
-
-impl Network for TchNetwork {
-    fn train_step(
-        &mut self,
-        x: ArrayView4<'_, f32>,
-        y: &Targets,
-    ) -> convkit_core::Result<StepStats> {
-        self.train_step_inner(x, y)
-            .map_err(|e| e.into_core(self.engine))
-    }
-    fn predict(&self, x: ArrayView4<'_, f32>) -> convkit_core::Result<Array2<f32>> {
-        self.predict_inner(x).map_err(|e| e.into_core(self.engine))
-    }
-    fn weights(&self) -> convkit_core::Result<Weights> {
-        self.weights_inner().map_err(|e| e.into_core(self.engine))
-    }
-    fn set_weights(&mut self, weights: &Weights) -> convkit_core::Result<()> {
-        self.set_weights_inner(weights)
-            .map_err(|e| e.into_core(self.engine))
-    }
-    fn set_trainable(&mut self, layer: usize, trainable: bool) -> convkit_core::Result<()> {
-        self.training.set_trainable(layer, trainable)
-    }
-    fn set_learning_rate(&mut self, learning_rate: f64) {
-        self.training.set_learning_rate(learning_rate);
     }
 }
