@@ -16,12 +16,15 @@ fn main() -> convkit::Result<()> {
 
     // The official binary batches (`cifar10` also reads the JPEG folder `cifar10-jpg`).
     let data = Locator::from_env();
-    let train = data
-        .load(DatasetName::Cifar10, Split::Train, limit)?
-        .normalise(Normalisation::Rescale);
-    let test = data
-        .load(DatasetName::Cifar10, Split::Test, limit.map(|n| n / 5))?
-        .normalise(Normalisation::Rescale);
+    let (mut train, mut test) = (
+        data.load(DatasetName::Cifar10, Split::Train, None)?,
+        data.load(DatasetName::Cifar10, Split::Test, None)?,
+    );
+    if let Some(n) = limit {
+        (train, test) = (train.limit(n), test.limit(n.div_ceil(5)));
+    }
+    let train = train.normalise(Normalisation::Rescale);
+    let test = test.normalise(Normalisation::Rescale);
     let out = std::path::Path::new("runs/cifar10");
 
     // The tutorial's two models: a dense network with SGD for 5 epochs, a CNN with adam for 10.
