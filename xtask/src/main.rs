@@ -300,12 +300,9 @@ fn test(extra: &[String]) -> Result<()> {
         }
         run(&mut check)?;
     }
-    let mut c = cargo(&[
-        "test",
-        "--workspace",
-        "--features",
-        &ENGINE_FEATURES.join(","),
-    ]);
+    // Every engine, plus the notebooks' rich-output feature.
+    let features = format!("{},evcxr", ENGINE_FEATURES.join(","));
+    let mut c = cargo(&["test", "--workspace", "--features", &features]);
     c.args(extra).env("CONVKIT_OFFLINE", "1");
     let (passed, failed) = run_counting_tests(&mut c)?;
     eprintln!(

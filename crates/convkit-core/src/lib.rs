@@ -9,6 +9,8 @@ pub mod backend;
 pub mod compare;
 pub mod compile;
 pub mod data;
+#[cfg(feature = "evcxr")]
+pub mod display;
 mod error;
 pub mod init;
 pub mod io;

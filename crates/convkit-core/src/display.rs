@@ -1,0 +1,246 @@
+//! Rich output in evcxr Jupyter notebooks (feature `evcxr`). evcxr calls `evcxr_display()` on
+//! a cell's value and reads the content blocks it prints: plots show as PNG, tables as HTML,
+//! and every value also gives a text/plain fallback. There is no dependency on evcxr itself.
+//!
+//! ```no_run
+//! use convkit_core::display::Rich;
+//! # fn show(history: &convkit_core::train::History) {
+//! convkit_core::plot::TrainingCurves(history).evcxr_display(); // the last line of a cell does this itself
+//! # }
+//! ```
+
+use base64::Engine as _;
+use polars::prelude::DataFrame;
+
+use crate::artifacts::Scored;
+use crate::metrics::{ClassificationReport, ConfusionMatrix};
+use crate::plot::{ConfusionHeatmap, Figure, SampleGrid, TrainingCurves};
+use crate::spec::Sequential;
+use crate::train::History;
+
+/// A value with rich notebook output.
+pub trait Rich {
+    /// `(MIME type, body)` blocks, the richest first, always with a `text/plain` one.
+    fn rich(&self) -> Vec<(&'static str, String)>;
+
+    /// Print the blocks in evcxr's protocol (what a notebook cell shows).
+    fn evcxr_display(&self) {
+        print!("{}", evcxr_blocks(&self.rich()));
+    }
+}
+
+/// The blocks in evcxr's protocol: `EVCXR_BEGIN_CONTENT <mime>` … `EVCXR_END_CONTENT`.
+pub fn evcxr_blocks(blocks: &[(&str, String)]) -> String {
+    blocks
+        .iter()
+        .map(|(mime, body)| format!("EVCXR_BEGIN_CONTENT {mime}\n{body}\nEVCXR_END_CONTENT\n"))
+        .collect()
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// An HTML table of a DataFrame: a header row of column names, then one row per record.
+pub fn dataframe_html(df: &DataFrame) -> String {
+    let columns = df.columns();
+    let mut html = String::from("<table>\n<thead><tr>");
+    for c in columns {
+        html += &format!("<th>{}</th>", escape(c.name()));
+    }
+    html += "</tr></thead>\n<tbody>\n";
+    for row in 0..df.height() {
+        html += "<tr>";
+        for c in columns {
+            let cell = c
+                .get(row)
+                .map(|v| v.to_string().trim_matches('"').to_string())
+                .unwrap_or_default();
+            html += &format!("<td>{}</td>", escape(&cell));
+        }
+        html += "</tr>\n";
+    }
+    html + "</tbody>\n</table>"
+}
+
+/// A plot: PNG, with its size as the text fallback.
+fn figure_blocks<F: Figure>(figure: &F, what: &str) -> Vec<(&'static str, String)> {
+    let (w, h) = figure.size();
+    let text = format!("<{what}, {w}×{h} px>");
+    match figure.to_png() {
+        Ok(png) => vec![
+            (
+                "image/png",
+                base64::engine::general_purpose::STANDARD.encode(png),
+            ),
+            ("text/plain", text),
+        ],
+        Err(e) => vec![("text/plain", format!("{text}: {e}"))],
+    }
+}
+
+impl Rich for TrainingCurves<'_> {
+    fn rich(&self) -> Vec<(&'static str, String)> {
+        figure_blocks(self, "training curves")
+    }
+}
+
+impl Rich for ConfusionHeatmap<'_> {
+    fn rich(&self) -> Vec<(&'static str, String)> {
+        figure_blocks(self, "confusion matrix")
+    }
+}
+
+impl Rich for SampleGrid<'_> {
+    fn rich(&self) -> Vec<(&'static str, String)> {
+        figure_blocks(self, "sample grid")
+    }
+}
+
+/// A table: HTML from its DataFrame (when it converts), with `text` as the fallback.
+fn table_blocks(
+    df: crate::Result<DataFrame>,
+    caption: &str,
+    text: String,
+) -> Vec<(&'static str, String)> {
+    let mut blocks = Vec::new();
+    if let Ok(df) = df {
+        blocks.push((
+            "text/html",
+            format!("<p><b>{}</b></p>\n{}", escape(caption), dataframe_html(&df)),
+        ));
+    }
+    blocks.push(("text/plain", text));
+    blocks
+}
+
+impl Rich for ConfusionMatrix {
+    fn rich(&self) -> Vec<(&'static str, String)> {
+        table_blocks(
+            self.to_dataframe(),
+            "Confusion matrix (rows: true class, columns: predicted)",
+            self.to_string(),
+        )
+    }
+}
+
+impl Rich for ClassificationReport {
+    fn rich(&self) -> Vec<(&'static str, String)> {
+        table_blocks(
+            self.to_dataframe(),
+            "Classification report",
+            self.to_string(),
+        )
+    }
+}
+
+impl Rich for History {
+    fn rich(&self) -> Vec<(&'static str, String)> {
+        let text = self
+            .epochs
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        table_blocks(self.to_dataframe(), "Training history", text)
+    }
+}
+
+impl Rich for Scored {
+    fn rich(&self) -> Vec<(&'static str, String)> {
+        let mut html = format!(
+            "<p>loss {:.4}, accuracy {:.4}</p>\n",
+            self.evaluation.loss, self.evaluation.accuracy
+        );
+        for (caption, df) in [
+            ("Classification report", self.report.to_dataframe()),
+            ("Confusion matrix", self.confusion.to_dataframe()),
+        ] {
+            if let Ok(df) = df {
+                html += &format!("<p><b>{caption}</b></p>\n{}\n", dataframe_html(&df));
+            }
+        }
+        vec![("text/html", html), ("text/plain", self.text())]
+    }
+}
+
+impl Rich for Sequential {
+    fn rich(&self) -> Vec<(&'static str, String)> {
+        let text = self.summary().unwrap_or_else(|e| e.to_string());
+        vec![
+            ("text/html", format!("<pre>{}</pre>", escape(&text))),
+            ("text/plain", text),
+        ]
+    }
+}
+
+/// A polars DataFrame shown as an HTML table: `Table(history.to_dataframe()?)`.
+pub struct Table(pub DataFrame);
+
+impl Rich for Table {
+    fn rich(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("text/html", dataframe_html(&self.0)),
+            ("text/plain", self.0.to_string()),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::EpochLog;
+
+    fn history() -> History {
+        History {
+            epochs: (1..=2)
+                .map(|epoch| EpochLog {
+                    epoch,
+                    loss: 1.0 / epoch as f64,
+                    accuracy: 0.5 + 0.1 * epoch as f64,
+                    val_loss: Some(0.9 / epoch as f64),
+                    val_accuracy: Some(0.55),
+                    seconds: 1.5,
+                    learning_rate: 1e-3,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn plots_are_png_blocks_with_a_text_fallback() {
+        let h = history();
+        let blocks = TrainingCurves(&h).rich();
+        assert_eq!(blocks[0].0, "image/png");
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(&blocks[0].1)
+            .unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+        assert_eq!(blocks.last().unwrap().0, "text/plain");
+        let out = evcxr_blocks(&blocks);
+        assert!(out.starts_with("EVCXR_BEGIN_CONTENT image/png\n"));
+        assert_eq!(out.matches("EVCXR_END_CONTENT\n").count(), 2);
+    }
+
+    #[test]
+    fn tables_are_html_with_every_row_and_escaped_names() {
+        let h = history();
+        let html = &h.rich()[0].1;
+        assert!(html.contains("<th>val_accuracy</th>"), "{html}");
+        assert_eq!(
+            html.matches("<tr>").count(),
+            3,
+            "header and two epochs: {html}"
+        );
+        let cm =
+            ConfusionMatrix::new(&[0, 1, 1], &[0, 1, 0], vec!["<a>".into(), "b".into()]).unwrap();
+        let blocks = cm.rich();
+        assert_eq!(blocks[0].0, "text/html");
+        assert!(blocks[0].1.contains("&lt;a&gt;") && !blocks[0].1.contains("<a>"));
+        assert_eq!(blocks[1], ("text/plain", cm.to_string()));
+        let spec = Sequential::preset("tutorial-mnist").unwrap();
+        assert!(spec.rich()[1].1.contains("Total params:"));
+    }
+}
