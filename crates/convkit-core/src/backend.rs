@@ -83,7 +83,7 @@ pub trait EngineNetwork {
     fn engine(&self) -> &str;
     /// The optimizer bookkeeping the network steps with.
     fn training_mut(&mut self) -> &mut Training;
-    /// See [`Network::train_step`].
+    /// See [`Network::train_step`]; core has checked that `y` has one target per image.
     fn train_step(
         &mut self,
         x: ArrayView4<'_, f32>,
@@ -99,6 +99,12 @@ pub trait EngineNetwork {
 
 impl<N: EngineNetwork> Network for N {
     fn train_step(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
+        if x.dim().0 != y.len() {
+            return Err(crate::Error::Shape {
+                expected: format!("one target per image ({} images)", x.dim().0),
+                found: format!("{} targets", y.len()),
+            });
+        }
         EngineNetwork::train_step(self, x, y).map_err(|e| crate::Error::engine(self.engine(), e))
     }
     fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {

@@ -444,13 +444,6 @@ impl EngineNetwork for TchNetwork {
         &mut self.training
     }
     fn train_step(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
-        if x.dim().0 != y.len() {
-            return Err(Error::Unsupported(format!(
-                "batch has {} images but {} targets",
-                x.dim().0,
-                y.len()
-            )));
-        }
         let x = self.input(x)?;
         let logits = self.forward(&x, true)?;
         let loss = self.loss(&logits, y)?;
