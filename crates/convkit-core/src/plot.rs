@@ -284,11 +284,13 @@ pub struct SampleGrid<'a> {
 }
 
 impl<'a> SampleGrid<'a> {
-    /// The first `n` images of `data`; `predicted[i]` is the prediction for image `i`.
+    /// `n` images spread evenly over `data` (so a class-sorted folder shows every class);
+    /// `predicted[i]` is the prediction for image `i`. Set `indices` to choose others.
     pub fn new(data: &'a Dataset, n: usize, predicted: Option<&'a [u32]>) -> Self {
+        let n = n.min(data.len());
         SampleGrid {
             data,
-            indices: (0..n.min(data.len())).collect(),
+            indices: (0..n).map(|k| k * data.len() / n).collect(),
             predicted,
             columns: 8,
         }
