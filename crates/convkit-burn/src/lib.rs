@@ -54,12 +54,6 @@ pub enum Error {
     Readback(String),
 }
 
-impl Error {
-    fn into_core(self, engine: &str) -> convkit_core::Error {
-        convkit_core::Error::engine(engine, self)
-    }
-}
-
 type Result<T> = std::result::Result<T, Error>;
 
 /// One burn backend on one device; the name is the CLI's `--backend` value.
@@ -118,22 +112,26 @@ impl BurnBackend {
         std::panic::set_hook(quiet);
         match outcome {
             Ok(sum) if sum == 3.0 => Ok(BurnBackend { device, name }),
-            Ok(sum) => Err(Error::Device {
-                backend: name,
-                message: format!("the probe 1 + 2 gave {sum}"),
-            }
-            .into_core(name)),
+            Ok(sum) => Err(convkit_core::Error::engine(
+                name,
+                Error::Device {
+                    backend: name,
+                    message: format!("the probe 1 + 2 gave {sum}"),
+                },
+            )),
             Err(panic) => {
                 let message = panic
                     .downcast_ref::<String>()
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "unknown cause".into());
-                Err(Error::Device {
-                    backend: name,
-                    message,
-                }
-                .into_core(name))
+                Err(convkit_core::Error::engine(
+                    name,
+                    Error::Device {
+                        backend: name,
+                        message,
+                    },
+                ))
             }
         }
     }
@@ -162,7 +160,7 @@ impl Backend for BurnBackend {
         let head = compile.check(spec)?;
         weights.check(spec)?;
         let net = BurnNetwork::new(spec, compile, head, weights, self)
-            .map_err(|e| e.into_core(self.name))?;
+            .map_err(|e| convkit_core::Error::engine(self.name, e))?;
         Ok(Box::new(net))
     }
 }

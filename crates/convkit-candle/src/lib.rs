@@ -39,12 +39,6 @@ impl From<candle_core::Error> for Error {
     }
 }
 
-impl Error {
-    fn into_core(self, engine: &str) -> convkit_core::Error {
-        convkit_core::Error::engine(engine, self)
-    }
-}
-
 type Result<T> = std::result::Result<T, Error>;
 
 /// candle on one device (`candle-cpu`, or `candle-cuda` with the `cuda` feature).
@@ -95,7 +89,7 @@ impl Backend for CandleBackend {
         let head = compile.check(spec)?;
         weights.check(spec)?;
         let net = CandleNetwork::new(spec, compile, head, weights, &self.device, self.name)
-            .map_err(|e| e.into_core(self.name))?;
+            .map_err(|e| convkit_core::Error::engine(self.name, e))?;
         Ok(Box::new(net))
     }
 }

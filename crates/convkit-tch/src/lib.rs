@@ -23,12 +23,6 @@ pub enum Error {
     Unsupported(String),
 }
 
-impl Error {
-    fn into_core(self, engine: &str) -> convkit_core::Error {
-        convkit_core::Error::engine(engine, self)
-    }
-}
-
 type Result<T> = std::result::Result<T, Error>;
 
 /// libtorch on one device (`tch-cpu`, or `tch-cuda` when libtorch sees a GPU).
@@ -110,7 +104,7 @@ impl Backend for TchBackend {
         let head = compile.check(spec)?;
         weights.check(spec)?;
         let net = TchNetwork::new(spec, compile, head, weights, self.device, self.name)
-            .map_err(|e| e.into_core(self.name))?;
+            .map_err(|e| convkit_core::Error::engine(self.name, e))?;
         Ok(Box::new(net))
     }
 }
