@@ -191,27 +191,10 @@ impl Rich for Table {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::EpochLog;
-
-    fn history() -> History {
-        History {
-            epochs: (1..=2)
-                .map(|epoch| EpochLog {
-                    epoch,
-                    loss: 1.0 / epoch as f64,
-                    accuracy: 0.5 + 0.1 * epoch as f64,
-                    val_loss: Some(0.9 / epoch as f64),
-                    val_accuracy: Some(0.55),
-                    seconds: 1.5,
-                    learning_rate: 1e-3,
-                })
-                .collect(),
-        }
-    }
 
     #[test]
     fn plots_are_png_blocks_with_a_text_fallback() {
-        let h = history();
+        let h = History::for_tests(2);
         let blocks = TrainingCurves(&h).rich();
         assert_eq!(blocks[0].0, "image/png");
         let png = base64::engine::general_purpose::STANDARD
@@ -226,7 +209,7 @@ mod tests {
 
     #[test]
     fn tables_are_html_with_every_row_and_escaped_names() {
-        let h = history();
+        let h = History::for_tests(2);
         let html = &h.rich()[0].1;
         assert!(html.contains("<th>val_accuracy</th>"), "{html}");
         assert_eq!(

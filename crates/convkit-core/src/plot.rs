@@ -372,23 +372,10 @@ impl Figure for SampleGrid<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::EpochLog;
 
     #[test]
     fn figures_render_png_and_svg() {
-        let history = History {
-            epochs: (1..=3)
-                .map(|epoch| EpochLog {
-                    epoch,
-                    loss: 1.0 / epoch as f64,
-                    accuracy: 0.5 + 0.1 * epoch as f64,
-                    val_loss: Some(1.1 / epoch as f64),
-                    val_accuracy: Some(0.5),
-                    seconds: 1.0,
-                    learning_rate: 1e-3,
-                })
-                .collect(),
-        };
+        let history = History::for_tests(3);
         let dir = tempfile::tempdir().unwrap();
         TrainingCurves(&history)
             .save(&dir.path().join("h.png"))

@@ -412,6 +412,24 @@ pub struct History {
 }
 
 impl History {
+    /// A made-up history of `epochs` epochs with falling losses, for tests of what reads one.
+    #[cfg(test)]
+    pub(crate) fn for_tests(epochs: usize) -> Self {
+        History {
+            epochs: (1..=epochs)
+                .map(|epoch| EpochLog {
+                    epoch,
+                    loss: 1.0 / epoch as f64,
+                    accuracy: 0.5 + 0.1 * epoch as f64,
+                    val_loss: Some(1.1 / epoch as f64),
+                    val_accuracy: Some(0.5),
+                    seconds: 1.0,
+                    learning_rate: 1e-3,
+                })
+                .collect(),
+        }
+    }
+
     /// Columns epoch, loss, accuracy, val_loss, val_accuracy, seconds, learning_rate.
     pub fn to_dataframe(&self) -> Result<polars::prelude::DataFrame> {
         use polars::prelude::*;
