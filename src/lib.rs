@@ -52,9 +52,10 @@ pub mod prelude {
     pub use convkit_core::plot::{ConfusionHeatmap, Figure, SampleGrid, TrainingCurves};
     pub use convkit_core::weights::{Checkpoint, CheckpointMeta};
     pub use convkit_core::{
-        Activation, Backend, Compile, Conv2D, CsvLogger, Dataset, Dense, Dropout, EarlyStopping,
-        ImageShape, LayerKind, LearningRateScheduler, Loss, Model, ModelCheckpoint, Monitor,
-        Normalisation, Optimizer, Padding, ReduceLrOnPlateau, Schedule, Sequential, Verbosity,
+        Activation, Backend, BatchNormalization, Compile, Conv2D, CsvLogger, Dataset, Dense,
+        Dropout, EarlyStopping, ImageShape, LayerKind, LearningRateScheduler, Loss, Model,
+        ModelCheckpoint, Monitor, Normalisation, Optimizer, Padding, ReduceLrOnPlateau, Schedule,
+        Sequential, Verbosity,
     };
 }
 

@@ -157,6 +157,68 @@ fn summary_and_backends() {
     assert!(text(&o).contains("candle-cpu"), "{}", text(&o));
 }
 
+/// `--batch-norm` trains a model with BatchNormalization layers, saves their moving
+/// statistics in the checkpoint, and `evaluate` reproduces the run's accuracy from it.
+#[test]
+fn batch_norm_trains_saves_and_evaluates_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bn");
+    let out_s = out.to_str().unwrap();
+    let o = convkit(&[
+        "train",
+        "--dataset",
+        "mnist",
+        "--model",
+        "tutorial-mnist",
+        "--batch-norm",
+        "--epochs",
+        "1",
+        "--limit",
+        "200",
+        "--out",
+        out_s,
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let spec = std::fs::read_to_string(out.join("model.json")).unwrap();
+    assert_eq!(spec.matches("\"BatchNormalization\"").count(), 3, "{spec}");
+    let trained: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let eval_out = dir.path().join("eval");
+    let o = convkit(&[
+        "evaluate",
+        "--weights",
+        out_s,
+        "--dataset",
+        "mnist",
+        "--limit",
+        "200",
+        "--out",
+        eval_out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval_out.join("metrics.json")).unwrap())
+            .unwrap();
+    assert!(
+        (again["test_accuracy"].as_f64().unwrap() - trained["test_accuracy"].as_f64().unwrap())
+            .abs()
+            < 1e-9
+    );
+    let o = convkit(&[
+        "summary",
+        "--model",
+        out.join("model.json").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("batch_normalization_2 (BatchNormalization)")
+            && text(&o).contains("Non-trainable params: 448"),
+        "{}",
+        text(&o)
+    );
+}
+
 fn fails_with(args: &[&str], needles: &[&str]) {
     let o = convkit(args);
     let t = text(&o);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{batch, reference_forward, small_specs, tol};
+use common::{batch, reference_forward, reference_pass, small_specs, tol};
 use convkit::backend::Targets;
 use convkit::optim::Slots;
 use convkit::{init, Compile, Loss, Model, Optimizer, Sequential, Weights};
@@ -138,7 +138,8 @@ fn loss_and_gradients_match_the_reference() {
                 let mut model =
                     Model::with_weights(spec.clone(), compile, engine.as_ref(), &weights).unwrap();
                 let stats = model.network_mut().train_step(x.view(), &y).unwrap();
-                let reference = reference_loss(&reference_forward(&spec, &weights, &x), &y);
+                let (probs, moving) = reference_pass(&spec, &weights, &x, true);
+                let reference = reference_loss(&probs, &y);
                 assert!(
                     (stats.loss as f64 - reference).abs() < tol::LOSS * 10.0,
                     "{}: {} loss {} vs reference {reference}",
@@ -147,15 +148,33 @@ fn loss_and_gradients_match_the_reference() {
                     stats.loss
                 );
                 let after = model.weights().unwrap();
-                // central differences on a few entries of every tensor
+                // moving statistics follow the batch's, never the gradient
+                for (name, expected) in &moving {
+                    let got = &after.get(name).unwrap().data;
+                    let d = got
+                        .iter()
+                        .zip(expected)
+                        .map(|(a, b)| (*a as f64 - b).abs())
+                        .fold(0.0, f64::max);
+                    assert!(
+                        d <= tol::STEP as f64,
+                        "{}: model `{}`: {name} is {d:e} from the Keras moving average",
+                        engine.name(),
+                        spec.name
+                    );
+                }
+                // central differences on a few entries of every trained tensor
                 for (name, t) in &weights.tensors {
+                    if moving.iter().any(|(m, _)| m == name) {
+                        continue;
+                    }
                     for k in [0, t.data.len() / 2, t.data.len() - 1] {
                         let grad = (t.data[k] - after.get(name).unwrap().data[k]) as f64;
                         let eps = 1e-3;
                         let at = |d: f64| {
                             let mut w = weights.clone();
                             w.tensors.get_mut(name).unwrap().data[k] += d as f32;
-                            reference_loss(&reference_forward(&spec, &w, &x), &y)
+                            reference_loss(&reference_pass(&spec, &w, &x, true).0, &y)
                         };
                         let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
                         assert!(
@@ -324,6 +343,127 @@ fn kernel_regularisers_add_their_penalty_and_gradient() {
                 engine.name()
             );
         }
+    }
+}
+
+/// BatchNormalization as Keras runs it: moving statistics at inference, the batch's in
+/// training (and the moving ones updated), and inference mode while the layer is frozen.
+#[test]
+fn batch_normalization_follows_keras() {
+    use rand::{Rng, SeedableRng};
+    let spec = small_specs()
+        .into_iter()
+        .find(|s| s.name == "small-batchnorm")
+        .unwrap();
+    // Non-trivial statistics and scales, so that inference and training modes differ.
+    let mut weights = init::glorot_uniform(&spec, 8).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+    for (name, t) in weights.tensors.iter_mut() {
+        let range = match name.rsplit_once('.').unwrap().1 {
+            "gamma" | "moving_variance" => 0.5..2.0,
+            "beta" | "moving_mean" => -0.5..0.5,
+            _ => continue,
+        };
+        t.data
+            .iter_mut()
+            .for_each(|v| *v = rng.random_range(range.clone()));
+    }
+    let x = batch(6, spec.input_shape, 12);
+    let y = targets(Loss::SparseCategoricalCrossentropy, 6, 3);
+    let compile = Compile::new(
+        Optimizer::sgd().with_learning_rate(0.1),
+        Loss::SparseCategoricalCrossentropy,
+    );
+    let max_diff = |a: &convkit::ndarray::Array2<f32>, b: &convkit::ndarray::Array2<f64>| {
+        a.iter()
+            .zip(b.iter())
+            .map(|(p, r)| (*p as f64 - r).abs())
+            .fold(0.0, f64::max)
+    };
+    let inference = reference_forward(&spec, &weights, &x);
+    let (training, moving) = reference_pass(&spec, &weights, &x, true);
+    assert!(
+        max_diff(&inference.mapv(|v| v as f32), &training) > 1e-3,
+        "the test needs modes that differ"
+    );
+    for engine in engines() {
+        let mut model =
+            Model::with_weights(spec.clone(), compile.clone(), engine.as_ref(), &weights).unwrap();
+        let d = max_diff(&model.network().predict(x.view()).unwrap(), &inference);
+        assert!(
+            d <= tol::FORWARD as f64,
+            "{}: inference differs from the moving-statistics reference by {d:e}",
+            engine.name()
+        );
+        let stats = model.network_mut().train_step(x.view(), &y).unwrap();
+        let expected = reference_loss(&training, &y);
+        assert!(
+            (stats.loss as f64 - expected).abs() < tol::LOSS * 10.0,
+            "{}: training loss {} vs the batch-statistics reference {expected}",
+            engine.name(),
+            stats.loss
+        );
+        let after = model.weights().unwrap();
+        for (name, expected) in &moving {
+            let d = after
+                .get(name)
+                .unwrap()
+                .data
+                .iter()
+                .zip(expected)
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                d <= tol::STEP as f64,
+                "{}: {name} is {d:e} from the moving average",
+                engine.name()
+            );
+        }
+        // inference after the step uses the updated moving statistics
+        let d = max_diff(
+            &model.network().predict(x.view()).unwrap(),
+            &reference_forward(&spec, &after, &x),
+        );
+        assert!(
+            d <= tol::FORWARD as f64,
+            "{}: inference after a step differs by {d:e}",
+            engine.name()
+        );
+
+        // Frozen: inference mode in training too; nothing of the layer changes.
+        let mut frozen_spec = spec.clone();
+        frozen_spec.layers[1].trainable = false;
+        let mut frozen =
+            Model::with_weights(spec.clone(), compile.clone(), engine.as_ref(), &weights).unwrap();
+        frozen.set_trainable(1, false).unwrap();
+        let stats = frozen.network_mut().train_step(x.view(), &y).unwrap();
+        let (probs, moving) = reference_pass(&frozen_spec, &weights, &x, true);
+        assert!(moving
+            .iter()
+            .all(|(n, _)| !n.starts_with("batch_normalization.")));
+        let expected = reference_loss(&probs, &y);
+        assert!(
+            (stats.loss as f64 - expected).abs() < tol::LOSS * 10.0,
+            "{}: loss with a frozen batch normalisation {} vs {expected}",
+            engine.name(),
+            stats.loss
+        );
+        let after = frozen.weights().unwrap();
+        for part in ["gamma", "beta", "moving_mean", "moving_variance"] {
+            let name = format!("batch_normalization.{part}");
+            assert_eq!(
+                after.get(&name).unwrap(),
+                weights.get(&name).unwrap(),
+                "{}: frozen {name} changed",
+                engine.name()
+            );
+        }
+        assert_ne!(
+            after.get("batch_normalization_1.moving_mean").unwrap(),
+            weights.get("batch_normalization_1.moving_mean").unwrap(),
+            "{}: the trainable batch normalisation kept its statistics",
+            engine.name()
+        );
     }
 }
 

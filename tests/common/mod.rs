@@ -50,38 +50,93 @@ fn act(x: f64, a: Activation) -> f64 {
 }
 
 /// Keras semantics, in plain loops: NHWC activations, canonical weights, (H, W, C) flatten.
-/// Returns the probabilities `[n, outputs]`.
+/// Returns the probabilities `[n, outputs]` in inference mode.
 pub fn reference_forward(spec: &Sequential, w: &Weights, x: &Array4<f32>) -> Array2<f64> {
+    reference_pass(spec, w, x, false).0
+}
+
+/// [`reference_forward`] in inference mode, or as a training pass without dropout: trainable
+/// batch normalisations use the batch's statistics (biased variance). Also returns the moving
+/// statistics each trainable batch normalisation holds after a training pass, by tensor name.
+pub fn reference_pass(
+    spec: &Sequential,
+    w: &Weights,
+    x: &Array4<f32>,
+    training: bool,
+) -> (Array2<f64>, Vec<(String, Vec<f64>)>) {
     let names = spec.layer_names();
     let shapes = spec.output_shapes().unwrap();
     let n = x.dim().0;
-    let mut out = Vec::new();
-    for s in 0..n {
-        // activation stored HWC (flat vectors as h = w = 1)
-        let [h0, w0, c0] = spec.input_shape;
-        let mut cur: Vec<f64> = x
-            .slice(convkit::ndarray::s![s, .., .., ..])
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
-        let (mut h, mut wd, mut c) = (h0, w0, c0);
-        for (i, layer) in spec.layers.iter().enumerate() {
-            let (oh, ow, oc) = match shapes[i] {
-                Shape::Image { h, w, c } => (h, w, c),
-                Shape::Flat(k) => (1, 1, k),
+    let mut moving = Vec::new();
+    // one activation per sample, stored HWC (flat vectors as h = w = 1)
+    let [h0, w0, c0] = spec.input_shape;
+    let mut batch: Vec<Vec<f64>> = (0..n)
+        .map(|s| {
+            x.slice(convkit::ndarray::s![s, .., .., ..])
+                .iter()
+                .map(|&v| v as f64)
+                .collect()
+        })
+        .collect();
+    let (mut h, mut wd, mut c) = (h0, w0, c0);
+    for (i, layer) in spec.layers.iter().enumerate() {
+        let (oh, ow, oc) = match shapes[i] {
+            Shape::Image { h, w, c } => (h, w, c),
+            Shape::Flat(k) => (1, 1, k),
+        };
+        let param = |part: &str| &w.get(&format!("{}.{part}", names[i])).unwrap().data;
+        if let LayerKind::BatchNormalization(bn) = &layer.kind {
+            // per channel (the last axis), over samples and positions
+            let count = (n * batch[0].len() / c) as f64;
+            let channel_mean = |f: &dyn Fn(f64) -> f64| -> Vec<f64> {
+                let mut acc = vec![0f64; c];
+                for cur in &batch {
+                    for (j, v) in cur.iter().enumerate() {
+                        acc[j % c] += f(*v);
+                    }
+                }
+                acc.iter().map(|a| a / count).collect()
             };
+            let (mean, var) = if training && layer.trainable {
+                let mean = channel_mean(&|v| v);
+                let sq = channel_mean(&|v| v * v);
+                let var: Vec<f64> = sq.iter().zip(&mean).map(|(s, m)| s - m * m).collect();
+                let m = bn.momentum as f64;
+                for (part, stat) in [("moving_mean", &mean), ("moving_variance", &var)] {
+                    let updated = param(part)
+                        .iter()
+                        .zip(stat.iter())
+                        .map(|(&old, b)| old as f64 * m + b * (1.0 - m))
+                        .collect();
+                    moving.push((format!("{}.{part}", names[i]), updated));
+                }
+                (mean, var)
+            } else {
+                let f = |part| param(part).iter().map(|&v| v as f64).collect::<Vec<_>>();
+                (f("moving_mean"), f("moving_variance"))
+            };
+            let (gamma, beta) = (param("gamma"), param("beta"));
+            for cur in &mut batch {
+                for (j, v) in cur.iter_mut().enumerate() {
+                    let k = j % c;
+                    *v = (*v - mean[k]) / (var[k] + bn.epsilon as f64).sqrt() * gamma[k] as f64
+                        + beta[k] as f64;
+                }
+            }
+            continue;
+        }
+        for cur in &mut batch {
             let mut next = vec![0f64; oh * ow * oc];
             match &layer.kind {
                 LayerKind::Conv2D(conv) => {
-                    let k = w.get(&format!("{}.weight", names[i])).unwrap();
-                    let b = w.get(&format!("{}.bias", names[i])).unwrap();
+                    let (k, b) = (param("weight"), param("bias"));
                     let [kh, kw] = conv.kernel_size;
                     let [sh, sw] = conv.strides;
                     let [pt, _, pl, _] = conv.pad_amounts(h, wd);
                     for y in 0..oh {
                         for xx in 0..ow {
                             for o in 0..oc {
-                                let mut acc = b.data[o] as f64;
+                                let mut acc = b[o] as f64;
                                 for ky in 0..kh {
                                     for kx in 0..kw {
                                         let iy = (y * sh + ky) as isize - pt as isize;
@@ -92,8 +147,7 @@ pub fn reference_forward(spec: &Sequential, w: &Weights, x: &Array4<f32>) -> Arr
                                         }
                                         for ci in 0..c {
                                             let v = cur[(iy as usize * wd + ix as usize) * c + ci];
-                                            acc += v * k.data[((o * c + ci) * kh + ky) * kw + kx]
-                                                as f64;
+                                            acc += v * k[((o * c + ci) * kh + ky) * kw + kx] as f64;
                                         }
                                     }
                                 }
@@ -125,13 +179,12 @@ pub fn reference_forward(spec: &Sequential, w: &Weights, x: &Array4<f32>) -> Arr
                 }
                 LayerKind::Flatten | LayerKind::Dropout(_) => next = cur.clone(),
                 LayerKind::Dense(d) => {
-                    let k = w.get(&format!("{}.weight", names[i])).unwrap();
-                    let b = w.get(&format!("{}.bias", names[i])).unwrap();
+                    let (k, b) = (param("weight"), param("bias"));
                     let inputs = cur.len();
                     for o in 0..d.units {
-                        let acc: f64 = b.data[o] as f64
+                        let acc: f64 = b[o] as f64
                             + (0..inputs)
-                                .map(|j| cur[j] * k.data[o * inputs + j] as f64)
+                                .map(|j| cur[j] * k[o * inputs + j] as f64)
                                 .sum::<f64>();
                         next[o] = act(acc, d.activation);
                     }
@@ -141,19 +194,20 @@ pub fn reference_forward(spec: &Sequential, w: &Weights, x: &Array4<f32>) -> Arr
                         next.iter_mut().for_each(|v| *v = (*v - m).exp() / z);
                     }
                 }
+                LayerKind::BatchNormalization(_) => unreachable!("handled over the batch"),
             }
-            cur = next;
-            (h, wd, c) = (oh, ow, oc);
+            *cur = next;
         }
-        out.push(cur);
+        (h, wd, c) = (oh, ow, oc);
     }
-    let k = out[0].len();
-    Array2::from_shape_vec((n, k), out.into_iter().flatten().collect()).unwrap()
+    let k = batch[0].len();
+    let probs = Array2::from_shape_vec((n, k), batch.into_iter().flatten().collect()).unwrap();
+    (probs, moving)
 }
 
 /// Small models that exercise every layer and padding case.
 pub fn small_specs() -> Vec<Sequential> {
-    use convkit::{Conv2D, Dense, Dropout, Padding, Pool2D};
+    use convkit::{BatchNormalization, Conv2D, Dense, Dropout, Padding, Pool2D};
     vec![
         // asymmetric `same` padding with stride 2, tanh, a linear-logits head
         Sequential::new(7, 6, 2)
@@ -190,6 +244,16 @@ pub fn small_specs() -> Vec<Sequential> {
             .flatten()
             .add(Dense::new(1).activation(Activation::Sigmoid))
             .named("small-binary"),
+        // batch normalisation of an image (per channel) and of a flat vector (per feature)
+        Sequential::new(6, 6, 2)
+            .add(Conv2D::new(3, 3).activation(Activation::Relu))
+            .add(BatchNormalization::new())
+            .max_pool(2)
+            .flatten()
+            .add(Dense::new(4).activation(Activation::Tanh))
+            .add(BatchNormalization::new().momentum(0.9).epsilon(1e-2))
+            .add(Dense::new(3).activation(Activation::Softmax))
+            .named("small-batchnorm"),
     ]
 }
 

@@ -216,6 +216,13 @@ enum Op {
         activation: Activation,
     },
     Dropout(f64),
+    /// `gamma`, then `beta`, `moving_mean` and `moving_variance` at the next indices.
+    BatchNorm {
+        layer: usize,
+        gamma: usize,
+        momentum: f64,
+        epsilon: f64,
+    },
 }
 
 /// A parameter kept flat on the device (`[numel]`), with the shape the forward pass gives it.
@@ -224,6 +231,8 @@ struct Variable {
     layer: usize,
     /// A kernel (weight), not a bias: its layer's regulariser applies.
     kernel: bool,
+    /// Stepped by the optimizer (and tracked by autodiff); moving statistics are not.
+    optimized: bool,
     /// Device shape: conv `[out, in, kh, kw]`, dense `[in, out]`, bias `[out]`.
     shape: Vec<usize>,
     /// Dense weights are stored transposed relative to the canonical `[out, in]`.
@@ -316,28 +325,30 @@ impl BurnNetwork {
         let mut ops = Vec::with_capacity(plan.len());
         for (layer, planned) in plan.into_iter().enumerate() {
             // Kernels are the weights (not biases); dense kernels are stored transposed.
-            let mut param = |name: &str, kernel: bool, transposed: bool| -> Result<usize> {
-                let t = weights
-                    .get(name)
-                    .map_err(|e| Error::Unsupported(e.to_string()))?;
-                let shape = if transposed {
-                    vec![t.shape[1], t.shape[0]]
-                } else {
-                    t.shape.clone()
+            let mut param =
+                |name: &str, kernel: bool, transposed: bool, optimized: bool| -> Result<usize> {
+                    let t = weights
+                        .get(name)
+                        .map_err(|e| Error::Unsupported(e.to_string()))?;
+                    let shape = if transposed {
+                        vec![t.shape[1], t.shape[0]]
+                    } else {
+                        t.shape.clone()
+                    };
+                    let mut var = Variable {
+                        name: name.to_string(),
+                        layer,
+                        kernel,
+                        optimized,
+                        shape,
+                        transposed,
+                        value: Tensor::zeros([1], &backend.device),
+                        slots: Slots::default(),
+                    };
+                    var.value = var.upload(t, &backend.device)?;
+                    vars.push(var);
+                    Ok(vars.len() - 1)
                 };
-                let mut var = Variable {
-                    name: name.to_string(),
-                    layer,
-                    kernel,
-                    shape,
-                    transposed,
-                    value: Tensor::zeros([1], &backend.device),
-                    slots: Slots::default(),
-                };
-                var.value = var.upload(t, &backend.device)?;
-                vars.push(var);
-                Ok(vars.len() - 1)
-            };
             ops.push(match planned {
                 PlannedOp::Conv2D {
                     weight,
@@ -346,8 +357,8 @@ impl BurnNetwork {
                     strides,
                     activation,
                 } => {
-                    let weight = param(&weight, true, false)?;
-                    param(&bias, false, false)?;
+                    let weight = param(&weight, true, false, true)?;
+                    param(&bias, false, false, true)?;
                     Op::Conv {
                         weight,
                         options: ConvOptions::new_with_padding(
@@ -371,11 +382,30 @@ impl BurnNetwork {
                     bias,
                     activation,
                 } => {
-                    let weight = param(&weight, true, true)?;
-                    param(&bias, false, false)?;
+                    let weight = param(&weight, true, true, true)?;
+                    param(&bias, false, false, true)?;
                     Op::Dense { weight, activation }
                 }
                 PlannedOp::Dropout { rate } => Op::Dropout(rate as f64),
+                PlannedOp::BatchNorm {
+                    gamma,
+                    beta,
+                    moving_mean,
+                    moving_variance,
+                    momentum,
+                    epsilon,
+                } => {
+                    let gamma = param(&gamma, false, false, true)?;
+                    param(&beta, false, false, true)?;
+                    param(&moving_mean, false, false, false)?;
+                    param(&moving_variance, false, false, false)?;
+                    Op::BatchNorm {
+                        layer,
+                        gamma,
+                        momentum,
+                        epsilon,
+                    }
+                }
             });
         }
         Ok(BurnNetwork {
@@ -410,9 +440,16 @@ impl BurnNetwork {
         )
     }
 
-    /// Logits `[n, classes]` from `params` (the variables' values, tracked or not).
-    fn forward(&self, params: &[Tensor<1>], x: Tensor<4>, train: bool) -> Tensor<2> {
+    /// Logits `[n, classes]` from `params` (the variables' values, tracked or not); and, in
+    /// training, each batch normalisation's new moving statistics by variable index.
+    fn forward(
+        &self,
+        params: &[Tensor<1>],
+        x: Tensor<4>,
+        train: bool,
+    ) -> Result<(Tensor<2>, Vec<(usize, Tensor<1>)>)> {
         let shaped = |i: usize| params[i].clone();
+        let mut moving = Vec::new();
         let mut image = Some(x);
         let mut flat: Option<Tensor<2>> = None;
         for op in &self.ops {
@@ -466,9 +503,48 @@ impl BurnNetwork {
                     }
                 }
                 Op::Dropout(_) => {}
+                Op::BatchNorm {
+                    layer,
+                    gamma,
+                    momentum,
+                    epsilon,
+                } => {
+                    let norm = |x: Tensor<4>, moving: &mut Vec<(usize, Tensor<1>)>| {
+                        let [n, c, h, w] = x.dims();
+                        let p = |i: usize| shaped(*gamma + i).reshape([1, c, 1, 1]);
+                        let (mean, variance) = if self.training.uses_batch_statistics(*layer, train)
+                        {
+                            let rows = x.clone().swap_dims(0, 1).reshape([c, n * h * w]);
+                            let mean = rows.clone().mean_dim(1);
+                            let variance = rows.sub(mean.clone()).square().mean_dim(1);
+                            for (i, batch) in [(2, &mean), (3, &variance)] {
+                                let batch = Param(batch.clone().detach().inner().reshape([c]));
+                                let old = Param(self.vars[*gamma + i].value.clone());
+                                let new = Training::moving_average(&old, &batch, *momentum)
+                                    .map_err(|e| Error::Unsupported(e.to_string()))?;
+                                moving.push((*gamma + i, new.0));
+                            }
+                            (mean.reshape([1, c, 1, 1]), variance.reshape([1, c, 1, 1]))
+                        } else {
+                            (p(2), p(3))
+                        };
+                        Ok::<_, Error>(
+                            x.sub(mean)
+                                .div(variance.add_scalar(*epsilon).sqrt())
+                                .mul(p(0))
+                                .add(p(1)),
+                        )
+                    };
+                    if let Some(x) = image.take() {
+                        image = Some(norm(x, &mut moving)?);
+                    } else if let Some(x) = flat.take() {
+                        let [n, k] = x.dims();
+                        flat = Some(norm(x.reshape([n, k, 1, 1]), &mut moving)?.reshape([n, k]));
+                    }
+                }
             }
         }
-        flat.expect("the spec ends in a dense layer")
+        Ok((flat.expect("the spec ends in a dense layer"), moving))
     }
 
     /// Dense target rows `[n, classes]` as a device tensor (one-hot for class indices).
@@ -566,21 +642,26 @@ impl EngineNetwork for BurnNetwork {
             .iter()
             .map(|v| {
                 let t = v.value.clone().autodiff();
-                if self.training.is_trainable(v.layer) {
+                if v.optimized && self.training.is_trainable(v.layer) {
                     t.require_grad()
                 } else {
                     t
                 }
             })
             .collect();
-        let logits = self.forward(&tracked, x, true);
+        let (logits, moving) = self.forward(&tracked, x, true)?;
         let correct = self.correct(logits.clone().detach().inner(), targets.clone())?;
         let loss = self.loss(logits, targets);
         let grads = loss.backward();
         let loss = read(loss.inner())?[0];
         self.training.begin_step();
         let mut penalty = 0.0;
-        for (v, t) in self.vars.iter_mut().zip(&tracked) {
+        for (v, t) in self
+            .vars
+            .iter_mut()
+            .zip(&tracked)
+            .filter(|(v, _)| v.optimized)
+        {
             let grad = t.grad(&grads).map(Param);
             let w = Param(v.value.clone());
             let (new, p) = self
@@ -592,6 +673,9 @@ impl EngineNetwork for BurnNetwork {
                 v.value = new.0;
             }
         }
+        for (i, value) in moving {
+            self.vars[i].value = value;
+        }
         Ok(StepStats {
             loss: (loss as f64 + penalty) as f32,
             correct,
@@ -601,7 +685,7 @@ impl EngineNetwork for BurnNetwork {
     fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
         let n = x.dim().0;
         let values: Vec<Tensor<1>> = self.vars.iter().map(|v| v.value.clone()).collect();
-        let logits = self.forward(&values, self.input(x)?, false);
+        let (logits, _) = self.forward(&values, self.input(x)?, false)?;
         let p = match self.head {
             Head::Softmax => softmax(logits, 1),
             Head::Sigmoid => sigmoid(logits),

@@ -159,6 +159,13 @@ enum Op {
         activation: Activation,
     },
     Dropout(f32),
+    /// `gamma`, then `beta`, `moving_mean` and `moving_variance` at the next indices.
+    BatchNorm {
+        layer: usize,
+        gamma: usize,
+        momentum: f64,
+        epsilon: f64,
+    },
 }
 
 struct Variable {
@@ -166,6 +173,8 @@ struct Variable {
     layer: usize,
     /// A kernel (weight), not a bias: its layer's regulariser applies.
     kernel: bool,
+    /// Stepped by the optimizer; moving statistics are not.
+    optimized: bool,
     var: Var,
     slots: Slots<Param>,
 }
@@ -196,7 +205,7 @@ impl CandleNetwork {
         let mut vars = Vec::new();
         let mut ops = Vec::with_capacity(plan.len());
         for (layer, planned) in plan.into_iter().enumerate() {
-            let mut param = |name: &str, kernel: bool| -> Result<usize> {
+            let mut param = |name: &str, kernel: bool, optimized: bool| -> Result<usize> {
                 let t = weights
                     .get(name)
                     .map_err(|e| Error::Unsupported(e.to_string()))?;
@@ -206,6 +215,7 @@ impl CandleNetwork {
                     name: name.to_string(),
                     layer,
                     kernel,
+                    optimized,
                     var,
                     slots: Slots::default(),
                 });
@@ -219,19 +229,26 @@ impl CandleNetwork {
                             names[layer]
                         )));
                     }
-                    let weight = param(&weight, true)?;
-                    param(&bias, false)?;
+                    let weight = param(&weight, true, true)?;
+                    param(&bias, false, true)?;
                     Op::Conv { weight, pad, stride: strides[0], activation }
                 }
                 PlannedOp::MaxPool2D { size, strides } => Op::MaxPool { size: (size[0], size[1]), stride: (strides[0], strides[1]) },
                 PlannedOp::AvgPool2D { size, strides } => Op::AvgPool { size: (size[0], size[1]), stride: (strides[0], strides[1]) },
                 PlannedOp::Flatten => Op::Flatten,
                 PlannedOp::Dense { weight, bias, activation } => {
-                    let weight = param(&weight, true)?;
-                    param(&bias, false)?;
+                    let weight = param(&weight, true, true)?;
+                    param(&bias, false, true)?;
                     Op::Dense { weight, activation }
                 }
                 PlannedOp::Dropout { rate } => Op::Dropout(rate),
+                PlannedOp::BatchNorm { gamma, beta, moving_mean, moving_variance, momentum, epsilon } => {
+                    let gamma = param(&gamma, false, true)?;
+                    param(&beta, false, true)?;
+                    param(&moving_mean, false, false)?;
+                    param(&moving_variance, false, false)?;
+                    Op::BatchNorm { layer, gamma, momentum, epsilon }
+                }
             });
         }
         Ok(CandleNetwork {
@@ -264,9 +281,11 @@ impl CandleNetwork {
         Ok(t.permute((0, 3, 1, 2))?.contiguous()?)
     }
 
-    /// Logits: the last layer's pre-activation when the head applies softmax/sigmoid.
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// Logits: the last layer's pre-activation when the head applies softmax/sigmoid; and,
+    /// in training, each batch normalisation's new moving statistics by variable index.
+    fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Vec<(usize, Tensor)>)> {
         let mut x = x.clone();
+        let mut moving = Vec::new();
         for op in &self.ops {
             x = match op {
                 Op::Conv {
@@ -311,9 +330,49 @@ impl CandleNetwork {
                 }
                 Op::Dropout(rate) if train && *rate > 0.0 => candle_nn::ops::dropout(&x, *rate)?,
                 Op::Dropout(_) => x,
+                Op::BatchNorm {
+                    layer,
+                    gamma,
+                    momentum,
+                    epsilon,
+                } => {
+                    let var = |i: usize| self.vars[*gamma + i].var.as_tensor();
+                    // [1, c] or [1, c, 1, 1]: the channel axis is 1.
+                    let mut shape = vec![1; x.rank()];
+                    shape[1] = x.dim(1)?;
+                    let axes: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
+                    let (mean, variance) = if self.training.uses_batch_statistics(*layer, train) {
+                        let mean = x.mean_keepdim(axes.as_slice())?;
+                        let variance = x
+                            .broadcast_sub(&mean)?
+                            .sqr()?
+                            .mean_keepdim(axes.as_slice())?;
+                        for (i, batch) in [(2, &mean), (3, &variance)] {
+                            let old = Param(var(i).clone());
+                            let new = Training::moving_average(
+                                &old,
+                                &Param(batch.detach().flatten_all()?),
+                                *momentum,
+                            )
+                            .map_err(|e| Error::Unsupported(e.to_string()))?;
+                            moving.push((*gamma + i, new.0));
+                        }
+                        (mean, variance)
+                    } else {
+                        (
+                            var(2).reshape(shape.as_slice())?,
+                            var(3).reshape(shape.as_slice())?,
+                        )
+                    };
+                    let scale = (variance + *epsilon)?.sqrt()?.recip()?;
+                    x.broadcast_sub(&mean)?
+                        .broadcast_mul(&scale)?
+                        .broadcast_mul(&var(0).reshape(shape.as_slice())?)?
+                        .broadcast_add(&var(1).reshape(shape.as_slice())?)?
+                }
             };
         }
-        Ok(x)
+        Ok((x, moving))
     }
 
     fn loss(&self, logits: &Tensor, y: &Targets) -> Result<Tensor> {
@@ -478,13 +537,13 @@ impl EngineNetwork for CandleNetwork {
     }
     fn train_step(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
         let x = self.input(x)?;
-        let logits = self.forward(&x, true)?;
+        let (logits, moving) = self.forward(&x, true)?;
         let loss = self.loss(&logits, y)?;
         let correct = self.correct(&logits, y)?;
         let grads = loss.backward()?;
         self.training.begin_step();
         let mut penalty = 0.0;
-        for v in &mut self.vars {
+        for v in self.vars.iter_mut().filter(|v| v.optimized) {
             // Detached: otherwise the optimizer slots would keep this step's whole autograd
             // graph alive through their history, and memory would grow with every step.
             let w = Param(v.var.as_tensor().detach());
@@ -498,6 +557,9 @@ impl EngineNetwork for CandleNetwork {
                 v.var.set(&new.0)?;
             }
         }
+        for (i, value) in moving {
+            self.vars[i].var.set(&value)?;
+        }
         Ok(StepStats {
             loss: (loss.to_scalar::<f32>()? as f64 + penalty) as f32,
             correct,
@@ -505,7 +567,7 @@ impl EngineNetwork for CandleNetwork {
     }
 
     fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
-        let logits = self.forward(&self.input(x)?, false)?;
+        let (logits, _) = self.forward(&self.input(x)?, false)?;
         let p = match self.head {
             Head::Softmax => candle_nn::ops::softmax(&logits, D::Minus1)?,
             Head::Sigmoid => candle_nn::ops::sigmoid(&logits)?,

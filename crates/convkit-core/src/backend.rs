@@ -60,7 +60,8 @@ pub trait Backend: Send + Sync {
 
 /// A built network on an engine's device.
 pub trait Network {
-    /// One optimizer step on a batch `x` (`[n, H, W, C]`, normalised). Dropout is active.
+    /// One optimizer step on a batch `x` (`[n, H, W, C]`, normalised). Dropout is active;
+    /// trainable batch normalisations use the batch's statistics and update their moving ones.
     fn train_step(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats>;
     /// Probabilities `[n, classes]` (`[n, 1]` for a sigmoid head) in inference mode.
     fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>>;

@@ -9,13 +9,19 @@ use crate::weights::{Tensor, Weights};
 use crate::Result;
 
 /// Glorot-uniform kernels (limit √(6 / (fan_in + fan_out)), with fan_in = kh·kw·in and
-/// fan_out = kh·kw·out for convolutions) and zero biases, in layer order from `seed`.
+/// fan_out = kh·kw·out for convolutions) and zero biases, in layer order from `seed`; batch
+/// normalisations start as Keras' do, with γ and the moving variance 1, β and the moving
+/// mean 0 (they draw nothing from the stream).
 pub fn glorot_uniform(spec: &Sequential, seed: u64) -> Result<Weights> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut weights = Weights::default();
     for (name, shape) in spec.weight_shapes()? {
-        let tensor = if name.ends_with(".bias") {
+        let part = name.rsplit_once('.').map_or("", |(_, part)| part);
+        let tensor = if matches!(part, "bias" | "beta" | "moving_mean") {
             Tensor::zeros(shape)
+        } else if matches!(part, "gamma" | "moving_variance") {
+            let n = shape.iter().product();
+            Tensor::new(shape, vec![1.0; n])?
         } else {
             let receptive: usize = shape[2..].iter().product();
             let fan_in = shape[1] * receptive;
@@ -49,6 +55,34 @@ mod tests {
         assert!(k.data.iter().all(|v| v.abs() <= limit));
         assert!(k.data.iter().any(|v| v.abs() > limit * 0.9));
         assert!(a.get("dense.bias").unwrap().data.iter().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn batch_normalization_starts_as_keras_and_draws_nothing() {
+        let plain = Sequential::preset("tutorial-mnist").unwrap();
+        let spec = plain.with_batch_normalization();
+        let w = glorot_uniform(&spec, 7).unwrap();
+        w.check(&spec).unwrap();
+        let all = |name: &str, v: f32| w.get(name).unwrap().data.iter().all(|x| *x == v);
+        assert!(all("batch_normalization.gamma", 1.0));
+        assert!(all("batch_normalization.beta", 0.0));
+        assert!(all("batch_normalization_1.moving_mean", 0.0));
+        assert!(all("batch_normalization_2.moving_variance", 1.0));
+        // the kernels are the ones the model without normalisation gets
+        let p = glorot_uniform(&plain, 7).unwrap();
+        assert_eq!(
+            w.get("dense_1.weight").unwrap(),
+            p.get("dense_1.weight").unwrap()
+        );
+        // a negative variance from a file is refused, naming the tensor and index
+        let mut bad = w.clone();
+        bad.tensors
+            .get_mut("batch_normalization.moving_variance")
+            .unwrap()
+            .data[3] = -1.0;
+        let err = bad.check(&spec).unwrap_err().to_string();
+        assert!(err.contains("batch_normalization.moving_variance"), "{err}");
+        assert!(err.contains("found -1 at index 3"), "{err}");
     }
 }
 

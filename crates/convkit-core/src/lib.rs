@@ -29,7 +29,8 @@ pub use data::{Dataset, ImageShape, Normalisation};
 pub use error::{Error, Result};
 pub use metrics::{ClassificationReport, ConfusionMatrix};
 pub use spec::{
-    Activation, Conv2D, Dense, Dropout, LayerKind, Padding, Pool2D, Regularizer, Sequential,
+    Activation, BatchNormalization, Conv2D, Dense, Dropout, LayerKind, Padding, Pool2D,
+    Regularizer, Sequential,
 };
 pub use train::{
     Callback, Control, CsvLogger, EarlyStopping, Evaluation, History, LearningRateScheduler, Model,

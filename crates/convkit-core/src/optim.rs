@@ -301,6 +301,21 @@ impl Training {
         self.trainable.get(layer).copied().unwrap_or(true)
     }
 
+    /// Whether batch normalisation `layer` normalises with the batch's statistics (and then
+    /// updates its moving ones): only in a training pass, and only while the layer is
+    /// trainable. A frozen BatchNormalization runs in inference mode, as in Keras.
+    pub fn uses_batch_statistics(&self, layer: usize, train: bool) -> bool {
+        train && self.is_trainable(layer)
+    }
+
+    /// Keras' update of a batch normalisation's moving statistic after a training step:
+    /// `moving·momentum + batch·(1 − momentum)`.
+    pub fn moving_average<T: TensorMath>(moving: &T, batch: &T, momentum: f64) -> Result<T> {
+        moving
+            .affine(momentum, 0.0)?
+            .add(&batch.affine(1.0 - momentum, 0.0)?)
+    }
+
     /// Count one optimizer step (Keras counts it even when every layer is frozen).
     pub fn begin_step(&mut self) {
         self.step += 1;

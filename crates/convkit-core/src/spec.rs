@@ -233,6 +233,51 @@ impl Dropout {
     }
 }
 
+/// Keras' `BatchNormalization` over the last axis (channels of an image, features of a flat
+/// vector): `γ·(x − μ)/√(σ² + ε) + β`. In training, μ and σ² are the batch's (σ² biased) and
+/// the moving statistics become `moving·momentum + batch·(1 − momentum)`; at inference, and
+/// whenever the layer is frozen (Keras' rule), the moving statistics are used. Its weights are
+/// `gamma` and `beta` (trained) and `moving_mean` and `moving_variance` (never trained), each
+/// `[channels]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchNormalization {
+    #[serde(default = "default_bn_momentum")]
+    pub momentum: f32,
+    #[serde(default = "default_bn_epsilon")]
+    pub epsilon: f32,
+}
+
+fn default_bn_momentum() -> f32 {
+    0.99
+}
+fn default_bn_epsilon() -> f32 {
+    1e-3
+}
+
+impl Default for BatchNormalization {
+    fn default() -> Self {
+        BatchNormalization::new()
+    }
+}
+
+impl BatchNormalization {
+    /// Keras' defaults: momentum 0.99, epsilon 0.001.
+    pub fn new() -> Self {
+        BatchNormalization {
+            momentum: default_bn_momentum(),
+            epsilon: default_bn_epsilon(),
+        }
+    }
+    pub fn momentum(mut self, momentum: f32) -> Self {
+        self.momentum = momentum;
+        self
+    }
+    pub fn epsilon(mut self, epsilon: f32) -> Self {
+        self.epsilon = epsilon;
+        self
+    }
+}
+
 /// What a layer does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
@@ -243,6 +288,7 @@ pub enum LayerKind {
     Flatten,
     Dense(Dense),
     Dropout(Dropout),
+    BatchNormalization(BatchNormalization),
 }
 
 impl LayerKind {
@@ -255,6 +301,7 @@ impl LayerKind {
             LayerKind::Flatten => "Flatten",
             LayerKind::Dense(_) => "Dense",
             LayerKind::Dropout(_) => "Dropout",
+            LayerKind::BatchNormalization(_) => "BatchNormalization",
         }
     }
 
@@ -267,12 +314,8 @@ impl LayerKind {
             LayerKind::Flatten => "flatten",
             LayerKind::Dense(_) => "dense",
             LayerKind::Dropout(_) => "dropout",
+            LayerKind::BatchNormalization(_) => "batch_normalization",
         }
-    }
-
-    /// Whether the layer owns weights (`weight` and `bias`).
-    pub fn has_weights(&self) -> bool {
-        matches!(self, LayerKind::Conv2D(_) | LayerKind::Dense(_))
     }
 }
 
@@ -289,6 +332,11 @@ impl From<Dense> for LayerKind {
 impl From<Dropout> for LayerKind {
     fn from(l: Dropout) -> Self {
         LayerKind::Dropout(l)
+    }
+}
+impl From<BatchNormalization> for LayerKind {
+    fn from(l: BatchNormalization) -> Self {
+        LayerKind::BatchNormalization(l)
     }
 }
 
@@ -655,6 +703,27 @@ impl Sequential {
                 }
                 input
             }
+            LayerKind::BatchNormalization(bn) => {
+                if !(0.0..=1.0).contains(&bn.momentum) {
+                    return Err(self.layer_error(
+                        i,
+                        format!(
+                            "BatchNormalization momentum must be in [0, 1], found {}",
+                            bn.momentum
+                        ),
+                    ));
+                }
+                if !(bn.epsilon.is_finite() && bn.epsilon > 0.0) {
+                    return Err(self.layer_error(
+                        i,
+                        format!(
+                            "BatchNormalization epsilon must be positive and finite, found {}",
+                            bn.epsilon
+                        ),
+                    ));
+                }
+                input
+            }
         })
     }
 
@@ -698,7 +767,8 @@ impl Sequential {
     }
 
     /// `(name, shape)` of every weight tensor in canonical layout, in layer order:
-    /// conv `weight` `[out, in, kh, kw]`, dense `weight` `[out, in]`, `bias` `[out]`.
+    /// conv `weight` `[out, in, kh, kw]`, dense `weight` `[out, in]`, `bias` `[out]`;
+    /// batch normalisation `gamma`, `beta`, `moving_mean`, `moving_variance`, each `[channels]`.
     pub fn weight_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
         let shapes = self.output_shapes()?;
         let names = self.layer_names();
@@ -717,6 +787,11 @@ impl Sequential {
                 LayerKind::Dense(dense) => {
                     out.push((format!("{name}.weight"), vec![dense.units, input.numel()]));
                     out.push((format!("{name}.bias"), vec![dense.units]));
+                }
+                LayerKind::BatchNormalization(_) => {
+                    for part in BATCH_NORM_WEIGHTS {
+                        out.push((format!("{name}.{part}"), vec![channels(input)]));
+                    }
                 }
                 _ => {}
             }
@@ -742,12 +817,52 @@ impl Sequential {
                         conv.kernel_size[0] * conv.kernel_size[1] * c * conv.filters + conv.filters
                     }
                     LayerKind::Dense(dense) => input.numel() * dense.units + dense.units,
+                    LayerKind::BatchNormalization(_) => BATCH_NORM_WEIGHTS.len() * channels(input),
                     _ => 0,
                 };
                 input = *shape;
                 n
             })
             .collect())
+    }
+
+    /// Number of each layer's parameters that are not trained: all of a frozen layer's, and
+    /// a batch normalisation's moving statistics (half its parameters), as Keras counts them.
+    pub fn non_trainable_counts(&self) -> Result<Vec<usize>> {
+        Ok(self
+            .param_counts()?
+            .into_iter()
+            .zip(&self.layers)
+            .map(|(n, layer)| match layer.kind {
+                _ if !layer.trainable => n,
+                LayerKind::BatchNormalization(_) => n / 2,
+                _ => 0,
+            })
+            .collect())
+    }
+
+    /// The same model with a `BatchNormalization` (Keras' defaults) after every Conv2D and
+    /// every Dense but the last, where there is none yet (the CLI's `--batch-norm`).
+    pub fn with_batch_normalization(&self) -> Self {
+        let mut spec = self.clone();
+        spec.layers.clear();
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            spec.layers.push(layer.clone());
+            let normalised = matches!(
+                self.layers.get(i + 1).map(|l| &l.kind),
+                Some(LayerKind::BatchNormalization(_))
+            );
+            let wants = match layer.kind {
+                LayerKind::Conv2D(_) => true,
+                LayerKind::Dense(_) => i != last,
+                _ => false,
+            };
+            if wants && !normalised {
+                spec.layers.push(BatchNormalization::new().into());
+            }
+        }
+        spec
     }
 
     /// Index of the layer with this name, or an error listing the names.
@@ -777,6 +892,7 @@ impl Sequential {
             "Layer (type)", "Output Shape", "Param #"
         );
         let _ = writeln!(s, "{}", "=".repeat(71));
+        let fixed = self.non_trainable_counts()?;
         let (mut trainable, mut frozen) = (0, 0);
         for (i, layer) in self.layers.iter().enumerate() {
             let label = format!("{} ({})", names[i], layer.kind.type_name());
@@ -787,11 +903,8 @@ impl Sequential {
                 shapes[i].to_string(),
                 thousands(params[i])
             );
-            if layer.trainable {
-                trainable += params[i];
-            } else {
-                frozen += params[i];
-            }
+            trainable += params[i] - fixed[i];
+            frozen += fixed[i];
         }
         let _ = writeln!(s, "{}", "=".repeat(71));
         let _ = writeln!(s, "Total params: {}", thousands(trainable + frozen));
@@ -815,11 +928,24 @@ impl Sequential {
                     2 * (shape.numel() * conv.kernel_size[0] * conv.kernel_size[1] * c) as u64
                 }
                 LayerKind::Dense(dense) => 2 * (input.numel() * dense.units) as u64,
+                // one multiply-add per value at inference
+                LayerKind::BatchNormalization(_) => 2 * shape.numel() as u64,
                 _ => 0,
             };
             input = *shape;
         }
         Ok(flops)
+    }
+}
+
+/// The weight names of a batch normalisation layer, after `{layer}.`, in order.
+pub const BATCH_NORM_WEIGHTS: [&str; 4] = ["gamma", "beta", "moving_mean", "moving_variance"];
+
+/// The size of the last axis: an image's channels, a flat vector's length.
+fn channels(shape: Shape) -> usize {
+    match shape {
+        Shape::Image { c, .. } => c,
+        Shape::Flat(n) => n,
     }
 }
 
@@ -918,6 +1044,57 @@ mod tests {
         assert_eq!(
             spec.output_shape().unwrap(),
             Shape::Image { h: 3, w: 3, c: 1 }
+        );
+    }
+
+    #[test]
+    fn batch_normalization_counts_and_checks_like_keras() {
+        let spec = Sequential::preset("tutorial-mnist")
+            .unwrap()
+            .with_batch_normalization();
+        let names = spec.layer_names();
+        assert_eq!(names[1], "batch_normalization");
+        assert_eq!(names[4], "batch_normalization_1");
+        assert_eq!(names[8], "batch_normalization_2");
+        assert_eq!(spec.layers.len(), 10, "none after the output layer");
+        // applying it twice adds nothing
+        assert_eq!(spec.with_batch_normalization(), spec);
+        // Keras: 4·C parameters each, half of them (the moving statistics) non-trainable.
+        let counts = spec.param_counts().unwrap();
+        assert_eq!((counts[1], counts[4], counts[8]), (128, 256, 512));
+        let summary = spec.summary().unwrap();
+        assert!(summary.contains("Total params: 225,930"), "{summary}");
+        assert!(summary.contains("Trainable params: 225,482"), "{summary}");
+        assert!(summary.contains("Non-trainable params: 448"), "{summary}");
+        let shapes = spec.weight_shapes().unwrap();
+        assert!(shapes.contains(&("batch_normalization_2.moving_variance".into(), vec![128])));
+        let mut frozen = spec.clone();
+        frozen.layers[1].trainable = false;
+        assert!(frozen
+            .summary()
+            .unwrap()
+            .contains("Non-trainable params: 512"));
+        // JSON: Keras' defaults when left out
+        let bn: Layer =
+            serde_json::from_str(r#"{"type": "BatchNormalization", "momentum": 0.9}"#).unwrap();
+        assert_eq!(
+            bn.kind,
+            LayerKind::BatchNormalization(BatchNormalization::new().momentum(0.9))
+        );
+        let back: Sequential = serde_json::from_str(&spec.to_json()).unwrap();
+        assert_eq!(back, spec);
+        let bad = Sequential::new(4, 4, 1)
+            .add(BatchNormalization::new().epsilon(0.0))
+            .flatten()
+            .add(Dense::new(2));
+        let err = bad.output_shapes().unwrap_err().to_string();
+        assert!(err.contains("layer 0 (batch_normalization)"), "{err}");
+        assert!(err.contains("epsilon must be positive"), "{err}");
+        let bad = Sequential::new(4, 4, 1).add(BatchNormalization::new().momentum(1.5));
+        let err = bad.output_shapes().unwrap_err().to_string();
+        assert!(
+            err.contains("momentum must be in [0, 1], found 1.5"),
+            "{err}"
         );
     }
 
@@ -1032,6 +1209,16 @@ pub enum PlannedOp {
     },
     /// Active in training only.
     Dropout { rate: f32 },
+    /// Normalises the channel axis (axis 1 of NCHW, or of `[n, features]`), see
+    /// [`BatchNormalization`]. Weights `[channels]` each.
+    BatchNorm {
+        gamma: String,
+        beta: String,
+        moving_mean: String,
+        moving_variance: String,
+        momentum: f64,
+        epsilon: f64,
+    },
 }
 
 impl Sequential {
@@ -1079,6 +1266,18 @@ impl Sequential {
                     activation: logits(d.activation),
                 },
                 LayerKind::Dropout(d) => PlannedOp::Dropout { rate: d.rate },
+                LayerKind::BatchNormalization(bn) => {
+                    let [gamma, beta, moving_mean, moving_variance] =
+                        BATCH_NORM_WEIGHTS.map(|part| format!("{}.{part}", names[i]));
+                    PlannedOp::BatchNorm {
+                        gamma,
+                        beta,
+                        moving_mean,
+                        moving_variance,
+                        momentum: bn.momentum as f64,
+                        epsilon: bn.epsilon as f64,
+                    }
+                }
             });
             input = shapes[i];
         }

@@ -85,6 +85,21 @@ impl Weights {
                     message: format!("expected shape {shape:?}, found {:?}", tensor.shape),
                 });
             }
+            if name.ends_with(".moving_variance") {
+                if let Some((i, v)) = tensor
+                    .data
+                    .iter()
+                    .enumerate()
+                    .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+                {
+                    return Err(Error::Weights {
+                        tensor: name.clone(),
+                        message: format!(
+                            "a variance must be finite and non-negative, found {v} at index {i}"
+                        ),
+                    });
+                }
+            }
         }
         if let Some(extra) = self
             .tensors

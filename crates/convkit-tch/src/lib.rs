@@ -174,6 +174,13 @@ enum Op {
         activation: Activation,
     },
     Dropout(f64),
+    /// `gamma`, then `beta`, `moving_mean` and `moving_variance` at the next indices.
+    BatchNorm {
+        layer: usize,
+        gamma: usize,
+        momentum: f64,
+        epsilon: f64,
+    },
 }
 
 struct Variable {
@@ -181,6 +188,8 @@ struct Variable {
     layer: usize,
     /// A kernel (weight), not a bias: its layer's regulariser applies.
     kernel: bool,
+    /// Stepped by the optimizer (and tracked by autograd); moving statistics are not.
+    optimized: bool,
     tensor: Tensor,
     slots: Slots<Param>,
 }
@@ -220,15 +229,16 @@ impl TchNetwork {
         let mut ops = Vec::with_capacity(plan.len());
         let pair = |v: [usize; 2]| [v[0] as i64, v[1] as i64];
         for (layer, planned) in plan.into_iter().enumerate() {
-            let mut param = |name: &str, kernel: bool| -> Result<usize> {
+            let mut param = |name: &str, kernel: bool, optimized: bool| -> Result<usize> {
                 let t = weights
                     .get(name)
                     .map_err(|e| Error::Unsupported(e.to_string()))?;
-                let tensor = to_device(t, device)?.set_requires_grad(true);
+                let tensor = to_device(t, device)?.set_requires_grad(optimized);
                 vars.push(Variable {
                     name: name.to_string(),
                     layer,
                     kernel,
+                    optimized,
                     tensor,
                     slots: Slots::default(),
                 });
@@ -242,8 +252,8 @@ impl TchNetwork {
                     strides,
                     activation,
                 } => {
-                    let weight = param(&weight, true)?;
-                    param(&bias, false)?;
+                    let weight = param(&weight, true, true)?;
+                    param(&bias, false, true)?;
                     Op::Conv {
                         weight,
                         pad,
@@ -265,11 +275,30 @@ impl TchNetwork {
                     bias,
                     activation,
                 } => {
-                    let weight = param(&weight, true)?;
-                    param(&bias, false)?;
+                    let weight = param(&weight, true, true)?;
+                    param(&bias, false, true)?;
                     Op::Dense { weight, activation }
                 }
                 PlannedOp::Dropout { rate } => Op::Dropout(rate as f64),
+                PlannedOp::BatchNorm {
+                    gamma,
+                    beta,
+                    moving_mean,
+                    moving_variance,
+                    momentum,
+                    epsilon,
+                } => {
+                    let gamma = param(&gamma, false, true)?;
+                    param(&beta, false, true)?;
+                    param(&moving_mean, false, false)?;
+                    param(&moving_variance, false, false)?;
+                    Op::BatchNorm {
+                        layer,
+                        gamma,
+                        momentum,
+                        epsilon,
+                    }
+                }
             });
         }
         Ok(TchNetwork {
@@ -301,9 +330,11 @@ impl TchNetwork {
             .f_contiguous()?)
     }
 
-    /// Logits: the last layer's pre-activation when the head applies softmax/sigmoid.
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// Logits: the last layer's pre-activation when the head applies softmax/sigmoid; and,
+    /// in training, each batch normalisation's new moving statistics by variable index.
+    fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Vec<(usize, Tensor)>)> {
         let mut x = x.shallow_clone();
+        let mut moving = Vec::new();
         for op in &self.ops {
             x = match op {
                 Op::Conv {
@@ -342,9 +373,45 @@ impl TchNetwork {
                     activate(x.f_linear(w, Some(b))?, *activation)?
                 }
                 Op::Dropout(rate) => x.f_dropout(*rate, train)?,
+                Op::BatchNorm {
+                    layer,
+                    gamma,
+                    momentum,
+                    epsilon,
+                } => {
+                    let var = |i: usize| &self.vars[*gamma + i].tensor;
+                    // [1, c] or [1, c, 1, 1]: the channel axis is 1.
+                    let mut shape = vec![1i64; x.dim()];
+                    shape[1] = x.size()[1];
+                    let axes: Vec<i64> = (0..x.dim() as i64).filter(|&d| d != 1).collect();
+                    let (mean, variance) = if self.training.uses_batch_statistics(*layer, train) {
+                        let mean = x.f_mean_dim(axes.as_slice(), true, Kind::Float)?;
+                        let variance = x.f_sub(&mean)?.f_square()?.f_mean_dim(
+                            axes.as_slice(),
+                            true,
+                            Kind::Float,
+                        )?;
+                        for (i, batch) in [(2, &mean), (3, &variance)] {
+                            let new = Training::moving_average(
+                                &Param(var(i).shallow_clone()),
+                                &Param(batch.detach().f_flatten(0, -1)?),
+                                *momentum,
+                            )
+                            .map_err(|e| Error::Unsupported(e.to_string()))?;
+                            moving.push((*gamma + i, new.0));
+                        }
+                        (mean, variance)
+                    } else {
+                        (var(2).f_reshape(&shape)?, var(3).f_reshape(&shape)?)
+                    };
+                    x.f_sub(&mean)?
+                        .f_mul(&variance.f_add_scalar(*epsilon)?.f_rsqrt()?)?
+                        .f_mul(&var(0).f_reshape(&shape)?)?
+                        .f_add(&var(1).f_reshape(&shape)?)?
+                }
             };
         }
-        Ok(x)
+        Ok((x, moving))
     }
 
     /// Class indices as an i64 device tensor `[n]`.
@@ -439,7 +506,7 @@ impl EngineNetwork for TchNetwork {
     }
     fn train_step(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
         let x = self.input(x)?;
-        let logits = self.forward(&x, true)?;
+        let (logits, moving) = self.forward(&x, true)?;
         let loss = self.loss(&logits, y)?;
         let correct = tch::no_grad(|| self.correct(&logits, y))?;
         for v in &mut self.vars {
@@ -449,7 +516,7 @@ impl EngineNetwork for TchNetwork {
         self.training.begin_step();
         let training = &self.training;
         let mut penalty = 0.0;
-        for v in &mut self.vars {
+        for v in self.vars.iter_mut().filter(|v| v.optimized) {
             let grad = v.tensor.grad();
             let grad = grad.defined().then(|| Param(grad));
             tch::no_grad(|| -> Result<()> {
@@ -464,6 +531,9 @@ impl EngineNetwork for TchNetwork {
                 Ok(())
             })?;
         }
+        for (i, value) in moving {
+            tch::no_grad(|| self.vars[i].tensor.f_copy_(&value))?;
+        }
         Ok(StepStats {
             loss: (f64::try_from(&loss)? + penalty) as f32,
             correct,
@@ -472,7 +542,7 @@ impl EngineNetwork for TchNetwork {
 
     fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
         tch::no_grad(|| {
-            let logits = self.forward(&self.input(x)?, false)?;
+            let (logits, _) = self.forward(&self.input(x)?, false)?;
             let p = match self.head {
                 Head::Softmax => logits.f_softmax(-1, Kind::Float)?,
                 Head::Sigmoid => logits.f_sigmoid()?,

@@ -99,6 +99,10 @@ struct TrainArgs {
     /// `l1=0.0001` or `l1=F,l2=F`; the penalty is added to the loss.
     #[arg(long, value_parser = |s: &str| convkit::Regularizer::parse(s).map_err(|e| e.to_string()))]
     kernel_regularizer: Option<convkit::Regularizer>,
+    /// Add a BatchNormalization (Keras' defaults) after every Conv2D and every Dense but the
+    /// last; --freeze counts the layers after this.
+    #[arg(long)]
+    batch_norm: bool,
     /// Learning rate per epoch: `step=FACTOR/EVERY` (×FACTOR every EVERY epochs) or `exp=RATE`.
     #[arg(long, value_parser = parse_schedule)]
     lr_schedule: Option<LrSchedule>,
@@ -288,6 +292,9 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(r) = args.kernel_regularizer {
         spec = spec.with_kernel_regularizer(r);
+    }
+    if args.batch_norm {
+        spec = spec.with_batch_normalization();
     }
     if let Some(n) = args.freeze {
         spec.freeze_first(n)?;
