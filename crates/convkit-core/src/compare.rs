@@ -1,6 +1,6 @@
-//! Cross-engine comparison: what one engine's run records ([`EngineRun`]), and the agreement
-//! and speed report over several runs ([`Comparison`]): `compare.md`, `compare.json`,
-//! `compare.csv` and PNG charts.
+//! Cross-engine comparison: one engine's run ([`run_engine`] with [`RunSettings`]) and what it
+//! records ([`EngineRun`]), and the agreement and speed report over several runs
+//! ([`Comparison`]): `compare.md`, `compare.json`, `compare.csv` and PNG charts.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -9,8 +9,18 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use std::time::Instant;
+
+use ndarray::{Array2, Array4};
+
+use crate::artifacts::Scored;
+use crate::backend::{Backend, StepStats, Targets};
+use crate::compile::{Compile, Loss, Optimizer};
+use crate::data::{Dataset, ImageShape, Locator, Normalisation, Split};
 use crate::plot::Figure;
-use crate::weights::Checkpoint;
+use crate::spec::Sequential;
+use crate::train::{Callback, Control, History, Model};
+use crate::weights::{Checkpoint, CheckpointMeta};
 use crate::{Error, Result};
 
 /// Agreement tolerances, in one place.
@@ -104,6 +114,217 @@ impl EngineRun {
     pub fn gflops(&self) -> f64 {
         self.train_images_per_second() * self.flops_per_training_image as f64 / 1e9
     }
+}
+
+/// What every engine of a comparison trains and measures: the same model, initial weights
+/// (from `seed`), batches and epochs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSettings {
+    /// A dataset name (`mnist`, `fashion-mnist`, `cifar10`, `synthetic`) or an image folder.
+    pub dataset: String,
+    /// A preset or a spec .json.
+    pub model: String,
+    pub epochs: usize,
+    /// At most this many images of each split.
+    pub limit: Option<usize>,
+    pub batch_size: usize,
+    /// `sgd`, `adam` or `rmsprop`, with Keras' defaults.
+    pub optimizer: String,
+    /// Train this many times; seconds per epoch is the median over all of them.
+    pub repeat: usize,
+    pub seed: u64,
+}
+
+impl RunSettings {
+    /// One epoch, batch 32, adam, one repeat, seed 42, every image.
+    pub fn new(dataset: impl Into<String>, model: impl Into<String>) -> Self {
+        RunSettings {
+            dataset: dataset.into(),
+            model: model.into(),
+            epochs: 1,
+            limit: None,
+            batch_size: 32,
+            optimizer: "adam".into(),
+            repeat: 1,
+            seed: 42,
+        }
+    }
+}
+
+/// Test images whose probabilities at initialisation are compared.
+const INIT_PROBE: usize = 64;
+/// Training batches per point of the loss trace.
+const LOSS_TRACE_EVERY: usize = 20;
+
+/// Train and measure one engine as `settings` say. Writes `OUT/<engine>-one-step.safetensors`
+/// (the weights after one SGD step on the first batch), which [`Comparison::new`] reads.
+/// `peak_rss_bytes` is this process's peak so far: per engine only when each runs in its own
+/// process, as `convkit compare` does.
+pub fn run_engine(backend: &dyn Backend, settings: &RunSettings, out: &Path) -> Result<EngineRun> {
+    let name = backend.name().to_string();
+    let spec = Sequential::from_preset_or_file(&settings.model)?;
+    let compile = Compile::new(
+        Optimizer::by_name(&settings.optimizer)?,
+        Loss::SparseCategoricalCrossentropy,
+    );
+    let [h, w, c] = spec.input_shape;
+    let shape = ImageShape::new(h, w, c);
+    let classes = spec.output_shape()?.numel();
+    let load = |split| -> Result<Dataset> {
+        let ds = crate::data::open(
+            &settings.dataset,
+            split,
+            shape,
+            classes,
+            settings.seed,
+            &Locator::from_env(),
+        )?;
+        Ok(match settings.limit {
+            Some(n) => ds.limit(n),
+            None => ds,
+        }
+        .normalise(Normalisation::Rescale))
+    };
+    let train = load(Split::Train)?;
+    let test = load(Split::Test)?;
+    let weights = crate::init::glorot_uniform(&spec, settings.seed)?;
+
+    // Forward at initialisation, and one SGD step on the first batch (dataset order); see
+    // `tolerance` for why the step is SGD's.
+    let sgd = Compile::new(Optimizer::sgd(), compile.loss);
+    let mut model = Model::with_weights(spec.clone(), sgd, backend, &weights)?;
+    let probe = INIT_PROBE.min(test.len());
+    let init = model.predict(&test.select(&(0..probe).collect::<Vec<_>>()), 256)?;
+    let init_probabilities = init.rows().into_iter().map(|r| r.to_vec()).collect();
+    let first: Vec<usize> = (0..settings.batch_size.min(train.len())).collect();
+    let mut x = Array4::zeros((first.len(), h, w, c));
+    train.fill_batch(&first, x.view_mut())?;
+    let y = Targets::Sparse(first.iter().map(|&i| train.labels[i]).collect());
+    model.network_mut().train_step(x.view(), &y)?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let one_step_weights = out.join(format!("{name}-one-step.safetensors"));
+    model
+        .checkpoint(CheckpointMeta::default())?
+        .save(&one_step_weights)?;
+
+    // Training: `repeat` fits from the same initial weights and batches.
+    let mut epoch_seconds = Vec::new();
+    let mut first_fit = None;
+    for r in 0..settings.repeat.max(1) {
+        let mut model = Model::with_weights(spec.clone(), compile.clone(), backend, &weights)?;
+        let mut trace = LossTrace::default();
+        let history = model
+            .fit(&train)
+            .epochs(settings.epochs)
+            .batch_size(settings.batch_size)
+            .seed(settings.seed)
+            .callback(&mut trace)
+            .run()?;
+        epoch_seconds.extend(history.epochs.iter().map(|e| e.seconds));
+        if r == 0 {
+            first_fit = Some((model, history, trace.trace));
+        }
+    }
+    let (model, history, loss_trace) = first_fit.expect("at least one repeat");
+    let t = Instant::now();
+    let scored = Scored::new(model.evaluate(&test, 256)?)?;
+    let inference_images_per_second = test.len() as f64 / t.elapsed().as_secs_f64();
+    Ok(EngineRun {
+        backend: name,
+        device: backend.device(),
+        build_profile: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+        .into(),
+        model: spec.name.clone(),
+        dataset: settings.dataset.clone(),
+        optimizer: settings.optimizer.clone(),
+        batch_size: settings.batch_size,
+        train_images: train.len(),
+        test_images: test.len(),
+        init_probabilities,
+        one_step_weights,
+        epoch_loss: history.epochs.iter().map(|e| e.loss).collect(),
+        epoch_accuracy: history.epochs.iter().map(|e| e.accuracy).collect(),
+        loss_trace,
+        loss_trace_every: LOSS_TRACE_EVERY,
+        epoch_seconds,
+        test_loss: scored.evaluation.loss,
+        test_accuracy: scored.evaluation.accuracy,
+        confusion_matrix: scored
+            .confusion
+            .counts()
+            .rows()
+            .into_iter()
+            .map(|r| r.to_vec())
+            .collect(),
+        predicted: scored.evaluation.predicted.clone(),
+        inference_images_per_second,
+        peak_rss_bytes: peak_rss_bytes(),
+        flops_per_training_image: 3 * spec.forward_flops()?,
+        error: None,
+    })
+}
+
+/// Mean training loss over every [`LOSS_TRACE_EVERY`] batches.
+#[derive(Default)]
+struct LossTrace {
+    sum: f64,
+    count: usize,
+    trace: Vec<f64>,
+}
+
+impl Callback for LossTrace {
+    fn on_batch_end(&mut self, _batch: usize, stats: &StepStats) -> Result<()> {
+        self.sum += stats.loss as f64;
+        self.count += 1;
+        if self.count == LOSS_TRACE_EVERY {
+            self.trace.push(self.sum / LOSS_TRACE_EVERY as f64);
+            (self.sum, self.count) = (0.0, 0);
+        }
+        Ok(())
+    }
+    fn on_epoch_end(&mut self, _history: &History, _model: &mut Model) -> Result<Control> {
+        Ok(Control::Continue)
+    }
+}
+
+/// This process's peak resident memory (Linux `VmHWM`), bytes; 0 where unknown.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// This machine's FP32 peak as the report's yardstick, GFLOP/s: the best of several
+/// 1024×1024×1024 products with ndarray's threaded matrixmultiply; and how it was measured.
+pub fn machine_peak_gflops() -> (f64, String) {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
+        std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
+    }
+    let n = 1024;
+    let a = Array2::<f32>::from_shape_fn((n, n), |(i, j)| ((i * 7 + j) % 13) as f32 / 13.0);
+    let b = Array2::<f32>::from_shape_fn((n, n), |(i, j)| ((i + j * 3) % 11) as f32 / 11.0);
+    let mut best = 0f64;
+    for _ in 0..6 {
+        let t = Instant::now();
+        let c = a.dot(&b);
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(c);
+        best = best.max(2.0 * (n * n * n) as f64 / secs / 1e9);
+    }
+    (best, format!("best of 6 products of 1024×1024 f32 matrices, ndarray/matrixmultiply with {threads} threads"))
 }
 
 /// One agreement check of one engine against the reference.
@@ -370,25 +591,69 @@ impl Comparison {
         let json = serde_json::to_string_pretty(self).expect("serialisable");
         crate::io::write_bytes_atomic(&dir.join("compare.json"), json.as_bytes())?;
         crate::table::write_csv(&mut self.to_dataframe()?, &dir.join("compare.csv"))?;
-        let ok: Vec<&EngineRun> = self.runs.iter().filter(|r| r.error.is_none()).collect();
+        self.throughput_chart().save(&dir.join("throughput.png"))?;
+        self.accuracy_chart().save(&dir.join("accuracy.png"))?;
+        self.loss_chart().save(&dir.join("loss.png"))?;
+        Ok(())
+    }
+
+    /// The agreement checks as a DataFrame, one row per engine and check.
+    pub fn checks_dataframe(&self) -> Result<polars::prelude::DataFrame> {
+        use polars::prelude::*;
+        let c = &self.checks;
+        DataFrame::new_infer_height(vec![
+            Column::new(
+                "engine".into(),
+                c.iter().map(|c| c.engine.clone()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "check".into(),
+                c.iter().map(|c| c.check.clone()).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "value".into(),
+                c.iter().map(|c| c.value).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "tolerance".into(),
+                c.iter().map(|c| c.tolerance).collect::<Vec<_>>(),
+            ),
+            Column::new("pass".into(), c.iter().map(|c| c.pass).collect::<Vec<_>>()),
+        ])
+        .map_err(|e| Error::Table(e.to_string()))
+    }
+
+    fn succeeded(&self) -> Vec<&EngineRun> {
+        self.runs.iter().filter(|r| r.error.is_none()).collect()
+    }
+
+    /// Training images per second, a bar per engine.
+    pub fn throughput_chart(&self) -> impl Figure + '_ {
         Bars {
             title: "training throughput (images/s)",
-            bars: ok
+            bars: self
+                .succeeded()
                 .iter()
                 .map(|r| (r.backend.clone(), r.train_images_per_second()))
                 .collect(),
         }
-        .save(&dir.join("throughput.png"))?;
+    }
+
+    /// Final test accuracy, a bar per engine.
+    pub fn accuracy_chart(&self) -> impl Figure + '_ {
         Bars {
             title: "final test accuracy",
-            bars: ok
+            bars: self
+                .succeeded()
                 .iter()
                 .map(|r| (r.backend.clone(), r.test_accuracy))
                 .collect(),
         }
-        .save(&dir.join("accuracy.png"))?;
-        LossCurves(&ok).save(&dir.join("loss.png"))?;
-        Ok(())
+    }
+
+    /// Every engine's smoothed training loss on one plot.
+    pub fn loss_chart(&self) -> impl Figure + '_ {
+        LossCurves(self.succeeded())
     }
 }
 
@@ -456,7 +721,7 @@ impl Figure for Bars {
 }
 
 /// Every engine's smoothed training loss on one plot.
-struct LossCurves<'a>(&'a [&'a EngineRun]);
+struct LossCurves<'a>(Vec<&'a EngineRun>);
 
 impl Figure for LossCurves<'_> {
     fn size(&self) -> (u32, u32) {

@@ -176,6 +176,38 @@ impl Rich for Sequential {
     }
 }
 
+impl Rich for crate::compare::Comparison {
+    /// The speed table, the agreement checks and the loss and throughput charts.
+    fn rich(&self) -> Vec<(&'static str, String)> {
+        let mut html = format!(
+            "<p><b>{}</b> (reference: {})</p>\n",
+            if self.passed() {
+                "Every engine agrees"
+            } else {
+                "The engines disagree, or one failed"
+            },
+            escape(self.reference.as_deref().unwrap_or("none"))
+        );
+        for (caption, df) in [
+            ("Speed", self.to_dataframe()),
+            ("Agreement with the reference", self.checks_dataframe()),
+        ] {
+            if let Ok(df) = df {
+                html += &format!("<p><b>{caption}</b></p>\n{}\n", dataframe_html(&df));
+            }
+        }
+        for figure in [self.loss_chart().to_png(), self.throughput_chart().to_png()] {
+            if let Ok(png) = figure {
+                html += &format!(
+                    "<img src=\"data:image/png;base64,{}\"/>\n",
+                    base64::engine::general_purpose::STANDARD.encode(png)
+                );
+            }
+        }
+        vec![("text/html", html), ("text/plain", self.markdown())]
+    }
+}
+
 /// A polars DataFrame shown as an HTML table: `Table(history.to_dataframe()?)`.
 pub struct Table(pub DataFrame);
 

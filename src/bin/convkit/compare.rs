@@ -8,12 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use convkit::artifacts::Scored;
-use convkit::compare::{Comparison, EngineRun};
-use convkit::data::{self, Locator, Split};
-use convkit::ndarray::{s, Array2, Array4};
-use convkit::prelude::*;
-use convkit::StepStats;
+use convkit::compare::{machine_peak_gflops, run_engine, Comparison, EngineRun, RunSettings};
 
 #[derive(Args, Clone)]
 pub struct CompareArgs {
@@ -42,15 +37,18 @@ pub struct CompareArgs {
     pub out: PathBuf,
 }
 
-/// Test images whose probabilities at initialisation are compared.
-const INIT_PROBE: usize = 64;
-const LOSS_TRACE_EVERY: usize = 20;
-
-fn profile() -> &'static str {
-    if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
+impl CompareArgs {
+    fn settings(&self) -> RunSettings {
+        RunSettings {
+            dataset: self.dataset.clone(),
+            model: self.model.clone(),
+            epochs: self.epochs,
+            limit: self.limit,
+            batch_size: self.batch_size,
+            optimizer: self.optimizer.clone(),
+            repeat: self.repeat,
+            seed: self.seed,
+        }
     }
 }
 
@@ -117,7 +115,7 @@ pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
         }
         runs.push(run);
     }
-    let (peak, method) = measure_peak();
+    let (peak, method) = machine_peak_gflops();
     let comparison = Comparison::new(runs, peak, &method)?;
     comparison.write(&args.out)?;
     println!("{}", comparison.markdown());
@@ -129,66 +127,6 @@ pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Best of several 1024×1024×1024 FP32 products with threaded matrixmultiply, GFLOP/s.
-fn measure_peak() -> (f64, String) {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
-        std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
-    }
-    let n = 1024;
-    let a = Array2::<f32>::from_shape_fn((n, n), |(i, j)| ((i * 7 + j) % 13) as f32 / 13.0);
-    let b = Array2::<f32>::from_shape_fn((n, n), |(i, j)| ((i + j * 3) % 11) as f32 / 11.0);
-    let mut best = 0f64;
-    for _ in 0..6 {
-        let t = Instant::now();
-        let c = a.dot(&b);
-        let secs = t.elapsed().as_secs_f64();
-        std::hint::black_box(c);
-        best = best.max(2.0 * (n * n * n) as f64 / secs / 1e9);
-    }
-    (best, format!("best of 6 products of 1024×1024 f32 matrices, ndarray/matrixmultiply with {threads} threads"))
-}
-
-struct LossTrace {
-    every: usize,
-    sum: f64,
-    count: usize,
-    trace: Vec<f64>,
-}
-
-impl convkit::train::Callback for LossTrace {
-    fn on_batch_end(&mut self, _batch: usize, stats: &StepStats) -> convkit::Result<()> {
-        self.sum += stats.loss as f64;
-        self.count += 1;
-        if self.count == self.every {
-            self.trace.push(self.sum / self.every as f64);
-            (self.sum, self.count) = (0.0, 0);
-        }
-        Ok(())
-    }
-    fn on_epoch_end(
-        &mut self,
-        _h: &convkit::History,
-        _m: &mut Model,
-    ) -> convkit::Result<convkit::train::Control> {
-        Ok(convkit::train::Control::Continue)
-    }
-}
-
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
 }
 
 /// One engine, in this process; writes `OUT/<engine>.json` even when it fails.
@@ -213,108 +151,5 @@ pub fn worker(args: CompareArgs) -> anyhow::Result<()> {
 
 fn worker_run(name: &str, args: &CompareArgs) -> anyhow::Result<EngineRun> {
     let backend = convkit::backend(name)?;
-    let spec = Sequential::from_preset_or_file(&args.model)?;
-    let compile = Compile::new(
-        Optimizer::by_name(&args.optimizer)?,
-        Loss::SparseCategoricalCrossentropy,
-    );
-    let [h, w, c] = spec.input_shape;
-    let shape = ImageShape::new(h, w, c);
-    let classes = spec.output_shape()?.numel();
-    let load = |split| -> anyhow::Result<Dataset> {
-        let ds = data::open(
-            &args.dataset,
-            split,
-            shape,
-            classes,
-            args.seed,
-            &Locator::from_env(),
-        )?;
-        Ok(match args.limit {
-            Some(n) => ds.limit(n),
-            None => ds,
-        }
-        .normalise(Normalisation::Rescale))
-    };
-    let train = load(Split::Train)?;
-    let test = load(Split::Test)?;
-    let weights = convkit::init::glorot_uniform(&spec, args.seed)?;
-
-    // Forward at initialisation, and one SGD step on the first batch (dataset order); see
-    // `convkit::compare::tolerance` for why the step is SGD's.
-    let sgd = Compile::new(Optimizer::sgd(), compile.loss);
-    let mut model = Model::with_weights(spec.clone(), sgd, backend.as_ref(), &weights)?;
-    let probe = INIT_PROBE.min(test.len());
-    let init = model.predict(&test.select(&(0..probe).collect::<Vec<_>>()), 256)?;
-    let init_probabilities = init.rows().into_iter().map(|r| r.to_vec()).collect();
-    let first: Vec<usize> = (0..args.batch_size.min(train.len())).collect();
-    let mut x = Array4::zeros((first.len(), h, w, c));
-    train.fill_batch(&first, x.slice_mut(s![.., .., .., ..]))?;
-    let y = convkit::Targets::Sparse(first.iter().map(|&i| train.labels[i]).collect());
-    model.network_mut().train_step(x.view(), &y)?;
-    let one_step_weights = args.out.join(format!("{name}-one-step.safetensors"));
-    model
-        .checkpoint(CheckpointMeta::default())?
-        .save(&one_step_weights)?;
-
-    // Training: `repeat` fits from the same initial weights and batches.
-    let mut epoch_seconds = Vec::new();
-    let mut first_fit = None;
-    for r in 0..args.repeat.max(1) {
-        let mut model =
-            Model::with_weights(spec.clone(), compile.clone(), backend.as_ref(), &weights)?;
-        let mut trace = LossTrace {
-            every: LOSS_TRACE_EVERY,
-            sum: 0.0,
-            count: 0,
-            trace: Vec::new(),
-        };
-        let history = model
-            .fit(&train)
-            .epochs(args.epochs)
-            .batch_size(args.batch_size)
-            .seed(args.seed)
-            .callback(&mut trace)
-            .run()?;
-        epoch_seconds.extend(history.epochs.iter().map(|e| e.seconds));
-        if r == 0 {
-            first_fit = Some((model, history, trace.trace));
-        }
-    }
-    let (model, history, loss_trace) = first_fit.expect("at least one repeat");
-    let t = Instant::now();
-    let scored = Scored::new(model.evaluate(&test, 256)?)?;
-    let inference_images_per_second = test.len() as f64 / t.elapsed().as_secs_f64();
-    Ok(EngineRun {
-        backend: name.into(),
-        device: backend.device(),
-        build_profile: profile().into(),
-        model: spec.name.clone(),
-        dataset: args.dataset.clone(),
-        optimizer: args.optimizer.clone(),
-        batch_size: args.batch_size,
-        train_images: train.len(),
-        test_images: test.len(),
-        init_probabilities,
-        one_step_weights,
-        epoch_loss: history.epochs.iter().map(|e| e.loss).collect(),
-        epoch_accuracy: history.epochs.iter().map(|e| e.accuracy).collect(),
-        loss_trace,
-        loss_trace_every: LOSS_TRACE_EVERY,
-        epoch_seconds,
-        test_loss: scored.evaluation.loss,
-        test_accuracy: scored.evaluation.accuracy,
-        confusion_matrix: scored
-            .confusion
-            .counts()
-            .rows()
-            .into_iter()
-            .map(|r| r.to_vec())
-            .collect(),
-        predicted: scored.evaluation.predicted.clone(),
-        inference_images_per_second,
-        peak_rss_bytes: peak_rss_bytes(),
-        flops_per_training_image: 3 * spec.forward_flops()?,
-        error: None,
-    })
+    Ok(run_engine(backend.as_ref(), &args.settings(), &args.out)?)
 }
