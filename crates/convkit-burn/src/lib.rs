@@ -147,6 +147,7 @@ impl Backend for BurnBackend {
         match self.name {
             "burn-flex" => format!("CPU, {threads} threads (burn Flex)"),
             "burn-ndarray" => format!("CPU, {threads} threads (burn NdArray)"),
+            "burn-wgpu" => "the default wgpu adapter: Vulkan, Metal or DX12 (burn Wgpu)".into(),
             _ => format!("{:?} (burn)", self.device),
         }
     }
