@@ -3,7 +3,10 @@
 //! - `setup`     install what the tests and tutorials need: Debian's dataset-fashion-mnist and
 //!               mesa-vulkan-drivers (lavapipe, for burn-wgpu without a GPU), and torch==2.9.0
 //!               from PyPI into `.venv` for the tch engine (unless LIBTORCH is set)
-//! - `test`      setup, then every test of the workspace (what CI runs)
+//! - `test`      setup, then every test of the workspace and every notebook on a small
+//!               subset (what CI runs)
+//! - `notebooks` setup, then run the evcxr notebooks: on the CI subset, or with `--full` as
+//!               written, saving their outputs (`cargo xtask notebooks --full [NAME...]`)
 //! - `tutorial`  setup, then train `tutorial-mnist` on MNIST in release mode (extra args go
 //!               to `convkit train`)
 //! - `compare`   setup, then `convkit compare` in release mode with every engine that builds
@@ -18,6 +21,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+mod notebooks;
+
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let command = args.next().unwrap_or_default();
@@ -27,6 +32,12 @@ fn main() -> Result<()> {
         "test" => {
             setup()?;
             test(&rest)
+        }
+        "notebooks" => {
+            setup()?;
+            let full = rest.iter().any(|a| a == "--full");
+            let only: Vec<String> = rest.iter().filter(|a| *a != "--full").cloned().collect();
+            notebooks::run_notebooks(full, &only).map(drop)
         }
         "tutorial" => {
             setup()?;
@@ -49,7 +60,7 @@ fn main() -> Result<()> {
             .args(&rest))
         }
         _ => {
-            eprintln!("usage: cargo xtask <compare | setup | test | tutorial | bench> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)");
+            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)");
             if command.is_empty() || command == "help" || command == "--help" {
                 Ok(())
             } else {
@@ -249,6 +260,13 @@ fn cargo(args: &[&str]) -> Command {
     c.args(args)
         .current_dir(root())
         .env("CARGO_TARGET_DIR", target_dir());
+    build_env(&mut c);
+    c
+}
+
+/// What builds and runs of the engines need: libtorch for tch, the datasets, and a runtime
+/// dir for burn-wgpu's Vulkan loader.
+fn build_env(c: &mut Command) {
     // tch finds libtorch through the venv's python unless the user set LIBTORCH.
     if std::env::var_os("LIBTORCH").is_none() {
         let path = std::env::var_os("PATH").unwrap_or_default();
@@ -269,7 +287,6 @@ fn cargo(args: &[&str]) -> Command {
             c.env("XDG_RUNTIME_DIR", dir);
         }
     }
-    c
 }
 
 /// The engine features that build and run on a machine without CUDA (candle-cuda needs nvcc).
@@ -305,12 +322,14 @@ fn test(extra: &[String]) -> Result<()> {
     let mut c = cargo(&["test", "--workspace", "--features", &features]);
     c.args(extra).env("CONVKIT_OFFLINE", "1");
     let (passed, failed) = run_counting_tests(&mut c)?;
+    // Every notebook, in the real evcxr kernel, on a small subset.
+    let notebooks = notebooks::run_notebooks(false, &[])?;
     eprintln!(
         "xtask: all tests passed in {:.0} s",
         start.elapsed().as_secs_f64()
     );
     // One closing line for the whole run (cargo's own last line is that of the last crate).
-    println!("tests: {passed} passed, {failed} failed");
+    println!("tests: {passed} passed, {failed} failed; notebooks: {notebooks} ran");
     Ok(())
 }
 

@@ -209,6 +209,7 @@ impl Rich for crate::compare::Comparison {
 }
 
 /// A polars DataFrame shown as an HTML table: `Table(history.to_dataframe()?)`.
+#[derive(Debug, Clone)]
 pub struct Table(pub DataFrame);
 
 impl Rich for Table {
