@@ -191,11 +191,19 @@ fn early_stopping_stops_and_restores_the_best_weights() {
         match history {
             Ok(h) => {
                 assert!(h.epochs.len() < 30, "{}: never stopped", engine.name());
-                let best = h
+                let (best_epoch, best) = h
                     .epochs
                     .iter()
-                    .map(|e| e.val_loss.unwrap())
-                    .fold(f64::INFINITY, f64::min);
+                    .map(|e| (e.epoch, e.val_loss.unwrap()))
+                    .fold((0, f64::INFINITY), |a, b| if b.1 < a.1 { b } else { a });
+                // As Keras: patience 1 stops after the first epoch that does not improve.
+                assert_eq!(
+                    h.epochs.len(),
+                    best_epoch + 1,
+                    "{}: stopped after epoch {}, best was {best_epoch}",
+                    engine.name(),
+                    h.epochs.len()
+                );
                 let (_, val) = data.clone().split(0.5).unwrap();
                 let now = model.evaluate(&val, 32).unwrap().loss;
                 assert!(

@@ -595,8 +595,9 @@ impl Callback for EarlyStopping {
             }
             return Ok(Control::Continue);
         }
+        // Keras stops once `patience` epochs in a row have not improved.
         self.wait += 1;
-        if self.wait > self.patience {
+        if self.wait >= self.patience {
             self.stopped_epoch = Some(log.epoch);
             return Ok(Control::Stop);
         }
