@@ -74,6 +74,17 @@ fn reference_loss(p: &convkit::ndarray::Array2<f64>, y: &Targets) -> f64 {
     }
 }
 
+/// Largest `|ours − reference|` over paired values.
+fn max_gap<'a>(
+    ours: impl IntoIterator<Item = &'a f32>,
+    reference: impl IntoIterator<Item = &'a f64>,
+) -> f64 {
+    ours.into_iter()
+        .zip(reference)
+        .map(|(a, b)| (*a as f64 - b).abs())
+        .fold(0.0, f64::max)
+}
+
 fn worst(diffs: &[(String, f32)]) -> (String, f32) {
     diffs
         .iter()
@@ -150,12 +161,7 @@ fn loss_and_gradients_match_the_reference() {
                 let after = model.weights().unwrap();
                 // moving statistics follow the batch's, never the gradient
                 for (name, expected) in &moving {
-                    let got = &after.get(name).unwrap().data;
-                    let d = got
-                        .iter()
-                        .zip(expected)
-                        .map(|(a, b)| (*a as f64 - b).abs())
-                        .fold(0.0, f64::max);
+                    let d = max_gap(&after.get(name).unwrap().data, expected);
                     assert!(
                         d <= tol::STEP as f64,
                         "{}: model `{}`: {name} is {d:e} from the Keras moving average",
@@ -375,10 +381,7 @@ fn batch_normalization_follows_keras() {
         Loss::SparseCategoricalCrossentropy,
     );
     let max_diff = |a: &convkit::ndarray::Array2<f32>, b: &convkit::ndarray::Array2<f64>| {
-        a.iter()
-            .zip(b.iter())
-            .map(|(p, r)| (*p as f64 - r).abs())
-            .fold(0.0, f64::max)
+        max_gap(a.iter(), b.iter())
     };
     let inference = reference_forward(&spec, &weights, &x);
     let (training, moving) = reference_pass(&spec, &weights, &x, true);
@@ -405,14 +408,7 @@ fn batch_normalization_follows_keras() {
         );
         let after = model.weights().unwrap();
         for (name, expected) in &moving {
-            let d = after
-                .get(name)
-                .unwrap()
-                .data
-                .iter()
-                .zip(expected)
-                .map(|(a, b)| (*a as f64 - b).abs())
-                .fold(0.0, f64::max);
+            let d = max_gap(&after.get(name).unwrap().data, expected);
             assert!(
                 d <= tol::STEP as f64,
                 "{}: {name} is {d:e} from the moving average",
