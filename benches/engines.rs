@@ -1,5 +1,5 @@
 //! Per-step numbers for every compiled-in engine: one training step (batch 32) and one
-//! inference batch (256) of `tutorial-mnist`. `cargo bench --bench engines`.
+//! inference batch (256) of `tutorial-mnist`. `cargo xtask bench`.
 
 use convkit::backend::Targets;
 use convkit::ndarray::Array4;

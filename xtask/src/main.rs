@@ -22,22 +22,33 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 mod notebooks;
+mod shared_build;
+mod steps;
+
+use steps::Steps;
 
 fn main() -> Result<()> {
+    forget_cargo_run_env();
     let mut args = std::env::args().skip(1);
     let command = args.next().unwrap_or_default();
     let rest: Vec<String> = args.collect();
     match command.as_str() {
         "setup" => setup(),
         "test" => {
-            setup()?;
-            test(&rest)
+            let mut steps = Steps::new();
+            let result = test(&rest, &mut steps);
+            eprint!("{}", steps.table());
+            result
         }
         "notebooks" => {
-            setup()?;
+            let mut steps = Steps::new();
             let full = rest.iter().any(|a| a == "--full");
             let only: Vec<String> = rest.iter().filter(|a| *a != "--full").cloned().collect();
-            notebooks::run_notebooks(full, &only).map(drop)
+            let result = steps
+                .time("setup", setup)
+                .and_then(|()| notebooks::run_notebooks(full, &only, None, &mut steps));
+            eprint!("{}", steps.table());
+            result.map(drop)
         }
         "tutorial" => {
             setup()?;
@@ -49,15 +60,7 @@ fn main() -> Result<()> {
         }
         "bench" => {
             setup()?;
-            run(cargo(&[
-                "bench",
-                "--features",
-                &ENGINE_FEATURES.join(","),
-                "--bench",
-                "engines",
-                "--",
-            ])
-            .args(&rest))
+            bench(&rest)
         }
         _ => {
             eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)");
@@ -67,6 +70,30 @@ fn main() -> Result<()> {
                 bail!("unknown xtask command `{command}`")
             }
         }
+    }
+}
+
+/// Drops the variables `cargo run` set for xtask itself (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`,
+/// …), so that the cargo and evcxr runs xtask starts do not inherit them. Some build scripts
+/// (ring's) watch these names: inherited, their values (xtask's folder, which differs in every
+/// clone) would rerun those scripts and rebuild everything above them on each change.
+fn forget_cargo_run_env() {
+    let injected: Vec<std::ffi::OsString> = std::env::vars_os()
+        .map(|(name, _)| name)
+        .filter(|name| {
+            name.to_str().is_some_and(|n| {
+                n.starts_with("CARGO_PKG_")
+                    || n.starts_with("CARGO_MANIFEST_")
+                    || matches!(
+                        n,
+                        "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+                    )
+            })
+        })
+        .collect();
+    for name in injected {
+        // Single-threaded here: nothing else reads the environment yet.
+        std::env::remove_var(name);
     }
 }
 
@@ -95,6 +122,14 @@ fn data_dir() -> Option<PathBuf> {
         .then(|| shared.canonicalize().unwrap_or(shared))
 }
 
+/// Writes `contents` to a temporary file beside `path`, then renames it into place, so a
+/// reader never sees half a file.
+fn write_atomically(path: &Path, contents: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: running {cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
@@ -104,14 +139,54 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Run `cargo test`, echoing its output, and add up its `test result:` lines.
-fn run_counting_tests(cmd: &mut Command) -> Result<(usize, usize)> {
+/// The step name for cargo's line announcing a test binary: `Running tests/cli.rs
+/// (target/…/deps/cli-0f3a…)` gives `test cli (tests/cli.rs)`, `Doc-tests convkit_core` gives
+/// `doc-tests convkit_core`; any other line gives `None`.
+fn test_binary_name(line: &str) -> Option<String> {
+    let line = line.trim();
+    if let Some(krate) = line.strip_prefix("Doc-tests ") {
+        return Some(format!("doc-tests {krate}"));
+    }
+    let running = line.strip_prefix("Running ")?;
+    let (source, binary) = running.split_once(" (")?;
+    let binary = Path::new(binary.trim_end_matches(')'))
+        .file_name()?
+        .to_str()?;
+    let binary = binary.rsplit_once('-').map_or(binary, |(name, _hash)| name);
+    let source = source.trim_start_matches("unittests ");
+    Some(format!("test {binary} ({source})"))
+}
+
+/// Run `cargo test`, echoing its output, and add up its `test result:` lines. Each test
+/// binary's time (from cargo's `Running …` / `Doc-tests …` line to the next) goes into `steps`.
+fn run_counting_tests(cmd: &mut Command, steps: &mut Steps) -> Result<(usize, usize)> {
     use std::io::BufRead;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
     eprintln!("xtask: running {cmd:?}");
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {cmd:?}"))?;
+    // cargo names each binary on stderr as it starts it; the binaries' results come on stdout.
+    let started: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let stderr = child.stderr.take().expect("piped");
+    let names = Arc::clone(&started);
+    let echo = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            eprintln!("{line}");
+            if let Some(name) = test_binary_name(&line) {
+                names
+                    .lock()
+                    .expect("not poisoned")
+                    .push((name, Instant::now()));
+            }
+        }
+    });
     let (mut passed, mut failed) = (0, 0);
     for line in std::io::BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line?;
@@ -133,6 +208,13 @@ fn run_counting_tests(cmd: &mut Command) -> Result<(usize, usize)> {
         }
     }
     let status = child.wait()?;
+    let _ = echo.join();
+    let end = Instant::now();
+    let started = started.lock().expect("not poisoned");
+    for (i, (name, start)) in started.iter().enumerate() {
+        let next = started.get(i + 1).map_or(end, |(_, t)| *t);
+        steps.record(name, next - *start);
+    }
     if !status.success() {
         println!("tests: {passed} passed, {failed} failed");
         bail!("{cmd:?} failed with {status}");
@@ -295,19 +377,25 @@ const ENGINE_FEATURES: [&str; 5] = ["candle", "tch", "burn-flex", "burn-ndarray"
 /// Engine features that are type-checked alone but cannot be built or run without CUDA.
 const CHECK_ONLY_FEATURES: [&str; 1] = ["burn-cuda"];
 
-fn test(extra: &[String]) -> Result<()> {
-    let start = std::time::Instant::now();
+/// Everything CI runs, each step timed into `steps`: setup, each engine feature checked alone,
+/// the test build, each test binary, and every notebook on a subset. The checks, the tests and
+/// the notebooks share one build ([`shared_build`]).
+fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
+    // Needs only cargo: it builds at low priority while everything else runs.
+    let evcxr = notebooks::EvcxrInstall::start()?;
+    steps.time("setup", || setup().and_then(|()| shared_build::prepare()))?;
     // Each engine feature alone must compile: no feature may lean on another. (`check`, not
-    // `build`: it catches the same mistakes without a full code generation per feature set.)
+    // `build`: it catches the same mistakes without a full code generation per feature set.
+    // In the shared build's folder, so build scripts and proc macros are built once for all.)
     for feature in ENGINE_FEATURES.iter().chain(&CHECK_ONLY_FEATURES) {
-        let mut check = cargo(&[
+        let mut check = shared_build::cargo(&[
             "check",
             "--no-default-features",
             "--features",
             feature,
             "--bins",
             "--lib",
-        ]);
+        ])?;
         if CHECK_ONLY_FEATURES.contains(feature) {
             // burn-cuda's CubeCL pulls tracel-llvm-bundler, whose build script downloads an
             // LLVM bundle from outside the package registries. It skips the download under
@@ -315,22 +403,55 @@ fn test(extra: &[String]) -> Result<()> {
             // machine runs without it.
             check.env("DOCS_RS", "1");
         }
-        run(&mut check)?;
+        steps.time(&format!("check {feature} alone"), || run(&mut check))?;
     }
     // Every engine, plus the notebooks' rich-output feature.
-    let features = format!("{},evcxr", ENGINE_FEATURES.join(","));
-    let mut c = cargo(&["test", "--workspace", "--features", &features]);
+    let features = shared_build::features();
+    // The bench package is left out: criterion would change the features of dependencies
+    // the notebooks share (benches/Cargo.toml).
+    let test = [
+        "test",
+        "--workspace",
+        "--exclude",
+        "convkit-bench",
+        "--features",
+        &features,
+    ];
+    let mut build = shared_build::cargo(&test)?;
+    build.arg("--no-run").args(extra);
+    steps.time("build tests", || run(&mut build))?;
+    let mut c = shared_build::cargo(&test)?;
     c.args(extra).env("CONVKIT_OFFLINE", "1");
-    let (passed, failed) = run_counting_tests(&mut c)?;
+    let (passed, failed) = run_counting_tests(&mut c, steps)?;
     // Every notebook, in the real evcxr kernel, on a small subset.
-    let notebooks = notebooks::run_notebooks(false, &[])?;
-    eprintln!(
-        "xtask: all tests passed in {:.0} s",
-        start.elapsed().as_secs_f64()
-    );
+    let notebooks = notebooks::run_notebooks(false, &[], Some(evcxr), steps)?;
     // One closing line for the whole run (cargo's own last line is that of the last crate).
     println!("tests: {passed} passed, {failed} failed; notebooks: {notebooks} ran");
     Ok(())
+}
+
+/// The criterion benches (`benches/engines.rs`) with every engine that builds here. The
+/// bench binary finds libtorch through `LD_LIBRARY_PATH` (only the facade's binaries get an
+/// rpath to it).
+fn bench(extra: &[String]) -> Result<()> {
+    let features = ENGINE_FEATURES.join(",");
+    let mut c = cargo(&[
+        "bench",
+        "-p",
+        "convkit-bench",
+        "--features",
+        &features,
+        "--bench",
+        "engines",
+        "--",
+    ]);
+    let torch = match std::env::var_os("LIBTORCH") {
+        Some(dir) => PathBuf::from(dir).join("lib"),
+        None => notebooks::torch_lib()?,
+    };
+    c.env("LD_LIBRARY_PATH", shared_build::library_path(vec![torch])?)
+        .args(extra);
+    run(&mut c)
 }
 
 fn compare(extra: &[String]) -> Result<()> {
@@ -371,4 +492,28 @@ fn tutorial(extra: &[String]) -> Result<()> {
     let mut c = cargo(&args);
     c.args(extra);
     run(&mut c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_binary_name;
+
+    #[test]
+    fn test_binaries_are_named_by_binary_and_source() {
+        let name = |l| test_binary_name(l);
+        assert_eq!(
+            name("     Running unittests src/lib.rs (target/x86_64-unknown-linux-gnu/debug/deps/convkit_core-9a1b2c3d)").as_deref(),
+            Some("test convkit_core (src/lib.rs)")
+        );
+        assert_eq!(
+            name("     Running tests/cli.rs (target/debug/deps/cli-0f3a)").as_deref(),
+            Some("test cli (tests/cli.rs)")
+        );
+        assert_eq!(
+            name("   Doc-tests convkit_core").as_deref(),
+            Some("doc-tests convkit_core")
+        );
+        assert_eq!(name("   Compiling convkit v0.1.0"), None);
+        assert_eq!(name("test result: ok. 3 passed"), None);
+    }
 }

@@ -1,15 +1,20 @@
 //! `cargo xtask notebooks`: run the evcxr Jupyter notebooks under `notebooks/` with the real
-//! evcxr kernel. CI runs each on a small subset (`CONVKIT_NOTEBOOK_LIMIT`) and fails when a
-//! cell fails; `--full` runs them as written and saves their outputs into the notebooks.
+//! evcxr kernel. CI runs each on a small subset (`CONVKIT_NOTEBOOK_LIMIT`), under the test
+//! build's features so that evcxr reuses the tests' dependencies (see [`crate::shared_build`]),
+//! and fails when a cell fails; `--full` runs them as written and saves their outputs into the
+//! notebooks.
 //!
 //! Everything lives under `<target dir>/notebooks`: the evcxr_jupyter install, its kernel
-//! spec, evcxr's compile folder (reused between runs) and the executed copies.
+//! spec, evcxr's compile folder (reused between runs, and the tests' target dir) and the
+//! executed copies.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::shared_build::{self, library_path, std_lib_dir};
+use crate::steps::Steps;
 use crate::{apt_install, build_env, run, target_dir, venv};
 
 /// The evcxr_jupyter release the notebooks are tested with.
@@ -19,7 +24,7 @@ const JUPYTER_PACKAGES: [&str; 2] = ["nbclient==0.11.0", "nbformat==5.11.1"];
 /// Images of each split in the CI run.
 const CI_LIMIT: &str = "200";
 
-fn home() -> PathBuf {
+pub fn home() -> PathBuf {
     target_dir().join("notebooks")
 }
 
@@ -34,24 +39,87 @@ fn notebooks(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-/// evcxr_jupyter (cargo install, kept when up to date), the Jupyter client in `.venv`, the
-/// kernel spec, and the Rust standard library's sources, which evcxr's type inference reads.
-fn setup() -> Result<Vec<(String, PathBuf)>> {
+/// `cargo install` of evcxr_jupyter, started in the background at the lowest CPU priority
+/// ([`EvcxrInstall::start`]) so that it uses the cores the test build leaves idle (setup's
+/// downloads, a build's serial tail), then waited for before the first notebook.
+pub struct EvcxrInstall {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl EvcxrInstall {
+    /// Starts `nice -n 19 cargo install evcxr_jupyter` (quick when it is installed already),
+    /// its output going to `<notebooks>/evcxr-install.log`.
+    pub fn start() -> Result<Self> {
+        let home = home();
+        std::fs::create_dir_all(&home)?;
+        let log = home.join("evcxr-install.log");
+        let out = std::fs::File::create(&log)?;
+        let mut install = Command::new("nice");
+        install
+            .args(["-n", "19"])
+            .arg(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "install",
+                "--locked",
+                "evcxr_jupyter",
+                "--version",
+                EVCXR_VERSION,
+                "--root",
+            ])
+            .arg(home.join("evcxr"))
+            .arg("--target-dir")
+            .arg(home.join("evcxr-build"))
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        eprintln!(
+            "xtask: starting {install:?} in the background (log: {})",
+            log.display()
+        );
+        let child = install
+            .spawn()
+            .context("starting cargo install evcxr_jupyter")?;
+        Ok(Self { child, log })
+    }
+
+    /// Waits for the install; on failure, shows the end of its log.
+    pub fn finish(mut self) -> Result<()> {
+        let status = self.child.wait()?;
+        if status.success() {
+            return Ok(());
+        }
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        for line in tail.iter().rev() {
+            eprintln!("{line}");
+        }
+        bail!(
+            "cargo install evcxr_jupyter failed with {status} (log: {})",
+            self.log.display()
+        )
+    }
+}
+
+impl Drop for EvcxrInstall {
+    /// An install still running when the run fails is stopped, not left behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// evcxr_jupyter (the install `started` earlier, or one started now), the Jupyter client in
+/// `.venv`, the kernel spec, and the Rust standard library's sources, which evcxr's type
+/// inference reads. Returns the kernel's environment.
+fn setup(started: Option<EvcxrInstall>) -> Result<Vec<(String, std::ffi::OsString)>> {
+    shared_build::prepare()?;
     let home = home();
-    let mut install = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    install
-        .args([
-            "install",
-            "--locked",
-            "evcxr_jupyter",
-            "--version",
-            EVCXR_VERSION,
-            "--root",
-        ])
-        .arg(home.join("evcxr"))
-        .arg("--target-dir")
-        .arg(home.join("evcxr-build"));
-    run(&mut install)?;
+    match started {
+        Some(install) => install.finish()?,
+        None => EvcxrInstall::start()?.finish()?,
+    }
     run(Command::new(venv().join("bin/python"))
         .args([
             "-m",
@@ -66,15 +134,8 @@ fn setup() -> Result<Vec<(String, PathBuf)>> {
         .arg("--install")
         .env("JUPYTER_PATH", &jupyter_path))?;
 
-    let sysroot = String::from_utf8(
-        Command::new("rustc")
-            .args(["--print", "sysroot"])
-            .output()
-            .context("running rustc --print sysroot")?
-            .stdout,
-    )?;
-    let sysroot = PathBuf::from(sysroot.trim());
-    let mut env = vec![("JUPYTER_PATH".to_string(), jupyter_path)];
+    let sysroot = shared_build::sysroot()?;
+    let mut env = vec![("JUPYTER_PATH".to_string(), jupyter_path.into_os_string())];
     // rustup's rust-src when installed; else Debian's copy (rustup cannot download here).
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
         apt_install(&["rust-web-src"])?;
@@ -82,30 +143,27 @@ fn setup() -> Result<Vec<(String, PathBuf)>> {
             .filter_map(|e| e.ok().map(|e| e.path().join("library")))
             .find(|p| p.join("core/src/lib.rs").is_file())
             .context("rust-web-src installed no /usr/src/rustc-*/library")?;
-        env.push(("RUST_SRC_PATH".into(), library));
+        env.push(("RUST_SRC_PATH".into(), library.into_os_string()));
     }
     // evcxr loads each cell as a shared library linked against the toolchain's libstd; its
     // relative rpath misses when the compile folder is under the same home as the toolchain.
     // libtorch, for the tch notebooks, comes from the torch wheel in .venv.
-    let mut libs = vec![sysroot.join("lib/rustlib/x86_64-unknown-linux-gnu/lib")];
-    libs.push(match std::env::var_os("LIBTORCH") {
+    let torch = match std::env::var_os("LIBTORCH") {
         Some(dir) => PathBuf::from(dir).join("lib"),
         None => torch_lib()?,
-    });
-    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
-        libs.extend(std::env::split_paths(&old));
-    }
-    env.push(("LD_LIBRARY_PATH".into(), std::env::join_paths(libs)?.into()));
-    let tmp = home.join("evcxr-tmp");
+    };
+    env.push((
+        "LD_LIBRARY_PATH".into(),
+        library_path(vec![std_lib_dir()?, torch])?,
+    ));
+    let tmp = shared_build::evcxr_tmpdir();
     std::fs::create_dir_all(&tmp)?;
-    // The notebooks resolve their dependencies to the versions the workspace is tested with.
-    std::fs::copy(crate::root().join("Cargo.lock"), tmp.join("Cargo.lock"))?;
-    env.push(("EVCXR_TMPDIR".into(), tmp));
+    env.push(("EVCXR_TMPDIR".into(), tmp.into_os_string()));
     Ok(env)
 }
 
 /// The torch wheel's library folder in `.venv`.
-fn torch_lib() -> Result<PathBuf> {
+pub fn torch_lib() -> Result<PathBuf> {
     let out = Command::new(venv().join("bin/python"))
         .args([
             "-c",
@@ -124,10 +182,18 @@ fn torch_lib() -> Result<PathBuf> {
 
 /// Run every notebook (or those whose file name contains one of `only`): on the CI subset
 /// into `<target>/notebooks/executed/`, or with `full` as written, saving the outputs into
-/// the notebooks themselves (written to a temporary name, then renamed).
-pub fn run_notebooks(full: bool, only: &[String]) -> Result<usize> {
-    let env = setup()?;
+/// the notebooks themselves (written to a temporary name, then renamed). `evcxr` is an
+/// install started earlier, if any. Each step's time goes into `steps`.
+pub fn run_notebooks(
+    full: bool,
+    only: &[String],
+    evcxr: Option<EvcxrInstall>,
+    steps: &mut Steps,
+) -> Result<usize> {
+    let env = steps.time("finish evcxr_jupyter install, nbclient", || setup(evcxr))?;
     let root = crate::root();
+    let driver = home().join("execute_notebook.py");
+    std::fs::write(&driver, include_str!("execute_notebook.py"))?;
     let executed = home().join("executed");
     std::fs::create_dir_all(&executed)?;
     // evcxr's startup commands, and nothing from the user's own evcxr config. The CI subset
@@ -153,40 +219,41 @@ pub fn run_notebooks(full: bool, only: &[String]) -> Result<usize> {
             .unwrap_or_default()
             .to_string_lossy()
             .to_string();
-        let start = std::time::Instant::now();
-        let mut jupyter = Command::new(venv().join("bin/jupyter"));
-        // evcxr builds each cell with cargo: tch's build needs libtorch as for the tests.
-        build_env(&mut jupyter);
-        jupyter
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("CONVKIT_OFFLINE", "1")
-            // Every cell runs; `check_outputs` then reports each failure.
-            .args([
-                "execute",
-                "--allow-errors",
-                "--timeout=3600",
-                "--startup_timeout=120",
-            ]);
-        let output = executed.join(format!("{name}.ipynb"));
-        if full {
-            jupyter.env_remove("CONVKIT_NOTEBOOK_LIMIT");
-        } else {
-            jupyter.env("CONVKIT_NOTEBOOK_LIMIT", CI_LIMIT);
-        }
-        jupyter.env("EVCXR_CONFIG_DIR", &config);
-        jupyter.arg(format!("--output={}", executed.join(&name).display()));
-        jupyter.arg(notebook);
-        run(&mut jupyter).with_context(|| format!("running notebook {name}"))?;
-        check_outputs(&output).with_context(|| format!("notebook {name} failed"))?;
-        if full {
-            let tmp = notebook.with_extension("ipynb.tmp");
-            std::fs::copy(&output, &tmp)?;
-            std::fs::rename(&tmp, notebook)?;
-        }
-        eprintln!(
-            "xtask: notebook {name} ran in {:.0} s",
-            start.elapsed().as_secs_f64()
-        );
+        steps.time(&format!("notebook {name}"), || {
+            let output = executed.join(format!("{name}.ipynb"));
+            let mut kernel = Command::new(venv().join("bin/python"));
+            // evcxr builds each cell with cargo: tch's build needs libtorch as for the tests,
+            // and evcxr's own RUSTFLAGS must not be overridden.
+            build_env(&mut kernel);
+            kernel
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .env("CONVKIT_OFFLINE", "1")
+                .env("EVCXR_CONFIG_DIR", &config)
+                .env_remove("CARGO_ENCODED_RUSTFLAGS")
+                // Every cell runs; `check_outputs` then reports each failure.
+                .arg(&driver)
+                .arg(notebook)
+                .arg(&output)
+                .arg(root.join("notebooks"))
+                // The versions the workspace is tested with (the driver says why it copies).
+                .arg(root.join("Cargo.lock"))
+                .arg(shared_build::evcxr_tmpdir().join("Cargo.lock"));
+            if full {
+                kernel.env_remove("CONVKIT_NOTEBOOK_LIMIT");
+            } else {
+                kernel
+                    .env("CONVKIT_NOTEBOOK_LIMIT", CI_LIMIT)
+                    .arg(shared_build::features());
+            }
+            run(&mut kernel).with_context(|| format!("running notebook {name}"))?;
+            check_outputs(&output).with_context(|| format!("notebook {name} failed"))?;
+            if full {
+                let tmp = notebook.with_extension("ipynb.tmp");
+                std::fs::copy(&output, &tmp)?;
+                std::fs::rename(&tmp, notebook)?;
+            }
+            Ok(())
+        })?;
     }
     Ok(chosen.len())
 }
