@@ -445,10 +445,7 @@ fn bench(extra: &[String]) -> Result<()> {
         "engines",
         "--",
     ]);
-    let torch = match std::env::var_os("LIBTORCH") {
-        Some(dir) => PathBuf::from(dir).join("lib"),
-        None => notebooks::torch_lib()?,
-    };
+    let torch = notebooks::libtorch_lib()?;
     c.env("LD_LIBRARY_PATH", shared_build::library_path(vec![torch])?)
         .args(extra);
     run(&mut c)

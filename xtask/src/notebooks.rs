@@ -148,10 +148,7 @@ fn setup(started: Option<EvcxrInstall>) -> Result<Vec<(String, std::ffi::OsStrin
     // evcxr loads each cell as a shared library linked against the toolchain's libstd; its
     // relative rpath misses when the compile folder is under the same home as the toolchain.
     // libtorch, for the tch notebooks, comes from the torch wheel in .venv.
-    let torch = match std::env::var_os("LIBTORCH") {
-        Some(dir) => PathBuf::from(dir).join("lib"),
-        None => torch_lib()?,
-    };
+    let torch = libtorch_lib()?;
     env.push((
         "LD_LIBRARY_PATH".into(),
         library_path(vec![std_lib_dir()?, torch])?,
@@ -162,8 +159,16 @@ fn setup(started: Option<EvcxrInstall>) -> Result<Vec<(String, std::ffi::OsStrin
     Ok(env)
 }
 
+/// libtorch's library folder: `$LIBTORCH/lib` when set, else the torch wheel's in `.venv`.
+pub fn libtorch_lib() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("LIBTORCH") {
+        return Ok(PathBuf::from(dir).join("lib"));
+    }
+    torch_lib()
+}
+
 /// The torch wheel's library folder in `.venv`.
-pub fn torch_lib() -> Result<PathBuf> {
+fn torch_lib() -> Result<PathBuf> {
     let out = Command::new(venv().join("bin/python"))
         .args([
             "-c",
