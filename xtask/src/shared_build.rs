@@ -81,7 +81,7 @@ pub fn sysroot() -> Result<PathBuf> {
 }
 
 /// The host's target triple (`rustc -vV`), which evcxr passes as `--target`.
-pub fn host() -> Result<String> {
+fn host() -> Result<String> {
     let out = Command::new("rustc")
         .arg("-vV")
         .output()
@@ -112,7 +112,7 @@ pub fn library_path(dirs: Vec<PathBuf>) -> Result<std::ffi::OsString> {
 /// ([`evcxr_config`]). Cargo reads config files from the folder it runs in and every parent,
 /// and a config file's profile overrides the `[profile.dev]` evcxr generates. (evcxr writes
 /// its own `.cargo/config.toml` inside its folder, hence the parent.)
-pub fn share_profile_with_evcxr() -> Result<()> {
+fn share_profile_with_evcxr() -> Result<()> {
     let dir = notebooks::home().join(".cargo");
     std::fs::create_dir_all(&dir)?;
     let read = |path: &str| {
