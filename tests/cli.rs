@@ -14,13 +14,15 @@ fn convkit(args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// The engines `convkit backends` lists as usable on this machine.
+/// The engines `convkit backends` lists as usable on this machine, less those kept to the
+/// conformance suite ([`common::CONFORMANCE_ONLY`]).
 fn listed_engines() -> Vec<String> {
     let listing = text(&convkit(&["backends"]));
     listing
         .lines()
         .filter(|l| !l.contains("unavailable"))
         .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .filter(|name| !common::CONFORMANCE_ONLY.contains(&name.as_str()))
         .collect()
 }
 

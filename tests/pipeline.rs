@@ -7,7 +7,7 @@ use convkit::prelude::*;
 use convkit::{Checkpoint, CheckpointMeta};
 
 fn engines() -> Vec<Box<dyn Backend>> {
-    common::available_engines()
+    common::end_to_end_engines()
 }
 
 fn mnist(split: Split, n: usize) -> Dataset {

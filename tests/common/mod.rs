@@ -283,3 +283,18 @@ pub fn available_engines() -> Vec<Box<dyn convkit::Backend>> {
         })
         .collect()
 }
+
+/// Engines whose end-to-end runs (training whole epochs, the CLI, memory) cost minutes here
+/// without testing anything the conformance suite does not: burn-wgpu on a machine without a
+/// GPU runs on Mesa's software Vulkan driver, where one 60k epoch takes about 15 minutes. The
+/// conformance suite checks it (every layer, loss, optimizer step and weight round trip)
+/// against the reference.
+pub const CONFORMANCE_ONLY: [&str; 1] = ["burn-wgpu"];
+
+/// [`available_engines`] less [`CONFORMANCE_ONLY`]: the engines the end-to-end tests loop over.
+pub fn end_to_end_engines() -> Vec<Box<dyn convkit::Backend>> {
+    available_engines()
+        .into_iter()
+        .filter(|e| !CONFORMANCE_ONLY.contains(&e.name()))
+        .collect()
+}
