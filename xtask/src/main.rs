@@ -12,6 +12,7 @@
 //! - `compare`   setup, then `convkit compare` in release mode with every engine that builds
 //!               here: the same model, weights and batches on each; agreement and speed
 //! - `bench`     criterion benches: one training step and one inference batch per engine
+//! - `pins`      print the feature pins of the single-feature checks (xtask/check-pins)
 //!
 //! Builds go to `$CONVKIT_TARGET_DIR` (default `~/.cache/convkit/target`), outside the
 //! checkout, so fresh clones on the same machine reuse them.
@@ -22,6 +23,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 mod notebooks;
+mod pins;
 mod shared_build;
 mod steps;
 
@@ -62,8 +64,12 @@ fn main() -> Result<()> {
             setup()?;
             bench(&rest)
         }
+        "pins" => {
+            print!("{}", pins::manifest_lines(&pins::missing(false)?));
+            Ok(())
+        }
         _ => {
-            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)");
+            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  pins      print the dependency lists of xtask/check-pins/Cargo.toml");
             if command.is_empty() || command == "help" || command == "--help" {
                 Ok(())
             } else {
@@ -386,13 +392,19 @@ fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
     steps.time("setup", || setup().and_then(|()| shared_build::prepare()))?;
     // Each engine feature alone must compile: no feature may lean on another. (`check`, not
     // `build`: it catches the same mistakes without a full code generation per feature set.
-    // In the shared build's folder, so build scripts and proc macros are built once for all.)
+    // In the shared build's folder, so build scripts and proc macros are built once for all.
+    // With the feature pins, so the crates under convkit-core are checked once, not six times.)
     for feature in ENGINE_FEATURES.iter().chain(&CHECK_ONLY_FEATURES) {
+        let engine = format!("convkit/{feature}");
         let mut check = shared_build::cargo(&[
             "check",
+            "-p",
+            "convkit",
+            "-p",
+            pins::PACKAGE,
             "--no-default-features",
             "--features",
-            feature,
+            &engine,
             "--bins",
             "--lib",
         ])?;
@@ -408,12 +420,14 @@ fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
     // Every engine, plus the notebooks' rich-output feature.
     let features = shared_build::features();
     // The bench package is left out: criterion would change the features of dependencies
-    // the notebooks share (benches/Cargo.toml).
+    // the notebooks share (benches/Cargo.toml). So are the checks' feature pins.
     let test = [
         "test",
         "--workspace",
         "--exclude",
         "convkit-bench",
+        "--exclude",
+        pins::PACKAGE,
         "--features",
         &features,
     ];

@@ -81,7 +81,7 @@ pub fn sysroot() -> Result<PathBuf> {
 }
 
 /// The host's target triple (`rustc -vV`), which evcxr passes as `--target`.
-fn host() -> Result<String> {
+pub fn host() -> Result<String> {
     let out = Command::new("rustc")
         .arg("-vV")
         .output()

@@ -1,0 +1,2 @@
+//! Present so that cargo resolves the `[build-dependencies]` pins.
+fn main() {}

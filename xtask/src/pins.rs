@@ -1,0 +1,216 @@
+//! The feature pins of the single-feature checks (`xtask/check-pins/Cargo.toml`).
+//!
+//! Each engine feature turns on other features of low-level crates that convkit-core's
+//! dependencies share (serde, syn, regex, rustix, …), and cargo type-checks every crate above a
+//! crate whose features changed once more. Checked together with `convkit-check-pins`, whose
+//! dependencies carry the union of those features, the crates under convkit-core resolve the
+//! same in every configuration, and cargo checks them once. [`missing`] finds the crates whose
+//! features still differ; `cargo xtask pins` prints the lists that make them agree.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{root, CHECK_ONLY_FEATURES, ENGINE_FEATURES};
+
+/// The package that carries the pins.
+pub const PACKAGE: &str = "convkit-check-pins";
+
+/// Which side of the build a crate is compiled for: build scripts, proc macros and their
+/// dependencies (`Host`) resolve their features apart from the rest (`Target`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Side {
+    Target,
+    Host,
+}
+
+/// A package as `cargo tree` names it (`serde v1.0.229`), and its side.
+type Unit = (String, Side);
+
+/// Every unit of a `cargo tree` and the feature sets it is built with (one, unless cargo
+/// builds it twice).
+type FeatureSets = BTreeMap<Unit, BTreeSet<BTreeSet<String>>>;
+
+/// The units of `cargo tree -e normal,build <args>` on the host and their features, read from
+/// its indented output: a unit is on the host side when it is a proc macro, a build
+/// dependency (under a `[build-dependencies]` header), or below one.
+fn feature_sets(args: &[&str]) -> Result<FeatureSets> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["tree", "-e", "normal,build", "-f", "{p}|{f}", "--target"])
+        .arg(crate::shared_build::host()?)
+        .args(args)
+        .current_dir(root())
+        .output()
+        .context("running cargo tree")?;
+    if !out.status.success() {
+        bail!(
+            "cargo tree {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(parse_tree(&String::from_utf8(out.stdout)?))
+}
+
+fn parse_tree(tree: &str) -> FeatureSets {
+    let mut sets = FeatureSets::new();
+    // host[d]: whether the unit last seen at depth d is on the host side; build[d]: whether
+    // the units at depth d under the current parent are build dependencies.
+    let (mut host, mut build) = (Vec::<bool>::new(), Vec::<bool>::new());
+    for line in tree.lines() {
+        let Some(start) = line.find(|c: char| c.is_alphanumeric() || c == '[') else {
+            continue;
+        };
+        // Every level of the tree's prefix is four characters wide.
+        let depth = line[..start].chars().count() / 4;
+        let body = &line[start..];
+        build.resize(depth + 2, false);
+        if body.starts_with('[') {
+            build[depth + 1] = body.starts_with("[build-dependencies]");
+            continue;
+        }
+        let proc_macro = body.contains(" (proc-macro)");
+        let body = body.replace(" (*)", "").replace(" (proc-macro)", "");
+        let Some((package, features)) = body.split_once('|') else {
+            continue;
+        };
+        let on_host = proc_macro || build[depth] || (depth > 0 && host[depth - 1]);
+        host.resize(depth + 1, false);
+        host[depth] = on_host;
+        build[depth + 1] = false;
+        let side = if on_host { Side::Host } else { Side::Target };
+        let features = features
+            .split(',')
+            .filter(|f| !f.is_empty())
+            .map(String::from)
+            .collect();
+        sets.entry((package.to_string(), side))
+            .or_default()
+            .insert(features);
+    }
+    sets
+}
+
+/// The crates under convkit-core whose features differ between the single-feature checks,
+/// each with the union of its features over all of them: empty when the pins are complete.
+/// With `pinned`, the checks are resolved as xtask runs them (with [`PACKAGE`]).
+pub fn missing(pinned: bool) -> Result<BTreeMap<Unit, BTreeSet<String>>> {
+    let core: BTreeSet<String> = feature_sets(&["-p", "convkit-core"])?
+        .into_keys()
+        .map(|(package, _)| package)
+        .collect();
+    let mut per_unit: BTreeMap<Unit, Vec<BTreeSet<BTreeSet<String>>>> = BTreeMap::new();
+    for feature in ENGINE_FEATURES.iter().chain(&CHECK_ONLY_FEATURES) {
+        let engine = format!("convkit/{feature}");
+        let mut args = vec![
+            "--no-default-features",
+            "-p",
+            "convkit",
+            "--features",
+            &engine,
+        ];
+        if pinned {
+            args.extend(["-p", PACKAGE]);
+        }
+        for (unit, sets) in feature_sets(&args)? {
+            if core.contains(&unit.0) {
+                per_unit.entry(unit).or_default().push(sets);
+            }
+        }
+    }
+    Ok(per_unit
+        .into_iter()
+        .filter(|(_, configs)| configs.iter().any(|c| c.len() > 1 || *c != configs[0]))
+        .map(|(unit, configs)| {
+            let union = configs.into_iter().flatten().flatten().collect();
+            (unit, union)
+        })
+        .collect())
+}
+
+/// `[dependencies]` and `[build-dependencies]` lines for `units`: each crate at its version,
+/// without its default features, with the features given (`default` among them when used).
+pub fn manifest_lines(units: &BTreeMap<Unit, BTreeSet<String>>) -> String {
+    let mut text = String::new();
+    for (side, header) in [
+        (Side::Target, "[dependencies]"),
+        (Side::Host, "[build-dependencies]"),
+    ] {
+        let on_side: Vec<_> = units.iter().filter(|((_, s), _)| *s == side).collect();
+        text.push_str(header);
+        text.push('\n');
+        for ((package, _), features) in &on_side {
+            let (name, version) = package.split_once(" v").unwrap_or((package, "*"));
+            let twice = on_side
+                .iter()
+                .filter(|((p, _), _)| p.split_once(" v").map(|(n, _)| n) == Some(name))
+                .count()
+                > 1;
+            let key = if twice {
+                format!(
+                    "{name}-{} = {{ package = \"{name}\", ",
+                    version.split('.').next().unwrap_or(version)
+                )
+            } else {
+                format!("{name} = {{ ")
+            };
+            let features: Vec<String> = features.iter().map(|f| format!("\"{f}\"")).collect();
+            text.push_str(&format!(
+                "{key}version = \"{version}\", default-features = false, features = [{}] }}\n",
+                features.join(", ")
+            ));
+        }
+        text.push('\n');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_units_are_proc_macros_build_dependencies_and_what_they_use() {
+        let tree = "\
+convkit-core v0.1.0 (/x)|
+├── num-traits v0.2.19|std
+│   [build-dependencies]
+│   └── autocfg v1.5.1|
+├── serde v1.0.229|derive,std
+│   └── serde_derive v1.0.229 (proc-macro)|default
+│       └── syn v2.0.119|full
+└── libm v0.2.16|
+";
+        let sets = parse_tree(tree);
+        let side = |p: &str| {
+            sets.keys()
+                .find(|(name, _)| name == p)
+                .map(|(_, s)| *s)
+                .unwrap()
+        };
+        assert_eq!(side("num-traits v0.2.19"), Side::Target);
+        assert_eq!(side("autocfg v1.5.1"), Side::Host);
+        assert_eq!(side("serde_derive v1.0.229"), Side::Host);
+        assert_eq!(side("syn v2.0.119"), Side::Host);
+        // a sibling after a build dependency's parent is on the target side again
+        assert_eq!(side("libm v0.2.16"), Side::Target);
+        let serde = &sets[&("serde v1.0.229".to_string(), Side::Target)];
+        assert_eq!(
+            serde.iter().next().unwrap(),
+            &BTreeSet::from(["derive".to_string(), "std".to_string()])
+        );
+    }
+
+    /// Fails when an engine or a dependency update made a crate under convkit-core resolve
+    /// differently in one single-feature check: the checks would type-check it and everything
+    /// above it once more. The message carries the lines for xtask/check-pins/Cargo.toml.
+    #[test]
+    fn the_check_pins_make_every_single_feature_check_resolve_core_alike() {
+        let missing = missing(true).unwrap();
+        assert!(
+            missing.is_empty(),
+            "xtask/check-pins/Cargo.toml is out of date; add these (or run `cargo xtask pins`):\n{}",
+            manifest_lines(&missing)
+        );
+    }
+}
