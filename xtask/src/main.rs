@@ -328,20 +328,39 @@ fn setup_libtorch() -> Result<()> {
         run(Command::new("python3").args(["-m", "venv"]).arg(venv()))
             .context("creating .venv (on Debian: apt-get install python3-venv)")?;
     }
-    run(Command::new(&python).args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        &format!("torch=={TORCH_VERSION}"),
-    ]))?;
+    pip_install(&[&format!("torch=={TORCH_VERSION}")])?;
     eprintln!(
         "xtask: torch {TORCH_VERSION} installed into .venv in {:.0} s",
         start.elapsed().as_secs_f64()
     );
     Ok(())
 }
+
+/// Installs `packages` from PyPI into `.venv` with uv, itself installed into `.venv` by pip
+/// the first time. uv downloads in parallel and links files from its cache, so a fresh clone's
+/// `.venv` gets torch (3 GB with its CUDA libraries) in seconds rather than pip's minutes of
+/// unpacking.
+fn pip_install(packages: &[&str]) -> Result<()> {
+    let python = venv().join("bin/python");
+    let uv = venv().join("bin/uv");
+    if !uv.exists() {
+        run(Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            UV,
+        ]))?;
+    }
+    run(Command::new(&uv)
+        .args(["pip", "install", "--quiet", "--python"])
+        .arg(&python)
+        .args(packages))
+}
+
+/// The uv release that installs the Python packages.
+const UV: &str = "uv==0.13.8";
 
 fn cargo(args: &[&str]) -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -436,9 +455,20 @@ fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
     steps.time("build tests", || run(&mut build))?;
     let mut c = shared_build::cargo(&test)?;
     c.args(extra).env("CONVKIT_OFFLINE", "1");
-    let (passed, failed) = run_counting_tests(&mut c, steps)?;
-    // Every notebook, in the real evcxr kernel, on a small subset.
-    let notebooks = notebooks::run_notebooks(false, &[], Some(evcxr), steps)?;
+    // Every notebook, in the real evcxr kernel, on a small subset, while the tests run: a
+    // notebook spends most of its time in evcxr compiling and linking one cell after another
+    // on one core, and the tests leave cores idle too. (Cargo holds the target dir's lock only
+    // while it builds, so evcxr's builds and the running tests do not wait on each other.)
+    let mut notebook_steps = Steps::new();
+    let (tests, notebooks) = std::thread::scope(|scope| {
+        let notebooks =
+            scope.spawn(|| notebooks::run_notebooks(false, &[], Some(evcxr), &mut notebook_steps));
+        let tests = run_counting_tests(&mut c, steps);
+        (tests, notebooks.join())
+    });
+    steps.append(notebook_steps);
+    let (passed, failed) = tests?;
+    let notebooks = notebooks.map_err(|_| anyhow::anyhow!("the notebook thread panicked"))??;
     // One closing line for the whole run (cargo's own last line is that of the last crate).
     println!("tests: {passed} passed, {failed} failed; notebooks: {notebooks} ran");
     Ok(())

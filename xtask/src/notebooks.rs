@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::shared_build::{self, library_path, std_lib_dir};
 use crate::steps::Steps;
-use crate::{apt_install, build_env, run, target_dir, venv};
+use crate::{apt_install, build_env, pip_install, run, target_dir, venv};
 
 /// The evcxr_jupyter release the notebooks are tested with.
 const EVCXR_VERSION: &str = "0.22.0";
@@ -120,15 +120,7 @@ fn setup(started: Option<EvcxrInstall>) -> Result<Vec<(String, std::ffi::OsStrin
         Some(install) => install.finish()?,
         None => EvcxrInstall::start()?.finish()?,
     }
-    run(Command::new(venv().join("bin/python"))
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(JUPYTER_PACKAGES))?;
+    pip_install(&JUPYTER_PACKAGES)?;
     let jupyter_path = home.join("jupyter");
     run(Command::new(home.join("evcxr/bin/evcxr_jupyter"))
         .arg("--install")

@@ -32,6 +32,11 @@ impl Steps {
         self.rows.push((name.to_string(), took));
     }
 
+    /// Appends the steps `other` recorded (another thread's), keeping this table's start.
+    pub fn append(&mut self, other: Steps) {
+        self.rows.extend(other.rows);
+    }
+
     /// The table: one line a step, then the total wall time since [`Steps::new`].
     pub fn table(&self) -> String {
         let width = self
