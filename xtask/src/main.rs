@@ -12,7 +12,7 @@
 //! - `compare`   setup, then `convkit compare` in release mode with every engine that builds
 //!               here: the same model, weights and batches on each; agreement and speed
 //! - `bench`     criterion benches: one training step and one inference batch per engine
-//! - `pins`      print the feature pins of the single-feature checks (xtask/check-pins)
+//! - `pins`      print what the feature pins of the single-feature checks lack (xtask/check-pins)
 //!
 //! Builds go to `$CONVKIT_TARGET_DIR` (default `~/.cache/convkit/target`), outside the
 //! checkout, so fresh clones on the same machine reuse them.
@@ -65,11 +65,16 @@ fn main() -> Result<()> {
             bench(&rest)
         }
         "pins" => {
-            print!("{}", pins::manifest_lines(&pins::missing(false)?));
+            let missing = pins::missing()?;
+            if missing.is_empty() {
+                eprintln!("xtask: the pins in xtask/check-pins/Cargo.toml are complete");
+            } else {
+                print!("{}", pins::manifest_lines(&missing));
+            }
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  pins      print the dependency lists of xtask/check-pins/Cargo.toml");
+            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  pins      print the lines xtask/check-pins/Cargo.toml lacks, if any");
             if command.is_empty() || command == "help" || command == "--help" {
                 Ok(())
             } else {

@@ -5,7 +5,7 @@
 //! crate whose features changed once more. Checked together with `convkit-check-pins`, whose
 //! dependencies carry the union of those features, the crates under convkit-core resolve the
 //! same in every configuration, and cargo checks them once. [`missing`] finds the crates whose
-//! features still differ; `cargo xtask pins` prints the lists that make them agree.
+//! features still differ; `cargo xtask pins` prints the lines that make them agree.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -91,27 +91,27 @@ fn parse_tree(tree: &str) -> FeatureSets {
     sets
 }
 
-/// The crates under convkit-core whose features differ between the single-feature checks,
-/// each with the union of its features over all of them: empty when the pins are complete.
-/// With `pinned`, the checks are resolved as xtask runs them (with [`PACKAGE`]).
-pub fn missing(pinned: bool) -> Result<BTreeMap<Unit, BTreeSet<String>>> {
-    let core: BTreeSet<String> = feature_sets(&["-p", "convkit-core"])?
+/// The crates under convkit-core whose features differ between the single-feature checks as
+/// xtask runs them (with [`PACKAGE`]), each with the union of its features over all of them:
+/// empty when the pins are complete. Crates that a pinned feature pulls in count too, so
+/// adding what this returns and asking again reaches a set that needs nothing more.
+pub fn missing() -> Result<BTreeMap<Unit, BTreeSet<String>>> {
+    let core: BTreeSet<String> = feature_sets(&["-p", "convkit-core", "-p", PACKAGE])?
         .into_keys()
         .map(|(package, _)| package)
         .collect();
     let mut per_unit: BTreeMap<Unit, Vec<BTreeSet<BTreeSet<String>>>> = BTreeMap::new();
     for feature in ENGINE_FEATURES.iter().chain(&CHECK_ONLY_FEATURES) {
         let engine = format!("convkit/{feature}");
-        let mut args = vec![
+        let args = [
             "--no-default-features",
             "-p",
             "convkit",
+            "-p",
+            PACKAGE,
             "--features",
             &engine,
         ];
-        if pinned {
-            args.extend(["-p", PACKAGE]);
-        }
         for (unit, sets) in feature_sets(&args)? {
             if core.contains(&unit.0) {
                 per_unit.entry(unit).or_default().push(sets);
@@ -206,10 +206,10 @@ convkit-core v0.1.0 (/x)|
     /// above it once more. The message carries the lines for xtask/check-pins/Cargo.toml.
     #[test]
     fn the_check_pins_make_every_single_feature_check_resolve_core_alike() {
-        let missing = missing(true).unwrap();
+        let missing = missing().unwrap();
         assert!(
             missing.is_empty(),
-            "xtask/check-pins/Cargo.toml is out of date; add these (or run `cargo xtask pins`):\n{}",
+            "xtask/check-pins/Cargo.toml is out of date; add these lines (`cargo xtask pins` prints them):\n{}",
             manifest_lines(&missing)
         );
     }
