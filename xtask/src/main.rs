@@ -343,8 +343,8 @@ fn setup_libtorch() -> Result<()> {
 
 /// Installs `packages` from PyPI into `.venv` with uv, itself installed into `.venv` by pip
 /// the first time. uv downloads in parallel and links files from its cache, so a fresh clone's
-/// `.venv` gets torch (6.6 GB unpacked with its CUDA libraries) in seconds rather than pip's minutes of
-/// unpacking.
+/// `.venv` gets torch (6.6 GB unpacked with its CUDA libraries) in seconds rather than in
+/// pip's minutes of unpacking.
 fn pip_install(packages: &[&str]) -> Result<()> {
     let python = venv().join("bin/python");
     let uv = venv().join("bin/uv");
