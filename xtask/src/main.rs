@@ -3,8 +3,8 @@
 //! - `setup`     install what the tests and tutorials need: Debian's dataset-fashion-mnist and
 //!               mesa-vulkan-drivers (lavapipe, for burn-wgpu without a GPU), and torch==2.9.0
 //!               from PyPI into `.venv` for the tch engine (unless LIBTORCH is set)
-//! - `test`      setup, then every test of the workspace and every notebook on a small
-//!               subset (what CI runs)
+//! - `test`      setup, each engine feature built alone, then every test of the workspace
+//!               and every notebook on a small subset (what CI runs)
 //! - `notebooks` setup, then run the evcxr notebooks: on the CI subset, or with `--full` as
 //!               written, saving their outputs (`cargo xtask notebooks --full [NAME...]`)
 //! - `tutorial`  setup, then train `tutorial-mnist` on MNIST in release mode (extra args go
@@ -12,7 +12,7 @@
 //! - `compare`   setup, then `convkit compare` in release mode with every engine that builds
 //!               here: the same model, weights and batches on each; agreement and speed
 //! - `bench`     criterion benches: one training step and one inference batch per engine
-//! - `pins`      print what the feature pins of the single-feature checks lack (xtask/check-pins)
+//! - `pins`      print what the feature pins of the single-feature builds lack (xtask/check-pins)
 //!
 //! Builds go to `$CONVKIT_TARGET_DIR` (default `~/.cache/convkit/target`), outside the
 //! checkout, so fresh clones on the same machine reuse them.
@@ -74,7 +74,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  pins      print the lines xtask/check-pins/Cargo.toml lacks, if any");
+            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  pins      print the lines xtask/check-pins/Cargo.toml lacks, if any (the single-feature builds' pins)");
             if command.is_empty() || command == "help" || command == "--help" {
                 Ok(())
             } else {
@@ -407,44 +407,43 @@ const ENGINE_FEATURES: [&str; 5] = ["candle", "tch", "burn-flex", "burn-ndarray"
 /// Engine features that are type-checked alone but cannot be built or run without CUDA.
 const CHECK_ONLY_FEATURES: [&str; 1] = ["burn-cuda"];
 
-/// Everything CI runs, each step timed into `steps`: setup, each engine feature checked alone,
-/// the test build, each test binary, and every notebook on a subset. The checks, the tests and
-/// the notebooks share one build ([`shared_build`]).
+/// The engine features that `cargo xtask test` builds alone, after the test build, reusing its
+/// compiled dependencies ([`pins`]).
+const SINGLE_FEATURE_BUILDS: [&str; 5] = ENGINE_FEATURES;
+
+/// Everything CI runs, each step timed into `steps`: setup, the CUDA-only engine type-checked
+/// alone, the test build, each engine feature built alone, each test binary, and every notebook
+/// on a subset. The builds, the tests and the notebooks share one build ([`shared_build`]).
 fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
     // Needs only cargo: it builds at low priority while everything else runs.
     let evcxr = notebooks::EvcxrInstall::start()?;
     steps.time("setup", || setup().and_then(|()| shared_build::prepare()))?;
-    // Each engine feature alone must compile: no feature may lean on another. (`check`, not
-    // `build`: it catches the same mistakes without a full code generation per feature set.
-    // In the shared build's folder, so build scripts and proc macros are built once for all.
-    // With the feature pins, so the crates under convkit-core are checked once, not six times.)
-    for feature in ENGINE_FEATURES.iter().chain(&CHECK_ONLY_FEATURES) {
+    // Each engine feature alone must compile: no feature may lean on another. burn-cuda cannot
+    // be built here, so it is type-checked (`check`) alone, over its whole dependency tree.
+    for feature in CHECK_ONLY_FEATURES {
         let engine = format!("convkit/{feature}");
         let mut check = shared_build::cargo(&[
             "check",
             "-p",
             "convkit",
-            "-p",
-            pins::PACKAGE,
             "--no-default-features",
             "--features",
             &engine,
             "--bins",
             "--lib",
         ])?;
-        if CHECK_ONLY_FEATURES.contains(feature) {
-            // burn-cuda's CubeCL pulls tracel-llvm-bundler, whose build script downloads an
-            // LLVM bundle from outside the package registries. It skips the download under
-            // docs.rs's marker, which a type check does not need; a real build on a CUDA
-            // machine runs without it.
-            check.env("DOCS_RS", "1");
-        }
+        // burn-cuda's CubeCL pulls tracel-llvm-bundler, whose build script downloads an
+        // LLVM bundle from outside the package registries. It skips the download under
+        // docs.rs's marker, which a type check does not need; a real build on a CUDA
+        // machine runs without it.
+        check.env("DOCS_RS", "1");
         steps.time(&format!("check {feature} alone"), || run(&mut check))?;
     }
     // Every engine, plus the notebooks' rich-output feature.
     let features = shared_build::features();
     // The bench package is left out: criterion would change the features of dependencies
-    // the notebooks share (benches/Cargo.toml). So are the checks' feature pins.
+    // the notebooks share (benches/Cargo.toml). So are the single-feature builds' pins (they
+    // ask only for what this build has, and the notebooks' build must match this one).
     let test = [
         "test",
         "--workspace",
@@ -458,6 +457,25 @@ fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
     let mut build = shared_build::cargo(&test)?;
     build.arg("--no-run").args(extra);
     steps.time("build tests", || run(&mut build))?;
+    // The other engine features, each built alone (`build`, not `check`: with the pins, every
+    // dependency resolves as in the test build and is reused from it, so only the facade and
+    // that engine's crate are compiled; a `check` would type-check the whole tree once more).
+    for feature in SINGLE_FEATURE_BUILDS {
+        let engine = format!("convkit/{feature}");
+        let mut alone = shared_build::cargo(&[
+            "build",
+            "-p",
+            "convkit",
+            "-p",
+            pins::PACKAGE,
+            "--no-default-features",
+            "--features",
+            &engine,
+            "--bins",
+            "--lib",
+        ])?;
+        steps.time(&format!("build {feature} alone"), || run(&mut alone))?;
+    }
     let mut c = shared_build::cargo(&test)?;
     c.args(extra).env("CONVKIT_OFFLINE", "1");
     // Every notebook, in the real evcxr kernel, on a small subset, while the tests run: a

@@ -1,18 +1,21 @@
-//! The feature pins of the single-feature checks (`xtask/check-pins/Cargo.toml`).
+//! The feature pins of the single-feature builds (`xtask/check-pins/Cargo.toml`).
 //!
-//! Each engine feature turns on other features of low-level crates that convkit-core's
-//! dependencies share (serde, syn, regex, rustix, …), and cargo type-checks every crate above a
-//! crate whose features changed once more. Checked together with `convkit-check-pins`, whose
-//! dependencies carry the union of those features, the crates under convkit-core resolve the
-//! same in every configuration, and cargo checks them once. [`missing`] finds the crates whose
-//! features still differ; `cargo xtask pins` prints the lines that make them agree.
+//! `cargo xtask test` proves that each engine feature compiles alone by building the facade
+//! and that engine's crate with only that feature, after the test build. Cargo reuses a
+//! compiled dependency only when it resolves with the same features, and each engine alone
+//! turns on fewer features of shared crates (serde, half, rustix, burn's and CubeCL's crates,
+//! ...) than all engines together: every crate above such a crate would be compiled once more
+//! per engine. Built together with `convkit-check-pins`, whose dependencies ask for the test
+//! build's features, every external crate resolves exactly as in the test build, and only our
+//! own crates are compiled again. [`missing`] finds the crates that still differ;
+//! `cargo xtask pins` prints the lines that make them agree.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{root, CHECK_ONLY_FEATURES, ENGINE_FEATURES};
+use crate::{root, SINGLE_FEATURE_BUILDS};
 
 /// The package that carries the pins.
 pub const PACKAGE: &str = "convkit-check-pins";
@@ -91,17 +94,35 @@ fn parse_tree(tree: &str) -> FeatureSets {
     sets
 }
 
-/// The crates under convkit-core whose features differ between the single-feature checks as
-/// xtask runs them (with [`PACKAGE`]), each with the union of its features over all of them:
-/// empty when the pins are complete. Crates that a pinned feature pulls in count too, so
-/// adding what this returns and asking again reaches a set that needs nothing more.
+/// The arguments of the test build's feature resolution: the workspace with every engine that
+/// builds here (and its dev-dependencies, which `cargo test` turns on), less the bench package
+/// and the pins, as `cargo xtask test` builds it.
+fn test_build_args(features: &str) -> [&str; 7] {
+    [
+        "--workspace",
+        "--exclude",
+        "convkit-bench",
+        "--exclude",
+        PACKAGE,
+        "--features",
+        features,
+    ]
+}
+
+/// The external crates whose features differ between a single-feature build (with [`PACKAGE`])
+/// and the test build, each with its features in the test build: empty when the pins are
+/// complete. A crate the test build does not have cannot be pinned; it is an error. Crates that
+/// a pinned feature pulls in count too, so adding what this returns and asking again reaches a
+/// set that needs nothing more.
 pub fn missing() -> Result<BTreeMap<Unit, BTreeSet<String>>> {
-    let core: BTreeSet<String> = feature_sets(&["-p", "convkit-core", "-p", PACKAGE])?
-        .into_keys()
-        .map(|(package, _)| package)
-        .collect();
-    let mut per_unit: BTreeMap<Unit, Vec<BTreeSet<BTreeSet<String>>>> = BTreeMap::new();
-    for feature in ENGINE_FEATURES.iter().chain(&CHECK_ONLY_FEATURES) {
+    let features = crate::shared_build::features();
+    let mut tree_args: Vec<&str> = vec!["-e", "dev"];
+    tree_args.extend(test_build_args(&features));
+    let reference = feature_sets(&tree_args)?;
+    // Path packages (ours) print their folder: `convkit-core v0.1.0 (/…/crates/convkit-core)`.
+    let ours = |package: &str| package.contains(" (/");
+    let mut missing = BTreeMap::new();
+    for feature in SINGLE_FEATURE_BUILDS {
         let engine = format!("convkit/{feature}");
         let args = [
             "--no-default-features",
@@ -113,19 +134,22 @@ pub fn missing() -> Result<BTreeMap<Unit, BTreeSet<String>>> {
             &engine,
         ];
         for (unit, sets) in feature_sets(&args)? {
-            if core.contains(&unit.0) {
-                per_unit.entry(unit).or_default().push(sets);
+            if ours(&unit.0) {
+                continue;
+            }
+            let Some(wanted) = reference.get(&unit) else {
+                bail!(
+                    "{} ({:?} side) is in the build of `{feature}` alone but not in the test build, so no pin can make the two share it",
+                    unit.0,
+                    unit.1
+                );
+            };
+            if sets != *wanted {
+                missing.insert(unit, wanted.iter().flatten().cloned().collect());
             }
         }
     }
-    Ok(per_unit
-        .into_iter()
-        .filter(|(_, configs)| configs.iter().any(|c| c.len() > 1 || *c != configs[0]))
-        .map(|(unit, configs)| {
-            let union = configs.into_iter().flatten().flatten().collect();
-            (unit, union)
-        })
-        .collect())
+    Ok(missing)
 }
 
 /// `[dependencies]` and `[build-dependencies]` lines for `units`: each crate at its version,
@@ -201,11 +225,12 @@ convkit-core v0.1.0 (/x)|
         );
     }
 
-    /// Fails when an engine or a dependency update made a crate under convkit-core resolve
-    /// differently in one single-feature check: the checks would type-check it and everything
-    /// above it once more. The message carries the lines for xtask/check-pins/Cargo.toml.
+    /// Fails when an engine or a dependency update made an external crate resolve differently
+    /// in one single-feature build than in the test build: that build would compile the crate
+    /// and everything above it once more. The message carries the lines for
+    /// xtask/check-pins/Cargo.toml.
     #[test]
-    fn the_check_pins_make_every_single_feature_check_resolve_core_alike() {
+    fn the_pins_make_every_single_feature_build_reuse_the_test_build() {
         let missing = missing().unwrap();
         assert!(
             missing.is_empty(),
