@@ -411,6 +411,28 @@ const CHECK_ONLY_FEATURES: [&str; 1] = ["burn-cuda"];
 /// compiled dependencies ([`pins`]).
 const SINGLE_FEATURE_BUILDS: [&str; 5] = ENGINE_FEATURES;
 
+/// What `cargo test` is given for the test build, which the notebooks and the single-feature
+/// builds share: the workspace with `features` (every engine, plus the notebooks' rich
+/// output). The bench package is left out: criterion would change the features of
+/// dependencies the notebooks share (benches/Cargo.toml). So are the single-feature builds'
+/// pins (they ask only for what this build has, and the notebooks' build must match this one).
+fn test_build_args(features: &str) -> [&str; 7] {
+    [
+        "--workspace",
+        "--exclude",
+        "convkit-bench",
+        "--exclude",
+        pins::PACKAGE,
+        "--features",
+        features,
+    ]
+}
+
+/// The `--features` of the build of `feature` alone (one of [`SINGLE_FEATURE_BUILDS`]).
+fn single_feature_build(feature: &str) -> String {
+    format!("convkit/{feature},convkit/evcxr")
+}
+
 /// Everything CI runs, each step timed into `steps`: setup, the CUDA-only engine type-checked
 /// alone, the test build, each engine feature built alone, each test binary, and every notebook
 /// on a subset. The builds, the tests and the notebooks share one build ([`shared_build`]).
@@ -439,29 +461,20 @@ fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
         check.env("DOCS_RS", "1");
         steps.time(&format!("check {feature} alone"), || run(&mut check))?;
     }
-    // Every engine, plus the notebooks' rich-output feature.
     let features = shared_build::features();
-    // The bench package is left out: criterion would change the features of dependencies
-    // the notebooks share (benches/Cargo.toml). So are the single-feature builds' pins (they
-    // ask only for what this build has, and the notebooks' build must match this one).
-    let test = [
-        "test",
-        "--workspace",
-        "--exclude",
-        "convkit-bench",
-        "--exclude",
-        pins::PACKAGE,
-        "--features",
-        &features,
-    ];
+    let mut test = vec!["test"];
+    test.extend(test_build_args(&features));
     let mut build = shared_build::cargo(&test)?;
     build.arg("--no-run").args(extra);
     steps.time("build tests", || run(&mut build))?;
     // The other engine features, each built alone (`build`, not `check`: with the pins, every
     // dependency resolves as in the test build and is reused from it, so only the facade and
     // that engine's crate are compiled; a `check` would type-check the whole tree once more).
+    // With `evcxr`, core's one feature, which no engine touches: so convkit-core (and candle's
+    // and tch's engine crates, which have no features) are the test build's too. Core without
+    // it is type-checked above, under burn-cuda.
     for feature in SINGLE_FEATURE_BUILDS {
-        let engine = format!("convkit/{feature}");
+        let engine = single_feature_build(feature);
         let mut alone = shared_build::cargo(&[
             "build",
             "-p",

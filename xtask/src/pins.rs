@@ -94,21 +94,6 @@ fn parse_tree(tree: &str) -> FeatureSets {
     sets
 }
 
-/// The arguments of the test build's feature resolution: the workspace with every engine that
-/// builds here (and its dev-dependencies, which `cargo test` turns on), less the bench package
-/// and the pins, as `cargo xtask test` builds it.
-fn test_build_args(features: &str) -> [&str; 7] {
-    [
-        "--workspace",
-        "--exclude",
-        "convkit-bench",
-        "--exclude",
-        PACKAGE,
-        "--features",
-        features,
-    ]
-}
-
 /// The external crates whose features differ between a single-feature build (with [`PACKAGE`])
 /// and the test build, each with its features in the test build: empty when the pins are
 /// complete. A crate the test build does not have cannot be pinned; it is an error. Crates that
@@ -117,13 +102,13 @@ fn test_build_args(features: &str) -> [&str; 7] {
 pub fn missing() -> Result<BTreeMap<Unit, BTreeSet<String>>> {
     let features = crate::shared_build::features();
     let mut tree_args: Vec<&str> = vec!["-e", "dev"];
-    tree_args.extend(test_build_args(&features));
+    tree_args.extend(crate::test_build_args(&features));
     let reference = feature_sets(&tree_args)?;
     // Path packages (ours) print their folder: `convkit-core v0.1.0 (/…/crates/convkit-core)`.
     let ours = |package: &str| package.contains(" (/");
     let mut missing = BTreeMap::new();
     for feature in SINGLE_FEATURE_BUILDS {
-        let engine = format!("convkit/{feature}");
+        let engine = crate::single_feature_build(feature);
         let args = [
             "--no-default-features",
             "-p",
