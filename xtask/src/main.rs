@@ -437,7 +437,7 @@ fn single_feature_build(feature: &str) -> String {
 /// alone, the test build, each engine feature built alone, each test binary, and every notebook
 /// on a subset. The builds, the tests and the notebooks share one build ([`shared_build`]).
 fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
-    // Needs only cargo: it builds at low priority while everything else runs.
+    // Needs only cargo: it builds beside everything else, ready before the tests run.
     let evcxr = notebooks::EvcxrInstall::start()?;
     steps.time("setup", || setup().and_then(|()| shared_build::prepare()))?;
     // Each engine feature alone must compile: no feature may lean on another. burn-cuda cannot
