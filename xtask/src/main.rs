@@ -35,7 +35,7 @@ fn main() -> Result<()> {
     let command = args.next().unwrap_or_default();
     let rest: Vec<String> = args.collect();
     match command.as_str() {
-        "setup" => setup(),
+        "setup" => setup(Needs::EVERYTHING),
         "test" => {
             let mut steps = Steps::new();
             let result = test(&rest, &mut steps);
@@ -47,21 +47,24 @@ fn main() -> Result<()> {
             let full = rest.iter().any(|a| a == "--full");
             let only: Vec<String> = rest.iter().filter(|a| *a != "--full").cloned().collect();
             let result = steps
-                .time("setup", setup)
+                .time("setup", || setup(Needs::EVERYTHING))
                 .and_then(|()| notebooks::run_notebooks(full, &only, None, &mut steps));
             eprint!("{}", steps.table());
             result.map(drop)
         }
         "tutorial" => {
-            setup()?;
+            // The tutorial trains on MNIST with the default engine (candle): nothing to install.
             tutorial(&rest)
         }
         "compare" => {
-            setup()?;
+            setup(Needs::EVERYTHING)?;
             compare(&rest)
         }
         "bench" => {
-            setup()?;
+            setup(Needs {
+                fashion_mnist: false,
+                ..Needs::EVERYTHING
+            })?;
             bench(&rest)
         }
         "pins" => {
@@ -241,14 +244,20 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Install missing Debian packages (with sudo when not root).
-fn apt_install(packages: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = packages
+/// A Debian package a command needs, and what it provides (for systems without apt).
+pub(crate) struct DebianPackage {
+    pub(crate) name: &'static str,
+    pub(crate) provides: &'static str,
+}
+
+/// Install missing Debian packages (with sudo when not root). Without apt-get, lists what is
+/// missing and what each provides, to install with the system's own package manager.
+pub(crate) fn apt_install(packages: &[DebianPackage]) -> Result<()> {
+    let missing: Vec<&DebianPackage> = packages
         .iter()
-        .copied()
         .filter(|p| {
             !Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p])
+                .args(["-W", "-f=${Status}", p.name])
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
                 .unwrap_or(false)
@@ -257,6 +266,17 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    if !shared_build::on_path("apt-get") {
+        let list: Vec<String> = missing
+            .iter()
+            .map(|p| format!("  {}: {}", p.name, p.provides))
+            .collect();
+        bail!(
+            "this system has no apt-get to install these Debian packages; install what they provide with its own package manager, then run the command again:\n{}",
+            list.join("\n")
+        );
+    }
+    let names: Vec<&str> = missing.iter().map(|p| p.name).collect();
     let sudo = if is_root() { vec![] } else { vec!["sudo"] };
     let apt = |args: &[&str]| {
         let mut all: Vec<&str> = sudo.clone();
@@ -266,9 +286,9 @@ fn apt_install(packages: &[&str]) -> Result<()> {
         c.args(&all[1..]).env("DEBIAN_FRONTEND", "noninteractive");
         c
     };
-    if run(&mut apt(&["install", "-y", "--no-install-recommends"]).args(&missing)).is_err() {
+    if run(&mut apt(&["install", "-y", "--no-install-recommends"]).args(&names)).is_err() {
         run(&mut apt(&["update"]))?;
-        run(&mut apt(&["install", "-y", "--no-install-recommends"]).args(&missing))?;
+        run(&mut apt(&["install", "-y", "--no-install-recommends"]).args(&names))?;
     }
     Ok(())
 }
@@ -280,11 +300,52 @@ fn venv() -> PathBuf {
     root().join(".venv")
 }
 
-fn setup() -> Result<()> {
-    // Fashion-MNIST comes from Debian (installs /usr/share/datasets/fashion-mnist/); Mesa's
-    // software Vulkan driver (lavapipe) gives burn-wgpu a device on machines without a GPU.
-    apt_install(&["dataset-fashion-mnist", "mesa-vulkan-drivers", "libvulkan1"])?;
-    setup_libtorch()
+/// What a command needs installed besides the Rust toolchain.
+#[derive(Clone, Copy, Debug)]
+struct Needs {
+    /// libtorch for the tch engine (the torch wheel in `.venv`, unless `LIBTORCH` is set).
+    torch: bool,
+    /// A Vulkan driver for burn-wgpu (Mesa's software one where the machine has no GPU).
+    vulkan: bool,
+    /// Fashion-MNIST (compare's and the tests' default dataset) from Debian.
+    fashion_mnist: bool,
+}
+
+impl Needs {
+    const EVERYTHING: Needs = Needs {
+        torch: true,
+        vulkan: true,
+        fashion_mnist: true,
+    };
+}
+
+fn setup(needs: Needs) -> Result<()> {
+    let mut packages = Vec::new();
+    if needs.fashion_mnist {
+        // Installs /usr/share/datasets/fashion-mnist/.
+        packages.push(DebianPackage {
+            name: "dataset-fashion-mnist",
+            provides: "the Fashion-MNIST IDX files (or put them in $CONVKIT_DATA/fashion-mnist/)",
+        });
+    }
+    if needs.vulkan {
+        // Mesa's software Vulkan driver (lavapipe) gives burn-wgpu a device without a GPU.
+        packages.extend([
+            DebianPackage {
+                name: "mesa-vulkan-drivers",
+                provides: "a Vulkan driver for burn-wgpu (Mesa's; any Vulkan driver will do)",
+            },
+            DebianPackage {
+                name: "libvulkan1",
+                provides: "the Vulkan loader (libvulkan.so.1)",
+            },
+        ]);
+    }
+    apt_install(&packages)?;
+    if needs.torch {
+        setup_libtorch()?;
+    }
+    Ok(())
 }
 
 /// libtorch for the tch engine: the user's `LIBTORCH` if set, else the torch wheel in a
@@ -327,7 +388,16 @@ fn setup_libtorch() -> Result<()> {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !has_venv {
-        apt_install(&["python3", "python3-venv"])?;
+        apt_install(&[
+            DebianPackage {
+                name: "python3",
+                provides: "Python 3, for the torch wheel that carries libtorch",
+            },
+            DebianPackage {
+                name: "python3-venv",
+                provides: "Python's venv module (`python3 -m venv`)",
+            },
+        ])?;
     }
     if !python.exists() {
         run(Command::new("python3").args(["-m", "venv"]).arg(venv()))
@@ -439,7 +509,9 @@ fn single_feature_build(feature: &str) -> String {
 fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
     // Needs only cargo: it builds beside everything else, ready before the tests run.
     let evcxr = notebooks::EvcxrInstall::start()?;
-    steps.time("setup", || setup().and_then(|()| shared_build::prepare()))?;
+    steps.time("setup", || {
+        setup(Needs::EVERYTHING).and_then(|()| shared_build::prepare())
+    })?;
     // Each engine feature alone must compile: no feature may lean on another. burn-cuda cannot
     // be built here, so it is type-checked (`check`) alone, over its whole dependency tree.
     for feature in CHECK_ONLY_FEATURES {

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::shared_build::{self, library_path, std_lib_dir};
 use crate::steps::Steps;
-use crate::{apt_install, build_env, pip_install, run, target_dir, venv};
+use crate::{apt_install, build_env, pip_install, run, target_dir, venv, DebianPackage};
 
 /// The evcxr_jupyter release the notebooks are tested with.
 const EVCXR_VERSION: &str = "0.22.0";
@@ -130,7 +130,10 @@ fn setup(started: Option<EvcxrInstall>) -> Result<Vec<(String, std::ffi::OsStrin
     let mut env = vec![("JUPYTER_PATH".to_string(), jupyter_path.into_os_string())];
     // rustup's rust-src when installed; else Debian's copy (rustup cannot download here).
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
-        apt_install(&["rust-web-src"])?;
+        apt_install(&[DebianPackage {
+            name: "rust-web-src",
+            provides: "the Rust standard library's sources, which evcxr's type inference reads (or `rustup component add rust-src`)",
+        }])?;
         let library = std::fs::read_dir("/usr/src")?
             .filter_map(|e| e.ok().map(|e| e.path().join("library")))
             .find(|p| p.join("core/src/lib.rs").is_file())

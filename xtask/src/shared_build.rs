@@ -38,7 +38,7 @@ enum Linker {
     System,
 }
 
-fn on_path(program: &str) -> bool {
+pub fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
@@ -177,7 +177,10 @@ fn evcxr_config(project_config: &str, manifest: &str) -> Result<String> {
 /// What the shared build needs before it starts: mold, so that evcxr and the tests link with
 /// the same fast linker (evcxr picks it by itself when it is installed), and the profile copy.
 pub fn prepare() -> Result<()> {
-    crate::apt_install(&["mold"])?;
+    crate::apt_install(&[crate::DebianPackage {
+        name: "mold",
+        provides: "the mold linker, which evcxr uses when it is installed",
+    }])?;
     share_profile_with_evcxr()
 }
 
