@@ -130,10 +130,13 @@ impl Optimizer {
                 bad(format!("{name} must be in [0, 1), found {v}"))
             }
         };
+        // The engines compute in f32: 1e300 is finite as an f64 but infinite there, and 1e-50
+        // is zero.
+        let positive_f32 = |v: f64| (v as f32).is_finite() && (v as f32) > 0.0;
         let lr = self.learning_rate();
-        if !(lr.is_finite() && lr > 0.0) {
+        if !positive_f32(lr) {
             return bad(format!(
-                "learning_rate must be positive and finite, found {lr}"
+                "learning_rate must be positive and finite in f32, found {lr}"
             ));
         }
         match *self {
@@ -146,10 +149,12 @@ impl Optimizer {
             } => {
                 unit("beta_1", beta_1)?;
                 unit("beta_2", beta_2)?;
-                if epsilon > 0.0 {
+                if positive_f32(epsilon) {
                     Ok(())
                 } else {
-                    bad(format!("epsilon must be positive, found {epsilon}"))
+                    bad(format!(
+                        "epsilon must be positive and finite in f32, found {epsilon}"
+                    ))
                 }
             }
             Optimizer::Rmsprop {
@@ -160,10 +165,12 @@ impl Optimizer {
             } => {
                 unit("rho", rho)?;
                 unit("momentum", momentum)?;
-                if epsilon > 0.0 {
+                if positive_f32(epsilon) {
                     Ok(())
                 } else {
-                    bad(format!("epsilon must be positive, found {epsilon}"))
+                    bad(format!(
+                        "epsilon must be positive and finite in f32, found {epsilon}"
+                    ))
                 }
             }
         }
@@ -289,6 +296,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("learning_rate must be positive"), "{err}");
+        // Finite as f64, but infinite or zero in the engines' f32.
+        for lr in [1e300, 1e-50, f64::NAN] {
+            let err = Optimizer::sgd()
+                .with_learning_rate(lr)
+                .check()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("finite in f32"), "{lr}: {err}");
+        }
         let err = Optimizer::sgd()
             .with_momentum(1.5)
             .unwrap()

@@ -106,85 +106,157 @@ impl SearchConfig {
         }
         if config.space.batch_size.contains(&0)
             || config.space.filters.contains(&0)
-            || config.space.learning_rate.iter().any(|l| *l <= 0.0)
+            || config
+                .space
+                .learning_rate
+                .iter()
+                .any(|l| !(l.is_finite() && *l > 0.0))
         {
             return Err(Error::config(
                 "search space",
-                "batch sizes, filters and learning rates must be positive",
+                "batch sizes, filters and learning rates must be positive (and finite)",
             ));
         }
         Ok(config)
     }
 
-    /// The trials: the whole grid (first `max` of it), or `max` seeded random draws.
-    pub fn trials(&self, max: usize) -> Vec<Trial> {
+    /// The trials: the grid's first `max` points, in order, or `max` seeded random draws.
+    /// They are made one at a time as the search asks for them, so a huge grid or `max`
+    /// costs nothing up front.
+    pub fn trials(&self, max: usize) -> Trials {
         let s = &self.space;
-        let or = |v: &Vec<String>| {
-            if v.is_empty() {
+        let axes = Axes {
+            optimizer: if s.optimizer.is_empty() {
                 vec!["adam".to_string()]
             } else {
-                v.clone()
-            }
+                s.optimizer.clone()
+            },
+            learning_rate: if s.learning_rate.is_empty() {
+                vec![None]
+            } else {
+                s.learning_rate.iter().map(|v| Some(*v)).collect()
+            },
+            batch_size: if s.batch_size.is_empty() {
+                vec![32]
+            } else {
+                s.batch_size.clone()
+            },
+            filters: if s.filters.is_empty() {
+                vec![None]
+            } else {
+                s.filters.iter().map(|v| Some(*v)).collect()
+            },
+            dropout: if s.dropout.is_empty() {
+                vec![0.0]
+            } else {
+                s.dropout.clone()
+            },
         };
-        let opt = or(&s.optimizer);
-        let lr: Vec<Option<f64>> = if s.learning_rate.is_empty() {
-            vec![None]
-        } else {
-            s.learning_rate.iter().map(|v| Some(*v)).collect()
+        let len = match self.strategy {
+            Strategy::Grid => max.min(axes.grid_size()),
+            Strategy::Random => max,
         };
-        let bs = if s.batch_size.is_empty() {
-            vec![32]
-        } else {
-            s.batch_size.clone()
-        };
-        let fl: Vec<Option<usize>> = if s.filters.is_empty() {
-            vec![None]
-        } else {
-            s.filters.iter().map(|v| Some(*v)).collect()
-        };
-        let dr = if s.dropout.is_empty() {
-            vec![0.0]
-        } else {
-            s.dropout.clone()
-        };
-        match self.strategy {
-            Strategy::Grid => {
-                let mut all = Vec::new();
-                for o in &opt {
-                    for l in &lr {
-                        for b in &bs {
-                            for f in &fl {
-                                for d in &dr {
-                                    all.push(Trial {
-                                        optimizer: o.clone(),
-                                        learning_rate: *l,
-                                        batch_size: *b,
-                                        filters: *f,
-                                        dropout: *d,
-                                    });
-                                }
-                            }
-                        }
-                    }
-                }
-                all.truncate(max);
-                all
-            }
-            Strategy::Random => {
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
-                (0..max)
-                    .map(|_| Trial {
-                        optimizer: opt.choose(&mut rng).expect("non-empty").clone(),
-                        learning_rate: *lr.choose(&mut rng).expect("non-empty"),
-                        batch_size: *bs.choose(&mut rng).expect("non-empty"),
-                        filters: *fl.choose(&mut rng).expect("non-empty"),
-                        dropout: *dr.choose(&mut rng).expect("non-empty"),
-                    })
-                    .collect()
-            }
+        Trials {
+            axes,
+            strategy: self.strategy,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(self.seed),
+            next: 0,
+            len,
         }
     }
 }
+
+/// The values of each hyper-parameter a search tries, none of them empty.
+#[derive(Debug, Clone)]
+struct Axes {
+    optimizer: Vec<String>,
+    learning_rate: Vec<Option<f64>>,
+    batch_size: Vec<usize>,
+    filters: Vec<Option<usize>>,
+    dropout: Vec<f32>,
+}
+
+impl Axes {
+    /// How many points the grid has (`usize::MAX` when more).
+    fn grid_size(&self) -> usize {
+        [
+            self.optimizer.len(),
+            self.learning_rate.len(),
+            self.batch_size.len(),
+            self.filters.len(),
+            self.dropout.len(),
+        ]
+        .into_iter()
+        .try_fold(1usize, usize::checked_mul)
+        .unwrap_or(usize::MAX)
+    }
+
+    /// Grid point `i`: optimizers vary slowest, then learning rates, batch sizes, filters,
+    /// and dropout rates fastest.
+    fn point(&self, mut i: usize) -> Trial {
+        let mut pick = |n: usize| {
+            let k = i % n;
+            i /= n;
+            k
+        };
+        let dropout = self.dropout[pick(self.dropout.len())];
+        let filters = self.filters[pick(self.filters.len())];
+        let batch_size = self.batch_size[pick(self.batch_size.len())];
+        let learning_rate = self.learning_rate[pick(self.learning_rate.len())];
+        let optimizer = self.optimizer[pick(self.optimizer.len())].clone();
+        Trial {
+            optimizer,
+            learning_rate,
+            batch_size,
+            filters,
+            dropout,
+        }
+    }
+
+    /// One seeded draw of every hyper-parameter.
+    fn draw(&self, rng: &mut rand_chacha::ChaCha8Rng) -> Trial {
+        Trial {
+            optimizer: self.optimizer.choose(rng).expect("non-empty").clone(),
+            learning_rate: *self.learning_rate.choose(rng).expect("non-empty"),
+            batch_size: *self.batch_size.choose(rng).expect("non-empty"),
+            filters: *self.filters.choose(rng).expect("non-empty"),
+            dropout: *self.dropout.choose(rng).expect("non-empty"),
+        }
+    }
+}
+
+/// A search's trials, made one at a time ([`SearchConfig::trials`]).
+#[derive(Debug, Clone)]
+pub struct Trials {
+    axes: Axes,
+    strategy: Strategy,
+    rng: rand_chacha::ChaCha8Rng,
+    next: usize,
+    len: usize,
+}
+
+impl Iterator for Trials {
+    type Item = Trial;
+
+    fn next(&mut self) -> Option<Trial> {
+        if self.next == self.len {
+            return None;
+        }
+        let trial = match self.strategy {
+            Strategy::Grid => self.axes.point(self.next),
+            Strategy::Random => self.axes.draw(&mut self.rng),
+        };
+        self.next += 1;
+        Some(trial)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.len - self.next;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for Trials {}
 
 impl Trial {
     /// The base model with this trial's filters and dropout.
@@ -204,9 +276,18 @@ impl Trial {
                     ),
                 ));
             };
-            for l in &mut spec.layers {
+            for (index, l) in spec.layers.iter_mut().enumerate() {
                 if let LayerKind::Conv2D(c) = &mut l.kind {
-                    c.filters = (c.filters * first).div_ceil(base_first).max(1);
+                    let scaled = c.filters.checked_mul(first).ok_or_else(|| {
+                        Error::config(
+                            "search space",
+                            format!(
+                                "`filters = {first}` scales layer {index}'s {} filters past what this machine can count",
+                                c.filters
+                            ),
+                        )
+                    })?;
+                    c.filters = scaled.div_ceil(base_first).max(1);
                 }
             }
         }
@@ -241,11 +322,24 @@ mod tests {
 
     #[test]
     fn grid_random_and_specs() {
-        let grid = config("grid").trials(100);
+        let grid: Vec<Trial> = config("grid").trials(100).collect();
         assert_eq!(grid.len(), 8);
+        // The order of nested loops over optimizer, learning rate, batch size, filters and
+        // dropout (innermost).
+        let point = |o: &str, l, d| Trial {
+            optimizer: o.into(),
+            learning_rate: Some(l),
+            batch_size: 32,
+            filters: Some(8),
+            dropout: d,
+        };
+        assert_eq!(grid[0], point("adam", 0.001, 0.0));
+        assert_eq!(grid[1], point("adam", 0.001, 0.5));
+        assert_eq!(grid[2], point("adam", 0.01, 0.0));
+        assert_eq!(grid[7], point("sgd", 0.01, 0.5));
         assert_eq!(config("grid").trials(3).len(), 3);
-        let a = config("random").trials(5);
-        assert_eq!(a, config("random").trials(5));
+        let a: Vec<Trial> = config("random").trials(5).collect();
+        assert_eq!(a, config("random").trials(5).collect::<Vec<_>>());
         let base = Sequential::preset("tutorial-mnist").unwrap();
         let t = Trial {
             optimizer: "sgd".into(),
@@ -293,5 +387,54 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("dropout must be in [0, 1)"));
+        std::fs::write(&p, "[space]\nlearning_rate = [nan]\n").unwrap();
+        assert!(SearchConfig::from_toml(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("must be positive (and finite)"));
+    }
+
+    /// Once an overflow panic, and a grid built whole (here 2^36 points) before `--trials`
+    /// cut it.
+    #[test]
+    fn huge_spaces_cost_nothing_up_front_and_huge_filter_counts_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("huge.toml");
+        let values: Vec<String> = (1..=4096).map(|v| v.to_string()).collect();
+        let list = format!("[{}]", values.join(", "));
+        std::fs::write(
+            &p,
+            format!(
+                "[space]\nbatch_size = {list}\nfilters = {list}\nlearning_rate = [{}]\n",
+                values
+                    .iter()
+                    .map(|v| format!("{v}.0"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+        .unwrap();
+        let config = SearchConfig::from_toml(&p).unwrap();
+        let mut trials = config.trials(usize::MAX);
+        assert_eq!(trials.len(), 4096 * 4096 * 4096);
+        assert_eq!(trials.next().unwrap().filters, Some(1));
+        assert_eq!(config.trials(2).count(), 2);
+        let mut random = config.clone();
+        random.strategy = Strategy::Random;
+        assert_eq!(random.trials(usize::MAX).len(), usize::MAX);
+
+        let base = Sequential::preset("tutorial-mnist").unwrap();
+        let t = Trial {
+            optimizer: "adam".into(),
+            learning_rate: None,
+            batch_size: 32,
+            filters: Some(usize::MAX),
+            dropout: 0.0,
+        };
+        let message = t.spec(&base).unwrap_err().to_string();
+        assert!(
+            message.contains("past what this machine can count"),
+            "{message}"
+        );
     }
 }

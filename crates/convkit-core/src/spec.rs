@@ -766,6 +766,12 @@ impl Sequential {
         Ok(*self.output_shapes()?.last().expect("checked non-empty"))
     }
 
+    /// How many classes the model tells apart: one per output unit, and two for a single
+    /// (sigmoid) unit.
+    pub fn class_count(&self) -> Result<usize> {
+        Ok(self.output_shape()?.numel().max(2))
+    }
+
     /// `(name, shape)` of every weight tensor in canonical layout, in layer order:
     /// conv `weight` `[out, in, kh, kw]`, dense `weight` `[out, in]`, `bias` `[out]`;
     /// batch normalisation `gamma`, `beta`, `moving_mean`, `moving_variance`, each `[channels]`.

@@ -3,7 +3,7 @@
 //! spec, the compile settings, the class names and the input normalisation in its metadata, so
 //! a file trained on one engine loads on any other (and in PyTorch).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -71,7 +71,7 @@ impl Weights {
     }
 
     /// Check names and shapes against a spec: every expected tensor present with the right
-    /// shape, and nothing else.
+    /// shape, and nothing else; every value finite (and moving variances non-negative).
     pub fn check(&self, spec: &Sequential) -> Result<()> {
         let expected = spec.weight_shapes()?;
         for (name, shape) in &expected {
@@ -83,6 +83,12 @@ impl Weights {
                 return Err(Error::Weights {
                     tensor: name.clone(),
                     message: format!("expected shape {shape:?}, found {:?}", tensor.shape),
+                });
+            }
+            if let Some((i, v)) = tensor.data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(Error::Weights {
+                    tensor: name.clone(),
+                    message: format!("weights must be finite, found {v} at index {i}"),
                 });
             }
             if name.ends_with(".moving_variance") {
@@ -217,6 +223,31 @@ pub struct CheckpointMeta {
     pub backend: String,
 }
 
+impl CheckpointMeta {
+    /// `None` when `classes` is empty (unknown) or names each of the `spec`'s classes once;
+    /// else what is wrong.
+    fn mismatch(&self, spec: &Sequential) -> Result<Option<String>> {
+        if self.classes.is_empty() {
+            return Ok(None);
+        }
+        let expected = spec.class_count()?;
+        if self.classes.len() != expected {
+            return Ok(Some(format!(
+                "metadata `{META_DATA}` names {} classes ({:?}), but the model's output ({}) tells {expected} apart",
+                self.classes.len(),
+                self.classes,
+                spec.output_shape()?
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        Ok(self
+            .classes
+            .iter()
+            .find(|c| !seen.insert(c.as_str()))
+            .map(|c| format!("metadata `{META_DATA}` names class `{c}` twice")))
+    }
+}
+
 const META_SPEC: &str = "convkit.spec";
 const META_COMPILE: &str = "convkit.compile";
 const META_DATA: &str = "convkit.data";
@@ -225,6 +256,9 @@ impl Checkpoint {
     /// Save as safetensors, atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         self.weights.check(&self.spec)?;
+        if let Some(message) = self.meta.mismatch(&self.spec)? {
+            return Err(Error::data(path, message));
+        }
         let mut metadata = HashMap::new();
         metadata.insert(
             META_SPEC.into(),
@@ -275,6 +309,9 @@ impl Checkpoint {
             }
             None => CheckpointMeta::default(),
         };
+        if let Some(message) = meta.mismatch(&spec)? {
+            return Err(Error::data(&path, message));
+        }
         weights.check(&spec).map_err(|e| match e {
             Error::Weights { tensor, message } => Error::Weights {
                 tensor,
@@ -288,5 +325,101 @@ impl Checkpoint {
             weights,
             meta,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::{Loss, Optimizer};
+    use crate::spec::{Activation, Dense};
+
+    /// A one-unit sigmoid classifier (two classes) and its seeded weights.
+    fn binary_checkpoint(classes: &[&str]) -> Checkpoint {
+        let spec = Sequential::new(4, 4, 1)
+            .flatten()
+            .add(Dense::new(1).activation(Activation::Sigmoid));
+        Checkpoint {
+            weights: crate::init::glorot_uniform(&spec, 1).unwrap(),
+            spec,
+            compile: Compile::new(Optimizer::adam(), Loss::BinaryCrossentropy),
+            meta: CheckpointMeta {
+                classes: classes.iter().map(|c| c.to_string()).collect(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Writes `checkpoint` the way `save` does, but without its checks: a crafted file.
+    fn write_unchecked(checkpoint: &Checkpoint, path: &Path) {
+        let metadata = HashMap::from([
+            (
+                META_SPEC.to_string(),
+                serde_json::to_string(&checkpoint.spec).unwrap(),
+            ),
+            (
+                META_COMPILE.to_string(),
+                serde_json::to_string(&checkpoint.compile).unwrap(),
+            ),
+            (
+                META_DATA.to_string(),
+                serde_json::to_string(&checkpoint.meta).unwrap(),
+            ),
+        ]);
+        std::fs::write(path, checkpoint.weights.to_safetensors(metadata).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn non_finite_weights_are_refused_with_tensor_and_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut checkpoint = binary_checkpoint(&[]);
+        let name = "dense.weight";
+        let mut tensor = checkpoint.weights.get(name).unwrap().clone();
+        tensor.data[3] = f32::NAN;
+        checkpoint.weights.insert(name, tensor);
+        let path = dir.path().join("nan.safetensors");
+        write_unchecked(&checkpoint, &path);
+        let message = Checkpoint::load(&path).unwrap_err().to_string();
+        assert!(
+            message.contains(name) && message.contains("found NaN at index 3"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_sigmoid_checkpoint_names_two_classes_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        for good in [&[][..], &["cat", "dog"][..]] {
+            let path = dir.path().join("good.safetensors");
+            binary_checkpoint(good).save(&path).unwrap();
+            assert_eq!(
+                Checkpoint::load(&path).unwrap().meta.classes.len(),
+                good.len()
+            );
+        }
+        // Once a panic in `convkit predict` (it read the second class name).
+        for (i, (bad, needle)) in [
+            (
+                &["only"][..],
+                "names 1 classes ([\"only\"]), but the model's output",
+            ),
+            (&["a", "b", "c"][..], "names 3 classes"),
+            (&["cat", "cat"][..], "names class `cat` twice"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let checkpoint = binary_checkpoint(bad);
+            let path = dir.path().join(format!("bad{i}.safetensors"));
+            let refused = checkpoint.save(&path).unwrap_err().to_string();
+            assert!(refused.contains(needle), "{refused}");
+            assert!(!path.exists(), "a refused save wrote {}", path.display());
+            write_unchecked(&checkpoint, &path);
+            let message = Checkpoint::load(&path).unwrap_err().to_string();
+            assert!(
+                message.contains(needle) && message.contains(&format!("bad{i}.safetensors")),
+                "{message}"
+            );
+        }
     }
 }

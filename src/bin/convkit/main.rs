@@ -225,7 +225,13 @@ fn parse_schedule(text: &str) -> Result<LrSchedule, String> {
 fn backends() {
     for name in convkit::backend_names() {
         match convkit::backend(name) {
-            Ok(b) => println!("{name:<14} {}", b.device()),
+            Ok(b) => match b.left_out_by_default() {
+                Some(why) => println!(
+                    "{name:<14} {} (compare runs it only when named: {why})",
+                    b.device()
+                ),
+                None => println!("{name:<14} {}", b.device()),
+            },
             Err(e) => println!("{name:<14} unavailable: {e}"),
         }
     }
@@ -234,10 +240,6 @@ fn backends() {
 fn input_shape(spec: &Sequential) -> ImageShape {
     let [h, w, c] = spec.input_shape;
     ImageShape::new(h, w, c)
-}
-
-fn classes_for(spec: &Sequential) -> anyhow::Result<usize> {
-    Ok(spec.output_shape()?.numel().max(2))
 }
 
 fn load_split(
@@ -251,7 +253,7 @@ fn load_split(
         &args.dataset,
         split,
         input_shape(spec),
-        classes_for(spec)?,
+        spec.class_count()?,
         seed,
         &Locator::from_env(),
     )
@@ -420,10 +422,11 @@ fn search(args: SearchArgs) -> anyhow::Result<()> {
         &Normalisation::Rescale,
     )?;
     let trials = config.trials(args.trials);
+    let total = trials.len();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut results = Vec::new();
-    for (i, trial) in trials.iter().enumerate() {
+    for (i, trial) in trials.enumerate() {
         let spec = trial.spec(&base)?;
         let loss = if spec.output_shape()?.numel() == 1 {
             Loss::BinaryCrossentropy
@@ -447,12 +450,11 @@ fn search(args: SearchArgs) -> anyhow::Result<()> {
             last.val_loss.unwrap_or(f64::NAN),
         );
         eprintln!(
-            "trial {}/{}: {trial:?} → val_accuracy {acc:.4}, val_loss {vloss:.4}",
+            "trial {}/{total}: {trial:?} → val_accuracy {acc:.4}, val_loss {vloss:.4}",
             i + 1,
-            trials.len()
         );
         results.push((
-            trial.clone(),
+            trial,
             acc,
             vloss,
             start.elapsed().as_secs_f64(),
@@ -610,7 +612,7 @@ fn predict(args: PredictArgs) -> anyhow::Result<()> {
         pixels.extend(data::load_image(path, shape)?);
     }
     let classes = if ckpt.meta.classes.is_empty() {
-        (0..classes_for(&ckpt.spec)?)
+        (0..ckpt.spec.class_count()?)
             .map(|c| c.to_string())
             .collect()
     } else {
