@@ -460,6 +460,36 @@ fn compare_reports_agreement_and_speed_and_survives_a_failing_engine() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
     assert!(json["machine_peak_gflops"].as_f64().unwrap() > 0.0);
+    // By default, engines too slow to finish in minutes are named with the reason, not run.
+    let left_out: Vec<&str> = json["left_out"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["engine"].as_str().unwrap())
+        .collect();
+    let ran: Vec<&str> = json["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["backend"].as_str().unwrap())
+        .collect();
+    if convkit::backend_names().contains(&"burn-ndarray") {
+        assert!(
+            left_out.contains(&"burn-ndarray") && !ran.contains(&"burn-ndarray"),
+            "{md}"
+        );
+        assert!(
+            md.contains("Not run (name an engine, or `--backends all`, to run it anyway)")
+                && md.contains("- burn-ndarray: burn deprecates NdArray"),
+            "{md}"
+        );
+    }
+    for name in &ran {
+        assert!(
+            !left_out.contains(name),
+            "{name} both ran and was left out: {md}"
+        );
+    }
     let engines = json["runs"].as_array().unwrap().len();
     if engines > 1 {
         assert!(

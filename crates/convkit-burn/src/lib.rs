@@ -61,6 +61,19 @@ type Result<T> = std::result::Result<T, Error>;
 pub struct BurnBackend {
     device: Device,
     name: &'static str,
+    /// The adapter burn-wgpu runs on; `None` for the other backends.
+    adapter: Option<Adapter>,
+}
+
+/// The wgpu adapter burn-wgpu settled on.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "wgpu"), allow(dead_code))] // made only by `BurnBackend::wgpu`
+struct Adapter {
+    /// The driver's name for it and the graphics API, e.g. `llvmpipe (LLVM 15.0.7, 256 bits),
+    /// Vulkan`.
+    description: String,
+    /// A CPU implementation of the API (Mesa's lavapipe, say) rather than a GPU.
+    software: bool,
 }
 
 impl BurnBackend {
@@ -70,6 +83,7 @@ impl BurnBackend {
         BurnBackend {
             device: Device::flex(),
             name: "burn-flex",
+            adapter: None,
         }
     }
 
@@ -80,15 +94,42 @@ impl BurnBackend {
         BurnBackend {
             device: Device::ndarray(),
             name: "burn-ndarray",
+            adapter: None,
         }
     }
 
-    /// burn's Wgpu backend on the default adapter (`burn-wgpu`); an error when no adapter
-    /// starts (no Vulkan/Metal/DX12 driver).
+    /// burn's Wgpu backend on the default adapter, a GPU when the machine has one
+    /// (`burn-wgpu`); an error when no adapter starts (no Vulkan/Metal/DX12 driver).
     #[cfg(feature = "wgpu")]
     pub fn wgpu() -> convkit_core::Result<Self> {
-        let device = Device::wgpu(burn_tensor::DeviceKind::DefaultDevice);
-        BurnBackend::started(device, "burn-wgpu")
+        // burn sets a wgpu runtime up once per process, and only that first call hands back the
+        // adapter it chose; every later backend reuses both.
+        static STARTED: std::sync::OnceLock<std::result::Result<(Device, Adapter), String>> =
+            std::sync::OnceLock::new();
+        let started = STARTED.get_or_init(|| {
+            let (device, setup) =
+                without_panics(|| burn_tensor::Device::wgpu_options().init_with_setup())?
+                    .map_err(|e| e.to_string())?;
+            let info = setup.adapter.get_info();
+            let adapter = Adapter {
+                description: format!("{}, {:?}", info.name, info.backend),
+                software: info.device_type == burn_tensor::wgpu::wgpu::DeviceType::Cpu,
+            };
+            Ok((device, adapter))
+        });
+        let device_error = |message: &str| {
+            convkit_core::Error::engine(
+                "burn-wgpu",
+                Error::Device {
+                    backend: "burn-wgpu",
+                    message: message.to_string(),
+                },
+            )
+        };
+        let (device, adapter) = started.as_ref().map_err(|m| device_error(m))?;
+        let mut backend = BurnBackend::started(device.clone(), "burn-wgpu")?;
+        backend.adapter = Some(adapter.clone());
+        Ok(backend)
     }
 
     /// burn's Cuda backend on GPU `ordinal` (`burn-cuda`); an error without a CUDA device.
@@ -102,39 +143,49 @@ impl BurnBackend {
     #[cfg(any(feature = "wgpu", feature = "cuda"))]
     fn started(device: Device, name: &'static str) -> convkit_core::Result<Self> {
         let probe = device.clone();
-        let quiet = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let outcome = std::panic::catch_unwind(move || {
+        let outcome = without_panics(move || {
             Tensor::<1>::from_floats([1.0, 2.0], &probe)
                 .sum()
                 .into_scalar::<f32>()
         });
-        std::panic::set_hook(quiet);
-        match outcome {
-            Ok(sum) if sum == 3.0 => Ok(BurnBackend { device, name }),
-            Ok(sum) => Err(convkit_core::Error::engine(
-                name,
-                Error::Device {
-                    backend: name,
-                    message: format!("the probe 1 + 2 gave {sum}"),
-                },
-            )),
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown cause".into());
-                Err(convkit_core::Error::engine(
+        let message = match outcome {
+            Ok(sum) if sum == 3.0 => {
+                return Ok(BurnBackend {
+                    device,
                     name,
-                    Error::Device {
-                        backend: name,
-                        message,
-                    },
-                ))
+                    adapter: None,
+                })
             }
-        }
+            Ok(sum) => format!("the probe 1 + 2 gave {sum}"),
+            Err(message) => message,
+        };
+        Err(convkit_core::Error::engine(
+            name,
+            Error::Device {
+                backend: name,
+                message,
+            },
+        ))
     }
+}
+
+/// Runs `f`, turning a panic into its message: GPU runtimes report a device that cannot start
+/// by panicking. The panic hook is silenced meanwhile.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn without_panics<T>(
+    f: impl FnOnce() -> T + std::panic::UnwindSafe,
+) -> std::result::Result<T, String> {
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = std::panic::catch_unwind(f);
+    std::panic::set_hook(quiet);
+    outcome.map_err(|panic| {
+        panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown cause".into())
+    })
 }
 
 impl Backend for BurnBackend {
@@ -147,8 +198,27 @@ impl Backend for BurnBackend {
         match self.name {
             "burn-flex" => format!("CPU, {threads} threads (burn Flex)"),
             "burn-ndarray" => format!("CPU, {threads} threads (burn NdArray)"),
-            "burn-wgpu" => "the default wgpu adapter: Vulkan, Metal or DX12 (burn Wgpu)".into(),
+            "burn-wgpu" => match &self.adapter {
+                Some(a) if a.software => {
+                    format!("{} (software, on the CPU; burn Wgpu)", a.description)
+                }
+                Some(a) => format!("{} (burn Wgpu)", a.description),
+                None => "the default wgpu adapter (burn Wgpu)".into(),
+            },
             _ => format!("{:?} (burn)", self.device),
+        }
+    }
+
+    fn left_out_by_default(&self) -> Option<String> {
+        match (self.name, &self.adapter) {
+            ("burn-ndarray", _) => Some(
+                "burn deprecates NdArray in favour of Flex (burn-flex), which trains the same models many times faster".into(),
+            ),
+            ("burn-wgpu", Some(a)) if a.software => Some(format!(
+                "its only adapter, {}, is a software implementation running on the CPU, slower than the CPU engines",
+                a.description
+            )),
+            _ => None,
         }
     }
 

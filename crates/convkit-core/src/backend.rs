@@ -49,6 +49,12 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &str;
     /// Human-readable device description.
     fn device(&self) -> String;
+    /// Why a comparison leaves this engine out unless it is asked for by name (or with
+    /// `--backends all`): a device that only emulates one in software, or a backend that takes
+    /// far longer than the others here. `None` for an engine that belongs in every comparison.
+    fn left_out_by_default(&self) -> Option<String> {
+        None
+    }
     /// Build `spec` with `weights` (canonical layout), ready to train with `compile`.
     fn build(
         &self,

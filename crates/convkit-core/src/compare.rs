@@ -337,12 +337,22 @@ pub struct Check {
     pub pass: bool,
 }
 
+/// An engine that a comparison did not run, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LeftOut {
+    pub engine: String,
+    pub reason: String,
+}
+
 /// The whole comparison.
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
     pub runs: Vec<EngineRun>,
     pub reference: Option<String>,
     pub checks: Vec<Check>,
+    /// Compiled-in engines that did not run: their device is missing, or they are left out
+    /// unless asked for ([`crate::backend::Backend::left_out_by_default`]).
+    pub left_out: Vec<LeftOut>,
     /// FP32 matrix-multiply peak of this machine, GFLOP/s, as measured by the harness.
     pub machine_peak_gflops: f64,
     pub peak_method: String,
@@ -452,9 +462,16 @@ impl Comparison {
             reference: reference.map(|r| r.backend.clone()),
             runs,
             checks,
+            left_out: Vec::new(),
             machine_peak_gflops,
             peak_method: peak_method.into(),
         })
+    }
+
+    /// The comparison, noting the engines that did not run and why.
+    pub fn with_left_out(mut self, left_out: Vec<LeftOut>) -> Self {
+        self.left_out = left_out;
+        self
     }
 
     /// Whether every check passed and no engine failed.
@@ -574,6 +591,15 @@ impl Comparison {
                         r.test_accuracy
                     );
                 }
+            }
+        }
+        if !self.left_out.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nNot run (name an engine, or `--backends all`, to run it anyway):\n"
+            );
+            for l in &self.left_out {
+                let _ = writeln!(s, "- {}: {}", l.engine, l.reason.replace('\n', " "));
             }
         }
         let _ = writeln!(

@@ -196,6 +196,13 @@ impl Rich for crate::compare::Comparison {
                 html += &format!("<p><b>{caption}</b></p>\n{}\n", dataframe_html(&df));
             }
         }
+        if !self.left_out.is_empty() {
+            html += "<p><b>Not run</b></p>\n<ul>\n";
+            for l in &self.left_out {
+                html += &format!("<li>{}: {}</li>\n", escape(&l.engine), escape(&l.reason));
+            }
+            html += "</ul>\n";
+        }
         for figure in [self.loss_chart().to_png(), self.throughput_chart().to_png()] {
             if let Ok(png) = figure {
                 html += &format!(

@@ -8,11 +8,15 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use convkit::compare::{machine_peak_gflops, run_engine, Comparison, EngineRun, RunSettings};
+use convkit::compare::{
+    machine_peak_gflops, run_engine, Comparison, EngineRun, LeftOut, RunSettings,
+};
 
 #[derive(Args, Clone)]
 pub struct CompareArgs {
-    /// Comma-separated engines (default: every compiled-in engine whose device is here).
+    /// Comma-separated engines, or `all`. Default: every compiled-in engine whose device is
+    /// here, less those too slow here to finish in minutes (burn-ndarray, wgpu on a software
+    /// device: the report says which and why); `all` runs those too.
     #[arg(long, value_delimiter = ',')]
     pub backends: Vec<String>,
     #[arg(long, default_value = "fashion-mnist")]
@@ -52,23 +56,39 @@ impl CompareArgs {
     }
 }
 
+/// The engines `--backends` asks for, and the compiled-in ones left out with the reason: the
+/// names as given; else every engine whose device is here, less those left out by default
+/// (with `all`, only those whose device is missing).
+fn chosen_engines(requested: &[String]) -> (Vec<String>, Vec<LeftOut>) {
+    let all = requested.len() == 1 && requested[0] == "all";
+    if !requested.is_empty() && !all {
+        return (requested.to_vec(), Vec::new());
+    }
+    let mut left_out = Vec::new();
+    let mut names = Vec::new();
+    for name in convkit::backend_names() {
+        let reason = match convkit::backend(name) {
+            Ok(_) if all => None,
+            Ok(engine) => engine.left_out_by_default(),
+            Err(e) => Some(e.to_string()),
+        };
+        match reason {
+            Some(reason) => {
+                eprintln!("compare: not running {name}: {reason}");
+                left_out.push(LeftOut {
+                    engine: name.to_string(),
+                    reason,
+                });
+            }
+            None => names.push(name.to_string()),
+        }
+    }
+    (names, left_out)
+}
+
 /// Runs every engine in its own process and writes the report; fails when a check fails.
 pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
-    let names: Vec<String> = if args.backends.is_empty() {
-        convkit::backend_names()
-            .into_iter()
-            .filter(|n| match convkit::backend(n) {
-                Ok(_) => true,
-                Err(e) => {
-                    eprintln!("compare: skipping {n}: {e}");
-                    false
-                }
-            })
-            .map(String::from)
-            .collect()
-    } else {
-        args.backends.clone()
-    };
+    let (names, left_out) = chosen_engines(&args.backends);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let exe = std::env::current_exe().context("locating the convkit binary")?;
@@ -116,7 +136,7 @@ pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
         runs.push(run);
     }
     let (peak, method) = machine_peak_gflops();
-    let comparison = Comparison::new(runs, peak, &method)?;
+    let comparison = Comparison::new(runs, peak, &method)?.with_left_out(left_out);
     comparison.write(&args.out)?;
     println!("{}", comparison.markdown());
     println!("wrote {}", args.out.display());
@@ -152,4 +172,35 @@ pub fn worker(args: CompareArgs) -> anyhow::Result<()> {
 fn worker_run(name: &str, args: &CompareArgs) -> anyhow::Result<EngineRun> {
     let backend = convkit::backend(name)?;
     Ok(run_engine(backend.as_ref(), &args.settings(), &args.out)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chosen_engines;
+
+    #[test]
+    fn named_engines_run_as_given_and_all_runs_what_the_default_leaves_out() {
+        let named = vec!["candle-cpu".to_string(), "no-such-engine".to_string()];
+        assert_eq!(chosen_engines(&named), (named.clone(), Vec::new()));
+
+        let (default, left_out) = chosen_engines(&[]);
+        let (all, missing) = chosen_engines(&["all".to_string()]);
+        // `all` adds back exactly the engines left out for being slow here; engines whose
+        // device is missing stay out either way.
+        for l in &left_out {
+            assert!(!default.contains(&l.engine), "{l:?}");
+            let device_missing = missing.iter().any(|m| m.engine == l.engine);
+            assert_eq!(all.contains(&l.engine), !device_missing, "{l:?}");
+        }
+        assert!(default.iter().all(|n| all.contains(n)));
+        assert_eq!(
+            all.len() + missing.len(),
+            convkit::backend_names().len(),
+            "{all:?} {missing:?}"
+        );
+        if convkit::backend_names().contains(&"burn-ndarray") {
+            assert!(left_out.iter().any(|l| l.engine == "burn-ndarray"));
+            assert!(all.iter().any(|n| n == "burn-ndarray"));
+        }
+    }
 }
