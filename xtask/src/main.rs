@@ -498,6 +498,23 @@ fn test_build_args(features: &str) -> [&str; 7] {
     ]
 }
 
+/// `cargo <verb>` (check or build) of the facade's library and binary with `features` and
+/// no defaults, in the shared build, together with `also` (more packages).
+fn facade_alone(verb: &str, features: &str, also: &[&str]) -> Result<Command> {
+    let mut args = vec![verb, "-p", "convkit"];
+    for package in also {
+        args.extend(["-p", package]);
+    }
+    args.extend([
+        "--no-default-features",
+        "--features",
+        features,
+        "--bins",
+        "--lib",
+    ]);
+    shared_build::cargo(&args)
+}
+
 /// The `--features` of the build of `feature` alone (one of [`SINGLE_FEATURE_BUILDS`]).
 fn single_feature_build(feature: &str) -> String {
     format!("convkit/{feature},convkit/evcxr")
@@ -515,17 +532,7 @@ fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
     // Each engine feature alone must compile: no feature may lean on another. burn-cuda cannot
     // be built here, so it is type-checked (`check`) alone, over its whole dependency tree.
     for feature in CHECK_ONLY_FEATURES {
-        let engine = format!("convkit/{feature}");
-        let mut check = shared_build::cargo(&[
-            "check",
-            "-p",
-            "convkit",
-            "--no-default-features",
-            "--features",
-            &engine,
-            "--bins",
-            "--lib",
-        ])?;
+        let mut check = facade_alone("check", &format!("convkit/{feature}"), &[])?;
         // burn-cuda's CubeCL pulls tracel-llvm-bundler, whose build script downloads an
         // LLVM bundle from outside the package registries. It skips the download under
         // docs.rs's marker, which a type check does not need; a real build on a CUDA
@@ -547,18 +554,7 @@ fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
     // it is type-checked above, under burn-cuda.
     for feature in SINGLE_FEATURE_BUILDS {
         let engine = single_feature_build(feature);
-        let mut alone = shared_build::cargo(&[
-            "build",
-            "-p",
-            "convkit",
-            "-p",
-            pins::PACKAGE,
-            "--no-default-features",
-            "--features",
-            &engine,
-            "--bins",
-            "--lib",
-        ])?;
+        let mut alone = facade_alone("build", &engine, &[pins::PACKAGE])?;
         steps.time(&format!("build {feature} alone"), || run(&mut alone))?;
     }
     let mut c = shared_build::cargo(&test)?;
