@@ -125,32 +125,20 @@ impl SearchConfig {
     /// costs nothing up front.
     pub fn trials(&self, max: usize) -> Trials {
         let s = &self.space;
+        // An empty list tries only the base model's or Keras' default.
+        fn or<T>(values: Vec<T>, default: T) -> Vec<T> {
+            if values.is_empty() {
+                vec![default]
+            } else {
+                values
+            }
+        }
         let axes = Axes {
-            optimizer: if s.optimizer.is_empty() {
-                vec!["adam".to_string()]
-            } else {
-                s.optimizer.clone()
-            },
-            learning_rate: if s.learning_rate.is_empty() {
-                vec![None]
-            } else {
-                s.learning_rate.iter().map(|v| Some(*v)).collect()
-            },
-            batch_size: if s.batch_size.is_empty() {
-                vec![32]
-            } else {
-                s.batch_size.clone()
-            },
-            filters: if s.filters.is_empty() {
-                vec![None]
-            } else {
-                s.filters.iter().map(|v| Some(*v)).collect()
-            },
-            dropout: if s.dropout.is_empty() {
-                vec![0.0]
-            } else {
-                s.dropout.clone()
-            },
+            optimizer: or(s.optimizer.clone(), "adam".to_string()),
+            learning_rate: or(s.learning_rate.iter().copied().map(Some).collect(), None),
+            batch_size: or(s.batch_size.clone(), 32),
+            filters: or(s.filters.iter().copied().map(Some).collect(), None),
+            dropout: or(s.dropout.clone(), 0.0),
         };
         let len = match self.strategy {
             Strategy::Grid => max.min(axes.grid_size()),
