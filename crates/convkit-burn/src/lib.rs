@@ -117,16 +117,9 @@ impl BurnBackend {
             };
             Ok((device, adapter))
         });
-        let device_error = |message: &str| {
-            convkit_core::Error::engine(
-                "burn-wgpu",
-                Error::Device {
-                    backend: "burn-wgpu",
-                    message: message.to_string(),
-                },
-            )
-        };
-        let (device, adapter) = started.as_ref().map_err(|m| device_error(m))?;
+        let (device, adapter) = started
+            .as_ref()
+            .map_err(|m| device_error("burn-wgpu", m.clone()))?;
         let mut backend = BurnBackend::started(device.clone(), "burn-wgpu")?;
         backend.adapter = Some(adapter.clone());
         Ok(backend)
@@ -159,14 +152,14 @@ impl BurnBackend {
             Ok(sum) => format!("the probe 1 + 2 gave {sum}"),
             Err(message) => message,
         };
-        Err(convkit_core::Error::engine(
-            name,
-            Error::Device {
-                backend: name,
-                message,
-            },
-        ))
+        Err(device_error(name, message))
     }
+}
+
+/// The error of a device that could not start, as users see it.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn device_error(backend: &'static str, message: String) -> convkit_core::Error {
+    convkit_core::Error::engine(backend, Error::Device { backend, message })
 }
 
 /// Runs `f`, turning a panic into its message: GPU runtimes report a device that cannot start
