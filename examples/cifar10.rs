@@ -41,6 +41,7 @@ fn main() -> convkit::Result<()> {
             .fit(&train)
             .epochs(epochs.unwrap_or(tutorial_epochs))
             .batch_size(32)
+            // As the tutorial: the test data only shows the curves; nothing selects on it.
             .validation_data(&test)
             .run()?;
         let scored = Scored::new(model.evaluate(&test, 256)?)?;

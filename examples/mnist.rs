@@ -5,9 +5,11 @@ use convkit::prelude::*;
 fn main() -> convkit::Result<()> {
     let backend = convkit::backend("candle-cpu")?;
     let data = Locator::from_env(); // $CONVKIT_DATA, ~/.cache/convkit, /usr/share/datasets, download
-    let train = data
+    let full = data
         .load(DatasetName::Mnist, Split::Train, None)?
         .normalise(Normalisation::Rescale);
+    // Validation data for EarlyStopping: a seeded tenth of train, never the test split.
+    let (train, val) = full.holdout(0.1, 42)?;
     let test = data
         .load(DatasetName::Mnist, Split::Test, None)?
         .normalise(Normalisation::Rescale);
@@ -22,7 +24,7 @@ fn main() -> convkit::Result<()> {
         .fit(&train)
         .epochs(5)
         .batch_size(32)
-        .validation_data(&test)
+        .validation_data(&val)
         .callback(EarlyStopping::new(Monitor::ValLoss, 2).restore_best_weights(true))
         .run()?;
 

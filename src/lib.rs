@@ -10,14 +10,15 @@
 //!
 //! let backend = convkit::backend("candle-cpu")?;
 //! let locator = Locator::from_env();
-//! let train = locator.load(DatasetName::Mnist, Split::Train, None)?.normalise(Normalisation::Rescale);
+//! let full = locator.load(DatasetName::Mnist, Split::Train, None)?.normalise(Normalisation::Rescale);
+//! let (train, val) = full.holdout(0.1, 42)?; // validation: a seeded tenth of train, never test
 //! let test = locator.load(DatasetName::Mnist, Split::Test, None)?.normalise(Normalisation::Rescale);
 //!
 //! let spec = Sequential::preset("tutorial-mnist")?;
 //! println!("{}", spec.summary()?);
 //! let compile = Compile::new(Optimizer::adam(), Loss::SparseCategoricalCrossentropy);
 //! let mut model = Model::new(spec, compile, backend.as_ref(), 42)?;
-//! let history = model.fit(&train).epochs(5).batch_size(32).validation_data(&test).run()?;
+//! let history = model.fit(&train).epochs(5).batch_size(32).validation_data(&val).run()?;
 //!
 //! let scored = Scored::new(model.evaluate(&test, 256)?)?;
 //! println!("{}", scored.text());

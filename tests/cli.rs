@@ -239,7 +239,7 @@ fn bad_input_fails_clearly() {
     fails_with(
         &["train", "--dataset", "imagenet", "--out", out_s],
         &[
-            "expected mnist, fashion-mnist, cifar10, synthetic or a folder",
+            "expected mnist, fashion-mnist, cifar10, synthetic or an image folder",
             "imagenet",
         ],
     );
@@ -326,13 +326,11 @@ fn bad_input_fails_clearly() {
     );
 }
 
-#[test]
-fn image_folder_dataset_trains() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("shapes");
-    for split in ["train", "test"] {
+/// `root/<part>/{dark,light}/<i>.jpg`: six RGB images of mixed sizes per class and part.
+fn write_shapes(root: &Path, parts: &[&str]) {
+    for part in parts {
         for (class, v) in [("dark", 40u8), ("light", 210u8)] {
-            let d = root.join(split).join(class);
+            let d = root.join(part).join(class);
             std::fs::create_dir_all(&d).unwrap();
             for i in 0..6 {
                 let img = image::RgbImage::from_fn(50 + i, 37, |x, _| {
@@ -342,28 +340,113 @@ fn image_folder_dataset_trains() {
             }
         }
     }
+}
+
+#[test]
+fn image_folders_as_datasets_ship() {
+    let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("spec.json");
     std::fs::write(&spec, r#"{"name":"tiny","input_shape":[16,16,3],"layers":[{"type":"Conv2D","filters":4,"kernel_size":[3,3],"activation":"relu"},{"type":"MaxPooling2D","pool_size":[2,2]},{"type":"Flatten"},{"type":"Dense","units":2,"activation":"softmax"}]}"#).unwrap();
-    let out = dir.path().join("run");
-    let o = convkit(&[
-        "train",
-        "--dataset",
-        root.to_str().unwrap(),
-        "--model",
-        spec.to_str().unwrap(),
-        "--epochs",
-        "3",
-        "--batch-size",
-        "4",
-        "--quiet",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let train = |root: &Path, extra: &[&str]| {
+        let out = root.with_extension("run");
+        let mut args = vec![
+            "train",
+            "--dataset",
+            root.to_str().unwrap(),
+            "--model",
+            spec.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = convkit(&args);
+        let metrics = std::fs::read_to_string(out.join("metrics.json"))
+            .map(|m| serde_json::from_str::<serde_json::Value>(&m).unwrap());
+        (o, metrics)
+    };
+    // train/ + val/ + test/: validation from val/, scored on test/.
+    let full = dir.path().join("full");
+    write_shapes(&full, &["train", "val", "test"]);
+    let (o, metrics) = train(&full, &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("train: 12 images from")
+            && out.contains("validation: 12 images from")
+            && out.contains("full/val"),
+        "{out}"
+    );
+    assert!(out.contains("scored on the test data"), "{out}");
+    let metrics = metrics.unwrap();
     assert_eq!(metrics["classes"], serde_json::json!(["dark", "light"]));
-    assert!(Path::new(&out.join("samples.png")).is_file());
+    assert_eq!(metrics["scored_on"], "test");
+    assert!(full.with_extension("run").join("samples.png").is_file());
+
+    // train/ + val/ only (the common download layout): scored on val/, and it says so.
+    let two = dir.path().join("two");
+    write_shapes(&two, &["train", "val"]);
+    let (o, metrics) = train(&two, &["--quiet"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("scored on the validation data"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(metrics.unwrap()["scored_on"], "validation");
+    // A hold-out beside a val/ folder is ambiguous, and test data is not there to validate on.
+    let (o, _) = train(&two, &["--validation-split", "0.5"]);
+    assert!(
+        !o.status.success() && text(&o).contains("has its own validation data"),
+        "{}",
+        text(&o)
+    );
+    let (o, _) = train(&two, &["--validate-on-test"]);
+    assert!(
+        !o.status.success() && text(&o).contains("no test split"),
+        "{}",
+        text(&o)
+    );
+
+    // One folder of class folders: a seeded hold-out, as image_dataset_from_directory.
+    let pool = dir.path().join("pool");
+    write_shapes(&pool, &[""]);
+    let (o, metrics) = train(
+        &pool,
+        &["--validation-split", "0.25", "--early-stopping", "1"],
+    );
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("train: 9 images")
+            && out.contains("validation: 3 images held out from the training data (25%, seed 42)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Restoring model weights from the end of the best epoch: "),
+        "{out}"
+    );
+    assert_eq!(metrics.unwrap()["validation_images"], 3);
+    // Without any validation there is nothing to score the model on.
+    let (o, _) = train(&pool, &["--validation-split", "0"]);
+    assert!(
+        !o.status.success() && text(&o).contains("nothing would score the model"),
+        "{}",
+        text(&o)
+    );
+
+    // The tutorial's literal validation_data = test, when asked for.
+    let (o, _) = train(&full, &["--validate-on-test", "--limit", "4"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("model selection sees the test split")
+            && out.contains("class-balanced sample"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -125,7 +125,7 @@ pub struct RunSettings {
     /// A preset or a spec .json.
     pub model: String,
     pub epochs: usize,
-    /// At most this many images of each split.
+    /// At most this many images of each split: a class-balanced sample from `seed`.
     pub limit: Option<usize>,
     pub batch_size: usize,
     /// `sgd`, `adam` or `rmsprop`, with Keras' defaults.
@@ -180,7 +180,7 @@ pub fn run_engine(backend: &dyn Backend, settings: &RunSettings, out: &Path) -> 
             &Locator::from_env(),
         )?;
         Ok(match settings.limit {
-            Some(n) => ds.limit(n),
+            Some(n) => ds.sample(n, settings.seed),
             None => ds,
         }
         .normalise(Normalisation::Rescale))

@@ -23,8 +23,10 @@ pub struct SearchConfig {
     pub epochs: usize,
     /// Use at most this many training images.
     pub limit: Option<usize>,
-    #[serde(default = "default_split")]
-    pub validation_split: f32,
+    /// Fraction of the training data held out to rank the trials on; by default the
+    /// dataset's own validation folder, else 0.2. Never the test split.
+    #[serde(default)]
+    pub validation_split: Option<f32>,
     #[serde(default)]
     pub strategy: Strategy,
     #[serde(default)]
@@ -40,9 +42,6 @@ fn default_dataset() -> String {
 }
 fn one() -> usize {
     1
-}
-fn default_split() -> f32 {
-    0.2
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]

@@ -15,7 +15,7 @@ pub fn write_csv(df: &mut DataFrame, path: &Path) -> Result<()> {
             .map_err(std::io::Error::other)
     })
     .map_err(|e| match e {
-        Error::Io { path, source } => Error::Table(format!("{}: {source}", path.display())),
+        Error::Io { path, error } => Error::Table(format!("{}: {error}", path.display())),
         other => other,
     })
 }

@@ -553,8 +553,11 @@ pub struct EarlyStopping {
     pub patience: usize,
     pub min_delta: f64,
     pub restore_best_weights: bool,
+    /// Print Keras' lines when training stops early and when the best weights are restored.
+    pub verbose: bool,
     best: Option<f64>,
-    best_weights: Option<Weights>,
+    /// The best epoch (1-based) and, with `restore_best_weights`, its weights.
+    best_weights: Option<(usize, Weights)>,
     wait: usize,
     /// The epoch (1-based) training stopped at, if it stopped early.
     pub stopped_epoch: Option<usize>,
@@ -567,6 +570,7 @@ impl EarlyStopping {
             patience,
             min_delta: 0.0,
             restore_best_weights: false,
+            verbose: false,
             best: None,
             best_weights: None,
             wait: 0,
@@ -581,6 +585,10 @@ impl EarlyStopping {
         self.restore_best_weights = yes;
         self
     }
+    pub fn verbose(mut self, yes: bool) -> Self {
+        self.verbose = yes;
+        self
+    }
 }
 
 impl Callback for EarlyStopping {
@@ -591,7 +599,7 @@ impl Callback for EarlyStopping {
             self.best = Some(value);
             self.wait = 0;
             if self.restore_best_weights {
-                self.best_weights = Some(model.weights()?);
+                self.best_weights = Some((log.epoch, model.weights()?));
             }
             return Ok(Control::Continue);
         }
@@ -605,7 +613,13 @@ impl Callback for EarlyStopping {
     }
 
     fn on_train_end(&mut self, _history: &History, model: &mut Model) -> Result<()> {
-        if let Some(w) = self.best_weights.take() {
+        if let (Some(epoch), true) = (self.stopped_epoch, self.verbose) {
+            println!("Epoch {epoch}: early stopping");
+        }
+        if let Some((epoch, w)) = self.best_weights.take() {
+            if self.verbose {
+                println!("Restoring model weights from the end of the best epoch: {epoch}.");
+            }
             model.set_weights(&w)?;
         }
         Ok(())
@@ -751,20 +765,7 @@ impl<'a> Fit<'a> {
                     ))
                 }
                 (None, Some(fraction)) => {
-                    if !(fraction > 0.0 && fraction < 1.0) {
-                        return Err(Error::config(
-                            "validation split",
-                            format!("expected a fraction in (0, 1), found {fraction}"),
-                        ));
-                    }
-                    let cut =
-                        train.len() - ((train.len() as f64) * fraction as f64).round() as usize;
-                    if cut == 0 || cut == train.len() {
-                        return Err(Error::config(
-                            "validation split",
-                            format!("{fraction} of {} images leaves an empty part", train.len()),
-                        ));
-                    }
+                    let cut = crate::data::holdout_cut(train.len(), fraction)?;
                     ((0..cut).collect(), Some((cut..train.len()).collect()))
                 }
                 (Some(v), None) => ((0..train.len()).collect(), Some((0..v.len()).collect())),

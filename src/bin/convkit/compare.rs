@@ -25,7 +25,7 @@ pub struct CompareArgs {
     pub model: String,
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
-    /// Use at most N images of each split (default: all).
+    /// Use at most N images of each split: a seeded sample with the classes in equal shares.
     #[arg(long)]
     pub limit: Option<usize>,
     #[arg(long, default_value_t = 32)]

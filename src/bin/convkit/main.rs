@@ -48,15 +48,27 @@ enum Command {
 
 #[derive(Args)]
 struct DataArgs {
-    /// mnist, fashion-mnist, cifar10, synthetic, or a folder with train/<class>/ and test/<class>/.
+    /// mnist, fashion-mnist, cifar10, synthetic, or an image folder: train/<class>/ with val/
+    /// (or validation/, valid/) and/or test/, or just <class>/ folders.
     #[arg(long, default_value = "mnist")]
     dataset: String,
     /// Engine to run on (see `convkit backends`).
     #[arg(long, default_value = "candle-cpu")]
     backend: String,
-    /// Use at most N images of each split.
+    /// Use at most N images of each split: a seeded sample with the classes in equal shares.
     #[arg(long)]
     limit: Option<usize>,
+    /// Hold out this fraction of the training data, chosen at random from --seed, for
+    /// validation (0: none). Default: the dataset's own val/ folder, else 0.1.
+    #[arg(long, conflicts_with = "validate_on_test")]
+    validation_split: Option<f32>,
+    /// Validate on the test split, as the Keras tutorial's `validation_data=(x_test, y_test)`:
+    /// early stopping and "best" weights then select on the data the model is scored on.
+    #[arg(long)]
+    validate_on_test: bool,
+    /// Seeds the weights, the hold-out, the samples and the batch order.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// No progress output.
@@ -82,9 +94,6 @@ struct TrainArgs {
     /// Loss; defaults to sparse_categorical_crossentropy (binary_crossentropy for one sigmoid unit).
     #[arg(long)]
     loss: Option<String>,
-    /// Hold out this fraction of the training data for validation (default: validate on the test split).
-    #[arg(long)]
-    validation_split: Option<f32>,
     /// Stop when val_loss has not improved for this many epochs, restoring the best weights.
     #[arg(long)]
     early_stopping: Option<usize>,
@@ -106,8 +115,6 @@ struct TrainArgs {
     /// Learning rate per epoch: `step=FACTOR/EVERY` (×FACTOR every EVERY epochs) or `exp=RATE`.
     #[arg(long, value_parser = parse_schedule)]
     lr_schedule: Option<LrSchedule>,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
     /// Start from a trained checkpoint (its model replaces --model): fine-tuning, possibly on
     /// another engine than the one it was trained on.
     #[arg(long)]
@@ -242,30 +249,54 @@ fn input_shape(spec: &Sequential) -> ImageShape {
     ImageShape::new(h, w, c)
 }
 
-fn load_split(
+impl DataArgs {
+    fn validation(&self) -> data::Validation {
+        match (self.validate_on_test, self.validation_split) {
+            (true, _) => data::Validation::Test,
+            (false, Some(f)) if f == 0.0 => data::Validation::None,
+            (false, Some(f)) => data::Validation::Holdout(f),
+            (false, None) => data::Validation::Auto(0.1),
+        }
+    }
+}
+
+/// The training, validation and test data `args` ask for, in `spec`'s input shape,
+/// normalised; `validation` overrides how the validation data is chosen.
+fn load_splits(
     args: &DataArgs,
-    split: Split,
     spec: &Sequential,
-    seed: u64,
+    validation: data::Validation,
     normalisation: &Normalisation,
-) -> anyhow::Result<Dataset> {
-    let ds = data::open(
+) -> anyhow::Result<data::Splits> {
+    let options = data::SplitOptions {
+        validation,
+        limit: args.limit,
+        seed: args.seed,
+    };
+    let mut splits = data::open_splits(
         &args.dataset,
-        split,
         input_shape(spec),
         spec.class_count()?,
-        seed,
+        options,
         &Locator::from_env(),
     )
-    .with_context(|| format!("loading the {split:?} split of `{}`", args.dataset))?;
-    let ds = match args.limit {
-        Some(n) => ds.limit(n),
-        None => ds,
-    };
-    if ds.is_empty() {
-        bail!("the {split:?} split of `{}` is empty", args.dataset);
+    .with_context(|| format!("loading `{}`", args.dataset))?;
+    let parts = [
+        Some(&mut splits.train),
+        splits.validation.as_mut(),
+        splits.test.as_mut(),
+    ];
+    for part in parts.into_iter().flatten() {
+        if part.is_empty() {
+            bail!(
+                "`{}`: a part of the data is empty: {:?}",
+                args.dataset,
+                splits.sources
+            );
+        }
+        part.normalisation = normalisation.clone();
     }
-    Ok(ds.normalise(normalisation.clone()))
+    Ok(splits)
 }
 
 fn verbosity(quiet: bool) -> Verbosity {
@@ -313,41 +344,47 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let compile = Compile::new(optimizer, loss);
     compile.check(&spec)?;
     let backend = convkit::backend(&args.data.backend)?;
-    let train = load_split(&args.data, Split::Train, &spec, args.seed, &normalisation)?;
-    let test = load_split(&args.data, Split::Test, &spec, args.seed, &normalisation)?;
+    let splits = load_splits(&args.data, &spec, args.data.validation(), &normalisation)?;
+    let (scored_on, scored_name) = splits.evaluation().with_context(|| {
+        format!(
+            "`{}` has no test split and no validation data is chosen, so nothing would score the model; hold some out with --validation-split",
+            args.data.dataset
+        )
+    })?;
+    let train = &splits.train;
     if !args.data.quiet {
         println!("{}", spec.summary()?);
         println!(
-            "training on {} ({}), {} train / {} test images of {}",
+            "training on {} ({}), images of {}",
             backend.name(),
             backend.device(),
-            train.len(),
-            test.len(),
             train.shape
         );
+        for line in &splits.sources {
+            println!("  {line}");
+        }
     }
     let weights = match &start {
-        Some(trained) => convkit::init::transfer(&spec, trained, args.seed)?,
-        None => convkit::init::glorot_uniform(&spec, args.seed)?,
+        Some(trained) => convkit::init::transfer(&spec, trained, args.data.seed)?,
+        None => convkit::init::glorot_uniform(&spec, args.data.seed)?,
     };
     let optimizer_lr = compile.optimizer.learning_rate();
     let mut model = Model::with_weights(spec, compile, backend.as_ref(), &weights)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut fit = model
-        .fit(&train)
+        .fit(train)
         .epochs(args.epochs)
         .batch_size(args.data.batch_size)
-        .seed(args.seed)
+        .seed(args.data.seed)
         .verbosity(verbosity(args.data.quiet))
         .callback(CsvLogger::new(args.out.join("history.csv")));
-    fit = match args.validation_split {
-        Some(f) => fit.validation_split(f),
-        None => fit.validation_data(&test),
-    };
+    if let Some(validation) = &splits.validation {
+        fit = fit.validation_data(validation);
+    }
     if let Some(augment) = args.augment {
         fit = fit.augment(augment);
-        SampleGrid::new(&augment.preview(&train, 32, args.seed)?, 32, None)
+        SampleGrid::new(&augment.preview(train, 32, args.data.seed)?, 32, None)
             .save(&args.out.join("augmented.png"))?;
     }
     if let Some(patience) = args.reduce_lr_on_plateau {
@@ -365,13 +402,16 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         }));
     }
     if let Some(patience) = args.early_stopping {
-        fit =
-            fit.callback(EarlyStopping::new(Monitor::ValLoss, patience).restore_best_weights(true));
+        fit = fit.callback(
+            EarlyStopping::new(Monitor::ValLoss, patience)
+                .restore_best_weights(true)
+                .verbose(!args.data.quiet),
+        );
     }
     let history = fit.run()?;
 
-    let scored = Scored::new(model.evaluate(&test, 256)?)?;
-    println!("{}", scored.text());
+    let scored = Scored::new(model.evaluate(scored_on, 256)?)?;
+    println!("scored on the {scored_name} data:\n{}", scored.text());
     let meta = CheckpointMeta {
         classes: train.classes.clone(),
         normalisation,
@@ -386,7 +426,8 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let extra = serde_json::json!({
         "backend": backend.name(), "model": model.spec().name, "dataset": args.data.dataset,
         "optimizer": model.compile_settings().optimizer.name(), "loss": loss.name(), "epochs_run": history.epochs.len(),
-        "batch_size": args.data.batch_size, "seed": args.seed, "train_images": train.len(), "test_images": test.len(),
+        "batch_size": args.data.batch_size, "seed": args.data.seed, "train_images": train.len(),
+        "validation_images": splits.validation.as_ref().map(Dataset::len), "scored_on": scored_name, "scored_images": scored_on.len(), "data_sources": splits.sources,
     });
     scored.write_metrics_json(&out.join("metrics.json"), Some(&history), extra)?;
     scored.write_predictions_csv(&out.join("predictions.csv"))?;
@@ -395,7 +436,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     for ext in ["png", "svg"] {
         TrainingCurves(&history).save(&out.join(format!("history.{ext}")))?;
         ConfusionHeatmap(&scored.confusion).save(&out.join(format!("confusion_matrix.{ext}")))?;
-        SampleGrid::new(&test, 32, Some(&scored.evaluation.predicted))
+        SampleGrid::new(scored_on, 32, Some(&scored.evaluation.predicted))
             .save(&out.join(format!("samples.{ext}")))?;
     }
     println!("wrote {}", out.display());
@@ -411,16 +452,25 @@ fn search(args: SearchArgs) -> anyhow::Result<()> {
         dataset: config.dataset.clone(),
         backend: args.backend.clone(),
         limit: config.limit,
+        validation_split: None,
+        validate_on_test: false,
+        seed: config.seed,
         batch_size: 32,
         quiet: true,
     };
-    let train = load_split(
-        &data,
-        Split::Train,
-        &base,
-        config.seed,
-        &Normalisation::Rescale,
-    )?;
+    // Trials are ranked on validation data, never on the test split.
+    let validation = match config.validation_split {
+        Some(f) => data::Validation::Holdout(f),
+        None => data::Validation::Auto(0.2),
+    };
+    let splits = load_splits(&data, &base, validation, &Normalisation::Rescale)?;
+    let validation = splits
+        .validation
+        .as_ref()
+        .context("the search ranks trials on validation data: give a validation_split above 0")?;
+    for line in &splits.sources {
+        eprintln!("{line}");
+    }
     let trials = config.trials(args.trials);
     let total = trials.len();
     std::fs::create_dir_all(&args.out)
@@ -437,11 +487,11 @@ fn search(args: SearchArgs) -> anyhow::Result<()> {
         let mut model = Model::new(spec.clone(), compile.clone(), backend.as_ref(), config.seed)?;
         let start = std::time::Instant::now();
         let history = model
-            .fit(&train)
+            .fit(&splits.train)
             .epochs(config.epochs)
             .batch_size(trial.batch_size)
             .seed(config.seed)
-            .validation_split(config.validation_split)
+            .validation_data(validation)
             .verbosity(Verbosity::Silent)
             .run()?;
         let last = history.epochs.last().expect("at least one epoch");
@@ -537,23 +587,31 @@ fn load_checkpoint(path: &Path) -> anyhow::Result<Checkpoint> {
 fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
     let backend = convkit::backend(&args.data.backend)?;
     let mut members = Vec::new();
-    let mut first: Option<(Checkpoint, Dataset)> = None;
+    let mut first: Option<(Checkpoint, Dataset, &str)> = None;
     for path in &args.weights {
         let ckpt = load_checkpoint(path)?;
-        let test = match &first {
-            Some((f, ds))
+        let (test, part) = match &first {
+            Some((f, ds, part))
                 if f.spec.input_shape == ckpt.spec.input_shape
                     && f.meta.normalisation == ckpt.meta.normalisation =>
             {
-                ds.clone()
+                (ds.clone(), *part)
             }
-            _ => load_split(
-                &args.data,
-                Split::Test,
-                &ckpt.spec,
-                0,
-                &ckpt.meta.normalisation,
-            )?,
+            _ => {
+                let splits = load_splits(
+                    &args.data,
+                    &ckpt.spec,
+                    args.data.validation(),
+                    &ckpt.meta.normalisation,
+                )?;
+                let (data, part) = splits.evaluation().with_context(|| {
+                    format!(
+                        "`{}` has no test split; name validation data with --validation-split",
+                        args.data.dataset
+                    )
+                })?;
+                (data.clone(), part)
+            }
         };
         if !ckpt.meta.classes.is_empty() && ckpt.meta.classes != test.classes {
             bail!(
@@ -568,7 +626,7 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
         let evaluation = model.evaluate(&test, args.data.batch_size.max(1))?;
         if args.weights.len() > 1 {
             println!(
-                "{}: test loss {:.4}, test accuracy {:.4}",
+                "{}: {part} loss {:.4}, {part} accuracy {:.4}",
                 path.display(),
                 evaluation.loss,
                 evaluation.accuracy
@@ -576,10 +634,10 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
         }
         members.push(evaluation);
         if first.is_none() {
-            first = Some((ckpt, test));
+            first = Some((ckpt, test, part));
         }
     }
-    let (ckpt, _) = first.expect("at least one --weights");
+    let (ckpt, _, part) = first.expect("at least one --weights");
     let evaluation = if members.len() == 1 {
         members.remove(0)
     } else {
@@ -592,7 +650,7 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
         convkit::artifacts::ensemble(&members, args.ensemble, ckpt.compile.loss, head)?
     };
     let scored = Scored::new(evaluation)?;
-    println!("{}", scored.text());
+    println!("scored on the {part} data:\n{}", scored.text());
     if let Some(out) = &args.out {
         let extra = serde_json::json!({"backend": backend.name(), "model": ckpt.spec.name, "dataset": args.data.dataset, "weights": args.weights, "ensemble": format!("{:?}", args.ensemble)});
         scored.write_metrics_json(&out.join("metrics.json"), None, extra)?;

@@ -1,6 +1,8 @@
-//! Image folders: `DIR/<class>/*.{png,jpg,jpeg}`, class names from the sub-folder names
-//! (sorted), every image decoded with `image`, resized to the model's `H×W` and converted to
-//! its channel count.
+//! Image folders: `DIR/<class>/**/*.{png,jpg,jpeg}` (images in nested folders belong to their
+//! top-level class folder, as in Keras' `image_dataset_from_directory`), class names from the
+//! sub-folder names (sorted), every image decoded with `image` under [`decode_limits`], resized
+//! to the model's `H×W` and converted to its channel count (grey, RGB, RGBA, palette and 16-bit
+//! images all load).
 
 use std::path::{Path, PathBuf};
 
@@ -21,13 +23,33 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(entries)
 }
 
+/// Largest image side decoded, in pixels.
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+/// Most memory one image's decoder may allocate, in bytes.
+pub const MAX_IMAGE_ALLOC: u64 = 256 << 20;
+
+/// The limits every image is decoded under: a crafted header cannot make the decoder allocate
+/// more than [`MAX_IMAGE_ALLOC`] bytes or accept a side over [`MAX_IMAGE_SIDE`] pixels.
+pub fn decode_limits() -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_ALLOC);
+    limits
+}
+
 /// Decode one image file and bring it to `target` (resize with a triangle filter; grey or RGB).
 pub fn load_image(path: &Path, target: ImageShape) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let img = image::load_from_memory(&bytes).map_err(|e| Error::Image {
+    let image_error = |e: image::ImageError| Error::Image {
         path: path.into(),
         message: e.to_string(),
-    })?;
+    };
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    reader.limits(decode_limits());
+    let img = reader.decode().map_err(image_error)?;
     let (w, h) = (target.width as u32, target.height as u32);
     let img = if img.width() == w && img.height() == h {
         img
@@ -44,35 +66,67 @@ pub fn load_image(path: &Path, target: ImageShape) -> Result<Vec<u8>> {
     }
 }
 
-/// Read `dir/<class>/*.{png,jpg,jpeg}`. With `classes`, those names fix the label order (a
+/// The image files under `dir` and its sub-folders, sorted by path. Symbolic links to folders
+/// are not followed, so a link cycle cannot make the walk endless.
+fn image_files(dir: &Path, found: &mut Vec<PathBuf>) -> Result<()> {
+    for path in sorted_entries(dir)? {
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+        if meta.is_dir() {
+            image_files(&path, found)?;
+        } else {
+            let ext = path
+                .extension()
+                .map(|e| e.to_string_lossy().to_ascii_lowercase());
+            if ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) {
+                found.push(path);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The class folders of `dir` (sorted) and their names. Names must be distinct after UTF-8
+/// conversion: two folders whose names differ only in invalid bytes would be one class.
+pub(crate) fn class_folders(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let mut folders: Vec<(PathBuf, String)> = Vec::new();
+    for path in sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()) {
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if let Some((other, _)) = folders.iter().find(|(_, n)| *n == name) {
+            return Err(Error::data(
+                dir,
+                format!(
+                    "class folders {} and {} have the same name `{name}` once read as UTF-8; rename one",
+                    other.display(),
+                    path.display()
+                ),
+            ));
+        }
+        folders.push((path, name));
+    }
+    if folders.is_empty() {
+        return Err(Error::data(
+            dir,
+            "no class folders: expected DIR/<class>/*.png|jpg",
+        ));
+    }
+    Ok(folders)
+}
+
+/// Read `dir/<class>/**/*.{png,jpg,jpeg}`. With `classes`, those names fix the label order (a
 /// test split must use its train split's classes) and an unknown folder is an error.
 pub fn read_image_folder(
     dir: &Path,
     target: ImageShape,
     classes: Option<&[String]>,
 ) -> Result<Dataset> {
-    let class_dirs: Vec<PathBuf> = sorted_entries(dir)?
-        .into_iter()
-        .filter(|p| p.is_dir())
-        .collect();
-    if class_dirs.is_empty() {
-        return Err(Error::data(
-            dir,
-            "no class folders: expected DIR/<class>/*.png|jpg",
-        ));
-    }
-    let names: Vec<String> = class_dirs
-        .iter()
-        .map(|p| {
-            p.file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
+    let folders = class_folders(dir)?;
     let classes: Vec<String> = match classes {
         Some(known) => {
-            if let Some(extra) = names.iter().find(|n| !known.contains(n)) {
+            if let Some((_, extra)) = folders.iter().find(|(_, n)| !known.contains(n)) {
                 return Err(Error::data(
                     dir,
                     format!("class folder `{extra}` is not one of the known classes {known:?}"),
@@ -80,22 +134,17 @@ pub fn read_image_folder(
             }
             known.to_vec()
         }
-        None => names.clone(),
+        None => folders.iter().map(|(_, n)| n.clone()).collect(),
     };
     let mut files = Vec::new();
-    for (class_dir, name) in class_dirs.iter().zip(&names) {
+    for (class_dir, name) in &folders {
         let label = classes
             .iter()
             .position(|c| c == name)
             .expect("checked above") as u32;
-        for path in sorted_entries(class_dir)? {
-            let ext = path
-                .extension()
-                .map(|e| e.to_string_lossy().to_ascii_lowercase());
-            if ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) {
-                files.push((path, label));
-            }
-        }
+        let mut found = Vec::new();
+        image_files(class_dir, &mut found)?;
+        files.extend(found.into_iter().map(|path| (path, label)));
     }
     if files.is_empty() {
         return Err(Error::data(
@@ -147,6 +196,69 @@ mod tests {
             err.to_string().contains("class folder `dog` is not one of"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn nested_folders_and_every_colour_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("bird").join("2024").join("june");
+        std::fs::create_dir_all(&nested).unwrap();
+        image::RgbaImage::from_pixel(9, 7, image::Rgba([10, 20, 30, 0]))
+            .save(nested.join("a.png"))
+            .unwrap();
+        image::ImageBuffer::<image::Luma<u16>, _>::from_pixel(5, 5, image::Luma([65535u16]))
+            .save(dir.path().join("bird").join("b.png"))
+            .unwrap();
+        image::GrayImage::from_pixel(3, 3, image::Luma([7]))
+            .save(dir.path().join("bird").join("c.jpg"))
+            .unwrap();
+        let ds = read_image_folder(dir.path(), ImageShape::new(4, 4, 3), None).unwrap();
+        assert_eq!(
+            (ds.len(), ds.classes.clone()),
+            (3, vec!["bird".to_string()])
+        );
+        // Sorted by path: 2024/june/a.png, b.png, c.jpg.
+        assert_eq!(&ds.image(0)[..3], &[10, 20, 30]);
+        assert_eq!(&ds.image(1)[..3], &[255, 255, 255]);
+    }
+
+    #[test]
+    fn colliding_class_names_are_an_error() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        for raw in [&b"caf\xff"[..], &b"caf\xfe"[..]] {
+            let class = dir.path().join(std::ffi::OsStr::from_bytes(raw));
+            std::fs::create_dir(&class).unwrap();
+            image::GrayImage::new(2, 2)
+                .save(class.join("x.png"))
+                .unwrap();
+        }
+        let err = read_image_folder(dir.path(), ImageShape::new(2, 2, 1), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the same name `caf\u{fffd}`"), "{err}");
+    }
+
+    #[test]
+    fn huge_declared_images_are_refused_before_decoding() {
+        // A valid PNG header declaring 20,000 × 20,000 RGBA pixels (1.6 GB), and no data.
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend(20_000u32.to_be_bytes());
+        ihdr.extend(20_000u32.to_be_bytes());
+        ihdr.extend([8, 6, 0, 0, 0]);
+        let mut crc = flate2::Crc::new();
+        crc.update(&ihdr);
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend(13u32.to_be_bytes());
+        png.extend(&ihdr);
+        png.extend(crc.sum().to_be_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.png");
+        std::fs::write(&path, png).unwrap();
+        let err = load_image(&path, ImageShape::new(4, 4, 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("huge.png") && err.contains("limit"), "{err}");
     }
 
     #[test]

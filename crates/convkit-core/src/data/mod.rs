@@ -6,6 +6,7 @@ mod cifar;
 mod folder;
 mod idx;
 mod source;
+mod splits;
 mod synthetic;
 
 pub use cifar::read_cifar10_batches;
@@ -13,6 +14,7 @@ pub use folder::load_image;
 pub use folder::read_image_folder;
 pub use idx::{read_idx_images, read_idx_labels};
 pub use source::{download, Checksum, DatasetName, Locator, Resource, Split};
+pub use splits::{open, open_splits, SplitOptions, Splits, Validation, VALIDATION_FOLDERS};
 
 pub use synthetic::synthetic;
 
@@ -240,6 +242,50 @@ impl Dataset {
         (mean.into_iter().map(|m| m as f32).collect(), std)
     }
 
+    /// A seeded, class-balanced subset of `n` images (all of them if fewer), in dataset order:
+    /// classes take turns, each giving a random image of its own until it runs out, so a
+    /// class-sorted folder still yields every class. What the CLI's `--limit` does.
+    pub fn sample(&self, n: usize, seed: u64) -> Self {
+        if n >= self.len() {
+            return self.clone();
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); self.num_classes()];
+        for (i, &label) in self.labels.iter().enumerate() {
+            by_class[label as usize].push(i);
+        }
+        for members in &mut by_class {
+            members.shuffle(&mut rng);
+        }
+        let mut chosen = Vec::with_capacity(n);
+        for round in 0.. {
+            for members in &by_class {
+                if chosen.len() < n && round < members.len() {
+                    chosen.push(members[round]);
+                }
+            }
+            if chosen.len() == n {
+                break;
+            }
+        }
+        chosen.sort_unstable();
+        self.select(&chosen)
+    }
+
+    /// Hold out `fraction` of the images, chosen at random from `seed`, as validation data
+    /// (Keras' `image_dataset_from_directory(validation_split=, seed=)`): returns
+    /// `(train, validation)`, each in dataset order. [`Dataset::split`] takes the last part
+    /// instead, as `fit(validation_split=)` does.
+    pub fn holdout(&self, fraction: f32, seed: u64) -> Result<(Self, Self)> {
+        let cut = holdout_cut(self.len(), fraction)?;
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+        let (train, val) = order.split_at_mut(cut);
+        train.sort_unstable();
+        val.sort_unstable();
+        Ok((self.select(train), self.select(val)))
+    }
+
     /// The first `n` images (all of them if fewer).
     pub fn limit(mut self, n: usize) -> Self {
         let n = n.min(self.len());
@@ -274,20 +320,7 @@ impl Dataset {
     /// Split off the last `fraction` as validation data, as Keras' `validation_split` does
     /// (no shuffling: shuffle first if the data is ordered).
     pub fn split(self, fraction: f32) -> Result<(Self, Self)> {
-        if !(fraction > 0.0 && fraction < 1.0) {
-            return Err(Error::config(
-                "validation split",
-                format!("expected a fraction in (0, 1), found {fraction}"),
-            ));
-        }
-        let n_val = ((self.len() as f64) * fraction as f64).round() as usize;
-        if n_val == 0 || n_val == self.len() {
-            return Err(Error::config(
-                "validation split",
-                format!("{fraction} of {} images leaves an empty part", self.len()),
-            ));
-        }
-        let cut = self.len() - n_val;
+        let cut = holdout_cut(self.len(), fraction)?;
         let train: Vec<usize> = (0..cut).collect();
         let val: Vec<usize> = (cut..self.len()).collect();
         Ok((self.select(&train), self.select(&val)))
@@ -334,6 +367,25 @@ impl Dataset {
             table: self.normalisation.table(self.shape.channels)?,
         })
     }
+}
+
+/// Where a validation hold-out of `fraction` cuts `len` images: the training part is
+/// `0..cut`. Errors when the fraction is outside (0, 1) or leaves either part empty.
+pub(crate) fn holdout_cut(len: usize, fraction: f32) -> Result<usize> {
+    if !(fraction > 0.0 && fraction < 1.0) {
+        return Err(Error::config(
+            "validation split",
+            format!("expected a fraction in (0, 1), found {fraction}"),
+        ));
+    }
+    let n_val = ((len as f64) * fraction as f64).round() as usize;
+    if n_val == 0 || n_val == len {
+        return Err(Error::config(
+            "validation split",
+            format!("{fraction} of {len} images leaves an empty part"),
+        ));
+    }
+    Ok(len - n_val)
 }
 
 /// Fills normalised f32 batches from a [`Dataset`], reusing the caller's buffer: no allocation
@@ -477,61 +529,4 @@ mod tests {
         assert_eq!(rgb.images, vec![10, 10, 10, 20, 20, 20]);
         assert_eq!(rgb.to_channels(1).unwrap().images, vec![10, 20]);
     }
-}
-
-/// Open a dataset by what a user types: `mnist`, `fashion-mnist`, `cifar10`, `synthetic`, or a
-/// path to an image folder with `train/<class>/` and `test/<class>/`. Images come out in
-/// `input`'s shape: folders are resized and converted; named datasets must already match.
-/// `classes` sizes synthetic data (2 for a sigmoid head).
-pub fn open(
-    source: &str,
-    split: Split,
-    input: ImageShape,
-    classes: usize,
-    seed: u64,
-    locator: &Locator,
-) -> Result<Dataset> {
-    if source == "synthetic" {
-        let (n, offset) = match split {
-            Split::Train => (2000, 0),
-            Split::Test => (500, 1),
-        };
-        return synthetic(n, input, classes.max(2), seed.wrapping_add(offset));
-    }
-    if let Ok(name) = source.parse::<DatasetName>() {
-        let ds = locator.load(name, split, None)?;
-        if ds.shape != input {
-            return Err(Error::Shape {
-                expected: format!("{input} images (the model's input)"),
-                found: format!(
-                    "{source} images of {}; pick a model made for {source}",
-                    ds.shape
-                ),
-            });
-        }
-        return Ok(ds);
-    }
-    let root = std::path::Path::new(source);
-    if !root.is_dir() {
-        return Err(Error::config(
-            "dataset",
-            format!("expected mnist, fashion-mnist, cifar10, synthetic or a folder with train/ and test/, found `{source}` (no such folder)"),
-        ));
-    }
-    let train_dir = root.join("train");
-    let class_names: Vec<String> = {
-        let mut names: Vec<String> = std::fs::read_dir(&train_dir)
-            .map_err(|e| Error::io(&train_dir, e))?
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    };
-    let dir = match split {
-        Split::Train => train_dir,
-        Split::Test => root.join("test"),
-    };
-    read_image_folder(&dir, input, Some(&class_names))
 }
