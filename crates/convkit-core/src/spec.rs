@@ -888,31 +888,44 @@ impl Sequential {
         let shapes = self.output_shapes()?;
         let params = self.param_counts()?;
         let names = self.layer_names();
+        let fixed = self.non_trainable_counts()?;
+        let rows: Vec<[String; 3]> = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, layer)| {
+                [
+                    format!("{} ({})", names[i], layer.kind.type_name()),
+                    shapes[i].to_string(),
+                    thousands(params[i]),
+                ]
+            })
+            .collect();
+        // Columns as wide as Keras' (34, 26) or their longest entry plus two spaces.
+        let header = ["Layer (type)", "Output Shape", "Param #"];
+        let width = |col: usize, least: usize| {
+            rows.iter()
+                .map(|r| r[col].chars().count() + 2)
+                .chain([least])
+                .max()
+                .unwrap_or(least)
+        };
+        let (w0, w1) = (width(0, 34), width(1, 26));
+        let total = (1 + w0 + w1 + width(2, 10)).max(71);
+        let line = |cells: [&str; 3]| format!(" {:<w0$}{:<w1$}{}", cells[0], cells[1], cells[2]);
         let mut s = String::new();
-        let rule = "_".repeat(71);
+        let rule = "_".repeat(total);
         let _ = writeln!(s, "Model: \"{}\"", self.name);
         let _ = writeln!(s, "{rule}");
-        let _ = writeln!(
-            s,
-            " {:<34}{:<26}{}",
-            "Layer (type)", "Output Shape", "Param #"
-        );
-        let _ = writeln!(s, "{}", "=".repeat(71));
-        let fixed = self.non_trainable_counts()?;
+        let _ = writeln!(s, "{}", line(header));
+        let _ = writeln!(s, "{}", "=".repeat(total));
         let (mut trainable, mut frozen) = (0, 0);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let label = format!("{} ({})", names[i], layer.kind.type_name());
-            let _ = writeln!(
-                s,
-                " {:<34}{:<26}{}",
-                label,
-                shapes[i].to_string(),
-                thousands(params[i])
-            );
+        for (i, row) in rows.iter().enumerate() {
+            let _ = writeln!(s, "{}", line([&row[0], &row[1], &row[2]]));
             trainable += params[i] - fixed[i];
             frozen += fixed[i];
         }
-        let _ = writeln!(s, "{}", "=".repeat(71));
+        let _ = writeln!(s, "{}", "=".repeat(total));
         let _ = writeln!(s, "Total params: {}", thousands(trainable + frozen));
         let _ = writeln!(s, "Trainable params: {}", thousands(trainable));
         let _ = writeln!(s, "Non-trainable params: {}", thousands(frozen));
@@ -992,6 +1005,34 @@ mod tests {
         assert!(summary.contains("conv2d_1 (Conv2D)"), "{summary}");
         assert!(summary.contains("Total params: 225,034"), "{summary}");
         assert!(summary.contains("(None, 13, 13, 32)"), "{summary}");
+    }
+
+    #[test]
+    fn summary_columns_fit_long_names() {
+        let spec = Sequential::new(30, 30, 3)
+            .add(LayerKind::AveragePooling2D(Pool2D::new(2)))
+            .add(LayerKind::BatchNormalization(BatchNormalization::new()))
+            .flatten()
+            .add(Layer {
+                name: Some("a_rather_long_classifier_layer_name".into()),
+                kind: Dense::new(1000).into(),
+                trainable: true,
+            });
+        let summary = spec.summary().unwrap();
+        // Every row: name, shape and count separated by at least two spaces, and the shape
+        // column starts at the same place on every row.
+        let rows: Vec<&str> = summary.lines().filter(|l| l.contains("(None")).collect();
+        let starts: Vec<usize> = rows.iter().map(|r| r.find("(None").unwrap()).collect();
+        assert!(starts.iter().all(|s| *s == starts[0]), "{summary}");
+        assert!(
+            rows.iter().all(|r| r[..starts[0]].ends_with("  ")),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("a_rather_long_classifier_layer_name (Dense)  (None, 1000)"),
+            "{summary}"
+        );
+        assert!(summary.contains("Total params: 676,012"), "{summary}");
     }
 
     #[test]
