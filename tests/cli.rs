@@ -897,3 +897,45 @@ fn search_ranks_trials_and_saves_the_best_spec() {
         &["expected sgd, adam or rmsprop"],
     );
 }
+
+#[test]
+fn a_nan_loss_stops_with_an_error_and_keeps_a_loadable_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let o = convkit(&[
+        "train",
+        "--dataset",
+        "mnist",
+        "--limit",
+        "128",
+        "--epochs",
+        "2",
+        "--optimizer",
+        "sgd",
+        "--learning-rate",
+        "3e38",
+        "--quiet",
+        "--out",
+        out_s,
+    ]);
+    let err = text(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("training loss became")
+            && err.contains("at epoch 1, batch ")
+            && err.contains("the weights from the start of epoch 1")
+            && err.contains("saved the last finite weights to"),
+        "{err}"
+    );
+    let o = convkit(&[
+        "evaluate",
+        "--weights",
+        out_s,
+        "--dataset",
+        "mnist",
+        "--limit",
+        "64",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+}

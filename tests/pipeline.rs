@@ -319,3 +319,44 @@ fn learning_rate_schedules_and_plateaus() {
             .is_err());
     }
 }
+
+#[test]
+fn a_nan_loss_stops_training_and_keeps_the_last_finite_weights() {
+    // Raw 0..255 inputs and a learning rate of 3e38: the first step overflows the weights.
+    let data = synthetic(64, ImageShape::new(8, 8, 1), 3, 0).unwrap();
+    let spec = Sequential::new(8, 8, 1)
+        .flatten()
+        .add(Dense::new(3).activation(Activation::Softmax));
+    for engine in engines() {
+        let compile = Compile::new(
+            Optimizer::sgd().with_learning_rate(3e38),
+            Loss::SparseCategoricalCrossentropy,
+        );
+        let mut model = Model::new(spec.clone(), compile, engine.as_ref(), 3).unwrap();
+        let start = model.weights().unwrap();
+        let err = model
+            .fit(&data)
+            .epochs(3)
+            .batch_size(8)
+            .verbosity(Verbosity::Silent)
+            .run()
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, convkit::Error::NonFinite { .. })
+                && text.contains("training loss became")
+                && text.contains("epoch 1, batch ")
+                && text.contains("of 8")
+                && text.contains("the weights from the start of epoch 1"),
+            "{}: {text}",
+            engine.name()
+        );
+        // The model holds the last finite weights, and they save and load.
+        let kept = model.weights().unwrap();
+        assert_eq!(kept, start, "{}", engine.name());
+        let ckpt = model.checkpoint(CheckpointMeta::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        ckpt.save(&dir.path().join("m.safetensors")).unwrap();
+        Checkpoint::load(&dir.path().join("m.safetensors")).unwrap();
+    }
+}

@@ -55,6 +55,18 @@ pub enum Error {
     /// Input given to a network does not match what it expects.
     #[error("shape mismatch: expected {expected}, found {found}")]
     Shape { expected: String, found: String },
+    /// The training or validation loss became NaN or infinite; training stopped (as Keras'
+    /// TerminateOnNaN) and the model holds the last weights known to be finite.
+    #[error("{what} became {value} at {at}; training stopped and the model keeps {kept}: lower the learning rate, or check the inputs are normalised")]
+    NonFinite {
+        /// `training loss` or `validation loss`.
+        what: &'static str,
+        value: f64,
+        /// `epoch 3, batch 17 of 1875`.
+        at: String,
+        /// Which weights the model holds now, e.g. `the weights from the start of epoch 3`.
+        kept: String,
+    },
     /// An engine failed, or cannot do what was asked.
     #[error("{engine}: {message}")]
     Engine { engine: String, message: String },

@@ -806,6 +806,9 @@ impl<'a> Fit<'a> {
             if self.shuffle {
                 order.shuffle(&mut rng);
             }
+            // What TerminateOnNaN falls back to: a step with a NaN loss has already moved
+            // the weights, so the last weights known to be finite are this epoch's start.
+            let epoch_start = model.weights()?;
             for cb in &mut self.callbacks {
                 cb.on_epoch_begin(epoch, model)?;
             }
@@ -820,10 +823,16 @@ impl<'a> Fit<'a> {
                 fill_targets(&mut targets, train, chunk);
                 let stats = model.network.train_step(x.view(), &targets)?;
                 if !stats.loss.is_finite() {
-                    return Err(Error::engine(
-                        &model.backend,
-                        format!("loss became {} at epoch {epoch}, sample {seen}: lower the learning rate or normalise the inputs", stats.loss),
-                    ));
+                    model.set_weights(&epoch_start)?;
+                    return Err(Error::NonFinite {
+                        what: "training loss",
+                        value: stats.loss as f64,
+                        at: format!(
+                            "epoch {epoch}, batch {} of {batches}",
+                            seen / self.batch_size + 1
+                        ),
+                        kept: format!("the weights from the start of epoch {epoch}"),
+                    });
                 }
                 for cb in &mut self.callbacks {
                     cb.on_batch_end(seen / self.batch_size, &stats)?;
@@ -847,6 +856,21 @@ impl<'a> Fit<'a> {
             let (val_loss, val_accuracy) = match &val_indices {
                 Some(idx) => {
                     let e = model.evaluate_indices(val_data, idx, self.batch_size.max(256))?;
+                    if !e.loss.is_finite() {
+                        // The epoch's last step may have left non-finite weights behind.
+                        let kept = if model.weights()?.check(&model.spec).is_ok() {
+                            format!("the weights from the end of epoch {epoch}")
+                        } else {
+                            model.set_weights(&epoch_start)?;
+                            format!("the weights from the start of epoch {epoch}")
+                        };
+                        return Err(Error::NonFinite {
+                            what: "validation loss",
+                            value: e.loss,
+                            at: format!("the end of epoch {epoch}"),
+                            kept,
+                        });
+                    }
                     (Some(e.loss), Some(e.accuracy))
                 }
                 None => (None, None),

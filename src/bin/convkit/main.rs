@@ -408,16 +408,26 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
                 .verbose(!args.data.quiet),
         );
     }
-    let history = fit.run()?;
-
-    let scored = Scored::new(model.evaluate(scored_on, 256)?)?;
-    println!("scored on the {scored_name} data:\n{}", scored.text());
     let meta = CheckpointMeta {
         classes: train.classes.clone(),
         normalisation,
         backend: backend.name().into(),
     };
     let out = &args.out;
+    let history = match fit.run() {
+        // As Keras' TerminateOnNaN: stop, and keep the last weights known to be finite.
+        Err(err @ convkit::Error::NonFinite { .. }) => {
+            let path = out.join("model.safetensors");
+            model.checkpoint(meta)?.save(&path)?;
+            model.spec().save_json(&out.join("model.json"))?;
+            eprintln!("saved the last finite weights to {}", path.display());
+            return Err(err.into());
+        }
+        other => other?,
+    };
+
+    let scored = Scored::new(model.evaluate(scored_on, 256)?)?;
+    println!("scored on the {scored_name} data:\n{}", scored.text());
     model
         .checkpoint(meta)?
         .save(&out.join("model.safetensors"))?;
