@@ -31,7 +31,7 @@ fn main() -> convkit::Result<()> {
     let scored = Scored::new(model.evaluate(&test, 256)?)?; // loss, accuracy, confusion matrix, report
     println!("{}", scored.text());
     TrainingCurves(&history).save("history.png".as_ref())?;
-    ConfusionHeatmap(&scored.confusion).save("confusion_matrix.svg".as_ref())?;
+    ConfusionHeatmap::new(&scored.confusion).save("confusion_matrix.svg".as_ref())?;
     model
         .checkpoint(CheckpointMeta {
             classes: train.classes.clone(),

@@ -74,6 +74,7 @@ fn train_evaluate_predict_round_trip() {
         "history.svg",
         "confusion_matrix.png",
         "confusion_matrix.svg",
+        "confusion_matrix_normalized.png",
         "samples.png",
         "samples.svg",
     ] {

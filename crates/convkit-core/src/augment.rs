@@ -125,25 +125,42 @@ impl Augment {
 }
 
 impl Augment {
-    /// The first `n` images of `data`, augmented, as a dataset to look at (e.g. with
-    /// [`crate::plot::SampleGrid`]).
-    pub fn preview(&self, data: &crate::Dataset, n: usize, seed: u64) -> Result<crate::Dataset> {
+    /// A dataset to look at: each of the first `originals` images of `data` followed by
+    /// `copies` augmented versions of it, so a [`crate::plot::SampleGrid`] with `1 + copies`
+    /// columns shows each original at the start of its row.
+    pub fn preview(
+        &self,
+        data: &crate::Dataset,
+        originals: usize,
+        copies: usize,
+        seed: u64,
+    ) -> Result<crate::Dataset> {
         use rand::SeedableRng;
-        let n = n.min(data.len());
+        let originals = originals.min(data.len());
         let s = data.shape;
         let raw = data.clone().normalise(crate::Normalisation::None);
-        let mut batch = ndarray::Array4::zeros((n, s.height, s.width, s.channels));
-        raw.fill_batch(&(0..n).collect::<Vec<_>>(), batch.view_mut())?;
+        let repeated: Vec<usize> = (0..originals)
+            .flat_map(|i| std::iter::repeat_n(i, copies))
+            .collect();
+        let mut batch = ndarray::Array4::zeros((repeated.len(), s.height, s.width, s.channels));
+        raw.fill_batch(&repeated, batch.view_mut())?;
         self.apply(
             batch.view_mut(),
             &mut ChaCha8Rng::seed_from_u64(seed),
             &mut Vec::new(),
         );
-        let pixels = batch
+        let augmented: Vec<u8> = batch
             .iter()
             .map(|v| v.round().clamp(0.0, 255.0) as u8)
             .collect();
-        crate::Dataset::new(pixels, s, data.labels[..n].to_vec(), data.classes.clone())
+        let mut pixels = Vec::with_capacity(originals * (1 + copies) * s.len());
+        let mut labels = Vec::with_capacity(originals * (1 + copies));
+        for i in 0..originals {
+            pixels.extend_from_slice(data.image(i));
+            pixels.extend_from_slice(&augmented[i * copies * s.len()..(i + 1) * copies * s.len()]);
+            labels.extend(std::iter::repeat_n(data.labels[i], 1 + copies));
+        }
+        crate::Dataset::new(pixels, s, labels, data.classes.clone())
     }
 }
 

@@ -657,6 +657,8 @@ impl Comparison {
     pub fn throughput_chart(&self) -> impl Figure + '_ {
         Bars {
             title: "training throughput (images/s)",
+            decimals: 0,
+            top: None,
             bars: self
                 .succeeded()
                 .iter()
@@ -669,6 +671,8 @@ impl Comparison {
     pub fn accuracy_chart(&self) -> impl Figure + '_ {
         Bars {
             title: "final test accuracy",
+            decimals: 2,
+            top: Some(1.0),
             bars: self
                 .succeeded()
                 .iter()
@@ -702,6 +706,10 @@ const PALETTE: [RGBColor; 6] = [
 struct Bars {
     title: &'static str,
     bars: Vec<(String, f64)>,
+    /// Decimals of the value axis' labels (0 for images/s, 2 for an accuracy).
+    decimals: usize,
+    /// A fixed top of the value axis (1 for an accuracy); otherwise 15% above the tallest bar.
+    top: Option<f64>,
 }
 
 impl Figure for Bars {
@@ -710,38 +718,53 @@ impl Figure for Bars {
     }
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
         root.fill(&WHITE).map_err(e)?;
-        let max = self.bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1e-9) * 1.15;
-        let n = self.bars.len();
+        let tallest = self.bars.iter().map(|b| b.1).fold(0.0, f64::max);
+        let top = self.top.unwrap_or((tallest * 1.15).max(1e-9));
+        // One slot per bar: centred on 0, 1, … n−1, half a slot of room on either side.
+        let n = self.bars.len().max(1);
         let mut chart = ChartBuilder::on(root)
             .caption(self.title, ("sans-serif", 20))
             .margin(15)
             .x_label_area_size(35)
             .y_label_area_size(70)
-            .build_cartesian_2d((0..n).into_segmented(), 0f64..max)
+            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..top)
             .map_err(e)?;
-        let names: Vec<String> = self.bars.iter().map(|b| b.0.clone()).collect();
+        let decimals = self.decimals;
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
-                _ => String::new(),
-            })
+            .x_labels(0)
+            .y_label_formatter(&|v| format!("{v:.decimals$}"))
             .draw()
             .map_err(e)?;
-        chart
-            .draw_series(self.bars.iter().enumerate().map(|(i, (_, v))| {
-                let mut bar = Rectangle::new(
-                    [
-                        (SegmentValue::Exact(i), 0.0),
-                        (SegmentValue::Exact(i + 1), *v),
-                    ],
+        let font = ("sans-serif", 14.0).into_font();
+        for (i, (name, value)) in self.bars.iter().enumerate() {
+            let x = i as f64;
+            chart
+                .draw_series([Rectangle::new(
+                    [(x - 0.35, 0.0), (x + 0.35, *value)],
                     PALETTE[i % PALETTE.len()].filled(),
-                );
-                bar.set_margin(0, 0, 18, 18);
-                bar
-            }))
+                )])
+                .map_err(e)?;
+            // The engine's name under its bar, the value above it.
+            let (px, py) = chart.backend_coord(&(x, 0.0));
+            let width = 7 * name.chars().count() as i32;
+            root.draw(&Text::new(
+                name.clone(),
+                (px - width / 2, py + 8),
+                font.clone(),
+            ))
             .map_err(e)?;
+            // Values two decimals finer than the axis where they are fractions (accuracy).
+            let label = match decimals {
+                0 => format!("{value:.0}"),
+                d => format!("{value:.prec$}", prec = d + 2),
+            };
+            let (vx, vy) = chart.backend_coord(&(x, *value));
+            let width = 7 * label.chars().count() as i32;
+            root.draw(&Text::new(label, (vx - width / 2, vy - 18), font.clone()))
+                .map_err(e)?;
+        }
         Ok(())
     }
 }
@@ -775,7 +798,8 @@ impl Figure for LossCurves<'_> {
             .map(|r| r.loss_trace_every)
             .unwrap_or(1)
             .max(1);
-        let mut chart = ChartBuilder::on(root)
+        let (chart_area, legend_row) = crate::plot::with_legend_row(root);
+        let mut chart = ChartBuilder::on(&chart_area)
             .caption(
                 format!("training loss (mean of every {every} batches)"),
                 ("sans-serif", 20),
@@ -789,8 +813,11 @@ impl Figure for LossCurves<'_> {
             .configure_mesh()
             .x_desc("batch")
             .y_desc("loss")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.2}"))
             .draw()
             .map_err(e)?;
+        let mut legend = Vec::new();
         for (i, r) in self.0.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
             chart
@@ -801,18 +828,18 @@ impl Figure for LossCurves<'_> {
                         .map(|(k, v)| (((k + 1) * every) as f64, *v)),
                     color.stroke_width(2),
                 ))
-                .map_err(e)?
-                .label(r.backend.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
+                .map_err(e)?;
+            // A short run has too few points for a line to show: mark each one.
+            if r.loss_trace.len() <= 30 {
+                chart
+                    .draw_series(r.loss_trace.iter().enumerate().map(|(k, v)| {
+                        Circle::new((((k + 1) * every) as f64, *v), 4, color.filled())
+                    }))
+                    .map_err(e)?;
+            }
+            legend.push((r.backend.clone(), color));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(e)?;
+        crate::plot::draw_legend(&legend_row, &legend)?;
         Ok(())
     }
 }

@@ -384,7 +384,17 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(augment) = args.augment {
         fit = fit.augment(augment);
-        SampleGrid::new(&augment.preview(train, 32, args.data.seed)?, 32, None)
+        // Eight training images, each followed by three augmented copies.
+        let preview = augment.preview(train, 8, 3, args.data.seed)?;
+        let captions = (0..preview.len())
+            .map(|i| match i % 4 {
+                0 => format!("original: {}", preview.classes[preview.labels[i] as usize]),
+                _ => "augmented".to_string(),
+            })
+            .collect();
+        SampleGrid::new(&preview, preview.len(), None)
+            .columns(4)
+            .captions(captions)
             .save(&args.out.join("augmented.png"))?;
     }
     if let Some(patience) = args.reduce_lr_on_plateau {
@@ -445,7 +455,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     convkit::io::write_bytes_atomic(&out.join("report.txt"), report.as_bytes())?;
     for ext in ["png", "svg"] {
         TrainingCurves(&history).save(&out.join(format!("history.{ext}")))?;
-        ConfusionHeatmap(&scored.confusion).save(&out.join(format!("confusion_matrix.{ext}")))?;
+        ConfusionHeatmap::new(&scored.confusion)
+            .save(&out.join(format!("confusion_matrix.{ext}")))?;
+        ConfusionHeatmap::new(&scored.confusion)
+            .normalized(true)
+            .save(&out.join(format!("confusion_matrix_normalized.{ext}")))?;
         SampleGrid::new(scored_on, 32, Some(&scored.evaluation.predicted))
             .save(&out.join(format!("samples.{ext}")))?;
     }
