@@ -10,7 +10,7 @@
 //! ```
 
 use base64::Engine as _;
-use polars::prelude::DataFrame;
+use polars::prelude::{AnyValue, DataFrame};
 
 use crate::artifacts::Scored;
 use crate::metrics::{ClassificationReport, ConfusionMatrix};
@@ -43,6 +43,16 @@ fn escape(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// One table cell: floats with 4 decimals, a missing value as an empty cell, text unquoted.
+fn cell_text(value: AnyValue<'_>) -> String {
+    match value {
+        AnyValue::Null => String::new(),
+        AnyValue::Float64(v) => format!("{v:.4}"),
+        AnyValue::Float32(v) => format!("{v:.4}"),
+        other => other.to_string().trim_matches('"').to_string(),
+    }
+}
+
 /// An HTML table of a DataFrame: a header row of column names, then one row per record.
 pub fn dataframe_html(df: &DataFrame) -> String {
     let columns = df.columns();
@@ -54,15 +64,37 @@ pub fn dataframe_html(df: &DataFrame) -> String {
     for row in 0..df.height() {
         html += "<tr>";
         for c in columns {
-            let cell = c
-                .get(row)
-                .map(|v| v.to_string().trim_matches('"').to_string())
-                .unwrap_or_default();
+            let cell = c.get(row).map(cell_text).unwrap_or_default();
             html += &format!("<td>{}</td>", escape(&cell));
         }
         html += "</tr>\n";
     }
     html + "</tbody>\n</table>"
+}
+
+/// A matrix (one-hot rows, probabilities) as an HTML table: whole numbers as they are,
+/// others with 4 decimals; the text form is ndarray's.
+impl Rich for ndarray::Array2<f32> {
+    fn rich(&self) -> Vec<(&'static str, String)> {
+        let mut html = String::from("<table>\n<thead><tr><th></th>");
+        for c in 0..self.ncols() {
+            html += &format!("<th>{c}</th>");
+        }
+        html += "</tr></thead>\n<tbody>\n";
+        for (r, row) in self.rows().into_iter().enumerate() {
+            html += &format!("<tr><th>{r}</th>");
+            for v in row {
+                if v.fract() == 0.0 {
+                    html += &format!("<td>{v:.0}</td>");
+                } else {
+                    html += &format!("<td>{v:.4}</td>");
+                }
+            }
+            html += "</tr>\n";
+        }
+        html += "</tbody>\n</table>";
+        vec![("text/html", html), ("text/plain", format!("{self}"))]
+    }
 }
 
 /// A plot: PNG, with its size as the text fallback.
@@ -138,13 +170,7 @@ impl Rich for ClassificationReport {
 
 impl Rich for History {
     fn rich(&self) -> Vec<(&'static str, String)> {
-        let text = self
-            .epochs
-            .iter()
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>()
-            .join("\n");
-        table_blocks(self.to_dataframe(), "Training history", text)
+        table_blocks(self.to_dataframe(), "Training history", self.to_string())
     }
 }
 
@@ -265,5 +291,25 @@ mod tests {
         assert_eq!(blocks[1], ("text/plain", cm.to_string()));
         let spec = Sequential::preset("tutorial-mnist").unwrap();
         assert!(spec.rich()[1].1.contains("Total params:"));
+        // Four decimals, no `null`, the accuracy row, epoch numbers in the text.
+        let mut h = History::for_tests(1);
+        h.epochs[0].val_loss = None;
+        let blocks = h.rich();
+        assert!(!blocks[0].1.contains("null"), "{}", blocks[0].1);
+        assert!(blocks[1].1.starts_with("Epoch 1: "), "{}", blocks[1].1);
+        let report = cm.report();
+        let html = &report.rich()[0].1;
+        assert!(
+            html.contains("<td>accuracy</td><td></td><td></td><td>0.6667</td><td>3</td>"),
+            "{html}"
+        );
+        let one_hot = crate::data::one_hot(&[1, 0], 3).unwrap().rich();
+        assert!(
+            one_hot[0]
+                .1
+                .contains("<tr><th>0</th><td>0</td><td>1</td><td>0</td></tr>"),
+            "{}",
+            one_hot[0].1
+        );
     }
 }

@@ -234,31 +234,36 @@ impl ClassificationReport {
     /// One row per class, then accuracy, macro avg and weighted avg.
     pub fn to_dataframe(&self) -> Result<polars::prelude::DataFrame> {
         use polars::prelude::*;
-        let rows: Vec<&ClassScores> = self
-            .per_class
-            .iter()
-            .chain([&self.macro_avg, &self.weighted_avg])
-            .collect();
+        // scikit-learn's layout: the accuracy row has only an f1-score (the accuracy) and the
+        // support; its precision and recall are empty.
+        type Row = (String, Option<f64>, Option<f64>, f64, u64);
+        let row = |c: &ClassScores| -> Row {
+            let (p, r) = (Some(c.precision), Some(c.recall));
+            (c.class.clone(), p, r, c.f1_score, c.support)
+        };
+        let mut rows: Vec<Row> = self.per_class.iter().map(row).collect();
+        rows.push(("accuracy".into(), None, None, self.accuracy, self.total));
+        rows.extend([&self.macro_avg, &self.weighted_avg].map(row));
         DataFrame::new_infer_height(vec![
             Column::new(
                 "class".into(),
-                rows.iter().map(|r| r.class.clone()).collect::<Vec<_>>(),
+                rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(),
             ),
             Column::new(
                 "precision".into(),
-                rows.iter().map(|r| r.precision).collect::<Vec<_>>(),
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
             ),
             Column::new(
                 "recall".into(),
-                rows.iter().map(|r| r.recall).collect::<Vec<_>>(),
+                rows.iter().map(|r| r.2).collect::<Vec<_>>(),
             ),
             Column::new(
                 "f1-score".into(),
-                rows.iter().map(|r| r.f1_score).collect::<Vec<_>>(),
+                rows.iter().map(|r| r.3).collect::<Vec<_>>(),
             ),
             Column::new(
                 "support".into(),
-                rows.iter().map(|r| r.support).collect::<Vec<_>>(),
+                rows.iter().map(|r| r.4).collect::<Vec<_>>(),
             ),
         ])
         .map_err(|e| Error::Table(e.to_string()))
@@ -360,7 +365,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("weighted avg"), "{text}");
-        assert_eq!(r.to_dataframe().unwrap().height(), 5);
+        assert_eq!(r.to_dataframe().unwrap().height(), 6);
         assert_eq!(cm.to_dataframe().unwrap().width(), 4);
     }
 

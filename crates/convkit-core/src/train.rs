@@ -405,6 +405,19 @@ impl std::fmt::Display for EpochLog {
     }
 }
 
+impl std::fmt::Display for History {
+    /// One line per epoch, as Keras prints them: `Epoch 1: 3.2s - loss: … - val_accuracy: …`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, log) in self.epochs.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "Epoch {}: {log}", log.epoch)?;
+        }
+        Ok(())
+    }
+}
+
 /// What `fit` returns: one [`EpochLog`] per epoch run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct History {
