@@ -3,94 +3,123 @@
 //! Read in core rather than with the `mnist` crate: that crate panics on a missing or
 //! malformed file and reports no offsets, which misses convkit's error bar.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 use crate::{Error, Result};
 
-/// Read a whole file, transparently gunzipping `.gz` content (detected by its magic bytes).
-pub(crate) fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::with_capacity(raw.len() * 4);
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| {
-                Error::format(
-                    path,
-                    0,
-                    format!(
-                        "corrupt gzip stream: {e} (after {} decompressed bytes)",
-                        out.len()
-                    ),
-                )
-            })?;
-        Ok(out)
-    } else {
-        Ok(raw)
-    }
-}
+/// Most data bytes convkit reads from one IDX file (60,000 MNIST images are 47 MB). A header
+/// that promises more is an error before anything is read.
+pub const MAX_IDX_BYTES: u64 = 512 << 20;
 
-fn header(path: &Path, bytes: &[u8], magic: u32, dims: usize) -> Result<Vec<usize>> {
-    let need = 4 + 4 * dims;
-    let word = |i: usize| {
-        u32::from_be_bytes([
-            bytes[4 * i],
-            bytes[4 * i + 1],
-            bytes[4 * i + 2],
-            bytes[4 * i + 3],
-        ])
+/// Read an IDX file with `magic` and `dims` dimensions: the dimensions and the data bytes.
+/// gzip content (detected by its magic bytes) is decompressed as it is read, and never past
+/// what the header promises, so a small file cannot inflate into gigabytes.
+fn read_idx(path: &Path, magic: u32, dims: usize) -> Result<(Vec<usize>, Vec<u8>)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut reader = BufReader::new(file);
+    let gz = reader
+        .fill_buf()
+        .map_err(|e| Error::io(path, e))?
+        .starts_with(&[0x1f, 0x8b]);
+    let mut input: Box<dyn Read> = if gz {
+        Box::new(flate2::read::MultiGzDecoder::new(reader))
+    } else {
+        Box::new(reader)
     };
-    if bytes.len() < need && (bytes.len() < 4 || word(0) == magic) {
-        return Err(Error::format(
-            path,
-            bytes.len() as u64,
-            format!(
-                "truncated header: expected {need} bytes, file has {}",
-                bytes.len()
-            ),
-        ));
-    }
-    let found = word(0);
-    if found != magic {
+    let corrupt = |e: std::io::Error, at: usize| {
+        if gz {
+            Error::format(
+                path,
+                at as u64,
+                format!("corrupt gzip stream: {e} (after {at} decompressed bytes)"),
+            )
+        } else {
+            Error::io(path, e)
+        }
+    };
+    let need = 4 + 4 * dims;
+    let mut head = Vec::with_capacity(need);
+    (&mut input)
+        .take(need as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| corrupt(e, 0))?;
+    let word = |i: usize| u32::from_be_bytes(head[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+    if head.len() >= 4 && word(0) != magic {
         return Err(Error::format(
             path,
             0,
-            format!("wrong magic number: expected 0x{magic:08x} (IDX, u8, {dims} dimension(s)), found 0x{found:08x}"),
+            format!("wrong magic number: expected 0x{magic:08x} (IDX, u8, {dims} dimension(s)), found 0x{:08x}", word(0)),
         ));
     }
-    let dims: Vec<usize> = (1..=dims).map(|i| word(i) as usize).collect();
-    let payload: usize = dims.iter().product();
-    if bytes.len() - need != payload {
+    if head.len() < need {
         return Err(Error::format(
             path,
-            need as u64,
+            head.len() as u64,
             format!(
-                "{}: header promises {payload} data bytes ({dims:?}), found {}",
-                if bytes.len() - need < payload {
-                    "truncated"
-                } else {
-                    "trailing data"
-                },
-                bytes.len() - need
+                "truncated header: expected {need} bytes, file has {}",
+                head.len()
             ),
         ));
     }
-    Ok(dims)
+    let dims: Vec<usize> = (1..=dims).map(|i| word(i) as usize).collect();
+    let payload = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .filter(|p| *p <= MAX_IDX_BYTES)
+        .ok_or_else(|| {
+            Error::format(
+                path,
+                4,
+                format!("header promises {dims:?} data bytes, more than the {MAX_IDX_BYTES} convkit reads from an IDX file"),
+            )
+        })?;
+    let size_error = |found: u64| {
+        let kind = if found < payload {
+            "truncated"
+        } else {
+            "trailing data"
+        };
+        Error::format(
+            path,
+            need as u64,
+            format!("{kind}: header promises {payload} data bytes ({dims:?}), found {found}"),
+        )
+    };
+    if !gz && file_len - need as u64 != payload {
+        return Err(size_error(file_len - need as u64));
+    }
+    // Grows as data arrives, so memory follows what is there, not what the header claims.
+    let mut data = Vec::new();
+    (&mut input)
+        .take(payload)
+        .read_to_end(&mut data)
+        .map_err(|e| corrupt(e, need))?;
+    if (data.len() as u64) < payload {
+        return Err(size_error(data.len() as u64));
+    }
+    let mut extra = [0u8; 1];
+    if input
+        .read(&mut extra)
+        .map_err(|e| corrupt(e, need + data.len()))?
+        > 0
+    {
+        return Err(size_error(payload + 1));
+    }
+    Ok((dims, data))
 }
 
 /// Read an IDX image file (`magic 0x00000803`): returns pixels (n·h·w, u8) and `(n, h, w)`.
 pub fn read_idx_images(path: &Path) -> Result<(Vec<u8>, (usize, usize, usize))> {
-    let bytes = read_maybe_gz(path)?;
-    let dims = header(path, &bytes, 0x0000_0803, 3)?;
-    Ok((bytes[16..].to_vec(), (dims[0], dims[1], dims[2])))
+    let (dims, pixels) = read_idx(path, 0x0000_0803, 3)?;
+    Ok((pixels, (dims[0], dims[1], dims[2])))
 }
 
 /// Read an IDX label file (`magic 0x00000801`), checking each label is `< classes`.
 pub fn read_idx_labels(path: &Path, classes: usize) -> Result<Vec<u32>> {
-    let bytes = read_maybe_gz(path)?;
-    header(path, &bytes, 0x0000_0801, 1)?;
-    bytes[8..]
+    let (_, bytes) = read_idx(path, 0x0000_0801, 1)?;
+    bytes
         .iter()
         .enumerate()
         .map(|(i, &l)| {
@@ -203,6 +232,26 @@ pub(crate) mod tests {
         corrupt[12] ^= 0xff;
         std::fs::write(&p, &corrupt).unwrap();
         assert!(read_idx_labels(&p, 10).is_err());
+
+        // A header promising more than the cap, and a small gzip that would inflate far past
+        // what its header promises: both stop early with an error.
+        let huge: Vec<u8> = [0x803u32, 60_000, 3000, 3000]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        std::fs::write(&p, huge).unwrap();
+        let err = read_idx_images(&p).unwrap_err().to_string();
+        assert!(err.contains("more than the 536870912"), "{err}");
+        let mut bomb = idx_labels(&[1, 2]);
+        bomb.extend(std::iter::repeat_n(0u8, 50 << 20));
+        let bomb = gz(&bomb);
+        assert!(bomb.len() < 1 << 20, "{}", bomb.len());
+        std::fs::write(&p, &bomb).unwrap();
+        let err = read_idx_labels(&p, 10).unwrap_err().to_string();
+        assert!(
+            err.contains("trailing data: header promises 2 data bytes"),
+            "{err}"
+        );
 
         let err = read_idx_labels(&dir.path().join("missing"), 10)
             .unwrap_err()

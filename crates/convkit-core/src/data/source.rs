@@ -161,9 +161,16 @@ impl Resource {
             Checksum::Sha256OfPayload(hex) => {
                 let mut hasher = sha2::Sha256::new();
                 if bytes.starts_with(&[0x1f, 0x8b]) {
-                    let mut dec = flate2::read::MultiGzDecoder::new(bytes);
-                    std::io::copy(&mut dec, &mut hasher)
+                    // Hashed as it inflates, and never past the largest payload convkit reads.
+                    let dec = flate2::read::MultiGzDecoder::new(bytes);
+                    let limit = super::idx::MAX_IDX_BYTES + 16;
+                    let inflated = std::io::copy(&mut dec.take(limit + 1), &mut hasher)
                         .map_err(|e| format!("corrupt gzip payload: {e}"))?;
+                    if inflated > limit {
+                        return Err(format!(
+                            "the payload inflates past {limit} bytes, more than any dataset file"
+                        ));
+                    }
                 } else {
                     hasher.update(bytes);
                 }
@@ -189,18 +196,34 @@ fn hex_string(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Most bytes one download may have (the CIFAR-10 archive, the largest, is 163 MiB).
+pub const MAX_DOWNLOAD_BYTES: u64 = 256 << 20;
+/// A download with no data for this long has stalled and is abandoned.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Download `resource` from the first mirror that serves a verified copy, into `dest_dir`
 /// (atomically). Returns the file's path. Each mirror's failure is reported if all fail.
+/// Progress goes to stderr: a bar on a terminal, a line at the start and end otherwise.
 pub fn download(mirrors: &[String], resource: &Resource, dest_dir: &Path) -> Result<PathBuf> {
+    download_with_stall_timeout(mirrors, resource, dest_dir, STALL_TIMEOUT)
+}
+
+fn download_with_stall_timeout(
+    mirrors: &[String],
+    resource: &Resource,
+    dest_dir: &Path,
+    stall: Duration,
+) -> Result<PathBuf> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(20)))
+        .timeout_per_read(Some(stall))
         .timeout_global(Some(Duration::from_secs(900)))
         .build()
         .into();
     let mut failures = Vec::new();
     for mirror in mirrors {
         let url = format!("{}{}", mirror, resource.file);
-        match fetch(&agent, &url).and_then(|bytes| resource.verify(&bytes).map(|_| bytes)) {
+        match fetch(&agent, &url, stall).and_then(|bytes| resource.verify(&bytes).map(|_| bytes)) {
             Ok(bytes) => {
                 let path = dest_dir.join(&resource.file);
                 crate::io::write_bytes_atomic(&path, &bytes)?;
@@ -219,7 +242,7 @@ pub fn download(mirrors: &[String], resource: &Resource, dest_dir: &Path) -> Res
     })
 }
 
-fn fetch(agent: &ureq::Agent, url: &str) -> std::result::Result<Vec<u8>, String> {
+fn fetch(agent: &ureq::Agent, url: &str, stall: Duration) -> std::result::Result<Vec<u8>, String> {
     let mut response = agent.get(url).call().map_err(|e| match e {
         ureq::Error::StatusCode(code) => format!("HTTP status {code}"),
         other => other.to_string(),
@@ -228,11 +251,45 @@ fn fetch(agent: &ureq::Agent, url: &str) -> std::result::Result<Vec<u8>, String>
         .headers()
         .get("content-length")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = promised.filter(|n| *n > MAX_DOWNLOAD_BYTES) {
+        return Err(format!(
+            "the server offers {n} bytes, more than the {MAX_DOWNLOAD_BYTES} convkit downloads"
+        ));
+    }
+    let progress = Progress::start(url, promised);
+    let mut reader = response.body_mut().as_reader().take(MAX_DOWNLOAD_BYTES + 1);
     let mut bytes = Vec::new();
-    let read = response.body_mut().as_reader().read_to_end(&mut bytes);
+    let mut chunk = vec![0u8; 64 << 10];
+    let read = loop {
+        match reader.read(&mut chunk) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                bytes.extend_from_slice(&chunk[..n]);
+                progress.advance(n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    progress.finish(bytes.len());
+    if let Err(e) = &read {
+        let text = e.to_string();
+        if e.kind() == std::io::ErrorKind::TimedOut || text.to_lowercase().contains("timeout") {
+            return Err(format!(
+                "stalled after {} bytes, no data for {:.1} s: {text}",
+                bytes.len(),
+                stall.as_secs_f64()
+            ));
+        }
+    }
+    if bytes.len() as u64 > MAX_DOWNLOAD_BYTES {
+        return Err(format!(
+            "the body runs past {MAX_DOWNLOAD_BYTES} bytes, more than convkit downloads"
+        ));
+    }
     if let Some(n) = promised {
-        if bytes.len() < n {
+        if (bytes.len() as u64) < n {
             return Err(format!(
                 "truncated: server promised {n} bytes, received {}",
                 bytes.len()
@@ -241,6 +298,49 @@ fn fetch(agent: &ureq::Agent, url: &str) -> std::result::Result<Vec<u8>, String>
     }
     read.map_err(|e| format!("reading the body: {e}"))?;
     Ok(bytes)
+}
+
+/// A download's progress on stderr: an indicatif bar on a terminal; otherwise one line when
+/// it starts and one when it ends, so logs and notebooks are not flooded.
+enum Progress {
+    Bar(indicatif::ProgressBar),
+    Lines,
+}
+
+impl Progress {
+    fn start(url: &str, total: Option<u64>) -> Self {
+        use std::io::IsTerminal;
+        if std::io::stderr().is_terminal() {
+            let bar = match total {
+                Some(n) => indicatif::ProgressBar::new(n),
+                None => indicatif::ProgressBar::no_length(),
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(format!("downloading {url}"));
+            Progress::Bar(bar)
+        } else {
+            let size = total.map(|n| format!(" ({:.1} MB)", n as f64 / 1e6));
+            eprintln!("downloading {url}{}", size.unwrap_or_default());
+            Progress::Lines
+        }
+    }
+    fn advance(&self, n: usize) {
+        if let Progress::Bar(bar) = self {
+            bar.inc(n as u64);
+        }
+    }
+    fn finish(&self, received: usize) {
+        match self {
+            Progress::Bar(bar) => bar.finish_and_clear(),
+            Progress::Lines => eprintln!("  received {:.1} MB", received as f64 / 1e6),
+        }
+    }
 }
 
 /// Finds datasets; see the module docs for the order. `Locator::from_env()` is what the CLI
@@ -474,10 +574,22 @@ mod tests {
                     Some((_, s, b, c)) => (*s, b.clone(), c.unwrap_or(b.len())),
                     None => (404, b"not found".to_vec(), 9),
                 };
+                // Status 299 stands for a server that sends its headers and half the body,
+                // then stalls.
+                let (status, stall) = if status == 299 {
+                    (200, true)
+                } else {
+                    (status, false)
+                };
                 let _ = write!(
                     stream,
                     "HTTP/1.1 {status} X\r\nContent-Length: {claimed}\r\nConnection: close\r\n\r\n"
                 );
+                if stall {
+                    let _ = stream.write_all(&body[..body.len() / 2]);
+                    let _ = stream.flush();
+                    std::thread::sleep(Duration::from_secs(5));
+                }
                 let _ = stream.write_all(&body);
             }
         });
@@ -553,6 +665,48 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers, vec![std::ffi::OsString::from("good.gz")]);
+    }
+
+    #[test]
+    fn oversized_and_stalled_downloads_stop_early() {
+        let payload = idx_labels(&[1, 2, 3]);
+        let body = gz(&payload);
+        let huge = MAX_DOWNLOAD_BYTES as usize + 1;
+        let base = serve(
+            vec![
+                ("/huge.gz", 200, body.clone(), Some(huge)),
+                ("/stall.gz", 299, body, None),
+            ],
+            2,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let sum = sha256_hex(&payload);
+        let err = download(
+            &[base.clone()],
+            &Resource::sha256_of_payload("huge.gz", &sum),
+            dir.path(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("more than the 268435456 convkit downloads"),
+            "{err}"
+        );
+        let start = std::time::Instant::now();
+        let err = download_with_stall_timeout(
+            &[base],
+            &Resource::sha256_of_payload("stall.gz", &sum),
+            dir.path(),
+            Duration::from_millis(500),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(start.elapsed() < Duration::from_secs(4), "{err}");
+        assert!(
+            err.contains("stall.gz") && err.contains("stalled after 15 bytes"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
