@@ -382,6 +382,9 @@ fn image_folders_as_datasets_ship() {
         "{out}"
     );
     assert!(out.contains("scored on the test data"), "{out}");
+    // Off a terminal, progress is plain lines on stdout, as Keras prints them.
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("Epoch 2/2 - 3/3 - "), "{stdout}");
     let metrics = metrics.unwrap();
     assert_eq!(metrics["classes"], serde_json::json!(["dark", "light"]));
     assert_eq!(metrics["scored_on"], "test");

@@ -369,12 +369,27 @@ impl Evaluation {
 pub enum Verbosity {
     /// Nothing.
     Silent,
-    /// One line per epoch (what a log file wants).
+    /// Plain lines on stdout, as Keras prints them: one every [`PROGRESS_LINE_EVERY`] within
+    /// an epoch and one at its end (what a log file or a notebook wants).
     Lines,
-    /// A live progress bar per epoch, then its line.
+    /// A live progress bar per epoch on stderr, then the epoch's line.
     Bar,
     /// `Bar` on a terminal, `Lines` otherwise.
     Auto,
+}
+
+/// How often [`Verbosity::Lines`] reports within an epoch.
+pub const PROGRESS_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Verbosity {
+    /// Print one progress line where this verbosity sends them.
+    fn line(self, text: std::fmt::Arguments<'_>) {
+        match self {
+            Verbosity::Lines => println!("{text}"),
+            Verbosity::Bar | Verbosity::Auto => eprintln!("{text}"),
+            Verbosity::Silent => {}
+        }
+    }
 }
 
 /// Keras' per-epoch logs.
@@ -827,6 +842,7 @@ impl<'a> Fit<'a> {
             }
             let bar = progress_bar(verbosity, epoch, self.epochs, batches);
             let start = Instant::now();
+            let mut last_line = start;
             let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
             for chunk in order.chunks(self.batch_size) {
                 let mut x = buffer.slice_mut(s![..chunk.len(), .., .., ..]);
@@ -853,13 +869,20 @@ impl<'a> Fit<'a> {
                 loss_sum += stats.loss as f64 * chunk.len() as f64;
                 correct += stats.correct;
                 seen += chunk.len();
+                let (loss, accuracy) = (loss_sum / seen as f64, correct as f64 / seen as f64);
                 if let Some(bar) = &bar {
-                    bar.set_message(format!(
-                        "loss: {:.4} - accuracy: {:.4}",
-                        loss_sum / seen as f64,
-                        correct as f64 / seen as f64
-                    ));
+                    bar.set_message(format!("loss: {loss:.4} - accuracy: {accuracy:.4}"));
                     bar.inc(1);
+                } else if verbosity == Verbosity::Lines
+                    && last_line.elapsed() >= PROGRESS_LINE_EVERY
+                {
+                    last_line = Instant::now();
+                    verbosity.line(format_args!(
+                        "Epoch {epoch}/{} - {}/{batches} - {:.0}s - loss: {loss:.4} - accuracy: {accuracy:.4}",
+                        self.epochs,
+                        seen.div_ceil(self.batch_size),
+                        start.elapsed().as_secs_f64()
+                    ));
                 }
             }
             let seconds = start.elapsed().as_secs_f64();
@@ -897,21 +920,16 @@ impl<'a> Fit<'a> {
                 seconds,
                 learning_rate: model.learning_rate,
             };
-            if verbosity != Verbosity::Silent {
-                eprintln!(
-                    "Epoch {epoch}/{} - {batches}/{batches} - {log}",
-                    self.epochs
-                );
-            }
+            verbosity.line(format_args!(
+                "Epoch {epoch}/{} - {batches}/{batches} - {log}",
+                self.epochs
+            ));
             history.epochs.push(log);
             let mut stop = false;
             for cb in &mut self.callbacks {
                 stop |= cb.on_epoch_end(&history, model)? == Control::Stop;
             }
             if stop {
-                if verbosity != Verbosity::Silent {
-                    eprintln!("Epoch {epoch}: early stopping");
-                }
                 break;
             }
         }
