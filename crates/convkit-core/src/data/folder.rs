@@ -160,6 +160,56 @@ pub fn read_image_folder(
     Dataset::new(decoded.concat(), target, labels, classes)
 }
 
+impl Dataset {
+    /// Write the images as PNG files into an image folder, `dir/<class>/<index>.png`, the
+    /// layout [`read_image_folder`] reads. A class name becomes a folder name with `/` and `\`
+    /// replaced by `_` (Fashion-MNIST's `T-shirt/top`); a name that cannot be a folder (empty,
+    /// `.`, `..`) is an error. Each file is written atomically.
+    pub fn write_image_folder(&self, dir: &Path) -> Result<()> {
+        let folders: Vec<String> = self
+            .classes
+            .iter()
+            .map(|c| match c.replace(['/', '\\'], "_") {
+                name if name.is_empty() || name == "." || name == ".." => Err(Error::data(
+                    dir,
+                    format!("class name `{c}` cannot be a folder name"),
+                )),
+                name => Ok(name),
+            })
+            .collect::<Result<_>>()?;
+        let (w, h) = (self.shape.width as u32, self.shape.height as u32);
+        let color = match self.shape.channels {
+            1 => image::ExtendedColorType::L8,
+            3 => image::ExtendedColorType::Rgb8,
+            c => {
+                return Err(Error::config(
+                    "image folder",
+                    format!("PNG files hold 1 or 3 channels here, the dataset has {c}"),
+                ))
+            }
+        };
+        for i in 0..self.len() {
+            let path = dir
+                .join(&folders[self.labels[i] as usize])
+                .join(format!("{i:06}.png"));
+            let mut png = Vec::new();
+            image::ImageEncoder::write_image(
+                image::codecs::png::PngEncoder::new(&mut png),
+                self.image(i),
+                w,
+                h,
+                color,
+            )
+            .map_err(|e| Error::Image {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            crate::io::write_bytes_atomic(&path, &png)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +270,28 @@ mod tests {
         // Sorted by path: 2024/june/a.png, b.png, c.jpg.
         assert_eq!(&ds.image(0)[..3], &[10, 20, 30]);
         assert_eq!(&ds.image(1)[..3], &[255, 255, 255]);
+    }
+
+    #[test]
+    fn a_dataset_written_as_a_folder_reads_back_the_same() {
+        let mut ds = crate::data::synthetic(6, ImageShape::new(5, 4, 3), 3, 1).unwrap();
+        ds.classes = vec!["a/b".into(), "c".into(), "d".into()];
+        let dir = tempfile::tempdir().unwrap();
+        ds.write_image_folder(dir.path()).unwrap();
+        assert!(dir.path().join("a_b").is_dir());
+        let back = read_image_folder(dir.path(), ds.shape, None).unwrap();
+        assert_eq!(back.len(), 6);
+        // Read back class by class: compare each image with its original.
+        for i in 0..back.len() {
+            let name = &back.classes[back.labels[i] as usize];
+            let original = (0..ds.len())
+                .filter(|&j| ds.classes[ds.labels[j] as usize].replace('/', "_") == *name)
+                .any(|j| ds.image(j) == back.image(i));
+            assert!(original, "image {i} of class {name}");
+        }
+        ds.classes[0] = "..".into();
+        let err = ds.write_image_folder(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("cannot be a folder name"), "{err}");
     }
 
     #[test]
