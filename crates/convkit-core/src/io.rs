@@ -35,3 +35,17 @@ pub fn write_atomic(
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, |w| w.write_all(bytes))
 }
+
+/// Read a text file of at most `limit` bytes; a larger one is an error before it is read.
+pub fn read_to_string_capped(path: &Path, limit: u64) -> Result<String> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if size > limit {
+        return Err(Error::data(
+            path,
+            format!("expected at most {limit} bytes, the file has {size}"),
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}

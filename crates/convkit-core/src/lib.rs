@@ -30,7 +30,7 @@ pub use error::{Error, Result};
 pub use metrics::{ClassificationReport, ConfusionMatrix};
 pub use spec::{
     Activation, BatchNormalization, Conv2D, Dense, Dropout, LayerKind, Padding, Pool2D,
-    Regularizer, Sequential,
+    Regularizer, Sequential, SizeLimits,
 };
 pub use train::{
     Callback, Control, CsvLogger, EarlyStopping, Evaluation, History, LearningRateScheduler, Model,

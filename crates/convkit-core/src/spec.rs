@@ -379,10 +379,17 @@ pub enum Shape {
 }
 
 impl Shape {
+    /// Values in the shape. Shapes from [`Sequential::output_shapes`] never overflow.
     pub fn numel(&self) -> usize {
+        self.checked_numel()
+            .expect("checked by Sequential::output_shapes")
+    }
+
+    /// Values in the shape, or `None` when the count overflows `usize`.
+    pub fn checked_numel(&self) -> Option<usize> {
         match *self {
-            Shape::Image { h, w, c } => h * w * c,
-            Shape::Flat(n) => n,
+            Shape::Image { h, w, c } => h.checked_mul(w)?.checked_mul(c),
+            Shape::Flat(n) => Some(n),
         }
     }
 }
@@ -513,26 +520,43 @@ impl Sequential {
         Ok(spec.named(name))
     }
 
-    /// A preset name, or a path to a JSON spec.
+    /// A preset name, or a path to a JSON spec (checked against [`SizeLimits::default`]).
     pub fn from_preset_or_file(name_or_path: &str) -> Result<Self> {
+        Sequential::from_preset_or_file_within(name_or_path, &SizeLimits::default())
+    }
+
+    /// A preset name, or a path to a JSON spec checked against `limits`.
+    pub fn from_preset_or_file_within(name_or_path: &str, limits: &SizeLimits) -> Result<Self> {
         if PRESETS.contains(&name_or_path) {
             return Sequential::preset(name_or_path);
         }
         let path = Path::new(name_or_path);
         if path.extension().is_some_and(|e| e == "json") || path.exists() {
-            return Sequential::load_json(path);
+            return Sequential::load_json_within(path, limits);
         }
         Sequential::preset(name_or_path)
     }
 
-    /// Read a spec from JSON and check it.
+    /// Read a spec from JSON and check it, its size against [`SizeLimits::default`].
     pub fn load_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Sequential::load_json_within(path, &SizeLimits::default())
+    }
+
+    /// Read a spec from JSON and check it, its size against `limits`. Files over 16 MiB are
+    /// refused unread: a spec is a few kilobytes.
+    pub fn load_json_within(path: &Path, limits: &SizeLimits) -> Result<Self> {
+        let text = crate::io::read_to_string_capped(path, 16 << 20)?;
         let spec: Sequential = serde_json::from_str(&text).map_err(|e| Error::Json {
             path: path.into(),
             message: e.to_string(),
         })?;
-        spec.output_shapes()?;
+        spec.check_size(limits).map_err(|e| match e {
+            Error::Config { what, message } => Error::Config {
+                what,
+                message: format!("{message} (in {})", path.display()),
+            },
+            other => other,
+        })?;
         Ok(spec)
     }
 
@@ -592,16 +616,75 @@ impl Sequential {
             return Err(Error::config("model", "the model has no layers"));
         }
         let mut shape = self.input();
+        if shape.checked_numel().is_none() {
+            return Err(Error::config(
+                "model",
+                format!("input shape {h}×{w}×{c} has more values than this machine can count"),
+            ));
+        }
         let mut shapes = Vec::with_capacity(self.layers.len());
         let mut names = std::collections::HashSet::new();
         for (i, (layer, name)) in self.layers.iter().zip(self.layer_names()).enumerate() {
             if !names.insert(name.clone()) {
                 return Err(self.layer_error(i, "duplicate layer name"));
             }
-            shape = self.layer_output(i, &layer.kind, shape)?;
+            let output = self.layer_output(i, &layer.kind, shape)?;
+            if output.checked_numel().is_none() || layer_params(&layer.kind, shape).is_none() {
+                return Err(self.layer_error(
+                    i,
+                    "its output or parameter count has more values than this machine can count",
+                ));
+            }
+            shape = output;
             shapes.push(shape);
         }
         Ok(shapes)
+    }
+
+    /// Check the spec's size against `limits` (after [`Sequential::output_shapes`]): a small
+    /// spec file cannot ask for tens of gigabytes of weights or activations.
+    pub fn check_size(&self, limits: &SizeLimits) -> Result<()> {
+        let shapes = self.output_shapes()?;
+        let input = self.input().numel() as u64;
+        if input > limits.max_input_values {
+            let [h, w, c] = self.input_shape;
+            return Err(Error::config(
+                "model",
+                format!(
+                    "input {h}×{w}×{c} has {input} values per image, more than the limit of {}{}",
+                    limits.max_input_values,
+                    SizeLimits::OVERRIDE
+                ),
+            ));
+        }
+        if let Some((i, shape)) = shapes
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.numel() as u64 > limits.max_activations)
+        {
+            return Err(self.layer_error(
+                i,
+                format!(
+                    "its output {shape} has {} values per image, more than the limit of {}{}",
+                    shape.numel(),
+                    limits.max_activations,
+                    SizeLimits::OVERRIDE
+                ),
+            ));
+        }
+        let params: u64 = self.param_counts()?.iter().map(|&n| n as u64).sum();
+        if params > limits.max_parameters {
+            return Err(Error::config(
+                "model",
+                format!(
+                    "{} parameters, more than the limit of {}{}",
+                    thousands(params as usize),
+                    thousands(limits.max_parameters as usize),
+                    SizeLimits::OVERRIDE
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn layer_output(&self, i: usize, kind: &LayerKind, input: Shape) -> Result<Shape> {
@@ -815,17 +898,7 @@ impl Sequential {
             .iter()
             .zip(&shapes)
             .map(|(layer, shape)| {
-                let n = match &layer.kind {
-                    LayerKind::Conv2D(conv) => {
-                        let Shape::Image { c, .. } = input else {
-                            unreachable!()
-                        };
-                        conv.kernel_size[0] * conv.kernel_size[1] * c * conv.filters + conv.filters
-                    }
-                    LayerKind::Dense(dense) => input.numel() * dense.units + dense.units,
-                    LayerKind::BatchNormalization(_) => BATCH_NORM_WEIGHTS.len() * channels(input),
-                    _ => 0,
-                };
+                let n = layer_params(&layer.kind, input).expect("checked by output_shapes");
                 input = *shape;
                 n
             })
@@ -957,6 +1030,61 @@ impl Sequential {
     }
 }
 
+/// A layer's parameter count on `input`, or `None` when it overflows `usize`.
+fn layer_params(kind: &LayerKind, input: Shape) -> Option<usize> {
+    match kind {
+        LayerKind::Conv2D(conv) => {
+            let c = channels(input);
+            conv.kernel_size[0]
+                .checked_mul(conv.kernel_size[1])?
+                .checked_mul(c)?
+                .checked_mul(conv.filters)?
+                .checked_add(conv.filters)
+        }
+        LayerKind::Dense(dense) => input
+            .checked_numel()?
+            .checked_mul(dense.units)?
+            .checked_add(dense.units),
+        LayerKind::BatchNormalization(_) => BATCH_NORM_WEIGHTS.len().checked_mul(channels(input)),
+        _ => Some(0),
+    }
+}
+
+/// Caps on the size of a model read from a file (spec JSON, checkpoint): a file of a few bytes
+/// cannot make convkit allocate gigabytes. `SizeLimits::default()` suits every tutorial model
+/// many times over; [`SizeLimits::NONE`] (the CLI's `--allow-large-model`) lifts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeLimits {
+    /// Weights and moving statistics, in values (f32: 4 bytes each).
+    pub max_parameters: u64,
+    /// Values per input image (height × width × channels).
+    pub max_input_values: u64,
+    /// Values per image in any layer's output.
+    pub max_activations: u64,
+}
+
+impl Default for SizeLimits {
+    /// 100 million parameters (400 MB), a 4096×4096×4 input, 64 million values per layer output.
+    fn default() -> Self {
+        SizeLimits {
+            max_parameters: 100_000_000,
+            max_input_values: 4096 * 4096 * 4,
+            max_activations: 64 << 20,
+        }
+    }
+}
+
+impl SizeLimits {
+    /// No caps.
+    pub const NONE: SizeLimits = SizeLimits {
+        max_parameters: u64::MAX,
+        max_input_values: u64::MAX,
+        max_activations: u64::MAX,
+    };
+    const OVERRIDE: &'static str =
+        " (pass --allow-large-model, or SizeLimits::NONE, if you mean it)";
+}
+
 /// The weight names of a batch normalisation layer, after `{layer}.`, in order.
 pub const BATCH_NORM_WEIGHTS: [&str; 4] = ["gamma", "beta", "moving_mean", "moving_variance"];
 
@@ -1005,6 +1133,59 @@ mod tests {
         assert!(summary.contains("conv2d_1 (Conv2D)"), "{summary}");
         assert!(summary.contains("Total params: 225,034"), "{summary}");
         assert!(summary.contains("(None, 13, 13, 32)"), "{summary}");
+    }
+
+    #[test]
+    fn sizes_are_checked_without_overflow_and_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, json: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, json).unwrap();
+            path
+        };
+        // A 200-byte spec asking for a 10-billion-parameter Dense layer.
+        let huge = write(
+            "huge.json",
+            r#"{"name":"huge","input_shape":[100,100,1],"layers":[{"type":"Flatten"},{"type":"Dense","units":1000000}]}"#,
+        );
+        let err = Sequential::load_json(&huge).unwrap_err().to_string();
+        assert!(
+            err.contains("10,001,000,000 parameters, more than the limit of 100,000,000")
+                && err.contains("--allow-large-model")
+                && err.contains("huge.json"),
+            "{err}"
+        );
+        let spec = Sequential::load_json_within(&huge, &SizeLimits::NONE).unwrap();
+        assert_eq!(spec.param_counts().unwrap()[1], 10_001_000_000);
+        // Sizes that overflow usize are errors, not wrapped numbers or panics.
+        let wraps = write(
+            "wraps.json",
+            r#"{"input_shape":[4294967296,4294967296,16],"layers":[{"type":"Flatten"}]}"#,
+        );
+        let err = Sequential::load_json_within(&wraps, &SizeLimits::NONE)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("more values than this machine can count"),
+            "{err}"
+        );
+        let wide = write(
+            "wide.json",
+            r#"{"input_shape":[2,2,1],"layers":[{"type":"Flatten"},{"type":"Dense","units":18446744073709551615}]}"#,
+        );
+        let err = Sequential::load_json_within(&wide, &SizeLimits::NONE)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("layer 1 (dense)") && err.contains("can count"),
+            "{err}"
+        );
+        let big_input = write(
+            "input.json",
+            r#"{"input_shape":[100000,100000,3],"layers":[{"type":"MaxPooling2D","pool_size":[1000,1000]}]}"#,
+        );
+        let err = Sequential::load_json(&big_input).unwrap_err().to_string();
+        assert!(err.contains("30000000000 values per image"), "{err}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::compile::Compile;
 use crate::data::Normalisation;
-use crate::spec::Sequential;
+use crate::spec::{Sequential, SizeLimits};
 use crate::{Error, Result};
 
 /// A dense f32 tensor, row-major.
@@ -278,8 +278,14 @@ impl Checkpoint {
     }
 
     /// Load a checkpoint written by [`Checkpoint::save`]; a directory means `DIR/model.safetensors`.
-    /// Names and shapes are checked against the stored spec.
+    /// Names and shapes are checked against the stored spec, its size against
+    /// [`SizeLimits::default`].
     pub fn load(path: &Path) -> Result<Self> {
+        Checkpoint::load_within(path, &SizeLimits::default())
+    }
+
+    /// [`Checkpoint::load`] with the stored spec's size checked against `limits`.
+    pub fn load_within(path: &Path, limits: &SizeLimits) -> Result<Self> {
         let path = if path.is_dir() {
             path.join("model.safetensors")
         } else {
@@ -309,6 +315,18 @@ impl Checkpoint {
             }
             None => CheckpointMeta::default(),
         };
+        spec.check_size(limits).map_err(|e| match e {
+            Error::Config { message, .. } => Error::data(&path, format!("stored model: {message}")),
+            Error::Layer {
+                index,
+                name,
+                message,
+            } => Error::data(
+                &path,
+                format!("stored model, layer {index} ({name}): {message}"),
+            ),
+            other => other,
+        })?;
         if let Some(message) = meta.mismatch(&spec)? {
             return Err(Error::data(&path, message));
         }
@@ -332,7 +350,7 @@ impl Checkpoint {
 mod tests {
     use super::*;
     use crate::compile::{Loss, Optimizer};
-    use crate::spec::{Activation, Dense};
+    use crate::spec::{Activation, Dense, LayerKind};
 
     /// A one-unit sigmoid classifier (two classes) and its seeded weights.
     fn binary_checkpoint(classes: &[&str]) -> Checkpoint {
@@ -384,6 +402,28 @@ mod tests {
             message.contains(name) && message.contains("found NaN at index 3"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_small_checkpoint_cannot_declare_a_huge_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut checkpoint = binary_checkpoint(&[]);
+        // A 50,000 × 50,000 input, pooled down to the same 4×4 the stored weights fit.
+        checkpoint.spec.input_shape = [50_000, 50_000, 1];
+        checkpoint.spec.layers.insert(
+            0,
+            LayerKind::MaxPooling2D(crate::spec::Pool2D::new(12_500)).into(),
+        );
+        let path = dir.path().join("huge-input.safetensors");
+        write_unchecked(&checkpoint, &path);
+        let message = Checkpoint::load(&path).unwrap_err().to_string();
+        assert!(
+            message.contains("huge-input.safetensors")
+                && message.contains("stored model: input 50000×50000×1"),
+            "{message}"
+        );
+        let loaded = Checkpoint::load_within(&path, &SizeLimits::NONE).unwrap();
+        assert_eq!(loaded.spec.input_shape, [50_000, 50_000, 1]);
     }
 
     #[test]
