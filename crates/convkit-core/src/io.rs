@@ -1,5 +1,6 @@
 //! Atomic file output: everything convkit writes goes to a temporary file in the target's
-//! folder and is renamed into place, so a crash never leaves a half-written file.
+//! folder, is synced, renamed into place, and the folder synced, so a crash or a full disk
+//! never leaves a half-written file and the previous version stays until the new one is whole.
 
 use std::io::Write;
 use std::path::Path;
@@ -28,7 +29,10 @@ pub fn write_atomic(
     }
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    // The rename is only durable once the folder's entry is on disk too.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
 }
 
 /// Write bytes to `path` atomically.
@@ -48,4 +52,37 @@ pub fn read_to_string_capped(path: &Path, limit: u64) -> Result<String> {
         ));
     }
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_leaves_the_previous_file_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        write_bytes_atomic(&path, b"previous").unwrap();
+        // The disk fills up halfway through the new version.
+        let err = write_atomic(&path, |w| {
+            w.write_all(b"half of the new")?;
+            Err(std::io::Error::from_raw_os_error(28))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains("os error 28"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"previous");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["model.safetensors"]);
+        let big = dir.path().join("big.json");
+        std::fs::write(&big, vec![b' '; 100]).unwrap();
+        let err = read_to_string_capped(&big, 10).unwrap_err().to_string();
+        assert!(err.contains("at most 10 bytes, the file has 100"), "{err}");
+    }
 }
