@@ -894,6 +894,53 @@ fn search_ranks_trials_and_saves_the_best_spec() {
     assert!(best.layers.iter().any(
         |l| matches!(&l.kind, convkit::LayerKind::Conv2D(c) if c.filters == 8 || c.filters == 16)
     ));
+
+    // Interrupted in the middle of writing trial 4's line, then resumed for five trials: the
+    // three logged are not run again, and the table has all five.
+    let log = out.join("trials.jsonl");
+    let mut torn = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(torn.lines().count(), 3, "{torn}");
+    torn.push_str("{\"index\":4,\"opt");
+    std::fs::write(&log, torn).unwrap();
+    let search = |trials: &str, space: &Path| {
+        convkit(&[
+            "search",
+            "--space",
+            space.to_str().unwrap(),
+            "--trials",
+            trials,
+            "--out",
+            out.to_str().unwrap(),
+            "--resume",
+        ])
+    };
+    let o = search("5", &space);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        text(&o).matches("logged before, not run again").count(),
+        3,
+        "{}",
+        text(&o)
+    );
+    let csv = std::fs::read_to_string(out.join("search.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 6, "{csv}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 5);
+    // A changed space does not silently mix two searches.
+    let changed = dir.path().join("changed.toml");
+    std::fs::write(
+        &changed,
+        std::fs::read_to_string(&space)
+            .unwrap()
+            .replace("\"adam\", \"sgd\"", "\"rmsprop\""),
+    )
+    .unwrap();
+    let o = search("5", &changed);
+    assert!(
+        !o.status.success() && text(&o).contains("trial 1 was"),
+        "{}",
+        text(&o)
+    );
+
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[space]\noptimizer = [\"adagrad\"]\n").unwrap();
     fails_with(
@@ -942,4 +989,27 @@ fn a_nan_loss_stops_with_an_error_and_keeps_a_loadable_model() {
         "64",
     ]);
     assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn a_huge_model_spec_is_refused_unless_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("huge.json");
+    std::fs::write(&spec, r#"{"name":"huge","input_shape":[100,100,1],"layers":[{"type":"Flatten"},{"type":"Dense","units":1000000}]}"#).unwrap();
+    let spec = spec.to_str().unwrap();
+    let o = convkit(&["summary", "--model", spec]);
+    let err = text(&o);
+    assert!(
+        !o.status.success()
+            && err.contains("10,001,000,000 parameters")
+            && err.contains("--allow-large-model"),
+        "{err}"
+    );
+    let o = convkit(&["summary", "--model", spec, "--allow-large-model"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("Total params: 10,001,000,000"),
+        "{}",
+        text(&o)
+    );
 }

@@ -73,7 +73,7 @@ pub struct Space {
 }
 
 /// One point of the space.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Trial {
     pub optimizer: String,
     pub learning_rate: Option<f64>,
@@ -84,7 +84,7 @@ pub struct Trial {
 
 impl SearchConfig {
     pub fn from_toml(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::io::read_to_string_capped(path, 1 << 20)?;
         let config: SearchConfig = toml::from_str(&text).map_err(|e| Error::Json {
             path: path.into(),
             message: format!("TOML: {e}"),
@@ -245,6 +245,76 @@ impl Iterator for Trials {
 
 impl ExactSizeIterator for Trials {}
 
+/// A finished trial, one JSON line of a search's `trials.jsonl`, written as it finishes so
+/// that an interrupted search can resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrialResult {
+    /// Position in the search, from 1.
+    pub index: usize,
+    #[serde(flatten)]
+    pub trial: Trial,
+    /// `None` when the trial diverged (a NaN or infinite loss).
+    pub val_accuracy: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub seconds: f64,
+}
+
+impl TrialResult {
+    /// Append this result to the log at `path` as one line, synced to disk.
+    pub fn append(&self, path: &std::path::Path) -> Result<()> {
+        use std::io::Write;
+        let mut line = serde_json::to_string(self).expect("a trial result serialises");
+        line.push('\n');
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        file.write_all(line.as_bytes())
+            .and_then(|_| file.sync_data())
+            .map_err(|e| Error::io(path, e))
+    }
+
+    /// The results logged at `path`, in order (none when there is no log), to resume a
+    /// search. A last line cut short by an interruption is cut off the file, so new results
+    /// append cleanly; any other line that does not parse is an error.
+    pub fn resume_log(path: &std::path::Path) -> Result<Vec<TrialResult>> {
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let text = crate::io::read_to_string_capped(path, 64 << 20)?;
+        let keep = text.rfind('\n').map_or(0, |end| end + 1);
+        let complete = &text[..keep];
+        if keep < text.len() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_len(keep as u64).and_then(|_| f.sync_data()))
+                .map_err(|e| Error::io(path, e))?;
+        }
+        let mut results: Vec<TrialResult> = Vec::new();
+        for (n, line) in complete.lines().enumerate() {
+            let result: TrialResult = serde_json::from_str(line).map_err(|e| Error::Json {
+                path: path.into(),
+                message: format!("line {}: {e}", n + 1),
+            })?;
+            if result.index != n + 1 {
+                return Err(Error::data(
+                    path,
+                    format!(
+                        "line {} records trial {}, expected trial {}",
+                        n + 1,
+                        result.index,
+                        n + 1
+                    ),
+                ));
+            }
+            results.push(result);
+        }
+        Ok(results)
+    }
+}
+
 impl Trial {
     /// The base model with this trial's filters and dropout.
     pub fn spec(&self, base: &Sequential) -> Result<Sequential> {
@@ -299,6 +369,51 @@ impl Trial {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_trial_log_survives_a_torn_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("trials.jsonl");
+        assert!(TrialResult::resume_log(&log).unwrap().is_empty());
+        let trial = Trial {
+            optimizer: "adam".into(),
+            learning_rate: Some(0.01),
+            batch_size: 32,
+            filters: None,
+            dropout: 0.25,
+        };
+        let first = TrialResult {
+            index: 1,
+            trial: trial.clone(),
+            val_accuracy: Some(0.5),
+            val_loss: None,
+            seconds: 1.5,
+        };
+        first.append(&log).unwrap();
+        TrialResult {
+            index: 2,
+            ..first.clone()
+        }
+        .append(&log)
+        .unwrap();
+        // An interruption in the middle of the third line.
+        let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut file, b"{\"index\":3,\"optim").unwrap();
+        let read = TrialResult::resume_log(&log).unwrap();
+        assert_eq!(read.len(), 2);
+        assert_eq!(read[0], first);
+        // The torn line is gone, so the next result starts a line of its own.
+        TrialResult {
+            index: 3,
+            ..first.clone()
+        }
+        .append(&log)
+        .unwrap();
+        assert_eq!(TrialResult::resume_log(&log).unwrap().len(), 3);
+        std::fs::write(&log, "{\"index\":2}\n").unwrap();
+        let err = TrialResult::resume_log(&log).unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
+    }
 
     fn config(strategy: &str) -> SearchConfig {
         let dir = tempfile::tempdir().unwrap();

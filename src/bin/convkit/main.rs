@@ -2,13 +2,14 @@
 
 mod compare;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use convkit::prelude::*;
-use convkit::{artifacts::Scored, data, Checkpoint, CheckpointMeta};
+use convkit::search::TrialResult;
+use convkit::{artifacts::Scored, data, Checkpoint, CheckpointMeta, SizeLimits};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +35,8 @@ enum Command {
         /// A preset (tutorial-mnist, ...) or a spec .json.
         #[arg(long, default_value = "tutorial-mnist")]
         model: String,
+        #[command(flatten)]
+        size: ModelSize,
     },
     /// List the compiled-in engines and their devices.
     Backends,
@@ -44,6 +47,25 @@ enum Command {
     /// One engine of a comparison, in its own process (used by `compare`).
     #[command(hide = true)]
     CompareWorker(compare::CompareArgs),
+}
+
+/// How large a model read from a file (spec or checkpoint) may be.
+#[derive(Args)]
+struct ModelSize {
+    /// Accept a spec or checkpoint over convkit's size caps (100 million parameters, a
+    /// 4096×4096×4 input, 64 million values in one layer's output per image).
+    #[arg(long)]
+    allow_large_model: bool,
+}
+
+impl ModelSize {
+    fn limits(&self) -> SizeLimits {
+        if self.allow_large_model {
+            SizeLimits::NONE
+        } else {
+            SizeLimits::default()
+        }
+    }
 }
 
 #[derive(Args)]
@@ -80,6 +102,8 @@ struct DataArgs {
 struct TrainArgs {
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    size: ModelSize,
     /// A preset (tutorial-mnist, tutorial-cifar10-cnn, ...) or a spec .json.
     #[arg(long, default_value = "tutorial-mnist")]
     model: String,
@@ -141,15 +165,22 @@ struct SearchArgs {
     trials: usize,
     #[arg(long, default_value = "candle-cpu")]
     backend: String,
-    /// Writes search.csv (trials ranked by validation accuracy), best_model.json and best.json.
+    /// Writes search.csv (trials ranked by validation accuracy), best_model.json, best.json,
+    /// and trials.jsonl (each trial as it finishes).
     #[arg(long, default_value = "runs/search")]
     out: PathBuf,
+    /// Continue the search logged in --out's trials.jsonl: trials already there are not run
+    /// again (the space must still give them in the same order).
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Args)]
 struct EvaluateArgs {
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    size: ModelSize,
     /// A checkpoint file, or a run folder holding model.safetensors; repeat it to evaluate an
     /// ensemble of models.
     #[arg(long, required = true)]
@@ -164,6 +195,8 @@ struct EvaluateArgs {
 
 #[derive(Args)]
 struct PredictArgs {
+    #[command(flatten)]
+    size: ModelSize,
     /// A checkpoint file, or a run folder holding model.safetensors.
     #[arg(long)]
     weights: PathBuf,
@@ -180,10 +213,12 @@ fn main() -> ExitCode {
         Command::Train(args) => train(args),
         Command::Evaluate(args) => evaluate(args),
         Command::Predict(args) => predict(args),
-        Command::Summary { model } => Sequential::from_preset_or_file(&model)
-            .and_then(|s| s.summary())
-            .map(|s| println!("{s}"))
-            .map_err(Into::into),
+        Command::Summary { model, size } => {
+            Sequential::from_preset_or_file_within(&model, &size.limits())
+                .and_then(|s| s.summary())
+                .map(|s| println!("{s}"))
+                .map_err(Into::into)
+        }
         Command::Compare(args) => compare::compare(args),
         Command::Search(args) => search(args),
         Command::CompareWorker(args) => compare::worker(args),
@@ -311,11 +346,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     // The starting point: a preset/spec with fresh weights, or a trained checkpoint.
     let (mut spec, start, normalisation) = match &args.init_weights {
         Some(path) => {
-            let ckpt = load_checkpoint(path)?;
+            let ckpt = Checkpoint::load_within(path, &args.size.limits())?;
             (ckpt.spec, Some(ckpt.weights), ckpt.meta.normalisation)
         }
         None => (
-            Sequential::from_preset_or_file(&args.model)?,
+            Sequential::from_preset_or_file_within(&args.model, &args.size.limits())?,
             None,
             Normalisation::Rescale,
         ),
@@ -499,7 +534,17 @@ fn search(args: SearchArgs) -> anyhow::Result<()> {
     let total = trials.len();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let mut results = Vec::new();
+    // Each trial is logged as it finishes; --resume picks up after the last one logged.
+    let log = args.out.join("trials.jsonl");
+    let logged = if args.resume {
+        TrialResult::resume_log(&log)?
+    } else {
+        if log.exists() {
+            std::fs::remove_file(&log).with_context(|| format!("removing {}", log.display()))?;
+        }
+        Vec::new()
+    };
+    let mut results: Vec<(TrialResult, Sequential, Compile)> = Vec::new();
     for (i, trial) in trials.enumerate() {
         let spec = trial.spec(&base)?;
         let loss = if spec.output_shape()?.numel() == 1 {
@@ -508,104 +553,141 @@ fn search(args: SearchArgs) -> anyhow::Result<()> {
             Loss::SparseCategoricalCrossentropy
         };
         let compile = Compile::new(trial.optimizer()?, loss);
+        if let Some(done) = logged.get(i) {
+            if done.trial != trial {
+                bail!(
+                    "{}: trial {} was {:?}, but the space now gives {trial:?}; the search changed, so start it afresh (without --resume) or in another --out",
+                    log.display(),
+                    i + 1,
+                    done.trial
+                );
+            }
+            eprintln!(
+                "trial {}/{total}: {trial:?} → logged before, not run again",
+                i + 1
+            );
+            results.push((done.clone(), spec, compile));
+            continue;
+        }
         let mut model = Model::new(spec.clone(), compile.clone(), backend.as_ref(), config.seed)?;
         let start = std::time::Instant::now();
-        let history = model
+        let fit = model
             .fit(&splits.train)
             .epochs(config.epochs)
             .batch_size(trial.batch_size)
             .seed(config.seed)
             .validation_data(validation)
             .verbosity(Verbosity::Silent)
-            .run()?;
-        let last = history.epochs.last().expect("at least one epoch");
-        let (acc, vloss) = (
-            last.val_accuracy.unwrap_or(f64::NAN),
-            last.val_loss.unwrap_or(f64::NAN),
-        );
-        eprintln!(
-            "trial {}/{total}: {trial:?} → val_accuracy {acc:.4}, val_loss {vloss:.4}",
-            i + 1,
-        );
-        results.push((
+            .run();
+        // A trial that diverges is a result (it ranks last), not the end of the search.
+        let (val_accuracy, val_loss) = match fit {
+            Ok(history) => {
+                let last = history.epochs.last().expect("at least one epoch");
+                (last.val_accuracy, last.val_loss)
+            }
+            Err(err @ convkit::Error::NonFinite { .. }) => {
+                eprintln!("trial {}/{total}: {trial:?} diverged: {err}", i + 1);
+                (None, None)
+            }
+            Err(other) => return Err(other.into()),
+        };
+        let result = TrialResult {
+            index: i + 1,
             trial,
-            acc,
-            vloss,
-            start.elapsed().as_secs_f64(),
-            spec,
-            compile,
-        ));
+            val_accuracy,
+            val_loss,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        result.append(&log)?;
+        eprintln!(
+            "trial {}/{total}: {:?} → val_accuracy {:.4}, val_loss {:.4}",
+            i + 1,
+            result.trial,
+            val_accuracy.unwrap_or(f64::NAN),
+            val_loss.unwrap_or(f64::NAN)
+        );
+        results.push((result, spec, compile));
     }
-    let col = |name: &str, v: Vec<f64>| Column::new(name.into(), v);
+    let col = |name: &str, v: Vec<Option<f64>>| Column::new(name.into(), v);
     let mut df = DataFrame::new_infer_height(vec![
         Column::new(
             "trial".into(),
-            (1..=results.len() as u32).collect::<Vec<_>>(),
+            results.iter().map(|r| r.0.index as u32).collect::<Vec<_>>(),
         ),
         Column::new(
             "optimizer".into(),
             results
                 .iter()
-                .map(|r| r.0.optimizer.clone())
+                .map(|r| r.0.trial.optimizer.clone())
                 .collect::<Vec<_>>(),
         ),
         col(
             "learning_rate",
             results
                 .iter()
-                .map(|r| r.5.optimizer.learning_rate())
+                .map(|r| Some(r.2.optimizer.learning_rate()))
                 .collect(),
         ),
         Column::new(
             "batch_size".into(),
             results
                 .iter()
-                .map(|r| r.0.batch_size as u32)
+                .map(|r| r.0.trial.batch_size as u32)
                 .collect::<Vec<_>>(),
         ),
         Column::new(
             "filters".into(),
             results
                 .iter()
-                .map(|r| r.0.filters.map(|f| f as u32))
+                .map(|r| r.0.trial.filters.map(|f| f as u32))
                 .collect::<Vec<_>>(),
         ),
         Column::new(
             "dropout".into(),
-            results.iter().map(|r| r.0.dropout).collect::<Vec<_>>(),
+            results
+                .iter()
+                .map(|r| r.0.trial.dropout)
+                .collect::<Vec<_>>(),
         )
         .into_column(),
-        col("val_accuracy", results.iter().map(|r| r.1).collect()),
-        col("val_loss", results.iter().map(|r| r.2).collect()),
-        col("seconds", results.iter().map(|r| r.3).collect()),
+        col(
+            "val_accuracy",
+            results.iter().map(|r| r.0.val_accuracy).collect(),
+        ),
+        col("val_loss", results.iter().map(|r| r.0.val_loss).collect()),
+        col(
+            "seconds",
+            results.iter().map(|r| Some(r.0.seconds)).collect(),
+        ),
     ])?
     .sort(
         ["val_accuracy"],
-        SortMultipleOptions::default().with_order_descending(true),
+        SortMultipleOptions::default()
+            .with_order_descending(true)
+            .with_nulls_last(true),
     )?;
     println!("{df}");
     convkit::table::write_csv(&mut df, &args.out.join("search.csv"))?;
     let best = results
         .iter()
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .context("no trials: the space is empty or --trials is 0")?;
-    best.4.save_json(&args.out.join("best_model.json"))?;
-    let summary = serde_json::json!({"trial": best.0, "compile": best.5, "val_accuracy": best.1, "val_loss": best.2, "backend": backend.name()});
+        .filter_map(|r| r.0.val_accuracy.map(|a| (a, r)))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, r)| r)
+        .context("no trial finished: the space is empty, --trials is 0, or every trial diverged")?;
+    let (result, spec, compile) = best;
+    spec.save_json(&args.out.join("best_model.json"))?;
+    let summary = serde_json::json!({"trial": result.trial, "compile": compile, "val_accuracy": result.val_accuracy, "val_loss": result.val_loss, "backend": backend.name()});
     convkit::io::write_bytes_atomic(
         &args.out.join("best.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     println!(
         "best: {:?} (val_accuracy {:.4}); wrote {}",
-        best.0,
-        best.1,
+        result.trial,
+        result.val_accuracy.unwrap_or(f64::NAN),
         args.out.display()
     );
     Ok(())
-}
-
-fn load_checkpoint(path: &Path) -> anyhow::Result<Checkpoint> {
-    Ok(Checkpoint::load(path)?)
 }
 
 fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
@@ -613,7 +695,7 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
     let mut members = Vec::new();
     let mut first: Option<(Checkpoint, Dataset, &str)> = None;
     for path in &args.weights {
-        let ckpt = load_checkpoint(path)?;
+        let ckpt = Checkpoint::load_within(path, &args.size.limits())?;
         let (test, part) = match &first {
             Some((f, ds, part))
                 if f.spec.input_shape == ckpt.spec.input_shape
@@ -685,7 +767,7 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
 }
 
 fn predict(args: PredictArgs) -> anyhow::Result<()> {
-    let ckpt = load_checkpoint(&args.weights)?;
+    let ckpt = Checkpoint::load_within(&args.weights, &args.size.limits())?;
     let backend = convkit::backend(&args.backend)?;
     let model = Model::from_checkpoint(&ckpt, backend.as_ref())?;
     let shape = input_shape(&ckpt.spec);
