@@ -67,6 +67,7 @@ fn main() -> Result<()> {
             })?;
             bench(&rest)
         }
+        "fuzz" => fuzz(&rest),
         "pins" => {
             let missing = pins::missing()?;
             if missing.is_empty() {
@@ -77,7 +78,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  setup, then train tutorial-mnist on MNIST (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  pins      print the lines xtask/check-pins/Cargo.toml lacks, if any (the single-feature builds' pins)");
+            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | fuzz | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  train tutorial-mnist on MNIST with candle, installing nothing (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  fuzz      the parsers' fuzz loop in a release build: [SECONDS per target, default 600] [SEED]\n  pins      print the lines xtask/check-pins/Cargo.toml lacks, if any (the single-feature builds' pins)");
             if command.is_empty() || command == "help" || command == "--help" {
                 Ok(())
             } else {
@@ -142,6 +143,40 @@ fn write_atomically(path: &Path, contents: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+/// `cargo xtask fuzz [SECONDS] [SEED]`: `crates/convkit-core/tests/fuzz.rs` for SECONDS per
+/// parser (600 by default; `cargo xtask test` runs 3), in a release build, from SEED (by
+/// default the time, so each run explores new inputs; it is printed to reproduce a run).
+fn fuzz(args: &[String]) -> Result<()> {
+    let seconds = args.first().map_or("600", String::as_str);
+    seconds
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0)
+        .with_context(|| format!("expected seconds per target, found `{seconds}`"))?;
+    let seed = match args.get(1) {
+        Some(seed) => seed
+            .parse::<u64>()
+            .with_context(|| format!("expected a seed (an integer), found `{seed}`"))?,
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    eprintln!("xtask: fuzzing every parser for {seconds} s from seed {seed}");
+    let mut c = cargo(&[
+        "test",
+        "--release",
+        "-p",
+        "convkit-core",
+        "--test",
+        "fuzz",
+        "--",
+        "--nocapture",
+    ]);
+    c.env("CONVKIT_FUZZ_SECONDS", seconds)
+        .env("CONVKIT_FUZZ_SEED", seed.to_string());
+    run(&mut c)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
