@@ -330,6 +330,8 @@ pub(crate) fn apt_install(packages: &[DebianPackage]) -> Result<()> {
 
 /// The PyTorch release tch 0.22 is built against; libtorch must match it exactly.
 const TORCH_VERSION: &str = "2.9.0";
+/// The safetensors package `python/convkit_torch.py` reads checkpoints with.
+const SAFETENSORS_VERSION: &str = "0.6.2";
 
 fn venv() -> PathBuf {
     root().join(".venv")
@@ -407,12 +409,12 @@ fn setup_libtorch() -> Result<()> {
     let installed = Command::new(&python)
         .args([
             "-c",
-            "import importlib.metadata as m; print(m.version('torch'))",
+            "import importlib.metadata as m; print(m.version('torch'), m.version('safetensors'))",
         ])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    if installed.starts_with(TORCH_VERSION) {
+    if installed.starts_with(TORCH_VERSION) && installed.ends_with(SAFETENSORS_VERSION) {
         return Ok(());
     }
     let start = std::time::Instant::now();
@@ -438,7 +440,11 @@ fn setup_libtorch() -> Result<()> {
         run(Command::new("python3").args(["-m", "venv"]).arg(venv()))
             .context("creating .venv (on Debian: apt-get install python3-venv)")?;
     }
-    pip_install(&[&format!("torch=={TORCH_VERSION}")])?;
+    // safetensors: python/convkit_torch.py reads convkit checkpoints into PyTorch.
+    pip_install(&[
+        &format!("torch=={TORCH_VERSION}"),
+        &format!("safetensors=={SAFETENSORS_VERSION}"),
+    ])?;
     eprintln!(
         "xtask: torch {TORCH_VERSION} installed into .venv in {:.0} s",
         start.elapsed().as_secs_f64()
