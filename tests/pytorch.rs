@@ -105,3 +105,165 @@ fn checkpoints_load_into_pytorch_with_the_same_probabilities() {
         );
     }
 }
+
+/// PyTorch models written the PyTorch way (nn.Flatten on NCHW), their state_dicts saved with
+/// safetensors, inputs and probabilities written beside them.
+const TORCH_MODELS: &str = r#"
+import struct, sys, torch
+from torch import nn
+from safetensors.torch import save_file
+torch.manual_seed(0)
+out = sys.argv[1]
+models = {
+    "mnist": (nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
+                            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1600, 128), nn.ReLU(), nn.Linear(128, 10),
+                            nn.Softmax(dim=1)), (28, 28, 1)),
+    "batchnorm": (nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.BatchNorm2d(3, eps=1e-3), nn.MaxPool2d(2),
+                                nn.Flatten(), nn.Linear(12, 4), nn.Tanh(), nn.BatchNorm1d(4, eps=1e-2),
+                                nn.Linear(4, 3), nn.Softmax(dim=1)), (6, 6, 2)),
+}
+for name, (model, (h, w, c)) in models.items():
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    save_file(model.state_dict(), f"{out}/{name}.safetensors")
+    x = torch.rand(4, h, w, c)
+    with torch.no_grad():
+        p = model(x.permute(0, 3, 1, 2))
+    for suffix, t in (("in", x), ("out", p)):
+        v = t.flatten().tolist()
+        open(f"{out}/{name}.{suffix}", "wb").write(struct.pack(f"<{len(v)}f", *v))
+state = models["mnist"][0].state_dict()
+save_file({("features." + k): v for k, v in state.items()}, f"{out}/renamed.safetensors")
+save_file({k: v.double() for k, v in state.items()}, f"{out}/double.safetensors")
+"#;
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[test]
+fn pytorch_state_dicts_load_into_convkit_with_the_same_probabilities() {
+    use convkit::pytorch::{weights_from_state_dict, FlattenOrder};
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(TORCH_MODELS)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let batchnorm = common::small_specs()
+        .into_iter()
+        .find(|s| s.name == "small-batchnorm")
+        .unwrap();
+    let cases = [
+        ("mnist", Sequential::preset("tutorial-mnist").unwrap()),
+        ("batchnorm", batchnorm),
+    ];
+    for engine in common::end_to_end_engines() {
+        for (name, spec) in &cases {
+            let path = dir.path().join(format!("{name}.safetensors"));
+            let weights = weights_from_state_dict(&path, spec, FlattenOrder::ChannelsFirst)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let compile = Compile::new(Optimizer::adam(), Loss::SparseCategoricalCrossentropy);
+            let model =
+                Model::with_weights(spec.clone(), compile, engine.as_ref(), &weights).unwrap();
+            let [h, w, c] = spec.input_shape;
+            let x = convkit::ndarray::Array4::from_shape_vec(
+                (4, h, w, c),
+                read_f32(&dir.path().join(format!("{name}.in"))),
+            )
+            .unwrap();
+            let got = model.predict_batch(x.view()).unwrap();
+            let want = read_f32(&dir.path().join(format!("{name}.out")));
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-5,
+                "{name} on {}: differs from PyTorch by {worst:e}",
+                engine.name()
+            );
+        }
+    }
+    // Files that do not fit name the first tensor that does not.
+    let mnist = Sequential::preset("tutorial-mnist").unwrap();
+    let error = |file: &str, spec: &Sequential| {
+        weights_from_state_dict(&dir.path().join(file), spec, FlattenOrder::ChannelsFirst)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = error("renamed.safetensors", &mnist);
+    assert!(
+        err.contains("features.0.") && err.contains("torch.nn.Sequential"),
+        "{err}"
+    );
+    let err = error("double.safetensors", &mnist);
+    assert!(err.contains("expected dtype F32, found F64"), "{err}");
+    let err = error(
+        "mnist.safetensors",
+        &Sequential::preset("tutorial-mnist-3conv").unwrap(),
+    );
+    assert!(
+        err.contains("tensor `7.weight`")
+            && err
+                .contains("expected shape [64, 64, 3, 3] for `conv2d_2.weight`, found [128, 1600]"),
+        "{err}"
+    );
+    let err = error("batchnorm.safetensors", &mnist);
+    assert!(err.contains("tensor `0.weight`"), "{err}");
+
+    // From the command line: the PyTorch base, frozen, with a new head, fine-tuned.
+    let run = dir.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_convkit"))
+        .args(["train", "--model", "tutorial-mnist", "--init-pytorch"])
+        .arg(dir.path().join("mnist.safetensors"))
+        .args([
+            "--freeze",
+            "5",
+            "--new-head",
+            "10",
+            "--epochs",
+            "1",
+            "--limit",
+            "64",
+        ])
+        .args(["--quiet", "--out"])
+        .arg(&run)
+        .env("CONVKIT_DATA", common::data_dir())
+        .env("CONVKIT_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tuned = Checkpoint::load(&run).unwrap();
+    let base = weights_from_state_dict(
+        &dir.path().join("mnist.safetensors"),
+        &mnist,
+        FlattenOrder::ChannelsFirst,
+    )
+    .unwrap();
+    assert_eq!(
+        tuned.weights.get("conv2d.weight").unwrap(),
+        base.get("conv2d.weight").unwrap(),
+        "the frozen base keeps PyTorch's weights"
+    );
+}

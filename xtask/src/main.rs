@@ -409,7 +409,7 @@ fn setup_libtorch() -> Result<()> {
     let installed = Command::new(&python)
         .args([
             "-c",
-            "import importlib.metadata as m; print(m.version('torch'), m.version('safetensors'))",
+            "import importlib.metadata as m; print(m.version('torch'), m.version('numpy'), m.version('packaging'), m.version('safetensors'))",
         ])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
@@ -440,10 +440,13 @@ fn setup_libtorch() -> Result<()> {
         run(Command::new("python3").args(["-m", "venv"]).arg(venv()))
             .context("creating .venv (on Debian: apt-get install python3-venv)")?;
     }
-    // safetensors: python/convkit_torch.py reads convkit checkpoints into PyTorch.
+    // safetensors (with packaging and numpy, which its torch module uses):
+    // python/convkit_torch.py and the interop tests read and write state dicts with it.
     pip_install(&[
         &format!("torch=={TORCH_VERSION}"),
         &format!("safetensors=={SAFETENSORS_VERSION}"),
+        "packaging==25.0",
+        "numpy==2.3.5",
     ])?;
     eprintln!(
         "xtask: torch {TORCH_VERSION} installed into .venv in {:.0} s",

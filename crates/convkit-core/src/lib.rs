@@ -17,6 +17,7 @@ pub mod io;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod pytorch;
 pub mod search;
 pub mod spec;
 pub mod table;

@@ -208,6 +208,20 @@ impl Model {
         self.predict_indices(ds, &indices, batch_size)
     }
 
+    /// Probabilities `[n, classes]` for a batch of already normalised images `[n, H, W, C]`
+    /// (Keras' `predict` on an array), in one engine call.
+    pub fn predict_batch(&self, x: ndarray::ArrayView4<'_, f32>) -> Result<Array2<f32>> {
+        let [h, w, c] = self.spec.input_shape;
+        let (_, xh, xw, xc) = x.dim();
+        if (xh, xw, xc) != (h, w, c) {
+            return Err(Error::Shape {
+                expected: format!("images of {h}×{w}×{c} (the model's input)"),
+                found: format!("a batch of {xh}×{xw}×{xc} images"),
+            });
+        }
+        self.network.predict(x)
+    }
+
     fn predict_indices(
         &self,
         ds: &Dataset,

@@ -141,8 +141,16 @@ struct TrainArgs {
     lr_schedule: Option<LrSchedule>,
     /// Start from a trained checkpoint (its model replaces --model): fine-tuning, possibly on
     /// another engine than the one it was trained on.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "init_pytorch")]
     init_weights: Option<PathBuf>,
+    /// Start from a PyTorch torch.nn.Sequential's state_dict saved with safetensors, whose
+    /// layers match --model (matched by position, shapes checked).
+    #[arg(long)]
+    init_pytorch: Option<PathBuf>,
+    /// How that PyTorch model flattened images before its first Linear: chw (nn.Flatten on
+    /// NCHW, a model written in PyTorch) or hwc (Keras' order, as python/convkit_torch.py's).
+    #[arg(long, default_value = "chw", value_parser = parse_flatten_order)]
+    pytorch_flatten: convkit::pytorch::FlattenOrder,
     /// Freeze the first N layers (they keep their weights; saved in the checkpoint).
     #[arg(long)]
     freeze: Option<usize>,
@@ -233,6 +241,14 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn parse_flatten_order(text: &str) -> Result<convkit::pytorch::FlattenOrder, String> {
+    match text {
+        "chw" => Ok(convkit::pytorch::FlattenOrder::ChannelsFirst),
+        "hwc" => Ok(convkit::pytorch::FlattenOrder::ChannelsLast),
+        other => Err(format!("expected chw or hwc, found `{other}`")),
     }
 }
 
@@ -344,16 +360,19 @@ fn verbosity(quiet: bool) -> Verbosity {
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     // The starting point: a preset/spec with fresh weights, or a trained checkpoint.
-    let (mut spec, start, normalisation) = match &args.init_weights {
-        Some(path) => {
+    let model_spec = || Sequential::from_preset_or_file_within(&args.model, &args.size.limits());
+    let (mut spec, start, normalisation) = match (&args.init_weights, &args.init_pytorch) {
+        (Some(path), _) => {
             let ckpt = Checkpoint::load_within(path, &args.size.limits())?;
             (ckpt.spec, Some(ckpt.weights), ckpt.meta.normalisation)
         }
-        None => (
-            Sequential::from_preset_or_file_within(&args.model, &args.size.limits())?,
-            None,
-            Normalisation::Rescale,
-        ),
+        (None, Some(path)) => {
+            let spec = model_spec()?;
+            let weights =
+                convkit::pytorch::weights_from_state_dict(path, &spec, args.pytorch_flatten)?;
+            (spec, Some(weights), Normalisation::Rescale)
+        }
+        (None, None) => (model_spec()?, None, Normalisation::Rescale),
     };
     if let Some(k) = args.new_head {
         spec = spec.with_new_head(k)?;
