@@ -87,17 +87,8 @@ fn checkpoints_load_into_pytorch_with_the_same_probabilities() {
         String::from_utf8_lossy(&out.stderr)
     );
     for (i, (name, want)) in expected.iter().enumerate() {
-        let bytes = std::fs::read(dir.path().join(format!("{i}.out"))).unwrap();
-        let got: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        assert_eq!(got.len(), want.len(), "{name}: output size");
-        let worst = got
-            .iter()
-            .zip(want.iter())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let got = read_f32(&dir.path().join(format!("{i}.out")));
+        let worst = max_abs_diff(want.iter(), &got);
         assert!(
             worst <= 1e-5,
             "{name} on {}: PyTorch's probabilities differ by {worst:e}",
@@ -141,6 +132,12 @@ state = models["mnist"][0].state_dict()
 save_file({("features." + k): v for k, v in state.items()}, f"{out}/renamed.safetensors")
 save_file({k: v.double() for k, v in state.items()}, f"{out}/double.safetensors")
 "#;
+
+/// The largest difference between `a` and `b`, which must be as long.
+fn max_abs_diff<'a>(a: impl ExactSizeIterator<Item = &'a f32>, b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "output sizes differ");
+    a.zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
 
 fn read_f32(path: &Path) -> Vec<f32> {
     std::fs::read(path)
@@ -189,11 +186,7 @@ fn pytorch_state_dicts_load_into_convkit_with_the_same_probabilities() {
             .unwrap();
             let got = model.predict_batch(x.view()).unwrap();
             let want = read_f32(&dir.path().join(format!("{name}.out")));
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = max_abs_diff(got.iter(), &want);
             assert!(
                 worst <= 1e-5,
                 "{name} on {}: differs from PyTorch by {worst:e}",
