@@ -10,7 +10,8 @@
 //! that asks for more than 1 GiB at once aborts the process (the allocator refuses it); the
 //! input being parsed is always in `target/fuzz-work/`.
 //!
-//! `CONVKIT_FUZZ_SECONDS` sets the time per target (default 3, what `cargo xtask test` runs);
+//! `CONVKIT_FUZZ_SECONDS` sets the time per target (default 3, what `cargo xtask test` runs),
+//! `CONVKIT_FUZZ_TARGETS` (comma-separated names) picks targets, e.g. to run halves in parallel;
 //! `cargo xtask fuzz` runs it longer in a release build. Why not cargo-fuzz or afl: both need
 //! nightly or an instrumented build outside cargo's registry crates; this loop finds the
 //! panics and unbounded allocations the parsers are prone to with nothing but stable Rust.
@@ -317,10 +318,23 @@ fn parsers_survive_mutated_inputs() {
         .unwrap_or(0);
     // The parsers' own panics are the finding; keep their messages out of the way.
     std::panic::set_hook(Box::new(|_| {}));
+    let only: Option<Vec<String>> = std::env::var("CONVKIT_FUZZ_TARGETS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let names: Vec<&str> = targets().iter().map(|t| t.name).collect();
+    if let Some(unknown) = only.iter().flatten().find(|n| !names.contains(&n.as_str())) {
+        panic!("CONVKIT_FUZZ_TARGETS names `{unknown}`; the targets are {names:?}");
+    }
     let dir = work_dir();
     std::fs::create_dir_all(&dir).unwrap();
     let mut failures = Vec::new();
     for (i, target) in targets().iter().enumerate() {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|n| n == target.name))
+        {
+            continue;
+        }
         // Every seed must parse, or the loop would only test the error path.
         for (k, s) in target.seeds.iter().enumerate() {
             let path = dir.join(target.file_name);
