@@ -977,6 +977,13 @@ fn fill_targets(targets: &mut Targets, ds: &Dataset, chunk: &[usize]) {
     }
 }
 
+/// convkit's progress bars (epochs, downloads): Keras' `[=====>    ]` look on `template`.
+pub(crate) fn bar_style(template: &'static str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template)
+        .expect("valid template")
+        .progress_chars("=> ")
+}
+
 fn progress_bar(
     verbosity: Verbosity,
     epoch: usize,
@@ -985,13 +992,9 @@ fn progress_bar(
 ) -> Option<indicatif::ProgressBar> {
     (verbosity == Verbosity::Bar).then(|| {
         let bar = indicatif::ProgressBar::new(batches as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "Epoch {prefix} [{bar:30}] {pos}/{len} - ETA {eta} - {msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
+        bar.set_style(bar_style(
+            "Epoch {prefix} [{bar:30}] {pos}/{len} - ETA {eta} - {msg}",
+        ));
         bar.set_prefix(format!("{epoch}/{epochs}"));
         bar
     })

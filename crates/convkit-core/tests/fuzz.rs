@@ -324,14 +324,16 @@ fn parsers_survive_mutated_inputs() {
     let only: Option<Vec<String>> = std::env::var("CONVKIT_FUZZ_TARGETS")
         .ok()
         .map(|v| v.split(',').map(str::to_string).collect());
-    let names: Vec<&str> = targets().iter().map(|t| t.name).collect();
+    // Built once: making the checkpoint seed writes a file.
+    let targets = targets();
+    let names: Vec<&str> = targets.iter().map(|t| t.name).collect();
     if let Some(unknown) = only.iter().flatten().find(|n| !names.contains(&n.as_str())) {
         panic!("CONVKIT_FUZZ_TARGETS names `{unknown}`; the targets are {names:?}");
     }
     let dir = work_dir();
     std::fs::create_dir_all(&dir).unwrap();
     let mut failures = Vec::new();
-    for (i, target) in targets().iter().enumerate() {
+    for (i, target) in targets.iter().enumerate() {
         if only
             .as_ref()
             .is_some_and(|o| !o.iter().any(|n| n == target.name))

@@ -315,13 +315,9 @@ impl Progress {
                 Some(n) => indicatif::ProgressBar::new(n),
                 None => indicatif::ProgressBar::no_length(),
             };
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
+            bar.set_style(crate::train::bar_style(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            ));
             bar.set_message(format!("downloading {url}"));
             Progress::Bar(bar)
         } else {
