@@ -50,6 +50,7 @@ pub mod prelude {
     pub use convkit_core::data::{one_hot, synthetic, DatasetName, Locator, Split};
     #[cfg(feature = "evcxr")]
     pub use convkit_core::display::{Rich, Table};
+    pub use convkit_core::onnx::OnnxExport;
     pub use convkit_core::plot::{ConfusionHeatmap, Figure, SampleGrid, TrainingCurves};
     pub use convkit_core::weights::{Checkpoint, CheckpointMeta};
     pub use convkit_core::{

@@ -2,7 +2,8 @@
 //!
 //! - `setup`     install what the tests and tutorials need: Debian's dataset-fashion-mnist and
 //!               mesa-vulkan-drivers (lavapipe, for burn-wgpu without a GPU), and torch==2.9.0
-//!               from PyPI into `.venv` for the tch engine (unless LIBTORCH is set)
+//!               from PyPI into `.venv` for the tch engine (unless LIBTORCH is set), with
+//!               safetensors, onnx and onnxruntime for the interop tests
 //! - `test`      setup, each engine feature built alone, then every test of the workspace
 //!               and every notebook on a small subset (what CI runs)
 //! - `notebooks` setup, then run the evcxr notebooks: on the CI subset, or with `--full` as
@@ -330,8 +331,16 @@ pub(crate) fn apt_install(packages: &[DebianPackage]) -> Result<()> {
 
 /// The PyTorch release tch 0.22 is built against; libtorch must match it exactly.
 const TORCH_VERSION: &str = "2.9.0";
-/// The safetensors package `python/convkit_torch.py` reads checkpoints with.
-const SAFETENSORS_VERSION: &str = "0.6.2";
+/// The Python packages besides torch, pinned: safetensors (with packaging and numpy, which its
+/// torch module uses) for `python/convkit_torch.py` and the PyTorch interop tests; onnx and
+/// onnxruntime for `python/convkit_onnx.py`, which checks and runs ONNX exports.
+const PYTHON_PACKAGES: [(&str, &str); 5] = [
+    ("safetensors", "0.6.2"),
+    ("packaging", "25.0"),
+    ("numpy", "2.3.5"),
+    ("onnx", "1.23.2"),
+    ("onnxruntime", "1.32.0"),
+];
 
 fn venv() -> PathBuf {
     root().join(".venv")
@@ -406,15 +415,25 @@ fn setup_libtorch() -> Result<()> {
         return Ok(());
     }
     let python = venv().join("bin/python");
+    let wanted: Vec<(&str, &str)> = std::iter::once(("torch", TORCH_VERSION))
+        .chain(PYTHON_PACKAGES)
+        .collect();
+    let query = format!(
+        "import importlib.metadata as m; print(' '.join(m.version(p) for p in {:?}))",
+        wanted.iter().map(|(name, _)| *name).collect::<Vec<_>>()
+    );
     let installed = Command::new(&python)
-        .args([
-            "-c",
-            "import importlib.metadata as m; print(m.version('torch'), m.version('numpy'), m.version('packaging'), m.version('safetensors'))",
-        ])
+        .args(["-c", &query])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    if installed.starts_with(TORCH_VERSION) && installed.ends_with(SAFETENSORS_VERSION) {
+    let pinned: Vec<&str> = wanted.iter().map(|(_, version)| *version).collect();
+    // torch reports `2.9.0+cpu` or `2.9.0+cu128` for the same release.
+    let versions: Vec<&str> = installed
+        .split(' ')
+        .map(|v| v.split('+').next().unwrap_or(v))
+        .collect();
+    if versions == pinned {
         return Ok(());
     }
     let start = std::time::Instant::now();
@@ -440,14 +459,11 @@ fn setup_libtorch() -> Result<()> {
         run(Command::new("python3").args(["-m", "venv"]).arg(venv()))
             .context("creating .venv (on Debian: apt-get install python3-venv)")?;
     }
-    // safetensors (with packaging and numpy, which its torch module uses):
-    // python/convkit_torch.py and the interop tests read and write state dicts with it.
-    pip_install(&[
-        &format!("torch=={TORCH_VERSION}"),
-        &format!("safetensors=={SAFETENSORS_VERSION}"),
-        "packaging==25.0",
-        "numpy==2.3.5",
-    ])?;
+    let specs: Vec<String> = wanted
+        .iter()
+        .map(|(name, version)| format!("{name}=={version}"))
+        .collect();
+    pip_install(&specs.iter().map(String::as_str).collect::<Vec<_>>())?;
     eprintln!(
         "xtask: torch {TORCH_VERSION} installed into .venv in {:.0} s",
         start.elapsed().as_secs_f64()

@@ -15,6 +15,7 @@ mod error;
 pub mod init;
 pub mod io;
 pub mod metrics;
+pub mod onnx;
 pub mod optim;
 pub mod plot;
 pub mod pytorch;

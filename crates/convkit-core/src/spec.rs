@@ -595,7 +595,7 @@ impl Sequential {
             .collect()
     }
 
-    fn layer_error(&self, index: usize, message: impl Into<String>) -> Error {
+    pub(crate) fn layer_error(&self, index: usize, message: impl Into<String>) -> Error {
         Error::Layer {
             index,
             name: self.layer_names()[index].clone(),

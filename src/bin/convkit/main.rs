@@ -1,4 +1,4 @@
-//! The `convkit` command line: train, evaluate, predict, summary, backends.
+//! The `convkit` command line: train, evaluate, predict, export, summary, backends, search, compare.
 
 mod compare;
 
@@ -30,6 +30,8 @@ enum Command {
     Evaluate(EvaluateArgs),
     /// Classify image files with saved weights.
     Predict(PredictArgs),
+    /// Export saved weights for other runtimes: an ONNX inference graph.
+    Export(ExportArgs),
     /// Print a model's layers, output shapes and parameter counts.
     Summary {
         /// A preset (tutorial-mnist, ...) or a spec .json.
@@ -215,12 +217,28 @@ struct PredictArgs {
     images: Vec<PathBuf>,
 }
 
+#[derive(Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    size: ModelSize,
+    /// Write an ONNX model (opset 17): input `input` [batch, H, W, C] float32, output
+    /// `probabilities` [batch, classes] ([batch, 1] for a binary model).
+    #[arg(long, value_name = "FILE")]
+    onnx: PathBuf,
+    /// Put the checkpoint's normalisation in the graph, so it takes pixel values 0–255.
+    #[arg(long)]
+    pixels: bool,
+    /// A checkpoint file, or a run folder holding model.safetensors.
+    weights: PathBuf,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Evaluate(args) => evaluate(args),
         Command::Predict(args) => predict(args),
+        Command::Export(args) => export(args),
         Command::Summary { model, size } => {
             Sequential::from_preset_or_file_within(&model, &size.limits())
                 .and_then(|s| s.summary())
@@ -782,6 +800,22 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
         scored.write_predictions_csv(&out.join("predictions.csv"))?;
         println!("wrote {}", out.display());
     }
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let checkpoint = Checkpoint::load_within(&args.weights, &args.size.limits())?;
+    let export = OnnxExport::new().pixels(args.pixels);
+    export.save(&checkpoint, &args.onnx)?;
+    println!(
+        "wrote {} (ONNX opset {}): input `{}` {}; output `{}` [batch, {}]",
+        args.onnx.display(),
+        convkit::onnx::OPSET,
+        convkit::onnx::INPUT,
+        export.input_description(&checkpoint),
+        convkit::onnx::OUTPUT,
+        checkpoint.spec.output_shape()?.numel(),
+    );
     Ok(())
 }
 

@@ -1,6 +1,10 @@
-//! convkit checkpoints in PyTorch: `python/convkit_torch.py` builds the equivalent
-//! `torch.nn.Sequential`, which gives the probabilities convkit gives, for every preset and
-//! every layer type (1e-5). Runs the project's `.venv` python (torch and safetensors, which
+//! convkit models in and out of other frameworks, each round trip to 1e-5 for every preset and
+//! every layer type:
+//! - to PyTorch: `python/convkit_torch.py` builds the equivalent `torch.nn.Sequential`;
+//! - from PyTorch: a `state_dict` saved as safetensors loads into a convkit spec;
+//! - to ONNX: `convkit export --onnx` runs in onnxruntime (`python/convkit_onnx.py`).
+//!
+//! Runs the project's `.venv` python (torch, safetensors, onnx and onnxruntime, which
 //! `cargo xtask setup` installs), or `$CONVKIT_PYTHON`.
 
 mod common;
@@ -14,14 +18,14 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A python with torch and safetensors.
+/// A python with torch, safetensors, onnx and onnxruntime.
 fn python() -> PathBuf {
     let python = std::env::var_os("CONVKIT_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join(".venv/bin/python"));
     assert!(
         python.exists(),
-        "{} not found: run `cargo xtask setup` (it installs torch and safetensors into .venv), or set CONVKIT_PYTHON to a python that has both",
+        "{} not found: run `cargo xtask setup` (it installs torch, safetensors, onnx and onnxruntime into .venv), or set CONVKIT_PYTHON to a python that has them",
         python.display()
     );
     python
@@ -31,29 +35,46 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-#[test]
-fn checkpoints_load_into_pytorch_with_the_same_probabilities() {
+/// A trained model, saved, with a few images and convkit's probabilities for them.
+struct Trained {
+    name: String,
+    checkpoint: PathBuf,
+    /// `[n, H, W, C]` normalised images, raw little-endian f32.
+    inputs: PathBuf,
+    /// The same images' pixel values 0–255.
+    pixels: PathBuf,
+    probabilities: convkit::ndarray::Array2<f32>,
+}
+
+/// Every preset and every small spec (all layer types), trained for one epoch of SGD so biases
+/// and moving statistics are not their initial values, on the first end-to-end engine. Half
+/// the models were trained on `x / 255`, half on per-channel mean/std.
+fn trained_models(dir: &Path) -> Vec<Trained> {
     let engine = common::end_to_end_engines().remove(0);
-    let dir = tempfile::tempdir().unwrap();
     let mut specs: Vec<Sequential> = convkit::spec::PRESETS
         .iter()
         .map(|p| Sequential::preset(p).unwrap())
         .collect();
     specs.extend(common::small_specs());
-    let mut args = vec![root().join("python/convkit_torch.py")];
-    let mut expected = Vec::new();
+    let mut trained = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
         let [h, w, c] = spec.input_shape;
         let classes = spec.class_count().unwrap();
-        let data = synthetic(16, ImageShape::new(h, w, c), classes.max(2), i as u64)
-            .unwrap()
-            .normalise(Normalisation::Rescale);
+        let normalisation = if i % 2 == 0 {
+            Normalisation::Rescale
+        } else {
+            Normalisation::MeanStd {
+                mean: (0..c).map(|k| 0.4 + 0.05 * k as f32).collect(),
+                std: (0..c).map(|k| 0.2 + 0.03 * k as f32).collect(),
+            }
+        };
+        let raw = synthetic(16, ImageShape::new(h, w, c), classes.max(2), i as u64).unwrap();
+        let data = raw.clone().normalise(normalisation.clone());
         let loss = if spec.output_shape().unwrap().numel() == 1 {
             Loss::BinaryCrossentropy
         } else {
             Loss::SparseCategoricalCrossentropy
         };
-        // One epoch of SGD, so biases and moving statistics are not their initial values.
         let compile = Compile::new(Optimizer::sgd().with_learning_rate(0.05), loss);
         let mut model = Model::new(spec.clone(), compile, engine.as_ref(), 7).unwrap();
         model
@@ -63,38 +84,134 @@ fn checkpoints_load_into_pytorch_with_the_same_probabilities() {
             .verbosity(Verbosity::Silent)
             .run()
             .unwrap();
-        let checkpoint = dir.path().join(format!("{i}.safetensors"));
-        model
-            .checkpoint(CheckpointMeta::default())
-            .unwrap()
-            .save(&checkpoint)
-            .unwrap();
-        let probe = data.select(&[0, 5, 10, 15]);
-        let mut x = convkit::ndarray::Array4::zeros((probe.len(), h, w, c));
-        probe
-            .fill_batch(&(0..probe.len()).collect::<Vec<_>>(), x.view_mut())
-            .unwrap();
-        let inputs = dir.path().join(format!("{i}.in"));
-        std::fs::write(&inputs, f32_bytes(x.as_slice().unwrap())).unwrap();
-        let probabilities = model.predict(&probe, 4).unwrap();
-        expected.push((spec.name.clone(), probabilities));
-        args.extend([checkpoint, inputs, dir.path().join(format!("{i}.out"))]);
+        let checkpoint = dir.join(format!("{i}.safetensors"));
+        let meta = CheckpointMeta {
+            normalisation,
+            ..CheckpointMeta::default()
+        };
+        model.checkpoint(meta).unwrap().save(&checkpoint).unwrap();
+        let probe = [0, 5, 10, 15];
+        let batch = |ds: &Dataset| {
+            let mut x = convkit::ndarray::Array4::zeros((probe.len(), h, w, c));
+            ds.select(&probe)
+                .fill_batch(&[0, 1, 2, 3], x.view_mut())
+                .unwrap();
+            x
+        };
+        let (inputs, pixels) = (dir.join(format!("{i}.in")), dir.join(format!("{i}.pixels")));
+        std::fs::write(&inputs, f32_bytes(batch(&data).as_slice().unwrap())).unwrap();
+        std::fs::write(&pixels, f32_bytes(batch(&raw).as_slice().unwrap())).unwrap();
+        let probabilities = model.predict(&data.select(&probe), 4).unwrap();
+        trained.push(Trained {
+            name: format!("{} on {}", spec.name, engine.name()),
+            checkpoint,
+            inputs,
+            pixels,
+            probabilities,
+        });
     }
-    let out = Command::new(python()).args(&args).output().unwrap();
+    trained
+}
+
+/// Runs `python/SCRIPT` with `args`; panics with its stderr when it fails.
+fn run_python(script: &str, args: &[PathBuf]) {
+    let out = Command::new(python())
+        .arg(root().join("python").join(script))
+        .args(args)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
-        "convkit_torch.py failed:\n{}",
+        "{script} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for (i, (name, want)) in expected.iter().enumerate() {
-        let got = read_f32(&dir.path().join(format!("{i}.out")));
-        let worst = max_abs_diff(want.iter(), &got);
+}
+
+#[test]
+fn checkpoints_load_into_pytorch_with_the_same_probabilities() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = trained_models(dir.path());
+    let mut args = Vec::new();
+    for (i, m) in models.iter().enumerate() {
+        let out = dir.path().join(format!("{i}.torch"));
+        args.extend([m.checkpoint.clone(), m.inputs.clone(), out]);
+    }
+    run_python("convkit_torch.py", &args);
+    for (i, m) in models.iter().enumerate() {
+        let got = read_f32(&dir.path().join(format!("{i}.torch")));
+        let worst = max_abs_diff(m.probabilities.iter(), &got);
         assert!(
             worst <= 1e-5,
-            "{name} on {}: PyTorch's probabilities differ by {worst:e}",
-            engine.name()
+            "{}: PyTorch's probabilities differ by {worst:e}",
+            m.name
         );
     }
+}
+
+#[test]
+fn onnx_exports_run_in_onnxruntime_with_the_same_probabilities() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = trained_models(dir.path());
+    let mut args = Vec::new();
+    for (i, m) in models.iter().enumerate() {
+        // From Rust: the graph takes normalised images, as `predict_batch` does.
+        let checkpoint = Checkpoint::load(&m.checkpoint).unwrap();
+        let normalised = dir.path().join(format!("{i}.onnx"));
+        OnnxExport::new().save(&checkpoint, &normalised).unwrap();
+        args.extend([
+            normalised,
+            m.inputs.clone(),
+            dir.path().join(format!("{i}.ort")),
+        ]);
+        // From the command line, with the normalisation in the graph: it takes pixel values.
+        let pixels = dir.path().join(format!("{i}-pixels.onnx"));
+        let out = Command::new(env!("CARGO_BIN_EXE_convkit"))
+            .args(["export", "--pixels", "--onnx"])
+            .arg(&pixels)
+            .arg(&m.checkpoint)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("pixel values 0–255 (the graph normalises"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        args.extend([
+            pixels,
+            m.pixels.clone(),
+            dir.path().join(format!("{i}.ort-pixels")),
+        ]);
+    }
+    run_python("convkit_onnx.py", &args);
+    for (i, m) in models.iter().enumerate() {
+        for suffix in ["ort", "ort-pixels"] {
+            let got = read_f32(&dir.path().join(format!("{i}.{suffix}")));
+            let worst = max_abs_diff(m.probabilities.iter(), &got);
+            assert!(
+                worst <= 1e-5,
+                "{} ({suffix}): onnxruntime's probabilities differ by {worst:e}",
+                m.name
+            );
+        }
+    }
+
+    // A file that is not a checkpoint is named, and nothing is written.
+    let bad = dir.path().join("bad.safetensors");
+    std::fs::write(&bad, b"\x10\0\0\0\0\0\0\0{\"a\": 1}").unwrap();
+    let target = dir.path().join("bad.onnx");
+    let out = Command::new(env!("CARGO_BIN_EXE_convkit"))
+        .args(["export", "--onnx"])
+        .arg(&target)
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("bad.safetensors"),
+        "{stderr}"
+    );
+    assert!(!target.exists(), "no ONNX file for a bad checkpoint");
 }
 
 /// PyTorch models written the PyTorch way (nn.Flatten on NCHW), their state_dicts saved with
