@@ -748,3 +748,91 @@ fn a_changed_learning_rate_reaches_the_engine() {
         );
     }
 }
+
+/// A resumed run continues with the optimizer's slots and step count: state taken after two
+/// steps on the reference engine and loaded into any engine gives, after a third step, what the
+/// reference engine's own third step gives. Moving statistics are not optimizer variables.
+#[test]
+fn optimizer_state_moves_between_engines() {
+    let engines = engines();
+    let r = reference_engine(&engines);
+    let spec = small_specs()
+        .into_iter()
+        .find(|s| s.name == "small-batchnorm")
+        .unwrap();
+    let weights = init::glorot_uniform(&spec, 5).unwrap();
+    let x = batch(4, spec.input_shape, 6);
+    let y = targets(Loss::SparseCategoricalCrossentropy, 4, 3);
+    let optimizers = [
+        Optimizer::sgd().with_momentum(0.9).unwrap(),
+        Optimizer::adam(),
+        Optimizer::Rmsprop {
+            learning_rate: 0.01,
+            rho: 0.8,
+            momentum: 0.5,
+            epsilon: 1e-7,
+            centered: true,
+        },
+    ];
+    for opt in optimizers {
+        let compile = Compile::new(opt.clone(), Loss::SparseCategoricalCrossentropy);
+        let mut source =
+            Model::with_weights(spec.clone(), compile.clone(), engines[r].as_ref(), &weights)
+                .unwrap();
+        for _ in 0..2 {
+            source.network_mut().train_step(x.view(), &y).unwrap();
+        }
+        let state = source.network_mut().optimizer_state().unwrap();
+        let midway = source.weights().unwrap();
+        assert_eq!(state.step, 2);
+        assert!(
+            !state.slots.keys().any(|k| k.contains("moving")),
+            "{:?}",
+            state.slots.keys()
+        );
+        source.network_mut().train_step(x.view(), &y).unwrap();
+        let want = source.weights().unwrap();
+        for e in &engines {
+            let mut resumed =
+                Model::with_weights(spec.clone(), compile.clone(), e.as_ref(), &midway).unwrap();
+            resumed.network_mut().set_optimizer_state(&state).unwrap();
+            assert_eq!(
+                resumed.network_mut().optimizer_state().unwrap(),
+                state,
+                "{}: {opt:?}: the state reads back as it was loaded",
+                e.name()
+            );
+            resumed.network_mut().train_step(x.view(), &y).unwrap();
+            let (name, d) = worst(&resumed.weights().unwrap().max_abs_diff(&want).unwrap());
+            assert!(
+                d <= tol::STEP,
+                "{} resumed from {}'s state: {opt:?}: tensor `{name}` differs by {d:e}",
+                e.name(),
+                engines[r].name()
+            );
+            // A slot that does not fit is named.
+            let mut bad = state.clone();
+            let (key, t) = bad.slots.iter_mut().next().unwrap();
+            let key = key.clone();
+            t.shape = vec![t.data.len() + 1];
+            t.data.push(0.0);
+            let err = resumed
+                .network_mut()
+                .set_optimizer_state(&bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("optimizer/{key}")), "{err}");
+            let mut unknown = state.clone();
+            unknown.slots.insert(
+                "conv2d.weight/z".into(),
+                state.slots.values().next().unwrap().clone(),
+            );
+            let err = resumed
+                .network_mut()
+                .set_optimizer_state(&unknown)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("optimizer/conv2d.weight/z"), "{err}");
+        }
+    }
+}

@@ -334,7 +334,13 @@ impl Variable {
 
     /// The value as a canonical host tensor.
     fn download(&self) -> Result<CoreTensor> {
-        let data = read(self.value.clone())?;
+        self.download_like(&self.value)
+    }
+
+    /// `t`, laid out as this variable is (its value or an optimizer slot), as a canonical
+    /// host tensor.
+    fn download_like(&self, t: &Tensor<1>) -> Result<CoreTensor> {
+        let data = read(t.clone())?;
         let data = if self.transposed {
             transpose(&data, self.shape[0], self.shape[1])
         } else {
@@ -778,5 +784,42 @@ impl EngineNetwork for BurnNetwork {
             v.value = value;
         }
         Ok(())
+    }
+
+    type Param = Param;
+
+    fn slots(&self) -> Vec<(&str, &Slots<Param>)> {
+        self.vars
+            .iter()
+            .filter(|v| v.optimized)
+            .map(|v| (v.name.as_str(), &v.slots))
+            .collect()
+    }
+
+    fn slots_mut(&mut self) -> Vec<&mut Slots<Param>> {
+        self.vars
+            .iter_mut()
+            .filter(|v| v.optimized)
+            .map(|v| &mut v.slots)
+            .collect()
+    }
+
+    fn param_to_host(&self, variable: &str, param: &Param) -> Result<CoreTensor> {
+        self.variable(variable)?.download_like(&param.0)
+    }
+
+    fn param_from_host(&self, variable: &str, tensor: &CoreTensor) -> Result<Param> {
+        Ok(Param(
+            self.variable(variable)?.upload(tensor, &self.device)?,
+        ))
+    }
+}
+
+impl BurnNetwork {
+    fn variable(&self, name: &str) -> Result<&Variable> {
+        self.vars
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| Error::Unsupported(format!("the model has no variable `{name}`")))
     }
 }

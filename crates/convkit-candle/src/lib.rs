@@ -445,6 +445,37 @@ impl CandleNetwork {
     }
 }
 
+/// A device tensor as a canonical host tensor (candle's layouts are canonical).
+fn download(t: &Tensor) -> Result<CoreTensor> {
+    Ok(CoreTensor {
+        shape: t.dims().to_vec(),
+        data: t.flatten_all()?.to_vec1::<f32>()?,
+    })
+}
+
+impl CandleNetwork {
+    /// `t` on the device, checked against the shape of the variable `name`.
+    fn upload(&self, name: &str, t: &CoreTensor) -> Result<Tensor> {
+        let v = self
+            .vars
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| Error::Unsupported(format!("the model has no variable `{name}`")))?;
+        let expected = v.var.as_tensor().dims();
+        if t.shape != expected {
+            return Err(Error::Unsupported(format!(
+                "tensor `{name}`: expected shape {expected:?}, found {:?}",
+                t.shape
+            )));
+        }
+        Ok(Tensor::from_slice(
+            &t.data,
+            t.shape.as_slice(),
+            &self.device,
+        )?)
+    }
+}
+
 /// Non-overlapping max pooling with Keras'/PyTorch's gradient: all of it to the first
 /// maximum of each window. candle's own `max_pool2d` backward (0.11.1) scales the gradient by
 /// the share of maxima in the window (¼ for a unique maximum in 2×2), and its `max` reduction
@@ -580,15 +611,7 @@ impl EngineNetwork for CandleNetwork {
     fn weights(&self) -> Result<Weights> {
         let mut w = Weights::default();
         for v in &self.vars {
-            let t = v.var.as_tensor();
-            let data = t.flatten_all()?.to_vec1::<f32>()?;
-            w.insert(
-                v.name.clone(),
-                CoreTensor {
-                    shape: t.dims().to_vec(),
-                    data,
-                },
-            );
+            w.insert(v.name.clone(), download(v.var.as_tensor())?);
         }
         Ok(w)
     }
@@ -598,20 +621,34 @@ impl EngineNetwork for CandleNetwork {
             let t = weights
                 .get(&v.name)
                 .map_err(|e| Error::Unsupported(e.to_string()))?;
-            if t.shape != v.var.as_tensor().dims() {
-                return Err(Error::Unsupported(format!(
-                    "tensor `{}`: expected shape {:?}, found {:?}",
-                    v.name,
-                    v.var.as_tensor().dims(),
-                    t.shape
-                )));
-            }
-            v.var.set(&Tensor::from_slice(
-                &t.data,
-                t.shape.as_slice(),
-                &self.device,
-            )?)?;
+            v.var.set(&self.upload(&v.name, t)?)?;
         }
         Ok(())
+    }
+
+    type Param = Param;
+
+    fn slots(&self) -> Vec<(&str, &Slots<Param>)> {
+        self.vars
+            .iter()
+            .filter(|v| v.optimized)
+            .map(|v| (v.name.as_str(), &v.slots))
+            .collect()
+    }
+
+    fn slots_mut(&mut self) -> Vec<&mut Slots<Param>> {
+        self.vars
+            .iter_mut()
+            .filter(|v| v.optimized)
+            .map(|v| &mut v.slots)
+            .collect()
+    }
+
+    fn param_to_host(&self, _variable: &str, param: &Param) -> Result<CoreTensor> {
+        download(&param.0)
+    }
+
+    fn param_from_host(&self, variable: &str, tensor: &CoreTensor) -> Result<Param> {
+        Ok(Param(self.upload(variable, tensor)?))
     }
 }

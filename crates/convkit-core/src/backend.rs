@@ -5,7 +5,7 @@
 use ndarray::{Array2, ArrayView4};
 
 use crate::compile::Compile;
-use crate::optim::Training;
+use crate::optim::{OptimizerState, Slots, TensorMath, Training};
 use crate::spec::Sequential;
 use crate::weights::Weights;
 use crate::Result;
@@ -79,6 +79,11 @@ pub trait Network {
     fn set_trainable(&mut self, layer: usize, trainable: bool) -> Result<()>;
     /// Change the learning rate used from the next step on (schedules, ReduceLROnPlateau).
     fn set_learning_rate(&mut self, learning_rate: f64);
+    /// The optimizer's step count and slots, copied to the host (for a resumable backup).
+    fn optimizer_state(&mut self) -> Result<OptimizerState>;
+    /// Continue from `state` (from [`Network::optimizer_state`] on any engine): the step count
+    /// and every slot are replaced; a slot of the wrong size is an error naming it.
+    fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()>;
 }
 
 /// What an engine writes for its network, in its own error type. Core turns every
@@ -88,8 +93,28 @@ pub trait EngineNetwork {
     type Error: std::fmt::Display;
     /// The engine's CLI name, e.g. `burn-flex`, for error messages.
     fn engine(&self) -> &str;
+    /// The engine's device tensor, as core's optimizer rules see it.
+    type Param: TensorMath;
     /// The optimizer bookkeeping the network steps with.
     fn training_mut(&mut self) -> &mut Training;
+    /// Every variable the optimizer steps, by name, with its optimizer slots.
+    fn slots(&self) -> Vec<(&str, &Slots<Self::Param>)>;
+    /// The same slots, mutable, in the same order.
+    fn slots_mut(&mut self) -> Vec<&mut Slots<Self::Param>>;
+    /// A tensor laid out as `variable` is on the device, copied to the host in the canonical
+    /// layout (as [`EngineNetwork::weights`] gives it).
+    fn param_to_host(
+        &self,
+        variable: &str,
+        param: &Self::Param,
+    ) -> std::result::Result<crate::weights::Tensor, Self::Error>;
+    /// A canonical host tensor of `variable`'s shape on the device, laid out as the variable
+    /// is; a tensor of another shape is an error.
+    fn param_from_host(
+        &self,
+        variable: &str,
+        tensor: &crate::weights::Tensor,
+    ) -> std::result::Result<Self::Param, Self::Error>;
     /// See [`Network::train_step`]; core has checked that `y` has one target per image.
     fn train_step(
         &mut self,
@@ -129,5 +154,56 @@ impl<N: EngineNetwork> Network for N {
     }
     fn set_learning_rate(&mut self, learning_rate: f64) {
         self.training_mut().set_learning_rate(learning_rate);
+    }
+    fn optimizer_state(&mut self) -> Result<OptimizerState> {
+        let mut slots = std::collections::BTreeMap::new();
+        for (variable, variable_slots) in self.slots() {
+            for (slot, param) in variable_slots.named() {
+                if let Some(param) = param {
+                    let tensor = self
+                        .param_to_host(variable, param)
+                        .map_err(|e| crate::Error::engine(self.engine(), e))?;
+                    slots.insert(format!("{variable}/{slot}"), tensor);
+                }
+            }
+        }
+        let step = self.training_mut().step_count();
+        Ok(OptimizerState { step, slots })
+    }
+    fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {
+        let mut restored = Vec::new();
+        let mut known = std::collections::BTreeSet::new();
+        for (variable, _) in self.slots() {
+            let mut load = |slot: &str| -> Result<Option<N::Param>> {
+                let key = format!("{variable}/{slot}");
+                let param = match state.slots.get(&key) {
+                    Some(t) => Some(self.param_from_host(variable, t).map_err(|e| {
+                        crate::Error::Weights {
+                            tensor: format!("optimizer/{key}"),
+                            message: e.to_string(),
+                        }
+                    })?),
+                    None => None,
+                };
+                known.insert(key);
+                Ok(param)
+            };
+            restored.push(Slots {
+                m: load("m")?,
+                v: load("v")?,
+                mg: load("mg")?,
+            });
+        }
+        if let Some(unknown) = state.slots.keys().find(|k| !known.contains(*k)) {
+            return Err(crate::Error::Weights {
+                tensor: format!("optimizer/{unknown}"),
+                message: "this model has no such optimizer slot (its trainable variables have m, v or mg)".into(),
+            });
+        }
+        for (slots, new) in self.slots_mut().into_iter().zip(restored) {
+            *slots = new;
+        }
+        self.training_mut().set_step_count(state.step);
+        Ok(())
     }
 }

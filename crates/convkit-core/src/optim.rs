@@ -24,6 +24,28 @@ pub trait TensorMath: Sized {
     fn sum(&self) -> Result<f64>;
 }
 
+/// The optimizer's state between steps, on the host: what a resumed run needs to continue
+/// exactly where it stopped (Keras' `optimizer.variables`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OptimizerState {
+    /// Updates applied so far (Keras' `iterations`).
+    pub step: u64,
+    /// Each slot that exists, keyed `VARIABLE/SLOT` (`conv2d.weight/m`), in the variable's
+    /// canonical layout (as [`crate::Weights`]).
+    pub slots: std::collections::BTreeMap<String, crate::weights::Tensor>,
+}
+
+impl<T> Slots<T> {
+    /// The slots by name (`m`, `v`, `mg`), those not created yet as `None`.
+    pub fn named(&self) -> [(&'static str, Option<&T>); 3] {
+        [
+            ("m", self.m.as_ref()),
+            ("v", self.v.as_ref()),
+            ("mg", self.mg.as_ref()),
+        ]
+    }
+}
+
 /// Per-parameter optimizer state (Keras' "slots"), created on first use.
 #[derive(Debug)]
 pub struct Slots<T> {
@@ -319,6 +341,16 @@ impl Training {
     /// Count one optimizer step (Keras counts it even when every layer is frozen).
     pub fn begin_step(&mut self) {
         self.step += 1;
+    }
+
+    /// Updates applied so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Continue counting from `step` updates (a resumed run).
+    pub fn set_step_count(&mut self, step: u64) {
+        self.step = step;
     }
 
     /// The penalty `l1·Σ|w| + l2·Σw²` that Keras adds to the loss for `layer`'s kernel `w`

@@ -215,7 +215,31 @@ fn to_device(t: &CoreTensor, device: Device) -> Result<Tensor> {
         .f_to_device(device)?)
 }
 
+/// A device tensor as a canonical host tensor (libtorch's layouts are canonical).
+fn download(t: &Tensor) -> Result<CoreTensor> {
+    let shape = t.size().iter().map(|&d| d as usize).collect();
+    let data = Vec::<f32>::try_from(t.detach().f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
+    Ok(CoreTensor { shape, data })
+}
+
 impl TchNetwork {
+    /// `t` on the device, checked against the shape of the variable `name`.
+    fn upload(&self, name: &str, t: &CoreTensor) -> Result<Tensor> {
+        let v = self
+            .vars
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| Error::Unsupported(format!("the model has no variable `{name}`")))?;
+        let expected: Vec<usize> = v.tensor.size().iter().map(|&d| d as usize).collect();
+        if t.shape != expected {
+            return Err(Error::Unsupported(format!(
+                "tensor `{name}`: expected shape {expected:?}, found {:?}",
+                t.shape
+            )));
+        }
+        to_device(t, self.device)
+    }
+
     fn new(
         spec: &Sequential,
         compile: &Compile,
@@ -557,33 +581,46 @@ impl EngineNetwork for TchNetwork {
     fn weights(&self) -> Result<Weights> {
         let mut w = Weights::default();
         for v in &self.vars {
-            let shape = v.tensor.size().iter().map(|&d| d as usize).collect();
-            let data = Vec::<f32>::try_from(
-                v.tensor
-                    .detach()
-                    .f_to_device(Device::Cpu)?
-                    .f_flatten(0, -1)?,
-            )?;
-            w.insert(v.name.clone(), CoreTensor { shape, data });
+            w.insert(v.name.clone(), download(&v.tensor)?);
         }
         Ok(w)
     }
 
     fn set_weights(&mut self, weights: &Weights) -> Result<()> {
-        for v in &mut self.vars {
+        for i in 0..self.vars.len() {
+            let name = &self.vars[i].name;
             let t = weights
-                .get(&v.name)
+                .get(name)
                 .map_err(|e| Error::Unsupported(e.to_string()))?;
-            let expected: Vec<usize> = v.tensor.size().iter().map(|&d| d as usize).collect();
-            if t.shape != expected {
-                return Err(Error::Unsupported(format!(
-                    "tensor `{}`: expected shape {expected:?}, found {:?}",
-                    v.name, t.shape
-                )));
-            }
-            let src = to_device(t, self.device)?;
-            tch::no_grad(|| v.tensor.f_copy_(&src))?;
+            let src = self.upload(name, t)?;
+            tch::no_grad(|| self.vars[i].tensor.f_copy_(&src))?;
         }
         Ok(())
+    }
+
+    type Param = Param;
+
+    fn slots(&self) -> Vec<(&str, &Slots<Param>)> {
+        self.vars
+            .iter()
+            .filter(|v| v.optimized)
+            .map(|v| (v.name.as_str(), &v.slots))
+            .collect()
+    }
+
+    fn slots_mut(&mut self) -> Vec<&mut Slots<Param>> {
+        self.vars
+            .iter_mut()
+            .filter(|v| v.optimized)
+            .map(|v| &mut v.slots)
+            .collect()
+    }
+
+    fn param_to_host(&self, _variable: &str, param: &Param) -> Result<CoreTensor> {
+        download(&param.0)
+    }
+
+    fn param_from_host(&self, variable: &str, tensor: &CoreTensor) -> Result<Param> {
+        Ok(Param(self.upload(variable, tensor)?))
     }
 }
