@@ -1013,3 +1013,122 @@ fn a_huge_model_spec_is_refused_unless_asked_for() {
         text(&o)
     );
 }
+
+/// A run killed after an epoch and continued with `--resume` ends with the weights and history
+/// of a run that was never interrupted: the optimizer's slots, the learning rate lowered by
+/// ReduceLROnPlateau, EarlyStopping's best weights, the shuffle order and the History carry over.
+#[test]
+fn a_killed_run_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut interrupted = Vec::new();
+    for name in listed_engines() {
+        let run = |out: &Path| -> Vec<String> {
+            [
+                "train",
+                "--backend",
+                &name,
+                "--epochs",
+                "3",
+                "--limit",
+                "256",
+                "--optimizer",
+                "adam",
+                "--reduce-lr-on-plateau",
+                "1",
+                "--early-stopping",
+                "5",
+                "--quiet",
+                "--out",
+                out.to_str().unwrap(),
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        let whole = dir.path().join(format!("{name}-whole"));
+        let o = convkit(&run(&whole).iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{name}: {}", text(&o));
+
+        let cut = dir.path().join(format!("{name}-cut"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_convkit"))
+            .args(run(&cut))
+            .env("CONVKIT_DATA", common::data_dir())
+            .env("CONVKIT_OFFLINE", "1")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Killed as soon as an epoch is backed up (later, if the run is quicker than this loop).
+        let start = std::time::Instant::now();
+        while !cut.join("last.safetensors").exists() {
+            assert!(child.try_wait().unwrap().is_none() || cut.join("last.safetensors").exists());
+            assert!(
+                start.elapsed().as_secs() < 300,
+                "{name}: no epoch finished in 5 min"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if !cut.join("model.safetensors").exists() {
+            interrupted.push(name.clone());
+        }
+        let o = convkit(&["train", "--resume", cut.to_str().unwrap()]);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+
+        let load = |run: &Path| convkit::Checkpoint::load(&run.join("model.safetensors")).unwrap();
+        let diffs = load(&cut)
+            .weights
+            .max_abs_diff(&load(&whole).weights)
+            .unwrap();
+        let (tensor, worst) =
+            diffs
+                .into_iter()
+                .fold((String::new(), 0f32), |a, b| if b.1 > a.1 { b } else { a });
+        assert!(
+            worst <= 1e-6,
+            "{name}: resumed `{tensor}` differs by {worst:e}"
+        );
+        // The histories agree but for the epochs' durations.
+        let history = |run: &Path| -> Vec<String> {
+            let csv = std::fs::read_to_string(run.join("history.csv")).unwrap();
+            let seconds = csv
+                .lines()
+                .next()
+                .unwrap()
+                .split(',')
+                .position(|c| c == "seconds");
+            csv.lines()
+                .map(|l| {
+                    let mut cells: Vec<&str> = l.split(',').collect();
+                    cells.remove(seconds.expect("a seconds column"));
+                    cells.join(",")
+                })
+                .collect()
+        };
+        assert_eq!(history(&cut), history(&whole), "{name}");
+        assert!(cut.join("best.safetensors").exists());
+    }
+    assert!(
+        !interrupted.is_empty(),
+        "every run finished before it was killed"
+    );
+    // --resume takes the run's own arguments, and needs a run that finished an epoch.
+    let some_run = dir.path().join("candle-cpu-cut");
+    fails_with(
+        &[
+            "train",
+            "--resume",
+            some_run.to_str().unwrap(),
+            "--epochs",
+            "9",
+        ],
+        &["give no other argument"],
+    );
+    fails_with(
+        &[
+            "train",
+            "--resume",
+            dir.path().join("nothing").to_str().unwrap(),
+        ],
+        &["command.json"],
+    );
+}

@@ -360,3 +360,71 @@ fn a_nan_loss_stops_training_and_keeps_the_last_finite_weights() {
         Checkpoint::load(&dir.path().join("m.safetensors")).unwrap();
     }
 }
+
+/// `Fit::backup` (Keras' BackupAndRestore): a fit that ran one epoch and a fresh model that
+/// continues from its backup end where three uninterrupted epochs end, with augmentation,
+/// RMSprop's slots and a plateau-lowered learning rate in play; other settings are refused.
+#[test]
+fn a_fit_continues_from_its_backup() {
+    let train = mnist(Split::Train, 300);
+    let spec = Sequential::preset("tutorial-mnist").unwrap();
+    let compile = Compile::new(Optimizer::rmsprop(), Loss::SparseCategoricalCrossentropy);
+    let augment = Augment::parse("flip,shift=0.1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for engine in engines() {
+        let fit = |epochs: usize, backup: &std::path::Path, batch_size: usize| {
+            let mut model = Model::new(spec.clone(), compile.clone(), engine.as_ref(), 3).unwrap();
+            let history = model
+                .fit(&train)
+                .epochs(epochs)
+                .batch_size(batch_size)
+                .seed(9)
+                .validation_split(0.2)
+                .augment(augment)
+                .verbosity(Verbosity::Silent)
+                .callback(ReduceLrOnPlateau::new(Monitor::Loss, 1).min_lr(1e-4))
+                .backup(backup)
+                .run()?;
+            Ok::<_, convkit::Error>((history, model.weights().unwrap()))
+        };
+        let whole = dir
+            .path()
+            .join(format!("{}-whole.safetensors", engine.name()));
+        let (history, weights) = fit(3, &whole, 32).unwrap();
+        let cut = dir
+            .path()
+            .join(format!("{}-cut.safetensors", engine.name()));
+        fit(1, &cut, 32).unwrap();
+        let (resumed_history, resumed) = fit(3, &cut, 32).unwrap();
+        let (tensor, worst) = resumed
+            .max_abs_diff(&weights)
+            .unwrap()
+            .into_iter()
+            .fold((String::new(), 0f32), |a, b| if b.1 > a.1 { b } else { a });
+        assert!(
+            worst <= 1e-6,
+            "{}: resumed `{tensor}` differs by {worst:e}",
+            engine.name()
+        );
+        let losses = |h: &convkit::train::History| {
+            h.epochs
+                .iter()
+                .map(|e| (e.loss, e.val_loss, e.learning_rate))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            losses(&resumed_history),
+            losses(&history),
+            "{}",
+            engine.name()
+        );
+        // The backup is a checkpoint too.
+        assert_eq!(Checkpoint::load(&cut).unwrap().weights, resumed);
+        // Another batch size gives other batches: refused, naming what differs.
+        let err = fit(4, &cut, 16).unwrap_err().to_string();
+        assert!(
+            err.contains("another run") && err.contains("batch_size: 32"),
+            "{err}"
+        );
+    }
+}

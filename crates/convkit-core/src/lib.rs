@@ -6,6 +6,7 @@
 pub mod artifacts;
 pub mod augment;
 pub mod backend;
+pub mod backup;
 pub mod compare;
 pub mod compile;
 pub mod data;

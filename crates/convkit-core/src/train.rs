@@ -11,6 +11,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::backend::{Backend, Network, Targets};
+use crate::backup::{self, CallbackState, ExactF64};
 use crate::compile::{Compile, Head, Loss};
 use crate::data::Dataset;
 use crate::metrics::ConfusionMatrix;
@@ -167,6 +168,7 @@ impl Model {
             verbosity: Verbosity::Auto,
             augment: crate::augment::Augment::default(),
             callbacks: Vec::new(),
+            backup: None,
         }
     }
 
@@ -524,6 +526,24 @@ pub trait Callback {
     fn on_train_end(&mut self, _history: &History, _model: &mut Model) -> Result<()> {
         Ok(())
     }
+    /// What this callback must remember across an interrupted run ([`Fit::backup`]).
+    fn backup(&self) -> Result<CallbackState> {
+        Ok(CallbackState::default())
+    }
+    /// Continue from a [`Callback::backup`] (called after `on_train_begin`).
+    fn restore(&mut self, _state: CallbackState) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A field of a callback's backup JSON; a missing or mistyped one is an error naming it.
+fn backup_field<T: serde::de::DeserializeOwned>(
+    state: &CallbackState,
+    callback: &str,
+    field: &str,
+) -> Result<T> {
+    serde_json::from_value(state.json.get(field).cloned().unwrap_or_default())
+        .map_err(|e| Error::config("fit backup", format!("{callback}'s `{field}`: {e}")))
 }
 
 /// A quantity a callback watches.
@@ -654,6 +674,31 @@ impl Callback for EarlyStopping {
         Ok(Control::Continue)
     }
 
+    fn backup(&self) -> Result<CallbackState> {
+        Ok(CallbackState {
+            json: serde_json::json!({
+                "best": self.best.map(ExactF64),
+                "wait": self.wait,
+                "stopped_epoch": self.stopped_epoch,
+                "best_epoch": self.best_weights.as_ref().map(|(epoch, _)| *epoch),
+            }),
+            tensors: self
+                .best_weights
+                .as_ref()
+                .map(|(_, w)| w.clone())
+                .unwrap_or_default(),
+        })
+    }
+
+    fn restore(&mut self, state: CallbackState) -> Result<()> {
+        self.best = backup_field::<Option<ExactF64>>(&state, "EarlyStopping", "best")?.map(|b| b.0);
+        self.wait = backup_field(&state, "EarlyStopping", "wait")?;
+        self.stopped_epoch = backup_field(&state, "EarlyStopping", "stopped_epoch")?;
+        let best_epoch: Option<usize> = backup_field(&state, "EarlyStopping", "best_epoch")?;
+        self.best_weights = best_epoch.map(|epoch| (epoch, state.tensors));
+        Ok(())
+    }
+
     fn on_train_end(&mut self, _history: &History, model: &mut Model) -> Result<()> {
         if let (Some(epoch), true) = (self.stopped_epoch, self.verbose) {
             println!("Epoch {epoch}: early stopping");
@@ -708,6 +753,19 @@ impl Callback for ModelCheckpoint {
         model.checkpoint(self.meta.clone())?.save(&self.path)?;
         Ok(Control::Continue)
     }
+
+    fn backup(&self) -> Result<CallbackState> {
+        Ok(CallbackState {
+            json: serde_json::json!({ "best": self.best.map(ExactF64) }),
+            tensors: Weights::default(),
+        })
+    }
+
+    fn restore(&mut self, state: CallbackState) -> Result<()> {
+        self.best =
+            backup_field::<Option<ExactF64>>(&state, "ModelCheckpoint", "best")?.map(|b| b.0);
+        Ok(())
+    }
 }
 
 /// Write the history so far to a CSV file after every epoch (Keras' `CSVLogger`).
@@ -742,9 +800,20 @@ pub struct Fit<'a> {
     verbosity: Verbosity,
     augment: crate::augment::Augment,
     callbacks: Vec<Box<dyn Callback + 'a>>,
+    backup: Option<PathBuf>,
 }
 
 impl<'a> Fit<'a> {
+    /// Keras' `BackupAndRestore`: after every epoch, write everything needed to continue to
+    /// `path` (a checkpoint with the optimizer's state, the History, the callbacks' state and
+    /// the random streams' positions), atomically. When `path` exists as `fit` starts, training
+    /// continues after its last epoch and ends as an uninterrupted run would (Dropout masks
+    /// aside, see [`crate::backup`]); a backup of another model or other fit settings is an
+    /// error. The file is kept at the end, and loads as a [`Checkpoint`].
+    pub fn backup(mut self, path: impl Into<PathBuf>) -> Self {
+        self.backup = Some(path.into());
+        self
+    }
     pub fn epochs(mut self, epochs: usize) -> Self {
         self.epochs = epochs;
         self
@@ -844,7 +913,63 @@ impl<'a> Fit<'a> {
         let batcher = train.batcher()?;
         let mut history = History::default();
         let batches = order.len().div_ceil(self.batch_size);
-        for epoch in 1..=self.epochs {
+        let settings = backup::FitSettings {
+            batch_size: self.batch_size,
+            seed: self.seed,
+            shuffle: self.shuffle,
+            train_images: order.len(),
+            validation_images: val_indices.as_ref().map(Vec::len),
+            augment: format!("{:?}", self.augment),
+        };
+        let backup_meta = CheckpointMeta {
+            classes: train.classes.clone(),
+            normalisation: train.normalisation.clone(),
+            backend: model.backend.clone(),
+        };
+        let (mut first_epoch, mut finished) = (1, false);
+        if let Some(path) = self.backup.as_deref().filter(|p| p.exists()) {
+            let restored = backup::restore(path, model, &settings)?;
+            if restored.callbacks.len() != self.callbacks.len() {
+                return Err(Error::data(
+                    path,
+                    format!(
+                        "this backup was made with {} callbacks, this fit has {}",
+                        restored.callbacks.len(),
+                        self.callbacks.len()
+                    ),
+                ));
+            }
+            history = History::from(&restored);
+            let done = restored.record.epoch;
+            let position: u128 = restored.record.augment_position.parse().map_err(|_| {
+                Error::data(path, "the augmentation stream's position is not a number")
+            })?;
+            augment_rng.set_word_pos(position);
+            if self.shuffle {
+                // Replays the shuffles of the epochs done, so order and stream are where they were.
+                for _ in 0..done {
+                    order.shuffle(&mut rng);
+                }
+            }
+            for (cb, state) in self.callbacks.iter_mut().zip(restored.callbacks) {
+                cb.restore(state)?;
+            }
+            (first_epoch, finished) = (done + 1, restored.record.stopped);
+            verbosity.line(format_args!(
+                "Restored from {}: {done} of {} epochs done{}",
+                path.display(),
+                self.epochs,
+                if finished {
+                    ", stopped by a callback"
+                } else {
+                    ""
+                }
+            ));
+        }
+        for epoch in first_epoch..=self.epochs {
+            if finished {
+                break;
+            }
             if self.shuffle {
                 order.shuffle(&mut rng);
             }
@@ -942,6 +1067,24 @@ impl<'a> Fit<'a> {
             let mut stop = false;
             for cb in &mut self.callbacks {
                 stop |= cb.on_epoch_end(&history, model)? == Control::Stop;
+            }
+            if let Some(path) = &self.backup {
+                let record = backup::FitRecord {
+                    epoch,
+                    stopped: stop,
+                    learning_rate: backup::ExactF64(model.learning_rate),
+                    optimizer_step: 0,
+                    history: history.epochs.iter().map(Into::into).collect(),
+                    augment_position: augment_rng.get_word_pos().to_string(),
+                    settings: settings.clone(),
+                    callbacks: Vec::new(),
+                };
+                let states = self
+                    .callbacks
+                    .iter()
+                    .map(|cb| cb.backup())
+                    .collect::<Result<_>>()?;
+                backup::save(path, model, backup_meta.clone(), &record, states)?;
             }
             if stop {
                 break;
@@ -1128,5 +1271,19 @@ impl Callback for ReduceLrOnPlateau {
             }
         }
         Ok(Control::Continue)
+    }
+
+    fn backup(&self) -> Result<CallbackState> {
+        Ok(CallbackState {
+            json: serde_json::json!({ "best": self.best.map(ExactF64), "wait": self.wait }),
+            tensors: Weights::default(),
+        })
+    }
+
+    fn restore(&mut self, state: CallbackState) -> Result<()> {
+        self.best =
+            backup_field::<Option<ExactF64>>(&state, "ReduceLROnPlateau", "best")?.map(|b| b.0);
+        self.wait = backup_field(&state, "ReduceLROnPlateau", "wait")?;
+        Ok(())
     }
 }

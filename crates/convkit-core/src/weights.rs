@@ -252,9 +252,24 @@ const META_SPEC: &str = "convkit.spec";
 const META_COMPILE: &str = "convkit.compile";
 const META_DATA: &str = "convkit.data";
 
+/// Names of the tensors a resumable backup ([`crate::train::Fit::backup`]) keeps beside the
+/// model's own start with this; [`Checkpoint::load`] leaves them out.
+pub const FIT_PREFIX: &str = "fit/";
+
 impl Checkpoint {
     /// Save as safetensors, atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.save_with(path, Weights::default(), HashMap::new())
+    }
+
+    /// [`Checkpoint::save`] with `extra` tensors (named under [`FIT_PREFIX`]) and `extra`
+    /// metadata beside the checkpoint's own.
+    pub(crate) fn save_with(
+        &self,
+        path: &Path,
+        extra: Weights,
+        extra_metadata: HashMap<String, String>,
+    ) -> Result<()> {
         self.weights.check(&self.spec)?;
         if let Some(message) = self.meta.mismatch(&self.spec)? {
             return Err(Error::data(path, message));
@@ -273,7 +288,15 @@ impl Checkpoint {
             serde_json::to_string(&self.meta).expect("serialisable"),
         );
         metadata.insert("format".into(), "pt".into());
-        let bytes = self.weights.to_safetensors(metadata)?;
+        metadata.extend(extra_metadata);
+        let bytes = if extra.tensors.is_empty() {
+            self.weights.to_safetensors(metadata)?
+        } else {
+            debug_assert!(extra.tensors.keys().all(|k| k.starts_with(FIT_PREFIX)));
+            let mut all = self.weights.clone();
+            all.tensors.extend(extra.tensors);
+            all.to_safetensors(metadata)?
+        };
         crate::io::write_bytes_atomic(path, &bytes)
     }
 
@@ -286,13 +309,27 @@ impl Checkpoint {
 
     /// [`Checkpoint::load`] with the stored spec's size checked against `limits`.
     pub fn load_within(path: &Path, limits: &SizeLimits) -> Result<Self> {
+        Checkpoint::load_with_extras(path, limits).map(|(checkpoint, _, _)| checkpoint)
+    }
+
+    /// [`Checkpoint::load_within`], and what [`Checkpoint::save_with`] kept beside the
+    /// checkpoint: the tensors under [`FIT_PREFIX`] and every metadata entry.
+    pub(crate) fn load_with_extras(
+        path: &Path,
+        limits: &SizeLimits,
+    ) -> Result<(Self, Weights, HashMap<String, String>)> {
         let path = if path.is_dir() {
             path.join("model.safetensors")
         } else {
             path.to_path_buf()
         };
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let (weights, metadata) = Weights::from_safetensors(&path, &bytes)?;
+        let (mut weights, metadata) = Weights::from_safetensors(&path, &bytes)?;
+        let (extra, own) = std::mem::take(&mut weights.tensors)
+            .into_iter()
+            .partition(|(name, _)| name.starts_with(FIT_PREFIX));
+        weights.tensors = own;
+        let extra = Weights { tensors: extra };
         let field = |key: &str| {
             metadata.get(key).ok_or_else(|| {
                 Error::data(
@@ -337,12 +374,13 @@ impl Checkpoint {
             },
             other => other,
         })?;
-        Ok(Checkpoint {
+        let checkpoint = Checkpoint {
             spec,
             compile,
             weights,
             meta,
-        })
+        };
+        Ok((checkpoint, extra, metadata))
     }
 }
 

@@ -159,9 +159,25 @@ struct TrainArgs {
     /// Replace the last Dense layer by a new one with K outputs (a new classifier head).
     #[arg(long)]
     new_head: Option<usize>,
-    /// Output folder.
+    /// Output folder. After every epoch it holds last.safetensors (everything needed to
+    /// continue, see --resume) and best.safetensors (the best epoch by val_loss, or by loss
+    /// without validation data).
     #[arg(long, default_value = "runs/latest")]
     out: PathBuf,
+    /// Continue the interrupted run in RUN_DIR from the end of its last finished epoch, with
+    /// the arguments it was started with (RUN_DIR/command.json); give no other argument.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+}
+
+/// How a run was started, saved as `command.json` in its folder so that `--resume` can start it
+/// again the same way.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedCommand {
+    /// The working directory relative paths in `args` refer to.
+    cwd: PathBuf,
+    /// The command line, program name first.
+    args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -377,6 +393,48 @@ fn verbosity(quiet: bool) -> Verbosity {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let Some(run) = &args.resume else {
+        return train_run(args, false);
+    };
+    let given: Vec<String> = std::env::args().skip(2).collect();
+    let alone = given.len() == 2 && given[0] == "--resume"
+        || given.len() == 1 && given[0].starts_with("--resume=");
+    if !alone {
+        bail!("--resume continues a run with the arguments it was started with (saved in {}); give no other argument, found {given:?}", run.join("command.json").display());
+    }
+    let path = run.join("command.json");
+    let saved: SavedCommand =
+        serde_json::from_str(&convkit::io::read_to_string_capped(&path, 1 << 20)?)
+            .with_context(|| format!("{}: not a convkit command record", path.display()))?;
+    std::env::set_current_dir(&saved.cwd).with_context(|| {
+        format!(
+            "{}: the run was started in {}, which is not there",
+            path.display(),
+            saved.cwd.display()
+        )
+    })?;
+    let Command::Train(args) = Cli::try_parse_from(&saved.args)
+        .with_context(|| format!("{}: the saved command does not parse", path.display()))?
+        .command
+    else {
+        bail!(
+            "{}: the saved command is not `convkit train`",
+            path.display()
+        );
+    };
+    if !args.out.join(LAST).exists() {
+        bail!(
+            "{}: no {LAST}: the run did not finish an epoch; start it again",
+            args.out.display()
+        );
+    }
+    train_run(args, true)
+}
+
+/// The resumable state of a run, written after every epoch.
+const LAST: &str = "last.safetensors";
+
+fn train_run(args: TrainArgs, resume: bool) -> anyhow::Result<()> {
     // The starting point: a preset/spec with fresh weights, or a trained checkpoint.
     let model_spec = || Sequential::from_preset_or_file_within(&args.model, &args.size.limits());
     let (mut spec, start, normalisation) = match (&args.init_weights, &args.init_pytorch) {
@@ -444,13 +502,41 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let mut model = Model::with_weights(spec, compile, backend.as_ref(), &weights)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    let last = args.out.join(LAST);
+    if !resume {
+        // A fresh run starts over, whatever an earlier run left in the folder.
+        if last.exists() {
+            std::fs::remove_file(&last).with_context(|| format!("removing {}", last.display()))?;
+        }
+        let command = SavedCommand {
+            cwd: std::env::current_dir().context("the working directory")?,
+            args: std::env::args().collect(),
+        };
+        let json = serde_json::to_string_pretty(&command).expect("serialisable");
+        convkit::io::write_bytes_atomic(&args.out.join("command.json"), json.as_bytes())?;
+    }
+    let meta = CheckpointMeta {
+        classes: train.classes.clone(),
+        normalisation,
+        backend: backend.name().into(),
+    };
+    let best_by = if splits.validation.is_some() {
+        Monitor::ValLoss
+    } else {
+        Monitor::Loss
+    };
     let mut fit = model
         .fit(train)
         .epochs(args.epochs)
         .batch_size(args.data.batch_size)
         .seed(args.data.seed)
         .verbosity(verbosity(args.data.quiet))
-        .callback(CsvLogger::new(args.out.join("history.csv")));
+        .backup(&last)
+        .callback(CsvLogger::new(args.out.join("history.csv")))
+        .callback(
+            ModelCheckpoint::new(args.out.join("best.safetensors"), meta.clone())
+                .save_best_only(best_by),
+        );
     if let Some(validation) = &splits.validation {
         fit = fit.validation_data(validation);
     }
@@ -490,11 +576,6 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
                 .verbose(!args.data.quiet),
         );
     }
-    let meta = CheckpointMeta {
-        classes: train.classes.clone(),
-        normalisation,
-        backend: backend.name().into(),
-    };
     let out = &args.out;
     let history = match fit.run() {
         // As Keras' TerminateOnNaN: stop, and keep the last weights known to be finite.
