@@ -836,3 +836,54 @@ fn optimizer_state_moves_between_engines() {
         }
     }
 }
+
+/// Dropout masks come from core's seeded stream: a training step with Dropout after a
+/// convolution (a channels-last image mask) and after Flatten gives the same weights on every
+/// engine, the same again for the same seed, and other weights for another seed.
+#[test]
+fn dropout_drops_the_same_units_on_every_engine() {
+    use convkit::{Activation, Conv2D, Dense, Dropout};
+    let engines = engines();
+    let r = reference_engine(&engines);
+    let spec = Sequential::new(6, 6, 2)
+        .add(Conv2D::new(3, 3).activation(Activation::Relu))
+        .add(Dropout::new(0.4))
+        .flatten()
+        .add(Dropout::new(0.25))
+        .add(Dense::new(3).activation(Activation::Softmax));
+    let weights = init::glorot_uniform(&spec, 8).unwrap();
+    let x = batch(8, spec.input_shape, 9);
+    let y = targets(Loss::SparseCategoricalCrossentropy, 8, 3);
+    let step = |e: &dyn convkit::Backend, seed: u64| {
+        let compile = Compile::new(Optimizer::sgd(), Loss::SparseCategoricalCrossentropy);
+        let mut m = Model::with_weights(spec.clone(), compile, e, &weights).unwrap();
+        m.network_mut().set_dropout_stream(seed, 0);
+        let stats = m.network_mut().train_step(x.view(), &y).unwrap();
+        (stats.loss, m.weights().unwrap())
+    };
+    let (loss_ref, w_ref) = step(engines[r].as_ref(), 7);
+    for e in &engines {
+        let (loss, w) = step(e.as_ref(), 7);
+        assert!(
+            ((loss - loss_ref) as f64).abs() <= tol::LOSS * 10.0,
+            "{} vs {}: loss {loss} vs {loss_ref}",
+            e.name(),
+            engines[r].name()
+        );
+        let (name, d) = worst(&w.max_abs_diff(&w_ref).unwrap());
+        assert!(
+            d <= tol::STEP,
+            "{} vs {}: with dropout, tensor `{name}` differs by {d:e}",
+            e.name(),
+            engines[r].name()
+        );
+        let (_, again) = step(e.as_ref(), 7);
+        assert_eq!(again, w, "{}: the same seed drops the same units", e.name());
+        let (_, other) = step(e.as_ref(), 8);
+        assert!(
+            worst(&other.max_abs_diff(&w).unwrap()).1 > 1e-6,
+            "{}: another seed drops other units",
+            e.name()
+        );
+    }
+}

@@ -363,11 +363,14 @@ fn a_nan_loss_stops_training_and_keeps_the_last_finite_weights() {
 
 /// `Fit::backup` (Keras' BackupAndRestore): a fit that ran one epoch and a fresh model that
 /// continues from its backup end where three uninterrupted epochs end, with augmentation,
-/// RMSprop's slots and a plateau-lowered learning rate in play; other settings are refused.
+/// Dropout, RMSprop's slots and a plateau-lowered learning rate in play; other settings are
+/// refused.
 #[test]
 fn a_fit_continues_from_its_backup() {
     let train = mnist(Split::Train, 300);
-    let spec = Sequential::preset("tutorial-mnist").unwrap();
+    let mut spec = Sequential::preset("tutorial-mnist").unwrap();
+    let head = spec.layers.len() - 1;
+    spec.layers.insert(head, convkit::Dropout::new(0.3).into());
     let compile = Compile::new(Optimizer::rmsprop(), Loss::SparseCategoricalCrossentropy);
     let augment = Augment::parse("flip,shift=0.1").unwrap();
     let dir = tempfile::tempdir().unwrap();

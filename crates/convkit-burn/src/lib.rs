@@ -28,11 +28,11 @@
 use burn_tensor::activation::{log_softmax, relu, sigmoid, softmax, tanh};
 use burn_tensor::module::{avg_pool2d, conv2d, max_pool2d};
 use burn_tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions};
-use burn_tensor::{Device, Distribution, Tensor, TensorData};
+use burn_tensor::{Device, Tensor, TensorData};
 use convkit_core::backend::{Backend, EngineNetwork, Network, StepStats, Targets};
 use convkit_core::compile::{Compile, Head, Loss};
 use convkit_core::ndarray::{Array2, ArrayView4};
-use convkit_core::optim::{Slots, TensorMath, Training};
+use convkit_core::optim::{DropoutMask, Slots, TensorMath, Training};
 use convkit_core::spec::{Activation, PlannedOp, Sequential};
 use convkit_core::weights::{Tensor as CoreTensor, Weights};
 
@@ -484,7 +484,8 @@ impl BurnNetwork {
             input_shape: spec.input_shape,
             ops,
             vars,
-            training: Training::new(&compile.optimizer, spec),
+            training: Training::new(&compile.optimizer, spec)
+                .map_err(|e| Error::Unsupported(e.to_string()))?,
             loss: compile.loss,
             head,
             classes: spec
@@ -512,14 +513,17 @@ impl BurnNetwork {
 
     /// Logits `[n, classes]` from `params` (the variables' values, tracked or not); and, in
     /// training, each batch normalisation's new moving statistics by variable index.
+    /// `masks` are the training batch's dropout masks (none for inference).
     fn forward(
         &self,
         params: &[Tensor<1>],
         x: Tensor<4>,
         train: bool,
+        masks: &[DropoutMask],
     ) -> Result<(Tensor<2>, Vec<(usize, Tensor<1>)>)> {
         let shaped = |i: usize| params[i].clone();
         let mut moving = Vec::new();
+        let mut masks = masks.iter();
         let mut image = Some(x);
         let mut flat: Option<Tensor<2>> = None;
         for op in &self.ops {
@@ -559,17 +563,17 @@ impl BurnNetwork {
                     flat = Some(activate(x.matmul(w).add(b), *activation));
                 }
                 Op::Dropout(rate) if train && *rate > 0.0 => {
-                    let keep = 1.0 - *rate;
-                    let drop = |x: Tensor<4>| -> Tensor<4> {
-                        let mask = x.random_like(Distribution::Bernoulli(keep));
-                        x.mul(mask).div_scalar(keep)
-                    };
+                    let m = masks.next().ok_or_else(|| {
+                        Error::Unsupported("a Dropout layer was given no mask".into())
+                    })?;
+                    let values = TensorData::new(m.values.clone(), m.shape.clone());
                     if let Some(x) = image.take() {
-                        image = Some(drop(x));
+                        // Masks come channels-last, as images do.
+                        let mask =
+                            Tensor::<4>::from_data(values, &self.device).permute([0, 3, 1, 2]);
+                        image = Some(x.mul(mask));
                     } else if let Some(x) = flat.take() {
-                        let [n, k] = x.dims();
-                        let y = drop(x.reshape([n, k, 1, 1]));
-                        flat = Some(y.reshape([n, k]));
+                        flat = Some(x.mul(Tensor::<2>::from_data(values, &self.device)));
                     }
                 }
                 Op::Dropout(_) => {}
@@ -704,6 +708,7 @@ impl EngineNetwork for BurnNetwork {
     }
     fn train_step(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
         self.check_targets(y)?;
+        let masks = self.training.dropout_masks(x.dim().0);
         let x = self.input(x)?;
         let targets = self.target_rows(y);
         // Frozen layers' weights enter as constants: no gradient is computed for them.
@@ -719,7 +724,7 @@ impl EngineNetwork for BurnNetwork {
                 }
             })
             .collect();
-        let (logits, moving) = self.forward(&tracked, x, true)?;
+        let (logits, moving) = self.forward(&tracked, x, true, &masks)?;
         let correct = self.correct(logits.clone().detach().inner(), targets.clone())?;
         let loss = self.loss(logits, targets);
         let grads = loss.backward();
@@ -755,7 +760,7 @@ impl EngineNetwork for BurnNetwork {
     fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
         let n = x.dim().0;
         let values: Vec<Tensor<1>> = self.vars.iter().map(|v| v.value.clone()).collect();
-        let (logits, _) = self.forward(&values, self.input(x)?, false)?;
+        let (logits, _) = self.forward(&values, self.input(x)?, false, &[])?;
         let p = match self.head {
             Head::Softmax => softmax(logits, 1),
             Head::Sigmoid => sigmoid(logits),

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use convkit_core::backend::{Backend, EngineNetwork, Network, StepStats, Targets};
 use convkit_core::compile::{Compile, Head, Loss};
 use convkit_core::ndarray::{Array2, ArrayView4};
-use convkit_core::optim::{Slots, TensorMath, Training};
+use convkit_core::optim::{DropoutMask, Slots, TensorMath, Training};
 use convkit_core::spec::{Activation, PlannedOp, Sequential};
 use convkit_core::weights::{Tensor as CoreTensor, Weights};
 
@@ -257,7 +257,8 @@ impl CandleNetwork {
             input_shape: spec.input_shape,
             ops,
             vars,
-            training: Training::new(&compile.optimizer, spec),
+            training: Training::new(&compile.optimizer, spec)
+                .map_err(|e| Error::Unsupported(e.to_string()))?,
             loss: compile.loss,
             head,
         })
@@ -283,9 +284,16 @@ impl CandleNetwork {
 
     /// Logits: the last layer's pre-activation when the head applies softmax/sigmoid; and,
     /// in training, each batch normalisation's new moving statistics by variable index.
-    fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Vec<(usize, Tensor)>)> {
+    /// `masks` are the training batch's dropout masks (none for inference).
+    fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        masks: &[DropoutMask],
+    ) -> Result<(Tensor, Vec<(usize, Tensor)>)> {
         let mut x = x.clone();
         let mut moving = Vec::new();
+        let mut masks = masks.iter();
         for op in &self.ops {
             x = match op {
                 Op::Conv {
@@ -328,7 +336,19 @@ impl CandleNetwork {
                     );
                     activate(x.matmul(&w.t()?)?.broadcast_add(b)?, *activation)?
                 }
-                Op::Dropout(rate) if train && *rate > 0.0 => candle_nn::ops::dropout(&x, *rate)?,
+                Op::Dropout(rate) if train && *rate > 0.0 => {
+                    let m = masks.next().ok_or_else(|| {
+                        Error::Unsupported("a Dropout layer was given no mask".into())
+                    })?;
+                    let mask = Tensor::from_slice(&m.values, m.shape.as_slice(), &self.device)?;
+                    // Masks come channels-last, as images do.
+                    let mask = if m.shape.len() == 4 {
+                        mask.permute((0, 3, 1, 2))?
+                    } else {
+                        mask
+                    };
+                    (x * mask)?
+                }
                 Op::Dropout(_) => x,
                 Op::BatchNorm {
                     layer,
@@ -567,8 +587,9 @@ impl EngineNetwork for CandleNetwork {
         &mut self.training
     }
     fn train_step(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
+        let masks = self.training.dropout_masks(x.dim().0);
         let x = self.input(x)?;
-        let (logits, moving) = self.forward(&x, true)?;
+        let (logits, moving) = self.forward(&x, true, &masks)?;
         let loss = self.loss(&logits, y)?;
         let correct = self.correct(&logits, y)?;
         let grads = loss.backward()?;
@@ -598,7 +619,7 @@ impl EngineNetwork for CandleNetwork {
     }
 
     fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
-        let (logits, _) = self.forward(&self.input(x)?, false)?;
+        let (logits, _) = self.forward(&self.input(x)?, false, &[])?;
         let p = match self.head {
             Head::Softmax => candle_nn::ops::softmax(&logits, D::Minus1)?,
             Head::Sigmoid => candle_nn::ops::sigmoid(&logits)?,

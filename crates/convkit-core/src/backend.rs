@@ -79,6 +79,12 @@ pub trait Network {
     fn set_trainable(&mut self, layer: usize, trainable: bool) -> Result<()>;
     /// Change the learning rate used from the next step on (schedules, ReduceLROnPlateau).
     fn set_learning_rate(&mut self, learning_rate: f64);
+    /// Draw dropout masks from `seed`'s stream, `position` words in (see
+    /// [`Training::dropout_masks`]); `fit` seeds it, so a seeded run drops the same units on
+    /// every engine.
+    fn set_dropout_stream(&mut self, seed: u64, position: u128);
+    /// The dropout stream's seed and position, for a backup.
+    fn dropout_stream(&mut self) -> (u64, u128);
     /// The optimizer's step count and slots, copied to the host (for a resumable backup).
     fn optimizer_state(&mut self) -> Result<OptimizerState>;
     /// Continue from `state` (from [`Network::optimizer_state`] on any engine): the step count
@@ -154,6 +160,12 @@ impl<N: EngineNetwork> Network for N {
     }
     fn set_learning_rate(&mut self, learning_rate: f64) {
         self.training_mut().set_learning_rate(learning_rate);
+    }
+    fn set_dropout_stream(&mut self, seed: u64, position: u128) {
+        self.training_mut().set_dropout_stream(seed, position);
+    }
+    fn dropout_stream(&mut self) -> (u64, u128) {
+        self.training_mut().dropout_stream()
     }
     fn optimizer_state(&mut self) -> Result<OptimizerState> {
         let mut slots = std::collections::BTreeMap::new();

@@ -5,12 +5,10 @@
 //! The file is a [`Checkpoint`] (so `evaluate` and `predict` read it as one) with, beside the
 //! model's weights, tensors under [`FIT_PREFIX`] (the optimizer's slots, callbacks' tensors such
 //! as EarlyStopping's best weights) and a `convkit.fit` metadata entry (epochs done, learning
-//! rate, optimizer step, History, the augmentation stream's position, the fit's settings and the
-//! callbacks' state). The shuffle order is not stored: it is replayed from the seed.
-//!
-//! What does not carry over: Dropout masks, which the engines draw from their own random
-//! generators, so a run with Dropout continues correctly but not with the masks an
-//! uninterrupted run would have drawn.
+//! rate, optimizer step, History, the positions of the augmentation and dropout streams, the
+//! fit's settings and the callbacks' state). The shuffle order is not stored: it is replayed
+//! from the seed. Core draws the dropout masks (`optim::Training::dropout_masks`), so a run
+//! with Dropout also ends as an uninterrupted one would.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -115,6 +113,8 @@ pub(crate) struct FitRecord {
     pub history: Vec<EpochRecord>,
     /// The augmentation stream's position (ChaCha8 word position), as decimal text.
     pub augment_position: String,
+    /// The dropout stream's position, as decimal text.
+    pub dropout_position: String,
     pub settings: FitSettings,
     /// Each callback's JSON, in the order they were added.
     pub callbacks: Vec<serde_json::Value>,

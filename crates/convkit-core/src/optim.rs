@@ -3,7 +3,7 @@
 //! the same order on their own devices.
 
 use crate::compile::Optimizer;
-use crate::spec::{Regularizer, Sequential};
+use crate::spec::{Regularizer, Sequential, Shape};
 use crate::Result;
 
 /// The element-wise operations the update rules need. Engines implement this for their
@@ -283,20 +283,97 @@ pub struct Training {
     step: u64,
     trainable: Vec<bool>,
     regularizers: Vec<Option<Regularizer>>,
+    /// Each Dropout layer: its index, rate and input shape (one image).
+    dropouts: Vec<(usize, f32, Vec<usize>)>,
+    /// Where dropout masks come from: seeded, so every engine drops the same units.
+    dropout_stream: rand_chacha::ChaCha8Rng,
+    dropout_seed: u64,
+}
+
+/// One Dropout layer's inverted-dropout mask for a training batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DropoutMask {
+    pub layer: usize,
+    /// `[n, H, W, C]` (channels last, as the canonical layout) or `[n, features]`.
+    pub shape: Vec<usize>,
+    /// 0 for a dropped unit, `1 / (1 − rate)` for a kept one (Keras' inverted dropout).
+    pub values: Vec<f32>,
 }
 
 impl Training {
     /// Every layer of `spec` trainable, at the optimizer's learning rate, with the spec's
     /// kernel regularisers.
-    pub fn new(optimizer: &crate::compile::Optimizer, spec: &Sequential) -> Self {
+    pub fn new(optimizer: &crate::compile::Optimizer, spec: &Sequential) -> Result<Self> {
+        use rand::SeedableRng;
         let layers = spec.layers.len();
-        Training {
+        let shapes = spec.output_shapes()?;
+        let dropouts = spec
+            .layers
+            .iter()
+            .zip(&shapes)
+            .enumerate()
+            .filter_map(|(i, (layer, shape))| match (&layer.kind, *shape) {
+                (crate::spec::LayerKind::Dropout(d), Shape::Image { h, w, c }) => {
+                    Some((i, d.rate, vec![h, w, c]))
+                }
+                (crate::spec::LayerKind::Dropout(d), Shape::Flat(n)) => Some((i, d.rate, vec![n])),
+                _ => None,
+            })
+            .collect();
+        Ok(Training {
             optimizer: optimizer.clone(),
             learning_rate: optimizer.learning_rate(),
             step: 0,
             trainable: vec![true; layers],
             regularizers: (0..layers).map(|i| spec.kernel_regularizer(i)).collect(),
+            dropouts,
+            dropout_stream: rand_chacha::ChaCha8Rng::seed_from_u64(0),
+            dropout_seed: 0,
+        })
+    }
+
+    /// Draw the next masks from `seed`'s stream, `position` words in (a fit seeds it; a
+    /// resumed fit continues where the backup's stream was).
+    pub fn set_dropout_stream(&mut self, seed: u64, position: u128) {
+        use rand::SeedableRng;
+        self.dropout_stream = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        self.dropout_stream.set_word_pos(position);
+        self.dropout_seed = seed;
+    }
+
+    /// The dropout stream's seed and position, for a backup.
+    pub fn dropout_stream(&self) -> (u64, u128) {
+        (self.dropout_seed, self.dropout_stream.get_word_pos())
+    }
+
+    /// The masks of a training batch of `n` images, one per Dropout layer with a positive
+    /// rate, in layer order. Engines multiply each layer's input by its mask, so every engine
+    /// drops the same units for the same seed.
+    pub fn dropout_masks(&mut self, n: usize) -> Vec<DropoutMask> {
+        use rand::Rng;
+        let mut masks = Vec::new();
+        for (layer, rate, shape) in &self.dropouts {
+            if *rate <= 0.0 {
+                continue;
+            }
+            let keep = 1.0 / (1.0 - rate);
+            let len = n * shape.iter().product::<usize>();
+            let values = (0..len)
+                .map(|_| {
+                    if self.dropout_stream.random::<f32>() >= *rate {
+                        keep
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            masks.push(DropoutMask {
+                layer: *layer,
+                shape: std::iter::once(n).chain(shape.iter().copied()).collect(),
+                values,
+            });
         }
+        masks
     }
 
     pub fn set_trainable(&mut self, layer: usize, trainable: bool) -> Result<()> {

@@ -900,6 +900,9 @@ impl<'a> Fit<'a> {
         let mut augment_rng =
             rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ 0xa5a5_5a5a_f00d_cafe);
         let mut augment_scratch = Vec::new();
+        // A third stream: dropout masks, drawn in core so every engine drops the same units.
+        let dropout_seed = self.seed ^ 0x5eed_d20b_0a7c_0001;
+        model.network.set_dropout_stream(dropout_seed, 0);
         let mut buffer = Array4::<f32>::zeros((self.batch_size.min(order.len()), h, w, c));
         let mut targets = match model.compile.loss {
             Loss::SparseCategoricalCrossentropy => {
@@ -945,6 +948,11 @@ impl<'a> Fit<'a> {
                 Error::data(path, "the augmentation stream's position is not a number")
             })?;
             augment_rng.set_word_pos(position);
+            let dropout: u128 =
+                restored.record.dropout_position.parse().map_err(|_| {
+                    Error::data(path, "the dropout stream's position is not a number")
+                })?;
+            model.network.set_dropout_stream(dropout_seed, dropout);
             if self.shuffle {
                 // Replays the shuffles of the epochs done, so order and stream are where they were.
                 for _ in 0..done {
@@ -1076,6 +1084,7 @@ impl<'a> Fit<'a> {
                     optimizer_step: 0,
                     history: history.epochs.iter().map(Into::into).collect(),
                     augment_position: augment_rng.get_word_pos().to_string(),
+                    dropout_position: model.network.dropout_stream().1.to_string(),
                     settings: settings.clone(),
                     callbacks: Vec::new(),
                 };

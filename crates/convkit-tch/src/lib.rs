@@ -8,7 +8,7 @@
 use convkit_core::backend::{Backend, EngineNetwork, Network, StepStats, Targets};
 use convkit_core::compile::{Compile, Head, Loss};
 use convkit_core::ndarray::{Array2, ArrayView4};
-use convkit_core::optim::{Slots, TensorMath, Training};
+use convkit_core::optim::{DropoutMask, Slots, TensorMath, Training};
 use convkit_core::spec::{Activation, PlannedOp, Sequential};
 use convkit_core::weights::{Tensor as CoreTensor, Weights};
 use tch::{Device, Kind, Reduction, Tensor};
@@ -331,7 +331,8 @@ impl TchNetwork {
             input_shape: spec.input_shape,
             ops,
             vars,
-            training: Training::new(&compile.optimizer, spec),
+            training: Training::new(&compile.optimizer, spec)
+                .map_err(|e| Error::Unsupported(e.to_string()))?,
             loss: compile.loss,
             head,
         })
@@ -356,9 +357,16 @@ impl TchNetwork {
 
     /// Logits: the last layer's pre-activation when the head applies softmax/sigmoid; and,
     /// in training, each batch normalisation's new moving statistics by variable index.
-    fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Vec<(usize, Tensor)>)> {
+    /// `masks` are the training batch's dropout masks (none for inference).
+    fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        masks: &[DropoutMask],
+    ) -> Result<(Tensor, Vec<(usize, Tensor)>)> {
         let mut x = x.shallow_clone();
         let mut moving = Vec::new();
+        let mut masks = masks.iter();
         for op in &self.ops {
             x = match op {
                 Op::Conv {
@@ -396,7 +404,22 @@ impl TchNetwork {
                     let (w, b) = (&self.vars[*weight].tensor, &self.vars[*weight + 1].tensor);
                     activate(x.f_linear(w, Some(b))?, *activation)?
                 }
-                Op::Dropout(rate) => x.f_dropout(*rate, train)?,
+                Op::Dropout(rate) if train && *rate > 0.0 => {
+                    let m = masks.next().ok_or_else(|| {
+                        Error::Unsupported("a Dropout layer was given no mask".into())
+                    })?;
+                    let mask = Tensor::f_from_slice(&m.values)?
+                        .f_reshape(i64s(&m.shape))?
+                        .f_to_device(self.device)?;
+                    // Masks come channels-last, as images do.
+                    let mask = if m.shape.len() == 4 {
+                        mask.f_permute([0, 3, 1, 2])?
+                    } else {
+                        mask
+                    };
+                    x.f_mul(&mask)?
+                }
+                Op::Dropout(_) => x,
                 Op::BatchNorm {
                     layer,
                     gamma,
@@ -529,8 +552,9 @@ impl EngineNetwork for TchNetwork {
         &mut self.training
     }
     fn train_step(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
+        let masks = self.training.dropout_masks(x.dim().0);
         let x = self.input(x)?;
-        let (logits, moving) = self.forward(&x, true)?;
+        let (logits, moving) = self.forward(&x, true, &masks)?;
         let loss = self.loss(&logits, y)?;
         let correct = tch::no_grad(|| self.correct(&logits, y))?;
         for v in &mut self.vars {
@@ -566,7 +590,7 @@ impl EngineNetwork for TchNetwork {
 
     fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
         tch::no_grad(|| {
-            let (logits, _) = self.forward(&self.input(x)?, false)?;
+            let (logits, _) = self.forward(&self.input(x)?, false, &[])?;
             let p = match self.head {
                 Head::Softmax => logits.f_softmax(-1, Kind::Float)?,
                 Head::Sigmoid => logits.f_sigmoid()?,
