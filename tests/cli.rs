@@ -585,6 +585,51 @@ fn compare_reports_agreement_and_speed_and_survives_a_failing_engine() {
             "{md}"
         );
     }
+    // PyTorch eager itself is the last row (the checkout's .venv has torch): checked like an
+    // engine, and every engine's time is given as a ratio to its time.
+    assert_eq!(ran.last().map(String::as_str), Some("pytorch"), "{md}");
+    assert!(
+        md.contains("| pytorch | CPU")
+            && md.contains("(PyTorch 2.9.0")
+            && md.contains("| 1.00× |"),
+        "{md}"
+    );
+    assert!(
+        json["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["engine"] == "pytorch"
+                && c["check"] == "weights after one SGD step (max abs)"),
+        "{md}"
+    );
+    // A model with Dropout: PyTorch would draw its own masks, so its row is left out, saying why.
+    let spec = dir.path().join("dropout.json");
+    use convkit::{Activation, Dense, Dropout, Sequential};
+    Sequential::new(8, 8, 1)
+        .flatten()
+        .add(Dropout::new(0.5))
+        .add(Dense::new(10).activation(Activation::Softmax))
+        .save_json(&spec)
+        .unwrap();
+    let out3 = dir.path().join("cmp3");
+    let o = convkit(&[
+        "compare",
+        "--backends",
+        "candle-cpu,pytorch",
+        "--dataset",
+        "synthetic",
+        "--limit",
+        "64",
+        "--model",
+        spec.to_str().unwrap(),
+        "--out",
+        out3.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let md = std::fs::read_to_string(out3.join("compare.md")).unwrap();
+    assert!(md.contains("- pytorch: `sequential` has Dropout"), "{md}");
 
     // An engine that is not compiled in fails alone: the others' results are still written.
     let out2 = dir.path().join("cmp2");

@@ -19,8 +19,8 @@ use crate::compile::{Compile, Loss, Optimizer};
 use crate::data::{Dataset, ImageShape, Locator, Normalisation, Split};
 use crate::plot::Figure;
 use crate::spec::Sequential;
-use crate::train::{Callback, Control, History, Model};
-use crate::weights::{Checkpoint, CheckpointMeta};
+use crate::train::{BatchOrder, Callback, Control, History, Model};
+use crate::weights::{Checkpoint, CheckpointMeta, Weights};
 use crate::{Error, Result};
 
 /// Agreement tolerances, in one place.
@@ -162,32 +162,14 @@ const LOSS_TRACE_EVERY: usize = 20;
 /// process, as `convkit compare` does.
 pub fn run_engine(backend: &dyn Backend, settings: &RunSettings, out: &Path) -> Result<EngineRun> {
     let name = backend.name().to_string();
-    let spec = Sequential::from_preset_or_file(&settings.model)?;
-    let compile = Compile::new(
-        Optimizer::by_name(&settings.optimizer)?,
-        Loss::SparseCategoricalCrossentropy,
-    );
+    let Prepared {
+        spec,
+        compile,
+        train,
+        test,
+        weights,
+    } = prepare(settings)?;
     let [h, w, c] = spec.input_shape;
-    let shape = ImageShape::new(h, w, c);
-    let classes = spec.output_shape()?.numel();
-    let load = |split| -> Result<Dataset> {
-        let ds = crate::data::open(
-            &settings.dataset,
-            split,
-            shape,
-            classes,
-            settings.seed,
-            &Locator::from_env(),
-        )?;
-        Ok(match settings.limit {
-            Some(n) => ds.sample(n, settings.seed),
-            None => ds,
-        }
-        .normalise(Normalisation::Rescale))
-    };
-    let train = load(Split::Train)?;
-    let test = load(Split::Test)?;
-    let weights = crate::init::glorot_uniform(&spec, settings.seed)?;
 
     // Forward at initialisation, and one SGD step on the first batch (dataset order); see
     // `tolerance` for why the step is SGD's.
@@ -266,6 +248,122 @@ pub fn run_engine(backend: &dyn Backend, settings: &RunSettings, out: &Path) -> 
         flops_per_training_image: 3 * spec.forward_flops()?,
         error: None,
     })
+}
+
+/// What every row of a comparison starts from.
+struct Prepared {
+    spec: Sequential,
+    compile: Compile,
+    /// Normalised (`x / 255`).
+    train: Dataset,
+    test: Dataset,
+    /// The initial weights, from the seed.
+    weights: Weights,
+}
+
+fn prepare(settings: &RunSettings) -> Result<Prepared> {
+    let spec = Sequential::from_preset_or_file(&settings.model)?;
+    let compile = Compile::new(
+        Optimizer::by_name(&settings.optimizer)?,
+        Loss::SparseCategoricalCrossentropy,
+    );
+    let [h, w, c] = spec.input_shape;
+    let shape = ImageShape::new(h, w, c);
+    let classes = spec.output_shape()?.numel();
+    let load = |split| -> Result<Dataset> {
+        let ds = crate::data::open(
+            &settings.dataset,
+            split,
+            shape,
+            classes,
+            settings.seed,
+            &Locator::from_env(),
+        )?;
+        Ok(match settings.limit {
+            Some(n) => ds.sample(n, settings.seed),
+            None => ds,
+        }
+        .normalise(Normalisation::Rescale))
+    };
+    let weights = crate::init::glorot_uniform(&spec, settings.seed)?;
+    Ok(Prepared {
+        train: load(Split::Train)?,
+        test: load(Split::Test)?,
+        spec,
+        compile,
+        weights,
+    })
+}
+
+/// The row of PyTorch eager itself (`python/convkit_compare_torch.py`), the yardstick every
+/// engine's time is given against.
+pub const PYTORCH: &str = "pytorch";
+
+/// Why PyTorch cannot be a row for `settings`' model, if it cannot: its dropout masks would be
+/// PyTorch's own, not core's, so the one-step and loss checks would compare different steps.
+pub fn pytorch_cannot_run(settings: &RunSettings) -> Result<Option<String>> {
+    let spec = Sequential::from_preset_or_file(&settings.model)?;
+    let dropout = spec
+        .layers
+        .iter()
+        .any(|l| matches!(&l.kind, crate::spec::LayerKind::Dropout(d) if d.rate > 0.0));
+    Ok(dropout.then(|| {
+        format!(
+            "`{}` has Dropout, whose masks PyTorch would draw itself: its run would not be the same training",
+            spec.name
+        )
+    }))
+}
+
+/// Write into `dir` what `python/convkit_compare_torch.py` trains from, so that PyTorch
+/// trains what every engine trains: the initial weights as a checkpoint, the images (bytes)
+/// and labels (u32) of both splits, each epoch's order as `fit` shuffles it, and settings.
+pub fn write_pytorch_inputs(settings: &RunSettings, dir: &Path) -> Result<()> {
+    let Prepared {
+        spec,
+        compile,
+        train,
+        test,
+        weights,
+    } = prepare(settings)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let flops_per_training_image = 3 * spec.forward_flops()?;
+    Checkpoint {
+        spec,
+        compile,
+        weights,
+        meta: CheckpointMeta::default(),
+    }
+    .save(&dir.join("initial.safetensors"))?;
+    let u32s = |values: &mut dyn Iterator<Item = u32>| -> Vec<u8> {
+        values.flat_map(u32::to_le_bytes).collect()
+    };
+    for (name, ds) in [("train", &train), ("test", &test)] {
+        crate::io::write_bytes_atomic(&dir.join(format!("{name}.u8")), &ds.images)?;
+        crate::io::write_bytes_atomic(
+            &dir.join(format!("{name}-labels.u32")),
+            &u32s(&mut ds.labels.iter().copied()),
+        )?;
+    }
+    let mut batch_order = BatchOrder::new((0..train.len()).collect(), settings.seed, true);
+    let mut orders = Vec::with_capacity(settings.epochs * train.len() * 4);
+    for _ in 0..settings.epochs {
+        orders.extend(u32s(
+            &mut batch_order.next_epoch().iter().map(|&i| i as u32),
+        ));
+    }
+    crate::io::write_bytes_atomic(&dir.join("orders.u32"), &orders)?;
+    let json = serde_json::json!({
+        "dataset": settings.dataset,
+        "batch_size": settings.batch_size,
+        "epochs": settings.epochs,
+        "repeat": settings.repeat,
+        "loss_trace_every": LOSS_TRACE_EVERY,
+        "init_probe": INIT_PROBE.min(test.len()),
+        "flops_per_training_image": flops_per_training_image,
+        "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
+    });
+    crate::io::write_bytes_atomic(&dir.join("settings.json"), json.to_string().as_bytes())
 }
 
 /// Mean training loss over every [`LOSS_TRACE_EVERY`] batches.
@@ -368,13 +466,13 @@ fn max_abs(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
 
 impl Comparison {
     /// Compare every successful run with the reference (`tch-cpu` when present, else the
-    /// first successful run).
+    /// first successful engine; never PyTorch's row, which is checked like an engine).
     pub fn new(runs: Vec<EngineRun>, machine_peak_gflops: f64, peak_method: &str) -> Result<Self> {
         let ok: Vec<&EngineRun> = runs.iter().filter(|r| r.error.is_none()).collect();
         let reference = ok
             .iter()
             .find(|r| r.backend == "tch-cpu")
-            .or(ok.first())
+            .or(ok.iter().find(|r| r.backend != PYTORCH))
             .copied();
         let mut checks = Vec::new();
         if let Some(r) = reference {
@@ -474,6 +572,16 @@ impl Comparison {
         self
     }
 
+    /// Each run's median seconds per epoch over PyTorch's in the same comparison, when
+    /// PyTorch's row ran.
+    pub fn ratio_to_pytorch(&self, run: &EngineRun) -> Option<f64> {
+        let torch = self
+            .runs
+            .iter()
+            .find(|r| r.backend == PYTORCH && r.error.is_none())?;
+        (run.error.is_none()).then(|| run.median_epoch_seconds() / torch.median_epoch_seconds())
+    }
+
     /// Whether every check passed and no engine failed.
     pub fn passed(&self) -> bool {
         self.checks.iter().all(|c| c.pass) && self.runs.iter().all(|r| r.error.is_none())
@@ -498,6 +606,12 @@ impl Comparison {
                 ok.iter().map(|r| r.device.clone()).collect::<Vec<_>>(),
             ),
             Column::new("seconds_per_epoch".into(), f(&|r| r.median_epoch_seconds())),
+            Column::new(
+                "ratio_to_pytorch".into(),
+                ok.iter()
+                    .map(|r| self.ratio_to_pytorch(r))
+                    .collect::<Vec<_>>(),
+            ),
             Column::new(
                 "train_images_per_s".into(),
                 f(&|r| r.train_images_per_second()),
@@ -565,13 +679,13 @@ impl Comparison {
             let _ = writeln!(s, "| — | fewer than two engines ran | | | |");
         }
         let _ = writeln!(s, "\n## Speed\n");
-        let _ = writeln!(s, "| engine | device | s / epoch (median) | train img/s | inference img/s (batch 256) | peak RSS MiB | GFLOP/s | share of peak | test accuracy |\n|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "| engine | device | s / epoch (median) | × PyTorch | train img/s | inference img/s (batch 256) | peak RSS MiB | GFLOP/s | share of peak | test accuracy |\n|---|---|---|---|---|---|---|---|---|---|");
         for r in &self.runs {
             match &r.error {
                 Some(e) => {
                     let _ = writeln!(
                         s,
-                        "| {} | FAILED: {} | | | | | | | |",
+                        "| {} | FAILED: {} | | | | | | | | |",
                         r.backend,
                         e.replace('\n', " ").replace('|', "/")
                     );
@@ -579,10 +693,12 @@ impl Comparison {
                 None => {
                     let _ = writeln!(
                         s,
-                        "| {} | {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1}% | {:.4} |",
+                        "| {} | {} | {:.2} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1}% | {:.4} |",
                         r.backend,
                         r.device,
                         r.median_epoch_seconds(),
+                        self.ratio_to_pytorch(r)
+                            .map_or("—".to_string(), |x| format!("{x:.2}×")),
                         r.train_images_per_second(),
                         r.inference_images_per_second,
                         r.peak_rss_bytes as f64 / 1048576.0,

@@ -787,6 +787,33 @@ impl Callback for CsvLogger {
     }
 }
 
+/// The order `fit` visits training images in, epoch after epoch: the indices it was given,
+/// shuffled every epoch from a ChaCha8 stream seeded with the fit's seed (Keras'
+/// `shuffle=True`), or as given. Every engine, and compare's PyTorch row, get the same order.
+pub struct BatchOrder {
+    order: Vec<usize>,
+    rng: rand_chacha::ChaCha8Rng,
+    shuffle: bool,
+}
+
+impl BatchOrder {
+    pub fn new(indices: Vec<usize>, seed: u64, shuffle: bool) -> Self {
+        BatchOrder {
+            order: indices,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            shuffle,
+        }
+    }
+
+    /// The next epoch's order.
+    pub fn next_epoch(&mut self) -> &[usize] {
+        if self.shuffle {
+            self.order.shuffle(&mut self.rng);
+        }
+        &self.order
+    }
+}
+
 /// `model.fit(...)` settings; see [`Model::fit`].
 pub struct Fit<'a> {
     model: &'a mut Model,
@@ -867,7 +894,7 @@ impl<'a> Fit<'a> {
         if let Some(v) = self.validation {
             model.check_data(v)?;
         }
-        let (mut order, val_indices): (Vec<usize>, Option<Vec<usize>>) =
+        let (order, val_indices): (Vec<usize>, Option<Vec<usize>>) =
             match (self.validation, self.validation_split) {
                 (Some(_), Some(_)) => {
                     return Err(Error::config(
@@ -895,7 +922,6 @@ impl<'a> Fit<'a> {
             cb.on_train_begin(model)?;
         }
         let [h, w, c] = model.spec.input_shape;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
         // A separate stream, so turning augmentation on leaves the batch order unchanged.
         let mut augment_rng =
             rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ 0xa5a5_5a5a_f00d_cafe);
@@ -929,6 +955,7 @@ impl<'a> Fit<'a> {
             normalisation: train.normalisation.clone(),
             backend: model.backend.clone(),
         };
+        let mut batch_order = BatchOrder::new(order, self.seed, self.shuffle);
         let (mut first_epoch, mut finished) = (1, false);
         if let Some(path) = self.backup.as_deref().filter(|p| p.exists()) {
             let restored = backup::restore(path, model, &settings)?;
@@ -953,11 +980,9 @@ impl<'a> Fit<'a> {
                     Error::data(path, "the dropout stream's position is not a number")
                 })?;
             model.network.set_dropout_stream(dropout_seed, dropout);
-            if self.shuffle {
-                // Replays the shuffles of the epochs done, so order and stream are where they were.
-                for _ in 0..done {
-                    order.shuffle(&mut rng);
-                }
+            // Replays the shuffles of the epochs done, so order and stream are where they were.
+            for _ in 0..done {
+                batch_order.next_epoch();
             }
             for (cb, state) in self.callbacks.iter_mut().zip(restored.callbacks) {
                 cb.restore(state)?;
@@ -978,9 +1003,7 @@ impl<'a> Fit<'a> {
             if finished {
                 break;
             }
-            if self.shuffle {
-                order.shuffle(&mut rng);
-            }
+            let order = batch_order.next_epoch();
             // What TerminateOnNaN falls back to: a step with a NaN loss has already moved
             // the weights, so the last weights known to be finite are this epoch's start.
             let epoch_start = model.weights()?;

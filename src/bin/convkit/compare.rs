@@ -9,14 +9,17 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Args;
 use convkit::compare::{
-    machine_peak_gflops, run_engine, Comparison, EngineRun, LeftOut, RunSettings,
+    machine_peak_gflops, pytorch_cannot_run, run_engine, write_pytorch_inputs, Comparison,
+    EngineRun, LeftOut, RunSettings, PYTORCH,
 };
 
 #[derive(Args, Clone)]
 pub struct CompareArgs {
-    /// Comma-separated engines, or `all`. Default: every compiled-in engine whose device is
-    /// here, less those too slow here to finish in minutes (burn-ndarray, wgpu on a software
-    /// device: the report says which and why); `all` runs those too.
+    /// Comma-separated engines (and `pytorch`), or `all`. Default: every compiled-in engine
+    /// whose device is here, less those too slow here to finish in minutes (burn-ndarray, wgpu
+    /// on a software device: the report says which and why), then PyTorch eager itself when
+    /// a python with torch is found (`$CONVKIT_PYTHON`, else the checkout's `.venv`); `all`
+    /// runs the slow ones too.
     #[arg(long, value_delimiter = ',')]
     pub backends: Vec<String>,
     #[arg(long, default_value = "fashion-mnist")]
@@ -86,9 +89,55 @@ fn chosen_engines(requested: &[String]) -> (Vec<String>, Vec<LeftOut>) {
     (names, left_out)
 }
 
+/// The python that runs PyTorch's row: `$CONVKIT_PYTHON`, else the checkout's `.venv`.
+fn python() -> PathBuf {
+    std::env::var_os("CONVKIT_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python")))
+}
+
+/// The script that trains PyTorch's row.
+const PYTORCH_SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/python/convkit_compare_torch.py"
+);
+
+/// Why PyTorch's row cannot run here, if it cannot.
+fn pytorch_missing(settings: &RunSettings) -> anyhow::Result<Option<String>> {
+    if let Some(reason) = pytorch_cannot_run(settings)? {
+        return Ok(Some(reason));
+    }
+    let python = python();
+    let found = Command::new(&python)
+        .args(["-c", "import torch, safetensors, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    Ok((!found).then(|| {
+        format!(
+            "no python with torch, safetensors and numpy at {} (`cargo xtask setup` installs them into .venv; or set CONVKIT_PYTHON)",
+            python.display()
+        )
+    }))
+}
+
 /// Runs every engine in its own process and writes the report; fails when a check fails.
 pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
-    let (names, left_out) = chosen_engines(&args.backends);
+    let (mut names, mut left_out) = chosen_engines(&args.backends);
+    // PyTorch itself, last: the yardstick every engine's time is given against.
+    let by_default = args.backends.is_empty() || args.backends == ["all"];
+    if by_default || names.iter().any(|n| n == PYTORCH) {
+        names.retain(|n| n != PYTORCH);
+        match pytorch_missing(&args.settings())? {
+            None => names.push(PYTORCH.to_string()),
+            Some(reason) => {
+                eprintln!("compare: not running {PYTORCH}: {reason}");
+                left_out.push(LeftOut {
+                    engine: PYTORCH.into(),
+                    reason,
+                });
+            }
+        }
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let exe = std::env::current_exe().context("locating the convkit binary")?;
@@ -170,8 +219,35 @@ pub fn worker(args: CompareArgs) -> anyhow::Result<()> {
 }
 
 fn worker_run(name: &str, args: &CompareArgs) -> anyhow::Result<EngineRun> {
+    if name == PYTORCH {
+        return pytorch_run(args);
+    }
     let backend = convkit::backend(name)?;
     Ok(run_engine(backend.as_ref(), &args.settings(), &args.out)?)
+}
+
+/// PyTorch's row: the inputs every engine trains from, written for the script, which trains
+/// and writes its run.
+fn pytorch_run(args: &CompareArgs) -> anyhow::Result<EngineRun> {
+    let inputs = args.out.join("pytorch-input");
+    write_pytorch_inputs(&args.settings(), &inputs)?;
+    let result = args.out.join("pytorch-run.json");
+    let _ = std::fs::remove_file(&result);
+    let status = Command::new(python())
+        .arg(PYTORCH_SCRIPT)
+        .arg(&inputs)
+        .arg(&result)
+        .status()
+        .with_context(|| format!("starting {}", python().display()))?;
+    if !status.success() {
+        bail!("{PYTORCH_SCRIPT} ended with {status} (see its messages above)");
+    }
+    let text = std::fs::read_to_string(&result)
+        .with_context(|| format!("reading {}", result.display()))?;
+    let run = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a compare run", result.display()))?;
+    std::fs::remove_dir_all(&inputs).with_context(|| format!("removing {}", inputs.display()))?;
+    Ok(run)
 }
 
 #[cfg(test)]
