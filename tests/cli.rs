@@ -589,9 +589,7 @@ fn compare_reports_agreement_and_speed_and_survives_a_failing_engine() {
     // engine, and every engine's time is given as a ratio to its time.
     assert_eq!(ran.last().map(String::as_str), Some("pytorch"), "{md}");
     assert!(
-        md.contains("| pytorch | CPU")
-            && md.contains("(PyTorch 2.9.0")
-            && md.contains("| 1.00× |"),
+        md.contains("| pytorch | CPU") && md.contains("(PyTorch 2.9.0") && md.contains("| 1.00× |"),
         "{md}"
     );
     assert!(

@@ -113,18 +113,23 @@ fn trained_models(dir: &Path) -> Vec<Trained> {
     trained
 }
 
-/// Runs `python/SCRIPT` with `args`; panics with its stderr when it fails.
-fn run_python(script: &str, args: &[PathBuf]) {
-    let out = Command::new(python())
-        .arg(root().join("python").join(script))
-        .args(args)
-        .output()
-        .unwrap();
+/// Runs python with `args`; panics with its stderr when it fails.
+fn run_python(args: &[&std::ffi::OsStr]) {
+    let out = Command::new(python()).args(args).output().unwrap();
     assert!(
         out.status.success(),
-        "{script} failed:\n{}",
+        "python {:?} failed:\n{}",
+        args.first(),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Runs `python/SCRIPT` with `args`.
+fn run_script(script: &str, args: &[PathBuf]) {
+    let path = root().join("python").join(script);
+    let mut all = vec![path.as_os_str()];
+    all.extend(args.iter().map(|a| a.as_os_str()));
+    run_python(&all);
 }
 
 #[test]
@@ -136,7 +141,7 @@ fn checkpoints_load_into_pytorch_with_the_same_probabilities() {
         let out = dir.path().join(format!("{i}.torch"));
         args.extend([m.checkpoint.clone(), m.inputs.clone(), out]);
     }
-    run_python("convkit_torch.py", &args);
+    run_script("convkit_torch.py", &args);
     for (i, m) in models.iter().enumerate() {
         let got = read_f32(&dir.path().join(format!("{i}.torch")));
         let worst = max_abs_diff(m.probabilities.iter(), &got);
@@ -183,7 +188,7 @@ fn onnx_exports_run_in_onnxruntime_with_the_same_probabilities() {
             dir.path().join(format!("{i}.ort-pixels")),
         ]);
     }
-    run_python("convkit_onnx.py", &args);
+    run_script("convkit_onnx.py", &args);
     for (i, m) in models.iter().enumerate() {
         for suffix in ["ort", "ort-pixels"] {
             let got = read_f32(&dir.path().join(format!("{i}.{suffix}")));
@@ -268,17 +273,7 @@ fn read_f32(path: &Path) -> Vec<f32> {
 fn pytorch_state_dicts_load_into_convkit_with_the_same_probabilities() {
     use convkit::pytorch::{weights_from_state_dict, FlattenOrder};
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(python())
-        .arg("-c")
-        .arg(TORCH_MODELS)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python(&["-c".as_ref(), TORCH_MODELS.as_ref(), dir.path().as_os_str()]);
     let batchnorm = common::small_specs()
         .into_iter()
         .find(|s| s.name == "small-batchnorm")

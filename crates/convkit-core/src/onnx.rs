@@ -136,19 +136,13 @@ impl OnnxExport {
                 } => {
                     x = image_op(layout, &mut graph, &x);
                     layout = Layout::ChannelsFirst;
-                    let kernel = checkpoint.weights.get(&weight)?;
-                    graph.initializer(&weight, kernel.shape.clone(), &kernel.data);
-                    graph.initializer(
-                        &bias,
-                        vec![kernel.shape[0]],
-                        &checkpoint.weights.get(&bias)?.data,
-                    );
+                    let kernel = graph.weight_and_bias(checkpoint, &weight, &bias)?;
                     x = graph.node(
                         "Conv",
                         name,
                         &[&x, &weight, &bias],
                         vec![
-                            ints("kernel_shape", &kernel.shape[2..]),
+                            ints("kernel_shape", &kernel[2..]),
                             ints("strides", &strides),
                             ints("pads", &[top, left, bottom, right]),
                         ],
@@ -195,13 +189,7 @@ impl OnnxExport {
                             "ONNX export: Dense needs a flat input (add a Flatten before it)",
                         ));
                     }
-                    let kernel = checkpoint.weights.get(&weight)?;
-                    graph.initializer(&weight, kernel.shape.clone(), &kernel.data);
-                    graph.initializer(
-                        &bias,
-                        vec![kernel.shape[0]],
-                        &checkpoint.weights.get(&bias)?.data,
-                    );
+                    graph.weight_and_bias(checkpoint, &weight, &bias)?;
                     x = graph.node("Gemm", name, &[&x, &weight, &bias], vec![int("transB", 1)]);
                     x = graph.activation(name, activation, &x);
                 }
@@ -351,6 +339,23 @@ impl Graph {
         )
     }
 
+    /// A layer's kernel and bias as constants, under their convkit names; the kernel's shape.
+    fn weight_and_bias(
+        &mut self,
+        checkpoint: &Checkpoint,
+        weight: &str,
+        bias: &str,
+    ) -> Result<Vec<usize>> {
+        let kernel = checkpoint.weights.get(weight)?;
+        self.initializer(weight, kernel.shape.clone(), &kernel.data);
+        self.initializer(
+            bias,
+            vec![kernel.shape[0]],
+            &checkpoint.weights.get(bias)?.data,
+        );
+        Ok(kernel.shape.clone())
+    }
+
     /// A float32 constant.
     fn initializer(&mut self, name: &str, dims: Vec<usize>, data: &[f32]) {
         self.proto.initializer.push(pb::TensorProto {
@@ -377,16 +382,7 @@ impl Graph {
                 Ok(self.node("Div", "normalise/rescale", &[x, "normalise/255"], vec![]))
             }
             Normalisation::MeanStd { mean, std } => {
-                if mean.len() != channels || std.len() != channels {
-                    return Err(Error::config(
-                        "normalisation",
-                        format!(
-                            "mean/std need {channels} values (one per channel), found {} and {}",
-                            mean.len(),
-                            std.len()
-                        ),
-                    ));
-                }
+                normalisation.check(channels)?;
                 self.initializer("normalise/255", vec![], &[255.0]);
                 self.initializer("normalise/mean", vec![channels], mean);
                 self.initializer("normalise/std", vec![channels], std);

@@ -69,7 +69,9 @@ pub enum Normalisation {
 
 impl Normalisation {
     /// A lookup table `[channel][value] -> f32`, so batching does one load per pixel.
-    fn table(&self, channels: usize) -> Result<Vec<[f32; 256]>> {
+    /// Whether this normalisation fits images of `channels` channels: one mean and one
+    /// positive std per channel.
+    pub fn check(&self, channels: usize) -> Result<()> {
         if let Normalisation::MeanStd { mean, std } = self {
             if mean.len() != channels || std.len() != channels {
                 return Err(Error::config(
@@ -88,6 +90,11 @@ impl Normalisation {
                 ));
             }
         }
+        Ok(())
+    }
+
+    fn table(&self, channels: usize) -> Result<Vec<[f32; 256]>> {
+        self.check(channels)?;
         Ok((0..channels)
             .map(|c| {
                 let mut t = [0f32; 256];
