@@ -834,9 +834,9 @@ impl<'a> Fit<'a> {
     /// Keras' `BackupAndRestore`: after every epoch, write everything needed to continue to
     /// `path` (a checkpoint with the optimizer's state, the History, the callbacks' state and
     /// the random streams' positions), atomically. When `path` exists as `fit` starts, training
-    /// continues after its last epoch and ends as an uninterrupted run would (Dropout masks
-    /// aside, see [`crate::backup`]); a backup of another model or other fit settings is an
-    /// error. The file is kept at the end, and loads as a [`Checkpoint`].
+    /// continues after its last epoch and ends as an uninterrupted run would (see
+    /// [`crate::backup`]); a backup of another model or other fit settings is an error. The
+    /// file is kept at the end, and loads as a [`Checkpoint`].
     pub fn backup(mut self, path: impl Into<PathBuf>) -> Self {
         self.backup = Some(path.into());
         self
