@@ -83,8 +83,8 @@ pub trait Network {
     /// [`Training::dropout_masks`]); `fit` seeds it, so a seeded run drops the same units on
     /// every engine.
     fn set_dropout_stream(&mut self, seed: u64, position: u128);
-    /// The dropout stream's seed and position, for a backup.
-    fn dropout_stream(&mut self) -> (u64, u128);
+    /// How far the dropout stream has come, for a backup.
+    fn dropout_position(&mut self) -> u128;
     /// The optimizer's step count and slots, copied to the host (for a resumable backup).
     fn optimizer_state(&mut self) -> Result<OptimizerState>;
     /// Continue from `state` (from [`Network::optimizer_state`] on any engine): the step count
@@ -164,8 +164,8 @@ impl<N: EngineNetwork> Network for N {
     fn set_dropout_stream(&mut self, seed: u64, position: u128) {
         self.training_mut().set_dropout_stream(seed, position);
     }
-    fn dropout_stream(&mut self) -> (u64, u128) {
-        self.training_mut().dropout_stream()
+    fn dropout_position(&mut self) -> u128 {
+        self.training_mut().dropout_position()
     }
     fn optimizer_state(&mut self) -> Result<OptimizerState> {
         let mut slots = std::collections::BTreeMap::new();

@@ -287,7 +287,6 @@ pub struct Training {
     dropouts: Vec<(usize, f32, Vec<usize>)>,
     /// Where dropout masks come from: seeded, so every engine drops the same units.
     dropout_stream: rand_chacha::ChaCha8Rng,
-    dropout_seed: u64,
 }
 
 /// One Dropout layer's inverted-dropout mask for a training batch.
@@ -328,7 +327,6 @@ impl Training {
             regularizers: (0..layers).map(|i| spec.kernel_regularizer(i)).collect(),
             dropouts,
             dropout_stream: rand_chacha::ChaCha8Rng::seed_from_u64(0),
-            dropout_seed: 0,
         })
     }
 
@@ -338,12 +336,11 @@ impl Training {
         use rand::SeedableRng;
         self.dropout_stream = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         self.dropout_stream.set_word_pos(position);
-        self.dropout_seed = seed;
     }
 
-    /// The dropout stream's seed and position, for a backup.
-    pub fn dropout_stream(&self) -> (u64, u128) {
-        (self.dropout_seed, self.dropout_stream.get_word_pos())
+    /// How far the dropout stream has come (its word position), for a backup.
+    pub fn dropout_position(&self) -> u128 {
+        self.dropout_stream.get_word_pos()
     }
 
     /// The masks of a training batch of `n` images, one per Dropout layer with a positive

@@ -1107,7 +1107,7 @@ impl<'a> Fit<'a> {
                     optimizer_step: 0,
                     history: history.epochs.iter().map(Into::into).collect(),
                     augment_position: augment_rng.get_word_pos().to_string(),
-                    dropout_position: model.network.dropout_stream().1.to_string(),
+                    dropout_position: model.network.dropout_position().to_string(),
                     settings: settings.clone(),
                     callbacks: Vec::new(),
                 };
