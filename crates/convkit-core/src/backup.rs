@@ -132,17 +132,18 @@ fn callback_tensor(index: usize, name: &str) -> String {
     format!("{FIT_PREFIX}callback{index}/{name}")
 }
 
-/// Write the backup of `model` after an epoch, atomically.
+/// Write the backup of `model` after an epoch, atomically. `record`'s `optimizer_step` and
+/// `callbacks` are filled in here, from the network and from `callbacks` (whose tensors go
+/// beside the weights).
 pub(crate) fn save(
     path: &Path,
     model: &mut Model,
     meta: CheckpointMeta,
-    record: &FitRecord,
+    mut record: FitRecord,
     callbacks: Vec<CallbackState>,
 ) -> Result<()> {
     let checkpoint = model.checkpoint(meta)?;
     let state = model.network_mut().optimizer_state()?;
-    let mut record = record.clone();
     record.optimizer_step = state.step;
     let mut extra = Weights::default();
     for (key, t) in state.slots {

@@ -1104,19 +1104,19 @@ impl<'a> Fit<'a> {
                     epoch,
                     stopped: stop,
                     learning_rate: backup::ExactF64(model.learning_rate),
-                    optimizer_step: 0,
+                    optimizer_step: 0, // filled in by `backup::save`
                     history: history.epochs.iter().map(Into::into).collect(),
                     augment_position: augment_rng.get_word_pos().to_string(),
                     dropout_position: model.network.dropout_position().to_string(),
                     settings: settings.clone(),
-                    callbacks: Vec::new(),
+                    callbacks: Vec::new(), // filled in by `backup::save`
                 };
                 let states = self
                     .callbacks
                     .iter()
                     .map(|cb| cb.backup())
                     .collect::<Result<_>>()?;
-                backup::save(path, model, backup_meta.clone(), &record, states)?;
+                backup::save(path, model, backup_meta.clone(), record, states)?;
             }
             if stop {
                 break;
