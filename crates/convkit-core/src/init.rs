@@ -4,6 +4,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::plan::Role;
 use crate::spec::Sequential;
 use crate::weights::{Tensor, Weights};
 use crate::Result;
@@ -15,23 +16,21 @@ use crate::Result;
 pub fn glorot_uniform(spec: &Sequential, seed: u64) -> Result<Weights> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut weights = Weights::default();
-    for (name, shape) in spec.weight_shapes()? {
-        let part = name.rsplit_once('.').map_or("", |(_, part)| part);
-        let tensor = if matches!(part, "bias" | "beta" | "moving_mean") {
-            Tensor::zeros(shape)
-        } else if matches!(part, "gamma" | "moving_variance") {
-            let n = shape.iter().product();
-            Tensor::new(shape, vec![1.0; n])?
-        } else {
-            let receptive: usize = shape[2..].iter().product();
-            let fan_in = shape[1] * receptive;
-            let fan_out = shape[0] * receptive;
-            let limit = (6.0 / (fan_in + fan_out) as f64).sqrt() as f32;
-            let n = shape.iter().product();
-            let data = (0..n).map(|_| rng.random_range(-limit..limit)).collect();
-            Tensor::new(shape, data)?
+    for weight in spec.plan()?.weights {
+        let (n, shape) = (weight.numel(), weight.shape);
+        let tensor = match weight.role {
+            Role::Bias | Role::Beta | Role::MovingMean => Tensor::zeros(shape),
+            Role::Gamma | Role::MovingVariance => Tensor::new(shape, vec![1.0; n])?,
+            Role::Kernel => {
+                let receptive: usize = shape[2..].iter().product();
+                let fan_in = shape[1] * receptive;
+                let fan_out = shape[0] * receptive;
+                let limit = (6.0 / (fan_in + fan_out) as f64).sqrt() as f32;
+                let data = (0..n).map(|_| rng.random_range(-limit..limit)).collect();
+                Tensor::new(shape, data)?
+            }
         };
-        weights.insert(name, tensor);
+        weights.insert(weight.name, tensor);
     }
     Ok(weights)
 }

@@ -13,11 +13,13 @@ pub mod data;
 #[cfg(feature = "evcxr")]
 pub mod display;
 mod error;
+pub mod exec;
 pub mod init;
 pub mod io;
 pub mod metrics;
 pub mod onnx;
 pub mod optim;
+pub mod plan;
 pub mod plot;
 pub mod pytorch;
 pub mod search;

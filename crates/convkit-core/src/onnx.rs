@@ -31,7 +31,8 @@ use protobuf::{Enum as _, Message as _, MessageField};
 
 use crate::compile::Head;
 use crate::data::Normalisation;
-use crate::spec::{Activation, PlannedOp, Shape};
+use crate::plan::{PlannedOp, PoolKind};
+use crate::spec::{Activation, Shape};
 use crate::weights::Checkpoint;
 use crate::{Error, Result};
 
@@ -115,7 +116,9 @@ impl OnnxExport {
             x = graph.normalise(&x, &checkpoint.meta.normalisation, c)?;
         }
         let mut layout = Layout::ChannelsLast;
-        for (i, op) in spec.plan()?.into_iter().enumerate() {
+        let plan = spec.plan()?;
+        let weight = |i: usize| plan.weights[i].name.as_str();
+        for (i, op) in plan.ops.iter().cloned().enumerate() {
             let name = &names[i];
             let image_op = |layout: Layout, graph: &mut Graph, x: &str| match layout {
                 Layout::ChannelsLast => graph.node(
@@ -128,7 +131,7 @@ impl OnnxExport {
             };
             match op {
                 PlannedOp::Conv2D {
-                    weight,
+                    kernel,
                     bias,
                     pad: [top, bottom, left, right],
                     strides,
@@ -136,24 +139,28 @@ impl OnnxExport {
                 } => {
                     x = image_op(layout, &mut graph, &x);
                     layout = Layout::ChannelsFirst;
-                    let kernel = graph.weight_and_bias(checkpoint, &weight, &bias)?;
+                    let (kernel, bias) = (weight(kernel), weight(bias));
+                    let shape = graph.weight_and_bias(checkpoint, kernel, bias)?;
                     x = graph.node(
                         "Conv",
                         name,
-                        &[&x, &weight, &bias],
+                        &[&x, kernel, bias],
                         vec![
-                            ints("kernel_shape", &kernel[2..]),
+                            ints("kernel_shape", &shape[2..]),
                             ints("strides", &strides),
                             ints("pads", &[top, left, bottom, right]),
                         ],
                     );
                     x = graph.activation(name, activation, &x);
                 }
-                PlannedOp::MaxPool2D { size, strides } | PlannedOp::AvgPool2D { size, strides } => {
-                    let op_type = if matches!(op, PlannedOp::MaxPool2D { .. }) {
-                        "MaxPool"
-                    } else {
-                        "AveragePool"
+                PlannedOp::Pool2D {
+                    kind,
+                    size,
+                    strides,
+                } => {
+                    let op_type = match kind {
+                        PoolKind::Max => "MaxPool",
+                        PoolKind::Average => "AveragePool",
                     };
                     x = image_op(layout, &mut graph, &x);
                     layout = Layout::ChannelsFirst;
@@ -163,6 +170,22 @@ impl OnnxExport {
                         &[&x],
                         vec![ints("kernel_shape", &size), ints("strides", &strides)],
                     );
+                }
+                PlannedOp::GlobalPool2D { kind, .. } => {
+                    let op_type = match kind {
+                        PoolKind::Max => "GlobalMaxPool",
+                        PoolKind::Average => "GlobalAveragePool",
+                    };
+                    x = image_op(layout, &mut graph, &x);
+                    x = graph.node(op_type, name, &[&x], vec![]);
+                    // [n, C, 1, 1] → [n, C]: one position, so channel order is Keras' too.
+                    x = graph.node(
+                        "Flatten",
+                        &format!("{name}/flatten"),
+                        &[&x],
+                        vec![int("axis", 1)],
+                    );
+                    layout = Layout::Flat;
                 }
                 PlannedOp::Flatten => {
                     if layout == Layout::ChannelsFirst {
@@ -179,7 +202,7 @@ impl OnnxExport {
                     layout = Layout::Flat;
                 }
                 PlannedOp::Dense {
-                    weight,
+                    kernel,
                     bias,
                     activation,
                 } => {
@@ -189,8 +212,9 @@ impl OnnxExport {
                             "ONNX export: Dense needs a flat input (add a Flatten before it)",
                         ));
                     }
-                    graph.weight_and_bias(checkpoint, &weight, &bias)?;
-                    x = graph.node("Gemm", name, &[&x, &weight, &bias], vec![int("transB", 1)]);
+                    let (kernel, bias) = (weight(kernel), weight(bias));
+                    graph.weight_and_bias(checkpoint, kernel, bias)?;
+                    x = graph.node("Gemm", name, &[&x, kernel, bias], vec![int("transB", 1)]);
                     x = graph.activation(name, activation, &x);
                 }
                 PlannedOp::Dropout { .. } => {}
@@ -206,14 +230,15 @@ impl OnnxExport {
                         x = image_op(layout, &mut graph, &x);
                         layout = Layout::ChannelsFirst;
                     }
-                    for part in [&gamma, &beta, &moving_mean, &moving_variance] {
+                    let parts = [gamma, beta, moving_mean, moving_variance].map(weight);
+                    for part in parts {
                         let t = checkpoint.weights.get(part)?;
                         graph.initializer(part, t.shape.clone(), &t.data);
                     }
                     x = graph.node(
                         "BatchNormalization",
                         name,
-                        &[&x, &gamma, &beta, &moving_mean, &moving_variance],
+                        &[&x, parts[0], parts[1], parts[2], parts[3]],
                         vec![float("epsilon", epsilon as f32)],
                     );
                 }

@@ -40,7 +40,12 @@ fn torch_parts(kind: &LayerKind) -> &'static [(&'static str, &'static str)] {
             ("running_mean", "moving_mean"),
             ("running_var", "moving_variance"),
         ],
-        _ => &[],
+        LayerKind::MaxPooling2D(_)
+        | LayerKind::AveragePooling2D(_)
+        | LayerKind::GlobalMaxPooling2D
+        | LayerKind::GlobalAveragePooling2D
+        | LayerKind::Flatten
+        | LayerKind::Dropout(_) => &[],
     }
 }
 

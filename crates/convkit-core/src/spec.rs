@@ -285,6 +285,10 @@ pub enum LayerKind {
     Conv2D(Conv2D),
     MaxPooling2D(Pool2D),
     AveragePooling2D(Pool2D),
+    /// The maximum of each channel over the whole image: `H×W×C` → `C`.
+    GlobalMaxPooling2D,
+    /// The mean of each channel over the whole image: `H×W×C` → `C`.
+    GlobalAveragePooling2D,
     Flatten,
     Dense(Dense),
     Dropout(Dropout),
@@ -298,6 +302,8 @@ impl LayerKind {
             LayerKind::Conv2D(_) => "Conv2D",
             LayerKind::MaxPooling2D(_) => "MaxPooling2D",
             LayerKind::AveragePooling2D(_) => "AveragePooling2D",
+            LayerKind::GlobalMaxPooling2D => "GlobalMaxPooling2D",
+            LayerKind::GlobalAveragePooling2D => "GlobalAveragePooling2D",
             LayerKind::Flatten => "Flatten",
             LayerKind::Dense(_) => "Dense",
             LayerKind::Dropout(_) => "Dropout",
@@ -311,10 +317,43 @@ impl LayerKind {
             LayerKind::Conv2D(_) => "conv2d",
             LayerKind::MaxPooling2D(_) => "max_pooling2d",
             LayerKind::AveragePooling2D(_) => "average_pooling2d",
+            LayerKind::GlobalMaxPooling2D => "global_max_pooling2d",
+            LayerKind::GlobalAveragePooling2D => "global_average_pooling2d",
             LayerKind::Flatten => "flatten",
             LayerKind::Dense(_) => "dense",
             LayerKind::Dropout(_) => "dropout",
             LayerKind::BatchNormalization(_) => "batch_normalization",
+        }
+    }
+}
+
+impl LayerKind {
+    /// The kernel regulariser of a layer with a kernel (Conv2D, Dense).
+    pub fn kernel_regularizer(&self) -> Option<Regularizer> {
+        match self {
+            LayerKind::Conv2D(conv) => conv.kernel_regularizer,
+            LayerKind::Dense(dense) => dense.kernel_regularizer,
+            LayerKind::MaxPooling2D(_)
+            | LayerKind::AveragePooling2D(_)
+            | LayerKind::GlobalMaxPooling2D
+            | LayerKind::GlobalAveragePooling2D
+            | LayerKind::Flatten
+            | LayerKind::Dropout(_)
+            | LayerKind::BatchNormalization(_) => None,
+        }
+    }
+
+    fn kernel_regularizer_mut(&mut self) -> Option<&mut Option<Regularizer>> {
+        match self {
+            LayerKind::Conv2D(conv) => Some(&mut conv.kernel_regularizer),
+            LayerKind::Dense(dense) => Some(&mut dense.kernel_regularizer),
+            LayerKind::MaxPooling2D(_)
+            | LayerKind::AveragePooling2D(_)
+            | LayerKind::GlobalMaxPooling2D
+            | LayerKind::GlobalAveragePooling2D
+            | LayerKind::Flatten
+            | LayerKind::Dropout(_)
+            | LayerKind::BatchNormalization(_) => None,
         }
     }
 }
@@ -383,6 +422,11 @@ impl Shape {
     pub fn numel(&self) -> usize {
         self.checked_numel()
             .expect("checked by Sequential::output_shapes")
+    }
+
+    /// An `H×W×C` image (not a flat vector).
+    pub fn is_image(&self) -> bool {
+        matches!(self, Shape::Image { .. })
     }
 
     /// Values in the shape, or `None` when the count overflows `usize`.
@@ -709,11 +753,7 @@ impl Sequential {
             }
             Ok((n - k) / s + 1)
         };
-        let regularizer = match kind {
-            LayerKind::Conv2D(conv) => conv.kernel_regularizer,
-            LayerKind::Dense(dense) => dense.kernel_regularizer,
-            _ => None,
-        };
+        let regularizer = kind.kernel_regularizer();
         if let Some(r) = regularizer {
             if !(r.l1.is_finite() && r.l2.is_finite() && r.l1 >= 0.0 && r.l2 >= 0.0) {
                 return Err(self.layer_error(
@@ -763,6 +803,10 @@ impl Sequential {
                     w: window(what, w, kw, sw, "width")?,
                     c,
                 }
+            }
+            LayerKind::GlobalMaxPooling2D | LayerKind::GlobalAveragePooling2D => {
+                let (_, _, c) = image(kind.type_name())?;
+                Shape::Flat(c)
             }
             LayerKind::Flatten => Shape::Flat(input.numel()),
             LayerKind::Dense(dense) => {
@@ -814,10 +858,8 @@ impl Sequential {
     /// `--kernel-regularizer`), replacing any regulariser already set.
     pub fn with_kernel_regularizer(mut self, regularizer: Regularizer) -> Self {
         for layer in &mut self.layers {
-            match &mut layer.kind {
-                LayerKind::Conv2D(conv) => conv.kernel_regularizer = Some(regularizer),
-                LayerKind::Dense(dense) => dense.kernel_regularizer = Some(regularizer),
-                _ => {}
+            if let Some(slot) = layer.kind.kernel_regularizer_mut() {
+                *slot = Some(regularizer);
             }
         }
         self
@@ -825,20 +867,15 @@ impl Sequential {
 
     /// The kernel regulariser of layer `layer`, if it has one.
     pub fn kernel_regularizer(&self, layer: usize) -> Option<Regularizer> {
-        match &self.layers.get(layer)?.kind {
-            LayerKind::Conv2D(conv) => conv.kernel_regularizer,
-            LayerKind::Dense(dense) => dense.kernel_regularizer,
-            _ => None,
-        }
+        self.layers.get(layer)?.kind.kernel_regularizer()
     }
 
     /// What Keras adds to the loss for these weights: the sum of every kernel's penalty.
     pub fn kernel_penalty(&self, weights: &crate::weights::Weights) -> Result<f64> {
-        let names = self.layer_names();
         let mut total = 0.0;
-        for (i, name) in names.iter().enumerate() {
-            if let Some(r) = self.kernel_regularizer(i) {
-                total += r.penalty(&weights.get(&format!("{name}.weight"))?.data);
+        for w in self.plan()?.weights {
+            if let (true, Some(r)) = (w.role.is_regularised(), self.kernel_regularizer(w.layer)) {
+                total += r.penalty(&weights.get(&w.name)?.data);
             }
         }
         Ok(total)
@@ -857,36 +894,15 @@ impl Sequential {
 
     /// `(name, shape)` of every weight tensor in canonical layout, in layer order:
     /// conv `weight` `[out, in, kh, kw]`, dense `weight` `[out, in]`, `bias` `[out]`;
-    /// batch normalisation `gamma`, `beta`, `moving_mean`, `moving_variance`, each `[channels]`.
+    /// batch normalisation `gamma`, `beta`, `moving_mean`, `moving_variance`, each `[channels]`
+    /// (see [`crate::plan::WeightSpec`] for their roles).
     pub fn weight_shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
-        let shapes = self.output_shapes()?;
-        let names = self.layer_names();
-        let mut input = self.input();
-        let mut out = Vec::new();
-        for ((layer, name), shape) in self.layers.iter().zip(&names).zip(&shapes) {
-            match &layer.kind {
-                LayerKind::Conv2D(conv) => {
-                    let Shape::Image { c, .. } = input else {
-                        unreachable!("checked by output_shapes")
-                    };
-                    let [kh, kw] = conv.kernel_size;
-                    out.push((format!("{name}.weight"), vec![conv.filters, c, kh, kw]));
-                    out.push((format!("{name}.bias"), vec![conv.filters]));
-                }
-                LayerKind::Dense(dense) => {
-                    out.push((format!("{name}.weight"), vec![dense.units, input.numel()]));
-                    out.push((format!("{name}.bias"), vec![dense.units]));
-                }
-                LayerKind::BatchNormalization(_) => {
-                    for part in BATCH_NORM_WEIGHTS {
-                        out.push((format!("{name}.{part}"), vec![channels(input)]));
-                    }
-                }
-                _ => {}
-            }
-            input = *shape;
-        }
-        Ok(out)
+        Ok(self
+            .plan()?
+            .weights
+            .into_iter()
+            .map(|w| (w.name, w.shape))
+            .collect())
     }
 
     /// Number of parameters of each layer.
@@ -908,16 +924,13 @@ impl Sequential {
     /// Number of each layer's parameters that are not trained: all of a frozen layer's, and
     /// a batch normalisation's moving statistics (half its parameters), as Keras counts them.
     pub fn non_trainable_counts(&self) -> Result<Vec<usize>> {
-        Ok(self
-            .param_counts()?
-            .into_iter()
-            .zip(&self.layers)
-            .map(|(n, layer)| match layer.kind {
-                _ if !layer.trainable => n,
-                LayerKind::BatchNormalization(_) => n / 2,
-                _ => 0,
-            })
-            .collect())
+        let mut counts = vec![0; self.layers.len()];
+        for w in self.plan()?.weights {
+            if !self.layers[w.layer].trainable || !w.role.is_optimized() {
+                counts[w.layer] += w.numel();
+            }
+        }
+        Ok(counts)
     }
 
     /// The same model with a `BatchNormalization` (Keras' defaults) after every Conv2D and
@@ -935,7 +948,13 @@ impl Sequential {
             let wants = match layer.kind {
                 LayerKind::Conv2D(_) => true,
                 LayerKind::Dense(_) => i != last,
-                _ => false,
+                LayerKind::MaxPooling2D(_)
+                | LayerKind::AveragePooling2D(_)
+                | LayerKind::GlobalMaxPooling2D
+                | LayerKind::GlobalAveragePooling2D
+                | LayerKind::Flatten
+                | LayerKind::Dropout(_)
+                | LayerKind::BatchNormalization(_) => false,
             };
             if wants && !normalised {
                 spec.layers.push(BatchNormalization::new().into());
@@ -1022,7 +1041,13 @@ impl Sequential {
                 LayerKind::Dense(dense) => 2 * (input.numel() * dense.units) as u64,
                 // one multiply-add per value at inference
                 LayerKind::BatchNormalization(_) => 2 * shape.numel() as u64,
-                _ => 0,
+                // comparisons and additions, no multiply-accumulates
+                LayerKind::MaxPooling2D(_)
+                | LayerKind::AveragePooling2D(_)
+                | LayerKind::GlobalMaxPooling2D
+                | LayerKind::GlobalAveragePooling2D
+                | LayerKind::Flatten
+                | LayerKind::Dropout(_) => 0,
             };
             input = *shape;
         }
@@ -1045,8 +1070,15 @@ fn layer_params(kind: &LayerKind, input: Shape) -> Option<usize> {
             .checked_numel()?
             .checked_mul(dense.units)?
             .checked_add(dense.units),
-        LayerKind::BatchNormalization(_) => BATCH_NORM_WEIGHTS.len().checked_mul(channels(input)),
-        _ => Some(0),
+        LayerKind::BatchNormalization(_) => crate::plan::BATCH_NORM_ROLES
+            .len()
+            .checked_mul(channels(input)),
+        LayerKind::MaxPooling2D(_)
+        | LayerKind::AveragePooling2D(_)
+        | LayerKind::GlobalMaxPooling2D
+        | LayerKind::GlobalAveragePooling2D
+        | LayerKind::Flatten
+        | LayerKind::Dropout(_) => Some(0),
     }
 }
 
@@ -1084,9 +1116,6 @@ impl SizeLimits {
     const OVERRIDE: &'static str =
         " (pass --allow-large-model, or SizeLimits::NONE, if you mean it)";
 }
-
-/// The weight names of a batch normalisation layer, after `{layer}.`, in order.
-pub const BATCH_NORM_WEIGHTS: [&str; 4] = ["gamma", "beta", "moving_mean", "moving_variance"];
 
 /// The size of the last axis: an image's channels, a flat vector's length.
 fn channels(shape: Shape) -> usize {
@@ -1327,6 +1356,44 @@ mod tests {
     }
 
     #[test]
+    fn global_pooling_follows_keras() {
+        let spec = Sequential::new(8, 8, 3)
+            .add(Conv2D::new(16, 3).activation(Activation::Relu))
+            .add(LayerKind::GlobalAveragePooling2D)
+            .add(Dense::new(10).activation(Activation::Softmax));
+        // Keras: (None, 16) after the pooling, no parameters of its own.
+        assert_eq!(spec.output_shapes().unwrap()[1], Shape::Flat(16));
+        assert_eq!(spec.param_counts().unwrap(), vec![448, 0, 170]);
+        let summary = spec.summary().unwrap();
+        assert!(
+            summary.contains("global_average_pooling2d (GlobalAveragePooling2D)"),
+            "{summary}"
+        );
+        assert!(summary.contains("(None, 16)"), "{summary}");
+        let mut max = spec.clone();
+        max.layers[1].kind = LayerKind::GlobalMaxPooling2D;
+        assert_eq!(max.layer_names()[1], "global_max_pooling2d");
+        assert!(
+            (max.weight_shapes().unwrap()).contains(&("dense.weight".into(), vec![10, 16])),
+            "the Dense after it sees the channels"
+        );
+        // JSON as Keras names it
+        let layer: Layer = serde_json::from_str(r#"{"type": "GlobalMaxPooling2D"}"#).unwrap();
+        assert_eq!(layer.kind, LayerKind::GlobalMaxPooling2D);
+        let back: Sequential = serde_json::from_str(&max.to_json()).unwrap();
+        assert_eq!(back, max);
+        // it needs an image
+        let flat = Sequential::new(4, 4, 1)
+            .flatten()
+            .add(LayerKind::GlobalMaxPooling2D);
+        let e = flat.output_shapes().unwrap_err().to_string();
+        assert!(
+            e.contains("layer 1 (global_max_pooling2d)") && e.contains("expects an image"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn json_round_trip() {
         let mut spec = Sequential::preset("tutorial-mnist-3conv").unwrap();
         spec.layers[0].trainable = false;
@@ -1336,39 +1403,6 @@ mod tests {
         assert_eq!(spec, back);
         assert!(json.contains("\"type\": \"Conv2D\""), "{json}");
         assert_eq!(back.layer_names()[1], "pool_a");
-    }
-
-    #[test]
-    fn plan_resolves_padding_names_and_leaves_the_head_to_the_loss() {
-        let spec = Sequential::new(6, 5, 1)
-            .add(
-                Conv2D::new(2, 3)
-                    .padding(Padding::Same)
-                    .strides(2, 2)
-                    .activation(Activation::Relu),
-            )
-            .flatten()
-            .add(Dense::new(3).activation(Activation::Softmax));
-        let plan = spec.plan().unwrap();
-        assert_eq!(
-            plan[0],
-            PlannedOp::Conv2D {
-                weight: "conv2d.weight".into(),
-                bias: "conv2d.bias".into(),
-                pad: [0, 1, 1, 1],
-                strides: [2, 2],
-                activation: Activation::Relu
-            }
-        );
-        assert_eq!(plan[1], PlannedOp::Flatten);
-        assert_eq!(
-            plan[2],
-            PlannedOp::Dense {
-                weight: "dense.weight".into(),
-                bias: "dense.bias".into(),
-                activation: Activation::Linear
-            }
-        );
     }
 
     #[test]
@@ -1407,109 +1441,10 @@ mod tests {
     }
 }
 
-/// One operation an engine builds, resolved from the spec: padding amounts, strides and weight
-/// names are computed, and the head's softmax/sigmoid is left out, because engines produce
-/// logits and apply the head in the loss and in `predict`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PlannedOp {
-    Conv2D {
-        weight: String,
-        bias: String,
-        /// `[top, bottom, left, right]` zero padding.
-        pad: [usize; 4],
-        strides: [usize; 2],
-        activation: Activation,
-    },
-    MaxPool2D {
-        size: [usize; 2],
-        strides: [usize; 2],
-    },
-    AvgPool2D {
-        size: [usize; 2],
-        strides: [usize; 2],
-    },
-    /// To `(H, W, C)` order, as Keras flattens.
-    Flatten,
-    Dense {
-        weight: String,
-        bias: String,
-        activation: Activation,
-    },
-    /// Active in training only.
-    Dropout { rate: f32 },
-    /// Normalises the channel axis (axis 1 of NCHW, or of `[n, features]`), see
-    /// [`BatchNormalization`]. Weights `[channels]` each.
-    BatchNorm {
-        gamma: String,
-        beta: String,
-        moving_mean: String,
-        moving_variance: String,
-        momentum: f64,
-        epsilon: f64,
-    },
-}
-
 impl Sequential {
-    /// The operations an engine builds, one per layer, in order.
-    pub fn plan(&self) -> Result<Vec<PlannedOp>> {
-        let shapes = self.output_shapes()?;
-        let names = self.layer_names();
-        let last = self.layers.len() - 1;
-        let mut input = self.input();
-        let mut ops = Vec::with_capacity(self.layers.len());
-        for (i, layer) in self.layers.iter().enumerate() {
-            let logits = |a: Activation| {
-                if i == last && matches!(a, Activation::Softmax | Activation::Sigmoid) {
-                    Activation::Linear
-                } else {
-                    a
-                }
-            };
-            let (weight, bias) = (format!("{}.weight", names[i]), format!("{}.bias", names[i]));
-            ops.push(match &layer.kind {
-                LayerKind::Conv2D(conv) => {
-                    let Shape::Image { h, w, .. } = input else {
-                        unreachable!("checked by output_shapes")
-                    };
-                    PlannedOp::Conv2D {
-                        weight,
-                        bias,
-                        pad: conv.pad_amounts(h, w),
-                        strides: conv.strides,
-                        activation: logits(conv.activation),
-                    }
-                }
-                LayerKind::MaxPooling2D(p) => PlannedOp::MaxPool2D {
-                    size: p.pool_size,
-                    strides: p.strides(),
-                },
-                LayerKind::AveragePooling2D(p) => PlannedOp::AvgPool2D {
-                    size: p.pool_size,
-                    strides: p.strides(),
-                },
-                LayerKind::Flatten => PlannedOp::Flatten,
-                LayerKind::Dense(d) => PlannedOp::Dense {
-                    weight,
-                    bias,
-                    activation: logits(d.activation),
-                },
-                LayerKind::Dropout(d) => PlannedOp::Dropout { rate: d.rate },
-                LayerKind::BatchNormalization(bn) => {
-                    let [gamma, beta, moving_mean, moving_variance] =
-                        BATCH_NORM_WEIGHTS.map(|part| format!("{}.{part}", names[i]));
-                    PlannedOp::BatchNorm {
-                        gamma,
-                        beta,
-                        moving_mean,
-                        moving_variance,
-                        momentum: bn.momentum as f64,
-                        epsilon: bn.epsilon as f64,
-                    }
-                }
-            });
-            input = shapes[i];
-        }
-        Ok(ops)
+    /// The checked plan the executor runs: weights with their roles, one operation per layer.
+    pub fn plan(&self) -> Result<crate::plan::Plan> {
+        crate::plan::Plan::new(self)
     }
 }
 

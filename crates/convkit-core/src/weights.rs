@@ -73,8 +73,11 @@ impl Weights {
     /// Check names and shapes against a spec: every expected tensor present with the right
     /// shape, and nothing else; every value finite (and moving variances non-negative).
     pub fn check(&self, spec: &Sequential) -> Result<()> {
-        let expected = spec.weight_shapes()?;
-        for (name, shape) in &expected {
+        let expected = spec.plan()?.weights;
+        for crate::plan::WeightSpec {
+            name, shape, role, ..
+        } in &expected
+        {
             let tensor = self.tensors.get(name).ok_or_else(|| Error::Weights {
                 tensor: name.clone(),
                 message: format!("missing (the model expects shape {shape:?})"),
@@ -91,7 +94,7 @@ impl Weights {
                     message: format!("weights must be finite, found {v} at index {i}"),
                 });
             }
-            if name.ends_with(".moving_variance") {
+            if *role == crate::plan::Role::MovingVariance {
                 if let Some((i, v)) = tensor
                     .data
                     .iter()
@@ -110,7 +113,7 @@ impl Weights {
         if let Some(extra) = self
             .tensors
             .keys()
-            .find(|k| !expected.iter().any(|(n, _)| n == *k))
+            .find(|k| !expected.iter().any(|w| &w.name == *k))
         {
             return Err(Error::Weights {
                 tensor: extra.clone(),
@@ -119,7 +122,7 @@ impl Weights {
                     spec.name,
                     expected
                         .iter()
-                        .map(|(n, _)| n.as_str())
+                        .map(|w| w.name.as_str())
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),

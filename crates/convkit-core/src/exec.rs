@@ -1,0 +1,553 @@
+//! The one network executor. Core walks the checked [`Plan`]: the forward pass in training or
+//! inference mode, batch normalisation with its moving statistics, dropout with core's masks,
+//! the head, the losses, regularisation and the optimizer step. An engine supplies only
+//! [`Ops`], tensor operations on its device with its own autodiff, and is statically
+//! dispatched inside [`Executor`]; the object-safe [`Network`] seam stays for the CLI.
+//!
+//! Layout on the device: images are NCHW (`[n, channels, height, width]`), flat activations
+//! `[n, features]`. Host data (batches, dropout masks) is NHWC, and core transposes it once
+//! on the way in.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ndarray::{Array2, ArrayView4};
+
+use crate::backend::{Network, StepStats, Targets};
+use crate::compile::{Compile, Head, Loss};
+use crate::optim::{DropoutMask, OptimizerState, Slots, TensorMath, Training};
+use crate::plan::{Plan, PlannedOp, PoolKind, WeightSpec};
+use crate::spec::{Activation, Sequential};
+use crate::weights::{Tensor as HostTensor, Weights};
+use crate::{Error, Result};
+
+/// The operations an engine supplies. Every method works on device tensors in the layouts
+/// above; errors are [`Error::Engine`] naming the engine (see [`Ops::engine`]).
+pub trait Ops {
+    /// A device tensor; cloning shares its storage.
+    type Tensor: Clone + TensorMath;
+
+    /// The engine's CLI name, e.g. `burn-flex`, for error messages.
+    fn engine(&self) -> &str;
+
+    /// Whether the engine can run `op` (layer `layer` of the plan); the reason when it cannot.
+    /// Asked once per layer when a network is built.
+    fn supports(&self, _op: &PlannedOp) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
+    /// Row-major host values of `shape` as a device tensor that no gradient flows into.
+    fn upload(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;
+    /// A device tensor's values, row-major.
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// `weight`'s canonical values as the engine keeps that weight (and its gradient and
+    /// optimizer slots); an engine may choose another layout than the canonical one.
+    fn upload_weight(&self, weight: &WeightSpec, data: &[f32]) -> Result<Self::Tensor> {
+        self.upload(&weight.shape, data)
+    }
+    /// The inverse of [`Ops::upload_weight`]: canonical row-major values.
+    fn download_weight(&self, _weight: &WeightSpec, t: &Self::Tensor) -> Result<Vec<f32>> {
+        self.download(t)
+    }
+
+    /// A new value of a trained variable, held between steps.
+    fn variable(&self, value: Self::Tensor) -> Result<Self::Tensor>;
+    /// What a forward pass reads from `variable`: tracked when `grad` (its gradient is asked
+    /// for with [`Ops::gradients`] afterwards), a constant otherwise.
+    fn read(&self, variable: &Self::Tensor, grad: bool) -> Self::Tensor;
+    /// Gradients of the scalar `loss` with respect to `wrt` (values from `read(_, true)`), in
+    /// order; `None` for one the loss does not depend on.
+    fn gradients(
+        &self,
+        loss: &Self::Tensor,
+        wrt: &[&Self::Tensor],
+    ) -> Result<Vec<Option<Self::Tensor>>>;
+    /// The same values, cut from the autodiff graph.
+    fn detach(&self, t: &Self::Tensor) -> Self::Tensor;
+
+    /// Convolution of NCHW `x` with `kernel` (`[out, in, kh, kw]` as uploaded) plus `bias`
+    /// `[out]`, after zero `pad` (`[top, bottom, left, right]`), at `strides` `[h, w]`.
+    fn conv2d(
+        &self,
+        x: &Self::Tensor,
+        kernel: &Self::Tensor,
+        bias: &Self::Tensor,
+        pad: [usize; 4],
+        strides: [usize; 2],
+    ) -> Result<Self::Tensor>;
+    /// Pooling of NCHW `x` over `size` windows at `strides`, no padding; rows and columns
+    /// that do not fill a window are dropped. Max pooling's gradient goes to the first
+    /// maximum of each window (row-major within the window).
+    fn pool2d(
+        &self,
+        x: &Self::Tensor,
+        kind: PoolKind,
+        size: [usize; 2],
+        strides: [usize; 2],
+    ) -> Result<Self::Tensor>;
+    /// NCHW `[n, c, h, w]` → `[n, h·w·c]` in (H, W, C) order, as Keras flattens.
+    fn flatten(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `x · kernelᵀ + bias`: `x` `[n, in]`, `kernel` `[out, in]` as uploaded, `bias` `[out]`.
+    fn dense(
+        &self,
+        x: &Self::Tensor,
+        kernel: &Self::Tensor,
+        bias: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
+    /// An element-wise activation; softmax is over axis 1 (channels, or features). ReLU's
+    /// gradient at exactly 0 is 0, as in Keras and PyTorch.
+    fn activation(&self, x: &Self::Tensor, activation: Activation) -> Result<Self::Tensor>;
+    /// Per-channel mean and biased variance over every axis but axis 1: `[c]` each, tracked.
+    fn moments(&self, x: &Self::Tensor) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// `(x − mean) / √(variance + epsilon) · gamma + beta`, the `[c]` vectors broadcast over
+    /// axis 1 of `x`.
+    fn batch_norm(
+        &self,
+        x: &Self::Tensor,
+        mean: &Self::Tensor,
+        variance: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        epsilon: f64,
+    ) -> Result<Self::Tensor>;
+    /// Mean over the batch of `−Σ targets · log_softmax(logits)`, both `[n, classes]`; a
+    /// one-element tensor.
+    fn softmax_cross_entropy(
+        &self,
+        logits: &Self::Tensor,
+        targets: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
+    /// Mean of `max(z, 0) − z·t + log(1 + e^−|z|)` (binary cross-entropy of sigmoid(z)),
+    /// `logits` and `targets` `[n, 1]`; a one-element tensor.
+    fn sigmoid_cross_entropy(
+        &self,
+        logits: &Self::Tensor,
+        targets: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
+}
+
+/// A network on an engine: the plan, the variables on the device, their optimizer slots and
+/// the training bookkeeping. Built by an engine's [`crate::Backend::build`] with
+/// [`Executor::new`].
+pub struct Executor<O: Ops> {
+    ops: O,
+    plan: Plan,
+    input_shape: [usize; 3],
+    /// Number of outputs (class scores, or 1 for a sigmoid head).
+    outputs: usize,
+    /// One per [`Plan::weights`], as the engine keeps it.
+    values: Vec<O::Tensor>,
+    /// One per [`Plan::weights`]; the moving statistics' stay empty.
+    slots: Vec<Slots<O::Tensor>>,
+    training: Training,
+    loss: Loss,
+    head: Head,
+}
+
+impl<O: Ops> Executor<O> {
+    /// `spec` compiled with `compile`, starting from `weights` (canonical layout), on `ops`'
+    /// engine. Checks the spec, the compile settings against it, the weights' names, shapes
+    /// and values, and asks the engine about every layer, once, here.
+    pub fn new(ops: O, spec: &Sequential, compile: &Compile, weights: &Weights) -> Result<Self> {
+        let head = compile.check(spec)?;
+        weights.check(spec)?;
+        let plan = spec.plan()?;
+        let names = spec.layer_names();
+        for (i, op) in plan.ops.iter().enumerate() {
+            ops.supports(op).map_err(|reason| {
+                Error::engine(
+                    ops.engine(),
+                    format!(
+                        "not supported by {}: layer {i} ({}): {reason}",
+                        ops.engine(),
+                        names[i]
+                    ),
+                )
+            })?;
+        }
+        let mut values = Vec::with_capacity(plan.weights.len());
+        for w in &plan.weights {
+            let value = ops.upload_weight(w, &weights.get(&w.name)?.data)?;
+            values.push(ops.variable(value)?);
+        }
+        Ok(Executor {
+            slots: plan.weights.iter().map(|_| Slots::default()).collect(),
+            outputs: spec.output_shape()?.numel(),
+            input_shape: spec.input_shape,
+            training: Training::new(&compile.optimizer, spec)?,
+            loss: compile.loss,
+            head,
+            values,
+            plan,
+            ops,
+        })
+    }
+
+    /// NHWC host batch → NCHW device tensor.
+    fn images(&self, x: ArrayView4<'_, f32>) -> Result<O::Tensor> {
+        let (n, h, w, c) = x.dim();
+        if [h, w, c] != self.input_shape {
+            let [eh, ew, ec] = self.input_shape;
+            return Err(Error::Shape {
+                expected: format!("a batch of {eh}×{ew}×{ec} images (the model's input)"),
+                found: format!("{h}×{w}×{c} images"),
+            });
+        }
+        let nchw = x.permuted_axes([0, 3, 1, 2]);
+        let data: Vec<f32> = nchw.iter().copied().collect();
+        self.ops.upload(&[n, c, h, w], &data)
+    }
+
+    /// Dense target rows `[n, outputs]` on the device, checked against the loss and the
+    /// number of outputs.
+    fn target_rows(&self, y: &Targets) -> Result<O::Tensor> {
+        let (n, k) = (y.len(), self.outputs);
+        let mismatch = |found: String| {
+            Err(Error::Shape {
+                expected: format!(
+                    "{} targets for {k} output{}",
+                    match self.loss {
+                        Loss::SparseCategoricalCrossentropy => "class-index (sparse)",
+                        Loss::CategoricalCrossentropy => "one row per image (dense)",
+                        Loss::BinaryCrossentropy => "0/1 (binary)",
+                    },
+                    if k == 1 { "" } else { "s" }
+                ),
+                found,
+            })
+        };
+        let rows = match (self.loss, y) {
+            (Loss::SparseCategoricalCrossentropy, Targets::Sparse(labels)) => {
+                let mut rows = vec![0.0f32; n * k];
+                for (i, &label) in labels.iter().enumerate() {
+                    if label as usize >= k {
+                        return mismatch(format!("label {label} for image {i}"));
+                    }
+                    rows[i * k + label as usize] = 1.0;
+                }
+                rows
+            }
+            (Loss::CategoricalCrossentropy, Targets::Dense(rows)) if rows.ncols() == k => {
+                rows.iter().copied().collect()
+            }
+            (Loss::BinaryCrossentropy, Targets::Binary(v)) if k == 1 => v.clone(),
+            (_, Targets::Dense(rows)) => {
+                return mismatch(format!("dense rows of {} values", rows.ncols()))
+            }
+            (_, other) => return mismatch(format!("{other:?}")),
+        };
+        self.ops.upload(&[n, k], &rows)
+    }
+
+    /// Logits `[n, outputs]` from `params` (the variables as read for this pass); and, in
+    /// training, each batch normalisation's new moving statistics by weight index. `masks`
+    /// are the training batch's dropout masks (none for inference).
+    fn forward(
+        &self,
+        params: &[O::Tensor],
+        mut x: O::Tensor,
+        train: bool,
+        masks: &[DropoutMask],
+    ) -> Result<(O::Tensor, Vec<(usize, O::Tensor)>)> {
+        let ops = &self.ops;
+        let mut moving = Vec::new();
+        let mut masks = masks.iter();
+        for (layer, op) in self.plan.ops.iter().enumerate() {
+            x = match *op {
+                PlannedOp::Conv2D {
+                    kernel,
+                    bias,
+                    pad,
+                    strides,
+                    activation,
+                } => {
+                    let y = ops.conv2d(&x, &params[kernel], &params[bias], pad, strides)?;
+                    ops.activation(&y, activation)?
+                }
+                PlannedOp::Pool2D {
+                    kind,
+                    size,
+                    strides,
+                } => ops.pool2d(&x, kind, size, strides)?,
+                PlannedOp::GlobalPool2D { kind, size } => {
+                    // [n, c, 1, 1] flattens to [n, c] in any order.
+                    ops.flatten(&ops.pool2d(&x, kind, size, size)?)?
+                }
+                // A flat vector is flat already.
+                PlannedOp::Flatten if layer > 0 && !self.plan.shapes[layer - 1].is_image() => x,
+                PlannedOp::Flatten => ops.flatten(&x)?,
+                PlannedOp::Dense {
+                    kernel,
+                    bias,
+                    activation,
+                } => ops.activation(&ops.dense(&x, &params[kernel], &params[bias])?, activation)?,
+                PlannedOp::Dropout { rate } if train && rate > 0.0 => {
+                    let mask = masks.next().ok_or_else(|| {
+                        Error::engine(ops.engine(), "a Dropout layer was given no mask")
+                    })?;
+                    x.mul(&self.mask(mask)?)?
+                }
+                PlannedOp::Dropout { .. } => x,
+                PlannedOp::BatchNorm {
+                    gamma,
+                    beta,
+                    moving_mean,
+                    moving_variance,
+                    momentum,
+                    epsilon,
+                } => {
+                    let (mean, variance) = if self.training.uses_batch_statistics(layer, train) {
+                        let (mean, variance) = ops.moments(&x)?;
+                        for (i, batch) in [(moving_mean, &mean), (moving_variance, &variance)] {
+                            let old = ops.read(&self.values[i], false);
+                            let new = Training::moving_average(&old, &ops.detach(batch), momentum)?;
+                            moving.push((i, new));
+                        }
+                        (mean, variance)
+                    } else {
+                        (params[moving_mean].clone(), params[moving_variance].clone())
+                    };
+                    ops.batch_norm(&x, &mean, &variance, &params[gamma], &params[beta], epsilon)?
+                }
+            };
+        }
+        Ok((x, moving))
+    }
+
+    /// A dropout mask on the device, NCHW for an image.
+    fn mask(&self, mask: &DropoutMask) -> Result<O::Tensor> {
+        match mask.shape[..] {
+            [n, h, w, c] => {
+                let nhwc = ArrayView4::from_shape((n, h, w, c), &mask.values)
+                    .map_err(|e| Error::engine(self.ops.engine(), e))?;
+                let data: Vec<f32> = nhwc.permuted_axes([0, 3, 1, 2]).iter().copied().collect();
+                self.ops.upload(&[n, c, h, w], &data)
+            }
+            _ => self.ops.upload(&mask.shape, &mask.values),
+        }
+    }
+
+    /// Images of the batch the logits (`[n, outputs]`, row-major) classify as `y` says.
+    fn correct(&self, logits: &[f32], y: &Targets) -> usize {
+        let k = self.outputs;
+        let argmax = |row: &[f32]| {
+            row.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                    if v > best.1 {
+                        (i, v)
+                    } else {
+                        best
+                    }
+                })
+                .0
+        };
+        let rows = logits.chunks_exact(k);
+        match y {
+            Targets::Sparse(labels) => rows
+                .zip(labels)
+                .filter(|(r, &l)| argmax(r) == l as usize)
+                .count(),
+            Targets::Dense(t) => rows
+                .zip(t.rows())
+                .filter(|(r, t)| argmax(r) == argmax(&t.to_vec()))
+                .count(),
+            Targets::Binary(t) => rows
+                .zip(t)
+                .filter(|(r, &t)| (r[0] > 0.0) == (t > 0.5))
+                .count(),
+        }
+    }
+
+    /// `weight`'s tensor (a value or a slot) as a canonical host tensor.
+    fn to_host(&self, weight: &WeightSpec, t: &O::Tensor) -> Result<HostTensor> {
+        HostTensor::new(weight.shape.clone(), self.ops.download_weight(weight, t)?)
+    }
+
+    /// A canonical host tensor for `weight` (a value or a slot) on the device, checked
+    /// against its shape; `what` names it in errors.
+    fn from_host(&self, weight: &WeightSpec, t: &HostTensor, what: &str) -> Result<O::Tensor> {
+        if t.shape != weight.shape {
+            return Err(Error::Weights {
+                tensor: what.to_string(),
+                message: format!("expected shape {:?}, found {:?}", weight.shape, t.shape),
+            });
+        }
+        self.ops.upload_weight(weight, &t.data)
+    }
+}
+
+impl<O: Ops> Network for Executor<O> {
+    fn train_step(&mut self, x: ArrayView4<'_, f32>, y: &Targets) -> Result<StepStats> {
+        let n = x.dim().0;
+        if n != y.len() {
+            return Err(Error::Shape {
+                expected: format!("one target per image ({n} images)"),
+                found: format!("{} targets", y.len()),
+            });
+        }
+        let targets = self.target_rows(y)?;
+        let masks = self.training.dropout_masks(n);
+        let x = self.images(x)?;
+        let ops = &self.ops;
+        // Frozen layers' weights and the moving statistics enter as constants.
+        let tracked: Vec<bool> = (self.plan.weights.iter())
+            .map(|w| w.role.is_optimized() && self.training.is_trainable(w.layer))
+            .collect();
+        let params: Vec<O::Tensor> = (self.values.iter().zip(&tracked))
+            .map(|(v, &grad)| ops.read(v, grad))
+            .collect();
+        let (logits, moving) = self.forward(&params, x, true, &masks)?;
+        let loss = match self.loss {
+            Loss::BinaryCrossentropy => ops.sigmoid_cross_entropy(&logits, &targets)?,
+            Loss::SparseCategoricalCrossentropy | Loss::CategoricalCrossentropy => {
+                ops.softmax_cross_entropy(&logits, &targets)?
+            }
+        };
+        let correct = self.correct(&ops.download(&ops.detach(&logits))?, y);
+        let wrt: Vec<&O::Tensor> = (params.iter().zip(&tracked))
+            .filter(|(_, &grad)| grad)
+            .map(|(p, _)| p)
+            .collect();
+        // Everything frozen: nothing to differentiate (and nothing tracked to start from).
+        let grads = if wrt.is_empty() {
+            Vec::new()
+        } else {
+            ops.gradients(&loss, &wrt)?
+        };
+        let mut grads = grads.into_iter();
+        let loss = ops.download(&ops.detach(&loss))?[0];
+        self.training.begin_step();
+        let mut penalty = 0.0;
+        for (i, w) in self.plan.weights.iter().enumerate() {
+            if !w.role.is_optimized() {
+                continue;
+            }
+            let grad = if tracked[i] {
+                grads.next().flatten()
+            } else {
+                None
+            };
+            let value = self.ops.read(&self.values[i], false);
+            let (new, p) = self.training.step(
+                w.layer,
+                w.role.is_regularised(),
+                &value,
+                grad.as_ref(),
+                &mut self.slots[i],
+            )?;
+            penalty += p;
+            if let Some(new) = new {
+                self.values[i] = self.ops.variable(new)?;
+            }
+        }
+        for (i, value) in moving {
+            self.values[i] = value;
+        }
+        Ok(StepStats {
+            loss: (loss as f64 + penalty) as f32,
+            correct,
+        })
+    }
+
+    fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
+        let n = x.dim().0;
+        let params: Vec<O::Tensor> = self
+            .values
+            .iter()
+            .map(|v| self.ops.read(v, false))
+            .collect();
+        let (logits, _) = self.forward(&params, self.images(x)?, false, &[])?;
+        let head = match self.head {
+            Head::Softmax => Activation::Softmax,
+            Head::Sigmoid => Activation::Sigmoid,
+        };
+        let p = self.ops.download(&self.ops.activation(&logits, head)?)?;
+        Array2::from_shape_vec((n, self.outputs), p).map_err(|e| Error::Shape {
+            expected: format!("{n}×{} probabilities", self.outputs),
+            found: e.to_string(),
+        })
+    }
+
+    fn weights(&self) -> Result<Weights> {
+        let mut weights = Weights::default();
+        for (w, value) in self.plan.weights.iter().zip(&self.values) {
+            weights.insert(w.name.clone(), self.to_host(w, value)?);
+        }
+        Ok(weights)
+    }
+
+    fn set_weights(&mut self, weights: &Weights) -> Result<()> {
+        let mut values = Vec::with_capacity(self.values.len());
+        for w in &self.plan.weights {
+            let value = self.from_host(w, weights.get(&w.name)?, &w.name)?;
+            values.push(self.ops.variable(value)?);
+        }
+        self.values = values;
+        Ok(())
+    }
+
+    fn set_trainable(&mut self, layer: usize, trainable: bool) -> Result<()> {
+        self.training.set_trainable(layer, trainable)
+    }
+
+    fn set_learning_rate(&mut self, learning_rate: f64) {
+        self.training.set_learning_rate(learning_rate);
+    }
+
+    fn set_dropout_stream(&mut self, seed: u64, position: u128) {
+        self.training.set_dropout_stream(seed, position);
+    }
+
+    fn dropout_position(&mut self) -> u128 {
+        self.training.dropout_position()
+    }
+
+    fn optimizer_state(&mut self) -> Result<OptimizerState> {
+        let mut slots = BTreeMap::new();
+        for (w, weight_slots) in self.plan.weights.iter().zip(&self.slots) {
+            for (slot, value) in weight_slots.named() {
+                if let Some(value) = value {
+                    slots.insert(format!("{}/{slot}", w.name), self.to_host(w, value)?);
+                }
+            }
+        }
+        Ok(OptimizerState {
+            step: self.training.step_count(),
+            slots,
+        })
+    }
+
+    fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()> {
+        let mut restored = Vec::with_capacity(self.slots.len());
+        let mut known = BTreeSet::new();
+        for w in &self.plan.weights {
+            let mut load = |slot: &str| -> Result<Option<O::Tensor>> {
+                let key = format!("{}/{slot}", w.name);
+                let value = match state.slots.get(&key) {
+                    Some(t) if w.role.is_optimized() => {
+                        Some(self.from_host(w, t, &format!("optimizer/{key}"))?)
+                    }
+                    _ => None,
+                };
+                if w.role.is_optimized() {
+                    known.insert(key);
+                }
+                Ok(value)
+            };
+            restored.push(Slots {
+                m: load("m")?,
+                v: load("v")?,
+                mg: load("mg")?,
+            });
+        }
+        if let Some(unknown) = state.slots.keys().find(|k| !known.contains(*k)) {
+            return Err(Error::Weights {
+                tensor: format!("optimizer/{unknown}"),
+                message: "this model has no such optimizer slot (its trainable variables have m, v or mg)".into(),
+            });
+        }
+        self.slots = restored;
+        self.training.set_step_count(state.step);
+        Ok(())
+    }
+}
