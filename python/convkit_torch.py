@@ -31,6 +31,8 @@ STEMS = {
     "Conv2D": "conv2d",
     "MaxPooling2D": "max_pooling2d",
     "AveragePooling2D": "average_pooling2d",
+    "GlobalMaxPooling2D": "global_max_pooling2d",
+    "GlobalAveragePooling2D": "global_average_pooling2d",
     "Flatten": "flatten",
     "Dense": "dense",
     "Dropout": "dropout",
@@ -107,6 +109,10 @@ def build(spec, tensors):
             pool = torch.nn.MaxPool2d if kind == "MaxPooling2D" else torch.nn.AvgPool2d
             modules.append(pool((kh, kw), stride=(sh, sw)))
             h, w = (h - kh) // sh + 1, (w - kw) // sw + 1
+        elif kind in ("GlobalMaxPooling2D", "GlobalAveragePooling2D"):
+            pool = torch.nn.AdaptiveMaxPool2d if kind == "GlobalMaxPooling2D" else torch.nn.AdaptiveAvgPool2d
+            modules.extend([pool(1), torch.nn.Flatten()])
+            flat = c
         elif kind == "Flatten":
             modules.append(ChannelsLastFlatten())
             flat = h * w * c

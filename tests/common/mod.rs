@@ -177,6 +177,17 @@ pub fn reference_pass(
                         }
                     }
                 }
+                LayerKind::GlobalMaxPooling2D | LayerKind::GlobalAveragePooling2D => {
+                    let max = matches!(layer.kind, LayerKind::GlobalMaxPooling2D);
+                    for ci in 0..c {
+                        let vals = (0..h * wd).map(|p| cur[p * c + ci]);
+                        next[ci] = if max {
+                            vals.fold(f64::NEG_INFINITY, f64::max)
+                        } else {
+                            vals.sum::<f64>() / (h * wd) as f64
+                        };
+                    }
+                }
                 LayerKind::Flatten | LayerKind::Dropout(_) => next = cur.clone(),
                 LayerKind::Dense(d) => {
                     let (k, b) = (param("weight"), param("bias"));
@@ -254,6 +265,22 @@ pub fn small_specs() -> Vec<Sequential> {
             .add(BatchNormalization::new().momentum(0.9).epsilon(1e-2))
             .add(Dense::new(3).activation(Activation::Softmax))
             .named("small-batchnorm"),
+        // global pooling: the mean of each channel, and its maximum
+        Sequential::new(6, 5, 2)
+            .add(Conv2D::new(4, 3).activation(Activation::Relu))
+            .add(LayerKind::GlobalAveragePooling2D)
+            .add(Dense::new(3).activation(Activation::Softmax))
+            .named("small-global-average"),
+        Sequential::new(7, 7, 1)
+            .add(
+                Conv2D::new(3, 2)
+                    .padding(Padding::Same)
+                    .activation(Activation::Tanh),
+            )
+            .max_pool(2)
+            .add(LayerKind::GlobalMaxPooling2D)
+            .add(Dense::new(1).activation(Activation::Sigmoid))
+            .named("small-global-max"),
     ]
 }
 
