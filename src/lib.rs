@@ -61,48 +61,55 @@ pub mod prelude {
     };
 }
 
+/// Starts an engine on its device.
+type Constructor = fn() -> Result<Box<dyn Backend>>;
+
+/// Every engine compiled into this build: its `--backend` name and how to start it. A new
+/// engine is one line here (and its cargo feature).
+const ENGINES: &[(&str, Constructor)] = &[
+    #[cfg(feature = "candle")]
+    ("candle-cpu", || {
+        Ok(Box::new(convkit_candle::CandleBackend::cpu()))
+    }),
+    #[cfg(feature = "candle-cuda")]
+    ("candle-cuda", || {
+        Ok(Box::new(convkit_candle::CandleBackend::cuda(0)?))
+    }),
+    #[cfg(feature = "tch")]
+    ("tch-cpu", || Ok(Box::new(convkit_tch::TchBackend::cpu()))),
+    #[cfg(feature = "tch")]
+    ("tch-cuda", || {
+        Ok(Box::new(convkit_tch::TchBackend::cuda(0)?))
+    }),
+    #[cfg(feature = "burn-flex")]
+    ("burn-flex", || {
+        Ok(Box::new(convkit_burn::BurnBackend::flex()))
+    }),
+    #[cfg(feature = "burn-ndarray")]
+    ("burn-ndarray", || {
+        Ok(Box::new(convkit_burn::BurnBackend::ndarray()))
+    }),
+    #[cfg(feature = "burn-wgpu")]
+    ("burn-wgpu", || {
+        Ok(Box::new(convkit_burn::BurnBackend::wgpu()?))
+    }),
+    #[cfg(feature = "burn-cuda")]
+    ("burn-cuda", || {
+        Ok(Box::new(convkit_burn::BurnBackend::cuda(0)?))
+    }),
+];
+
 /// Names of the engines compiled into this build (whether or not their device is present).
 pub fn backend_names() -> Vec<&'static str> {
-    #[allow(unused_mut)]
-    let mut names = Vec::new();
-    #[cfg(feature = "candle")]
-    names.push("candle-cpu");
-    #[cfg(feature = "candle-cuda")]
-    names.push("candle-cuda");
-    #[cfg(feature = "tch")]
-    names.extend(["tch-cpu", "tch-cuda"]);
-    #[cfg(feature = "burn-flex")]
-    names.push("burn-flex");
-    #[cfg(feature = "burn-ndarray")]
-    names.push("burn-ndarray");
-    #[cfg(feature = "burn-wgpu")]
-    names.push("burn-wgpu");
-    #[cfg(feature = "burn-cuda")]
-    names.push("burn-cuda");
-    names
+    ENGINES.iter().map(|(name, _)| *name).collect()
 }
 
 /// The engine called `name` (see [`backend_names`]); an error names the compiled-in ones, or
 /// says why the device is unavailable.
 pub fn backend(name: &str) -> Result<Box<dyn Backend>> {
-    match name {
-        #[cfg(feature = "candle")]
-        "candle-cpu" => Ok(Box::new(convkit_candle::CandleBackend::cpu())),
-        #[cfg(feature = "candle-cuda")]
-        "candle-cuda" => Ok(Box::new(convkit_candle::CandleBackend::cuda(0)?)),
-        #[cfg(feature = "tch")]
-        "tch-cpu" => Ok(Box::new(convkit_tch::TchBackend::cpu())),
-        #[cfg(feature = "tch")]
-        "tch-cuda" => Ok(Box::new(convkit_tch::TchBackend::cuda(0)?)),
-        #[cfg(feature = "burn-flex")]
-        "burn-flex" => Ok(Box::new(convkit_burn::BurnBackend::flex())),
-        #[cfg(feature = "burn-ndarray")]
-        "burn-ndarray" => Ok(Box::new(convkit_burn::BurnBackend::ndarray())),
-        #[cfg(feature = "burn-wgpu")]
-        "burn-wgpu" => Ok(Box::new(convkit_burn::BurnBackend::wgpu()?)),
-        #[cfg(feature = "burn-cuda")]
-        "burn-cuda" => Ok(Box::new(convkit_burn::BurnBackend::cuda(0)?)),
-        _ => Err(Error::UnknownBackend {
+    match ENGINES.iter().find(|(n, _)| *n == name) {
+        Some((_, start)) => start(),
+        None => Err(Error::UnknownBackend {
             name: name.into(),
             available: {
                 let names = backend_names();
