@@ -184,6 +184,10 @@ impl Ops for CandleOps {
             .map(|v| Value(v.into_inner()))
     }
 
+    fn assign(&self, variable: &mut Value, value: Value) -> convkit_core::Result<()> {
+        self.lift(Var::from_tensor(&variable.0).and_then(|v| v.set(&value.0)))
+    }
+
     fn read(&self, variable: &Value, grad: bool) -> Value {
         if grad {
             variable.clone()

@@ -39,6 +39,16 @@ pub trait Ops {
     fn upload(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;
     /// A device tensor's values, row-major.
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Row-major NHWC host values (`[n, h, w, c]`, a batch or a dropout mask) as the NCHW
+    /// device tensor the layers take. Its memory layout is the engine's choice: by default
+    /// the values are transposed on the host; an engine whose kernels are faster on
+    /// channels-last memory can keep it.
+    fn images(&self, [n, h, w, c]: [usize; 4], data: &[f32]) -> Result<Self::Tensor> {
+        let nhwc = ArrayView4::from_shape((n, h, w, c), data)
+            .map_err(|e| Error::engine(self.engine(), e))?;
+        let nchw: Vec<f32> = nhwc.permuted_axes([0, 3, 1, 2]).iter().copied().collect();
+        self.upload(&[n, c, h, w], &nchw)
+    }
     /// `weight`'s canonical values as the engine keeps that weight (and its gradient and
     /// optimizer slots); an engine may choose another layout than the canonical one.
     fn upload_weight(&self, weight: &WeightSpec, data: &[f32]) -> Result<Self::Tensor> {
@@ -49,8 +59,14 @@ pub trait Ops {
         self.download(t)
     }
 
-    /// A new value of a trained variable, held between steps.
+    /// A trained variable, held between steps, starting at `value`.
     fn variable(&self, value: Self::Tensor) -> Result<Self::Tensor>;
+    /// Give `variable` the values of `value` (same shape): in place where the engine can,
+    /// which spares an allocation of every weight at every step.
+    fn assign(&self, variable: &mut Self::Tensor, value: Self::Tensor) -> Result<()> {
+        *variable = self.variable(value)?;
+        Ok(())
+    }
     /// What a forward pass reads from `variable`: tracked when `grad` (its gradient is asked
     /// for with [`Ops::gradients`] afterwards), a constant otherwise.
     fn read(&self, variable: &Self::Tensor, grad: bool) -> Self::Tensor;
@@ -192,9 +208,9 @@ impl<O: Ops> Executor<O> {
                 found: format!("{h}×{w}×{c} images"),
             });
         }
-        let nchw = x.permuted_axes([0, 3, 1, 2]);
-        let data: Vec<f32> = nchw.iter().copied().collect();
-        self.ops.upload(&[n, c, h, w], &data)
+        let x = x.as_standard_layout();
+        let data = x.as_slice().expect("standard layout");
+        self.ops.images([n, h, w, c], data)
     }
 
     /// Dense target rows `[n, outputs]` on the device, checked against the loss and the
@@ -316,12 +332,7 @@ impl<O: Ops> Executor<O> {
     /// A dropout mask on the device, NCHW for an image.
     fn mask(&self, mask: &DropoutMask) -> Result<O::Tensor> {
         match mask.shape[..] {
-            [n, h, w, c] => {
-                let nhwc = ArrayView4::from_shape((n, h, w, c), &mask.values)
-                    .map_err(|e| Error::engine(self.ops.engine(), e))?;
-                let data: Vec<f32> = nhwc.permuted_axes([0, 3, 1, 2]).iter().copied().collect();
-                self.ops.upload(&[n, c, h, w], &data)
-            }
+            [n, h, w, c] => self.ops.images([n, h, w, c], &mask.values),
             _ => self.ops.upload(&mask.shape, &mask.values),
         }
     }
@@ -437,7 +448,7 @@ impl<O: Ops> Network for Executor<O> {
             )?;
             penalty += p;
             if let Some(new) = new {
-                self.values[i] = self.ops.variable(new)?;
+                self.ops.assign(&mut self.values[i], new)?;
             }
         }
         for (i, value) in moving {
