@@ -3,7 +3,7 @@
 //! every step names its weights by index into that list, so nothing downstream matches on
 //! weight-name strings.
 
-use crate::spec::{Activation, LayerKind, Sequential, Shape};
+use crate::spec::{Activation, Sequential, Shape};
 use crate::Result;
 
 /// What a weight is for: it decides initialisation, training, regularisation and checks.
@@ -146,7 +146,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The plan of `spec`, after checking that every layer fits its input.
+    /// The plan of `spec`, after checking that every layer fits its input: each layer's
+    /// weights and operation, as the layer's rules declare them.
     pub fn new(spec: &Sequential) -> Result<Plan> {
         let shapes = spec.output_shapes()?;
         let names = spec.layer_names();
@@ -155,76 +156,19 @@ impl Plan {
         let mut weights = Vec::new();
         let mut ops = Vec::with_capacity(spec.layers.len());
         for (i, layer) in spec.layers.iter().enumerate() {
-            let logits = |a: Activation| {
-                if i == last && matches!(a, Activation::Softmax | Activation::Sigmoid) {
-                    Activation::Linear
-                } else {
-                    a
-                }
-            };
-            let mut weight = |role: Role, shape: Vec<usize>| {
-                weights.push(WeightSpec {
-                    name: format!("{}.{}", names[i], role.suffix()),
-                    layer: i,
-                    role,
-                    shape,
-                });
-                weights.len() - 1
-            };
-            let channels = match input {
-                Shape::Image { c, .. } => c,
-                Shape::Flat(n) => n,
-            };
-            ops.push(match &layer.kind {
-                LayerKind::Conv2D(conv) => {
-                    let (h, w) = image_size(input);
-                    let [kh, kw] = conv.kernel_size;
-                    PlannedOp::Conv2D {
-                        kernel: weight(Role::Kernel, vec![conv.filters, channels, kh, kw]),
-                        bias: weight(Role::Bias, vec![conv.filters]),
-                        pad: conv.pad_amounts(h, w),
-                        strides: conv.strides,
-                        activation: logits(conv.activation),
-                    }
-                }
-                LayerKind::MaxPooling2D(p) => PlannedOp::Pool2D {
-                    kind: PoolKind::Max,
-                    size: p.pool_size,
-                    strides: p.strides(),
-                },
-                LayerKind::AveragePooling2D(p) => PlannedOp::Pool2D {
-                    kind: PoolKind::Average,
-                    size: p.pool_size,
-                    strides: p.strides(),
-                },
-                LayerKind::GlobalMaxPooling2D => PlannedOp::GlobalPool2D {
-                    kind: PoolKind::Max,
-                    size: image_size(input).into(),
-                },
-                LayerKind::GlobalAveragePooling2D => PlannedOp::GlobalPool2D {
-                    kind: PoolKind::Average,
-                    size: image_size(input).into(),
-                },
-                LayerKind::Flatten => PlannedOp::Flatten,
-                LayerKind::Dense(d) => PlannedOp::Dense {
-                    kernel: weight(Role::Kernel, vec![d.units, input.numel()]),
-                    bias: weight(Role::Bias, vec![d.units]),
-                    activation: logits(d.activation),
-                },
-                LayerKind::Dropout(d) => PlannedOp::Dropout { rate: d.rate },
-                LayerKind::BatchNormalization(bn) => {
-                    let [gamma, beta, moving_mean, moving_variance] =
-                        BATCH_NORM_ROLES.map(|role| weight(role, vec![channels]));
-                    PlannedOp::BatchNorm {
-                        gamma,
-                        beta,
-                        moving_mean,
-                        moving_variance,
-                        momentum: bn.momentum as f64,
-                        epsilon: bn.epsilon as f64,
-                    }
-                }
-            });
+            let rules = layer.kind.rules();
+            let ids: Vec<usize> = (rules.weights(input).into_iter())
+                .map(|(role, shape)| {
+                    weights.push(WeightSpec {
+                        name: format!("{}.{}", names[i], role.suffix()),
+                        layer: i,
+                        role,
+                        shape,
+                    });
+                    weights.len() - 1
+                })
+                .collect();
+            ops.push(rules.op(input, &ids, i == last));
             input = shapes[i];
         }
         Ok(Plan {
@@ -241,15 +185,6 @@ impl Plan {
             counts[w.layer] += w.numel();
         }
         counts
-    }
-}
-
-/// `(H, W)` of an image shape; layers that need one are checked by `output_shapes`, and a
-/// flat input never reaches them.
-fn image_size(shape: Shape) -> (usize, usize) {
-    match shape {
-        Shape::Image { h, w, .. } => (h, w),
-        Shape::Flat(n) => (1, n),
     }
 }
 

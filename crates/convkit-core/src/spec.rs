@@ -4,448 +4,19 @@
 //! Shapes follow Keras' channels-last view: images are `H×W×C`; `Flatten` flattens in
 //! `(H, W, C)` order on every engine, so a Dense kernel's input index is `(h·W + w)·C + c`.
 
-use std::fmt::Write as _;
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-/// Element-wise activation applied after a Conv2D or Dense layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Activation {
-    #[default]
-    Linear,
-    Relu,
-    Sigmoid,
-    Softmax,
-    Tanh,
-}
-
-impl std::str::FromStr for Activation {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase())).map_err(|_| {
-            Error::config(
-                "activation",
-                format!("expected relu, sigmoid, softmax, tanh or linear, found `{s}`"),
-            )
-        })
-    }
-}
-
-/// Convolution padding, as in Keras: `valid` (none) or `same` (output = ceil(input / stride)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Padding {
-    #[default]
-    Valid,
-    Same,
-}
-
-/// 2-D convolution (`Conv2D`). Kernel stored canonically as `[filters, in_channels, kh, kw]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Conv2D {
-    pub filters: usize,
-    pub kernel_size: [usize; 2],
-    #[serde(default = "one_by_one")]
-    pub strides: [usize; 2],
-    #[serde(default)]
-    pub padding: Padding,
-    #[serde(default)]
-    pub activation: Activation,
-    /// Keras' `kernel_regularizer`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel_regularizer: Option<Regularizer>,
-}
-
-fn one_by_one() -> [usize; 2] {
-    [1, 1]
-}
-
-impl Conv2D {
-    /// `filters` output channels with a square `kernel`×`kernel` window, stride 1, valid padding.
-    pub fn new(filters: usize, kernel: usize) -> Self {
-        Conv2D {
-            filters,
-            kernel_size: [kernel, kernel],
-            strides: [1, 1],
-            padding: Padding::Valid,
-            activation: Activation::Linear,
-            kernel_regularizer: None,
-        }
-    }
-    pub fn activation(mut self, activation: Activation) -> Self {
-        self.activation = activation;
-        self
-    }
-    /// Penalise the kernel: `Conv2D::new(32, 3).kernel_regularizer(Regularizer::l2(0.01))`.
-    pub fn kernel_regularizer(mut self, regularizer: Regularizer) -> Self {
-        self.kernel_regularizer = Some(regularizer);
-        self
-    }
-    pub fn strides(mut self, sh: usize, sw: usize) -> Self {
-        self.strides = [sh, sw];
-        self
-    }
-    pub fn padding(mut self, padding: Padding) -> Self {
-        self.padding = padding;
-        self
-    }
-
-    /// Zero padding `[top, bottom, left, right]` for an input of `h`×`w`, as Keras/TensorFlow
-    /// pad for `same` (the odd extra row/column goes at the bottom/right).
-    pub fn pad_amounts(&self, h: usize, w: usize) -> [usize; 4] {
-        match self.padding {
-            Padding::Valid => [0; 4],
-            Padding::Same => {
-                let total = |n: usize, k: usize, s: usize| {
-                    let out = n.div_ceil(s);
-                    ((out - 1) * s + k).saturating_sub(n)
-                };
-                let th = total(h, self.kernel_size[0], self.strides[0]);
-                let tw = total(w, self.kernel_size[1], self.strides[1]);
-                [th / 2, th - th / 2, tw / 2, tw - tw / 2]
-            }
-        }
-    }
-}
-
-/// 2-D pooling window (`MaxPooling2D` / `AveragePooling2D`), valid padding.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Pool2D {
-    pub pool_size: [usize; 2],
-    /// Defaults to `pool_size`, as in Keras.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub strides: Option<[usize; 2]>,
-}
-
-impl Pool2D {
-    pub fn new(size: usize) -> Self {
-        Pool2D {
-            pool_size: [size, size],
-            strides: None,
-        }
-    }
-    pub fn strides(&self) -> [usize; 2] {
-        self.strides.unwrap_or(self.pool_size)
-    }
-}
-
-/// Fully connected layer (`Dense`). Kernel stored canonically as `[units, in_features]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Dense {
-    pub units: usize,
-    #[serde(default)]
-    pub activation: Activation,
-    /// Keras' `kernel_regularizer`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel_regularizer: Option<Regularizer>,
-}
-
-impl Dense {
-    pub fn new(units: usize) -> Self {
-        Dense {
-            units,
-            activation: Activation::Linear,
-            kernel_regularizer: None,
-        }
-    }
-    pub fn activation(mut self, activation: Activation) -> Self {
-        self.activation = activation;
-        self
-    }
-    /// Penalise the kernel: `Dense::new(64).kernel_regularizer(Regularizer::l1(1e-4))`.
-    pub fn kernel_regularizer(mut self, regularizer: Regularizer) -> Self {
-        self.kernel_regularizer = Some(regularizer);
-        self
-    }
-}
-
-/// Keras' kernel regularisers: `l1·Σ|w| + l2·Σw²` over a layer's kernel (not its bias) is
-/// added to the loss, so the gradient gains `l1·sign(w) + 2·l2·w`. Keras' defaults are 0.01.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-pub struct Regularizer {
-    #[serde(default)]
-    pub l1: f32,
-    #[serde(default)]
-    pub l2: f32,
-}
-
-impl Regularizer {
-    /// `keras.regularizers.L1(l1)`.
-    pub fn l1(l1: f32) -> Self {
-        Regularizer { l1, l2: 0.0 }
-    }
-    /// `keras.regularizers.L2(l2)`.
-    pub fn l2(l2: f32) -> Self {
-        Regularizer { l1: 0.0, l2 }
-    }
-    /// `keras.regularizers.L1L2(l1, l2)`.
-    pub fn l1_l2(l1: f32, l2: f32) -> Self {
-        Regularizer { l1, l2 }
-    }
-    /// Parses `l1=F`, `l2=F` or `l1=F,l2=F` (the CLI's `--kernel-regularizer`).
-    pub fn parse(text: &str) -> Result<Self> {
-        let bad = |found: &str| {
-            Error::config(
-                "kernel regularizer",
-                format!("expected l1=F, l2=F or l1=F,l2=F with F ≥ 0, found `{found}`"),
-            )
-        };
-        let mut r = Regularizer::default();
-        for part in text.split(',').map(str::trim) {
-            let (key, value) = part.split_once('=').ok_or_else(|| bad(part))?;
-            let value: f32 = value.trim().parse().map_err(|_| bad(part))?;
-            if !(value.is_finite() && value >= 0.0) {
-                return Err(bad(part));
-            }
-            match key.trim() {
-                "l1" => r.l1 = value,
-                "l2" => r.l2 = value,
-                _ => return Err(bad(part)),
-            }
-        }
-        Ok(r)
-    }
-
-    /// The penalty `l1·Σ|w| + l2·Σw²` of a kernel's values.
-    pub fn penalty(&self, kernel: &[f32]) -> f64 {
-        let (l1, l2) = (self.l1 as f64, self.l2 as f64);
-        kernel
-            .iter()
-            .map(|&w| l1 * (w as f64).abs() + l2 * (w as f64) * (w as f64))
-            .sum()
-    }
-}
-
-/// Randomly zeroes a fraction `rate` of its inputs during training (inverted dropout);
-/// the identity at inference.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Dropout {
-    pub rate: f32,
-}
-
-impl Dropout {
-    pub fn new(rate: f32) -> Self {
-        Dropout { rate }
-    }
-}
-
-/// Keras' `BatchNormalization` over the last axis (channels of an image, features of a flat
-/// vector): `γ·(x − μ)/√(σ² + ε) + β`. In training, μ and σ² are the batch's (σ² biased) and
-/// the moving statistics become `moving·momentum + batch·(1 − momentum)`; at inference, and
-/// whenever the layer is frozen (Keras' rule), the moving statistics are used. Its weights are
-/// `gamma` and `beta` (trained) and `moving_mean` and `moving_variance` (never trained), each
-/// `[channels]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BatchNormalization {
-    #[serde(default = "default_bn_momentum")]
-    pub momentum: f32,
-    #[serde(default = "default_bn_epsilon")]
-    pub epsilon: f32,
-}
-
-fn default_bn_momentum() -> f32 {
-    0.99
-}
-fn default_bn_epsilon() -> f32 {
-    1e-3
-}
-
-impl Default for BatchNormalization {
-    fn default() -> Self {
-        BatchNormalization::new()
-    }
-}
-
-impl BatchNormalization {
-    /// Keras' defaults: momentum 0.99, epsilon 0.001.
-    pub fn new() -> Self {
-        BatchNormalization {
-            momentum: default_bn_momentum(),
-            epsilon: default_bn_epsilon(),
-        }
-    }
-    pub fn momentum(mut self, momentum: f32) -> Self {
-        self.momentum = momentum;
-        self
-    }
-    pub fn epsilon(mut self, epsilon: f32) -> Self {
-        self.epsilon = epsilon;
-        self
-    }
-}
-
-/// What a layer does.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type")]
-pub enum LayerKind {
-    Conv2D(Conv2D),
-    MaxPooling2D(Pool2D),
-    AveragePooling2D(Pool2D),
-    /// The maximum of each channel over the whole image: `H×W×C` → `C`.
-    GlobalMaxPooling2D,
-    /// The mean of each channel over the whole image: `H×W×C` → `C`.
-    GlobalAveragePooling2D,
-    Flatten,
-    Dense(Dense),
-    Dropout(Dropout),
-    BatchNormalization(BatchNormalization),
-}
-
-impl LayerKind {
-    /// Keras' class name.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            LayerKind::Conv2D(_) => "Conv2D",
-            LayerKind::MaxPooling2D(_) => "MaxPooling2D",
-            LayerKind::AveragePooling2D(_) => "AveragePooling2D",
-            LayerKind::GlobalMaxPooling2D => "GlobalMaxPooling2D",
-            LayerKind::GlobalAveragePooling2D => "GlobalAveragePooling2D",
-            LayerKind::Flatten => "Flatten",
-            LayerKind::Dense(_) => "Dense",
-            LayerKind::Dropout(_) => "Dropout",
-            LayerKind::BatchNormalization(_) => "BatchNormalization",
-        }
-    }
-
-    /// Keras' automatic name stem (`conv2d`, `max_pooling2d`, ...).
-    fn name_stem(&self) -> &'static str {
-        match self {
-            LayerKind::Conv2D(_) => "conv2d",
-            LayerKind::MaxPooling2D(_) => "max_pooling2d",
-            LayerKind::AveragePooling2D(_) => "average_pooling2d",
-            LayerKind::GlobalMaxPooling2D => "global_max_pooling2d",
-            LayerKind::GlobalAveragePooling2D => "global_average_pooling2d",
-            LayerKind::Flatten => "flatten",
-            LayerKind::Dense(_) => "dense",
-            LayerKind::Dropout(_) => "dropout",
-            LayerKind::BatchNormalization(_) => "batch_normalization",
-        }
-    }
-}
-
-impl LayerKind {
-    /// The kernel regulariser of a layer with a kernel (Conv2D, Dense).
-    pub fn kernel_regularizer(&self) -> Option<Regularizer> {
-        match self {
-            LayerKind::Conv2D(conv) => conv.kernel_regularizer,
-            LayerKind::Dense(dense) => dense.kernel_regularizer,
-            LayerKind::MaxPooling2D(_)
-            | LayerKind::AveragePooling2D(_)
-            | LayerKind::GlobalMaxPooling2D
-            | LayerKind::GlobalAveragePooling2D
-            | LayerKind::Flatten
-            | LayerKind::Dropout(_)
-            | LayerKind::BatchNormalization(_) => None,
-        }
-    }
-
-    fn kernel_regularizer_mut(&mut self) -> Option<&mut Option<Regularizer>> {
-        match self {
-            LayerKind::Conv2D(conv) => Some(&mut conv.kernel_regularizer),
-            LayerKind::Dense(dense) => Some(&mut dense.kernel_regularizer),
-            LayerKind::MaxPooling2D(_)
-            | LayerKind::AveragePooling2D(_)
-            | LayerKind::GlobalMaxPooling2D
-            | LayerKind::GlobalAveragePooling2D
-            | LayerKind::Flatten
-            | LayerKind::Dropout(_)
-            | LayerKind::BatchNormalization(_) => None,
-        }
-    }
-}
-
-impl From<Conv2D> for LayerKind {
-    fn from(l: Conv2D) -> Self {
-        LayerKind::Conv2D(l)
-    }
-}
-impl From<Dense> for LayerKind {
-    fn from(l: Dense) -> Self {
-        LayerKind::Dense(l)
-    }
-}
-impl From<Dropout> for LayerKind {
-    fn from(l: Dropout) -> Self {
-        LayerKind::Dropout(l)
-    }
-}
-impl From<BatchNormalization> for LayerKind {
-    fn from(l: BatchNormalization) -> Self {
-        LayerKind::BatchNormalization(l)
-    }
-}
-
-/// One layer of a [`Sequential`]: what it does, an optional explicit name, and whether its
-/// weights are trained.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Layer {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(flatten)]
-    pub kind: LayerKind,
-    #[serde(default = "yes", skip_serializing_if = "is_true")]
-    pub trainable: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-fn is_true(b: &bool) -> bool {
-    *b
-}
-
-impl<K: Into<LayerKind>> From<K> for Layer {
-    fn from(kind: K) -> Self {
-        Layer {
-            name: None,
-            kind: kind.into(),
-            trainable: true,
-        }
-    }
-}
-
-/// Shape of the activations between layers (batch dimension omitted).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shape {
-    /// `height × width × channels`.
-    Image { h: usize, w: usize, c: usize },
-    /// A flat feature vector.
-    Flat(usize),
-}
-
-impl Shape {
-    /// Values in the shape. Shapes from [`Sequential::output_shapes`] never overflow.
-    pub fn numel(&self) -> usize {
-        self.checked_numel()
-            .expect("checked by Sequential::output_shapes")
-    }
-
-    /// An `H×W×C` image (not a flat vector).
-    pub fn is_image(&self) -> bool {
-        matches!(self, Shape::Image { .. })
-    }
-
-    /// Values in the shape, or `None` when the count overflows `usize`.
-    pub fn checked_numel(&self) -> Option<usize> {
-        match *self {
-            Shape::Image { h, w, c } => h.checked_mul(w)?.checked_mul(c),
-            Shape::Flat(n) => Some(n),
-        }
-    }
-}
-
-impl std::fmt::Display for Shape {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Shape::Image { h, w, c } => write!(f, "(None, {h}, {w}, {c})"),
-            Shape::Flat(n) => write!(f, "(None, {n})"),
-        }
-    }
-}
+mod layers;
+mod presets;
+mod summary;
+pub use layers::{
+    Activation, BatchNormalization, Conv2D, Dense, Dropout, Layer, LayerKind, Padding, Pool2D,
+    Regularizer, Shape,
+};
+pub use presets::PRESETS;
+pub(crate) use summary::thousands;
 
 /// A linear stack of layers on an `H×W×C` input, as Keras' `Sequential`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -460,16 +31,6 @@ pub struct Sequential {
 fn default_name() -> String {
     "sequential".into()
 }
-
-/// Names of the built-in presets, one per tutorial seed model.
-pub const PRESETS: [&str; 6] = [
-    "tutorial-random",
-    "tutorial-mnist-3conv",
-    "tutorial-cifar10-ann",
-    "tutorial-cifar10-cnn",
-    "tutorial-64x64",
-    "tutorial-mnist",
-];
 
 impl Sequential {
     /// An empty stack on an `h`×`w`×`c` input.
@@ -501,117 +62,6 @@ impl Sequential {
     /// Append a `Flatten`.
     pub fn flatten(self) -> Self {
         self.add(LayerKind::Flatten)
-    }
-
-    /// A built-in preset by name (see [`PRESETS`]).
-    pub fn preset(name: &str) -> Result<Self> {
-        use Activation::*;
-        let conv = |f| Conv2D::new(f, 3).activation(Relu);
-        let spec = match name {
-            "tutorial-random" => Sequential::new(100, 100, 3)
-                .add(conv(32))
-                .max_pool(2)
-                .flatten()
-                .add(Dense::new(1).activation(Sigmoid)),
-            "tutorial-mnist-3conv" => Sequential::new(28, 28, 1)
-                .add(conv(32))
-                .max_pool(2)
-                .add(conv(64))
-                .max_pool(2)
-                .add(conv(64))
-                .flatten()
-                .add(Dense::new(64).activation(Relu))
-                .add(Dense::new(10).activation(Softmax)),
-            "tutorial-cifar10-ann" => Sequential::new(32, 32, 3)
-                .flatten()
-                .add(Dense::new(3000).activation(Relu))
-                .add(Dense::new(1000).activation(Relu))
-                .add(Dense::new(10).activation(Softmax)),
-            "tutorial-cifar10-cnn" => Sequential::new(32, 32, 3)
-                .add(conv(32))
-                .max_pool(2)
-                .add(conv(64))
-                .max_pool(2)
-                .flatten()
-                .add(Dense::new(64).activation(Relu))
-                .add(Dense::new(10).activation(Softmax)),
-            "tutorial-64x64" => Sequential::new(64, 64, 3)
-                .add(conv(32))
-                .max_pool(2)
-                .add(conv(64))
-                .max_pool(2)
-                .flatten()
-                .add(Dense::new(128).activation(Relu))
-                .add(Dense::new(10).activation(Softmax)),
-            "tutorial-mnist" => Sequential::new(28, 28, 1)
-                .add(conv(32))
-                .max_pool(2)
-                .add(conv(64))
-                .max_pool(2)
-                .flatten()
-                .add(Dense::new(128).activation(Relu))
-                .add(Dense::new(10).activation(Softmax)),
-            other => {
-                return Err(Error::config(
-                    "model",
-                    format!(
-                        "unknown preset `{other}`; expected one of {} or a path to a spec .json",
-                        PRESETS.join(", ")
-                    ),
-                ))
-            }
-        };
-        Ok(spec.named(name))
-    }
-
-    /// A preset name, or a path to a JSON spec (checked against [`SizeLimits::default`]).
-    pub fn from_preset_or_file(name_or_path: &str) -> Result<Self> {
-        Sequential::from_preset_or_file_within(name_or_path, &SizeLimits::default())
-    }
-
-    /// A preset name, or a path to a JSON spec checked against `limits`.
-    pub fn from_preset_or_file_within(name_or_path: &str, limits: &SizeLimits) -> Result<Self> {
-        if PRESETS.contains(&name_or_path) {
-            return Sequential::preset(name_or_path);
-        }
-        let path = Path::new(name_or_path);
-        if path.extension().is_some_and(|e| e == "json") || path.exists() {
-            return Sequential::load_json_within(path, limits);
-        }
-        Sequential::preset(name_or_path)
-    }
-
-    /// Read a spec from JSON and check it, its size against [`SizeLimits::default`].
-    pub fn load_json(path: &Path) -> Result<Self> {
-        Sequential::load_json_within(path, &SizeLimits::default())
-    }
-
-    /// Read a spec from JSON and check it, its size against `limits`. Files over 16 MiB are
-    /// refused unread: a spec is a few kilobytes.
-    pub fn load_json_within(path: &Path, limits: &SizeLimits) -> Result<Self> {
-        let text = crate::io::read_to_string_capped(path, 16 << 20)?;
-        let spec: Sequential = serde_json::from_str(&text).map_err(|e| Error::Json {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
-        spec.check_size(limits).map_err(|e| match e {
-            Error::Config { what, message } => Error::Config {
-                what,
-                message: format!("{message} (in {})", path.display()),
-            },
-            other => other,
-        })?;
-        Ok(spec)
-    }
-
-    /// The spec as pretty JSON.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).expect("a spec always serialises")
-    }
-
-    /// Write the spec as JSON, atomically.
-    pub fn save_json(&self, path: &Path) -> Result<()> {
-        crate::io::write_bytes_atomic(path, self.to_json().as_bytes())
     }
 
     /// The input shape as a [`Shape`].
@@ -732,29 +182,8 @@ impl Sequential {
     }
 
     fn layer_output(&self, i: usize, kind: &LayerKind, input: Shape) -> Result<Shape> {
-        let image = |what: &str| match input {
-            Shape::Image { h, w, c } => Ok((h, w, c)),
-            Shape::Flat(n) => Err(self.layer_error(
-                i,
-                format!("{what} expects an image input (H×W×C), found a flat vector of {n}"),
-            )),
-        };
-        let window = |what: &str, n: usize, k: usize, s: usize, axis: &str| {
-            if k == 0 || s == 0 {
-                return Err(
-                    self.layer_error(i, format!("{what} window and strides must be positive"))
-                );
-            }
-            if k > n {
-                return Err(self.layer_error(
-                    i,
-                    format!("{what} window of {k} does not fit an input {axis} of {n} (use a smaller window, `same` padding, or fewer pooling layers)"),
-                ));
-            }
-            Ok((n - k) / s + 1)
-        };
-        let regularizer = kind.kernel_regularizer();
-        if let Some(r) = regularizer {
+        let rules = kind.rules();
+        if let Some(r) = rules.kernel_regularizer() {
             if !(r.l1.is_finite() && r.l2.is_finite() && r.l1 >= 0.0 && r.l2 >= 0.0) {
                 return Err(self.layer_error(
                     i,
@@ -765,93 +194,9 @@ impl Sequential {
                 ));
             }
         }
-        Ok(match kind {
-            LayerKind::Conv2D(conv) => {
-                let (h, w, _) = image("Conv2D")?;
-                if conv.filters == 0 {
-                    return Err(self.layer_error(i, "Conv2D needs at least one filter"));
-                }
-                let [kh, kw] = conv.kernel_size;
-                let [sh, sw] = conv.strides;
-                let (oh, ow) = match conv.padding {
-                    Padding::Valid => (
-                        window("Conv2D", h, kh, sh, "height")?,
-                        window("Conv2D", w, kw, sw, "width")?,
-                    ),
-                    Padding::Same => {
-                        if kh == 0 || kw == 0 || sh == 0 || sw == 0 {
-                            return Err(
-                                self.layer_error(i, "Conv2D window and strides must be positive")
-                            );
-                        }
-                        (h.div_ceil(sh), w.div_ceil(sw))
-                    }
-                };
-                Shape::Image {
-                    h: oh,
-                    w: ow,
-                    c: conv.filters,
-                }
-            }
-            LayerKind::MaxPooling2D(pool) | LayerKind::AveragePooling2D(pool) => {
-                let what = kind.type_name();
-                let (h, w, c) = image(what)?;
-                let [kh, kw] = pool.pool_size;
-                let [sh, sw] = pool.strides();
-                Shape::Image {
-                    h: window(what, h, kh, sh, "height")?,
-                    w: window(what, w, kw, sw, "width")?,
-                    c,
-                }
-            }
-            LayerKind::GlobalMaxPooling2D | LayerKind::GlobalAveragePooling2D => {
-                let (_, _, c) = image(kind.type_name())?;
-                Shape::Flat(c)
-            }
-            LayerKind::Flatten => Shape::Flat(input.numel()),
-            LayerKind::Dense(dense) => {
-                if let Shape::Image { h, w, c } = input {
-                    return Err(self.layer_error(
-                        i,
-                        format!("Dense expects a flat input, found {h}×{w}×{c}; add a Flatten layer before it"),
-                    ));
-                }
-                if dense.units == 0 {
-                    return Err(self.layer_error(i, "Dense needs at least one unit"));
-                }
-                Shape::Flat(dense.units)
-            }
-            LayerKind::Dropout(d) => {
-                if !(0.0..1.0).contains(&d.rate) {
-                    return Err(self.layer_error(
-                        i,
-                        format!("Dropout rate must be in [0, 1), found {}", d.rate),
-                    ));
-                }
-                input
-            }
-            LayerKind::BatchNormalization(bn) => {
-                if !(0.0..=1.0).contains(&bn.momentum) {
-                    return Err(self.layer_error(
-                        i,
-                        format!(
-                            "BatchNormalization momentum must be in [0, 1], found {}",
-                            bn.momentum
-                        ),
-                    ));
-                }
-                if !(bn.epsilon.is_finite() && bn.epsilon > 0.0) {
-                    return Err(self.layer_error(
-                        i,
-                        format!(
-                            "BatchNormalization epsilon must be positive and finite, found {}",
-                            bn.epsilon
-                        ),
-                    ));
-                }
-                input
-            }
-        })
+        rules
+            .output(input)
+            .map_err(|message| self.layer_error(i, message))
     }
 
     /// Every Conv2D and Dense kernel penalised by `regularizer` (the CLI's
@@ -868,17 +213,6 @@ impl Sequential {
     /// The kernel regulariser of layer `layer`, if it has one.
     pub fn kernel_regularizer(&self, layer: usize) -> Option<Regularizer> {
         self.layers.get(layer)?.kind.kernel_regularizer()
-    }
-
-    /// What Keras adds to the loss for these weights: the sum of every kernel's penalty.
-    pub fn kernel_penalty(&self, weights: &crate::weights::Weights) -> Result<f64> {
-        let mut total = 0.0;
-        for w in self.plan()?.weights {
-            if let (true, Some(r)) = (w.role.is_regularised(), self.kernel_regularizer(w.layer)) {
-                total += r.penalty(&weights.get(&w.name)?.data);
-            }
-        }
-        Ok(total)
     }
 
     /// The shape of the model's output.
@@ -974,82 +308,14 @@ impl Sequential {
         })
     }
 
-    /// A Keras-style summary: layers, output shapes, parameter counts, trainable and
-    /// non-trainable totals.
-    pub fn summary(&self) -> Result<String> {
-        let shapes = self.output_shapes()?;
-        let params = self.param_counts()?;
-        let names = self.layer_names();
-        let fixed = self.non_trainable_counts()?;
-        let rows: Vec<[String; 3]> = self
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(i, layer)| {
-                [
-                    format!("{} ({})", names[i], layer.kind.type_name()),
-                    shapes[i].to_string(),
-                    thousands(params[i]),
-                ]
-            })
-            .collect();
-        // Columns as wide as Keras' (34, 26) or their longest entry plus two spaces.
-        let header = ["Layer (type)", "Output Shape", "Param #"];
-        let width = |col: usize, least: usize| {
-            rows.iter()
-                .map(|r| r[col].chars().count() + 2)
-                .chain([least])
-                .max()
-                .unwrap_or(least)
-        };
-        let (w0, w1) = (width(0, 34), width(1, 26));
-        let total = (1 + w0 + w1 + width(2, 10)).max(71);
-        let line = |cells: [&str; 3]| format!(" {:<w0$}{:<w1$}{}", cells[0], cells[1], cells[2]);
-        let mut s = String::new();
-        let rule = "_".repeat(total);
-        let _ = writeln!(s, "Model: \"{}\"", self.name);
-        let _ = writeln!(s, "{rule}");
-        let _ = writeln!(s, "{}", line(header));
-        let _ = writeln!(s, "{}", "=".repeat(total));
-        let (mut trainable, mut frozen) = (0, 0);
-        for (i, row) in rows.iter().enumerate() {
-            let _ = writeln!(s, "{}", line([&row[0], &row[1], &row[2]]));
-            trainable += params[i] - fixed[i];
-            frozen += fixed[i];
-        }
-        let _ = writeln!(s, "{}", "=".repeat(total));
-        let _ = writeln!(s, "Total params: {}", thousands(trainable + frozen));
-        let _ = writeln!(s, "Trainable params: {}", thousands(trainable));
-        let _ = writeln!(s, "Non-trainable params: {}", thousands(frozen));
-        let _ = write!(s, "{rule}");
-        Ok(s)
-    }
-
     /// Multiply-accumulate operations of one forward pass of one image, ×2 (FLOPs).
     pub fn forward_flops(&self) -> Result<u64> {
         let shapes = self.output_shapes()?;
         let mut input = self.input();
         let mut flops = 0u64;
-        for (layer, shape) in self.layers.iter().zip(&shapes) {
-            flops += match &layer.kind {
-                LayerKind::Conv2D(conv) => {
-                    let Shape::Image { c, .. } = input else {
-                        unreachable!()
-                    };
-                    2 * (shape.numel() * conv.kernel_size[0] * conv.kernel_size[1] * c) as u64
-                }
-                LayerKind::Dense(dense) => 2 * (input.numel() * dense.units) as u64,
-                // one multiply-add per value at inference
-                LayerKind::BatchNormalization(_) => 2 * shape.numel() as u64,
-                // comparisons and additions, no multiply-accumulates
-                LayerKind::MaxPooling2D(_)
-                | LayerKind::AveragePooling2D(_)
-                | LayerKind::GlobalMaxPooling2D
-                | LayerKind::GlobalAveragePooling2D
-                | LayerKind::Flatten
-                | LayerKind::Dropout(_) => 0,
-            };
-            input = *shape;
+        for (layer, &output) in self.layers.iter().zip(&shapes) {
+            flops += layer.kind.rules().flops(input, output);
+            input = output;
         }
         Ok(flops)
     }
@@ -1057,29 +323,7 @@ impl Sequential {
 
 /// A layer's parameter count on `input`, or `None` when it overflows `usize`.
 fn layer_params(kind: &LayerKind, input: Shape) -> Option<usize> {
-    match kind {
-        LayerKind::Conv2D(conv) => {
-            let c = channels(input);
-            conv.kernel_size[0]
-                .checked_mul(conv.kernel_size[1])?
-                .checked_mul(c)?
-                .checked_mul(conv.filters)?
-                .checked_add(conv.filters)
-        }
-        LayerKind::Dense(dense) => input
-            .checked_numel()?
-            .checked_mul(dense.units)?
-            .checked_add(dense.units),
-        LayerKind::BatchNormalization(_) => crate::plan::BATCH_NORM_ROLES
-            .len()
-            .checked_mul(channels(input)),
-        LayerKind::MaxPooling2D(_)
-        | LayerKind::AveragePooling2D(_)
-        | LayerKind::GlobalMaxPooling2D
-        | LayerKind::GlobalAveragePooling2D
-        | LayerKind::Flatten
-        | LayerKind::Dropout(_) => Some(0),
-    }
+    layers::checked_params(&kind.rules().weights(input))
 }
 
 /// Caps on the size of a model read from a file (spec JSON, checkpoint): a file of a few bytes
@@ -1115,27 +359,6 @@ impl SizeLimits {
     };
     const OVERRIDE: &'static str =
         " (pass --allow-large-model, or SizeLimits::NONE, if you mean it)";
-}
-
-/// The size of the last axis: an image's channels, a flat vector's length.
-fn channels(shape: Shape) -> usize {
-    match shape {
-        Shape::Image { c, .. } => c,
-        Shape::Flat(n) => n,
-    }
-}
-
-/// `1234567` → `"1,234,567"`.
-pub(crate) fn thousands(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
 }
 
 #[cfg(test)]
