@@ -47,12 +47,12 @@ pub use convkit_tch;
 pub mod prelude {
     pub use convkit_core::artifacts::Scored;
     pub use convkit_core::augment::Augment;
+    pub use convkit_core::checkpoint::{Checkpoint, CheckpointMeta};
     pub use convkit_core::data::{one_hot, synthetic, DatasetName, Locator, Split};
     #[cfg(feature = "evcxr")]
     pub use convkit_core::display::{Rich, Table};
     pub use convkit_core::onnx::OnnxExport;
     pub use convkit_core::plot::{ConfusionHeatmap, Figure, SampleGrid, TrainingCurves};
-    pub use convkit_core::weights::{Checkpoint, CheckpointMeta};
     pub use convkit_core::{
         Activation, Backend, BatchNormalization, Compile, Conv2D, CsvLogger, Dataset, Dense,
         Dropout, EarlyStopping, ImageShape, LayerKind, LearningRateScheduler, Loss, Model,

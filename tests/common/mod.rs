@@ -7,15 +7,8 @@ use convkit::spec::{Activation, LayerKind, Sequential, Shape};
 use convkit::Weights;
 use rand::{Rng, SeedableRng};
 
-/// Tolerances, in one place.
-pub mod tol {
-    /// Forward probabilities, max abs.
-    pub const FORWARD: f32 = 1e-4;
-    /// Every weight after one optimizer step, max abs.
-    pub const STEP: f32 = 1e-5;
-    /// Loss of one batch.
-    pub const LOSS: f64 = 1e-5;
-}
+/// Tolerances, shared with `compare`.
+pub use convkit::tolerance as tol;
 
 /// Seeded uniform batch `[n, h, w, c]` in [0, 1).
 pub fn batch(n: usize, shape: [usize; 3], seed: u64) -> Array4<f32> {

@@ -15,9 +15,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{Checkpoint, CheckpointMeta, FIT_PREFIX};
 use crate::optim::OptimizerState;
 use crate::train::{EpochLog, History, Model};
-use crate::weights::{Checkpoint, CheckpointMeta, Weights, FIT_PREFIX};
+use crate::weights::Weights;
 use crate::{Error, Result, SizeLimits};
 
 /// What a callback carries across an interrupted run: JSON, and tensors (canonical layout,

@@ -7,6 +7,7 @@ pub mod artifacts;
 pub mod augment;
 pub mod backend;
 pub mod backup;
+pub mod checkpoint;
 pub mod compare;
 pub mod compile;
 pub mod data;
@@ -25,10 +26,12 @@ pub mod pytorch;
 pub mod search;
 pub mod spec;
 pub mod table;
+pub mod tolerance;
 pub mod train;
 pub mod weights;
 
 pub use backend::{Backend, Network, StepStats, Targets};
+pub use checkpoint::{Checkpoint, CheckpointMeta};
 pub use compile::{Compile, Head, Loss, Optimizer};
 pub use data::{Dataset, ImageShape, Normalisation};
 pub use error::{Error, Result};
@@ -41,7 +44,7 @@ pub use train::{
     Callback, Control, CsvLogger, EarlyStopping, Evaluation, History, LearningRateScheduler, Model,
     ModelCheckpoint, Monitor, ReduceLrOnPlateau, Schedule, Verbosity,
 };
-pub use weights::{Checkpoint, CheckpointMeta, Tensor, Weights};
+pub use weights::{Tensor, Weights};
 
 /// Re-exported so downstream crates use the same versions.
 pub use ndarray;

@@ -29,11 +29,11 @@ use onnx_protobuf as pb;
 use pb::tensor_shape_proto::{dimension, Dimension};
 use protobuf::{Enum as _, Message as _, MessageField};
 
+use crate::checkpoint::Checkpoint;
 use crate::compile::Head;
 use crate::data::Normalisation;
 use crate::plan::{PlannedOp, PoolKind};
 use crate::spec::{Activation, Shape};
-use crate::weights::Checkpoint;
 use crate::{Error, Result};
 
 /// The ONNX operator set the graph is written for (onnxruntime ≥ 1.12, onnx ≥ 1.12).
@@ -481,9 +481,10 @@ fn value_info(name: &str, dims: &[Option<usize>]) -> pb::ValueInfoProto {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::CheckpointMeta;
     use crate::compile::{Compile, Loss, Optimizer};
     use crate::spec::Sequential;
-    use crate::weights::{CheckpointMeta, Tensor};
+    use crate::weights::Tensor;
 
     fn checkpoint(preset: &str) -> Checkpoint {
         let spec = Sequential::preset(preset).unwrap();

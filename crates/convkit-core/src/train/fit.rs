@@ -1,0 +1,452 @@
+//! `model.fit(...)`: the one training loop every engine runs (seeded shuffle, batching,
+//! augmentation, validation, progress, callbacks, backups).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ndarray::{s, Array2, Array4};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::{check_batch_size, Callback, Control, EpochLog, History, Model};
+use crate::backend::Targets;
+use crate::backup;
+use crate::checkpoint::CheckpointMeta;
+use crate::compile::Loss;
+use crate::data::Dataset;
+use crate::{Error, Result};
+
+/// How `fit` reports progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verbosity {
+    /// Nothing.
+    Silent,
+    /// Plain lines on stdout, as Keras prints them: one every [`PROGRESS_LINE_EVERY`] within
+    /// an epoch and one at its end (what a log file or a notebook wants).
+    Lines,
+    /// A live progress bar per epoch on stderr, then the epoch's line.
+    Bar,
+    /// `Bar` on a terminal, `Lines` otherwise.
+    Auto,
+}
+
+/// How often [`Verbosity::Lines`] reports within an epoch.
+pub const PROGRESS_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Verbosity {
+    /// Print one progress line where this verbosity sends them.
+    fn line(self, text: std::fmt::Arguments<'_>) {
+        match self {
+            Verbosity::Lines => println!("{text}"),
+            Verbosity::Bar | Verbosity::Auto => eprintln!("{text}"),
+            Verbosity::Silent => {}
+        }
+    }
+}
+
+/// The order `fit` visits training images in, epoch after epoch: the indices it was given,
+/// shuffled every epoch from a ChaCha8 stream seeded with the fit's seed (Keras'
+/// `shuffle=True`), or as given. Every engine, and compare's PyTorch row, get the same order.
+pub struct BatchOrder {
+    order: Vec<usize>,
+    rng: rand_chacha::ChaCha8Rng,
+    shuffle: bool,
+}
+
+impl BatchOrder {
+    pub fn new(indices: Vec<usize>, seed: u64, shuffle: bool) -> Self {
+        BatchOrder {
+            order: indices,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            shuffle,
+        }
+    }
+
+    /// The next epoch's order.
+    pub fn next_epoch(&mut self) -> &[usize] {
+        if self.shuffle {
+            self.order.shuffle(&mut self.rng);
+        }
+        &self.order
+    }
+}
+
+/// `model.fit(...)` settings; see [`Model::fit`].
+pub struct Fit<'a> {
+    model: &'a mut Model,
+    train: &'a Dataset,
+    validation: Option<&'a Dataset>,
+    validation_split: Option<f32>,
+    epochs: usize,
+    batch_size: usize,
+    shuffle: bool,
+    seed: u64,
+    verbosity: Verbosity,
+    augment: crate::augment::Augment,
+    callbacks: Vec<Box<dyn Callback + 'a>>,
+    backup: Option<PathBuf>,
+}
+
+impl<'a> Fit<'a> {
+    /// Keras' defaults: one epoch, batches of 32, shuffled from seed 0, no validation.
+    pub(super) fn new(model: &'a mut Model, train: &'a Dataset) -> Self {
+        Fit {
+            model,
+            train,
+            validation: None,
+            validation_split: None,
+            epochs: 1,
+            batch_size: 32,
+            shuffle: true,
+            seed: 0,
+            verbosity: Verbosity::Auto,
+            augment: crate::augment::Augment::default(),
+            callbacks: Vec::new(),
+            backup: None,
+        }
+    }
+
+    /// Keras' `BackupAndRestore`: after every epoch, write everything needed to continue to
+    /// `path` (a checkpoint with the optimizer's state, the History, the callbacks' state and
+    /// the random streams' positions), atomically. When `path` exists as `fit` starts, training
+    /// continues after its last epoch and ends as an uninterrupted run would (see
+    /// [`crate::backup`]); a backup of another model or other fit settings is an error. The
+    /// file is kept at the end, and loads as a [`Checkpoint`].
+    pub fn backup(mut self, path: impl Into<PathBuf>) -> Self {
+        self.backup = Some(path.into());
+        self
+    }
+    pub fn epochs(mut self, epochs: usize) -> Self {
+        self.epochs = epochs;
+        self
+    }
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+    /// Shuffle the training order every epoch (default on), from `seed`.
+    pub fn shuffle(mut self, shuffle: bool) -> Self {
+        self.shuffle = shuffle;
+        self
+    }
+    /// Seed of the shuffle: the same seed gives the same batches on every engine.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+    pub fn validation_data(mut self, validation: &'a Dataset) -> Self {
+        self.validation = Some(validation);
+        self
+    }
+    /// Hold out the last `fraction` of the training data (before shuffling), as Keras.
+    pub fn validation_split(mut self, fraction: f32) -> Self {
+        self.validation_split = Some(fraction);
+        self
+    }
+    pub fn verbosity(mut self, verbosity: Verbosity) -> Self {
+        self.verbosity = verbosity;
+        self
+    }
+    /// Augment every training batch on the fly (seeded from the fit's seed).
+    pub fn augment(mut self, augment: crate::augment::Augment) -> Self {
+        self.augment = augment;
+        self
+    }
+    pub fn callback(mut self, callback: impl Callback + 'a) -> Self {
+        self.callbacks.push(Box::new(callback));
+        self
+    }
+
+    /// Train; returns the History.
+    pub fn run(mut self) -> Result<History> {
+        let model = &mut *self.model;
+        let train = self.train;
+        model.check_data(train)?;
+        check_batch_size(self.batch_size)?;
+        if self.epochs == 0 {
+            return Err(Error::config("epochs", "must be at least 1, found 0"));
+        }
+        if let Some(v) = self.validation {
+            model.check_data(v)?;
+        }
+        let (order, val_indices): (Vec<usize>, Option<Vec<usize>>) =
+            match (self.validation, self.validation_split) {
+                (Some(_), Some(_)) => {
+                    return Err(Error::config(
+                        "fit",
+                        "give validation data or a validation split, not both",
+                    ))
+                }
+                (None, Some(fraction)) => {
+                    let cut = crate::data::holdout_cut(train.len(), fraction)?;
+                    ((0..cut).collect(), Some((cut..train.len()).collect()))
+                }
+                (Some(v), None) => ((0..train.len()).collect(), Some((0..v.len()).collect())),
+                (None, None) => ((0..train.len()).collect(), None),
+            };
+        if order.is_empty() {
+            return Err(Error::config("fit", "the training data is empty"));
+        }
+        let val_data = self.validation.unwrap_or(train);
+        let verbosity = match self.verbosity {
+            Verbosity::Auto if std::io::stderr().is_terminal() => Verbosity::Bar,
+            Verbosity::Auto => Verbosity::Lines,
+            v => v,
+        };
+        for cb in &mut self.callbacks {
+            cb.on_train_begin(model)?;
+        }
+        let [h, w, c] = model.spec.input_shape;
+        // A separate stream, so turning augmentation on leaves the batch order unchanged.
+        let mut augment_rng =
+            rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ 0xa5a5_5a5a_f00d_cafe);
+        let mut augment_scratch = Vec::new();
+        // A third stream: dropout masks, drawn in core so every engine drops the same units.
+        let dropout_seed = self.seed ^ 0x5eed_d20b_0a7c_0001;
+        model.network.set_dropout_stream(dropout_seed, 0);
+        let mut buffer = Array4::<f32>::zeros((self.batch_size.min(order.len()), h, w, c));
+        let mut targets = match model.compile.loss {
+            Loss::SparseCategoricalCrossentropy => {
+                Targets::Sparse(Vec::with_capacity(self.batch_size))
+            }
+            Loss::CategoricalCrossentropy => {
+                Targets::Dense(Array2::zeros((0, train.num_classes())))
+            }
+            Loss::BinaryCrossentropy => Targets::Binary(Vec::with_capacity(self.batch_size)),
+        };
+        let batcher = train.batcher()?;
+        let mut history = History::default();
+        let batches = order.len().div_ceil(self.batch_size);
+        let settings = backup::FitSettings {
+            batch_size: self.batch_size,
+            seed: self.seed,
+            shuffle: self.shuffle,
+            train_images: order.len(),
+            validation_images: val_indices.as_ref().map(Vec::len),
+            augment: format!("{:?}", self.augment),
+        };
+        let backup_meta = CheckpointMeta {
+            classes: train.classes.clone(),
+            normalisation: train.normalisation.clone(),
+            backend: model.backend.clone(),
+        };
+        let mut batch_order = BatchOrder::new(order, self.seed, self.shuffle);
+        let (mut first_epoch, mut finished) = (1, false);
+        if let Some(path) = self.backup.as_deref().filter(|p| p.exists()) {
+            let restored = backup::restore(path, model, &settings)?;
+            if restored.callbacks.len() != self.callbacks.len() {
+                return Err(Error::data(
+                    path,
+                    format!(
+                        "this backup was made with {} callbacks, this fit has {}",
+                        restored.callbacks.len(),
+                        self.callbacks.len()
+                    ),
+                ));
+            }
+            history = History::from(&restored);
+            let done = restored.record.epoch;
+            let position: u128 = restored.record.augment_position.parse().map_err(|_| {
+                Error::data(path, "the augmentation stream's position is not a number")
+            })?;
+            augment_rng.set_word_pos(position);
+            let dropout: u128 =
+                restored.record.dropout_position.parse().map_err(|_| {
+                    Error::data(path, "the dropout stream's position is not a number")
+                })?;
+            model.network.set_dropout_stream(dropout_seed, dropout);
+            // Replays the shuffles of the epochs done, so order and stream are where they were.
+            for _ in 0..done {
+                batch_order.next_epoch();
+            }
+            for (cb, state) in self.callbacks.iter_mut().zip(restored.callbacks) {
+                cb.restore(state)?;
+            }
+            (first_epoch, finished) = (done + 1, restored.record.stopped);
+            verbosity.line(format_args!(
+                "Restored from {}: {done} of {} epochs done{}",
+                path.display(),
+                self.epochs,
+                if finished {
+                    ", stopped by a callback"
+                } else {
+                    ""
+                }
+            ));
+        }
+        for epoch in first_epoch..=self.epochs {
+            if finished {
+                break;
+            }
+            let order = batch_order.next_epoch();
+            // What TerminateOnNaN falls back to: a step with a NaN loss has already moved
+            // the weights, so the last weights known to be finite are this epoch's start.
+            let epoch_start = model.weights()?;
+            for cb in &mut self.callbacks {
+                cb.on_epoch_begin(epoch, model)?;
+            }
+            let bar = progress_bar(verbosity, epoch, self.epochs, batches);
+            let start = Instant::now();
+            let mut last_line = start;
+            let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+            for chunk in order.chunks(self.batch_size) {
+                let mut x = buffer.slice_mut(s![..chunk.len(), .., .., ..]);
+                batcher.fill(chunk, x.view_mut())?;
+                self.augment
+                    .apply(x.view_mut(), &mut augment_rng, &mut augment_scratch);
+                fill_targets(&mut targets, train, chunk);
+                let stats = model.network.train_step(x.view(), &targets)?;
+                if !stats.loss.is_finite() {
+                    model.set_weights(&epoch_start)?;
+                    return Err(Error::NonFinite {
+                        what: "training loss",
+                        value: stats.loss as f64,
+                        at: format!(
+                            "epoch {epoch}, batch {} of {batches}",
+                            seen / self.batch_size + 1
+                        ),
+                        kept: format!("the weights from the start of epoch {epoch}"),
+                    });
+                }
+                for cb in &mut self.callbacks {
+                    cb.on_batch_end(seen / self.batch_size, &stats)?;
+                }
+                loss_sum += stats.loss as f64 * chunk.len() as f64;
+                correct += stats.correct;
+                seen += chunk.len();
+                let (loss, accuracy) = (loss_sum / seen as f64, correct as f64 / seen as f64);
+                if let Some(bar) = &bar {
+                    bar.set_message(format!("loss: {loss:.4} - accuracy: {accuracy:.4}"));
+                    bar.inc(1);
+                } else if verbosity == Verbosity::Lines
+                    && last_line.elapsed() >= PROGRESS_LINE_EVERY
+                {
+                    last_line = Instant::now();
+                    verbosity.line(format_args!(
+                        "Epoch {epoch}/{} - {}/{batches} - {:.0}s - loss: {loss:.4} - accuracy: {accuracy:.4}",
+                        self.epochs,
+                        seen.div_ceil(self.batch_size),
+                        start.elapsed().as_secs_f64()
+                    ));
+                }
+            }
+            let seconds = start.elapsed().as_secs_f64();
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let (val_loss, val_accuracy) = match &val_indices {
+                Some(idx) => {
+                    let e = model.evaluate_indices(val_data, idx, self.batch_size.max(256))?;
+                    if !e.loss.is_finite() {
+                        // The epoch's last step may have left non-finite weights behind.
+                        let kept = if model.weights()?.check(&model.spec).is_ok() {
+                            format!("the weights from the end of epoch {epoch}")
+                        } else {
+                            model.set_weights(&epoch_start)?;
+                            format!("the weights from the start of epoch {epoch}")
+                        };
+                        return Err(Error::NonFinite {
+                            what: "validation loss",
+                            value: e.loss,
+                            at: format!("the end of epoch {epoch}"),
+                            kept,
+                        });
+                    }
+                    (Some(e.loss), Some(e.accuracy))
+                }
+                None => (None, None),
+            };
+            let log = EpochLog {
+                epoch,
+                loss: loss_sum / seen as f64,
+                accuracy: correct as f64 / seen as f64,
+                val_loss,
+                val_accuracy,
+                seconds,
+                learning_rate: model.learning_rate,
+            };
+            verbosity.line(format_args!(
+                "Epoch {epoch}/{} - {batches}/{batches} - {log}",
+                self.epochs
+            ));
+            history.epochs.push(log);
+            let mut stop = false;
+            for cb in &mut self.callbacks {
+                stop |= cb.on_epoch_end(&history, model)? == Control::Stop;
+            }
+            if let Some(path) = &self.backup {
+                let record = backup::FitRecord {
+                    epoch,
+                    stopped: stop,
+                    learning_rate: backup::ExactF64(model.learning_rate),
+                    optimizer_step: 0, // filled in by `backup::save`
+                    history: history.epochs.iter().map(Into::into).collect(),
+                    augment_position: augment_rng.get_word_pos().to_string(),
+                    dropout_position: model.network.dropout_position().to_string(),
+                    settings: settings.clone(),
+                    callbacks: Vec::new(), // filled in by `backup::save`
+                };
+                let states = self
+                    .callbacks
+                    .iter()
+                    .map(|cb| cb.backup())
+                    .collect::<Result<_>>()?;
+                backup::save(path, model, backup_meta.clone(), record, states)?;
+            }
+            if stop {
+                break;
+            }
+        }
+        for cb in &mut self.callbacks {
+            cb.on_train_end(&history, model)?;
+        }
+        Ok(history)
+    }
+}
+
+fn fill_targets(targets: &mut Targets, ds: &Dataset, chunk: &[usize]) {
+    match targets {
+        Targets::Sparse(v) => {
+            v.clear();
+            v.extend(chunk.iter().map(|&i| ds.labels[i]));
+        }
+        Targets::Binary(v) => {
+            v.clear();
+            v.extend(chunk.iter().map(|&i| ds.labels[i] as f32));
+        }
+        Targets::Dense(a) => {
+            if a.nrows() != chunk.len() {
+                *a = Array2::zeros((chunk.len(), ds.num_classes()));
+            } else {
+                a.fill(0.0);
+            }
+            for (r, &i) in chunk.iter().enumerate() {
+                a[[r, ds.labels[i] as usize]] = 1.0;
+            }
+        }
+    }
+}
+
+/// convkit's progress bars (epochs, downloads): Keras' `[=====>    ]` look on `template`.
+pub(crate) fn bar_style(template: &'static str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template)
+        .expect("valid template")
+        .progress_chars("=> ")
+}
+
+fn progress_bar(
+    verbosity: Verbosity,
+    epoch: usize,
+    epochs: usize,
+    batches: usize,
+) -> Option<indicatif::ProgressBar> {
+    (verbosity == Verbosity::Bar).then(|| {
+        let bar = indicatif::ProgressBar::new(batches as u64);
+        bar.set_style(bar_style(
+            "Epoch {prefix} [{bar:30}] {pos}/{len} - ETA {eta} - {msg}",
+        ));
+        bar.set_prefix(format!("{epoch}/{epochs}"));
+        bar
+    })
+}
