@@ -4,6 +4,7 @@
 //! into the cache, checked against a checksum of the decompressed payload (so recompressed
 //! copies such as Debian's stay valid) and written atomically.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,89 +25,159 @@ pub enum DatasetName {
     Cifar10,
 }
 
+/// How a dataset's files are laid out on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Four IDX files (train and test images and labels), each raw or gzip.
+    Idx,
+    /// CIFAR-10's binary batches (`data_batch_1..5.bin`, `test_batch.bin`, optionally under
+    /// `cifar-10-batches-bin/`, downloaded as a tar.gz), or an image folder with
+    /// `train/<class>/` and `test/<class>/`.
+    CifarBatches,
+}
+
+/// Everything convkit knows about one named dataset, in one place.
+#[derive(Debug)]
+pub struct DatasetInfo {
+    pub name: DatasetName,
+    /// The names `--dataset` accepts; the first is the canonical one.
+    pub aliases: &'static [&'static str],
+    /// Folder name under a data root.
+    pub dir: &'static str,
+    /// Other folder names it is found under (`cifar10-jpg`, an image-folder copy).
+    pub other_dirs: &'static [&'static str],
+    /// Class names, in label order.
+    pub classes: &'static [&'static str],
+    /// Native image shape, `(height, width, channels)`.
+    pub shape: (usize, usize, usize),
+    /// Download mirrors, tried in order.
+    pub mirrors: &'static [&'static str],
+    /// The files a download fetches, with their checksums.
+    pub resources: &'static [Resource],
+    pub format: Format,
+}
+
+/// An IDX dataset's four gzip files with the SHA-256 of each payload.
+macro_rules! idx_resources {
+    ($($sum:literal),* $(,)?) => {
+        &{
+            let sums = [$($sum),*];
+            [
+                Resource::sha256_const("train-images-idx3-ubyte.gz", sums[0]),
+                Resource::sha256_const("train-labels-idx1-ubyte.gz", sums[1]),
+                Resource::sha256_const("t10k-images-idx3-ubyte.gz", sums[2]),
+                Resource::sha256_const("t10k-labels-idx1-ubyte.gz", sums[3]),
+            ]
+        }
+    };
+}
+
+/// The table of named datasets, in [`DatasetName`] order.
+pub static DATASETS: [DatasetInfo; 3] = [
+    DatasetInfo {
+        name: DatasetName::Mnist,
+        aliases: &["mnist"],
+        dir: "mnist",
+        other_dirs: &[],
+        classes: &MNIST_CLASSES,
+        shape: (28, 28, 1),
+        mirrors: &[
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ],
+        resources: idx_resources![
+            "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+            "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+            "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        ],
+        format: Format::Idx,
+    },
+    DatasetInfo {
+        name: DatasetName::FashionMnist,
+        aliases: &["fashion-mnist", "fashion_mnist"],
+        dir: "fashion-mnist",
+        other_dirs: &[],
+        classes: &FASHION_MNIST_CLASSES,
+        shape: (28, 28, 1),
+        mirrors: &["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        resources: idx_resources![
+            "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        ],
+        format: Format::Idx,
+    },
+    DatasetInfo {
+        name: DatasetName::Cifar10,
+        aliases: &["cifar10", "cifar-10"],
+        dir: "cifar10",
+        other_dirs: &["cifar10-jpg"],
+        classes: &CIFAR10_CLASSES,
+        shape: (32, 32, 3),
+        mirrors: &["https://www.cs.toronto.edu/~kriz/"],
+        // The authors publish only the archive's MD5; the archive is unpacked after the check.
+        resources: &[Resource {
+            file: Cow::Borrowed("cifar-10-binary.tar.gz"),
+            checksum: Checksum::Md5OfFile(Cow::Borrowed("c32a1d4ab5d03f1284b67883e8d87530")),
+        }],
+        format: Format::CifarBatches,
+    },
+];
+
 impl std::str::FromStr for DatasetName {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "mnist" => Ok(DatasetName::Mnist),
-            "fashion-mnist" | "fashion_mnist" => Ok(DatasetName::FashionMnist),
-            "cifar10" | "cifar-10" => Ok(DatasetName::Cifar10),
-            other => Err(Error::config(
-                "dataset",
-                format!("expected mnist, fashion-mnist or cifar10, found `{other}`"),
-            )),
-        }
+        DATASETS
+            .iter()
+            .find(|d| d.aliases.contains(&s))
+            .map(|d| d.name)
+            .ok_or_else(|| {
+                Error::config(
+                    "dataset",
+                    format!(
+                        "expected {}, found `{s}`",
+                        DATASETS
+                            .iter()
+                            .map(|d| d.aliases[0])
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })
     }
 }
 
 impl DatasetName {
+    /// Everything convkit knows about it.
+    pub fn info(&self) -> &'static DatasetInfo {
+        &DATASETS[*self as usize]
+    }
+
     /// Folder name under a data root.
     pub fn dir_name(&self) -> &'static str {
-        match self {
-            DatasetName::Mnist => "mnist",
-            DatasetName::FashionMnist => "fashion-mnist",
-            DatasetName::Cifar10 => "cifar10",
-        }
+        self.info().dir
     }
 
     /// The class names, in label order.
     pub fn classes(&self) -> Vec<String> {
-        match self {
-            DatasetName::Mnist => MNIST_CLASSES.map(String::from).to_vec(),
-            DatasetName::FashionMnist => FASHION_MNIST_CLASSES.map(String::from).to_vec(),
-            DatasetName::Cifar10 => CIFAR10_CLASSES.map(String::from).to_vec(),
-        }
+        self.info().classes.iter().map(|c| c.to_string()).collect()
     }
 
     /// Native image shape.
     pub fn shape(&self) -> ImageShape {
-        match self {
-            DatasetName::Mnist | DatasetName::FashionMnist => ImageShape::new(28, 28, 1),
-            DatasetName::Cifar10 => ImageShape::new(32, 32, 3),
-        }
+        let (h, w, c) = self.info().shape;
+        ImageShape::new(h, w, c)
     }
 
     fn mirrors(&self) -> Vec<String> {
-        match self {
-            DatasetName::Mnist => vec![
-                "https://ossci-datasets.s3.amazonaws.com/mnist/".into(),
-                "https://storage.googleapis.com/cvdf-datasets/mnist/".into(),
-            ],
-            DatasetName::FashionMnist => {
-                vec!["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/".into()]
-            }
-            DatasetName::Cifar10 => vec!["https://www.cs.toronto.edu/~kriz/".into()],
-        }
+        self.info().mirrors.iter().map(|m| m.to_string()).collect()
     }
 
     /// The files a download fetches, with their checksums.
     pub fn resources(&self) -> Vec<Resource> {
-        let idx = |sums: [&str; 4]| {
-            IDX_FILES
-                .iter()
-                .zip(sums)
-                .map(|(f, s)| Resource::sha256_of_payload(&format!("{f}.gz"), s))
-                .collect()
-        };
-        match self {
-            DatasetName::Mnist => idx([
-                "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-                "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-                "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-                "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-            ]),
-            DatasetName::FashionMnist => idx([
-                "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-                "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-                "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-                "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-            ]),
-            // The authors publish only the archive's MD5; the archive is unpacked after the check.
-            DatasetName::Cifar10 => vec![Resource {
-                file: "cifar-10-binary.tar.gz".into(),
-                checksum: Checksum::Md5OfFile("c32a1d4ab5d03f1284b67883e8d87530".into()),
-            }],
-        }
+        self.info().resources.to_vec()
     }
 }
 
@@ -135,24 +206,32 @@ pub enum Split {
 /// How a downloaded file is verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Checksum {
-    /// SHA-256 of the content after gunzip (of the file itself if it is not gzip).
-    Sha256OfPayload(String),
-    /// MD5 of the file as downloaded.
-    Md5OfFile(String),
+    /// SHA-256 of the content after gunzip (of the file itself if it is not gzip), hex.
+    Sha256OfPayload(Cow<'static, str>),
+    /// MD5 of the file as downloaded, hex.
+    Md5OfFile(Cow<'static, str>),
 }
 
 /// One file to download.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resource {
-    pub file: String,
+    pub file: Cow<'static, str>,
     pub checksum: Checksum,
 }
 
 impl Resource {
     pub fn sha256_of_payload(file: &str, hex: &str) -> Self {
         Resource {
-            file: file.into(),
-            checksum: Checksum::Sha256OfPayload(hex.into()),
+            file: Cow::Owned(file.into()),
+            checksum: Checksum::Sha256OfPayload(Cow::Owned(hex.into())),
+        }
+    }
+
+    /// [`Resource::sha256_of_payload`] for the dataset table.
+    const fn sha256_const(file: &'static str, hex: &'static str) -> Self {
+        Resource {
+            file: Cow::Borrowed(file),
+            checksum: Checksum::Sha256OfPayload(Cow::Borrowed(hex)),
         }
     }
 
@@ -182,7 +261,7 @@ impl Resource {
             }
             Checksum::Md5OfFile(hex) => ("MD5", hex, hex_string(&md5::Md5::digest(bytes))),
         };
-        if &found == expected {
+        if found == expected.as_ref() {
             Ok(())
         } else {
             Err(format!(
@@ -225,7 +304,7 @@ fn download_with_stall_timeout(
         let url = format!("{}{}", mirror, resource.file);
         match fetch(&agent, &url, stall).and_then(|bytes| resource.verify(&bytes).map(|_| bytes)) {
             Ok(bytes) => {
-                let path = dest_dir.join(&resource.file);
+                let path = dest_dir.join(resource.file.as_ref());
                 crate::io::write_bytes_atomic(&path, &bytes)?;
                 return Ok(path);
             }
@@ -233,7 +312,7 @@ fn download_with_stall_timeout(
         }
     }
     Err(Error::Download {
-        url: resource.file.clone(),
+        url: resource.file.to_string(),
         message: if failures.is_empty() {
             "no mirrors configured".into()
         } else {
@@ -407,9 +486,7 @@ impl Locator {
         roots.extend(self.system_dirs.iter());
         for root in roots {
             candidates.push(root.join(name.dir_name()));
-            if name == DatasetName::Cifar10 {
-                candidates.push(root.join("cifar10-jpg"));
-            }
+            candidates.extend(name.info().other_dirs.iter().map(|d| root.join(d)));
         }
         if let Some(found) = candidates.iter().find(|c| has_dataset(name, c)) {
             return Ok(found.clone());
@@ -432,8 +509,9 @@ impl Locator {
         let mirrors = self.mirrors.clone().unwrap_or_else(|| name.mirrors());
         for resource in name.resources() {
             let path = download(&mirrors, &resource, &cache)?;
-            if name == DatasetName::Cifar10 {
-                unpack_cifar(&path, &cache)?;
+            match name.info().format {
+                Format::CifarBatches => unpack_cifar(&path, &cache)?,
+                Format::Idx => {}
             }
         }
         Ok(cache)
@@ -441,9 +519,9 @@ impl Locator {
 }
 
 fn expected_files(name: DatasetName) -> String {
-    match name {
-        DatasetName::Cifar10 => "expected data_batch_1..5.bin and test_batch.bin (optionally under cifar-10-batches-bin/), or an image folder with train/<class>/ and test/<class>/".into(),
-        _ => format!("expected {} (each .gz or raw)", IDX_FILES.join(", ")),
+    match name.info().format {
+        Format::CifarBatches => "expected data_batch_1..5.bin and test_batch.bin (optionally under cifar-10-batches-bin/), or an image folder with train/<class>/ and test/<class>/".into(),
+        Format::Idx => format!("expected {} (each .gz or raw)", IDX_FILES.join(", ")),
     }
 }
 
@@ -461,18 +539,18 @@ fn cifar_bin_dir(dir: &Path) -> Option<PathBuf> {
 }
 
 fn has_dataset(name: DatasetName, dir: &Path) -> bool {
-    match name {
-        DatasetName::Cifar10 => {
+    match name.info().format {
+        Format::CifarBatches => {
             cifar_bin_dir(dir).is_some()
                 || (dir.join("train").is_dir() && dir.join("test").is_dir())
         }
-        _ => IDX_FILES.iter().all(|f| idx_file(dir, f).is_some()),
+        Format::Idx => IDX_FILES.iter().all(|f| idx_file(dir, f).is_some()),
     }
 }
 
 fn load_from_dir(name: DatasetName, split: Split, dir: &Path) -> Result<Dataset> {
-    match name {
-        DatasetName::Cifar10 => {
+    match name.info().format {
+        Format::CifarBatches => {
             if let Some(bin) = cifar_bin_dir(dir) {
                 let files: Vec<PathBuf> = match split {
                     Split::Train => CIFAR_TRAIN.iter().map(|f| bin.join(f)).collect(),
@@ -488,7 +566,7 @@ fn load_from_dir(name: DatasetName, split: Split, dir: &Path) -> Result<Dataset>
                 read_image_folder(&dir.join(part), name.shape(), Some(&name.classes()))
             }
         }
-        _ => {
+        Format::Idx => {
             let (img, lab) = match split {
                 Split::Train => (IDX_FILES[0], IDX_FILES[1]),
                 Split::Test => (IDX_FILES[2], IDX_FILES[3]),
@@ -544,6 +622,25 @@ fn unpack_cifar(archive: &Path, dest: &Path) -> Result<()> {
 mod tests {
     use super::super::idx::tests::{gz, idx_images, idx_labels};
     use super::*;
+
+    #[test]
+    fn the_dataset_table_is_in_name_order_and_every_alias_parses() {
+        for (i, d) in DATASETS.iter().enumerate() {
+            assert_eq!(d.name as usize, i, "{} is out of order", d.dir);
+            assert_eq!(d.name.info().dir, d.dir);
+            for alias in d.aliases {
+                assert_eq!(alias.parse::<DatasetName>().unwrap(), d.name);
+            }
+            assert_eq!(d.classes.len(), 10, "{}", d.dir);
+            assert!(
+                !d.mirrors.is_empty() && !d.resources.is_empty(),
+                "{}",
+                d.dir
+            );
+        }
+        let e = "imagenet".parse::<DatasetName>().unwrap_err().to_string();
+        assert!(e.contains("mnist, fashion-mnist, cifar10"), "{e}");
+    }
     use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
 
