@@ -336,6 +336,13 @@ impl Ops for BurnOps {
         self.read_back(t.0.clone().inner())
     }
 
+    /// Kept channels-last in memory (an NCHW view of the NHWC values), where Flex's
+    /// convolutions run faster than on NCHW-contiguous tensors.
+    fn images(&self, shape: [usize; 4], data: &[f32]) -> convkit_core::Result<Value> {
+        let nhwc = Tensor::<4>::from_data(TensorData::new(data.to_vec(), shape), &self.device);
+        Ok(Value(nhwc.permute([0, 3, 1, 2])))
+    }
+
     fn upload_weight(&self, weight: &WeightSpec, data: &[f32]) -> convkit_core::Result<Value> {
         match (weight.role, &weight.shape[..]) {
             (Role::Kernel, &[out, inputs]) => {
