@@ -249,6 +249,7 @@ struct ExportArgs {
 }
 
 fn main() -> ExitCode {
+    convkit::keep_freed_memory_for_reuse();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train(args),
