@@ -11,6 +11,9 @@
 //! # Ok::<(), convkit_core::Error>(())
 //! ```
 
+mod conv;
+mod pool;
+
 use candle_core::{DType, Device, Tensor, Var, D};
 use convkit_core::backend::{Backend, Network};
 use convkit_core::compile::Compile;
@@ -163,9 +166,14 @@ impl Ops for CandleOps {
 
     fn supports(&self, op: &PlannedOp) -> std::result::Result<(), String> {
         match op {
-            PlannedOp::Conv2D { strides, .. } if strides[0] != strides[1] => Err(format!(
-                "Conv2D strides {strides:?} differ per axis; candle's conv2d takes one stride"
-            )),
+            // The CPU convolution is convkit's own (see `conv`), which takes any strides.
+            PlannedOp::Conv2D { strides, .. }
+                if strides[0] != strides[1] && !self.device.is_cpu() =>
+            {
+                Err(format!(
+                    "Conv2D strides {strides:?} differ per axis; candle's conv2d takes one stride"
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -219,7 +227,13 @@ impl Ops for CandleOps {
         strides: [usize; 2],
     ) -> convkit_core::Result<Value> {
         self.lift((|| {
-            let y = if top == bottom && left == right && top == left {
+            let y = if self.device.is_cpu() {
+                let conv = conv::Conv2d {
+                    pad: [top, bottom, left, right],
+                    strides,
+                };
+                x.0.contiguous()?.apply_op2(&kernel.0.contiguous()?, conv)?
+            } else if top == bottom && left == right && top == left {
                 x.0.conv2d(&kernel.0, top, strides[0], 1, 1)?
             } else {
                 x.0.pad_with_zeros(2, top, bottom)?
@@ -240,6 +254,12 @@ impl Ops for CandleOps {
     ) -> convkit_core::Result<Value> {
         let tiled = (kh, kw) == (sh, sw);
         self.lift(match kind {
+            PoolKind::Max if self.device.is_cpu() => x.0.contiguous().and_then(|x| {
+                x.apply_op1(pool::MaxPool2d {
+                    size: [kh, kw],
+                    strides: [sh, sw],
+                })
+            }),
             // candle's own max-pool forward is right; only its backward is not.
             PoolKind::Max if tiled && !x.0.track_op() => {
                 x.0.max_pool2d_with_stride((kh, kw), (sh, sw))

@@ -1,0 +1,480 @@
+//! Convolution on the CPU as im2col + GEMM, forward and backward, as candle custom ops on the
+//! `gemm` crate candle's own matmul uses.
+//!
+//! candle 0.11's CPU `conv2d` is fine forward, but its backward computes the input gradient
+//! with a direct `conv_transpose2d` loop (SIMD only when built for AVX2) even for a first
+//! layer whose input needs none, and the kernel gradient as a convolution with an
+//! image-sized kernel. Here every pass is an im2col (or col2im) and a GEMM: the forward
+//! `W · cols` per image, the kernel gradient `dy · colsᵀ` over the whole batch at once, the
+//! input gradient `col2im(Wᵀ · dy)` per image, and the input gradient only when the input is
+//! tracked. `cols` is `[c·kh·kw, oh·ow]`: kernel entry by output position. Images are
+//! spread over candle's rayon pool; padding (TensorFlow's asymmetric `same` included) and
+//! per-axis strides are handled in im2col, so nothing is copied to pad.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// The sizes of one convolution: input `[n, c, h, w]`, kernel `[o, c, kh, kw]`, zero
+/// padding `[top, bottom, left, right]`, `strides` `[sh, sw]`, output `[n, o, oh, ow]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Conv2d {
+    pub pad: [usize; 4],
+    pub strides: [usize; 2],
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    pad: [usize; 4],
+    strides: [usize; 2],
+}
+
+impl Geometry {
+    fn new(conv: &Conv2d, x: &[usize], k: &[usize]) -> Result<Self> {
+        let (&[n, c, h, w], &[o, kc, kh, kw]) = (x, k) else {
+            candle_core::bail!(
+                "convkit conv2d: expected a 4-D input and kernel, found {x:?} and {k:?}"
+            )
+        };
+        let [top, bottom, left, right] = conv.pad;
+        let [sh, sw] = conv.strides;
+        if kc != c || sh == 0 || sw == 0 || h + top + bottom < kh || w + left + right < kw {
+            candle_core::bail!(
+                "convkit conv2d: kernel {k:?} does not fit input {x:?} with padding {:?} and strides {:?}",
+                conv.pad,
+                conv.strides
+            )
+        }
+        Ok(Geometry {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            oh: (h + top + bottom - kh) / sh + 1,
+            ow: (w + left + right - kw) / sw + 1,
+            pad: conv.pad,
+            strides: conv.strides,
+        })
+    }
+
+    /// Values of one image.
+    fn image(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    /// Output positions of one image.
+    fn positions(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// One kernel's values: a row of `cols`.
+    fn patch(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// The taps of kernel entry `q = (ci·kh + ky)·kw + kx`: for each output row `y`,
+    /// `visit(y, start, xs)` with the offset in the image of the input value under output
+    /// `(y, 0)` (as if unpadded; `None` when the whole row is padding) and the range `xs` of
+    /// output columns whose input column `x·sw + kx − left` lies inside the image.
+    fn taps(&self, q: usize, mut visit: impl FnMut(usize, Option<usize>, std::ops::Range<usize>)) {
+        let [top, _, left, _] = self.pad;
+        let [sh, sw] = self.strides;
+        let (ci, ky, kx) = (q / (self.kh * self.kw), q / self.kw % self.kh, q % self.kw);
+        let lo = left.saturating_sub(kx).div_ceil(sw).min(self.ow);
+        let hi = (self.w + left)
+            .saturating_sub(kx)
+            .div_ceil(sw)
+            .clamp(lo, self.ow);
+        for y in 0..self.oh {
+            let start = (y * sh + ky)
+                .checked_sub(top)
+                .filter(|&iy| iy < self.h)
+                // input column of output column x is x·sw + kx − left, ≥ 0 for x in lo..hi
+                .map(|iy| (ci * self.h + iy) * self.w + kx);
+            visit(y, start, lo..hi);
+        }
+    }
+
+    /// Kernel entry `q`'s row of im2col for one image: `out[y·ow + x]`, 0 in the padding.
+    fn im2col_entry(&self, q: usize, image: &[f32], out: &mut [f32]) {
+        let (ow, sw, left) = (self.ow, self.strides[1], self.pad[2]);
+        self.taps(q, |y, start, xs| {
+            let out = &mut out[y * ow..][..ow];
+            match start {
+                None => out.fill(0.0),
+                Some(start) => {
+                    out[..xs.start].fill(0.0);
+                    out[xs.end..].fill(0.0);
+                    for x in xs {
+                        out[x] = image[start + x * sw - left];
+                    }
+                }
+            }
+        });
+    }
+
+    /// `cols[q·positions + p]` for one image: kernel entry `q` by output position `p = y·ow + x`.
+    fn im2col(&self, image: &[f32], cols: &mut [f32]) {
+        let positions = self.positions();
+        for (q, row) in cols.chunks_exact_mut(positions).enumerate() {
+            self.im2col_entry(q, image, row);
+        }
+    }
+
+    /// `cols[q·(n·positions) + i·positions + p]` for the whole batch `x`, rows in parallel.
+    fn im2col_batch(&self, x: &[f32], cols: &mut [f32]) {
+        let (positions, image) = (self.positions(), self.image());
+        cols.par_chunks_mut(self.n * positions)
+            .enumerate()
+            .for_each(|(q, row)| {
+                for (i, out) in row.chunks_exact_mut(positions).enumerate() {
+                    self.im2col_entry(q, &x[i * image..][..image], out);
+                }
+            });
+    }
+
+    /// The inverse scatter of [`Geometry::im2col`]: adds every entry of `cols` to the image
+    /// value it came from.
+    fn col2im(&self, cols: &[f32], image: &mut [f32]) {
+        let (positions, ow, sw, left) = (self.positions(), self.ow, self.strides[1], self.pad[2]);
+        image.fill(0.0);
+        for (q, row) in cols.chunks_exact(positions).enumerate() {
+            self.taps(q, |y, start, xs| {
+                if let Some(start) = start {
+                    let from = &row[y * ow..][..ow];
+                    for x in xs {
+                        image[start + x * sw - left] += from[x];
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// A contiguous f32 slice of a custom op's input.
+fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!(
+            "convkit conv2d: the {what} must be f32, found {:?}",
+            storage.dtype()
+        )
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("convkit conv2d: the {what} must be contiguous")
+    };
+    Ok(&data[start..end])
+}
+
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, every matrix given by its row and column strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    parallelism: gemm::Parallelism,
+) {
+    debug_assert!(dst.len() > (m - 1) * dst_rs + (n - 1) * dst_cs);
+    debug_assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    debug_assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    // SAFETY: the three slices cover every element the strides reach (checked above in
+    // debug builds, and by construction: each caller passes whole matrices), `dst` does not
+    // overlap the inputs (it is a separate `&mut`), and gemm reads and writes nothing else.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "convkit-conv2d"
+    }
+
+    /// `y[n] = W · im2col(x[n])`, `[o, oh·ow]` per image.
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(self, xl.dims(), kl.dims())?;
+        let (x, kernel) = (slice(xs, xl, "input")?, slice(ks, kl, "kernel")?);
+        let (positions, patch) = (g.positions(), g.patch());
+        let mut y = vec![0f32; g.n * g.o * positions];
+        y.par_chunks_mut(g.o * positions)
+            .zip(x.par_chunks(g.image()))
+            .for_each_init(
+                || vec![0f32; positions * patch],
+                |cols, (y, x)| {
+                    g.im2col(x, cols);
+                    matmul(
+                        (g.o, positions, patch),
+                        y,
+                        (positions, 1),
+                        false,
+                        kernel,
+                        (patch, 1),
+                        cols,
+                        (positions, 1),
+                        gemm::Parallelism::None,
+                    );
+                },
+            );
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = if x.track_op() {
+            let input = InputGrad {
+                conv: *self,
+                image: x.dims().to_vec(),
+            };
+            Some(dy.apply_op2_no_bwd(&kernel.contiguous()?, &input)?)
+        } else {
+            None
+        };
+        let dk = if kernel.track_op() {
+            let grad = KernelGrad {
+                conv: *self,
+                kernel: kernel.dims().to_vec(),
+            };
+            Some(x.contiguous()?.apply_op2_no_bwd(&dy, &grad)?)
+        } else {
+            None
+        };
+        Ok((dx, dk))
+    }
+}
+
+/// The kernel gradient `Σₙ dy[n] · im2col(x[n])ᵀ`, `[o, c·kh·kw]`, from `x` and `dy`.
+struct KernelGrad {
+    conv: Conv2d,
+    kernel: Vec<usize>,
+}
+
+impl CustomOp2 for KernelGrad {
+    fn name(&self) -> &'static str {
+        "convkit-conv2d-kernel-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        dys: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(&self.conv, xl.dims(), &self.kernel)?;
+        let (x, dy) = (slice(xs, xl, "input")?, slice(dys, dyl, "output gradient")?);
+        let (positions, patch) = (g.positions(), g.patch());
+        // One GEMM over the whole batch, `dy [o, n·positions] · colsᵀ [n·positions, patch]`:
+        // gemm splits the output, never the sum, so the result does not depend on the
+        // number of threads or their timing (a resumed run repeats an uninterrupted one).
+        let samples = g.n * positions;
+        let mut cols = vec![0f32; patch * samples];
+        g.im2col_batch(x, &mut cols);
+        let mut dy_t = vec![0f32; g.o * samples];
+        dy_t.par_chunks_mut(samples)
+            .enumerate()
+            .for_each(|(oc, row)| {
+                for (image, part) in row.chunks_mut(positions).enumerate() {
+                    let from = (image * g.o + oc) * positions;
+                    part.copy_from_slice(&dy[from..from + positions]);
+                }
+            });
+        let mut dk = vec![0f32; g.o * patch];
+        matmul(
+            (g.o, patch, samples),
+            &mut dk,
+            (patch, 1),
+            false,
+            &dy_t,
+            (samples, 1),
+            &cols,
+            (1, samples),
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+        Ok((CpuStorage::F32(dk), Shape::from(self.kernel.as_slice())))
+    }
+}
+
+/// The input gradient `col2im(Wᵀ · dy[n])`, `[n, c, h, w]`, from `dy` and the kernel.
+struct InputGrad {
+    conv: Conv2d,
+    image: Vec<usize>,
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "convkit-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dys: &CpuStorage,
+        dyl: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(&self.conv, &self.image, kl.dims())?;
+        let (dy, kernel) = (
+            slice(dys, dyl, "output gradient")?,
+            slice(ks, kl, "kernel")?,
+        );
+        let (positions, patch) = (g.positions(), g.patch());
+        let mut dx = vec![0f32; g.n * g.image()];
+        dx.par_chunks_mut(g.image())
+            .zip(dy.par_chunks(g.o * positions))
+            .for_each_init(
+                || vec![0f32; positions * patch],
+                |dcols, (dx, dy)| {
+                    matmul(
+                        (positions, patch, g.o),
+                        dcols,
+                        (1, positions),
+                        false,
+                        dy,
+                        (1, positions),
+                        kernel,
+                        (patch, 1),
+                        gemm::Parallelism::None,
+                    );
+                    g.col2im(dcols, dx);
+                },
+            );
+        Ok((CpuStorage::F32(dx), Shape::from(self.image.as_slice())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Forward and both gradients against candle's own conv2d, where that one applies:
+    /// symmetric padding, one stride, and (for its backward, which fails otherwise) windows
+    /// that tile the padded input exactly. The conformance suite covers the rest against Keras.
+    #[test]
+    fn matches_candles_conv2d_forward_and_backward() {
+        let device = Device::Cpu;
+        for (pad, stride, h, w) in [(0, 1, 9, 8), (1, 1, 9, 8), (1, 2, 9, 7), (2, 3, 8, 11)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 2, h, w), &device).unwrap())
+                .unwrap();
+            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 2, 3, 3), &device).unwrap())
+                .unwrap();
+            let ours = x
+                .as_tensor()
+                .apply_op2(
+                    k.as_tensor(),
+                    Conv2d {
+                        pad: [pad; 4],
+                        strides: [stride; 2],
+                    },
+                )
+                .unwrap();
+            let theirs = x
+                .as_tensor()
+                .conv2d(k.as_tensor(), pad, stride, 1, 1)
+                .unwrap();
+            assert_eq!(ours.dims(), theirs.dims());
+            assert!(
+                max_gap(&ours, &theirs) < 1e-4,
+                "forward, pad {pad} stride {stride}"
+            );
+            // a loss that weighs every output differently
+            let weights = Tensor::randn(0f32, 1.0, ours.dims(), &device).unwrap();
+            let g_ours = (ours * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g_theirs = (theirs * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (what, v) in [("input", &x), ("kernel", &k)] {
+                let (a, b) = (g_ours.get(v.as_tensor()), g_theirs.get(v.as_tensor()));
+                let gap = max_gap(a.unwrap(), b.unwrap());
+                assert!(
+                    gap < 1e-3,
+                    "{what} gradient, pad {pad} stride {stride}: {gap}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_input_gradient_is_skipped_for_a_constant_input() {
+        let device = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 6, 6), &device).unwrap();
+        let k =
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 1, 3, 3), &device).unwrap()).unwrap();
+        let conv = Conv2d {
+            pad: [0, 1, 0, 1],
+            strides: [1, 2],
+        };
+        let y = x.apply_op2(k.as_tensor(), conv).unwrap();
+        assert_eq!(y.dims(), &[2, 3, 5, 3]);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_none());
+        assert!(grads.get(k.as_tensor()).is_some());
+    }
+}
