@@ -8,6 +8,7 @@ use convkit::Weights;
 use rand::{Rng, SeedableRng};
 
 /// Tolerances, shared with `compare`.
+#[allow(unused_imports)] // not every test binary checks against them
 pub use convkit::tolerance as tol;
 
 /// Seeded uniform batch `[n, h, w, c]` in [0, 1).
