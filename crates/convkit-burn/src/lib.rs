@@ -221,6 +221,7 @@ impl Backend for BurnBackend {
         let ops = BurnOps {
             device: self.device.clone(),
             engine: self.name,
+            host_memory: matches!(self.name, "burn-flex" | "burn-ndarray"),
         };
         Ok(Box::new(Executor::new(ops, spec, compile, weights)?))
     }
@@ -230,6 +231,9 @@ impl Backend for BurnBackend {
 struct BurnOps {
     device: Device,
     engine: &'static str,
+    /// The backend keeps tensors in host memory (Flex, NdArray), where the optimizer update
+    /// runs in one pass ([`Ops::update_in_place`]).
+    host_memory: bool,
 }
 
 /// A burn tensor as core's executor and optimizer rules see it: always 4-D (see the crate
@@ -311,6 +315,13 @@ fn channels(v: &Value) -> Tensor<4> {
 }
 
 impl BurnOps {
+    /// `t`'s values, moved out of it (no copy when nothing else holds them, as Flex lets the
+    /// buffer go), `t` left empty until they are put back.
+    fn take_out(&self, t: &mut Value) -> TensorData {
+        let placeholder = Tensor::<4>::empty([0, 1, 1, 1], &self.device);
+        std::mem::replace(&mut t.0, placeholder).into_data()
+    }
+
     fn read_back(&self, t: Tensor<4>) -> convkit_core::Result<Vec<f32>> {
         t.into_data().try_into_vec::<f32>().map_err(|e| {
             convkit_core::Error::engine(self.engine, Error::Readback(format!("{e:?}")))
@@ -362,6 +373,45 @@ impl Ops for BurnOps {
 
     fn variable(&self, value: Value) -> convkit_core::Result<Value> {
         Ok(value)
+    }
+
+    /// On Flex and NdArray: the values are moved out of their tensors, updated and moved back,
+    /// without a copy where Flex owns the only reference. GPU backends keep the composite form.
+    fn update_in_place(
+        &self,
+        variable: &mut Value,
+        grad: &Value,
+        slots: &mut [&mut Value],
+        update: &mut dyn FnMut(&mut [f32], &[f32], &mut [&mut [f32]]),
+    ) -> convkit_core::Result<bool> {
+        let dims = variable.0.dims();
+        if !self.host_memory || grad.0.dims() != dims || slots.iter().any(|s| s.0.dims() != dims) {
+            return Ok(false);
+        }
+        let grad = grad.0.clone().into_data();
+        let mut value = self.take_out(variable);
+        let mut kept: Vec<TensorData> = slots.iter_mut().map(|s| self.take_out(s)).collect();
+        let ran = (|| {
+            let mut kept_values = Vec::with_capacity(kept.len());
+            for data in kept.iter_mut() {
+                kept_values.push(data.as_mut_slice::<f32>()?);
+            }
+            update(
+                value.as_mut_slice::<f32>()?,
+                grad.as_slice::<f32>()?,
+                &mut kept_values,
+            );
+            Ok(())
+        })();
+        // Back in place whether or not the update ran.
+        variable.0 = Tensor::from_data(value, &self.device);
+        for (slot, data) in slots.iter_mut().zip(kept) {
+            slot.0 = Tensor::from_data(data, &self.device);
+        }
+        ran.map_err(|e: burn_tensor::DataError| {
+            convkit_core::Error::engine(self.engine, Error::Readback(format!("{e:?}")))
+        })?;
+        Ok(true)
     }
 
     fn read(&self, variable: &Value, grad: bool) -> Value {

@@ -13,6 +13,7 @@
 
 mod conv;
 mod pool;
+mod update;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use convkit_core::backend::{Backend, Network};
@@ -194,6 +195,22 @@ impl Ops for CandleOps {
 
     fn assign(&self, variable: &mut Value, value: Value) -> convkit_core::Result<()> {
         self.lift(Var::from_tensor(&variable.0).and_then(|v| v.set(&value.0)))
+    }
+
+    /// On the CPU, in place through candle's in-place ops (see `update`); the composite
+    /// form on a GPU.
+    fn update_in_place(
+        &self,
+        variable: &mut Value,
+        grad: &Value,
+        slots: &mut [&mut Value],
+        update: &mut dyn FnMut(&mut [f32], &[f32], &mut [&mut [f32]]),
+    ) -> convkit_core::Result<bool> {
+        if !self.device.is_cpu() {
+            return Ok(false);
+        }
+        let slots: Vec<&Tensor> = slots.iter().map(|s| &s.0).collect();
+        self.lift(update::in_place(&variable.0, &grad.0, &slots, update))
     }
 
     fn read(&self, variable: &Value, grad: bool) -> Value {

@@ -67,6 +67,21 @@ pub trait Ops {
         *variable = self.variable(value)?;
         Ok(())
     }
+    /// One optimizer update of `variable` in a single pass over host memory: calls `update`
+    /// once with the variable's values, its gradient's and its optimizer `slots`' (each in
+    /// the same element order, the values and slots to change in place). A CPU engine thus
+    /// visits each parameter once per step instead of once per tensor operation of the rule.
+    /// Returns `false`, having called nothing, where the engine keeps to the composite form
+    /// ([`TensorMath`]): the default, and what GPU engines do.
+    fn update_in_place(
+        &self,
+        _variable: &mut Self::Tensor,
+        _grad: &Self::Tensor,
+        _slots: &mut [&mut Self::Tensor],
+        _update: &mut dyn FnMut(&mut [f32], &[f32], &mut [&mut [f32]]),
+    ) -> Result<bool> {
+        Ok(false)
+    }
     /// What a forward pass reads from `variable`: tracked when `grad` (its gradient is asked
     /// for with [`Ops::gradients`] afterwards), a constant otherwise.
     fn read(&self, variable: &Self::Tensor, grad: bool) -> Self::Tensor;
@@ -438,6 +453,39 @@ impl<O: Ops> Network for Executor<O> {
             } else {
                 None
             };
+            if let Some(grad) = &grad {
+                // A trainable variable (frozen ones have no gradient): one pass where the engine
+                // can. The slots the rule keeps are made first, as the composite form would.
+                let slots = &mut self.slots[i];
+                let used = self.training.optimizer().slots_used();
+                for (slot, used) in [&mut slots.m, &mut slots.v, &mut slots.mg]
+                    .into_iter()
+                    .zip(used)
+                {
+                    if used && slot.is_none() {
+                        *slot = Some(self.values[i].zeros_like()?);
+                    }
+                }
+                let mut slots: Vec<&mut O::Tensor> = [&mut slots.m, &mut slots.v, &mut slots.mg]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let training = &self.training;
+                let kernel = w.role.is_regularised();
+                let mut p = 0.0;
+                let done = self.ops.update_in_place(
+                    &mut self.values[i],
+                    grad,
+                    &mut slots,
+                    &mut |value, grad, slots| {
+                        p = training.step_elements(w.layer, kernel, value, grad, slots);
+                    },
+                )?;
+                if done {
+                    penalty += p;
+                    continue;
+                }
+            }
             let value = self.ops.read(&self.values[i], false);
             let (new, p) = self.training.step(
                 w.layer,

@@ -149,6 +149,117 @@ impl Optimizer {
     }
 }
 
+/// `x·mul + add` as the composite form's [`TensorMath::affine`] on `ndarray` computes it: in
+/// f64, rounded to f32 once.
+#[inline(always)]
+fn affine(x: f32, mul: f64, add: f64) -> f32 {
+    (x as f64 * mul + add) as f32
+}
+
+impl Optimizer {
+    /// Which slots the rule keeps, as `[m, v, mg]` ([`Slots::named`]'s order): exactly those
+    /// [`Optimizer::update`] creates.
+    pub fn slots_used(&self) -> [bool; 3] {
+        match *self {
+            Optimizer::Sgd { momentum, .. } => [momentum != 0.0, false, false],
+            Optimizer::Adam { .. } => [true, true, false],
+            Optimizer::Rmsprop {
+                momentum, centered, ..
+            } => [momentum > 0.0, true, centered],
+        }
+    }
+
+    /// [`Optimizer::update`] in one pass over host memory, for CPU engines
+    /// ([`crate::exec::Ops::update_in_place`]): `w` and the slots change in place. The same
+    /// arithmetic in the same order as the composite form on `ndarray` (each `affine` in f64
+    /// rounded to f32, the rest in f32), element by element. `grad(i, w)` gives element `i`'s
+    /// gradient from the weight's value before the update; `slots` are those
+    /// [`Optimizer::slots_used`] names, in its order, each as long as `w`.
+    pub fn update_elements(
+        &self,
+        lr: f64,
+        step: u64,
+        w: &mut [f32],
+        grad: impl Fn(usize, f32) -> f32,
+        slots: &mut [&mut [f32]],
+    ) {
+        let [uses_m, uses_v, uses_mg] = self.slots_used();
+        let mut slots = slots.iter_mut();
+        let mut take = |used: bool| {
+            if used {
+                slots.next().map(|s| &mut **s)
+            } else {
+                None
+            }
+        };
+        let (m, v, mg) = (take(uses_m), take(uses_v), take(uses_mg));
+        match *self {
+            Optimizer::Sgd {
+                momentum, nesterov, ..
+            } => match m {
+                None => {
+                    for (i, w) in w.iter_mut().enumerate() {
+                        *w -= affine(grad(i, *w), lr, 0.0);
+                    }
+                }
+                Some(m) => {
+                    for (i, (w, m)) in w.iter_mut().zip(m.iter_mut()).enumerate() {
+                        let lr_g = affine(grad(i, *w), lr, 0.0);
+                        *m = affine(*m, momentum, 0.0) - lr_g;
+                        *w = if nesterov {
+                            *w + affine(*m, momentum, 0.0) - lr_g
+                        } else {
+                            *w + *m
+                        };
+                    }
+                }
+            },
+            Optimizer::Adam {
+                beta_1,
+                beta_2,
+                epsilon,
+                ..
+            } => {
+                let t = step as i32;
+                let alpha = lr * (1.0 - beta_2.powi(t)).sqrt() / (1.0 - beta_1.powi(t));
+                let (m, v) = (m.expect("Adam keeps m"), v.expect("Adam keeps v"));
+                for (i, ((w, m), v)) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).enumerate()
+                {
+                    let g = grad(i, *w);
+                    *m += affine(g - *m, 1.0 - beta_1, 0.0);
+                    *v += affine(g * g - *v, 1.0 - beta_2, 0.0);
+                    *w -= affine(*m, alpha, 0.0) / affine(v.sqrt(), 1.0, epsilon);
+                }
+            }
+            Optimizer::Rmsprop {
+                rho,
+                momentum,
+                epsilon,
+                ..
+            } => {
+                let (mut m, v, mut mg) = (m, v.expect("RMSprop keeps v"), mg);
+                for (i, (w, v)) in w.iter_mut().zip(v.iter_mut()).enumerate() {
+                    let g = grad(i, *w);
+                    *v = affine(*v, rho, 0.0) + affine(g * g, 1.0 - rho, 0.0);
+                    let mut denominator = affine(*v, 1.0, epsilon);
+                    if let Some(mg) = mg.as_deref_mut() {
+                        mg[i] = affine(mg[i], rho, 0.0) + affine(g, 1.0 - rho, 0.0);
+                        denominator -= mg[i] * mg[i];
+                    }
+                    let increment = affine(g, lr, 0.0) / denominator.sqrt();
+                    match m.as_deref_mut() {
+                        Some(m) => {
+                            m[i] = affine(m[i], momentum, 0.0) + increment;
+                            *w -= m[i];
+                        }
+                        None => *w -= increment,
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl TensorMath for ndarray::ArrayD<f32> {
     fn zeros_like(&self) -> Result<Self> {
         Ok(Self::zeros(self.raw_dim()))
@@ -179,97 +290,6 @@ impl TensorMath for ndarray::ArrayD<f32> {
     }
     fn sum(&self) -> Result<f64> {
         Ok(self.iter().map(|&x| x as f64).sum())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ndarray::{arr1, ArrayD};
-
-    fn t(v: &[f32]) -> ArrayD<f32> {
-        arr1(v).into_dyn()
-    }
-
-    fn run(opt: &Optimizer, grads: &[f32]) -> Vec<f32> {
-        let mut w = t(&[1.0]);
-        let mut slots = Slots::default();
-        for (i, g) in grads.iter().enumerate() {
-            w = opt
-                .update(opt.learning_rate(), i as u64 + 1, &w, &t(&[*g]), &mut slots)
-                .unwrap();
-        }
-        w.into_raw_vec_and_offset().0
-    }
-
-    fn close(a: f32, b: f64) {
-        assert!((a as f64 - b).abs() < 1e-6, "{a} vs {b}");
-    }
-
-    #[test]
-    fn sgd_plain_momentum_nesterov() {
-        // w = 1 - 0.1*0.5 = 0.95
-        close(
-            run(&Optimizer::sgd().with_learning_rate(0.1), &[0.5])[0],
-            0.95,
-        );
-        // momentum 0.9: v1 = -0.05, w1 = 0.95; v2 = -0.045 - 0.05 = -0.095, w2 = 0.855
-        let m = Optimizer::sgd()
-            .with_learning_rate(0.1)
-            .with_momentum(0.9)
-            .unwrap();
-        close(run(&m, &[0.5, 0.5])[0], 0.855);
-        // nesterov: v1 = -0.05, w1 = 1 + 0.9*(-0.05) - 0.05 = 0.905
-        let n = Optimizer::Sgd {
-            learning_rate: 0.1,
-            momentum: 0.9,
-            nesterov: true,
-        };
-        close(run(&n, &[0.5])[0], 0.905);
-    }
-
-    #[test]
-    fn adam_matches_keras() {
-        // step 1: m = 0.1*g, v = 0.001*g², alpha = lr*sqrt(0.001)/0.1
-        // w = 1 - alpha * m / (sqrt(v) + eps) with g = 0.5:
-        let g = 0.5f64;
-        let (m, v) = (0.1 * g, 0.001 * g * g);
-        let alpha = 1e-3 * (0.001f64).sqrt() / 0.1;
-        let expect1 = 1.0 - alpha * m / (v.sqrt() + 1e-7);
-        close(run(&Optimizer::adam(), &[0.5])[0], expect1);
-        // step 2 with g = -0.2
-        let g2 = -0.2f64;
-        let m2 = m + (g2 - m) * 0.1;
-        let v2 = v + (g2 * g2 - v) * 0.001;
-        let alpha2 = 1e-3 * (1.0 - 0.999f64.powi(2)).sqrt() / (1.0 - 0.9f64.powi(2));
-        let expect2 = expect1 - alpha2 * m2 / (v2.sqrt() + 1e-7);
-        close(run(&Optimizer::adam(), &[0.5, -0.2])[0], expect2);
-    }
-
-    #[test]
-    fn rmsprop_matches_keras() {
-        // s = 0.1*g², w = 1 - lr*g/sqrt(s + eps)
-        let g = 0.5f64;
-        let s = 0.1 * g * g;
-        let expect = 1.0 - 1e-3 * g / (s + 1e-7).sqrt();
-        close(run(&Optimizer::rmsprop(), &[0.5])[0], expect);
-        // with momentum 0.5, two steps of g = 0.5
-        let opt = Optimizer::rmsprop().with_momentum(0.5).unwrap();
-        let s2 = 0.9 * s + 0.1 * g * g;
-        let inc1 = 1e-3 * g / (s + 1e-7).sqrt();
-        let inc2 = 1e-3 * g / (s2 + 1e-7).sqrt();
-        let expect = 1.0 - inc1 - (0.5 * inc1 + inc2);
-        close(run(&opt, &[0.5, 0.5])[0], expect);
-        // centred: denominator s - mg² + eps, mg = 0.1 g
-        let c = Optimizer::Rmsprop {
-            learning_rate: 1e-3,
-            rho: 0.9,
-            momentum: 0.0,
-            epsilon: 1e-7,
-            centered: true,
-        };
-        let expect = 1.0 - 1e-3 * g / (s - (0.1 * g).powi(2) + 1e-7).sqrt();
-        close(run(&c, &[0.5])[0], expect);
     }
 }
 
@@ -417,6 +437,11 @@ impl Training {
         self.step += 1;
     }
 
+    /// The update rule.
+    pub fn optimizer(&self) -> &crate::compile::Optimizer {
+        &self.optimizer
+    }
+
     /// Updates applied so far.
     pub fn step_count(&self) -> u64 {
         self.step
@@ -478,6 +503,58 @@ impl Training {
         Ok((new, penalty))
     }
 
+    /// [`Training::step`] for a trainable `layer` in one pass over host memory, for engines
+    /// that update in place ([`crate::exec::Ops::update_in_place`]): `w` and `slots` (those
+    /// [`Optimizer::slots_used`] names, in its order) change in place; returns the penalty a
+    /// `kernel`'s regulariser adds to the loss, taken before the update. The arithmetic is the
+    /// composite form's, element by element.
+    pub fn step_elements(
+        &self,
+        layer: usize,
+        kernel: bool,
+        w: &mut [f32],
+        g: &[f32],
+        slots: &mut [&mut [f32]],
+    ) -> f64 {
+        let sign = |x: f32| if x == 0.0 { 0.0 } else { x.signum() };
+        let regularizer = match self.regularizers.get(layer).copied().flatten() {
+            Some(r) if kernel => r,
+            _ => {
+                let rule = |i: usize, _: f32| g[i];
+                self.optimizer
+                    .update_elements(self.learning_rate, self.step, w, rule, slots);
+                return 0.0;
+            }
+        };
+        let Regularizer { l1, l2 } = regularizer;
+        // The penalty reads every weight before the update changes it.
+        let (mut l1_sum, mut l2_sum) = (0.0f64, 0.0f64);
+        for &x in w.iter() {
+            l1_sum += (sign(x) * x) as f64;
+            l2_sum += (x * x) as f64;
+        }
+        let rule = |i: usize, x: f32| {
+            let mut g = g[i];
+            if l1 > 0.0 {
+                g += affine(sign(x), l1 as f64, 0.0);
+            }
+            if l2 > 0.0 {
+                g += affine(x, 2.0 * l2 as f64, 0.0);
+            }
+            g
+        };
+        self.optimizer
+            .update_elements(self.learning_rate, self.step, w, rule, slots);
+        let mut penalty = 0.0;
+        if l1 > 0.0 {
+            penalty += l1 as f64 * l1_sum;
+        }
+        if l2 > 0.0 {
+            penalty += l2 as f64 * l2_sum;
+        }
+        penalty
+    }
+
     /// The new value of weight `w` of `layer` given the data gradient `g`, or `None` if the
     /// layer is frozen. A `kernel` (not a bias) has its regulariser's gradient added first.
     pub fn apply<T: TensorMath>(
@@ -505,5 +582,178 @@ impl Training {
                 slots,
             )
             .map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{arr1, ArrayD};
+
+    fn t(v: &[f32]) -> ArrayD<f32> {
+        arr1(v).into_dyn()
+    }
+
+    fn run(opt: &Optimizer, grads: &[f32]) -> Vec<f32> {
+        let mut w = t(&[1.0]);
+        let mut slots = Slots::default();
+        for (i, g) in grads.iter().enumerate() {
+            w = opt
+                .update(opt.learning_rate(), i as u64 + 1, &w, &t(&[*g]), &mut slots)
+                .unwrap();
+        }
+        w.into_raw_vec_and_offset().0
+    }
+
+    fn close(a: f32, b: f64) {
+        assert!((a as f64 - b).abs() < 1e-6, "{a} vs {b}");
+    }
+
+    #[test]
+    fn sgd_plain_momentum_nesterov() {
+        // w = 1 - 0.1*0.5 = 0.95
+        close(
+            run(&Optimizer::sgd().with_learning_rate(0.1), &[0.5])[0],
+            0.95,
+        );
+        // momentum 0.9: v1 = -0.05, w1 = 0.95; v2 = -0.045 - 0.05 = -0.095, w2 = 0.855
+        let m = Optimizer::sgd()
+            .with_learning_rate(0.1)
+            .with_momentum(0.9)
+            .unwrap();
+        close(run(&m, &[0.5, 0.5])[0], 0.855);
+        // nesterov: v1 = -0.05, w1 = 1 + 0.9*(-0.05) - 0.05 = 0.905
+        let n = Optimizer::Sgd {
+            learning_rate: 0.1,
+            momentum: 0.9,
+            nesterov: true,
+        };
+        close(run(&n, &[0.5])[0], 0.905);
+    }
+
+    #[test]
+    fn adam_matches_keras() {
+        // step 1: m = 0.1*g, v = 0.001*g², alpha = lr*sqrt(0.001)/0.1
+        // w = 1 - alpha * m / (sqrt(v) + eps) with g = 0.5:
+        let g = 0.5f64;
+        let (m, v) = (0.1 * g, 0.001 * g * g);
+        let alpha = 1e-3 * (0.001f64).sqrt() / 0.1;
+        let expect1 = 1.0 - alpha * m / (v.sqrt() + 1e-7);
+        close(run(&Optimizer::adam(), &[0.5])[0], expect1);
+        // step 2 with g = -0.2
+        let g2 = -0.2f64;
+        let m2 = m + (g2 - m) * 0.1;
+        let v2 = v + (g2 * g2 - v) * 0.001;
+        let alpha2 = 1e-3 * (1.0 - 0.999f64.powi(2)).sqrt() / (1.0 - 0.9f64.powi(2));
+        let expect2 = expect1 - alpha2 * m2 / (v2.sqrt() + 1e-7);
+        close(run(&Optimizer::adam(), &[0.5, -0.2])[0], expect2);
+    }
+
+    #[test]
+    fn rmsprop_matches_keras() {
+        // s = 0.1*g², w = 1 - lr*g/sqrt(s + eps)
+        let g = 0.5f64;
+        let s = 0.1 * g * g;
+        let expect = 1.0 - 1e-3 * g / (s + 1e-7).sqrt();
+        close(run(&Optimizer::rmsprop(), &[0.5])[0], expect);
+        // with momentum 0.5, two steps of g = 0.5
+        let opt = Optimizer::rmsprop().with_momentum(0.5).unwrap();
+        let s2 = 0.9 * s + 0.1 * g * g;
+        let inc1 = 1e-3 * g / (s + 1e-7).sqrt();
+        let inc2 = 1e-3 * g / (s2 + 1e-7).sqrt();
+        let expect = 1.0 - inc1 - (0.5 * inc1 + inc2);
+        close(run(&opt, &[0.5, 0.5])[0], expect);
+        // centred: denominator s - mg² + eps, mg = 0.1 g
+        let c = Optimizer::Rmsprop {
+            learning_rate: 1e-3,
+            rho: 0.9,
+            momentum: 0.0,
+            epsilon: 1e-7,
+            centered: true,
+        };
+        let expect = 1.0 - 1e-3 * g / (s - (0.1 * g).powi(2) + 1e-7).sqrt();
+        close(run(&c, &[0.5])[0], expect);
+    }
+
+    /// The one-pass form ([`Training::step_elements`]) against the composite form
+    /// ([`Training::step`] on `ndarray`), several steps of every rule, with and without a
+    /// regulariser: weights, slots and penalties agree to 1e-7.
+    #[test]
+    fn one_pass_update_matches_the_composite_form() {
+        use crate::spec::{Dense, Sequential};
+        use rand::{Rng, SeedableRng};
+        let sgd = Optimizer::sgd().with_learning_rate(0.1);
+        let rules = [
+            sgd.clone(),
+            sgd.clone().with_momentum(0.9).unwrap(),
+            Optimizer::Sgd {
+                learning_rate: 0.1,
+                momentum: 0.9,
+                nesterov: true,
+            },
+            Optimizer::adam(),
+            Optimizer::rmsprop(),
+            Optimizer::rmsprop().with_momentum(0.5).unwrap(),
+            Optimizer::Rmsprop {
+                learning_rate: 1e-3,
+                rho: 0.9,
+                momentum: 0.5,
+                epsilon: 1e-7,
+                centered: true,
+            },
+        ];
+        let n = 37;
+        let regularizers = [None, Some(Regularizer { l1: 0.01, l2: 0.02 })];
+        for rule in &rules {
+            for regularizer in regularizers {
+                let mut dense = Dense::new(n);
+                if let Some(r) = regularizer {
+                    dense = dense.kernel_regularizer(r);
+                }
+                let spec = Sequential::new(1, 1, 1).flatten().add(dense);
+                let mut training = Training::new(rule, &spec).unwrap();
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+                let start: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let mut composite = ArrayD::from_shape_vec(vec![n], start.clone()).unwrap();
+                let mut composite_slots = Slots::default();
+                let mut one_pass = start;
+                let used = rule.slots_used();
+                let mut one_pass_slots: Vec<Vec<f32>> =
+                    used.iter().filter(|&&u| u).map(|_| vec![0.0; n]).collect();
+                for _ in 0..5 {
+                    let g: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    training.begin_step();
+                    let (new, penalty) = training
+                        .step(1, true, &composite, Some(&t(&g)), &mut composite_slots)
+                        .unwrap();
+                    composite = new.unwrap();
+                    let mut slots: Vec<&mut [f32]> =
+                        one_pass_slots.iter_mut().map(Vec::as_mut_slice).collect();
+                    let one_pass_penalty =
+                        training.step_elements(1, true, &mut one_pass, &g, &mut slots);
+                    let label = format!("{rule:?} with {regularizer:?}");
+                    assert!(
+                        (penalty - one_pass_penalty).abs() <= 1e-7,
+                        "{label}: penalty"
+                    );
+                    assert_close(composite.as_slice().unwrap(), &one_pass, &label);
+                    let kept = composite_slots.named();
+                    let kept: Vec<&ArrayD<f32>> = kept.iter().filter_map(|(_, s)| *s).collect();
+                    assert_eq!(kept.len(), one_pass_slots.len(), "{label}: slots kept");
+                    for (a, b) in kept.iter().zip(&one_pass_slots) {
+                        assert_close(a.as_slice().unwrap(), b, &label);
+                    }
+                }
+            }
+        }
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], label: &str) {
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(worst <= 1e-7, "{label}: differs by {worst}");
     }
 }
