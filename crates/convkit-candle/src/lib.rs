@@ -13,6 +13,7 @@
 
 mod conv;
 mod pool;
+mod relu;
 mod update;
 
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -244,13 +245,15 @@ impl Ops for CandleOps {
         strides: [usize; 2],
     ) -> convkit_core::Result<Value> {
         self.lift((|| {
-            let y = if self.device.is_cpu() {
+            if self.device.is_cpu() {
                 let conv = conv::Conv2d {
                     pad: [top, bottom, left, right],
                     strides,
                 };
-                x.0.contiguous()?.apply_op2(&kernel.0.contiguous()?, conv)?
-            } else if top == bottom && left == right && top == left {
+                let (kernel, bias) = (kernel.0.contiguous()?, bias.0.contiguous()?);
+                return x.0.contiguous()?.apply_op3(&kernel, &bias, conv);
+            }
+            let y = if top == bottom && left == right && top == left {
                 x.0.conv2d(&kernel.0, top, strides[0], 1, 1)?
             } else {
                 x.0.pad_with_zeros(2, top, bottom)?
@@ -308,6 +311,9 @@ impl Ops for CandleOps {
     fn activation(&self, x: &Value, activation: Activation) -> convkit_core::Result<Value> {
         self.lift(match activation {
             Activation::Linear => Ok(x.0.clone()),
+            Activation::Relu if self.device.is_cpu() => {
+                x.0.contiguous().and_then(|x| x.apply_op1(relu::Relu))
+            }
             Activation::Relu => relu(&x.0),
             Activation::Sigmoid => candle_nn::ops::sigmoid(&x.0),
             Activation::Tanh => x.0.tanh(),
