@@ -14,9 +14,13 @@
 //! one pass over the output gradient (candle's broadcast-add backward would reduce over three
 //! strided axes, which took a sixth of a training step).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::host::values;
+
+/// The name errors give the op.
+const OP: &str = "convkit conv2d";
 
 /// The sizes of one convolution: input `[n, c, h, w]`, kernel `[o, c, kh, kw]`, bias `[o]`,
 /// zero padding `[top, bottom, left, right]`, `strides` `[sh, sw]`, output `[n, o, oh, ow]`.
@@ -165,19 +169,6 @@ impl Geometry {
 }
 
 /// A contiguous f32 slice of a custom op's input.
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!(
-            "convkit conv2d: the {what} must be f32, found {:?}",
-            storage.dtype()
-        )
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("convkit conv2d: the {what} must be contiguous")
-    };
-    Ok(&data[start..end])
-}
-
 /// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, every matrix given by its row and column strides.
 #[allow(clippy::too_many_arguments)]
 fn matmul(
@@ -238,8 +229,8 @@ impl CustomOp3 for Conv2d {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(self, xl.dims(), kl.dims())?;
-        let (x, kernel) = (slice(xs, xl, "input")?, slice(ks, kl, "kernel")?);
-        let bias = slice(bs, bl, "bias")?;
+        let (x, kernel) = (values(xs, xl, OP, "input")?, values(ks, kl, OP, "kernel")?);
+        let bias = values(bs, bl, OP, "bias")?;
         if bias.len() != g.o {
             candle_core::bail!(
                 "convkit conv2d: expected a bias of {} values, found {:?}",
@@ -324,7 +315,7 @@ impl CustomOp1 for BiasGrad {
     }
 
     fn cpu_fwd(&self, dys: &CpuStorage, dyl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dy = slice(dys, dyl, "output gradient")?;
+        let dy = values(dys, dyl, OP, "output gradient")?;
         let (&[_, o, oh, ow], &[bias]) = (dyl.dims(), self.bias.as_slice()) else {
             candle_core::bail!(
                 "convkit conv2d bias gradient: expected dy [n, o, oh, ow] and a bias [o], found {:?} and {:?}",
@@ -363,7 +354,10 @@ impl CustomOp2 for KernelGrad {
         dyl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(&self.conv, xl.dims(), &self.kernel)?;
-        let (x, dy) = (slice(xs, xl, "input")?, slice(dys, dyl, "output gradient")?);
+        let (x, dy) = (
+            values(xs, xl, OP, "input")?,
+            values(dys, dyl, OP, "output gradient")?,
+        );
         let (positions, patch) = (g.positions(), g.patch());
         // One GEMM over the whole batch, `dy [o, n·positions] · colsᵀ [n·positions, patch]`:
         // gemm splits the output, never the sum, so the result does not depend on the
@@ -416,8 +410,8 @@ impl CustomOp2 for InputGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(&self.conv, &self.image, kl.dims())?;
         let (dy, kernel) = (
-            slice(dys, dyl, "output gradient")?,
-            slice(ks, kl, "kernel")?,
+            values(dys, dyl, OP, "output gradient")?,
+            values(ks, kl, OP, "kernel")?,
         );
         let (positions, patch) = (g.positions(), g.patch());
         let mut dx = vec![0f32; g.n * g.image()];

@@ -12,6 +12,7 @@
 //! ```
 
 mod conv;
+mod host;
 mod pool;
 mod relu;
 mod update;

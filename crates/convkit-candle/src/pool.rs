@@ -6,9 +6,13 @@
 //! window; so does this, for any window and stride, without the seven tensor passes the
 //! workaround built from candle's own ops took.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::host::values;
+
+/// The name errors give the op.
+const OP: &str = "convkit max_pool2d";
 
 /// Max pooling of NCHW input over `size` `[kh, kw]` windows at `strides` `[sh, sw]`, no
 /// padding; rows and columns that do not fill a window are dropped.
@@ -50,19 +54,6 @@ impl MaxPool2d {
     }
 }
 
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!(
-            "convkit max_pool2d: the {what} must be f32, found {:?}",
-            storage.dtype()
-        )
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("convkit max_pool2d: the {what} must be contiguous")
-    };
-    Ok(&data[start..end])
-}
-
 impl CustomOp1 for MaxPool2d {
     fn name(&self) -> &'static str {
         "convkit-max-pool2d"
@@ -70,7 +61,7 @@ impl CustomOp1 for MaxPool2d {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, h, w, oh, ow) = self.geometry(layout.dims())?;
-        let x = slice(storage, layout, "input")?;
+        let x = values(storage, layout, OP, "input")?;
         let mut y = vec![0f32; x.len() / (h * w) * oh * ow];
         y.par_chunks_mut(oh * ow)
             .zip(x.par_chunks(h * w))
@@ -110,7 +101,10 @@ impl CustomOp2 for MaxPool2dGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let pool = &self.0;
         let (_, h, w, oh, ow) = pool.geometry(xl.dims())?;
-        let (x, dy) = (slice(xs, xl, "input")?, slice(dys, dyl, "output gradient")?);
+        let (x, dy) = (
+            values(xs, xl, OP, "input")?,
+            values(dys, dyl, OP, "output gradient")?,
+        );
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(h * w)
             .zip(x.par_chunks(h * w).zip(dy.par_chunks(oh * ow)))

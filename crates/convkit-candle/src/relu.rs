@@ -5,22 +5,16 @@
 //! initialisation, with zero biases). The engine's device-neutral workaround, `x · (x > 0)`,
 //! takes three passes forward and two back; this takes one each. NaN stays NaN.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::host::values;
+
+/// The name errors give the op.
+const OP: &str = "convkit relu";
+
 /// Elements per parallel task: large enough to amortise the hand-off.
 const CHUNK: usize = 16 * 1024;
-
-fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        (storage, _) => candle_core::bail!(
-            "convkit relu: expected a contiguous f32 tensor, found {:?}",
-            storage.dtype()
-        ),
-    }
-}
 
 /// `max(x, 0)`, with a gradient of 0 wherever the output is not positive.
 #[derive(Debug, Clone, Copy)]
@@ -32,7 +26,7 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = values(storage, layout)?;
+        let x = values(storage, layout, OP, "input")?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
@@ -64,7 +58,10 @@ impl CustomOp2 for ReluGrad {
         ys: &CpuStorage,
         yl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (dy, y) = (values(dys, dyl)?, values(ys, yl)?);
+        let (dy, y) = (
+            values(dys, dyl, OP, "output gradient")?,
+            values(ys, yl, OP, "output")?,
+        );
         let mut dx = vec![0f32; dy.len()];
         dx.par_chunks_mut(CHUNK)
             .zip(dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))

@@ -6,8 +6,12 @@
 
 use std::cell::RefCell;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
+
+use crate::host::{values, values_mut};
+
+/// The name errors give the op.
+const OP: &str = "convkit update";
 
 /// What core's executor runs over the values: the variable's, the gradient's, the slots'.
 pub(crate) type Update<'f> = dyn FnMut(&mut [f32], &[f32], &mut [&mut [f32]]) + 'f;
@@ -34,16 +38,6 @@ pub(crate) fn in_place(
     Ok(true)
 }
 
-fn values<'s>(storage: &'s mut CpuStorage, layout: &Layout) -> Result<&'s mut [f32]> {
-    let dtype = storage.dtype();
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
-        _ => {
-            candle_core::bail!("convkit update: expected a contiguous f32 tensor, found {dtype:?}")
-        }
-    }
-}
-
 /// The variable's level: holds it mutably and the gradient for reading, then the slots'.
 struct Outer<'a, 'f> {
     slots: &'a [&'a Tensor],
@@ -56,11 +50,8 @@ impl InplaceOp2 for Outer<'_, '_> {
     }
 
     fn cpu_fwd(&self, w: &mut CpuStorage, wl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
-        let w = values(w, wl)?;
-        let g = match (g, gl.contiguous_offsets()) {
-            (CpuStorage::F32(data), Some((start, end))) => &data[start..end],
-            _ => candle_core::bail!("convkit update: the gradient is not contiguous f32"),
-        };
+        let w = values_mut(w, wl, OP, "variable")?;
+        let g = values(g, gl, OP, "gradient")?;
         let update = self.update.borrow_mut().take().expect("an op runs once");
         nest(self.slots, Vec::new(), w, g, update)
     }
@@ -104,7 +95,7 @@ impl InplaceOp1 for Level<'_, '_> {
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
         let (held, w, update) = self.state.borrow_mut().take().expect("an op runs once");
         let mut held: Vec<&mut [f32]> = held;
-        held.push(values(storage, layout)?);
+        held.push(values_mut(storage, layout, OP, "optimizer slot")?);
         nest(self.rest, held, w, self.g, update)
     }
 }
