@@ -155,6 +155,14 @@ impl Watch {
         serde_json::json!({ "best": self.best.map(ExactF64), "wait": self.wait })
     }
 
+    /// The backup of a callback whose only state is this monitor.
+    fn state(&self) -> CallbackState {
+        CallbackState {
+            json: self.backup(),
+            tensors: Weights::default(),
+        }
+    }
+
     fn restore(&mut self, state: &CallbackState, callback: &str) -> Result<()> {
         self.best = backup_field::<Option<ExactF64>>(state, callback, "best")?.map(|b| b.0);
         self.wait = backup_field::<Option<usize>>(state, callback, "wait")?.unwrap_or(0);
@@ -294,10 +302,7 @@ impl Callback for ModelCheckpoint {
     }
 
     fn backup(&self) -> Result<CallbackState> {
-        Ok(CallbackState {
-            json: self.watch.backup(),
-            tensors: Weights::default(),
-        })
+        Ok(self.watch.state())
     }
 
     fn restore(&mut self, state: CallbackState) -> Result<()> {
@@ -441,10 +446,7 @@ impl Callback for ReduceLrOnPlateau {
     }
 
     fn backup(&self) -> Result<CallbackState> {
-        Ok(CallbackState {
-            json: self.watch.backup(),
-            tensors: Weights::default(),
-        })
+        Ok(self.watch.state())
     }
 
     fn restore(&mut self, state: CallbackState) -> Result<()> {
