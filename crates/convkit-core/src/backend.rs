@@ -76,6 +76,11 @@ pub trait Network {
     fn weights(&self) -> Result<Weights>;
     /// Replace the weights (canonical layout); optimizer state is kept.
     fn set_weights(&mut self, weights: &Weights) -> Result<()>;
+    /// Train data-parallel with the other ranks of `group` from the next step on: each step's
+    /// gradients, batch-normalisation moving statistics, loss and accuracy are summed over the
+    /// ranks, weighted by each rank's batch, before the update (see
+    /// [`crate::Model::distribute`]). A rank's batch may then be empty.
+    fn set_collective(&mut self, group: std::rc::Rc<dyn crate::collective::Collective>);
     /// Freeze (`false`) or unfreeze a layer by index; frozen weights are not updated.
     fn set_trainable(&mut self, layer: usize, trainable: bool) -> Result<()>;
     /// Change the learning rate used from the next step on (schedules, ReduceLROnPlateau).

@@ -12,7 +12,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ndarray::{Array2, ArrayView4};
 
+use std::rc::Rc;
+
 use crate::backend::{Network, StepStats, Targets};
+use crate::collective::{Collective, Solo};
 use crate::compile::{Compile, Head, Loss};
 use crate::optim::{DropoutMask, OptimizerState, Slots, TensorMath, Training};
 use crate::plan::{Plan, PlannedOp, PoolKind, WeightSpec};
@@ -156,6 +159,19 @@ pub trait Ops {
     ) -> Result<Self::Tensor>;
 }
 
+/// What a training step's forward and backward passes give, before the update.
+struct StepParts<T> {
+    /// Mean loss over the batch (without the regularisation penalty).
+    loss: f32,
+    /// Images classified right.
+    correct: usize,
+    /// One per weight: its gradient; `None` for a frozen one or a moving statistic.
+    grads: Vec<Option<T>>,
+    /// Each moving statistic the step updates (weight index, new value; `None` on a rank
+    /// with no images until the sum over the ranks fills it in).
+    moving: Vec<(usize, Option<T>)>,
+}
+
 /// A network on an engine: the plan, the variables on the device, their optimizer slots and
 /// the training bookkeeping. Built by an engine's [`crate::Backend::build`] with
 /// [`Executor::new`].
@@ -172,6 +188,8 @@ pub struct Executor<O: Ops> {
     training: Training,
     loss: Loss,
     head: Head,
+    /// The ranks this network trains with ([`Network::set_collective`]); [`Solo`] at first.
+    group: Rc<dyn Collective>,
 }
 
 impl<O: Ops> Executor<O> {
@@ -210,6 +228,7 @@ impl<O: Ops> Executor<O> {
             values,
             plan,
             ops,
+            group: Rc::new(Solo),
         })
     }
 
@@ -344,6 +363,144 @@ impl<O: Ops> Executor<O> {
         Ok((x, moving))
     }
 
+    /// The forward and backward pass of one training step on this process's batch.
+    fn local_step(
+        &mut self,
+        x: ArrayView4<'_, f32>,
+        y: &Targets,
+        tracked: &[bool],
+    ) -> Result<StepParts<O::Tensor>> {
+        let targets = self.target_rows(y)?;
+        let masks = self.training.dropout_masks(x.dim().0);
+        let x = self.images(x)?;
+        let ops = &self.ops;
+        let params: Vec<O::Tensor> = (self.values.iter().zip(tracked))
+            .map(|(v, &grad)| ops.read(v, grad))
+            .collect();
+        let (logits, moving) = self.forward(&params, x, true, &masks)?;
+        let loss = match self.loss {
+            Loss::BinaryCrossentropy => ops.sigmoid_cross_entropy(&logits, &targets)?,
+            Loss::SparseCategoricalCrossentropy | Loss::CategoricalCrossentropy => {
+                ops.softmax_cross_entropy(&logits, &targets)?
+            }
+        };
+        let correct = self.correct(&ops.download(&ops.detach(&logits))?, y);
+        let wrt: Vec<&O::Tensor> = (params.iter().zip(tracked))
+            .filter(|(_, &grad)| grad)
+            .map(|(p, _)| p)
+            .collect();
+        // Everything frozen: nothing to differentiate (and nothing tracked to start from).
+        let mut found = if wrt.is_empty() {
+            Vec::new()
+        } else {
+            ops.gradients(&loss, &wrt)?
+        }
+        .into_iter();
+        let grads = (tracked.iter())
+            .map(|&t| if t { found.next().flatten() } else { None })
+            .collect();
+        let loss = ops.download(&ops.detach(&loss))?[0];
+        let moving = moving.into_iter().map(|(i, t)| (i, Some(t))).collect();
+        Ok(StepParts {
+            loss,
+            correct,
+            grads,
+            moving,
+        })
+    }
+
+    /// Weight indices of the moving statistics a training step updates, in the order
+    /// [`Executor::forward`] gives them.
+    fn moving_statistics(&self) -> impl Iterator<Item = usize> + '_ {
+        (self.plan.ops.iter().enumerate()).flat_map(|(layer, op)| match *op {
+            PlannedOp::BatchNorm {
+                moving_mean,
+                moving_variance,
+                ..
+            } if self.training.uses_batch_statistics(layer, true) => {
+                vec![moving_mean, moving_variance]
+            }
+            _ => Vec::new(),
+        })
+    }
+
+    /// Data-parallel training: sums this rank's step (`n` images) with every other rank's in
+    /// one all-reduce, so that every rank continues with the same values. Gradients and moving
+    /// statistics are weighted by each rank's batch size, so they become the means over the
+    /// global batch, as one process would compute them from it (batch normalisation still
+    /// normalises with each rank's own batch statistics); the loss becomes the global batch's
+    /// mean and `correct` its count.
+    fn sum_over_group(
+        &self,
+        n: usize,
+        tracked: &[bool],
+        step: &mut StepParts<O::Tensor>,
+    ) -> Result<()> {
+        let StepParts {
+            loss,
+            correct,
+            grads,
+            moving,
+        } = step;
+        let expected: Vec<usize> = self.moving_statistics().collect();
+        if moving.iter().map(|m| m.0).ne(expected.iter().copied()) {
+            return Err(Error::engine(
+                self.ops.engine(),
+                "the forward pass updated other moving statistics than the plan names",
+            ));
+        }
+        let weight = n as f32;
+        let mut buffer = Vec::new();
+        let mut add = |i: usize, t: &Option<O::Tensor>| -> Result<f32> {
+            let w = &self.plan.weights[i];
+            match t {
+                Some(t) => {
+                    let values = self.ops.download_weight(w, t)?;
+                    buffer.extend(values.iter().map(|v| v * weight));
+                    Ok(1.0)
+                }
+                None => {
+                    buffer.resize(buffer.len() + w.shape.iter().product::<usize>(), 0.0);
+                    Ok(0.0)
+                }
+            }
+        };
+        let mut present = Vec::new();
+        for (i, grad) in grads.iter().enumerate().filter(|(i, _)| tracked[*i]) {
+            present.push(add(i, grad)?);
+        }
+        for (i, value) in moving.iter() {
+            add(*i, value)?;
+        }
+        buffer.extend(present);
+        buffer.extend([*loss * weight, *correct as f32, weight]);
+        self.group.all_reduce_f32(&mut buffer)?;
+        let total = buffer[buffer.len() - 1];
+        let present_at = buffer.len() - 3 - tracked.iter().filter(|&&t| t).count();
+        let (sums, tail) = buffer.split_at(present_at);
+        let mut sums = sums.iter().map(|v| v / total);
+        let mut take = |i: usize| -> Result<O::Tensor> {
+            let w = &self.plan.weights[i];
+            let values: Vec<f32> = sums.by_ref().take(w.shape.iter().product()).collect();
+            self.ops.upload_weight(w, &values)
+        };
+        let mut present = tail.iter();
+        for (i, grad) in grads.iter_mut().enumerate() {
+            if tracked[i] {
+                let sum = take(i)?;
+                // A gradient that no rank has stays absent (the loss does not depend on it).
+                *grad =
+                    (*present.next().expect("one flag per tracked weight") > 0.0).then_some(sum);
+            }
+        }
+        for (i, value) in moving.iter_mut() {
+            *value = Some(take(*i)?);
+        }
+        *loss = tail[tail.len() - 3] / total;
+        *correct = tail[tail.len() - 2] as usize;
+        Ok(())
+    }
+
     /// A dropout mask on the device, NCHW for an image.
     fn mask(&self, mask: &DropoutMask) -> Result<O::Tensor> {
         match mask.shape[..] {
@@ -411,48 +568,37 @@ impl<O: Ops> Network for Executor<O> {
                 found: format!("{} targets", y.len()),
             });
         }
-        let targets = self.target_rows(y)?;
-        let masks = self.training.dropout_masks(n);
-        let x = self.images(x)?;
-        let ops = &self.ops;
         // Frozen layers' weights and the moving statistics enter as constants.
         let tracked: Vec<bool> = (self.plan.weights.iter())
             .map(|w| w.role.is_optimized() && self.training.is_trainable(w.layer))
             .collect();
-        let params: Vec<O::Tensor> = (self.values.iter().zip(&tracked))
-            .map(|(v, &grad)| ops.read(v, grad))
-            .collect();
-        let (logits, moving) = self.forward(&params, x, true, &masks)?;
-        let loss = match self.loss {
-            Loss::BinaryCrossentropy => ops.sigmoid_cross_entropy(&logits, &targets)?,
-            Loss::SparseCategoricalCrossentropy | Loss::CategoricalCrossentropy => {
-                ops.softmax_cross_entropy(&logits, &targets)?
+        let distributed = self.group.size() > 1;
+        // A rank whose slice of a small last batch is empty still takes part in the sum.
+        let mut step = if n == 0 && distributed {
+            StepParts {
+                loss: 0.0,
+                correct: 0,
+                grads: vec![None; self.values.len()],
+                moving: self.moving_statistics().map(|i| (i, None)).collect(),
             }
-        };
-        let correct = self.correct(&ops.download(&ops.detach(&logits))?, y);
-        let wrt: Vec<&O::Tensor> = (params.iter().zip(&tracked))
-            .filter(|(_, &grad)| grad)
-            .map(|(p, _)| p)
-            .collect();
-        // Everything frozen: nothing to differentiate (and nothing tracked to start from).
-        let grads = if wrt.is_empty() {
-            Vec::new()
         } else {
-            ops.gradients(&loss, &wrt)?
+            self.local_step(x, y, &tracked)?
         };
-        let mut grads = grads.into_iter();
-        let loss = ops.download(&ops.detach(&loss))?[0];
+        if distributed {
+            self.sum_over_group(n, &tracked, &mut step)?;
+        }
+        let StepParts {
+            loss,
+            correct,
+            grads,
+            moving,
+        } = step;
         self.training.begin_step();
         let mut penalty = 0.0;
-        for (i, w) in self.plan.weights.iter().enumerate() {
+        for ((i, w), grad) in self.plan.weights.iter().enumerate().zip(grads) {
             if !w.role.is_optimized() {
                 continue;
             }
-            let grad = if tracked[i] {
-                grads.next().flatten()
-            } else {
-                None
-            };
             if let Some(grad) = &grad {
                 // A trainable variable (frozen ones have no gradient): one pass where the engine
                 // can. The slots the rule keeps are made first, as the composite form would.
@@ -500,7 +646,9 @@ impl<O: Ops> Network for Executor<O> {
             }
         }
         for (i, value) in moving {
-            self.values[i] = value;
+            if let Some(value) = value {
+                self.values[i] = value;
+            }
         }
         Ok(StepStats {
             loss: (loss as f64 + penalty) as f32,
@@ -547,6 +695,10 @@ impl<O: Ops> Network for Executor<O> {
 
     fn set_trainable(&mut self, layer: usize, trainable: bool) -> Result<()> {
         self.training.set_trainable(layer, trainable)
+    }
+
+    fn set_collective(&mut self, group: Rc<dyn Collective>) {
+        self.group = group;
     }
 
     fn set_learning_rate(&mut self, learning_rate: f64) {

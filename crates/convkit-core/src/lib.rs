@@ -8,6 +8,7 @@ pub mod augment;
 pub mod backend;
 pub mod backup;
 pub mod checkpoint;
+pub mod collective;
 pub mod compare;
 pub mod compile;
 pub mod data;

@@ -275,10 +275,11 @@ impl TrialResult {
             .map_err(|e| Error::io(path, e))
     }
 
-    /// The results logged at `path`, in order (none when there is no log), to resume a
-    /// search. A last line cut short by an interruption is cut off the file, so new results
-    /// append cleanly; any other line that does not parse is an error.
-    pub fn resume_log(path: &std::path::Path) -> Result<Vec<TrialResult>> {
+    /// The results logged at `path` by `shard` of a search, in order (none when there is no
+    /// log), to resume it. A last line cut short by an interruption is cut off the file, so
+    /// new results append cleanly; any other line that does not parse, or that records a
+    /// trial out of the shard's order, is an error.
+    pub fn resume_log(path: &std::path::Path, shard: Shard) -> Result<Vec<TrialResult>> {
         if !path.exists() {
             return Ok(Vec::new());
         }
@@ -298,14 +299,19 @@ impl TrialResult {
                 path: path.into(),
                 message: format!("line {}: {e}", n + 1),
             })?;
-            if result.index != n + 1 {
+            let expected = shard.part + n * shard.parts;
+            if result.index != expected {
                 return Err(Error::data(
                     path,
                     format!(
-                        "line {} records trial {}, expected trial {}",
+                        "line {} records trial {}, expected trial {expected}{}",
                         n + 1,
                         result.index,
-                        n + 1
+                        if shard == Shard::WHOLE {
+                            String::new()
+                        } else {
+                            format!(" (shard {shard})")
+                        }
                     ),
                 ));
             }
@@ -313,6 +319,138 @@ impl TrialResult {
         }
         Ok(results)
     }
+}
+
+/// One part of a search: trials `part`, `part + parts`, `part + 2·parts`, … (counted from 1),
+/// for a Slurm job array (`--shard K/N`) or one MPI rank. Each part logs to a file of its own
+/// ([`Shard::log_name`]); [`merge_logs`] joins the parts' logs into the whole search's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// `1..=parts`.
+    pub part: usize,
+    pub parts: usize,
+}
+
+impl Shard {
+    /// The whole search, in one part.
+    pub const WHOLE: Shard = Shard { part: 1, parts: 1 };
+
+    /// Part `part` (from 1) of `parts`, checked.
+    pub fn new(part: usize, parts: usize) -> Result<Self> {
+        if parts == 0 || part == 0 || part > parts {
+            return Err(Error::config(
+                "shard",
+                format!("expected K/N with 1 ≤ K ≤ N, found {part}/{parts}"),
+            ));
+        }
+        Ok(Shard { part, parts })
+    }
+
+    /// Whether trial `index` (from 1) is this part's.
+    pub fn owns(&self, index: usize) -> bool {
+        index >= 1 && (index - 1) % self.parts == self.part - 1
+    }
+
+    /// How many of `total` trials are this part's.
+    pub fn len_of(&self, total: usize) -> usize {
+        (total + self.parts - self.part) / self.parts
+    }
+
+    /// The log's file name: `trials.jsonl` for the whole search, `trials-shard-K-of-N.jsonl`
+    /// for a part.
+    pub fn log_name(&self) -> String {
+        if *self == Shard::WHOLE {
+            "trials.jsonl".into()
+        } else {
+            format!("trials-shard-{}-of-{}.jsonl", self.part, self.parts)
+        }
+    }
+
+    /// The part whose log is named `name`, if it is a part's log.
+    pub fn from_log_name(name: &str) -> Option<Shard> {
+        let (part, parts) = name
+            .strip_prefix("trials-shard-")?
+            .strip_suffix(".jsonl")?
+            .split_once("-of-")?;
+        Shard::new(part.parse().ok()?, parts.parse().ok()?).ok()
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.part, self.parts)
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = Error;
+
+    /// `K/N`, as `--shard` takes it.
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = || {
+            Error::config(
+                "shard",
+                format!("expected K/N (such as 2/8), found `{text}`"),
+            )
+        };
+        let (part, parts) = text.split_once('/').ok_or_else(bad)?;
+        Shard::new(
+            part.trim().parse().map_err(|_| bad())?,
+            parts.trim().parse().map_err(|_| bad())?,
+        )
+    }
+}
+
+/// The whole search's results, in trial order, from every part's results (`parts[k]` is
+/// part `k + 1`'s, as its log or an MPI rank gives them) of a search of `total` trials. A
+/// part missing, unfinished, or given twice is an error naming it; `source` names where the
+/// parts came from.
+pub fn merge_parts(
+    parts: Vec<(Shard, Vec<TrialResult>)>,
+    total: usize,
+    source: &std::path::Path,
+) -> Result<Vec<TrialResult>> {
+    let count = parts.first().map_or(1, |(s, _)| s.parts);
+    let mut seen: Vec<Option<Vec<TrialResult>>> = vec![None; count];
+    for (shard, results) in parts {
+        if shard.parts != count {
+            return Err(Error::data(
+                source,
+                format!(
+                    "shard {shard} is from a search in {} parts, the others from one in {count}",
+                    shard.parts
+                ),
+            ));
+        }
+        let slot = &mut seen[shard.part - 1];
+        if slot.is_some() {
+            return Err(Error::data(source, format!("shard {shard} is given twice")));
+        }
+        let expected = shard.len_of(total);
+        if results.len() != expected {
+            return Err(Error::data(
+                source,
+                format!(
+                    "shard {shard} has {} of its {expected} trials: it has not finished (run it again with --resume)",
+                    results.len()
+                ),
+            ));
+        }
+        *slot = Some(results);
+    }
+    let missing: Vec<String> = (seen.iter().enumerate())
+        .filter(|(_, s)| s.is_none())
+        .map(|(k, _)| format!("{}/{count}", k + 1))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::data(
+            source,
+            format!("no log of shard {}", missing.join(", ")),
+        ));
+    }
+    let mut all: Vec<TrialResult> = seen.into_iter().flatten().flatten().collect();
+    all.sort_by_key(|r| r.index);
+    Ok(all)
 }
 
 impl Trial {
@@ -374,7 +512,9 @@ mod tests {
     fn the_trial_log_survives_a_torn_last_line() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("trials.jsonl");
-        assert!(TrialResult::resume_log(&log).unwrap().is_empty());
+        assert!(TrialResult::resume_log(&log, Shard::WHOLE)
+            .unwrap()
+            .is_empty());
         let trial = Trial {
             optimizer: "adam".into(),
             learning_rate: Some(0.01),
@@ -399,7 +539,7 @@ mod tests {
         // An interruption in the middle of the third line.
         let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
         std::io::Write::write_all(&mut file, b"{\"index\":3,\"optim").unwrap();
-        let read = TrialResult::resume_log(&log).unwrap();
+        let read = TrialResult::resume_log(&log, Shard::WHOLE).unwrap();
         assert_eq!(read.len(), 2);
         assert_eq!(read[0], first);
         // The torn line is gone, so the next result starts a line of its own.
@@ -409,10 +549,64 @@ mod tests {
         }
         .append(&log)
         .unwrap();
-        assert_eq!(TrialResult::resume_log(&log).unwrap().len(), 3);
+        assert_eq!(
+            TrialResult::resume_log(&log, Shard::WHOLE).unwrap().len(),
+            3
+        );
         std::fs::write(&log, "{\"index\":2}\n").unwrap();
-        let err = TrialResult::resume_log(&log).unwrap_err().to_string();
+        let err = TrialResult::resume_log(&log, Shard::WHOLE)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn shards_split_the_trials_and_merge_back() {
+        let shard: Shard = "2/3".parse().unwrap();
+        let owned: Vec<usize> = (1..=8).filter(|&i| shard.owns(i)).collect();
+        assert_eq!(owned, [2, 5, 8]);
+        assert_eq!(shard.len_of(8), 3);
+        assert_eq!(Shard::new(3, 3).unwrap().len_of(8), 2);
+        assert_eq!(Shard::from_log_name(&shard.log_name()), Some(shard));
+        assert_eq!(Shard::WHOLE.log_name(), "trials.jsonl");
+        for bad in ["0/3", "4/3", "3", "a/b", "1/0"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
+        let result = |index| TrialResult {
+            index,
+            trial: Trial {
+                optimizer: "adam".into(),
+                learning_rate: None,
+                batch_size: 32,
+                filters: None,
+                dropout: 0.0,
+            },
+            val_accuracy: Some(index as f64),
+            val_loss: None,
+            seconds: 0.0,
+        };
+        let part = |k: usize| {
+            let s = Shard::new(k, 2).unwrap();
+            (s, (1..=5).filter(|&i| s.owns(i)).map(result).collect())
+        };
+        let here = std::path::Path::new("runs");
+        let merged = merge_parts(vec![part(2), part(1)], 5, here).unwrap();
+        assert_eq!(
+            merged.iter().map(|r| r.index).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        let missing = merge_parts(vec![part(1)], 5, here).unwrap_err().to_string();
+        assert!(missing.contains("no log of shard 2/2"), "{missing}");
+        let twice = merge_parts(vec![part(1), part(1)], 5, here)
+            .unwrap_err()
+            .to_string();
+        assert!(twice.contains("given twice"), "{twice}");
+        let (s, mut short) = part(2);
+        short.pop();
+        let unfinished = merge_parts(vec![part(1), (s, short)], 5, here)
+            .unwrap_err()
+            .to_string();
+        assert!(unfinished.contains("1 of its 2 trials"), "{unfinished}");
     }
 
     fn config(strategy: &str) -> SearchConfig {

@@ -18,6 +18,7 @@ use ndarray::{s, Array2, Array4};
 
 use crate::backend::{Backend, Network};
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
+use crate::collective::{Collective, Solo};
 use crate::compile::{Compile, Head, Loss};
 use crate::data::Dataset;
 use crate::metrics::ConfusionMatrix;
@@ -33,6 +34,8 @@ pub struct Model {
     network: Box<dyn Network>,
     backend: String,
     learning_rate: f64,
+    /// The ranks `fit` trains with ([`Model::distribute`]); [`Solo`] by default.
+    group: std::rc::Rc<dyn Collective>,
 }
 
 impl std::fmt::Debug for Model {
@@ -79,6 +82,7 @@ impl Model {
             head,
             network,
             backend: backend.name().to_string(),
+            group: std::rc::Rc::new(Solo),
         })
     }
 
@@ -127,6 +131,23 @@ impl Model {
     pub fn set_weights(&mut self, weights: &Weights) -> Result<()> {
         weights.check(&self.spec)?;
         self.network.set_weights(weights)
+    }
+
+    /// Train data-parallel with the other processes of `group` (Keras' multi-worker
+    /// strategy): every rank builds the same model and calls `fit` with the same data and
+    /// settings. `fit` then starts from rank 0's weights, gives each rank its slice of every
+    /// global batch of `batch_size` images, sums each step's gradients over the ranks before
+    /// the one update every rank applies, and reduces the metrics, so every rank keeps the
+    /// same weights and History. Only rank 0 prints progress, and callbacks write files there
+    /// only. `evaluate` and `predict` stay local. See docs/distributed.md.
+    pub fn distribute(&mut self, group: std::rc::Rc<dyn Collective>) {
+        self.network.set_collective(group.clone());
+        self.group = group;
+    }
+
+    /// The ranks this model trains with ([`Solo`] unless [`Model::distribute`] was called).
+    pub fn collective(&self) -> &dyn Collective {
+        self.group.as_ref()
     }
 
     /// Freeze or unfreeze layer `index`; recorded in the spec, so it survives save/load.

@@ -195,10 +195,19 @@ struct SearchArgs {
     /// and trials.jsonl (each trial as it finishes).
     #[arg(long, default_value = "runs/search")]
     out: PathBuf,
-    /// Continue the search logged in --out's trials.jsonl: trials already there are not run
-    /// again (the space must still give them in the same order).
+    /// Continue the search logged in --out's trials.jsonl (or this shard's log): trials
+    /// already there are not run again (the space must still give them in the same order).
     #[arg(long)]
     resume: bool,
+    /// Run part K of N of the search (trials K, K+N, K+2N, …), as one task of a Slurm job
+    /// array, logging to --out's trials-shard-K-of-N.jsonl; join the parts with --merge.
+    /// Under mpirun, the ranks split the search this way by themselves.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<convkit::search::Shard>,
+    /// Run nothing: join the finished shards' logs found in these folders into one table
+    /// in --out (search.csv, best_model.json, best.json).
+    #[arg(long, value_name = "FOLDER", num_args = 1..)]
+    merge: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -252,7 +261,7 @@ fn main() -> ExitCode {
     convkit::keep_freed_memory_for_reuse();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => train(args),
+        Command::Train(args) => in_group(|group| train(args, group)),
         Command::Evaluate(args) => evaluate(args),
         Command::Predict(args) => predict(args),
         Command::Export(args) => export(args),
@@ -263,7 +272,7 @@ fn main() -> ExitCode {
                 .map_err(Into::into)
         }
         Command::Compare(args) => compare::compare(args),
-        Command::Search(args) => search(args),
+        Command::Search(args) => in_group(|group| search(args, group)),
         Command::CompareWorker(args) => compare::worker(args),
         Command::Backends => {
             backends();
@@ -278,6 +287,24 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Run `command` in the group of processes the launcher (`mpirun`, `srun`) started this one
+/// in, or alone. A rank that fails prints its error, naming itself, and stops every rank at
+/// once, so that none waits for it.
+fn in_group(command: impl FnOnce(&Group) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let group = convkit::collective::from_environment()?;
+    let result = command(&group);
+    if let Err(err) = &result {
+        if group.size() > 1 {
+            eprintln!("error: rank {} of {}: {err:#}", group.rank(), group.size());
+            group.abort(1);
+        }
+    }
+    result
+}
+
+/// The processes a command runs on (one, unless started by an MPI launcher).
+type Group = std::rc::Rc<dyn convkit::collective::Collective>;
 
 fn parse_flatten_order(text: &str) -> Result<convkit::pytorch::FlattenOrder, String> {
     match text {
@@ -393,9 +420,9 @@ fn verbosity(quiet: bool) -> Verbosity {
     }
 }
 
-fn train(args: TrainArgs) -> anyhow::Result<()> {
+fn train(args: TrainArgs, group: &Group) -> anyhow::Result<()> {
     let Some(run) = &args.resume else {
-        return train_run(args, false);
+        return train_run(args, false, group);
     };
     let given: Vec<String> = std::env::args().skip(2).collect();
     let alone = given.len() == 2 && given[0] == "--resume"
@@ -429,13 +456,16 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             args.out.display()
         );
     }
-    train_run(args, true)
+    train_run(args, true, group)
 }
 
 /// The resumable state of a run, written after every epoch.
 const LAST: &str = "last.safetensors";
 
-fn train_run(args: TrainArgs, resume: bool) -> anyhow::Result<()> {
+/// `convkit train`. Under an MPI launcher every rank trains its slice of each batch
+/// ([`Model::distribute`]) and rank 0 alone prints, scores the model and writes the files.
+fn train_run(args: TrainArgs, resume: bool, group: &Group) -> anyhow::Result<()> {
+    let root = group.is_root();
     // The starting point: a preset/spec with fresh weights, or a trained checkpoint.
     let model_spec = || Sequential::from_preset_or_file_within(&args.model, &args.size.limits());
     let (mut spec, start, normalisation) = match (&args.init_weights, &args.init_pytorch) {
@@ -483,7 +513,7 @@ fn train_run(args: TrainArgs, resume: bool) -> anyhow::Result<()> {
         )
     })?;
     let train = &splits.train;
-    if !args.data.quiet {
+    if !args.data.quiet && root {
         println!("{}", spec.summary()?);
         println!(
             "training on {} ({}), images of {}",
@@ -494,6 +524,13 @@ fn train_run(args: TrainArgs, resume: bool) -> anyhow::Result<()> {
         for line in &splits.sources {
             println!("  {line}");
         }
+        if group.size() > 1 {
+            println!(
+                "data-parallel on {} processes: each takes its share of every batch of {}",
+                group.size(),
+                args.data.batch_size
+            );
+        }
     }
     let weights = match &start {
         Some(trained) => convkit::init::transfer(&spec, trained, args.data.seed)?,
@@ -501,10 +538,11 @@ fn train_run(args: TrainArgs, resume: bool) -> anyhow::Result<()> {
     };
     let optimizer_lr = compile.optimizer.learning_rate();
     let mut model = Model::with_weights(spec, compile, backend.as_ref(), &weights)?;
+    model.distribute(group.clone());
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let last = args.out.join(LAST);
-    if !resume {
+    if !resume && root {
         // A fresh run starts over, whatever an earlier run left in the folder.
         if last.exists() {
             std::fs::remove_file(&last).with_context(|| format!("removing {}", last.display()))?;
@@ -543,6 +581,8 @@ fn train_run(args: TrainArgs, resume: bool) -> anyhow::Result<()> {
     }
     if let Some(augment) = args.augment {
         fit = fit.augment(augment);
+    }
+    if let Some(augment) = args.augment.filter(|_| root) {
         // Eight training images, each followed by three augmented copies.
         let preview = augment.preview(train, 8, 3, args.data.seed)?;
         let captions = (0..preview.len())
@@ -580,7 +620,7 @@ fn train_run(args: TrainArgs, resume: bool) -> anyhow::Result<()> {
     let out = &args.out;
     let history = match fit.run() {
         // As Keras' TerminateOnNaN: stop, and keep the last weights known to be finite.
-        Err(err @ convkit::Error::NonFinite { .. }) => {
+        Err(err @ convkit::Error::NonFinite { .. }) if root => {
             let path = out.join("model.safetensors");
             model.checkpoint(meta)?.save(&path)?;
             model.spec().save_json(&out.join("model.json"))?;
@@ -589,6 +629,10 @@ fn train_run(args: TrainArgs, resume: bool) -> anyhow::Result<()> {
         }
         other => other?,
     };
+    if !root {
+        // Rank 0 holds the same model and writes the run's files.
+        return Ok(());
+    }
 
     let scored = Scored::new(model.evaluate(scored_on, 256)?)?;
     println!("scored on the {scored_name} data:\n{}", scored.text());
@@ -621,10 +665,83 @@ fn train_run(args: TrainArgs, resume: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn search(args: SearchArgs) -> anyhow::Result<()> {
-    use convkit::polars::prelude::{Column, DataFrame, IntoColumn, SortMultipleOptions};
+/// `convkit search`: every trial in this process; one part with `--shard`; the ranks' parts
+/// under an MPI launcher, gathered on rank 0; or, with `--merge`, the parts' logs joined.
+fn search(args: SearchArgs, group: &Group) -> anyhow::Result<()> {
     let config = convkit::search::SearchConfig::from_toml(&args.space)?;
     let base = Sequential::from_preset_or_file(&config.model)?;
+    let total = config.trials(args.trials).len();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    if !args.merge.is_empty() {
+        if args.shard.is_some() || group.size() > 1 {
+            bail!("--merge joins the logs of finished parts in one process: give it without --shard and without an MPI launcher");
+        }
+        let results = merge_logs(&args.merge, &config, args.trials, &base)?;
+        return write_search(&results, &base, &args.out, &args.backend);
+    }
+    let shard = match (args.shard, group.size()) {
+        (Some(_), n) if n > 1 => bail!(
+            "--shard picks one part of the search, and {n} MPI ranks already split it: give one or the other"
+        ),
+        (Some(shard), _) => shard,
+        (None, n) => convkit::search::Shard::new(group.rank() + 1, n)?,
+    };
+    let mine = run_trials(&args, &config, &base, shard, group.is_root())?;
+    let results = if group.size() > 1 {
+        // Rank 0 gathers every rank's part and writes the table.
+        let json = serde_json::to_vec(&mine)?;
+        let mut parts = Vec::new();
+        for (rank, bytes) in group.all_gather(json)?.into_iter().enumerate() {
+            let part: Vec<TrialResult> =
+                serde_json::from_slice(&bytes).with_context(|| format!("rank {rank}'s results"))?;
+            parts.push((convkit::search::Shard::new(rank + 1, group.size())?, part));
+        }
+        if !group.is_root() {
+            return Ok(());
+        }
+        convkit::search::merge_parts(parts, total, &args.out)?
+    } else {
+        mine
+    };
+    if shard.parts > 1 && group.size() == 1 {
+        println!(
+            "shard {shard} done: {} trials logged to {}; when every shard is done, join them with\n  convkit search --space {} --trials {} --merge <each shard's --out> --out <folder>",
+            results.len(),
+            args.out.join(shard.log_name()).display(),
+            args.space.display(),
+            args.trials
+        );
+        return Ok(());
+    }
+    write_search(&results, &base, &args.out, &args.backend)
+}
+
+/// The model and compile settings of `trial` of a search from `base`.
+fn trial_model(
+    base: &Sequential,
+    trial: &convkit::search::Trial,
+) -> anyhow::Result<(Sequential, Compile)> {
+    let spec = trial.spec(base)?;
+    let loss = if spec.output_shape()?.numel() == 1 {
+        Loss::BinaryCrossentropy
+    } else {
+        Loss::SparseCategoricalCrossentropy
+    };
+    let compile = Compile::new(trial.optimizer()?, loss);
+    Ok((spec, compile))
+}
+
+/// Run `shard`'s trials of the search (every trial for [`Shard::WHOLE`]), each logged to
+/// `--out` as it finishes; with `--resume`, the trials already logged are not run again.
+/// `speak`: this process reports the data and each trial (rank 0, or a process alone).
+fn run_trials(
+    args: &SearchArgs,
+    config: &convkit::search::SearchConfig,
+    base: &Sequential,
+    shard: convkit::search::Shard,
+    speak: bool,
+) -> anyhow::Result<Vec<TrialResult>> {
     let backend = convkit::backend(&args.backend)?;
     let data = DataArgs {
         dataset: config.dataset.clone(),
@@ -641,54 +758,53 @@ fn search(args: SearchArgs) -> anyhow::Result<()> {
         Some(f) => data::Validation::Holdout(f),
         None => data::Validation::Auto(0.2),
     };
-    let splits = load_splits(&data, &base, validation, &Normalisation::Rescale)?;
+    let splits = load_splits(&data, base, validation, &Normalisation::Rescale)?;
     let validation = splits
         .validation
         .as_ref()
         .context("the search ranks trials on validation data: give a validation_split above 0")?;
-    for line in &splits.sources {
-        eprintln!("{line}");
+    if speak {
+        for line in &splits.sources {
+            eprintln!("{line}");
+        }
     }
     let trials = config.trials(args.trials);
     let total = trials.len();
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
     // Each trial is logged as it finishes; --resume picks up after the last one logged.
-    let log = args.out.join("trials.jsonl");
+    let log = args.out.join(shard.log_name());
     let logged = if args.resume {
-        TrialResult::resume_log(&log)?
+        TrialResult::resume_log(&log, shard)?
     } else {
         if log.exists() {
             std::fs::remove_file(&log).with_context(|| format!("removing {}", log.display()))?;
         }
         Vec::new()
     };
-    let mut results: Vec<(TrialResult, Sequential, Compile)> = Vec::new();
-    for (i, trial) in trials.enumerate() {
-        let spec = trial.spec(&base)?;
-        let loss = if spec.output_shape()?.numel() == 1 {
-            Loss::BinaryCrossentropy
+    let mut results = Vec::new();
+    let mine = trials
+        .enumerate()
+        .map(|(i, trial)| (i + 1, trial))
+        .filter(|(index, _)| shard.owns(*index));
+    for (k, (index, trial)) in mine.enumerate() {
+        let label = if shard == convkit::search::Shard::WHOLE {
+            format!("trial {index}/{total}")
         } else {
-            Loss::SparseCategoricalCrossentropy
+            format!("trial {index}/{total} (shard {shard})")
         };
-        let compile = Compile::new(trial.optimizer()?, loss);
-        if let Some(done) = logged.get(i) {
+        if let Some(done) = logged.get(k) {
             if done.trial != trial {
                 bail!(
-                    "{}: trial {} was {:?}, but the space now gives {trial:?}; the search changed, so start it afresh (without --resume) or in another --out",
+                    "{}: trial {index} was {:?}, but the space now gives {trial:?}; the search changed, so start it afresh (without --resume) or in another --out",
                     log.display(),
-                    i + 1,
                     done.trial
                 );
             }
-            eprintln!(
-                "trial {}/{total}: {trial:?} → logged before, not run again",
-                i + 1
-            );
-            results.push((done.clone(), spec, compile));
+            eprintln!("{label}: {trial:?} → logged before, not run again");
+            results.push(done.clone());
             continue;
         }
-        let mut model = Model::new(spec.clone(), compile.clone(), backend.as_ref(), config.seed)?;
+        let (spec, compile) = trial_model(base, &trial)?;
+        let mut model = Model::new(spec, compile, backend.as_ref(), config.seed)?;
         let start = std::time::Instant::now();
         let fit = model
             .fit(&splits.train)
@@ -705,13 +821,13 @@ fn search(args: SearchArgs) -> anyhow::Result<()> {
                 (last.val_accuracy, last.val_loss)
             }
             Err(err @ convkit::Error::NonFinite { .. }) => {
-                eprintln!("trial {}/{total}: {trial:?} diverged: {err}", i + 1);
+                eprintln!("{label}: {trial:?} diverged: {err}");
                 (None, None)
             }
             Err(other) => return Err(other.into()),
         };
         let result = TrialResult {
-            index: i + 1,
+            index,
             trial,
             val_accuracy,
             val_loss,
@@ -719,14 +835,75 @@ fn search(args: SearchArgs) -> anyhow::Result<()> {
         };
         result.append(&log)?;
         eprintln!(
-            "trial {}/{total}: {:?} → val_accuracy {:.4}, val_loss {:.4}",
-            i + 1,
+            "{label}: {:?} → val_accuracy {:.4}, val_loss {:.4}",
             result.trial,
             val_accuracy.unwrap_or(f64::NAN),
             val_loss.unwrap_or(f64::NAN)
         );
-        results.push((result, spec, compile));
+        results.push(result);
     }
+    Ok(results)
+}
+
+/// The finished parts' logs found in `folders` (each part's `trials-shard-K-of-N.jsonl`),
+/// joined and checked against the search the space gives.
+fn merge_logs(
+    folders: &[PathBuf],
+    config: &convkit::search::SearchConfig,
+    max: usize,
+    base: &Sequential,
+) -> anyhow::Result<Vec<TrialResult>> {
+    use convkit::search::Shard;
+    let mut parts = Vec::new();
+    for folder in folders {
+        let entries =
+            std::fs::read_dir(folder).with_context(|| format!("reading {}", folder.display()))?;
+        let mut found = false;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("reading {}", folder.display()))?;
+            let name = entry.file_name();
+            let Some(shard) = name.to_str().and_then(Shard::from_log_name) else {
+                continue;
+            };
+            found = true;
+            let path = entry.path();
+            parts.push((shard, TrialResult::resume_log(&path, shard)?));
+        }
+        if !found {
+            bail!(
+                "{}: no shard log (trials-shard-K-of-N.jsonl) to merge",
+                folder.display()
+            );
+        }
+    }
+    let trials: Vec<_> = config.trials(max).collect();
+    let merged = convkit::search::merge_parts(parts, trials.len(), &folders[0])?;
+    for (result, trial) in merged.iter().zip(&trials) {
+        if result.trial != *trial {
+            bail!(
+                "trial {} was logged as {:?}, but the space gives {trial:?}: the shards ran another search",
+                result.index,
+                result.trial
+            );
+        }
+        trial_model(base, trial)?;
+    }
+    Ok(merged)
+}
+
+/// The search's table (search.csv, ranked by validation accuracy) and its best trial
+/// (best_model.json, best.json), in `out`.
+fn write_search(
+    results: &[TrialResult],
+    base: &Sequential,
+    out: &std::path::Path,
+    backend: &str,
+) -> anyhow::Result<()> {
+    use convkit::polars::prelude::{Column, DataFrame, IntoColumn, SortMultipleOptions};
+    let results = results
+        .iter()
+        .map(|r| trial_model(base, &r.trial).map(|(spec, compile)| (r.clone(), spec, compile)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let col = |name: &str, v: Vec<Option<f64>>| Column::new(name.into(), v);
     let mut df = DataFrame::new_infer_height(vec![
         Column::new(
@@ -786,7 +963,7 @@ fn search(args: SearchArgs) -> anyhow::Result<()> {
             .with_nulls_last(true),
     )?;
     println!("{df}");
-    convkit::table::write_csv(&mut df, &args.out.join("search.csv"))?;
+    convkit::table::write_csv(&mut df, &out.join("search.csv"))?;
     let best = results
         .iter()
         .filter_map(|r| r.0.val_accuracy.map(|a| (a, r)))
@@ -794,17 +971,17 @@ fn search(args: SearchArgs) -> anyhow::Result<()> {
         .map(|(_, r)| r)
         .context("no trial finished: the space is empty, --trials is 0, or every trial diverged")?;
     let (result, spec, compile) = best;
-    spec.save_json(&args.out.join("best_model.json"))?;
-    let summary = serde_json::json!({"trial": result.trial, "compile": compile, "val_accuracy": result.val_accuracy, "val_loss": result.val_loss, "backend": backend.name()});
+    spec.save_json(&out.join("best_model.json"))?;
+    let summary = serde_json::json!({"trial": result.trial, "compile": compile, "val_accuracy": result.val_accuracy, "val_loss": result.val_loss, "backend": backend});
     convkit::io::write_bytes_atomic(
-        &args.out.join("best.json"),
+        &out.join("best.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     println!(
         "best: {:?} (val_accuracy {:.4}); wrote {}",
         result.trial,
         result.val_accuracy.unwrap_or(f64::NAN),
-        args.out.display()
+        out.display()
     );
     Ok(())
 }

@@ -297,7 +297,10 @@ impl Callback for ModelCheckpoint {
         if self.save_best_only && !self.watch.observe(history)? {
             return Ok(Control::Continue);
         }
-        model.checkpoint(self.meta.clone())?.save(&self.path)?;
+        // Under data-parallel training every rank holds the same model: rank 0 writes it.
+        if model.collective().is_root() {
+            model.checkpoint(self.meta.clone())?.save(&self.path)?;
+        }
         Ok(Control::Continue)
     }
 
@@ -323,8 +326,11 @@ impl CsvLogger {
 }
 
 impl Callback for CsvLogger {
-    fn on_epoch_end(&mut self, history: &History, _model: &mut Model) -> Result<Control> {
-        history.write_csv(&self.path)?;
+    fn on_epoch_end(&mut self, history: &History, model: &mut Model) -> Result<Control> {
+        // Every rank has the same History: rank 0 writes it.
+        if model.collective().is_root() {
+            history.write_csv(&self.path)?;
+        }
         Ok(Control::Continue)
     }
 }

@@ -189,21 +189,32 @@ impl<'a> Fit<'a> {
             return Err(Error::config("fit", "the training data is empty"));
         }
         let val_data = self.validation.unwrap_or(train);
+        let group = model.group.clone();
+        let (rank, ranks) = (group.rank(), group.size());
         let verbosity = match self.verbosity {
+            // Every rank knows the same numbers: rank 0 tells them.
+            _ if !group.is_root() => Verbosity::Silent,
             Verbosity::Auto if std::io::stderr().is_terminal() => Verbosity::Bar,
             Verbosity::Auto => Verbosity::Lines,
             v => v,
         };
+        if ranks > 1 {
+            share_root_weights(model)?;
+        }
         for cb in &mut self.callbacks {
             cb.on_train_begin(model)?;
         }
         let [h, w, c] = model.spec.input_shape;
         // A separate stream, so turning augmentation on leaves the batch order unchanged.
-        let mut augment_rng =
-            rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ 0xa5a5_5a5a_f00d_cafe);
+        // Each rank augments and drops out with streams of its own (rank 0's are those of one
+        // process), so the ranks' slices do not repeat each other's draws.
+        let mut augment_rng = rand_chacha::ChaCha8Rng::seed_from_u64(rank_seed(
+            self.seed ^ 0xa5a5_5a5a_f00d_cafe,
+            rank,
+        ));
         let mut augment_scratch = Vec::new();
         // A third stream: dropout masks, drawn in core so every engine drops the same units.
-        let dropout_seed = self.seed ^ 0x5eed_d20b_0a7c_0001;
+        let dropout_seed = rank_seed(self.seed ^ 0x5eed_d20b_0a7c_0001, rank);
         model.network.set_dropout_stream(dropout_seed, 0);
         let mut buffer = Array4::<f32>::zeros((self.batch_size.min(order.len()), h, w, c));
         let mut targets = match model.compile.loss {
@@ -233,7 +244,10 @@ impl<'a> Fit<'a> {
         };
         let mut batch_order = BatchOrder::new(order, self.seed, self.shuffle);
         let (mut first_epoch, mut finished) = (1, false);
-        if let Some(path) = self.backup.as_deref().filter(|p| p.exists()) {
+        // Rank 0 decides whether there is a backup to continue from; every rank then reads it.
+        let restore = self.backup.as_deref().filter(|p| p.exists()).is_some();
+        let restore = group_agrees(group.as_ref(), restore)?;
+        if let Some(path) = self.backup.as_deref().filter(|_| restore) {
             let restored = backup::restore(path, model, &settings)?;
             if restored.callbacks.len() != self.callbacks.len() {
                 return Err(Error::data(
@@ -247,14 +261,19 @@ impl<'a> Fit<'a> {
             }
             history = History::from(&restored);
             let done = restored.record.epoch;
-            let position: u128 = restored.record.augment_position.parse().map_err(|_| {
-                Error::data(path, "the augmentation stream's position is not a number")
-            })?;
+            let position = rank_position(
+                path,
+                &restored.record.augment_position,
+                "augmentation",
+                (rank, ranks),
+            )?;
             augment_rng.set_word_pos(position);
-            let dropout: u128 =
-                restored.record.dropout_position.parse().map_err(|_| {
-                    Error::data(path, "the dropout stream's position is not a number")
-                })?;
+            let dropout = rank_position(
+                path,
+                &restored.record.dropout_position,
+                "dropout",
+                (rank, ranks),
+            )?;
             model.network.set_dropout_stream(dropout_seed, dropout);
             // Replays the shuffles of the epochs done, so order and stream are where they were.
             for _ in 0..done {
@@ -290,7 +309,9 @@ impl<'a> Fit<'a> {
             let start = Instant::now();
             let mut last_line = start;
             let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
-            for chunk in order.chunks(self.batch_size) {
+            for global in order.chunks(self.batch_size) {
+                // This rank's slice of the global batch (all of it for one process).
+                let chunk = rank_slice(global, rank, ranks);
                 let mut x = buffer.slice_mut(s![..chunk.len(), .., .., ..]);
                 batcher.fill(chunk, x.view_mut())?;
                 self.augment
@@ -312,9 +333,10 @@ impl<'a> Fit<'a> {
                 for cb in &mut self.callbacks {
                     cb.on_batch_end(seen / self.batch_size, &stats)?;
                 }
-                loss_sum += stats.loss as f64 * chunk.len() as f64;
+                // The step's stats are the global batch's.
+                loss_sum += stats.loss as f64 * global.len() as f64;
                 correct += stats.correct;
-                seen += chunk.len();
+                seen += global.len();
                 let (loss, accuracy) = (loss_sum / seen as f64, correct as f64 / seen as f64);
                 if let Some(bar) = &bar {
                     bar.set_message(format!("loss: {loss:.4} - accuracy: {accuracy:.4}"));
@@ -331,13 +353,24 @@ impl<'a> Fit<'a> {
                     ));
                 }
             }
-            let seconds = start.elapsed().as_secs_f64();
+            let mut seconds = start.elapsed().as_secs_f64();
+            if ranks > 1 {
+                // Rank 0's clock, so that every rank's History is the same.
+                let mut bytes = seconds.to_le_bytes().to_vec();
+                group.broadcast(&mut bytes, 0)?;
+                seconds = f64::from_le_bytes(bytes.try_into().unwrap_or_default());
+            }
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
             let (val_loss, val_accuracy) = match &val_indices {
                 Some(idx) => {
-                    let e = model.evaluate_indices(val_data, idx, self.batch_size.max(256))?;
+                    let e = model.evaluate_indices(
+                        val_data,
+                        rank_slice(idx, rank, ranks),
+                        self.batch_size.max(256),
+                    )?;
+                    let e = GlobalScore::sum(group.as_ref(), &e)?;
                     if !e.loss.is_finite() {
                         // The epoch's last step may have left non-finite weights behind.
                         let kept = if model.weights()?.check(&model.spec).is_ok() {
@@ -376,14 +409,18 @@ impl<'a> Fit<'a> {
                 stop |= cb.on_epoch_end(&history, model)? == Control::Stop;
             }
             if let Some(path) = &self.backup {
+                // Each rank's stream positions; rank 0 writes the one file.
+                let positions = [augment_rng.get_word_pos(), model.network.dropout_position()];
+                let [augment_position, dropout_position] =
+                    positions_of_every_rank(group.as_ref(), positions)?;
                 let record = backup::FitRecord {
                     epoch,
                     stopped: stop,
                     learning_rate: backup::ExactF64(model.learning_rate),
                     optimizer_step: 0, // filled in by `backup::save`
                     history: history.epochs.iter().map(Into::into).collect(),
-                    augment_position: augment_rng.get_word_pos().to_string(),
-                    dropout_position: model.network.dropout_position().to_string(),
+                    augment_position,
+                    dropout_position,
                     settings: settings.clone(),
                     callbacks: Vec::new(), // filled in by `backup::save`
                 };
@@ -392,7 +429,9 @@ impl<'a> Fit<'a> {
                     .iter()
                     .map(|cb| cb.backup())
                     .collect::<Result<_>>()?;
-                backup::save(path, model, backup_meta.clone(), record, states)?;
+                if group.is_root() {
+                    backup::save(path, model, backup_meta.clone(), record, states)?;
+                }
             }
             if stop {
                 break;
@@ -448,5 +487,115 @@ fn progress_bar(
         ));
         bar.set_prefix(format!("{epoch}/{epochs}"));
         bar
+    })
+}
+
+/// `seed` for `rank`'s own random stream: `seed` itself for rank 0, so that one process and
+/// rank 0 draw alike.
+fn rank_seed(seed: u64, rank: usize) -> u64 {
+    seed ^ (rank as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// `rank`'s share of `items` among `ranks`: contiguous, sizes differing by at most one (an
+/// uneven last batch), possibly empty when there are fewer items than ranks.
+fn rank_slice<T>(items: &[T], rank: usize, ranks: usize) -> &[T] {
+    let n = items.len();
+    &items[n * rank / ranks..n * (rank + 1) / ranks]
+}
+
+/// Every rank starts from rank 0's weights (as PyTorch's DistributedDataParallel does).
+fn share_root_weights(model: &mut Model) -> Result<()> {
+    let group = model.group.clone();
+    let mut bytes = if group.is_root() {
+        model.weights()?.to_safetensors(Default::default())?
+    } else {
+        Vec::new()
+    };
+    group.broadcast(&mut bytes, 0)?;
+    if !group.is_root() {
+        let (weights, _) =
+            crate::Weights::from_safetensors(std::path::Path::new("<rank 0's weights>"), &bytes)?;
+        model.set_weights(&weights)?;
+    }
+    Ok(())
+}
+
+/// A validation score summed over the ranks, each having scored its slice.
+struct GlobalScore {
+    loss: f64,
+    accuracy: f64,
+}
+
+impl GlobalScore {
+    fn sum(group: &dyn crate::collective::Collective, local: &super::Evaluation) -> Result<Self> {
+        if group.size() == 1 {
+            return Ok(GlobalScore {
+                loss: local.loss,
+                accuracy: local.accuracy,
+            });
+        }
+        let n = local.labels.len() as f64;
+        let mut sums = [local.loss * n, local.accuracy * n, n];
+        group.all_reduce_f64(&mut sums)?;
+        let [loss, correct, n] = sums;
+        Ok(GlobalScore {
+            loss: loss / n,
+            accuracy: correct / n,
+        })
+    }
+}
+
+/// Rank 0's `flag`, on every rank.
+fn group_agrees(group: &dyn crate::collective::Collective, flag: bool) -> Result<bool> {
+    let mut bytes = vec![u8::from(flag)];
+    group.broadcast(&mut bytes, 0)?;
+    Ok(bytes == [1])
+}
+
+/// Each of `positions` (stream positions) of every rank, as a backup records them: decimal,
+/// one per rank in rank order, separated by commas (one number for one process).
+fn positions_of_every_rank(
+    group: &dyn crate::collective::Collective,
+    positions: [u128; 2],
+) -> Result<[String; 2]> {
+    let mine = positions.iter().flat_map(|p| p.to_le_bytes()).collect();
+    let all = group.all_gather(mine)?;
+    let column = |k: usize| {
+        all.iter()
+            .map(|bytes| {
+                let mut word = [0u8; 16];
+                word.copy_from_slice(&bytes[16 * k..16 * (k + 1)]);
+                u128::from_le_bytes(word).to_string()
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    Ok([column(0), column(1)])
+}
+
+/// This rank's position of the `stream` recorded in a backup as
+/// [`positions_of_every_rank`] writes it.
+fn rank_position(
+    path: &std::path::Path,
+    recorded: &str,
+    stream: &str,
+    (rank, ranks): (usize, usize),
+) -> Result<u128> {
+    let positions: Vec<&str> = recorded.split(',').collect();
+    if positions.len() != ranks {
+        return Err(Error::data(
+            path,
+            format!(
+                "this backup was made by {} process{}, this fit runs on {ranks}: continue it with as many",
+                positions.len(),
+                if positions.len() == 1 { "" } else { "es" }
+            ),
+        ));
+    }
+    positions[rank].parse().map_err(|_| {
+        Error::data(
+            path,
+            format!("the {stream} stream's position is not a number"),
+        )
     })
 }

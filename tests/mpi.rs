@@ -1,0 +1,395 @@
+//! Data-parallel training and distributed search under `mpirun`, on the loopback interface
+//! only. Built with the `mpi` feature; needs Open MPI's `mpirun` (`cargo xtask setup`).
+//!
+//! The library tests start this test binary itself under `mpirun`, running only
+//! [`data_parallel_worker`] (ignored otherwise) on each rank; each rank writes what it ended
+//! with, and the launching test compares the ranks with each other and with one process.
+
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use convkit::prelude::*;
+use convkit::Weights;
+
+/// `mpirun -np <ranks>` kept to this machine's loopback interface (TCP between the ranks, no
+/// other network), as root too, with one compute thread per rank.
+fn mpirun(ranks: usize) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &ranks.to_string()])
+        .args(["--oversubscribe", "--bind-to", "none"])
+        .args(["--mca", "btl", "self,tcp"])
+        .args(["--mca", "btl_tcp_if_include", "lo"])
+        .args(["--mca", "oob_tcp_if_include", "lo"])
+        // What `--allow-run-as-root` says, accepted by non-root runs too.
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .env("OMP_NUM_THREADS", "1")
+        .env("CONVKIT_THREADS", "1")
+        .env("CONVKIT_DATA", common::data_dir())
+        .env("CONVKIT_OFFLINE", "1");
+    c
+}
+
+fn output(c: &mut Command) -> Output {
+    c.output().unwrap_or_else(|e| {
+        panic!("cannot start mpirun ({e}): install Open MPI (`cargo xtask setup` does, from Debian's openmpi-bin)")
+    })
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// 21 training images in batches of 10: the last global batch has one image, so rank 0's
+/// share of it is empty. 7 validation images split 3 and 4.
+fn data() -> (Dataset, Dataset) {
+    let all = synthetic(28, ImageShape::new(8, 8, 1), 3, 5)
+        .unwrap()
+        .normalise(Normalisation::Rescale);
+    let indices: Vec<usize> = (0..28).collect();
+    (all.select(&indices[..21]), all.select(&indices[21..]))
+}
+
+/// A model without batch normalisation or dropout, which one process and two ranks train
+/// alike to rounding.
+fn spec() -> Sequential {
+    Sequential::new(8, 8, 1)
+        .add(Conv2D::new(4, 3).activation(Activation::Relu))
+        .max_pool(2)
+        .flatten()
+        .add(Dense::new(3).activation(Activation::Softmax))
+}
+
+/// Three epochs of `engine` with `group`: the weights and the History as JSON.
+fn train(
+    engine: &str,
+    group: Option<std::rc::Rc<dyn convkit::collective::Collective>>,
+) -> (Weights, String) {
+    let backend = convkit::backend(engine).unwrap();
+    let mut model = Model::new(
+        spec(),
+        Compile::new(Optimizer::adam(), Loss::SparseCategoricalCrossentropy),
+        backend.as_ref(),
+        11,
+    )
+    .unwrap();
+    if let Some(group) = group {
+        model.distribute(group);
+    }
+    let (train, validation) = data();
+    let history = model
+        .fit(&train)
+        .epochs(3)
+        .batch_size(10)
+        .seed(4)
+        .validation_data(&validation)
+        .verbosity(Verbosity::Silent)
+        .run()
+        .unwrap();
+    let history = serde_json::to_string(&history).unwrap();
+    (model.weights().unwrap(), history)
+}
+
+/// One rank of [`two_ranks_train_as_one_process_does`]: trains on `CONVKIT_TEST_ENGINE` and
+/// writes its weights and History to `CONVKIT_TEST_OUT/rank<r>.*`.
+#[test]
+#[ignore = "run by mpirun from the other tests"]
+fn data_parallel_worker() {
+    let group = convkit::collective::from_environment().unwrap();
+    assert_eq!(group.size(), 2, "started outside mpirun -np 2");
+    let engine = std::env::var("CONVKIT_TEST_ENGINE").unwrap();
+    let out = PathBuf::from(std::env::var_os("CONVKIT_TEST_OUT").unwrap());
+    let rank = group.rank();
+    let (weights, history) = train(&engine, Some(group));
+    let bytes = weights.to_safetensors(Default::default()).unwrap();
+    std::fs::write(out.join(format!("rank{rank}.safetensors")), bytes).unwrap();
+    std::fs::write(out.join(format!("rank{rank}.json")), history).unwrap();
+}
+
+#[test]
+fn two_ranks_train_as_one_process_does() {
+    let exe = std::env::current_exe().unwrap();
+    for engine in common::end_to_end_engines() {
+        let engine = engine.name();
+        let dir = tempfile::tempdir().unwrap();
+        let o = output(
+            mpirun(2)
+                .arg(&exe)
+                .args([
+                    "--exact",
+                    "data_parallel_worker",
+                    "--ignored",
+                    "--nocapture",
+                ])
+                .env("CONVKIT_TEST_ENGINE", engine)
+                .env("CONVKIT_TEST_OUT", dir.path()),
+        );
+        assert!(o.status.success(), "{engine}: {}", text(&o));
+        let read = |rank: usize| {
+            let path = dir.path().join(format!("rank{rank}.safetensors"));
+            let bytes = std::fs::read(&path).unwrap();
+            let (weights, _) = Weights::from_safetensors(&path, &bytes).unwrap();
+            let history = std::fs::read_to_string(dir.path().join(format!("rank{rank}.json")));
+            (weights, history.unwrap())
+        };
+        let (w0, h0) = read(0);
+        let (w1, h1) = read(1);
+        // The ranks hold the very same model and History.
+        assert_eq!(w0, w1, "{engine}: the ranks' weights differ");
+        assert_eq!(h0, h1, "{engine}: the ranks' Histories differ");
+        // One process on the same global batches ends where the two ranks did, to rounding.
+        let (alone, history) = train(engine, None);
+        for (name, diff) in alone.max_abs_diff(&w0).unwrap() {
+            assert!(
+                diff <= 1e-5,
+                "{engine}: {name} differs by {diff} from one process"
+            );
+        }
+        let epochs = |h: &str| -> Vec<serde_json::Value> {
+            let v: serde_json::Value = serde_json::from_str(h).unwrap();
+            v["epochs"].as_array().unwrap().clone()
+        };
+        for (one, two) in epochs(&history).iter().zip(epochs(&h0)) {
+            for key in ["loss", "accuracy", "val_loss", "val_accuracy"] {
+                let (a, b) = (one[key].as_f64().unwrap(), two[key].as_f64().unwrap());
+                assert!(
+                    (a - b).abs() <= 1e-5,
+                    "{engine}: {key} {a} alone, {b} on two ranks"
+                );
+            }
+        }
+    }
+}
+
+fn convkit_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_convkit")
+}
+
+#[test]
+fn mpirun_convkit_train_writes_one_run_from_rank_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = output(mpirun(2).arg(convkit_bin()).args([
+        "train",
+        "--dataset",
+        "synthetic",
+        "--limit",
+        "64",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--model",
+        "tutorial-mnist",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert_eq!(t.matches("data-parallel on 2 processes").count(), 1, "{t}");
+    assert_eq!(
+        t.matches("Epoch 2/2").count(),
+        1,
+        "only rank 0 reports: {t}"
+    );
+    for file in [
+        "model.safetensors",
+        "history.csv",
+        "metrics.json",
+        "history.png",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing: {t}");
+    }
+    // The backup continues on as many ranks, and refuses another count.
+    let o = output(Command::new(convkit_bin()).args(["train", "--resume", out.to_str().unwrap()]));
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("made by 2 processes, this fit runs on 1"), "{t}");
+}
+
+/// The process that `mpirun` (a child of the test) started as `rank`, found by the marker in
+/// its environment.
+fn rank_pid(marker: &str, rank: usize) -> Option<u32> {
+    let wanted = [
+        format!("CONVKIT_TEST_MARK={marker}"),
+        format!("OMPI_COMM_WORLD_RANK={rank}"),
+    ];
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let env = std::fs::read(entry.path().join("environ")).ok()?;
+            let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+            wanted
+                .iter()
+                .all(|w| vars.contains(&w.as_bytes()))
+                .then_some(pid)
+        })
+}
+
+#[test]
+fn a_rank_killed_mid_run_stops_mpirun_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().to_str().unwrap().to_string();
+    let mut child = mpirun(2)
+        .arg(convkit_bin())
+        .args([
+            "train",
+            "--dataset",
+            "synthetic",
+            "--limit",
+            "2000",
+            "--epochs",
+            "1000",
+            "--out",
+            dir.path().join("run").to_str().unwrap(),
+        ])
+        .env("CONVKIT_TEST_MARK", &marker)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mpirun starts");
+    // Training is under way once the first epoch's history is written.
+    let started = Instant::now();
+    while !dir.path().join("run/history.csv").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no epoch finished in 2 minutes"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "mpirun ended early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = rank_pid(&marker, 1).expect("rank 1 is running");
+    let killed = Instant::now();
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("mpirun still runs a minute after rank 1 was killed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let o = child.wait_with_output().unwrap();
+    let t = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!status.success(), "{t}");
+    assert!(t.contains("rank 1"), "the message names the rank: {t}");
+}
+
+fn space(dir: &Path) -> PathBuf {
+    let space = dir.join("space.toml");
+    std::fs::write(
+        &space,
+        "model = \"tutorial-mnist\"\ndataset = \"synthetic\"\nlimit = 96\nvalidation_split = 0.25\n[space]\noptimizer = [\"adam\", \"sgd\"]\nfilters = [4, 8]\nbatch_size = [16]\n",
+    )
+    .unwrap();
+    space
+}
+
+/// search.csv without the seconds each trial took.
+fn table(out: &Path) -> String {
+    let csv = std::fs::read_to_string(out.join("search.csv")).unwrap();
+    csv.lines()
+        .map(|l| l.rsplit_once(',').unwrap().0)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn sharded_and_mpi_searches_give_the_one_process_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let space = space(dir.path());
+    let search = |c: &mut Command, out: &str, extra: &[&str]| {
+        let o = output(
+            c.args([
+                "search",
+                "--space",
+                space.to_str().unwrap(),
+                "--trials",
+                "4",
+            ])
+            .args(["--out", dir.path().join(out).to_str().unwrap()])
+            .args(extra)
+            .env("CONVKIT_DATA", common::data_dir())
+            .env("CONVKIT_OFFLINE", "1")
+            .env("RAYON_NUM_THREADS", "1"),
+        );
+        assert!(o.status.success(), "{out}: {}", text(&o));
+        o
+    };
+    search(&mut Command::new(convkit_bin()), "one", &[]);
+    let alone = table(&dir.path().join("one"));
+    assert_eq!(alone.lines().count(), 5, "{alone}");
+
+    // Two shards, as two tasks of a job array, then merged.
+    for k in ["1/2", "2/2"] {
+        let o = search(
+            &mut Command::new(convkit_bin()),
+            &format!("shard{}", &k[..1]),
+            &["--shard", k],
+        );
+        assert!(
+            text(&o).contains(&format!("shard {k} done: 2 trials")),
+            "{}",
+            text(&o)
+        );
+    }
+    let shard1 = dir.path().join("shard1");
+    let shard2 = dir.path().join("shard2");
+    search(
+        &mut Command::new(convkit_bin()),
+        "merged",
+        &[
+            "--merge",
+            shard1.to_str().unwrap(),
+            shard2.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(table(&dir.path().join("merged")), alone);
+    // A missing shard is named.
+    let o = output(Command::new(convkit_bin()).args([
+        "search",
+        "--space",
+        space.to_str().unwrap(),
+        "--trials",
+        "4",
+        "--merge",
+        shard1.to_str().unwrap(),
+        "--out",
+        dir.path().join("half").to_str().unwrap(),
+    ]));
+    assert!(
+        !o.status.success() && text(&o).contains("no log of shard 2/2"),
+        "{}",
+        text(&o)
+    );
+
+    // Two MPI ranks split the trials and rank 0 writes the table.
+    search(&mut mpirun(2).arg(convkit_bin()), "mpi", &[]);
+    assert_eq!(table(&dir.path().join("mpi")), alone);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("mpi/best.json")).unwrap(),
+        std::fs::read_to_string(dir.path().join("one/best.json")).unwrap()
+    );
+}
