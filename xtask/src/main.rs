@@ -25,6 +25,7 @@ use anyhow::{bail, Context, Result};
 
 mod notebooks;
 mod pins;
+mod scaling;
 mod shared_build;
 mod steps;
 
@@ -68,6 +69,13 @@ fn main() -> Result<()> {
             })?;
             bench(&rest)
         }
+        "scaling" => {
+            setup(Needs {
+                vulkan: false,
+                ..Needs::EVERYTHING
+            })?;
+            scaling::scaling(&rest)
+        }
         "fuzz" => fuzz(&rest),
         "pins" => {
             let missing = pins::missing()?;
@@ -79,7 +87,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | fuzz | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  train tutorial-mnist on MNIST with candle, installing nothing (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  fuzz      the parsers' fuzz loop in a release build: [SECONDS per target, default 600] [SEED]\n  pins      print the lines xtask/check-pins/Cargo.toml lacks, if any (the single-feature builds' pins)");
+            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | scaling | fuzz | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  train tutorial-mnist on MNIST with candle, installing nothing (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  scaling   data-parallel throughput, 1 MPI rank against N, one thread each [--backends a,b] [--ranks N] [--limit IMAGES] [--batch-size B] [--repeat R]\n  fuzz      the parsers' fuzz loop in a release build: [SECONDS per target, default 600] [SEED]\n  pins      print the lines xtask/check-pins/Cargo.toml lacks, if any (the single-feature builds' pins)");
             if command.is_empty() || command == "help" || command == "--help" {
                 Ok(())
             } else {
@@ -355,6 +363,9 @@ struct Needs {
     vulkan: bool,
     /// Fashion-MNIST (compare's and the tests' default dataset) from Debian.
     fashion_mnist: bool,
+    /// Open MPI (library, headers and `mpirun`) and libclang (for rsmpi's bindgen), for the
+    /// `mpi` feature.
+    mpi: bool,
 }
 
 impl Needs {
@@ -362,6 +373,7 @@ impl Needs {
         torch: true,
         vulkan: true,
         fashion_mnist: true,
+        mpi: true,
     };
 }
 
@@ -384,6 +396,22 @@ fn setup(needs: Needs) -> Result<()> {
             DebianPackage {
                 name: "libvulkan1",
                 provides: "the Vulkan loader (libvulkan.so.1)",
+            },
+        ]);
+    }
+    if needs.mpi {
+        packages.extend([
+            DebianPackage {
+                name: "libopenmpi-dev",
+                provides: "an MPI library with its headers and mpicc (Open MPI or MPICH)",
+            },
+            DebianPackage {
+                name: "openmpi-bin",
+                provides: "mpirun, to start the ranks of the MPI tests",
+            },
+            DebianPackage {
+                name: "libclang-dev",
+                provides: "libclang, which rsmpi's build runs bindgen with",
             },
         ]);
     }
@@ -575,9 +603,11 @@ fn facade_alone(verb: &str, features: &str, also: &[&str]) -> Result<Command> {
     shared_build::cargo(&args)
 }
 
-/// The `--features` of the build of `feature` alone (one of [`SINGLE_FEATURE_BUILDS`]).
+/// The `--features` of the build of `feature` alone (one of [`SINGLE_FEATURE_BUILDS`]): with
+/// the test build's two features that no engine touches (`evcxr`, `mpi`), so that core is
+/// the test build's.
 fn single_feature_build(feature: &str) -> String {
-    format!("convkit/{feature},convkit/evcxr")
+    format!("convkit/{feature},convkit/evcxr,convkit/mpi")
 }
 
 /// Everything CI runs, each step timed into `steps`: setup, the CUDA-only engine type-checked
@@ -609,9 +639,9 @@ fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
     // The other engine features, each built alone (`build`, not `check`: with the pins, every
     // dependency resolves as in the test build and is reused from it, so only the facade and
     // that engine's crate are compiled; a `check` would type-check the whole tree once more).
-    // With `evcxr`, core's one feature, which no engine touches: so convkit-core (and candle's
-    // and tch's engine crates, which have no features) are the test build's too. Core without
-    // it is type-checked above, under burn-cuda.
+    // With `evcxr` and `mpi`, core's features, which no engine touches: so convkit-core (and
+    // candle's and tch's engine crates, which have no features) are the test build's too. Core
+    // without them is type-checked above, under burn-cuda.
     for feature in SINGLE_FEATURE_BUILDS {
         let engine = single_feature_build(feature);
         let mut alone = facade_alone("build", &engine, &[pins::PACKAGE])?;

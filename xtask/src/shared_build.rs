@@ -22,10 +22,10 @@ use anyhow::{Context, Result};
 
 use crate::{build_env, notebooks, root};
 
-/// The features of the test build: every engine that builds here, and the notebooks' rich
-/// output. The notebooks run under the same set in CI.
+/// The features of the test build: every engine that builds here, the notebooks' rich
+/// output, and MPI. The notebooks run under the same set in CI.
 pub fn features() -> String {
-    format!("{},evcxr", crate::ENGINE_FEATURES.join(","))
+    format!("{},evcxr,mpi", crate::ENGINE_FEATURES.join(","))
 }
 
 /// How evcxr links, which it chooses by what is on `PATH` (evcxr 0.22's `create_initial_config`).
