@@ -668,7 +668,8 @@ fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
     Ok(())
 }
 
-/// The criterion benches (`benches/engines.rs`) with every engine that builds here. The
+/// The criterion benches (`benches/engines.rs`, and `benches/overhead.rs`: convkit's step
+/// beside a plain engine loop) with every engine that builds here. The
 /// bench binary finds libtorch through `LD_LIBRARY_PATH` (only the facade's binaries get an
 /// rpath to it).
 fn bench(extra: &[String]) -> Result<()> {
@@ -679,8 +680,6 @@ fn bench(extra: &[String]) -> Result<()> {
         "convkit-bench",
         "--features",
         &features,
-        "--bench",
-        "engines",
         "--",
     ]);
     let torch = notebooks::libtorch_lib()?;

@@ -75,6 +75,18 @@ fn mpirun(ranks: usize) -> Command {
     c
 }
 
+/// The number of images a run trained on, from its metrics.json.
+fn train_images(out: &Path) -> Result<f64> {
+    let path = out.join("metrics.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let metrics: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    metrics["train_images"]
+        .as_f64()
+        .with_context(|| format!("{}: no train_images", path.display()))
+}
+
 /// Seconds of the one epoch a run's history.csv records.
 fn epoch_seconds(out: &Path) -> Result<f64> {
     let path = out.join("history.csv");
@@ -107,6 +119,7 @@ pub fn scaling(args: &[String]) -> Result<()> {
     let mut rows = Vec::new();
     for backend in &s.backends {
         let mut per_rank_count = Vec::new();
+        let mut images = 0.0;
         for ranks in [1, s.ranks] {
             let mut fastest = f64::INFINITY;
             for _ in 0..s.repeat {
@@ -133,12 +146,13 @@ pub fn scaling(args: &[String]) -> Result<()> {
                 }
                 run(&mut c)?;
                 fastest = fastest.min(epoch_seconds(&out)?);
+                images = train_images(&out)?;
             }
             per_rank_count.push((ranks, fastest));
         }
         let (_, one) = per_rank_count[0];
         let (n, many) = per_rank_count[1];
-        let (rate_one, rate_many) = (s.limit as f64 / one, s.limit as f64 / many);
+        let (rate_one, rate_many) = (images / one, images / many);
         rows.push(format!(
             "| {backend} | {one:.2} | {rate_one:.0} | {many:.2} | {rate_many:.0} | {:.2}× | {:.0}% |",
             rate_many / rate_one,
@@ -146,7 +160,7 @@ pub fn scaling(args: &[String]) -> Result<()> {
         ));
     }
     println!(
-        "\nOne epoch of tutorial-mnist on {} Fashion-MNIST images, global batch {}, one thread per rank, the fastest of {} runs each:\n",
+        "\nOne epoch of tutorial-mnist on the first {} Fashion-MNIST training images less the tenth held out for validation, global batch {}, one thread per rank, the fastest of {} runs each:\n",
         s.limit, s.batch_size, s.repeat
     );
     println!(
