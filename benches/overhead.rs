@@ -77,7 +77,10 @@ fn plain_tch(c: &mut Criterion) {
             adam.backward_step(&loss);
             // What a loop reports: the loss and the correct answers.
             let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
-            (f64::try_from(&loss).unwrap(), i64::try_from(&correct).unwrap())
+            (
+                f64::try_from(&loss).unwrap(),
+                i64::try_from(&correct).unwrap(),
+            )
         })
     });
     group.finish();

@@ -16,22 +16,10 @@ use std::time::{Duration, Instant};
 use convkit::prelude::*;
 use convkit::Weights;
 
-/// `mpirun -np <ranks>` kept to this machine's loopback interface (TCP between the ranks, no
-/// other network), as root too, with one compute thread per rank.
+/// [`common::mpirun::loopback_mpirun`] with the tests' datasets, offline.
 fn mpirun(ranks: usize) -> Command {
-    let mut c = Command::new("mpirun");
-    c.args(["-np", &ranks.to_string()])
-        .args(["--oversubscribe", "--bind-to", "none"])
-        .args(["--mca", "btl", "self,tcp"])
-        .args(["--mca", "btl_tcp_if_include", "lo"])
-        .args(["--mca", "oob_tcp_if_include", "lo"])
-        // What `--allow-run-as-root` says, accepted by non-root runs too.
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        .env("OMP_NUM_THREADS", "1")
-        .env("CONVKIT_THREADS", "1")
-        .env("CONVKIT_DATA", common::data_dir())
+    let mut c = common::mpirun::loopback_mpirun(ranks);
+    c.env("CONVKIT_DATA", common::data_dir())
         .env("CONVKIT_OFFLINE", "1");
     c
 }

@@ -2,6 +2,8 @@
 //! match), tolerances, and small models and batches.
 #![allow(dead_code)]
 
+pub mod mpirun;
+
 use convkit::ndarray::{Array2, Array4};
 use convkit::spec::{Activation, LayerKind, Sequential, Shape};
 use convkit::Weights;

@@ -2,11 +2,14 @@
 //! N ranks (each with one compute thread), per engine, from a release build with `mpi`.
 
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
 use crate::{build_env, cargo, data_dir, run, target_dir};
+
+// The tests' loopback `mpirun`, so the benchmark runs as they do.
+#[path = "../../tests/common/mpirun.rs"]
+mod mpirun;
 
 /// What to measure: `--backends a,b`, `--ranks N` (against 1), `--limit` training images,
 /// `--batch-size` (the global batch), `--repeat` (runs of each, the fastest counts).
@@ -52,27 +55,6 @@ fn settings(args: &[String]) -> Result<Settings> {
         }
     }
     Ok(s)
-}
-
-/// `mpirun -np ranks` on the loopback interface, one thread per rank.
-fn mpirun(ranks: usize) -> Command {
-    let mut c = Command::new("mpirun");
-    c.args([
-        "-np",
-        &ranks.to_string(),
-        "--oversubscribe",
-        "--bind-to",
-        "none",
-    ])
-    .args(["--mca", "btl", "self,tcp"])
-    .args(["--mca", "btl_tcp_if_include", "lo"])
-    .args(["--mca", "oob_tcp_if_include", "lo"])
-    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    .env("RAYON_NUM_THREADS", "1")
-    .env("OMP_NUM_THREADS", "1")
-    .env("CONVKIT_THREADS", "1");
-    c
 }
 
 /// The number of images a run trained on, from its metrics.json.
@@ -124,7 +106,7 @@ pub fn scaling(args: &[String]) -> Result<()> {
             let mut fastest = f64::INFINITY;
             for _ in 0..s.repeat {
                 let out = scratch.join(format!("{backend}-{ranks}"));
-                let mut c = mpirun(ranks);
+                let mut c = mpirun::loopback_mpirun(ranks);
                 c.arg(&convkit).args([
                     "train",
                     "--dataset",

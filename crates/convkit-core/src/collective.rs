@@ -182,6 +182,16 @@ mod mpi_world {
             })
         }
 
+        /// `MPI_Allreduce` with `MPI_SUM`, into `values` (rsmpi has no in-place form).
+        fn sum<T: Equivalence + Clone>(&self, values: &mut [T]) -> Result<()> {
+            let send = values.to_vec();
+            self.watchdog.guard("an all-reduce", || {
+                self.world
+                    .all_reduce_into(&send[..], values, SystemOperation::sum())
+            });
+            Ok(())
+        }
+
         fn root(&self, root: usize) -> Result<Process<'_>> {
             if root >= self.size {
                 return Err(Error::config(
@@ -201,20 +211,10 @@ mod mpi_world {
             self.size
         }
         fn all_reduce_f32(&self, values: &mut [f32]) -> Result<()> {
-            let send = values.to_vec();
-            self.watchdog.guard("an all-reduce", || {
-                self.world
-                    .all_reduce_into(&send[..], values, SystemOperation::sum())
-            });
-            Ok(())
+            self.sum(values)
         }
         fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()> {
-            let send = values.to_vec();
-            self.watchdog.guard("an all-reduce", || {
-                self.world
-                    .all_reduce_into(&send[..], values, SystemOperation::sum())
-            });
-            Ok(())
+            self.sum(values)
         }
         fn broadcast(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
             let process = self.root(root)?;

@@ -587,15 +587,9 @@ impl<O: Ops> Network for Executor<O> {
         if distributed {
             self.sum_over_group(n, &tracked, &mut step)?;
         }
-        let StepParts {
-            loss,
-            correct,
-            grads,
-            moving,
-        } = step;
         self.training.begin_step();
         let mut penalty = 0.0;
-        for ((i, w), grad) in self.plan.weights.iter().enumerate().zip(grads) {
+        for ((i, w), grad) in self.plan.weights.iter().enumerate().zip(step.grads) {
             if !w.role.is_optimized() {
                 continue;
             }
@@ -645,14 +639,14 @@ impl<O: Ops> Network for Executor<O> {
                 self.ops.assign(&mut self.values[i], new)?;
             }
         }
-        for (i, value) in moving {
+        for (i, value) in step.moving {
             if let Some(value) = value {
                 self.values[i] = value;
             }
         }
         Ok(StepStats {
-            loss: (loss as f64 + penalty) as f32,
-            correct,
+            loss: (step.loss as f64 + penalty) as f32,
+            correct: step.correct,
         })
     }
 
