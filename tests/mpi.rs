@@ -227,8 +227,9 @@ fn rank_pid(marker: &str, rank: usize) -> Option<u32> {
         })
 }
 
-#[test]
-fn a_rank_killed_mid_run_stops_mpirun_with_an_error() {
+/// Start a long `mpirun -np 2 convkit train`, send rank 1 `signal` once the first epoch is
+/// done, and wait (at most a minute) for mpirun to end: its status and everything it printed.
+fn signal_rank_1_mid_run(signal: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().to_str().unwrap().to_string();
     let mut child = mpirun(2)
@@ -245,6 +246,7 @@ fn a_rank_killed_mid_run_stops_mpirun_with_an_error() {
             dir.path().join("run").to_str().unwrap(),
         ])
         .env("CONVKIT_TEST_MARK", &marker)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -260,18 +262,19 @@ fn a_rank_killed_mid_run_stops_mpirun_with_an_error() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let pid = rank_pid(&marker, 1).expect("rank 1 is running");
-    let killed = Instant::now();
+    let signalled = Instant::now();
     Command::new("kill")
-        .args(["-9", &pid.to_string()])
+        .args([signal, &pid.to_string()])
         .status()
         .unwrap();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        if killed.elapsed() > Duration::from_secs(60) {
+        if signalled.elapsed() > Duration::from_secs(60) {
             let _ = child.kill();
-            panic!("mpirun still runs a minute after rank 1 was killed");
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("mpirun still runs a minute after rank 1 got {signal}");
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -281,15 +284,33 @@ fn a_rank_killed_mid_run_stops_mpirun_with_an_error() {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+    (status, t)
+}
+
+#[test]
+fn a_rank_killed_mid_run_stops_mpirun_with_an_error() {
+    let (status, t) = signal_rank_1_mid_run("-KILL", &[]);
     assert!(!status.success(), "{t}");
     assert!(t.contains("rank 1"), "the message names the rank: {t}");
+}
+
+#[test]
+fn a_stuck_rank_stops_the_others_after_the_collective_timeout() {
+    // Rank 1 stops (SIGSTOP) without dying: rank 0 waits in the step's all-reduce until the
+    // watchdog ends it, and mpirun then ends the job.
+    let (status, t) = signal_rank_1_mid_run("-STOP", &[("CONVKIT_COLLECTIVE_TIMEOUT", "3")]);
+    assert!(!status.success(), "{t}");
+    assert!(
+        t.contains("rank 0 of 2 waited") && t.contains("one of them is stuck or gone"),
+        "{t}"
+    );
 }
 
 fn space(dir: &Path) -> PathBuf {
     let space = dir.join("space.toml");
     std::fs::write(
         &space,
-        "model = \"tutorial-mnist\"\ndataset = \"synthetic\"\nlimit = 96\nvalidation_split = 0.25\n[space]\noptimizer = [\"adam\", \"sgd\"]\nfilters = [4, 8]\nbatch_size = [16]\n",
+        "model = \"tutorial-mnist\"\ndataset = \"synthetic\"\nlimit = 400\nvalidation_split = 0.25\n[space]\noptimizer = [\"adam\", \"sgd\"]\nfilters = [4, 64]\nbatch_size = [16]\n",
     )
     .unwrap();
     space
@@ -373,8 +394,16 @@ fn sharded_and_mpi_searches_give_the_one_process_table() {
         text(&o)
     );
 
-    // Two MPI ranks split the trials and rank 0 writes the table.
-    search(&mut mpirun(2).arg(convkit_bin()), "mpi", &[]);
+    // Two MPI ranks split the trials and rank 0 writes the table. Rank 1 has the larger
+    // models (64 filters), so rank 0 waits for it, about 2 s here: longer than a collective call may, which
+    // the search's barrier allows.
+    search(
+        mpirun(2)
+            .arg(convkit_bin())
+            .env("CONVKIT_COLLECTIVE_TIMEOUT", "0.5"),
+        "mpi",
+        &[],
+    );
     assert_eq!(table(&dir.path().join("mpi")), alone);
     assert_eq!(
         std::fs::read_to_string(dir.path().join("mpi/best.json")).unwrap(),

@@ -11,7 +11,8 @@ use crate::{Error, Result};
 
 /// A group of processes, each knowing its rank. Every method is collective: every rank calls
 /// it, in the same order, with buffers of the same length (for broadcast, the root's length
-/// wins), or the group waits until [`timeout`] and stops with an error naming the wait.
+/// wins). A call that waits longer than [`timeout`] for the other ranks stops this rank with
+/// an error naming the wait ([`Collective::barrier`] excepted).
 pub trait Collective {
     /// This process's rank, `0..size`.
     fn rank(&self) -> usize;
@@ -23,6 +24,10 @@ pub trait Collective {
     fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()>;
     /// `root`'s bytes on every rank (each rank's `bytes` is replaced, length and all).
     fn broadcast(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()>;
+    /// Wait until every rank gets here, for as long as it takes: after work whose length
+    /// differs between the ranks (a search's trials), before the next collective call, which
+    /// [`timeout`] limits. A rank that dies meanwhile still ends the job (the launcher sees it).
+    fn barrier(&self) -> Result<()>;
 
     /// Every rank's `mine`, in rank order, on every rank.
     fn all_gather(&self, mine: Vec<u8>) -> Result<Vec<Vec<u8>>> {
@@ -66,6 +71,9 @@ impl Collective for Solo {
         Ok(())
     }
     fn broadcast(&self, _bytes: &mut Vec<u8>, _root: usize) -> Result<()> {
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
         Ok(())
     }
 }
@@ -226,6 +234,11 @@ mod mpi_world {
                 .guard("a broadcast", || process.broadcast_into(&mut bytes[..]));
             Ok(())
         }
+        fn barrier(&self) -> Result<()> {
+            // No watchdog: the wait is the other ranks' work.
+            self.world.barrier();
+            Ok(())
+        }
         fn abort(&self, code: i32) {
             self.world.abort(code)
         }
@@ -260,7 +273,7 @@ mod mpi_world {
                     if waited > limit {
                         let what = *w.lock().unwrap_or_else(|e| e.into_inner());
                         eprintln!(
-                            "convkit: rank {rank} of {size} waited {:.0} s in {what} for the other ranks (CONVKIT_COLLECTIVE_TIMEOUT is {:.0} s): one of them is stuck or gone; stopping",
+                            "convkit: rank {rank} of {size} waited {:.1} s in {what} for the other ranks (CONVKIT_COLLECTIVE_TIMEOUT is {} s): one of them is stuck or gone; stopping",
                             waited.as_secs_f64(),
                             limit.as_secs_f64()
                         );

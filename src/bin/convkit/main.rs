@@ -689,7 +689,9 @@ fn search(args: SearchArgs, group: &Group) -> anyhow::Result<()> {
     };
     let mine = run_trials(&args, &config, &base, shard, group.is_root())?;
     let results = if group.size() > 1 {
-        // Rank 0 gathers every rank's part and writes the table.
+        // Rank 0 gathers every rank's part and writes the table, once every rank has run its
+        // trials, however long that takes.
+        group.barrier()?;
         let json = serde_json::to_vec(&mine)?;
         let mut parts = Vec::new();
         for (rank, bytes) in group.all_gather(json)?.into_iter().enumerate() {
