@@ -59,14 +59,32 @@ fn spec() -> Sequential {
         .add(Dense::new(3).activation(Activation::Softmax))
 }
 
-/// Three epochs of `engine` with `group`: the weights and the History as JSON.
+/// [`spec`] with BatchNormalization after the convolution, Dropout before the head, and
+/// flips: what each rank computes from its own share and streams.
+fn spec_with_statistics_and_streams() -> Sequential {
+    Sequential::new(8, 8, 1)
+        .add(Conv2D::new(4, 3).activation(Activation::Relu))
+        .add(BatchNormalization::new())
+        .max_pool(2)
+        .flatten()
+        .add(Dropout::new(0.3))
+        .add(Dense::new(3).activation(Activation::Softmax))
+}
+
+/// Three epochs of `engine` with `group`, on [`spec`] (`plain`) or on
+/// [`spec_with_statistics_and_streams`] with flips: the weights and the History as JSON.
 fn train(
     engine: &str,
     group: Option<std::rc::Rc<dyn convkit::collective::Collective>>,
+    plain: bool,
 ) -> (Weights, String) {
     let backend = convkit::backend(engine).unwrap();
     let mut model = Model::new(
-        spec(),
+        if plain {
+            spec()
+        } else {
+            spec_with_statistics_and_streams()
+        },
         Compile::new(Optimizer::adam(), Loss::SparseCategoricalCrossentropy),
         backend.as_ref(),
         11,
@@ -76,20 +94,23 @@ fn train(
         model.distribute(group);
     }
     let (train, validation) = data();
-    let history = model
+    let mut fit = model
         .fit(&train)
         .epochs(3)
         .batch_size(10)
         .seed(4)
         .validation_data(&validation)
-        .verbosity(Verbosity::Silent)
-        .run()
-        .unwrap();
+        .verbosity(Verbosity::Silent);
+    if !plain {
+        fit = fit.augment(Augment::parse("flip").unwrap());
+    }
+    let history = fit.run().unwrap();
     let history = serde_json::to_string(&history).unwrap();
     (model.weights().unwrap(), history)
 }
 
-/// One rank of [`two_ranks_train_as_one_process_does`]: trains on `CONVKIT_TEST_ENGINE` and
+/// One rank of [`two_ranks_train_as_one_process_does`]: trains on `CONVKIT_TEST_ENGINE`
+/// (`CONVKIT_TEST_PLAIN`: 1 for [`spec`], 0 for the model with statistics and streams) and
 /// writes its weights and History to `CONVKIT_TEST_OUT/rank<r>.*`.
 #[test]
 #[ignore = "run by mpirun from the other tests"]
@@ -99,45 +120,65 @@ fn data_parallel_worker() {
     let engine = std::env::var("CONVKIT_TEST_ENGINE").unwrap();
     let out = PathBuf::from(std::env::var_os("CONVKIT_TEST_OUT").unwrap());
     let rank = group.rank();
-    let (weights, history) = train(&engine, Some(group));
+    let plain = std::env::var("CONVKIT_TEST_PLAIN").unwrap() == "1";
+    let (weights, history) = train(&engine, Some(group), plain);
     let bytes = weights.to_safetensors(Default::default()).unwrap();
     std::fs::write(out.join(format!("rank{rank}.safetensors")), bytes).unwrap();
     std::fs::write(out.join(format!("rank{rank}.json")), history).unwrap();
 }
 
+/// Each rank's weights and History after [`data_parallel_worker`] on two ranks.
+fn two_ranks(engine: &str, plain: bool) -> [(Weights, String); 2] {
+    let dir = tempfile::tempdir().unwrap();
+    let o = output(
+        mpirun(2)
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "data_parallel_worker",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("CONVKIT_TEST_ENGINE", engine)
+            .env("CONVKIT_TEST_PLAIN", if plain { "1" } else { "0" })
+            .env("CONVKIT_TEST_OUT", dir.path()),
+    );
+    assert!(o.status.success(), "{engine}: {}", text(&o));
+    [0, 1].map(|rank| {
+        let path = dir.path().join(format!("rank{rank}.safetensors"));
+        let bytes = std::fs::read(&path).unwrap();
+        let (weights, _) = Weights::from_safetensors(&path, &bytes).unwrap();
+        let history = std::fs::read_to_string(dir.path().join(format!("rank{rank}.json")));
+        (weights, history.unwrap())
+    })
+}
+
 #[test]
-fn two_ranks_train_as_one_process_does() {
-    let exe = std::env::current_exe().unwrap();
+fn ranks_stay_identical_with_batch_normalisation_dropout_and_augmentation() {
     for engine in common::end_to_end_engines() {
         let engine = engine.name();
-        let dir = tempfile::tempdir().unwrap();
-        let o = output(
-            mpirun(2)
-                .arg(&exe)
-                .args([
-                    "--exact",
-                    "data_parallel_worker",
-                    "--ignored",
-                    "--nocapture",
-                ])
-                .env("CONVKIT_TEST_ENGINE", engine)
-                .env("CONVKIT_TEST_OUT", dir.path()),
-        );
-        assert!(o.status.success(), "{engine}: {}", text(&o));
-        let read = |rank: usize| {
-            let path = dir.path().join(format!("rank{rank}.safetensors"));
-            let bytes = std::fs::read(&path).unwrap();
-            let (weights, _) = Weights::from_safetensors(&path, &bytes).unwrap();
-            let history = std::fs::read_to_string(dir.path().join(format!("rank{rank}.json")));
-            (weights, history.unwrap())
-        };
-        let (w0, h0) = read(0);
-        let (w1, h1) = read(1);
+        let [(w0, h0), (w1, h1)] = two_ranks(engine, false);
+        assert_eq!(w0, w1, "{engine}: the ranks' weights differ");
+        assert_eq!(h0, h1, "{engine}: the ranks' Histories differ");
+        // The moving statistics moved, from the sum of both ranks' shares.
+        let (alone, _) = train(engine, None, false);
+        let moved = w0.get("batch_normalization.moving_mean").unwrap();
+        assert!(moved.data.iter().any(|&m| m != 0.0), "{engine}: {moved:?}");
+        // Each rank draws its own masks and flips, so the run is not one process's.
+        assert!(alone != w0, "{engine}: two ranks drew one process's masks");
+    }
+}
+
+#[test]
+fn two_ranks_train_as_one_process_does() {
+    for engine in common::end_to_end_engines() {
+        let engine = engine.name();
+        let [(w0, h0), (w1, h1)] = two_ranks(engine, true);
         // The ranks hold the very same model and History.
         assert_eq!(w0, w1, "{engine}: the ranks' weights differ");
         assert_eq!(h0, h1, "{engine}: the ranks' Histories differ");
         // One process on the same global batches ends where the two ranks did, to rounding.
-        let (alone, history) = train(engine, None);
+        let (alone, history) = train(engine, None, true);
         for (name, diff) in alone.max_abs_diff(&w0).unwrap() {
             assert!(
                 diff <= 1e-5,
