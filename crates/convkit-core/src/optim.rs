@@ -108,8 +108,7 @@ impl Optimizer {
                 epsilon,
                 ..
             } => {
-                let t = step as i32;
-                let alpha = lr * (1.0 - beta_2.powi(t)).sqrt() / (1.0 - beta_1.powi(t));
+                let alpha = adam_step_size(lr, beta_1, beta_2, step);
                 let m = slot(&mut slots.m, w)?;
                 *m = m.add(&g.sub(m)?.affine(1.0 - beta_1, 0.0)?)?;
                 let v = slot(&mut slots.v, w)?;
@@ -220,8 +219,7 @@ impl Optimizer {
                 epsilon,
                 ..
             } => {
-                let t = step as i32;
-                let alpha = lr * (1.0 - beta_2.powi(t)).sqrt() / (1.0 - beta_1.powi(t));
+                let alpha = adam_step_size(lr, beta_1, beta_2, step);
                 let (m, v) = (m.expect("Adam keeps m"), v.expect("Adam keeps v"));
                 for (i, ((w, m), v)) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).enumerate()
                 {
@@ -756,4 +754,10 @@ mod tests {
             .fold(0.0, f32::max);
         assert!(worst <= 1e-7, "{label}: differs by {worst}");
     }
+}
+
+/// Adam's bias-corrected step size at update `step` (from 1): `lr·√(1 − β₂ᵗ) / (1 − β₁ᵗ)`.
+fn adam_step_size(lr: f64, beta_1: f64, beta_2: f64, step: u64) -> f64 {
+    let t = step as i32;
+    lr * (1.0 - beta_2.powi(t)).sqrt() / (1.0 - beta_1.powi(t))
 }
