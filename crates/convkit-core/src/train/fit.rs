@@ -560,17 +560,26 @@ fn positions_of_every_rank(
 ) -> Result<[String; 2]> {
     let mine = positions.iter().flat_map(|p| p.to_le_bytes()).collect();
     let all = group.all_gather(mine)?;
-    let column = |k: usize| {
-        all.iter()
-            .map(|bytes| {
-                let mut word = [0u8; 16];
-                word.copy_from_slice(&bytes[16 * k..16 * (k + 1)]);
-                u128::from_le_bytes(word).to_string()
-            })
-            .collect::<Vec<_>>()
-            .join(",")
+    let column = |k: usize| -> Result<String> {
+        let mut column = Vec::with_capacity(all.len());
+        for (rank, bytes) in all.iter().enumerate() {
+            let word: [u8; 16] = bytes
+                .get(16 * k..16 * (k + 1))
+                .and_then(|w| w.try_into().ok())
+                .ok_or_else(|| {
+                    Error::config(
+                        "backup",
+                        format!(
+                            "rank {rank} sent {} bytes of stream positions, expected 32",
+                            bytes.len()
+                        ),
+                    )
+                })?;
+            column.push(u128::from_le_bytes(word).to_string());
+        }
+        Ok(column.join(","))
     };
-    Ok([column(0), column(1)])
+    Ok([column(0)?, column(1)?])
 }
 
 /// This rank's position of the `stream` recorded in a backup as
