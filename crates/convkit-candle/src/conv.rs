@@ -6,18 +6,18 @@
 //! layer whose input needs none, and the kernel gradient as a convolution with an
 //! image-sized kernel. Here every pass is an im2col (or col2im) and a GEMM: the forward
 //! `W · cols` per image, the kernel gradient `dy · colsᵀ` over the whole batch at once, the
-//! input gradient `col2im(Wᵀ · dy)` per image, and the input gradient only when the input is
+//! input gradient `col2im(Wᵀ · dy[n])` per image, and the input gradient only when the input is
 //! tracked. `cols` is `[c·kh·kw, oh·ow]`: kernel entry by output position. Images are
-//! spread over candle's rayon pool; padding (TensorFlow's asymmetric `same` included) and
+//! spread over candle's own CPU threads ([`crate::threads`]); padding (TensorFlow's asymmetric `same` included) and
 //! per-axis strides are handled in im2col, so nothing is copied to pad. The bias is part of
 //! the op: each output row starts at its bias before the GEMM adds to it, and its gradient is
 //! one pass over the output gradient (candle's broadcast-add backward would reduce over three
 //! strided axes, which took a sixth of a training step).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::host::values;
+use crate::threads::{for_each_chunk, for_each_share};
 
 /// The name errors give the op.
 const OP: &str = "convkit conv2d";
@@ -122,8 +122,13 @@ impl Geometry {
                 Some(start) => {
                     out[..xs.start].fill(0.0);
                     out[xs.end..].fill(0.0);
-                    for x in xs {
-                        out[x] = image[start + x * sw - left];
+                    if sw == 1 {
+                        let from = start + xs.start - left;
+                        out[xs.clone()].copy_from_slice(&image[from..from + xs.len()]);
+                    } else {
+                        for x in xs {
+                            out[x] = image[start + x * sw - left];
+                        }
                     }
                 }
             }
@@ -141,13 +146,16 @@ impl Geometry {
     /// `cols[q·(n·positions) + i·positions + p]` for the whole batch `x`, rows in parallel.
     fn im2col_batch(&self, x: &[f32], cols: &mut [f32]) {
         let (positions, image) = (self.positions(), self.image());
-        cols.par_chunks_mut(self.n * positions)
-            .enumerate()
-            .for_each(|(q, row)| {
+        for_each_chunk(
+            cols,
+            self.n * positions,
+            || (),
+            |(), q, row| {
                 for (i, out) in row.chunks_exact_mut(positions).enumerate() {
                     self.im2col_entry(q, &x[i * image..][..image], out);
                 }
-            });
+            },
+        );
     }
 
     /// The inverse scatter of [`Geometry::im2col`]: adds every entry of `cols` to the image
@@ -159,8 +167,15 @@ impl Geometry {
             self.taps(q, |y, start, xs| {
                 if let Some(start) = start {
                     let from = &row[y * ow..][..ow];
-                    for x in xs {
-                        image[start + x * sw - left] += from[x];
+                    if sw == 1 {
+                        let to = start + xs.start - left;
+                        for (v, d) in image[to..to + xs.len()].iter_mut().zip(&from[xs]) {
+                            *v += d;
+                        }
+                    } else {
+                        for x in xs {
+                            image[start + x * sw - left] += from[x];
+                        }
                     }
                 }
             });
@@ -240,28 +255,29 @@ impl CustomOp3 for Conv2d {
         }
         let (positions, patch) = (g.positions(), g.patch());
         let mut y = vec![0f32; g.n * g.o * positions];
-        y.par_chunks_mut(g.o * positions)
-            .zip(x.par_chunks(g.image()))
-            .for_each_init(
-                || vec![0f32; positions * patch],
-                |cols, (y, x)| {
-                    for (row, &b) in y.chunks_mut(positions).zip(bias) {
-                        row.fill(b);
-                    }
-                    g.im2col(x, cols);
-                    matmul(
-                        (g.o, positions, patch),
-                        y,
-                        (positions, 1),
-                        true,
-                        kernel,
-                        (patch, 1),
-                        cols,
-                        (positions, 1),
-                        gemm::Parallelism::None,
-                    );
-                },
-            );
+        for_each_chunk(
+            &mut y,
+            g.o * positions,
+            || vec![0f32; positions * patch],
+            |cols, image, y| {
+                let x = &x[image * g.image()..][..g.image()];
+                for (row, &b) in y.chunks_mut(positions).zip(bias) {
+                    row.fill(b);
+                }
+                g.im2col(x, cols);
+                matmul(
+                    (g.o, positions, patch),
+                    y,
+                    (positions, 1),
+                    true,
+                    kernel,
+                    (patch, 1),
+                    cols,
+                    (positions, 1),
+                    gemm::Parallelism::None,
+                );
+            },
+        );
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.oh, g.ow))))
     }
 
@@ -359,33 +375,39 @@ impl CustomOp2 for KernelGrad {
             values(dys, dyl, OP, "output gradient")?,
         );
         let (positions, patch) = (g.positions(), g.patch());
-        // One GEMM over the whole batch, `dy [o, n·positions] · colsᵀ [n·positions, patch]`:
-        // gemm splits the output, never the sum, so the result does not depend on the
-        // number of threads or their timing (a resumed run repeats an uninterrupted one).
+        // One GEMM over the whole batch, `dy [o, n·positions] · colsᵀ [n·positions, patch]`,
+        // its output rows shared out between the threads: each sum runs whole on one thread,
+        // so the result does not depend on the number of threads or their timing (a resumed
+        // run repeats an uninterrupted one).
         let samples = g.n * positions;
         let mut cols = vec![0f32; patch * samples];
         g.im2col_batch(x, &mut cols);
         let mut dy_t = vec![0f32; g.o * samples];
-        dy_t.par_chunks_mut(samples)
-            .enumerate()
-            .for_each(|(oc, row)| {
+        for_each_chunk(
+            &mut dy_t,
+            samples,
+            || (),
+            |(), oc, row| {
                 for (image, part) in row.chunks_mut(positions).enumerate() {
                     let from = (image * g.o + oc) * positions;
                     part.copy_from_slice(&dy[from..from + positions]);
                 }
-            });
-        let mut dk = vec![0f32; g.o * patch];
-        matmul(
-            (g.o, patch, samples),
-            &mut dk,
-            (patch, 1),
-            false,
-            &dy_t,
-            (samples, 1),
-            &cols,
-            (1, samples),
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            },
         );
+        let mut dk = vec![0f32; g.o * patch];
+        for_each_share(&mut dk, patch, |channels, dk| {
+            matmul(
+                (channels.len(), patch, samples),
+                dk,
+                (patch, 1),
+                false,
+                &dy_t[channels.start * samples..],
+                (samples, 1),
+                &cols,
+                (1, samples),
+                gemm::Parallelism::None,
+            );
+        });
         Ok((CpuStorage::F32(dk), Shape::from(self.kernel.as_slice())))
     }
 }
@@ -415,25 +437,26 @@ impl CustomOp2 for InputGrad {
         );
         let (positions, patch) = (g.positions(), g.patch());
         let mut dx = vec![0f32; g.n * g.image()];
-        dx.par_chunks_mut(g.image())
-            .zip(dy.par_chunks(g.o * positions))
-            .for_each_init(
-                || vec![0f32; positions * patch],
-                |dcols, (dx, dy)| {
-                    matmul(
-                        (positions, patch, g.o),
-                        dcols,
-                        (1, positions),
-                        false,
-                        dy,
-                        (1, positions),
-                        kernel,
-                        (patch, 1),
-                        gemm::Parallelism::None,
-                    );
-                    g.col2im(dcols, dx);
-                },
-            );
+        for_each_chunk(
+            &mut dx,
+            g.image(),
+            || vec![0f32; positions * patch],
+            |dcols, image, dx| {
+                let dy = &dy[image * g.o * positions..][..g.o * positions];
+                matmul(
+                    (positions, patch, g.o),
+                    dcols,
+                    (1, positions),
+                    false,
+                    dy,
+                    (1, positions),
+                    kernel,
+                    (patch, 1),
+                    gemm::Parallelism::None,
+                );
+                g.col2im(dcols, dx);
+            },
+        );
         Ok((CpuStorage::F32(dx), Shape::from(self.image.as_slice())))
     }
 }

@@ -15,6 +15,7 @@ mod conv;
 mod host;
 mod pool;
 mod relu;
+mod threads;
 mod update;
 
 use candle_core::{DType, Device, Tensor, Var, D};

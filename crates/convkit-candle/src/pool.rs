@@ -6,10 +6,9 @@
 //! window; so does this, for any window and stride, without the seven tensor passes the
 //! workaround built from candle's own ops took.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
-
 use crate::host::values;
+use crate::threads::for_each_chunk;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// The name errors give the op.
 const OP: &str = "convkit max_pool2d";
@@ -38,15 +37,34 @@ impl MaxPool2d {
         Ok((n * c, h, w, (h - kh) / sh + 1, (w - kw) / sw + 1))
     }
 
-    /// The index within a `h`×`w` plane of the first maximum of output `(y, x)`'s window.
+    /// The index within a `h`×`w` plane of the first maximum of output `(y, x)`'s window: an
+    /// entry replaces the best so far only when greater (so a NaN first stays, and a later
+    /// NaN never wins). The common 2×2 window is unrolled.
     fn first_max(&self, plane: &[f32], w: usize, y: usize, x: usize) -> usize {
         let ([kh, kw], [sh, sw]) = (self.size, self.strides);
-        let mut best = (y * sh) * w + x * sw;
+        let corner = y * sh * w + x * sw;
+        let (mut best, mut top) = (corner, plane[corner]);
+        if (kh, kw) == (2, 2) {
+            let (upper, lower) = (
+                &plane[corner..corner + 2],
+                &plane[corner + w..corner + w + 2],
+            );
+            for (i, v) in [
+                (corner + 1, upper[1]),
+                (corner + w, lower[0]),
+                (corner + w + 1, lower[1]),
+            ] {
+                if v > top {
+                    (best, top) = (i, v);
+                }
+            }
+            return best;
+        }
         for ky in 0..kh {
-            let row = (y * sh + ky) * w + x * sw;
-            for i in row..row + kw {
-                if plane[i] > plane[best] {
-                    best = i;
+            let row = corner + ky * w;
+            for (i, &v) in plane[row..row + kw].iter().enumerate() {
+                if v > top {
+                    (best, top) = (row + i, v);
                 }
             }
         }
@@ -63,15 +81,19 @@ impl CustomOp1 for MaxPool2d {
         let (_, h, w, oh, ow) = self.geometry(layout.dims())?;
         let x = values(storage, layout, OP, "input")?;
         let mut y = vec![0f32; x.len() / (h * w) * oh * ow];
-        y.par_chunks_mut(oh * ow)
-            .zip(x.par_chunks(h * w))
-            .for_each(|(y, plane)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        y[oy * ow + ox] = plane[self.first_max(plane, w, oy, ox)];
+        for_each_chunk(
+            &mut y,
+            oh * ow,
+            || (),
+            |(), p, y| {
+                let plane = &x[p * h * w..][..h * w];
+                for (oy, y) in y.chunks_exact_mut(ow).enumerate() {
+                    for (ox, y) in y.iter_mut().enumerate() {
+                        *y = plane[self.first_max(plane, w, oy, ox)];
                     }
                 }
-            });
+            },
+        );
         let dims = layout.dims();
         Ok((CpuStorage::F32(y), Shape::from((dims[0], dims[1], oh, ow))))
     }
@@ -106,15 +128,19 @@ impl CustomOp2 for MaxPool2dGrad {
             values(dys, dyl, OP, "output gradient")?,
         );
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(h * w)
-            .zip(x.par_chunks(h * w).zip(dy.par_chunks(oh * ow)))
-            .for_each(|(dx, (plane, dy))| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        dx[pool.first_max(plane, w, oy, ox)] += dy[oy * ow + ox];
+        for_each_chunk(
+            &mut dx,
+            h * w,
+            || (),
+            |(), p, dx| {
+                let (plane, dy) = (&x[p * h * w..][..h * w], &dy[p * oh * ow..][..oh * ow]);
+                for (oy, dy) in dy.chunks_exact(ow).enumerate() {
+                    for (ox, &d) in dy.iter().enumerate() {
+                        dx[pool.first_max(plane, w, oy, ox)] += d;
                     }
                 }
-            });
+            },
+        );
         Ok((CpuStorage::F32(dx), Shape::from(xl.dims())))
     }
 }
@@ -171,5 +197,49 @@ mod tests {
             expected[i] = g;
         }
         assert_eq!(dx.to_vec1::<f32>().unwrap(), expected);
+    }
+
+    /// The unrolled 2×2 window and the general loop pick the same entry as a plain row-major
+    /// scan, on planes full of ties and with NaNs.
+    #[test]
+    fn first_maximum_matches_a_plain_scan() {
+        let (h, w) = (9, 8);
+        // values from a small set: many ties; a NaN every 13 entries
+        let plane: Vec<f32> = (0..h * w)
+            .map(|i| {
+                if i % 13 == 5 {
+                    f32::NAN
+                } else {
+                    ((i * 7) % 4) as f32
+                }
+            })
+            .collect();
+        for (size, strides) in [
+            ([2, 2], [2, 2]),
+            ([2, 2], [1, 1]),
+            ([3, 3], [2, 2]),
+            ([2, 3], [1, 2]),
+        ] {
+            let pool = MaxPool2d { size, strides };
+            let (_, _, _, oh, ow) = pool.geometry(&[1, 1, h, w]).unwrap();
+            for y in 0..oh {
+                for x in 0..ow {
+                    let mut best = None::<usize>;
+                    for ky in 0..size[0] {
+                        for kx in 0..size[1] {
+                            let i = (y * strides[0] + ky) * w + x * strides[1] + kx;
+                            if best.is_none_or(|b| plane[i] > plane[b]) {
+                                best = Some(i);
+                            }
+                        }
+                    }
+                    assert_eq!(
+                        pool.first_max(&plane, w, y, x),
+                        best.unwrap(),
+                        "{size:?} {strides:?} ({y}, {x})"
+                    );
+                }
+            }
+        }
     }
 }

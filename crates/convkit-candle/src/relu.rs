@@ -5,10 +5,9 @@
 //! initialisation, with zero biases). The engine's device-neutral workaround, `x · (x > 0)`,
 //! takes three passes forward and two back; this takes one each. NaN stays NaN.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
-
 use crate::host::values;
+use crate::threads::for_each_chunk;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// The name errors give the op.
 const OP: &str = "convkit relu";
@@ -28,13 +27,16 @@ impl CustomOp1 for Relu {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = values(storage, layout, OP, "input")?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
+        for_each_chunk(
+            &mut y,
+            CHUNK,
+            || (),
+            |(), i, y| {
+                for (y, &x) in y.iter_mut().zip(&x[i * CHUNK..]) {
                     *y = if x <= 0.0 { 0.0 } else { x };
                 }
-            });
+            },
+        );
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -63,13 +65,17 @@ impl CustomOp2 for ReluGrad {
             values(ys, yl, OP, "output")?,
         );
         let mut dx = vec![0f32; dy.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-            .for_each(|(dx, (dy, y))| {
+        for_each_chunk(
+            &mut dx,
+            CHUNK,
+            || (),
+            |(), i, dx| {
+                let (dy, y) = (&dy[i * CHUNK..], &y[i * CHUNK..]);
                 for ((dx, &dy), &y) in dx.iter_mut().zip(dy).zip(y) {
                     *dx = if y > 0.0 { dy } else { 0.0 };
                 }
-            });
+            },
+        );
         Ok((CpuStorage::F32(dx), dyl.shape().clone()))
     }
 }
