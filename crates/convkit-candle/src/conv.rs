@@ -332,7 +332,7 @@ impl CustomOp1 for BiasGrad {
 
     fn cpu_fwd(&self, dys: &CpuStorage, dyl: &Layout) -> Result<(CpuStorage, Shape)> {
         let dy = values(dys, dyl, OP, "output gradient")?;
-        let (&[_, o, oh, ow], &[bias]) = (dyl.dims(), self.bias.as_slice()) else {
+        let (&[images, o, oh, ow], &[bias]) = (dyl.dims(), self.bias.as_slice()) else {
             candle_core::bail!(
                 "convkit conv2d bias gradient: expected dy [n, o, oh, ow] and a bias [o], found {:?} and {:?}",
                 dyl.dims(),
@@ -342,11 +342,21 @@ impl CustomOp1 for BiasGrad {
         if bias != o {
             candle_core::bail!("convkit conv2d bias gradient: {o} channels, a bias of {bias}")
         }
-        let mut sums = vec![0f64; o];
-        for (plane, values) in dy.chunks(oh * ow).enumerate() {
-            sums[plane % o] += values.iter().map(|&v| v as f64).sum::<f64>();
-        }
-        let db: Vec<f32> = sums.into_iter().map(|s| s as f32).collect();
+        let positions = oh * ow;
+        let mut db = vec![0f32; o];
+        // One channel's sum per task, over its images in order: the same on every run.
+        for_each_chunk(
+            &mut db,
+            1,
+            || (),
+            |(), channel, db| {
+                let sum: f64 = (0..images)
+                    .map(|image| &dy[(image * o + channel) * positions..][..positions])
+                    .map(|plane| plane.iter().map(|&v| v as f64).sum::<f64>())
+                    .sum();
+                db[0] = sum as f32;
+            },
+        );
         Ok((CpuStorage::F32(db), Shape::from(self.bias.as_slice())))
     }
 }
