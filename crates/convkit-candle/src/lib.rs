@@ -12,6 +12,7 @@
 //! ```
 
 mod conv;
+mod dense;
 mod host;
 mod pool;
 mod relu;
@@ -300,6 +301,14 @@ impl Ops for CandleOps {
     }
 
     fn dense(&self, x: &Value, kernel: &Value, bias: &Value) -> convkit_core::Result<Value> {
+        if self.device.is_cpu() && x.0.rank() == 2 {
+            return self
+                .lift((|| {
+                    let (kernel, bias) = (kernel.0.contiguous()?, bias.0.contiguous()?);
+                    x.0.contiguous()?.apply_op3(&kernel, &bias, dense::Dense)
+                })())
+                .map(Value);
+        }
         self.lift(
             kernel
                 .0
