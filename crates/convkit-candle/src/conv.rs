@@ -245,31 +245,26 @@ impl CustomOp3 for Conv2d {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let dx = if x.track_op() {
-            let input = InputGrad {
-                conv: *self,
-                image: x.dims().to_vec(),
-            };
-            Some(dy.apply_op2_no_bwd(&kernel.contiguous()?, &input)?)
-        } else {
-            None
+        let input = InputGrad {
+            conv: *self,
+            image: x.dims().to_vec(),
         };
-        let dk = if kernel.track_op() {
-            let grad = KernelGrad {
-                conv: *self,
-                kernel: kernel.dims().to_vec(),
-            };
-            Some(x.contiguous()?.apply_op2_no_bwd(&dy, &grad)?)
-        } else {
-            None
+        let dx = (x.track_op())
+            .then(|| dy.apply_op2_no_bwd(&kernel.contiguous()?, &input))
+            .transpose()?;
+        let grad = KernelGrad {
+            conv: *self,
+            kernel: kernel.dims().to_vec(),
         };
-        let db = if bias.track_op() {
-            Some(dy.apply_op1_no_bwd(&BiasGrad {
-                bias: bias.dims().to_vec(),
-            })?)
-        } else {
-            None
+        let dk = (kernel.track_op())
+            .then(|| x.contiguous()?.apply_op2_no_bwd(&dy, &grad))
+            .transpose()?;
+        let bias_grad = BiasGrad {
+            bias: bias.dims().to_vec(),
         };
+        let db = (bias.track_op())
+            .then(|| dy.apply_op1_no_bwd(&bias_grad))
+            .transpose()?;
         Ok((dx, dk, db))
     }
 }
@@ -429,77 +424,29 @@ impl CustomOp2 for InputGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::assert_matches_candle;
     use candle_core::{Device, Var};
-
-    fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// Forward and the three gradients against candle's own conv2d and broadcast add, where that one applies:
     /// symmetric padding, one stride, and (for its backward, which fails otherwise) windows
     /// that tile the padded input exactly. The conformance suite covers the rest against Keras.
     #[test]
     fn matches_candles_conv2d_forward_and_backward() {
-        let device = Device::Cpu;
         for (pad, stride, h, w) in [(0, 1, 9, 8), (1, 1, 9, 8), (1, 2, 9, 7), (2, 3, 8, 11)] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 2, h, w), &device).unwrap())
-                .unwrap();
-            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 2, 3, 3), &device).unwrap())
-                .unwrap();
-            let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 4, &device).unwrap()).unwrap();
-            let ours = x
-                .as_tensor()
-                .apply_op3(
-                    k.as_tensor(),
-                    b.as_tensor(),
-                    Conv2d {
-                        pad: [pad; 4],
-                        strides: [stride; 2],
-                    },
-                )
-                .unwrap();
-            let theirs = x
-                .as_tensor()
-                .conv2d(k.as_tensor(), pad, stride, 1, 1)
-                .unwrap()
-                .broadcast_add(&b.as_tensor().reshape((1, 4, 1, 1)).unwrap())
-                .unwrap();
-            assert_eq!(ours.dims(), theirs.dims());
-            assert!(
-                max_gap(&ours, &theirs) < 1e-4,
-                "forward, pad {pad} stride {stride}"
+            let conv = Conv2d {
+                pad: [pad; 4],
+                strides: [stride; 2],
+            };
+            assert_matches_candle(
+                conv,
+                [&[3, 2, h, w], &[4, 2, 3, 3], &[4]],
+                |x, k, b| {
+                    x.conv2d(k, pad, stride, 1, 1)?
+                        .broadcast_add(&b.reshape((1, 4, 1, 1))?)
+                },
+                [1e-4, 1e-3],
+                &format!("pad {pad} stride {stride}"),
             );
-            // a loss that weighs every output differently
-            let weights = Tensor::randn(0f32, 1.0, ours.dims(), &device).unwrap();
-            let g_ours = (ours * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g_theirs = (theirs * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (what, v) in [("input", &x), ("kernel", &k), ("bias", &b)] {
-                let (a, b) = (g_ours.get(v.as_tensor()), g_theirs.get(v.as_tensor()));
-                let gap = max_gap(a.unwrap(), b.unwrap());
-                assert!(
-                    gap < 1e-3,
-                    "{what} gradient, pad {pad} stride {stride}: {gap}"
-                );
-            }
         }
     }
 

@@ -82,18 +82,15 @@ impl CustomOp3 for Dense {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let dx = match x.track_op() {
-            true => Some(dy.apply_op2_no_bwd(&kernel.contiguous()?, &InputGrad)?),
-            false => None,
-        };
-        let dk = match kernel.track_op() {
-            true => Some(dy.apply_op2_no_bwd(&x.contiguous()?, &KernelGrad)?),
-            false => None,
-        };
-        let db = match bias.track_op() {
-            true => Some(dy.apply_op1_no_bwd(&BiasGrad)?),
-            false => None,
-        };
+        let dx = (x.track_op())
+            .then(|| dy.apply_op2_no_bwd(&kernel.contiguous()?, &InputGrad))
+            .transpose()?;
+        let dk = (kernel.track_op())
+            .then(|| dy.apply_op2_no_bwd(&x.contiguous()?, &KernelGrad))
+            .transpose()?;
+        let db = (bias.track_op())
+            .then(|| dy.apply_op1_no_bwd(&BiasGrad))
+            .transpose()?;
         Ok((dx, dk, db))
     }
 }
@@ -219,64 +216,21 @@ impl CustomOp1 for BiasGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testing::{assert_matches_candle, random_var};
+    use candle_core::Device;
 
     /// Forward and the three gradients against candle's matmul and broadcast add, for batches
     /// that split evenly between threads and ones that do not.
     #[test]
     fn matches_candles_matmul_forward_and_backward() {
-        let device = Device::Cpu;
         for (n, inputs, units) in [(1, 3, 2), (5, 7, 3), (32, 40, 9)] {
-            let var = |dims: &[usize]| {
-                Var::from_tensor(&Tensor::randn(0f32, 1.0, dims, &device).unwrap()).unwrap()
-            };
-            let (x, k, b) = (var(&[n, inputs]), var(&[units, inputs]), var(&[units]));
-            let ours = x
-                .as_tensor()
-                .apply_op3(k.as_tensor(), b.as_tensor(), Dense)
-                .unwrap();
-            let theirs = x
-                .as_tensor()
-                .matmul(&k.as_tensor().t().unwrap())
-                .unwrap()
-                .broadcast_add(b.as_tensor())
-                .unwrap();
-            assert_eq!(ours.dims(), theirs.dims());
-            assert!(
-                max_gap(&ours, &theirs) < 1e-4,
-                "forward, {n}×{inputs}→{units}"
+            assert_matches_candle(
+                Dense,
+                [&[n, inputs], &[units, inputs], &[units]],
+                |x, k, b| x.matmul(&k.t()?)?.broadcast_add(b),
+                [1e-4, 1e-4],
+                &format!("{n}×{inputs}→{units}"),
             );
-            let weights = Tensor::randn(0f32, 1.0, ours.dims(), &device).unwrap();
-            let g_ours = (ours * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g_theirs = (theirs * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (what, v) in [("input", &x), ("kernel", &k), ("bias", &b)] {
-                let (a, b) = (g_ours.get(v.as_tensor()), g_theirs.get(v.as_tensor()));
-                let gap = max_gap(a.unwrap(), b.unwrap());
-                assert!(gap < 1e-4, "{what} gradient, {n}×{inputs}→{units}: {gap}");
-            }
         }
     }
 
@@ -284,9 +238,7 @@ mod tests {
     fn the_input_gradient_is_skipped_for_a_constant_input_and_bad_shapes_are_errors() {
         let device = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (4, 3), &device).unwrap();
-        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3), &device).unwrap()).unwrap();
-        let b =
-            Var::from_tensor(&Tensor::zeros(2, candle_core::DType::F32, &device).unwrap()).unwrap();
+        let (k, b) = (random_var(&[2, 3]), random_var(&[2]));
         let y = x.apply_op3(k.as_tensor(), b.as_tensor(), Dense).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(&x).is_none());

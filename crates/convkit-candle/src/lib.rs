@@ -16,6 +16,8 @@ mod dense;
 mod host;
 mod pool;
 mod relu;
+#[cfg(test)]
+mod testing;
 mod threads;
 mod update;
 
