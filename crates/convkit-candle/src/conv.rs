@@ -16,8 +16,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::host::{matmul, values};
-use crate::threads::{for_each_chunk, for_each_share};
+use crate::host::{matmul, matmul_by_rows, values};
+use crate::threads::for_each_chunk;
 
 /// The name errors give the op.
 const OP: &str = "convkit conv2d";
@@ -355,19 +355,15 @@ impl CustomOp2 for KernelGrad {
             },
         );
         let mut dk = vec![0f32; g.o * patch];
-        for_each_share(&mut dk, patch, |channels, dk| {
-            matmul(
-                (channels.len(), patch, samples),
-                dk,
-                (patch, 1),
-                false,
-                &dy_t[channels.start * samples..],
-                (samples, 1),
-                &cols,
-                (1, samples),
-                gemm::Parallelism::None,
-            );
-        });
+        matmul_by_rows(
+            &mut dk,
+            (patch, samples),
+            false,
+            &dy_t,
+            (samples, 1),
+            &cols,
+            (1, samples),
+        );
         Ok((CpuStorage::F32(dk), Shape::from(self.kernel.as_slice())))
     }
 }

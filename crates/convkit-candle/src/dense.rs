@@ -10,8 +10,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::host::{matmul, values};
-use crate::threads::for_each_share;
+use crate::host::{matmul_by_rows, values};
 
 /// The name errors give the op.
 const OP: &str = "convkit dense";
@@ -53,23 +52,16 @@ impl CustomOp3 for Dense {
                 bl.dims()
             )
         }
-        let mut y = vec![0f32; n * units];
-        for_each_share(&mut y, units, |rows, y| {
-            for row in y.chunks_exact_mut(units) {
-                row.copy_from_slice(bias);
-            }
-            matmul(
-                (rows.len(), units, inputs),
-                y,
-                (units, 1),
-                true,
-                &x[rows.start * inputs..],
-                (inputs, 1),
-                kernel,
-                (1, inputs),
-                gemm::Parallelism::None,
-            );
-        });
+        let mut y = bias.repeat(n);
+        matmul_by_rows(
+            &mut y,
+            (units, inputs),
+            true,
+            x,
+            (inputs, 1),
+            kernel,
+            (1, inputs),
+        );
         Ok((CpuStorage::F32(y), Shape::from((n, units))))
     }
 
@@ -83,10 +75,24 @@ impl CustomOp3 for Dense {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let dx = (x.track_op())
-            .then(|| dy.apply_op2_no_bwd(&kernel.contiguous()?, &InputGrad))
+            .then(|| {
+                dy.apply_op2_no_bwd(
+                    &kernel.contiguous()?,
+                    &Product {
+                        lhs_transposed: false,
+                    },
+                )
+            })
             .transpose()?;
         let dk = (kernel.track_op())
-            .then(|| dy.apply_op2_no_bwd(&x.contiguous()?, &KernelGrad))
+            .then(|| {
+                dy.apply_op2_no_bwd(
+                    &x.contiguous()?,
+                    &Product {
+                        lhs_transposed: true,
+                    },
+                )
+            })
             .transpose()?;
         let db = (bias.track_op())
             .then(|| dy.apply_op1_no_bwd(&BiasGrad))
@@ -95,97 +101,55 @@ impl CustomOp3 for Dense {
     }
 }
 
-/// `dx [n, inputs] = dy [n, units] · kernel [units, inputs]`.
-struct InputGrad;
-
-impl CustomOp2 for InputGrad {
-    fn name(&self) -> &'static str {
-        "convkit-dense-input-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dys: &CpuStorage,
-        dyl: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (&[n, units], &[k_units, inputs]) = (dyl.dims(), kl.dims()) else {
-            candle_core::bail!(
-                "{OP}: expected dy [n, units] and a kernel [units, inputs], found {:?} and {:?}",
-                dyl.dims(),
-                kl.dims()
-            )
-        };
-        if units != k_units {
-            candle_core::bail!("{OP}: dy has {units} units, the kernel {k_units}")
-        }
-        let (dy, kernel) = (
-            values(dys, dyl, OP, "output gradient")?,
-            values(ks, kl, OP, "kernel")?,
-        );
-        let mut dx = vec![0f32; n * inputs];
-        for_each_share(&mut dx, inputs, |rows, dx| {
-            matmul(
-                (rows.len(), inputs, units),
-                dx,
-                (inputs, 1),
-                false,
-                &dy[rows.start * units..],
-                (units, 1),
-                kernel,
-                (inputs, 1),
-                gemm::Parallelism::None,
-            );
-        });
-        Ok((CpuStorage::F32(dx), Shape::from((n, inputs))))
-    }
+/// The product of two 2-D tensors, the left one read transposed or not: the input gradient
+/// `dy [n, units] · kernel [units, inputs]` and the kernel gradient
+/// `dyᵀ [units, n] · x [n, inputs]`.
+struct Product {
+    lhs_transposed: bool,
 }
 
-/// `dkernel [units, inputs] = dyᵀ [units, n] · x [n, inputs]`.
-struct KernelGrad;
-
-impl CustomOp2 for KernelGrad {
+impl CustomOp2 for Product {
     fn name(&self) -> &'static str {
-        "convkit-dense-kernel-grad"
+        "convkit-dense-grad"
     }
 
     fn cpu_fwd(
         &self,
-        dys: &CpuStorage,
-        dyl: &Layout,
-        xs: &CpuStorage,
-        xl: &Layout,
+        ls: &CpuStorage,
+        ll: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (&[n, units], &[x_n, inputs]) = (dyl.dims(), xl.dims()) else {
+        let (&[l_rows, l_cols], &[k, n]) = (ll.dims(), rl.dims()) else {
             candle_core::bail!(
-                "{OP}: expected dy [n, units] and an input [n, inputs], found {:?} and {:?}",
-                dyl.dims(),
-                xl.dims()
+                "{OP} gradient: expected two matrices, found {:?} and {:?}",
+                ll.dims(),
+                rl.dims()
             )
         };
-        if n != x_n {
-            candle_core::bail!("{OP}: dy has {n} rows, the input {x_n}")
+        let (m, l_k, lhs_strides) = match self.lhs_transposed {
+            false => (l_rows, l_cols, (l_cols, 1)),
+            true => (l_cols, l_rows, (1, l_cols)),
+        };
+        if l_k != k {
+            candle_core::bail!(
+                "{OP} gradient: {:?}{} by {:?} do not multiply",
+                ll.dims(),
+                if self.lhs_transposed {
+                    " transposed"
+                } else {
+                    ""
+                },
+                rl.dims()
+            )
         }
-        let (dy, x) = (
-            values(dys, dyl, OP, "output gradient")?,
-            values(xs, xl, OP, "input")?,
+        let (lhs, rhs) = (
+            values(ls, ll, OP, "gradient")?,
+            values(rs, rl, OP, "operand")?,
         );
-        let mut dk = vec![0f32; units * inputs];
-        for_each_share(&mut dk, inputs, |units_here, dk| {
-            matmul(
-                (units_here.len(), inputs, n),
-                dk,
-                (inputs, 1),
-                false,
-                &dy[units_here.start..],
-                (1, units),
-                x,
-                (inputs, 1),
-                gemm::Parallelism::None,
-            );
-        });
-        Ok((CpuStorage::F32(dk), Shape::from((units, inputs))))
+        let mut out = vec![0f32; m * n];
+        matmul_by_rows(&mut out, (n, k), false, lhs, lhs_strides, rhs, (n, 1));
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
 

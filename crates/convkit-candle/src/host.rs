@@ -4,6 +4,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
 
+use crate::threads::for_each_share;
+
 /// The values of a contiguous f32 CPU tensor; `op` and `what` name it in an error (`convkit
 /// conv2d`, `kernel`).
 pub(crate) fn values<'a>(
@@ -78,4 +80,31 @@ pub(crate) fn matmul(
             parallelism,
         )
     }
+}
+
+/// `out [m×n] (+)= lhs [m×k] · rhs [k×n]` with `out` contiguous and its rows shared out
+/// between candle's CPU threads ([`for_each_share`]): every sum runs whole on one thread, so
+/// the result does not depend on the number of threads or their timing.
+pub(crate) fn matmul_by_rows(
+    out: &mut [f32],
+    (n, k): (usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+) {
+    for_each_share(out, n, |rows, out| {
+        matmul(
+            (rows.len(), n, k),
+            out,
+            (n, 1),
+            accumulate,
+            &lhs[rows.start * lhs_rs..],
+            (lhs_rs, lhs_cs),
+            rhs,
+            rhs_strides,
+            gemm::Parallelism::None,
+        );
+    });
 }
