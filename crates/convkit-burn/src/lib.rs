@@ -38,6 +38,9 @@ use convkit_core::plan::{PoolKind, Role, WeightSpec};
 use convkit_core::spec::{Activation, Sequential};
 use convkit_core::weights::Weights;
 
+#[cfg(feature = "flex")]
+mod host;
+
 /// Errors of the burn engine; they reach users as [`convkit_core::Error::Engine`].
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -51,6 +54,10 @@ pub enum Error {
     /// Reading a tensor back from the device failed.
     #[error("reading a tensor back from the device: {0}")]
     Readback(String),
+    /// convkit's CPU kernels refused the operands (burn-flex).
+    #[cfg(feature = "flex")]
+    #[error(transparent)]
+    Kernel(#[from] convkit_cpu::Error),
 }
 
 /// One burn backend on one device; the name is the CLI's `--backend` value.
@@ -222,6 +229,7 @@ impl Backend for BurnBackend {
             device: self.device.clone(),
             engine: self.name,
             host_memory: matches!(self.name, "burn-flex" | "burn-ndarray"),
+            host_kernels: self.name == "burn-flex",
         };
         Ok(Box::new(Executor::new(ops, spec, compile, weights)?))
     }
@@ -234,6 +242,10 @@ struct BurnOps {
     /// The backend keeps tensors in host memory (Flex, NdArray), where the optimizer update
     /// runs in one pass ([`Ops::update_in_place`]).
     host_memory: bool,
+    /// Convolution, max pooling, ReLU and Dense run on convkit-cpu's kernels ([`host`]):
+    /// burn-flex only; the other backends keep burn's operations.
+    #[cfg_attr(not(feature = "flex"), allow(dead_code))]
+    host_kernels: bool,
 }
 
 /// A burn tensor as core's executor and optimizer rules see it: always 4-D (see the crate
@@ -320,6 +332,53 @@ impl BurnOps {
     fn take_out(&self, t: &mut Value) -> TensorData {
         let placeholder = Tensor::<4>::empty([0, 1, 1, 1], &self.device);
         std::mem::replace(&mut t.0, placeholder).into_data()
+    }
+
+    /// `kernel`'s result, its error as the engine's.
+    #[cfg(feature = "flex")]
+    fn checked<T>(&self, kernel: convkit_cpu::Result<T>) -> convkit_core::Result<T> {
+        kernel.map_err(|e| convkit_core::Error::engine(self.engine, Error::Kernel(e)))
+    }
+
+    /// The operands of a convolution on the host kernels, checked.
+    #[cfg(feature = "flex")]
+    fn host_conv2d(
+        &self,
+        x: &Value,
+        kernel: &Value,
+        bias: &Value,
+        conv: convkit_cpu::conv::Conv2d,
+    ) -> convkit_core::Result<Value> {
+        let checked = conv
+            .shape(&x.0.dims(), &kernel.0.dims())
+            .and_then(|s| match bias.0.dims() {
+                [o, 1, 1, 1] if o == s.o => Ok(()),
+                found => Err(convkit_cpu::Error::Shape {
+                    op: "convkit conv2d",
+                    message: format!("expected a bias [{}, 1, 1, 1], found {found:?}", s.o),
+                }),
+            });
+        self.checked(checked)?;
+        Ok(Value(host::ops::conv2d(&x.0, &kernel.0, &bias.0, conv)))
+    }
+
+    /// The operands of a Dense product on the host kernels, checked: `x [n, inputs, 1, 1]`,
+    /// `kernel [inputs, units, 1, 1]`, `bias [units, 1, 1, 1]`.
+    #[cfg(feature = "flex")]
+    fn host_dense(&self, x: &Value, kernel: &Value, bias: &Value) -> convkit_core::Result<Value> {
+        match (x.0.dims(), kernel.0.dims(), bias.0.dims()) {
+            ([_, inputs, 1, 1], [k_inputs, units, 1, 1], [b_units, 1, 1, 1])
+                if inputs == k_inputs && units == b_units =>
+            {
+                Ok(Value(host::ops::dense(&x.0, &kernel.0, &bias.0)))
+            }
+            (x, kernel, bias) => self.checked(Err(convkit_cpu::Error::Shape {
+                op: "convkit dense",
+                message: format!(
+                    "expected an input [n, inputs, 1, 1], a kernel [inputs, units, 1, 1] and a bias [units, 1, 1, 1], found {x:?}, {kernel:?} and {bias:?}"
+                ),
+            })),
+        }
     }
 
     fn read_back(&self, t: Tensor<4>) -> convkit_core::Result<Vec<f32>> {
@@ -439,6 +498,11 @@ impl Ops for BurnOps {
         [top, bottom, left, right]: [usize; 4],
         strides: [usize; 2],
     ) -> convkit_core::Result<Value> {
+        #[cfg(feature = "flex")]
+        if self.host_kernels {
+            let conv = convkit_cpu::conv::Conv2d::new([top, bottom, left, right], strides);
+            return self.host_conv2d(x, kernel, bias, conv);
+        }
         let options =
             ConvOptions::new_with_padding(strides, [(top, bottom), (left, right)], [1, 1], 1);
         Ok(Value(conv2d(
@@ -456,6 +520,12 @@ impl Ops for BurnOps {
         size: [usize; 2],
         strides: [usize; 2],
     ) -> convkit_core::Result<Value> {
+        #[cfg(feature = "flex")]
+        if self.host_kernels && kind == PoolKind::Max {
+            let pool = convkit_cpu::pool::MaxPool2d::new(size, strides);
+            self.checked(pool.shape(&x.0.dims()))?;
+            return Ok(Value(host::ops::max_pool2d(&x.0, pool)));
+        }
         let x = x.0.clone();
         Ok(Value(match kind {
             PoolKind::Max => max_pool2d(x, MaxPoolOptions::new(size).with_stride(strides)),
@@ -473,6 +543,10 @@ impl Ops for BurnOps {
     }
 
     fn dense(&self, x: &Value, kernel: &Value, bias: &Value) -> convkit_core::Result<Value> {
+        #[cfg(feature = "flex")]
+        if self.host_kernels {
+            return self.host_dense(x, kernel, bias);
+        }
         let [_, out, _, _] = kernel.0.dims();
         let y = two(&x.0)
             .matmul(two(&kernel.0))
@@ -484,6 +558,8 @@ impl Ops for BurnOps {
         let x = x.0.clone();
         Ok(Value(match activation {
             Activation::Linear => x,
+            #[cfg(feature = "flex")]
+            Activation::Relu if self.host_kernels => host::ops::relu(&x),
             Activation::Relu => relu(x),
             Activation::Sigmoid => sigmoid(x),
             Activation::Tanh => tanh(x),

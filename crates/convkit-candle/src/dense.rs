@@ -1,16 +1,17 @@
-//! The Dense layer on the CPU, `y = x · kernelᵀ + bias`, forward and backward, as a candle
-//! custom op.
+//! The Dense layer on the CPU, `y = x · kernelᵀ + bias`, forward and backward, as candle
+//! custom ops over convkit-cpu's kernel ([`convkit_cpu::dense`]).
 //!
 //! candle's `matmul` of a small batch (32 × 1600 by 1600 × 128 in the tutorial's model) ran on
 //! the calling thread alone, and the bias's `broadcast_add` added a reduction to the backward.
-//! Here each GEMM is shared out between candle's CPU threads by output rows (so every sum runs
-//! whole on one thread, the same on every run), the bias is where the output starts, and its
-//! gradient is one pass over `dy`. The input gradient is computed only when the input is
-//! tracked.
+//! Here each GEMM is shared out between candle's CPU threads by output rows, the bias is where
+//! the output starts, and its gradient is one pass over `dy`. The input gradient is computed
+//! only when the input is tracked.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use convkit_cpu::dense::{Dense as Kernel, KernelLayout};
 
-use crate::host::{matmul_by_rows, values};
+use crate::host::{kernel_result, values};
+use crate::threads::CandleThreads;
 
 /// The name errors give the op.
 const OP: &str = "convkit dense";
@@ -19,10 +20,12 @@ const OP: &str = "convkit dense";
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Dense;
 
-/// `(n, inputs, units)` from the input's and the kernel's dims.
-fn sizes(x: &[usize], kernel: &[usize]) -> Result<(usize, usize, usize)> {
+/// The product's sizes from the input's and the kernel's dims.
+fn sizes(x: &[usize], kernel: &[usize]) -> Result<Kernel> {
     match (x, kernel) {
-        (&[n, inputs], &[units, k_inputs]) if inputs == k_inputs => Ok((n, inputs, units)),
+        (&[n, inputs], &[units, k_inputs]) if inputs == k_inputs => {
+            Ok(Kernel::new(n, inputs, units, KernelLayout::UnitsByInputs))
+        }
         _ => candle_core::bail!(
             "{OP}: expected an input [n, inputs] and a kernel [units, inputs], found {x:?} and {kernel:?}"
         ),
@@ -43,26 +46,11 @@ impl CustomOp3 for Dense {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, inputs, units) = sizes(xl.dims(), kl.dims())?;
+        let d = sizes(xl.dims(), kl.dims())?;
         let (x, kernel) = (values(xs, xl, OP, "input")?, values(ks, kl, OP, "kernel")?);
         let bias = values(bs, bl, OP, "bias")?;
-        if bias.len() != units {
-            candle_core::bail!(
-                "{OP}: expected a bias of {units} values, found {:?}",
-                bl.dims()
-            )
-        }
-        let mut y = bias.repeat(n);
-        matmul_by_rows(
-            &mut y,
-            (units, inputs),
-            true,
-            x,
-            (inputs, 1),
-            kernel,
-            (1, inputs),
-        );
-        Ok((CpuStorage::F32(y), Shape::from((n, units))))
+        let y = kernel_result(d.forward(&CandleThreads, x, kernel, bias))?;
+        Ok((CpuStorage::F32(y), Shape::from((d.n, d.units))))
     }
 
     fn bwd(
@@ -73,88 +61,57 @@ impl CustomOp3 for Dense {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = sizes(x.dims(), kernel.dims())?;
         let dy = dy.contiguous()?;
         let dx = (x.track_op())
-            .then(|| {
-                dy.apply_op2_no_bwd(
-                    &kernel.contiguous()?,
-                    &Product {
-                        lhs_transposed: false,
-                    },
-                )
-            })
+            .then(|| dy.apply_op2_no_bwd(&kernel.contiguous()?, &Grad::Input(d)))
             .transpose()?;
         let dk = (kernel.track_op())
-            .then(|| {
-                dy.apply_op2_no_bwd(
-                    &x.contiguous()?,
-                    &Product {
-                        lhs_transposed: true,
-                    },
-                )
-            })
+            .then(|| dy.apply_op2_no_bwd(&x.contiguous()?, &Grad::Kernel(d)))
             .transpose()?;
         let db = (bias.track_op())
-            .then(|| dy.apply_op1_no_bwd(&BiasGrad))
+            .then(|| dy.apply_op1_no_bwd(&BiasGrad(d)))
             .transpose()?;
         Ok((dx, dk, db))
     }
 }
 
-/// The product of two 2-D tensors, the left one read transposed or not: the input gradient
-/// `dy [n, units] · kernel [units, inputs]` and the kernel gradient
-/// `dyᵀ [units, n] · x [n, inputs]`.
-struct Product {
-    lhs_transposed: bool,
+/// A gradient from `dy` and one operand: the input's `dy · kernel`, `[n, inputs]`, or the
+/// kernel's `dyᵀ · x`, `[units, inputs]`.
+enum Grad {
+    Input(Kernel),
+    Kernel(Kernel),
 }
 
-impl CustomOp2 for Product {
+impl CustomOp2 for Grad {
     fn name(&self) -> &'static str {
         "convkit-dense-grad"
     }
 
     fn cpu_fwd(
         &self,
-        ls: &CpuStorage,
-        ll: &Layout,
-        rs: &CpuStorage,
-        rl: &Layout,
+        dys: &CpuStorage,
+        dyl: &Layout,
+        os: &CpuStorage,
+        ol: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (&[l_rows, l_cols], &[k, n]) = (ll.dims(), rl.dims()) else {
-            candle_core::bail!(
-                "{OP} gradient: expected two matrices, found {:?} and {:?}",
-                ll.dims(),
-                rl.dims()
-            )
-        };
-        let (m, l_k, lhs_strides) = match self.lhs_transposed {
-            false => (l_rows, l_cols, (l_cols, 1)),
-            true => (l_cols, l_rows, (1, l_cols)),
-        };
-        if l_k != k {
-            candle_core::bail!(
-                "{OP} gradient: {:?}{} by {:?} do not multiply",
-                ll.dims(),
-                if self.lhs_transposed {
-                    " transposed"
-                } else {
-                    ""
-                },
-                rl.dims()
-            )
-        }
-        let (lhs, rhs) = (
-            values(ls, ll, OP, "gradient")?,
-            values(rs, rl, OP, "operand")?,
+        let (dy, operand) = (
+            values(dys, dyl, OP, "gradient")?,
+            values(os, ol, OP, "operand")?,
         );
-        let mut out = vec![0f32; m * n];
-        matmul_by_rows(&mut out, (n, k), false, lhs, lhs_strides, rhs, (n, 1));
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+        let (values, shape) = match self {
+            Grad::Input(d) => (d.input_grad(&CandleThreads, dy, operand), (d.n, d.inputs)),
+            Grad::Kernel(d) => (
+                d.kernel_grad(&CandleThreads, operand, dy),
+                (d.units, d.inputs),
+            ),
+        };
+        Ok((CpuStorage::F32(kernel_result(values)?), Shape::from(shape)))
     }
 }
 
-/// `dbias [units]`: each unit's sum of `dy [n, units]` over the rows, in row order, in f64.
-struct BiasGrad;
+/// `dbias [units]`: each unit's sum of `dy [n, units]` over the rows.
+struct BiasGrad(Kernel);
 
 impl CustomOp1 for BiasGrad {
     fn name(&self) -> &'static str {
@@ -162,18 +119,9 @@ impl CustomOp1 for BiasGrad {
     }
 
     fn cpu_fwd(&self, dys: &CpuStorage, dyl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let &[_, units] = dyl.dims() else {
-            candle_core::bail!("{OP}: expected dy [n, units], found {:?}", dyl.dims())
-        };
         let dy = values(dys, dyl, OP, "output gradient")?;
-        let mut sums = vec![0f64; units];
-        for row in dy.chunks_exact(units) {
-            for (sum, &v) in sums.iter_mut().zip(row) {
-                *sum += v as f64;
-            }
-        }
-        let db: Vec<f32> = sums.into_iter().map(|s| s as f32).collect();
-        Ok((CpuStorage::F32(db), Shape::from(units)))
+        let db = kernel_result(self.0.bias_grad(dy))?;
+        Ok((CpuStorage::F32(db), Shape::from(self.0.units)))
     }
 }
 

@@ -251,10 +251,10 @@ impl Ops for CandleOps {
     ) -> convkit_core::Result<Value> {
         self.lift((|| {
             if self.device.is_cpu() {
-                let conv = conv::Conv2d {
-                    pad: [top, bottom, left, right],
+                let conv = conv::Conv2d(convkit_cpu::conv::Conv2d::new(
+                    [top, bottom, left, right],
                     strides,
-                };
+                ));
                 let (kernel, bias) = (kernel.0.contiguous()?, bias.0.contiguous()?);
                 return x.0.contiguous()?.apply_op3(&kernel, &bias, conv);
             }
@@ -280,10 +280,10 @@ impl Ops for CandleOps {
         let tiled = (kh, kw) == (sh, sw);
         self.lift(match kind {
             PoolKind::Max if self.device.is_cpu() => x.0.contiguous().and_then(|x| {
-                x.apply_op1(pool::MaxPool2d {
-                    size: [kh, kw],
-                    strides: [sh, sw],
-                })
+                x.apply_op1(pool::MaxPool2d(convkit_cpu::pool::MaxPool2d::new(
+                    [kh, kw],
+                    [sh, sw],
+                )))
             }),
             // candle's own max-pool forward is right; only its backward is not.
             PoolKind::Max if tiled && !x.0.track_op() => {

@@ -1,19 +1,17 @@
-//! ReLU on the CPU as one pass forward and one backward, as candle custom ops.
+//! ReLU on the CPU as candle custom ops over convkit-cpu's one-pass kernels
+//! ([`convkit_cpu::relu`]).
 //!
 //! candle 0.11.1's own `relu` passes the gradient at exactly 0; Keras and PyTorch give 0
 //! there, which matters on real images (a blank patch gives a pre-activation of exactly 0 at
 //! initialisation, with zero biases). The engine's device-neutral workaround, `x · (x > 0)`,
 //! takes three passes forward and two back; this takes one each. NaN stays NaN.
 
-use crate::host::values;
-use crate::threads::for_each_chunk;
+use crate::host::{kernel_result, values};
+use crate::threads::CandleThreads;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// The name errors give the op.
 const OP: &str = "convkit relu";
-
-/// Elements per parallel task: large enough to amortise the hand-off.
-const CHUNK: usize = 16 * 1024;
 
 /// `max(x, 0)`, with a gradient of 0 wherever the output is not positive.
 #[derive(Debug, Clone, Copy)]
@@ -26,17 +24,7 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = values(storage, layout, OP, "input")?;
-        let mut y = vec![0f32; x.len()];
-        for_each_chunk(
-            &mut y,
-            CHUNK,
-            || (),
-            |(), i, y| {
-                for (y, &x) in y.iter_mut().zip(&x[i * CHUNK..]) {
-                    *y = if x <= 0.0 { 0.0 } else { x };
-                }
-            },
-        );
+        let y = convkit_cpu::relu::forward(&CandleThreads, x);
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -64,18 +52,7 @@ impl CustomOp2 for ReluGrad {
             values(dys, dyl, OP, "output gradient")?,
             values(ys, yl, OP, "output")?,
         );
-        let mut dx = vec![0f32; dy.len()];
-        for_each_chunk(
-            &mut dx,
-            CHUNK,
-            || (),
-            |(), i, dx| {
-                let (dy, y) = (&dy[i * CHUNK..], &y[i * CHUNK..]);
-                for ((dx, &dy), &y) in dx.iter_mut().zip(dy).zip(y) {
-                    *dx = if y > 0.0 { dy } else { 0.0 };
-                }
-            },
-        );
+        let dx = kernel_result(convkit_cpu::relu::backward(&CandleThreads, dy, y))?;
         Ok((CpuStorage::F32(dx), dyl.shape().clone()))
     }
 }

@@ -1,0 +1,465 @@
+//! 2-D convolution as im2col + GEMM, forward and backward: the forward `W · cols` per image,
+//! the kernel gradient `dy · colsᵀ` over the whole batch at once, the input gradient
+//! `col2im(Wᵀ · dy[n])` per image. `cols` is `[c·kh·kw, oh·ow]`: kernel entry by output
+//! position. Padding (TensorFlow's asymmetric `same` included) and per-axis strides are
+//! handled in im2col, so nothing is copied to pad. The bias is where each output row starts,
+//! and its gradient one pass over the output gradient.
+
+use crate::gemm::{matmul, matmul_by_rows};
+use crate::threads::{for_each_chunk, Threads};
+use crate::{check_len, shape_error, Result};
+
+/// The name errors give the op.
+const OP: &str = "convkit conv2d";
+
+/// A convolution's settings: zero padding `[top, bottom, left, right]` and `strides`
+/// `[sh, sw]`, no dilation, one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2d {
+    pub pad: [usize; 4],
+    pub strides: [usize; 2],
+}
+
+impl Conv2d {
+    pub fn new(pad: [usize; 4], strides: [usize; 2]) -> Self {
+        Conv2d { pad, strides }
+    }
+
+    /// The sizes of this convolution over input `[n, c, h, w]` with kernel `[o, c, kh, kw]`.
+    pub fn shape(&self, input: &[usize], kernel: &[usize]) -> Result<Conv2dShape> {
+        let (&[n, c, h, w], &[o, kc, kh, kw]) = (input, kernel) else {
+            return Err(shape_error(
+                OP,
+                format!("expected a 4-D input and kernel, found {input:?} and {kernel:?}"),
+            ));
+        };
+        let [top, bottom, left, right] = self.pad;
+        let [sh, sw] = self.strides;
+        if kc != c || sh == 0 || sw == 0 || h + top + bottom < kh || w + left + right < kw {
+            return Err(shape_error(
+                OP,
+                format!(
+                    "kernel {kernel:?} does not fit input {input:?} with padding {:?} and strides {:?}",
+                    self.pad, self.strides
+                ),
+            ));
+        }
+        Ok(Conv2dShape {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            oh: (h + top + bottom - kh) / sh + 1,
+            ow: (w + left + right - kw) / sw + 1,
+            pad: self.pad,
+            strides: self.strides,
+        })
+    }
+}
+
+/// One convolution's sizes: input `[n, c, h, w]`, kernel `[o, c, kh, kw]`, bias `[o]`,
+/// output `[n, o, oh, ow]`, all NCHW and contiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dShape {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub o: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub pad: [usize; 4],
+    pub strides: [usize; 2],
+}
+
+impl Conv2dShape {
+    /// The output's dims, `[n, o, oh, ow]`.
+    pub fn output(&self) -> [usize; 4] {
+        [self.n, self.o, self.oh, self.ow]
+    }
+    /// The input's dims, `[n, c, h, w]`.
+    pub fn input(&self) -> [usize; 4] {
+        [self.n, self.c, self.h, self.w]
+    }
+    /// The kernel's dims, `[o, c, kh, kw]`.
+    pub fn kernel(&self) -> [usize; 4] {
+        [self.o, self.c, self.kh, self.kw]
+    }
+
+    /// Values of one image.
+    fn image(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    /// Output positions of one image.
+    fn positions(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// One kernel's values: a row of `cols`.
+    fn patch(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// `y [n, o, oh, ow] = W · im2col(x[n]) + b` from `x [n, c, h, w]`, `kernel [o, c, kh, kw]`
+    /// and `bias [o]`.
+    pub fn forward(
+        &self,
+        threads: &dyn Threads,
+        x: &[f32],
+        kernel: &[f32],
+        bias: &[f32],
+    ) -> Result<Vec<f32>> {
+        check_len(OP, "input", x.len(), self.n * self.image())?;
+        check_len(OP, "kernel", kernel.len(), self.o * self.patch())?;
+        check_len(OP, "bias", bias.len(), self.o)?;
+        let (positions, patch) = (self.positions(), self.patch());
+        let mut y = vec![0f32; self.n * self.o * positions];
+        for_each_chunk(
+            threads,
+            &mut y,
+            self.o * positions,
+            || vec![0f32; positions * patch],
+            |cols, image, y| {
+                let x = &x[image * self.image()..][..self.image()];
+                for (row, &b) in y.chunks_mut(positions).zip(bias) {
+                    row.fill(b);
+                }
+                self.im2col(x, cols);
+                matmul(
+                    (self.o, positions, patch),
+                    y,
+                    (positions, 1),
+                    true,
+                    kernel,
+                    (patch, 1),
+                    cols,
+                    (positions, 1),
+                );
+            },
+        );
+        Ok(y)
+    }
+
+    /// The input gradient `dx [n, c, h, w] = col2im(Wᵀ · dy[n])` from `dy [n, o, oh, ow]` and
+    /// `kernel [o, c, kh, kw]`.
+    pub fn input_grad(
+        &self,
+        threads: &dyn Threads,
+        dy: &[f32],
+        kernel: &[f32],
+    ) -> Result<Vec<f32>> {
+        check_len(
+            OP,
+            "output gradient",
+            dy.len(),
+            self.n * self.o * self.positions(),
+        )?;
+        check_len(OP, "kernel", kernel.len(), self.o * self.patch())?;
+        let (positions, patch) = (self.positions(), self.patch());
+        let mut dx = vec![0f32; self.n * self.image()];
+        for_each_chunk(
+            threads,
+            &mut dx,
+            self.image(),
+            || vec![0f32; positions * patch],
+            |dcols, image, dx| {
+                let dy = &dy[image * self.o * positions..][..self.o * positions];
+                matmul(
+                    (positions, patch, self.o),
+                    dcols,
+                    (1, positions),
+                    false,
+                    dy,
+                    (1, positions),
+                    kernel,
+                    (patch, 1),
+                );
+                self.col2im(dcols, dx);
+            },
+        );
+        Ok(dx)
+    }
+
+    /// The kernel gradient `dW [o, c, kh, kw] = Σₙ dy[n] · im2col(x[n])ᵀ` from
+    /// `x [n, c, h, w]` and `dy [n, o, oh, ow]`: one GEMM over the whole batch, its output rows
+    /// shared out between the threads.
+    pub fn kernel_grad(&self, threads: &dyn Threads, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
+        check_len(OP, "input", x.len(), self.n * self.image())?;
+        check_len(
+            OP,
+            "output gradient",
+            dy.len(),
+            self.n * self.o * self.positions(),
+        )?;
+        let (positions, patch) = (self.positions(), self.patch());
+        let samples = self.n * positions;
+        let mut cols = vec![0f32; patch * samples];
+        self.im2col_batch(threads, x, &mut cols);
+        // dy as [o, n·positions]
+        let mut dy_t = vec![0f32; self.o * samples];
+        for_each_chunk(
+            threads,
+            &mut dy_t,
+            samples,
+            || (),
+            |(), oc, row| {
+                for (image, part) in row.chunks_mut(positions).enumerate() {
+                    let from = (image * self.o + oc) * positions;
+                    part.copy_from_slice(&dy[from..from + positions]);
+                }
+            },
+        );
+        let mut dk = vec![0f32; self.o * patch];
+        matmul_by_rows(
+            threads,
+            &mut dk,
+            (patch, samples),
+            false,
+            &dy_t,
+            (samples, 1),
+            &cols,
+            (1, samples),
+        );
+        Ok(dk)
+    }
+
+    /// The bias gradient `db [o]`: each channel's sum of `dy [n, o, oh, ow]` over images and
+    /// positions, in a fixed order, accumulated in f64.
+    pub fn bias_grad(&self, threads: &dyn Threads, dy: &[f32]) -> Result<Vec<f32>> {
+        let (o, positions) = (self.o, self.positions());
+        check_len(OP, "output gradient", dy.len(), self.n * o * positions)?;
+        let mut db = vec![0f32; o];
+        for_each_chunk(
+            threads,
+            &mut db,
+            1,
+            || (),
+            |(), channel, db| {
+                let sum: f64 = (0..self.n)
+                    .map(|image| &dy[(image * o + channel) * positions..][..positions])
+                    .map(|plane| plane.iter().map(|&v| v as f64).sum::<f64>())
+                    .sum();
+                db[0] = sum as f32;
+            },
+        );
+        Ok(db)
+    }
+
+    /// The taps of kernel entry `q = (ci·kh + ky)·kw + kx`: for each output row `y`,
+    /// `visit(y, start, xs)` with the offset in the image of the input value under output
+    /// `(y, 0)` (as if unpadded; `None` when the whole row is padding) and the range `xs` of
+    /// output columns whose input column `x·sw + kx − left` lies inside the image.
+    fn taps(&self, q: usize, mut visit: impl FnMut(usize, Option<usize>, std::ops::Range<usize>)) {
+        let [top, _, left, _] = self.pad;
+        let [sh, sw] = self.strides;
+        let (ci, ky, kx) = (q / (self.kh * self.kw), q / self.kw % self.kh, q % self.kw);
+        let lo = left.saturating_sub(kx).div_ceil(sw).min(self.ow);
+        let hi = (self.w + left)
+            .saturating_sub(kx)
+            .div_ceil(sw)
+            .clamp(lo, self.ow);
+        for y in 0..self.oh {
+            let start = (y * sh + ky)
+                .checked_sub(top)
+                .filter(|&iy| iy < self.h)
+                // input column of output column x is x·sw + kx − left, ≥ 0 for x in lo..hi
+                .map(|iy| (ci * self.h + iy) * self.w + kx);
+            visit(y, start, lo..hi);
+        }
+    }
+
+    /// Kernel entry `q`'s row of im2col for one image: `out[y·ow + x]`, 0 in the padding.
+    fn im2col_entry(&self, q: usize, image: &[f32], out: &mut [f32]) {
+        let (ow, sw, left) = (self.ow, self.strides[1], self.pad[2]);
+        self.taps(q, |y, start, xs| {
+            let out = &mut out[y * ow..][..ow];
+            match start {
+                None => out.fill(0.0),
+                Some(start) => {
+                    out[..xs.start].fill(0.0);
+                    out[xs.end..].fill(0.0);
+                    if sw == 1 {
+                        let from = start + xs.start - left;
+                        out[xs.clone()].copy_from_slice(&image[from..from + xs.len()]);
+                    } else {
+                        for x in xs {
+                            out[x] = image[start + x * sw - left];
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// `cols[q·positions + p]` for one image: kernel entry `q` by output position `p = y·ow + x`.
+    fn im2col(&self, image: &[f32], cols: &mut [f32]) {
+        let positions = self.positions();
+        for (q, row) in cols.chunks_exact_mut(positions).enumerate() {
+            self.im2col_entry(q, image, row);
+        }
+    }
+
+    /// `cols[q·(n·positions) + i·positions + p]` for the whole batch `x`, rows in parallel.
+    fn im2col_batch(&self, threads: &dyn Threads, x: &[f32], cols: &mut [f32]) {
+        let (positions, image) = (self.positions(), self.image());
+        for_each_chunk(
+            threads,
+            cols,
+            self.n * positions,
+            || (),
+            |(), q, row| {
+                for (i, out) in row.chunks_exact_mut(positions).enumerate() {
+                    self.im2col_entry(q, &x[i * image..][..image], out);
+                }
+            },
+        );
+    }
+
+    /// The inverse scatter of [`Conv2dShape::im2col`]: adds every entry of `cols` to the
+    /// image value it came from.
+    fn col2im(&self, cols: &[f32], image: &mut [f32]) {
+        let (positions, ow, sw, left) = (self.positions(), self.ow, self.strides[1], self.pad[2]);
+        image.fill(0.0);
+        for (q, row) in cols.chunks_exact(positions).enumerate() {
+            self.taps(q, |y, start, xs| {
+                if let Some(start) = start {
+                    let from = &row[y * ow..][..ow];
+                    if sw == 1 {
+                        let to = start + xs.start - left;
+                        for (v, d) in image[to..to + xs.len()].iter_mut().zip(&from[xs]) {
+                            *v += d;
+                        }
+                    } else {
+                        for x in xs {
+                            image[start + x * sw - left] += from[x];
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, random, POOLS};
+
+    /// The direct definition: `y[n, o, i, j] = b[o] + Σ x[n, c, i·sh + ky − top, j·sw + kx − left] · k[o, c, ky, kx]`.
+    fn reference(s: &Conv2dShape, x: &[f32], k: &[f32], b: &[f32]) -> Vec<f32> {
+        let mut y = vec![0f32; s.n * s.o * s.oh * s.ow];
+        for n in 0..s.n {
+            for o in 0..s.o {
+                for i in 0..s.oh {
+                    for j in 0..s.ow {
+                        let mut sum = b[o] as f64;
+                        for c in 0..s.c {
+                            for ky in 0..s.kh {
+                                for kx in 0..s.kw {
+                                    let (iy, ix) = (
+                                        (i * s.strides[0] + ky) as isize - s.pad[0] as isize,
+                                        (j * s.strides[1] + kx) as isize - s.pad[2] as isize,
+                                    );
+                                    if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xv =
+                                        x[((n * s.c + c) * s.h + iy as usize) * s.w + ix as usize];
+                                    sum += (xv * k[((o * s.c + c) * s.kh + ky) * s.kw + kx]) as f64;
+                                }
+                            }
+                        }
+                        y[((n * s.o + o) * s.oh + i) * s.ow + j] = sum as f32;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// Forward against the definition; each gradient against the reference's own: the
+    /// forward is linear in each operand, so `⟨dy, f(x + e_i)⟩ − ⟨dy, f(x)⟩` is exact up to
+    /// rounding, and summing `dy · ∂y/∂v` directly gives the reference gradient.
+    #[test]
+    fn forward_and_gradients_match_the_definition() {
+        for (pad, strides, [h, w]) in [
+            ([0; 4], [1, 1], [7, 6]),
+            ([1; 4], [1, 1], [5, 5]),
+            ([0, 1, 0, 1], [2, 2], [6, 7]),
+            ([2, 1, 1, 2], [3, 2], [8, 9]),
+        ] {
+            let s = Conv2d::new(pad, strides)
+                .shape(&[2, 3, h, w], &[4, 3, 3, 2])
+                .unwrap();
+            let x = random(s.n * s.c * h * w, 1);
+            let k = random(s.o * s.patch(), 2);
+            let b = random(s.o, 3);
+            let dy = random(s.n * s.o * s.positions(), 4);
+            let expected = reference(&s, &x, &k, &b);
+            // Gradients of L = ⟨dy, y⟩, by linearity: dL/dv = ⟨dy, y(e_v)⟩ with the others 0 where linear.
+            let zero_b = vec![0f32; s.o];
+            let dot = |y: &[f32]| y.iter().zip(&dy).map(|(a, b)| (a * b) as f64).sum::<f64>();
+            let unit = |len: usize, i: usize| {
+                let mut v = vec![0f32; len];
+                v[i] = 1.0;
+                v
+            };
+            let dx_ref: Vec<f32> = (0..x.len())
+                .map(|i| dot(&reference(&s, &unit(x.len(), i), &k, &zero_b)) as f32)
+                .collect();
+            let dk_ref: Vec<f32> = (0..k.len())
+                .map(|i| dot(&reference(&s, &x, &unit(k.len(), i), &zero_b)) as f32)
+                .collect();
+            let db_ref: Vec<f32> = (0..s.o)
+                .map(|i| dot(&reference(&s, &vec![0.0; x.len()], &k, &unit(s.o, i))) as f32)
+                .collect();
+            for &threads in POOLS {
+                let what = format!("pad {pad:?} strides {strides:?}");
+                assert_close(
+                    &s.forward(threads, &x, &k, &b).unwrap(),
+                    &expected,
+                    1e-5,
+                    &what,
+                );
+                assert_close(
+                    &s.input_grad(threads, &dy, &k).unwrap(),
+                    &dx_ref,
+                    1e-5,
+                    &what,
+                );
+                assert_close(
+                    &s.kernel_grad(threads, &x, &dy).unwrap(),
+                    &dk_ref,
+                    1e-5,
+                    &what,
+                );
+                assert_close(&s.bias_grad(threads, &dy).unwrap(), &db_ref, 1e-5, &what);
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_are_errors() {
+        let conv = Conv2d::new([0; 4], [1, 1]);
+        let err = conv.shape(&[1, 2, 5, 5], &[3, 1, 3, 3]).unwrap_err();
+        assert!(
+            err.to_string().contains("does not fit input [1, 2, 5, 5]"),
+            "{err}"
+        );
+        let err = conv.shape(&[1, 1, 2, 2], &[1, 1, 3, 3]).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+        let s = conv.shape(&[1, 1, 3, 3], &[1, 1, 2, 2]).unwrap();
+        let err = s
+            .forward(&crate::Serial, &[0.0; 8], &[0.0; 4], &[0.0])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "convkit conv2d: expected 9 values for the input, found 8"
+        );
+    }
+}

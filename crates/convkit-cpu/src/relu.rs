@@ -1,0 +1,75 @@
+//! ReLU as one pass forward and one backward: `max(x, 0)` with a gradient of 0 wherever the
+//! output is not positive (at exactly 0 too, as Keras and PyTorch). NaN stays NaN.
+
+use crate::threads::{for_each_chunk, Threads};
+use crate::{check_len, Result};
+
+/// Elements per parallel task: large enough to amortise the hand-off.
+const CHUNK: usize = 16 * 1024;
+
+/// `y = max(x, 0)`, any shape.
+pub fn forward(threads: &dyn Threads, x: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    for_each_chunk(
+        threads,
+        &mut y,
+        CHUNK,
+        || (),
+        |(), i, y| {
+            for (y, &x) in y.iter_mut().zip(&x[i * CHUNK..]) {
+                *y = if x <= 0.0 { 0.0 } else { x };
+            }
+        },
+    );
+    y
+}
+
+/// `dx = dy` where the forward's output `y` is positive, 0 elsewhere.
+pub fn backward(threads: &dyn Threads, dy: &[f32], y: &[f32]) -> Result<Vec<f32>> {
+    check_len("convkit relu", "output", y.len(), dy.len())?;
+    let mut dx = vec![0f32; dy.len()];
+    for_each_chunk(
+        threads,
+        &mut dx,
+        CHUNK,
+        || (),
+        |(), i, dx| {
+            let (dy, y) = (&dy[i * CHUNK..], &y[i * CHUNK..]);
+            for ((dx, &dy), &y) in dx.iter_mut().zip(dy).zip(y) {
+                *dx = if y > 0.0 { dy } else { 0.0 };
+            }
+        },
+    );
+    Ok(dx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::POOLS;
+
+    #[test]
+    fn zero_gradient_at_zero_and_nan_kept_across_chunks() {
+        let x: Vec<f32> = (0..CHUNK * 2 + 5)
+            .map(|i| match i % 4 {
+                0 => -1.0,
+                1 => 0.0,
+                2 => i as f32,
+                _ => f32::NAN,
+            })
+            .collect();
+        let dy: Vec<f32> = (0..x.len()).map(|i| i as f32 + 1.0).collect();
+        for &threads in POOLS {
+            let y = forward(threads, &x);
+            let dx = backward(threads, &dy, &y).unwrap();
+            for (i, ((&x, &y), &dx)) in x.iter().zip(&y).zip(&dx).enumerate() {
+                if x.is_nan() {
+                    assert!(y.is_nan() && dx == 0.0, "{i}");
+                } else {
+                    assert_eq!(y, x.max(0.0), "{i}");
+                    assert_eq!(dx, if x > 0.0 { dy[i] } else { 0.0 }, "{i}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! How the kernels share work out between threads: each engine supplies its own pool.
+
+use std::ops::Range;
+
+/// A pool the kernels run their work on.
+pub trait Threads: Sync {
+    /// How many threads share the work out, the caller's included (at least 1).
+    fn count(&self) -> usize;
+
+    /// Calls `task` with ranges that together cover `0..tasks` once each, spread over the
+    /// threads; returns when every call has returned. A panic in `task` reaches the caller.
+    fn run(&self, tasks: usize, task: &(dyn Fn(Range<usize>) + Sync));
+
+    /// Calls `task(i)` once for every `i in 0..count()`, the calls at once where the pool can
+    /// give each its own thread (for a static split of equal shares); returns when all have.
+    fn each(&self, task: &(dyn Fn(usize) + Sync)) {
+        self.run(self.count(), &|range| range.for_each(task))
+    }
+}
+
+/// Everything on the calling thread.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Serial;
+
+impl Threads for Serial {
+    fn count(&self) -> usize {
+        1
+    }
+    fn run(&self, tasks: usize, task: &(dyn Fn(Range<usize>) + Sync)) {
+        if tasks > 0 {
+            task(0..tasks)
+        }
+    }
+}
+
+/// rayon's global pool: what burn's Flex backend runs its own operations on.
+#[cfg(feature = "rayon")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rayon;
+
+#[cfg(feature = "rayon")]
+impl Threads for Rayon {
+    fn count(&self) -> usize {
+        rayon::current_num_threads()
+    }
+    fn run(&self, tasks: usize, task: &(dyn Fn(Range<usize>) + Sync)) {
+        // A few ranges per thread, so one slow thread does not hold the others up.
+        let parts = tasks.min(4 * self.count()).max(1);
+        let per_part = tasks.div_ceil(parts);
+        use rayon::prelude::*;
+        (0..parts).into_par_iter().for_each(|part| {
+            let range = (part * per_part).min(tasks)..((part + 1) * per_part).min(tasks);
+            if !range.is_empty() {
+                task(range)
+            }
+        });
+    }
+}
+
+/// Runs `fill(scratch, i, chunk)` for every `chunk = out.chunks_mut(size)[i]` on `threads`,
+/// each thread with a `scratch` from `init` (made once per range of chunks it takes).
+pub fn for_each_chunk<S>(
+    threads: &dyn Threads,
+    out: &mut [f32],
+    size: usize,
+    init: impl Fn() -> S + Sync,
+    fill: impl Fn(&mut S, usize, &mut [f32]) + Sync,
+) {
+    let (len, size) = (out.len(), size.max(1));
+    // The address as an integer, so the closure is `Sync`; every chunk is derived from it.
+    let base = out.as_mut_ptr() as usize;
+    threads.run(len.div_ceil(size), &|range| {
+        let mut scratch = init();
+        for i in range {
+            let start = i * size;
+            let end = len.min(start + size);
+            // SAFETY: `run` hands out each index once, so the chunks `start..end` are
+            // disjoint, inside `out` and not aliased while `out` is mutably borrowed here,
+            // which lasts until every thread has finished.
+            let chunk = unsafe {
+                std::slice::from_raw_parts_mut((base as *mut f32).add(start), end - start)
+            };
+            fill(&mut scratch, i, chunk);
+        }
+    });
+}
+
+/// Splits `out`, rows of `row_len` values, into one contiguous share of rows per thread and
+/// runs `fill(rows, share)` for each share: a static split for work of equal cost per row
+/// (one GEMM's output rows), where the order of the shares never changes the result.
+pub fn for_each_share(
+    threads: &dyn Threads,
+    out: &mut [f32],
+    row_len: usize,
+    fill: impl Fn(Range<usize>, &mut [f32]) + Sync,
+) {
+    let rows = out.len() / row_len.max(1);
+    let per_share = rows.div_ceil(threads.count().max(1)).max(1);
+    let base = out.as_mut_ptr() as usize;
+    threads.each(&|share| {
+        let (first, last) = (
+            (share * per_share).min(rows),
+            ((share + 1) * per_share).min(rows),
+        );
+        if first < last {
+            // SAFETY: each share differs, so the row ranges are disjoint and inside `out`,
+            // which stays mutably borrowed until every thread has finished.
+            let part = unsafe {
+                std::slice::from_raw_parts_mut(
+                    (base as *mut f32).add(first * row_len),
+                    (last - first) * row_len,
+                )
+            };
+            fill(first..last, part);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::POOLS;
+
+    #[test]
+    fn every_chunk_once_with_a_short_last_one() {
+        for &threads in POOLS {
+            let mut out = vec![0f32; 1000];
+            for_each_chunk(
+                threads,
+                &mut out,
+                64,
+                || 0usize,
+                |seen, i, chunk| {
+                    *seen += 1;
+                    for v in chunk.iter_mut() {
+                        *v += i as f32 + 1.0;
+                    }
+                },
+            );
+            for (j, v) in out.iter().enumerate() {
+                assert_eq!(*v, (j / 64) as f32 + 1.0);
+            }
+        }
+    }
+
+    #[test]
+    fn every_row_in_one_share() {
+        for &threads in POOLS {
+            for rows in [1, 2, 3, 7, 64] {
+                let mut out = vec![0f32; rows * 5];
+                for_each_share(threads, &mut out, 5, |rows, share| {
+                    assert_eq!(share.len(), rows.len() * 5);
+                    for (row, values) in rows.zip(share.chunks_mut(5)) {
+                        values.iter_mut().for_each(|v| *v += row as f32);
+                    }
+                });
+                let expected: Vec<f32> = (0..rows * 5).map(|j| (j / 5) as f32).collect();
+                assert_eq!(out, expected);
+            }
+        }
+    }
+}
