@@ -1,7 +1,15 @@
-"""PyTorch eager as `convkit compare`'s reference row: the same model, initial weights, batches
+"""PyTorch as `convkit compare`'s yardstick rows: the same model, initial weights, batches
 and epochs as every engine, trained with torch.optim, timed the same way.
 
-    python convkit_compare_torch.py IN_DIR OUT.json
+    python convkit_compare_torch.py IN_DIR OUT.json [--tuned]
+
+Without ``--tuned``: PyTorch eager with NCHW tensors, the row a tutorial's reader runs. With
+it: what an informed user turns on, channels_last tensors, a fused optimizer where torch.optim
+has one (Adam and SGD), and ``torch.compile`` of the model (forward and backward) when it
+compiles here; compiling happens on a warm-up step before the clock starts, whose weights are
+then put back, and its time is reported in the row's device column, not in the epoch.
+``CONVKIT_TORCH_COMPILE=0`` leaves ``torch.compile`` out (the tests use it: compiling takes
+about a minute).
 
 IN_DIR is written by `convkit compare-worker --backends pytorch`:
 
@@ -21,6 +29,7 @@ a difference far below compare's tolerances.
 """
 
 import json
+import os
 import resource
 import sys
 import time
@@ -43,17 +52,23 @@ def load_u32(path):
     return torch.from_numpy(np.fromfile(path, dtype="<u4").astype(np.int64))
 
 
-def optimizer(params, rule):
+def optimizer(params, rule, fused=False):
+    """torch.optim's rule for convkit's; `fused` picks the fused kernel where there is one."""
     name = rule["name"]
+    fast = {"fused": True} if fused else {}
     if name == "adam":
-        return torch.optim.Adam(params, lr=rule["learning_rate"], betas=(rule["beta_1"], rule["beta_2"]), eps=rule["epsilon"])
+        return torch.optim.Adam(
+            params, lr=rule["learning_rate"], betas=(rule["beta_1"], rule["beta_2"]), eps=rule["epsilon"], **fast
+        )
     if name == "rmsprop":
         return torch.optim.RMSprop(
             params, lr=rule["learning_rate"], alpha=rule["rho"], eps=rule["epsilon"],
             momentum=rule["momentum"], centered=rule["centered"],
         )
     if name == "sgd":
-        return torch.optim.SGD(params, lr=rule["learning_rate"], momentum=rule["momentum"], nesterov=rule["nesterov"])
+        return torch.optim.SGD(
+            params, lr=rule["learning_rate"], momentum=rule["momentum"], nesterov=rule["nesterov"], **fast
+        )
     raise ValueError(f"unknown optimizer {name}")
 
 
@@ -100,7 +115,33 @@ def named_tensors(model, spec):
     return dict(zip(names, values))
 
 
-def main(in_dir, out_json):
+def tune(model, train_x, train_y, batch, loss):
+    """The tuned row's model: channels_last, and compiled where torch.compile works here.
+
+    Returns the model to train, a description of what was turned on, and the seconds the
+    compile took (on a warm-up step whose weight changes are put back)."""
+    model = model.to(memory_format=torch.channels_last)
+    notes = ["channels_last"]
+    if os.environ.get("CONVKIT_TORCH_COMPILE", "1") == "0":
+        return model, notes + ["torch.compile left out (CONVKIT_TORCH_COMPILE=0)"], 0.0
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    compiled = torch.compile(model)
+    start = time.perf_counter()
+    try:
+        x = train_x[:batch].contiguous(memory_format=torch.channels_last)
+        loss(compiled(x), train_y[:batch]).backward()
+    except Exception as e:  # noqa: BLE001 (any compiler failure: the row runs eager and says so)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        model.load_state_dict(initial)
+        return model, notes + [f"torch.compile failed here ({first[:120]}), eager"], 0.0
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        model.load_state_dict(initial)
+    model.zero_grad(set_to_none=True)
+    return compiled, notes + [f"torch.compile ({seconds:.1f} s to compile, not counted)"], seconds
+
+
+def main(in_dir, out_json, tuned=False):
     in_dir, out_json = Path(in_dir), Path(out_json)
     settings = json.loads((in_dir / "settings.json").read_text())
     torch.set_num_threads(settings["threads"])
@@ -124,14 +165,21 @@ def main(in_dir, out_json):
     sgd = torch.optim.SGD(model.parameters(), lr=0.01)
     loss_fn(model(train_x[:batch]), train_y[:batch]).backward()
     sgd.step()
-    one_step = out_json.parent / "pytorch-one-step.safetensors"
+    one_step = out_json.parent / ("pytorch-tuned-one-step.safetensors" if tuned else "pytorch-one-step.safetensors")
     weights = {k: v.detach().contiguous() for k, v in named_tensors(model.eval(), spec).items()}
     save_file(weights, str(one_step), metadata=metadata)
 
-    epoch_seconds, first = [], None
+    if tuned:
+        train_x = train_x.contiguous(memory_format=torch.channels_last)
+        test_x = test_x.contiguous(memory_format=torch.channels_last)
+    fused = tuned and rule["name"] in ("adam", "sgd")
+    epoch_seconds, first, notes = [], None, ["eager"]
     for repeat in range(max(settings["repeat"], 1)):
         model = model_from(spec, tensors).train()
-        opt = optimizer(model.parameters(), rule)
+        if tuned:
+            model, notes, _ = tune(model, train_x, train_y, batch, loss_fn)
+            notes = notes + (["fused " + rule["name"]] if fused else [])
+        opt = optimizer(model.parameters(), rule, fused=fused)
         epoch_loss, epoch_accuracy, trace, window = [], [], [], []
         for epoch in range(settings["epochs"]):
             order = orders[epoch]
@@ -160,6 +208,8 @@ def main(in_dir, out_json):
     model, epoch_loss, epoch_accuracy, trace = first
 
     model.eval()
+    with torch.no_grad():
+        model(test_x[:256])  # a compiled model compiles its inference graph here, untimed
     start = time.perf_counter()
     with torch.no_grad():
         logits = torch.cat([model(test_x[i : i + 256]) for i in range(0, len(test_y), 256)])
@@ -175,8 +225,8 @@ def main(in_dir, out_json):
     confusion = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(confusion, (test_y.numpy(), pred.numpy()), 1)
     run = {
-        "backend": "pytorch",
-        "device": f"CPU, {torch.get_num_threads()} threads (PyTorch {torch.__version__} eager)",
+        "backend": "pytorch-tuned" if tuned else "pytorch",
+        "device": f"CPU, {torch.get_num_threads()} threads (PyTorch {torch.__version__} {', '.join(notes)})",
         "build_profile": "python",
         "model": spec.get("name", "sequential"),
         "dataset": settings["dataset"],
@@ -204,6 +254,6 @@ def main(in_dir, out_json):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python convkit_compare_torch.py IN_DIR OUT.json")
-    main(sys.argv[1], sys.argv[2])
+    if len(sys.argv) not in (3, 4) or (len(sys.argv) == 4 and sys.argv[3] != "--tuned"):
+        sys.exit("usage: python convkit_compare_torch.py IN_DIR OUT.json [--tuned]")
+    main(sys.argv[1], sys.argv[2], tuned=len(sys.argv) == 4)

@@ -13,6 +13,7 @@ Command line:
 
     python convkit_onnx.py MODEL.onnx                          # check it and describe it
     python convkit_onnx.py MODEL.onnx INPUT.f32 OUTPUT.f32 [...]  # for the tests
+    python convkit_onnx.py --bench MODEL.onnx IMAGES.u8 THREADS BATCH  # for `convkit compare`
 
 The second form checks the model with ``onnx.checker`` (full check, with shape inference), reads
 ``N×H×W×C`` float32 images (raw, little-endian) and writes ``N×K`` probabilities, for each
@@ -60,7 +61,34 @@ def run(path, images):
     return session.run(None, {session.get_inputs()[0].name: images})[0]
 
 
+def bench(path, images_u8, threads, batch):
+    """onnxruntime's inference rate, images/s, on the `N×H×W×C` bytes at `images_u8` scaled to
+    [0, 1], in batches of `batch` on `threads` intra-op threads: the best of three passes over
+    every image, after one untimed batch. Printed as one JSON line."""
+    import time
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    shape = session.get_inputs()[0].shape
+    h, w, c = (int(d) for d in shape[1:])
+    x = (np.fromfile(images_u8, dtype=np.uint8).reshape(-1, h, w, c) / np.float32(255.0)).astype(np.float32)
+    name = session.get_inputs()[0].name
+    session.run(None, {name: x[:batch]})
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for i in range(0, len(x), batch):
+            session.run(None, {name: x[i : i + batch]})
+        best = max(best, len(x) / (time.perf_counter() - start))
+    print(json.dumps({"version": ort.__version__, "threads": threads, "batch_size": batch, "images_per_second": best}))
+
+
 def main(argv):
+    if len(argv) == 6 and argv[1] == "--bench":
+        bench(argv[2], argv[3], int(argv[4]), int(argv[5]))
+        return
     if len(argv) == 2:
         print(describe(argv[1]))
         return

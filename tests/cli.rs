@@ -513,19 +513,35 @@ fn every_engine_trains_from_the_cli_with_the_same_outcome() {
     }
 }
 
+/// `convkit` with `env` set besides [`convkit`]'s.
+fn convkit_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_convkit"))
+        .args(args)
+        .env("CONVKIT_DATA", common::data_dir())
+        .env("CONVKIT_OFFLINE", "1")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn compare_reports_agreement_and_speed_and_survives_a_failing_engine() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("cmp");
-    let o = convkit(&[
-        "compare",
-        "--dataset",
-        "mnist",
-        "--limit",
-        "256",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    // torch.compile left out here (a minute of compiling); `the_tuned_pytorch_row_compiles`
+    // runs it.
+    let o = convkit_with(
+        &[
+            "compare",
+            "--dataset",
+            "mnist",
+            "--limit",
+            "256",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[("CONVKIT_TORCH_COMPILE", "0")],
+    );
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     for f in [
@@ -585,12 +601,38 @@ fn compare_reports_agreement_and_speed_and_survives_a_failing_engine() {
             "{md}"
         );
     }
-    // PyTorch eager itself is the last row (the checkout's .venv has torch): checked like an
-    // engine, and every engine's time is given as a ratio to its time.
-    assert_eq!(ran.last().map(String::as_str), Some("pytorch"), "{md}");
+    // PyTorch itself, eager then tuned, are the last rows (the checkout's .venv has torch):
+    // checked like engines, and every engine's time is given as a ratio to the faster one.
+    assert_eq!(ran[ran.len() - 2..], ["pytorch", "pytorch-tuned"], "{md}");
     assert!(
-        md.contains("| pytorch | CPU") && md.contains("(PyTorch 2.9.0") && md.contains("| 1.00× |"),
+        md.contains("| pytorch | CPU")
+            && md.contains("(PyTorch 2.9.0")
+            && md.contains("| pytorch-tuned | CPU")
+            && md.contains(
+                "channels_last, torch.compile left out (CONVKIT_TORCH_COMPILE=0), fused adam)"
+            )
+            && md.contains("| 1.00× |")
+            && md.contains("× fastest PyTorch"),
         "{md}"
+    );
+    // onnxruntime runs convkit's ONNX export of the same model as the inference yardstick.
+    assert!(
+        md.contains("Inference yardstick: onnxruntime 1.32.0 on convkit's ONNX export"),
+        "{md}"
+    );
+    assert!(
+        json["onnxruntime"]["Ok"]["images_per_second"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{md}"
+    );
+    // The peak names the CPU and the kernel it was measured with.
+    let method = json["peak_method"].as_str().unwrap();
+    assert!(
+        method.contains("with gemm's") && method.contains("x86-64")
+            || cfg!(not(target_arch = "x86_64")),
+        "{method}"
     );
     assert!(
         json["checks"]
@@ -665,6 +707,31 @@ fn compare_reports_agreement_and_speed_and_survives_a_failing_engine() {
     ]);
     let t = text(&o);
     assert!(!o.status.success() && !t.contains("panicked"), "{t}");
+}
+
+#[test]
+fn the_tuned_pytorch_row_compiles_its_model_and_keeps_the_compile_out_of_the_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tuned");
+    let o = convkit(&[
+        "compare",
+        "--backends",
+        "pytorch-tuned",
+        "--dataset",
+        "mnist",
+        "--limit",
+        "128",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap_or_default();
+    assert!(o.status.success(), "{}\n{md}", text(&o));
+    assert!(
+        md.contains("| pytorch-tuned | CPU")
+            && md.contains("channels_last, torch.compile (")
+            && md.contains("s to compile, not counted), fused adam)"),
+        "{md}"
+    );
 }
 
 /// Peak resident memory of one engine's compare worker on `limit` images.

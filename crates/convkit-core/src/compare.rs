@@ -6,8 +6,8 @@ mod charts;
 mod report;
 mod run;
 
-pub use report::{Check, Comparison, LeftOut};
+pub use report::{Check, Comparison, LeftOut, OnnxRuntimeInference};
 pub use run::{
-    machine_peak_gflops, pytorch_cannot_run, run_engine, write_pytorch_inputs, EngineRun,
-    RunSettings, PYTORCH,
+    is_pytorch, machine_peak_gflops, pytorch_cannot_run, run_engine, write_pytorch_inputs,
+    EngineRun, RunSettings, PYTORCH, PYTORCH_TUNED,
 };

@@ -10,16 +10,17 @@ use anyhow::{bail, Context};
 use clap::Args;
 use convkit::compare::{
     machine_peak_gflops, pytorch_cannot_run, run_engine, write_pytorch_inputs, Comparison,
-    EngineRun, LeftOut, RunSettings, PYTORCH,
+    EngineRun, LeftOut, OnnxRuntimeInference, RunSettings, PYTORCH, PYTORCH_TUNED,
 };
 
 #[derive(Args, Clone)]
 pub struct CompareArgs {
-    /// Comma-separated engines (and `pytorch`), or `all`. Default: every compiled-in engine
-    /// whose device is here, less those too slow here to finish in minutes (burn-ndarray, wgpu
-    /// on a software device: the report says which and why), then PyTorch eager itself when
-    /// a python with torch is found (`$CONVKIT_PYTHON`, else the checkout's `.venv`); `all`
-    /// runs the slow ones too.
+    /// Comma-separated engines (and `pytorch`, `pytorch-tuned`), or `all`. Default: every
+    /// compiled-in engine whose device is here, less those too slow here to finish in minutes
+    /// (burn-ndarray, wgpu on a software device: the report says which and why), then PyTorch
+    /// itself, eager (`pytorch`) and tuned (`pytorch-tuned`: channels_last, fused optimizer,
+    /// torch.compile unless CONVKIT_TORCH_COMPILE=0), when a python with torch is found
+    /// (`$CONVKIT_PYTHON`, else the checkout's `.venv`); `all` runs the slow ones too.
     #[arg(long, value_delimiter = ',')]
     pub backends: Vec<String>,
     #[arg(long, default_value = "fashion-mnist")]
@@ -123,18 +124,25 @@ fn pytorch_missing(settings: &RunSettings) -> anyhow::Result<Option<String>> {
 /// Runs every engine in its own process and writes the report; fails when a check fails.
 pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
     let (mut names, mut left_out) = chosen_engines(&args.backends);
-    // PyTorch itself, last: the yardstick every engine's time is given against.
+    // PyTorch itself, last, eager and tuned: the yardstick every engine's time is given
+    // against. By default both rows; naming one runs that one.
     let by_default = args.backends.is_empty() || args.backends == ["all"];
-    if by_default || names.iter().any(|n| n == PYTORCH) {
-        names.retain(|n| n != PYTORCH);
+    let torch_rows: Vec<&str> = [PYTORCH, PYTORCH_TUNED]
+        .into_iter()
+        .filter(|row| by_default || names.iter().any(|n| n == row))
+        .collect();
+    names.retain(|n| n != PYTORCH && n != PYTORCH_TUNED);
+    if !torch_rows.is_empty() {
         match pytorch_missing(&args.settings())? {
-            None => names.push(PYTORCH.to_string()),
+            None => names.extend(torch_rows.iter().map(|r| r.to_string())),
             Some(reason) => {
-                eprintln!("compare: not running {PYTORCH}: {reason}");
-                left_out.push(LeftOut {
-                    engine: PYTORCH.into(),
-                    reason,
-                });
+                for row in torch_rows {
+                    eprintln!("compare: not running {row}: {reason}");
+                    left_out.push(LeftOut {
+                        engine: row.into(),
+                        reason: reason.clone(),
+                    });
+                }
             }
         }
     }
@@ -184,8 +192,14 @@ pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
         }
         runs.push(run);
     }
+    let onnxruntime = onnxruntime_inference(&args).map_err(|e| format!("{e:#}"));
+    if let Err(why) = &onnxruntime {
+        eprintln!("compare: onnxruntime did not run: {why}");
+    }
     let (peak, method) = machine_peak_gflops();
-    let comparison = Comparison::new(runs, peak, &method)?.with_left_out(left_out);
+    let comparison = Comparison::new(runs, peak, &method)?
+        .with_left_out(left_out)
+        .with_onnxruntime(onnxruntime);
     comparison.write(&args.out)?;
     println!("{}", comparison.markdown());
     println!("wrote {}", args.out.display());
@@ -219,24 +233,26 @@ pub fn worker(args: CompareArgs) -> anyhow::Result<()> {
 }
 
 fn worker_run(name: &str, args: &CompareArgs) -> anyhow::Result<EngineRun> {
-    if name == PYTORCH {
-        return pytorch_run(args);
+    if name == PYTORCH || name == PYTORCH_TUNED {
+        return pytorch_run(args, name == PYTORCH_TUNED);
     }
     let backend = convkit::backend(name)?;
     Ok(run_engine(backend.as_ref(), &args.settings(), &args.out)?)
 }
 
-/// PyTorch's row: the inputs every engine trains from, written for the script, which trains
-/// and writes its run.
-fn pytorch_run(args: &CompareArgs) -> anyhow::Result<EngineRun> {
-    let inputs = args.out.join("pytorch-input");
+/// A PyTorch row, eager or `tuned`: the inputs every engine trains from, written for the
+/// script, which trains and writes its run.
+fn pytorch_run(args: &CompareArgs, tuned: bool) -> anyhow::Result<EngineRun> {
+    let row = if tuned { PYTORCH_TUNED } else { PYTORCH };
+    let inputs = args.out.join(format!("{row}-input"));
     write_pytorch_inputs(&args.settings(), &inputs)?;
-    let result = args.out.join("pytorch-run.json");
+    let result = args.out.join(format!("{row}-run.json"));
     let _ = std::fs::remove_file(&result);
     let status = Command::new(python())
         .arg(PYTORCH_SCRIPT)
         .arg(&inputs)
         .arg(&result)
+        .args(tuned.then_some("--tuned"))
         .status()
         .with_context(|| format!("starting {}", python().display()))?;
     if !status.success() {
@@ -249,6 +265,44 @@ fn pytorch_run(args: &CompareArgs) -> anyhow::Result<EngineRun> {
     std::fs::remove_dir_all(&inputs).with_context(|| format!("removing {}", inputs.display()))?;
     Ok(run)
 }
+
+/// onnxruntime's inference rate (batch 256, as the engines' figure) on convkit's ONNX export
+/// of the compared model with its initial weights, the test images as every engine gets them.
+fn onnxruntime_inference(args: &CompareArgs) -> anyhow::Result<OnnxRuntimeInference> {
+    let dir = args.out.join("onnxruntime-input");
+    write_pytorch_inputs(&args.settings(), &dir)?;
+    let checkpoint = convkit::checkpoint::Checkpoint::load(&dir.join("initial.safetensors"))?;
+    let model = dir.join("model.onnx");
+    convkit::onnx::OnnxExport::new().save(&checkpoint, &model)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let output = Command::new(python())
+        .arg(ONNX_SCRIPT)
+        .arg("--bench")
+        .arg(&model)
+        .arg(dir.join("test.u8"))
+        .arg(threads.to_string())
+        .arg("256")
+        .output()
+        .with_context(|| format!("starting {}", python().display()))?;
+    if !output.status.success() {
+        bail!(
+            "{ONNX_SCRIPT} ended with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    let line = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(line.trim()).with_context(|| {
+        format!(
+            "{ONNX_SCRIPT}: expected one JSON line, found `{}`",
+            line.trim()
+        )
+    })
+}
+
+/// The script that times onnxruntime.
+const ONNX_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/convkit_onnx.py");
 
 #[cfg(test)]
 mod tests {

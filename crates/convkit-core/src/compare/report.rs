@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::{EngineRun, PYTORCH};
+use super::{is_pytorch, EngineRun};
 use crate::checkpoint::Checkpoint;
 use crate::plot::Figure;
 use crate::tolerance;
@@ -29,6 +29,20 @@ pub struct LeftOut {
     pub reason: String,
 }
 
+/// onnxruntime's inference rate on convkit's own ONNX export of the compared model: the
+/// inference yardstick beside the engines' own.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct OnnxRuntimeInference {
+    /// onnxruntime's version.
+    pub version: String,
+    /// Threads onnxruntime was given (intra-op), as many as the engines use.
+    pub threads: usize,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Test images per second over the whole test split, the best of a few passes.
+    pub images_per_second: f64,
+}
+
 /// The whole comparison.
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
@@ -41,6 +55,8 @@ pub struct Comparison {
     /// FP32 matrix-multiply peak of this machine, GFLOP/s, as measured by the harness.
     pub machine_peak_gflops: f64,
     pub peak_method: String,
+    /// onnxruntime on the same model, or why it did not run.
+    pub onnxruntime: std::result::Result<OnnxRuntimeInference, String>,
 }
 
 fn max_abs(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
@@ -53,13 +69,13 @@ fn max_abs(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
 
 impl Comparison {
     /// Compare every successful run with the reference (`tch-cpu` when present, else the
-    /// first successful engine; never PyTorch's row, which is checked like an engine).
+    /// first successful engine; never a PyTorch row, which is checked like an engine).
     pub fn new(runs: Vec<EngineRun>, machine_peak_gflops: f64, peak_method: &str) -> Result<Self> {
         let ok: Vec<&EngineRun> = runs.iter().filter(|r| r.error.is_none()).collect();
         let reference = ok
             .iter()
             .find(|r| r.backend == "tch-cpu")
-            .or(ok.iter().find(|r| r.backend != PYTORCH))
+            .or(ok.iter().find(|r| !is_pytorch(&r.backend)))
             .copied();
         let mut checks = Vec::new();
         if let Some(r) = reference {
@@ -150,7 +166,17 @@ impl Comparison {
             left_out: Vec::new(),
             machine_peak_gflops,
             peak_method: peak_method.into(),
+            onnxruntime: Err("not measured".into()),
         })
+    }
+
+    /// The comparison with onnxruntime's inference rate on the same model, or why there is none.
+    pub fn with_onnxruntime(
+        mut self,
+        onnxruntime: std::result::Result<OnnxRuntimeInference, String>,
+    ) -> Self {
+        self.onnxruntime = onnxruntime;
+        self
     }
 
     /// The comparison, noting the engines that did not run and why.
@@ -159,14 +185,16 @@ impl Comparison {
         self
     }
 
-    /// Each run's median seconds per epoch over PyTorch's in the same comparison, when
-    /// PyTorch's row ran.
+    /// Each run's median seconds per epoch over the fastest PyTorch row's (eager or tuned) in
+    /// the same comparison, when one ran.
     pub fn ratio_to_pytorch(&self, run: &EngineRun) -> Option<f64> {
-        let torch = self
+        let fastest = self
             .runs
             .iter()
-            .find(|r| r.backend == PYTORCH && r.error.is_none())?;
-        (run.error.is_none()).then(|| run.median_epoch_seconds() / torch.median_epoch_seconds())
+            .filter(|r| is_pytorch(&r.backend) && r.error.is_none())
+            .map(EngineRun::median_epoch_seconds)
+            .min_by(f64::total_cmp)?;
+        (run.error.is_none()).then(|| run.median_epoch_seconds() / fastest)
     }
 
     /// Whether every check passed and no engine failed.
@@ -266,7 +294,11 @@ impl Comparison {
             let _ = writeln!(s, "| — | fewer than two engines ran | | | |");
         }
         let _ = writeln!(s, "\n## Speed\n");
-        let _ = writeln!(s, "| engine | device | s / epoch (median) | × PyTorch | train img/s | inference img/s (batch 256) | peak RSS MiB | GFLOP/s | share of peak | test accuracy |\n|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "Times are against the fastest PyTorch row of this run (`pytorch`: eager, NCHW; `pytorch-tuned`: channels_last, a fused optimizer and torch.compile, compile time not counted). The share of peak is the epoch's FLOPs over its time, against the peak above.\n"
+        );
+        let _ = writeln!(s, "| engine | device | s / epoch (median) | × fastest PyTorch | train img/s | inference img/s (batch 256) | peak RSS MiB | GFLOP/s | share of peak | test accuracy |\n|---|---|---|---|---|---|---|---|---|---|");
         for r in &self.runs {
             match &r.error {
                 Some(e) => {
@@ -296,6 +328,14 @@ impl Comparison {
                 }
             }
         }
+        let _ = match &self.onnxruntime {
+            Ok(o) => writeln!(
+                s,
+                "\nInference yardstick: onnxruntime {} on convkit's ONNX export of the same model, {:.0} images/s (batch {}, {} threads).",
+                o.version, o.images_per_second, o.batch_size, o.threads
+            ),
+            Err(why) => writeln!(s, "\nInference yardstick: onnxruntime did not run: {why}"),
+        };
         if !self.left_out.is_empty() {
             let _ = writeln!(
                 s,

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ndarray::{Array2, Array4};
+use ndarray::Array4;
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::Scored;
@@ -265,9 +265,18 @@ fn prepare(settings: &RunSettings) -> Result<Prepared> {
     })
 }
 
-/// The row of PyTorch eager itself (`python/convkit_compare_torch.py`), the yardstick every
-/// engine's time is given against.
+/// The row of PyTorch eager itself (`python/convkit_compare_torch.py`) with NCHW tensors, as a
+/// tutorial's reader runs it.
 pub const PYTORCH: &str = "pytorch";
+
+/// The row of PyTorch as an informed user runs it: channels_last, a fused optimizer and
+/// `torch.compile` where it compiles (`convkit_compare_torch.py --tuned`).
+pub const PYTORCH_TUNED: &str = "pytorch-tuned";
+
+/// Whether `backend` names one of PyTorch's rows, which every engine's time is given against.
+pub fn is_pytorch(backend: &str) -> bool {
+    backend == PYTORCH || backend == PYTORCH_TUNED
+}
 
 /// Why PyTorch cannot be a row for `settings`' model, if it cannot: its dropout masks would be
 /// PyTorch's own, not core's, so the one-step and loss checks would compare different steps.
@@ -372,25 +381,12 @@ fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-/// This machine's FP32 peak as the report's yardstick, GFLOP/s: the best of several
-/// 1024×1024×1024 products with ndarray's threaded matrixmultiply; and how it was measured.
+/// This machine's FP32 peak as the report's yardstick, GFLOP/s, and how it was measured: the
+/// best of six 2048×2048×2048 products with gemm's fastest kernel for this CPU (AVX-512 where
+/// it has it, picked at run time, as the engines' GEMMs), rows shared out on rayon's threads;
+/// the CPU's model and the instruction set are named in the description.
 pub fn machine_peak_gflops() -> (f64, String) {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
-        std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
-    }
-    let n = 1024;
-    let a = Array2::<f32>::from_shape_fn((n, n), |(i, j)| ((i * 7 + j) % 13) as f32 / 13.0);
-    let b = Array2::<f32>::from_shape_fn((n, n), |(i, j)| ((i + j * 3) % 11) as f32 / 11.0);
-    let mut best = 0f64;
-    for _ in 0..6 {
-        let t = Instant::now();
-        let c = a.dot(&b);
-        let secs = t.elapsed().as_secs_f64();
-        std::hint::black_box(c);
-        best = best.max(2.0 * (n * n * n) as f64 / secs / 1e9);
-    }
-    (best, format!("best of 6 products of 1024×1024 f32 matrices, ndarray/matrixmultiply with {threads} threads"))
+    let peak = convkit_cpu::peak::measure(&convkit_cpu::Rayon, 2048, 6);
+    let cpu = peak.cpu.as_deref().unwrap_or("an unnamed CPU");
+    (peak.gflops, format!("{cpu}; {}", peak.method))
 }
