@@ -18,7 +18,7 @@ use burn_core as burn;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::{backend_extension, tensor::FloatTensor, Backend};
@@ -224,6 +224,14 @@ impl Backward<Flex, 3> for DenseBackward {
     }
 }
 
+/// The autodiff nodes of an op's operands, and their Flex values.
+fn split<C: CheckpointStrategy, const N: usize>(
+    operands: [FloatTensor<Autodiff<Flex, C>>; N],
+) -> ([NodeGuard; N], [FlexTensor; N]) {
+    let nodes = operands.each_ref().map(|t| t.node());
+    (nodes, operands.map(|t| t.into_primitive()))
+}
+
 impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
     fn host_conv2d(
         x: FloatTensor<Self>,
@@ -231,12 +239,7 @@ impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
         bias: FloatTensor<Self>,
         conv: Conv2d,
     ) -> FloatTensor<Self> {
-        let nodes = [x.node(), kernel.node(), bias.node()];
-        let (x, kernel, bias) = (
-            x.into_primitive(),
-            kernel.into_primitive(),
-            bias.into_primitive(),
-        );
+        let (nodes, [x, kernel, bias]) = split::<C, 3>([x, kernel, bias]);
         match Conv2dBackward
             .prepare::<C>(nodes)
             .compute_bound()
@@ -253,8 +256,7 @@ impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
     }
 
     fn host_max_pool2d(x: FloatTensor<Self>, pool: MaxPool2d) -> FloatTensor<Self> {
-        let nodes = [x.node()];
-        let x = x.into_primitive();
+        let (nodes, [x]) = split::<C, 1>([x]);
         match MaxPool2dBackward
             .prepare::<C>(nodes)
             .compute_bound()
@@ -271,8 +273,7 @@ impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
     }
 
     fn host_relu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let nodes = [x.node()];
-        let x = x.into_primitive();
+        let (nodes, [x]) = split::<C, 1>([x]);
         match ReluBackward.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let y = Flex::host_relu(x);
@@ -287,12 +288,7 @@ impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
         kernel: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let nodes = [x.node(), kernel.node(), bias.node()];
-        let (x, kernel, bias) = (
-            x.into_primitive(),
-            kernel.into_primitive(),
-            bias.into_primitive(),
-        );
+        let (nodes, [x, kernel, bias]) = split::<C, 3>([x, kernel, bias]);
         match DenseBackward.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (x, kernel) = (contiguous(x), contiguous(kernel));

@@ -347,7 +347,7 @@ impl Conv2dShape {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, random, POOLS};
+    use crate::testing::{assert_all_close, random, POOLS};
 
     /// The direct definition: `y[n, o, i, j] = b[o] + Σ x[n, c, i·sh + ky − top, j·sw + kx − left] · k[o, c, ky, kx]`.
     fn reference(s: &Conv2dShape, x: &[f32], k: &[f32], b: &[f32]) -> Vec<f32> {
@@ -420,25 +420,15 @@ mod tests {
                 .collect();
             for &threads in POOLS {
                 let what = format!("pad {pad:?} strides {strides:?}");
-                assert_close(
-                    &s.forward(threads, &x, &k, &b).unwrap(),
-                    &expected,
-                    1e-5,
+                assert_all_close(
                     &what,
+                    &[
+                        (s.forward(threads, &x, &k, &b).unwrap(), &expected, 1e-5),
+                        (s.input_grad(threads, &dy, &k).unwrap(), &dx_ref, 1e-5),
+                        (s.kernel_grad(threads, &x, &dy).unwrap(), &dk_ref, 1e-5),
+                        (s.bias_grad(threads, &dy).unwrap(), &db_ref, 1e-5),
+                    ],
                 );
-                assert_close(
-                    &s.input_grad(threads, &dy, &k).unwrap(),
-                    &dx_ref,
-                    1e-5,
-                    &what,
-                );
-                assert_close(
-                    &s.kernel_grad(threads, &x, &dy).unwrap(),
-                    &dk_ref,
-                    1e-5,
-                    &what,
-                );
-                assert_close(&s.bias_grad(threads, &dy).unwrap(), &db_ref, 1e-5, &what);
             }
         }
     }

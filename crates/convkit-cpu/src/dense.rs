@@ -149,7 +149,7 @@ impl Dense {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, random, POOLS};
+    use crate::testing::{assert_all_close, random, POOLS};
 
     #[test]
     fn forward_and_gradients_match_the_definition_in_both_layouts() {
@@ -204,25 +204,15 @@ mod tests {
                     ),
                 ] {
                     let d = Dense::new(n, inputs, units, layout);
-                    assert_close(
-                        &d.forward(threads, &x, &kernel, &b).unwrap(),
-                        &y_ref,
-                        1e-5,
+                    assert_all_close(
                         &what,
+                        &[
+                            (d.forward(threads, &x, &kernel, &b).unwrap(), &y_ref, 1e-5),
+                            (d.input_grad(threads, &dy, &kernel).unwrap(), &dx_ref, 1e-5),
+                            (d.kernel_grad(threads, &x, &dy).unwrap(), &dk_expected, 1e-5),
+                            (d.bias_grad(&dy).unwrap(), &db_ref, 1e-6),
+                        ],
                     );
-                    assert_close(
-                        &d.input_grad(threads, &dy, &kernel).unwrap(),
-                        &dx_ref,
-                        1e-5,
-                        &what,
-                    );
-                    assert_close(
-                        &d.kernel_grad(threads, &x, &dy).unwrap(),
-                        &dk_expected,
-                        1e-5,
-                        &what,
-                    );
-                    assert_close(&d.bias_grad(&dy).unwrap(), &db_ref, 1e-6, &what);
                 }
             }
         }

@@ -49,3 +49,10 @@ pub(crate) fn assert_close(found: &[f32], expected: &[f32], tolerance: f32, what
         );
     }
 }
+
+/// [`assert_close`] for each `(found, expected, tolerance)`: a kernel's outputs and gradients.
+pub(crate) fn assert_all_close(what: &str, checks: &[(Vec<f32>, &[f32], f32)]) {
+    for (i, (found, expected, tolerance)) in checks.iter().enumerate() {
+        assert_close(found, expected, *tolerance, &format!("{what}, output {i}"));
+    }
+}
