@@ -166,7 +166,9 @@ impl Comparison {
             left_out: Vec::new(),
             machine_peak_gflops,
             peak_method: peak_method.into(),
-            onnxruntime: Err("not measured in this comparison (`convkit compare` measures it)".into()),
+            onnxruntime: Err(
+                "not measured in this comparison (`convkit compare` measures it)".into(),
+            ),
         })
     }
 
