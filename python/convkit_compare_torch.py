@@ -118,12 +118,12 @@ def named_tensors(model, spec):
 def tune(model, train_x, train_y, batch, loss):
     """The tuned row's model: channels_last, and compiled where torch.compile works here.
 
-    Returns the model to train, a description of what was turned on, and the seconds the
-    compile took (on a warm-up step whose weight changes are put back)."""
+    Returns the model to train and a description of what was turned on, with the seconds the
+    compile took (on warm-up steps whose weight changes are put back)."""
     model = model.to(memory_format=torch.channels_last)
     notes = ["channels_last"]
     if os.environ.get("CONVKIT_TORCH_COMPILE", "1") == "0":
-        return model, notes + ["torch.compile left out (CONVKIT_TORCH_COMPILE=0)"], 0.0
+        return model, notes + ["torch.compile left out (CONVKIT_TORCH_COMPILE=0)"]
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     compiled = torch.compile(model)
     start = time.perf_counter()
@@ -136,12 +136,12 @@ def tune(model, train_x, train_y, batch, loss):
     except Exception as e:  # noqa: BLE001 (any compiler failure: the row runs eager and says so)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         model.load_state_dict(initial)
-        return model, notes + [f"torch.compile failed here ({first[:120]}), eager"], 0.0
+        return model, notes + [f"torch.compile failed here ({first[:120]}), eager"]
     seconds = time.perf_counter() - start
     with torch.no_grad():
         model.load_state_dict(initial)
     model.zero_grad(set_to_none=True)
-    return compiled, notes + [f"torch.compile ({seconds:.1f} s to compile, not counted)"], seconds
+    return compiled, notes + [f"torch.compile ({seconds:.1f} s to compile, not counted)"]
 
 
 def main(in_dir, out_json, tuned=False):
@@ -180,7 +180,7 @@ def main(in_dir, out_json, tuned=False):
     for repeat in range(max(settings["repeat"], 1)):
         model = model_from(spec, tensors).train()
         if tuned:
-            model, tuned_notes, _ = tune(model, train_x, train_y, batch, loss_fn)
+            model, tuned_notes = tune(model, train_x, train_y, batch, loss_fn)
             if repeat == 0:  # later repeats reuse the first compile: its time is the one to report
                 notes = tuned_notes + (["fused " + rule["name"]] if fused else [])
         opt = optimizer(model.parameters(), rule, fused=fused)

@@ -91,6 +91,16 @@ impl Conv2dShape {
         [self.o, self.c, self.kh, self.kw]
     }
 
+    /// Checks that `dy` holds the output's `n·o·oh·ow` values.
+    fn check_output_grad(&self, dy: &[f32]) -> Result<()> {
+        check_len(
+            OP,
+            "output gradient",
+            dy.len(),
+            self.n * self.o * self.positions(),
+        )
+    }
+
     /// Values of one image.
     fn image(&self) -> usize {
         self.c * self.h * self.w
@@ -152,12 +162,7 @@ impl Conv2dShape {
         dy: &[f32],
         kernel: &[f32],
     ) -> Result<Vec<f32>> {
-        check_len(
-            OP,
-            "output gradient",
-            dy.len(),
-            self.n * self.o * self.positions(),
-        )?;
+        self.check_output_grad(dy)?;
         check_len(OP, "kernel", kernel.len(), self.o * self.patch())?;
         let (positions, patch) = (self.positions(), self.patch());
         let mut dx = vec![0f32; self.n * self.image()];
@@ -189,12 +194,7 @@ impl Conv2dShape {
     /// shared out between the threads.
     pub fn kernel_grad(&self, threads: &dyn Threads, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
         check_len(OP, "input", x.len(), self.n * self.image())?;
-        check_len(
-            OP,
-            "output gradient",
-            dy.len(),
-            self.n * self.o * self.positions(),
-        )?;
+        self.check_output_grad(dy)?;
         let (positions, patch) = (self.positions(), self.patch());
         let samples = self.n * positions;
         let mut cols = vec![0f32; patch * samples];
@@ -231,7 +231,7 @@ impl Conv2dShape {
     /// positions, in a fixed order, accumulated in f64.
     pub fn bias_grad(&self, threads: &dyn Threads, dy: &[f32]) -> Result<Vec<f32>> {
         let (o, positions) = (self.o, self.positions());
-        check_len(OP, "output gradient", dy.len(), self.n * o * positions)?;
+        self.check_output_grad(dy)?;
         let mut db = vec![0f32; o];
         for_each_chunk(
             threads,
