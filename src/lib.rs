@@ -122,6 +122,15 @@ pub fn backend_names() -> Vec<&'static str> {
     ENGINES.iter().map(|(name, _)| *name).collect()
 }
 
+/// Every engine compiled into this build, for the requests that start engines by name
+/// ([`compare::CompareRequest`](convkit_core::compare::CompareRequest)).
+pub fn engines() -> compare::Engines {
+    compare::Engines {
+        names: backend_names,
+        start: backend,
+    }
+}
+
 /// The engine called `name` (see [`backend_names`]); an error names the compiled-in ones, or
 /// says why the device is unavailable.
 pub fn backend(name: &str) -> Result<Box<dyn Backend>> {

@@ -14,11 +14,7 @@ fn engines() -> Vec<Box<dyn convkit::Backend>> {
 }
 
 fn loss_for(spec: &Sequential) -> Loss {
-    if spec.output_shape().unwrap().numel() == 1 {
-        Loss::BinaryCrossentropy
-    } else {
-        Loss::SparseCategoricalCrossentropy
-    }
+    Loss::default_for(spec).unwrap()
 }
 
 fn targets(loss: Loss, n: usize, classes: usize) -> Targets {

@@ -70,11 +70,7 @@ fn trained_models(dir: &Path) -> Vec<Trained> {
         };
         let raw = synthetic(16, ImageShape::new(h, w, c), classes.max(2), i as u64).unwrap();
         let data = raw.clone().normalise(normalisation.clone());
-        let loss = if spec.output_shape().unwrap().numel() == 1 {
-            Loss::BinaryCrossentropy
-        } else {
-            Loss::SparseCategoricalCrossentropy
-        };
+        let loss = Loss::default_for(spec).unwrap();
         let compile = Compile::new(Optimizer::sgd().with_learning_rate(0.05), loss);
         let mut model = Model::new(spec.clone(), compile, engine.as_ref(), 7).unwrap();
         model

@@ -431,3 +431,142 @@ fn a_fit_continues_from_its_backup() {
         );
     }
 }
+
+#[test]
+fn each_cli_command_is_one_request_a_program_makes_too() {
+    use convkit::run::{self, DataRequest, ModelSource, SearchOutcome};
+    let dir = tempfile::tempdir().unwrap();
+    let backend = convkit::backend(convkit::backend_names()[0]).unwrap();
+    let data = DataRequest {
+        limit: Some(48),
+        ..DataRequest::new("synthetic")
+    };
+    let folder = dir.path().join("run");
+    let mut train = run::TrainRequest {
+        epochs: 1,
+        quiet: true,
+        command: Some(run::CommandRecord {
+            cwd: dir.path().to_path_buf(),
+            args: vec!["convkit".into(), "train".into()],
+        }),
+        ..run::TrainRequest::new(
+            ModelSource::Spec("tutorial-mnist".into()),
+            data.clone(),
+            &folder,
+        )
+    };
+    let trained = train.run(backend.as_ref(), &run::alone()).unwrap();
+    let (scored, part) = trained.scored.expect("a process alone scores its model");
+    assert_eq!((part, trained.history.epochs.len()), ("test", 1));
+    for file in [
+        "model.safetensors",
+        "last.safetensors",
+        "best.safetensors",
+        "command.json",
+        "metrics.json",
+        "history.png",
+        "confusion_matrix.png",
+    ] {
+        assert!(folder.join(file).is_file(), "{file}");
+    }
+    assert_eq!(
+        run::CommandRecord::load(&folder).unwrap(),
+        train.command.clone().unwrap()
+    );
+    // The same folder resumed for a second epoch continues the first.
+    train.epochs = 2;
+    train.resume = true;
+    let resumed = train.run(backend.as_ref(), &run::alone()).unwrap();
+    assert_eq!(resumed.history.epochs.len(), 2);
+    assert_eq!(
+        resumed.history.epochs[0].loss,
+        trained.history.epochs[0].loss
+    );
+
+    let model = folder.join("model.safetensors");
+    let evaluated = run::EvaluateRequest::new(data.clone(), &model)
+        .run(backend.as_ref())
+        .unwrap();
+    assert_eq!(evaluated.part, "test");
+    assert_eq!(
+        evaluated.scored.evaluation.accuracy,
+        resumed.scored.as_ref().unwrap().0.evaluation.accuracy
+    );
+    assert_ne!(
+        scored.evaluation.probabilities,
+        evaluated.scored.evaluation.probabilities
+    );
+    let ensemble = run::EvaluateRequest {
+        weights: vec![model.clone(), model.clone()],
+        ..run::EvaluateRequest::new(data, &model)
+    }
+    .run(backend.as_ref())
+    .unwrap();
+    assert_eq!(ensemble.members.len(), 2);
+    assert_eq!(
+        ensemble.scored.evaluation.probabilities,
+        evaluated.scored.evaluation.probabilities
+    );
+
+    let image = dir.path().join("digit.png");
+    image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * 9 + y * 3) % 256) as u8]))
+        .save(&image)
+        .unwrap();
+    let predictions = run::PredictRequest::new(&model, vec![image.clone()])
+        .run(backend.as_ref())
+        .unwrap();
+    assert_eq!(predictions.len(), 1);
+    assert_eq!(predictions[0].scores.len(), 10);
+    let total: f32 = predictions[0].scores.iter().map(|s| s.1).sum();
+    assert!((total - 1.0).abs() < 1e-4, "{total}");
+    let (top, p) = predictions[0].top();
+    assert!(predictions[0].scores.iter().all(|s| s.1 <= p));
+    assert!(predictions[0].scores.iter().any(|s| s.0 == top));
+
+    let onnx = dir.path().join("model.onnx");
+    let exported = run::ExportRequest::new(&model, &onnx).run().unwrap();
+    assert!(onnx.is_file() && exported.outputs == 10, "{exported:?}");
+
+    let space = dir.path().join("space.toml");
+    std::fs::write(&space, "model = \"tutorial-mnist\"\ndataset = \"synthetic\"\nlimit = 48\nvalidation_split = 0.25\n[space]\noptimizer = [\"adam\", \"sgd\"]\n").unwrap();
+    let searched = run::SearchRequest::new(&space, dir.path().join("search"))
+        .run(backend.as_ref(), &run::alone())
+        .unwrap();
+    let SearchOutcome::Table { table, best } = searched else {
+        panic!("a whole search ends in its table, found {searched:?}");
+    };
+    assert_eq!(table.height(), 2);
+    assert!(["adam", "sgd"].contains(&best.result.trial.optimizer.as_str()));
+    assert!(dir.path().join("search/search.csv").is_file());
+}
+
+#[test]
+fn compare_runs_what_it_is_asked_and_all_adds_back_what_the_default_leaves_out() {
+    use convkit::compare::chosen_engines;
+    let engines = convkit::engines();
+    let named = vec!["candle-cpu".to_string(), "no-such-engine".to_string()];
+    assert_eq!(
+        chosen_engines(&named, &engines),
+        (named.clone(), Vec::new())
+    );
+
+    let (default, left_out) = chosen_engines(&[], &engines);
+    let (all, missing) = chosen_engines(&["all".to_string()], &engines);
+    // `all` adds back exactly the engines left out for being slow here; engines whose device
+    // is missing stay out either way.
+    for l in &left_out {
+        assert!(!default.contains(&l.engine), "{l:?}");
+        let device_missing = missing.iter().any(|m| m.engine == l.engine);
+        assert_eq!(all.contains(&l.engine), !device_missing, "{l:?}");
+    }
+    assert!(default.iter().all(|n| all.contains(n)));
+    assert_eq!(
+        all.len() + missing.len(),
+        convkit::backend_names().len(),
+        "{all:?} {missing:?}"
+    );
+    if convkit::backend_names().contains(&"burn-ndarray") {
+        assert!(left_out.iter().any(|l| l.engine == "burn-ndarray"));
+        assert!(all.iter().any(|n| n == "burn-ndarray"));
+    }
+}

@@ -190,6 +190,16 @@ pub enum Loss {
 }
 
 impl Loss {
+    /// The loss a model is trained with when none is named: binary cross-entropy for one
+    /// output unit, sparse categorical cross-entropy (integer labels) otherwise.
+    pub fn default_for(spec: &Sequential) -> Result<Self> {
+        Ok(if spec.output_shape()?.numel() == 1 {
+            Loss::BinaryCrossentropy
+        } else {
+            Loss::SparseCategoricalCrossentropy
+        })
+    }
+
     pub fn by_name(name: &str) -> Result<Self> {
         match name.to_ascii_lowercase().replace('-', "_").as_str() {
             "sparse_categorical_crossentropy" | "sparse" => Ok(Loss::SparseCategoricalCrossentropy),

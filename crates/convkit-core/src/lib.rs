@@ -24,6 +24,7 @@ pub mod optim;
 pub mod plan;
 pub mod plot;
 pub mod pytorch;
+pub mod run;
 pub mod search;
 pub mod spec;
 pub mod table;
@@ -43,7 +44,7 @@ pub use spec::{
 };
 pub use train::{
     Callback, Control, CsvLogger, EarlyStopping, Evaluation, History, LearningRateScheduler, Model,
-    ModelCheckpoint, Monitor, ReduceLrOnPlateau, Schedule, Verbosity,
+    ModelCheckpoint, Monitor, ReduceLrOnPlateau, Schedule, ScheduleRule, Verbosity,
 };
 pub use weights::{Tensor, Weights};
 

@@ -30,6 +30,21 @@ pub enum FlattenOrder {
     ChannelsLast,
 }
 
+impl std::str::FromStr for FlattenOrder {
+    type Err = Error;
+    /// `chw` or `hwc`.
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "chw" => Ok(FlattenOrder::ChannelsFirst),
+            "hwc" => Ok(FlattenOrder::ChannelsLast),
+            other => Err(Error::config(
+                "flatten order",
+                format!("expected chw or hwc, found `{other}`"),
+            )),
+        }
+    }
+}
+
 /// The PyTorch tensors a convkit layer's weights come from, in convkit's order.
 fn torch_parts(kind: &LayerKind) -> &'static [(&'static str, &'static str)] {
     match kind {

@@ -8,7 +8,7 @@ mod history;
 
 pub use callbacks::{
     Callback, Control, CsvLogger, EarlyStopping, LearningRateScheduler, ModelCheckpoint, Monitor,
-    ReduceLrOnPlateau, Schedule,
+    ReduceLrOnPlateau, Schedule, ScheduleRule,
 };
 pub(crate) use fit::bar_style;
 pub use fit::{BatchOrder, Fit, Verbosity, PROGRESS_LINE_EVERY};

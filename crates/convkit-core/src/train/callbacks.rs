@@ -381,6 +381,59 @@ impl Schedule {
     }
 }
 
+/// A [`Schedule`] before its initial rate is known (the optimizer's): what
+/// `--lr-schedule` gives, `step=FACTOR/EVERY` or `exp=RATE`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScheduleRule {
+    /// ×`factor` every `every` epochs.
+    Step { factor: f64, every: usize },
+    /// ×`rate` every epoch.
+    Exponential { rate: f64 },
+}
+
+impl ScheduleRule {
+    /// The schedule that starts at `initial`.
+    pub fn starting_at(self, initial: f64) -> Schedule {
+        match self {
+            ScheduleRule::Step { factor, every } => Schedule::Step {
+                initial,
+                factor,
+                every,
+            },
+            ScheduleRule::Exponential { rate } => Schedule::Exponential { initial, rate },
+        }
+    }
+}
+
+impl std::str::FromStr for ScheduleRule {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = || {
+            Error::config(
+                "learning-rate schedule",
+                format!("expected step=FACTOR/EVERY or exp=RATE, found `{text}`"),
+            )
+        };
+        let (kind, value) = text.split_once('=').ok_or_else(bad)?;
+        match kind {
+            "step" => {
+                let (factor, every) = value.split_once('/').ok_or_else(bad)?;
+                let factor: f64 = factor.parse().map_err(|_| bad())?;
+                let every: usize = every.parse().map_err(|_| bad())?;
+                if factor.is_nan() || factor <= 0.0 || every == 0 {
+                    return Err(bad());
+                }
+                Ok(ScheduleRule::Step { factor, every })
+            }
+            "exp" => match value.parse::<f64>() {
+                Ok(rate) if rate > 0.0 => Ok(ScheduleRule::Exponential { rate }),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// Sets each epoch's learning rate from a [`Schedule`] (Keras' `LearningRateScheduler`).
 #[derive(Debug, Clone)]
 pub struct LearningRateScheduler(pub Schedule);

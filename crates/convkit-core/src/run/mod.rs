@@ -1,0 +1,105 @@
+//! The run layer: what the `convkit` command line does, as typed requests that a program, a
+//! notebook or a test makes the same way. Each request owns the files it writes.
+//!
+//! - [`TrainRequest`]: spec and its edits, data, compile, fit settings and callbacks, the run
+//!   folder (its backup, `command.json`, model, metrics, plots); resumable.
+//! - [`EvaluateRequest`]: one checkpoint or an ensemble, scored on a dataset's test split.
+//! - [`PredictRequest`]: class probabilities for image files.
+//! - [`SearchRequest`]: a hyper-parameter search's trials, logs, parts and table.
+//! - [`ExportRequest`]: an ONNX inference graph of a checkpoint.
+//!
+//! The engine comes in as a [`Backend`](crate::Backend) (the `convkit` crate's
+//! `convkit::backend(name)` starts one by name), and the processes of an MPI job as a
+//! [`Group`].
+
+mod evaluate;
+mod export;
+mod predict;
+mod search;
+mod train;
+
+pub use evaluate::{EvaluateOutcome, EvaluateRequest};
+pub use export::{ExportOutcome, ExportRequest};
+pub use predict::{ImagePrediction, PredictRequest};
+pub use search::{BestTrial, SearchOutcome, SearchRequest};
+pub use train::{CommandRecord, ModelSource, SpecEdits, TrainOutcome, TrainRequest};
+
+use std::rc::Rc;
+
+use crate::collective::{Collective, Solo};
+use crate::data::{self, ImageShape, Locator, Normalisation, Splits, Validation};
+use crate::spec::Sequential;
+use crate::{Error, Result};
+
+/// The processes a request runs on: one ([`alone`]), or an MPI job's ranks.
+pub type Group = Rc<dyn Collective>;
+
+/// A group of one process.
+pub fn alone() -> Group {
+    Rc::new(Solo)
+}
+
+/// The data a request reads: a dataset name or folder, split and sampled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataRequest {
+    /// `mnist`, `fashion-mnist`, `cifar10`, `synthetic`, or an image folder.
+    pub dataset: String,
+    /// At most this many images of each split: a seeded class-balanced sample.
+    pub limit: Option<usize>,
+    /// Which data model selection looks at.
+    pub validation: Validation,
+    /// Seeds the hold-out, the samples, the weights and the batch order.
+    pub seed: u64,
+    /// Images per batch (training, and scoring for evaluate).
+    pub batch_size: usize,
+}
+
+impl DataRequest {
+    /// `dataset` with Keras' defaults: the source's own validation data or a tenth held out,
+    /// seed 42, batches of 32.
+    pub fn new(dataset: impl Into<String>) -> Self {
+        DataRequest {
+            dataset: dataset.into(),
+            limit: None,
+            validation: Validation::Auto(0.1),
+            seed: 42,
+            batch_size: 32,
+        }
+    }
+
+    /// The training, validation and test data in `spec`'s input shape, normalised; a part that
+    /// comes out empty is an error naming the sources.
+    pub fn open(&self, spec: &Sequential, normalisation: &Normalisation) -> Result<Splits> {
+        let [h, w, c] = spec.input_shape;
+        let options = data::SplitOptions {
+            validation: self.validation,
+            limit: self.limit,
+            seed: self.seed,
+        };
+        let mut splits = data::open_splits(
+            &self.dataset,
+            ImageShape::new(h, w, c),
+            spec.class_count()?,
+            options,
+            &Locator::from_env(),
+        )?;
+        let parts = [
+            Some(&mut splits.train),
+            splits.validation.as_mut(),
+            splits.test.as_mut(),
+        ];
+        for part in parts.into_iter().flatten() {
+            if part.is_empty() {
+                return Err(Error::config(
+                    "data",
+                    format!(
+                        "`{}`: a part of the data is empty: {:?}",
+                        self.dataset, splits.sources
+                    ),
+                ));
+            }
+            part.normalisation = normalisation.clone();
+        }
+        Ok(splits)
+    }
+}

@@ -1,0 +1,416 @@
+//! [`TrainRequest`]: train a model, score it and write its run folder, resumably.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{DataRequest, Group};
+use crate::artifacts::Scored;
+use crate::augment::Augment;
+use crate::backend::Backend;
+use crate::checkpoint::{Checkpoint, CheckpointMeta};
+use crate::compile::{Compile, Loss, Optimizer};
+use crate::data::{Dataset, Normalisation, Splits};
+use crate::plot::{ConfusionHeatmap, Figure, SampleGrid, TrainingCurves};
+use crate::pytorch::FlattenOrder;
+use crate::spec::{Regularizer, Sequential, SizeLimits};
+use crate::train::{
+    CsvLogger, EarlyStopping, Fit, History, LearningRateScheduler, Model, ModelCheckpoint, Monitor,
+    ReduceLrOnPlateau, ScheduleRule, Verbosity,
+};
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+/// The resumable state of a run, written to its folder after every epoch.
+pub const LAST: &str = "last.safetensors";
+
+/// Where a run's model and first weights come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A preset (`tutorial-mnist`, ...) or a spec `.json`, with fresh Glorot-uniform weights.
+    Spec(String),
+    /// A trained checkpoint: its model, weights and normalisation (fine-tuning).
+    Checkpoint(PathBuf),
+    /// A PyTorch `torch.nn.Sequential`'s state dict saved with safetensors, whose layers match
+    /// the preset or spec `spec` (matched by position, shapes checked).
+    PyTorch {
+        spec: String,
+        state_dict: PathBuf,
+        /// How that model flattened images before its first `Linear`.
+        flatten: FlattenOrder,
+    },
+}
+
+/// Changes made to the model before training, in this order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpecEdits {
+    /// Replace the last Dense layer by a new one with this many outputs (a new head).
+    pub new_head: Option<usize>,
+    /// Penalise every Conv2D and Dense kernel.
+    pub kernel_regularizer: Option<Regularizer>,
+    /// A BatchNormalization after every Conv2D and every Dense but the last.
+    pub batch_norm: bool,
+    /// Freeze the first N layers (counted after the edits above).
+    pub freeze: Option<usize>,
+}
+
+impl SpecEdits {
+    fn apply(&self, mut spec: Sequential) -> Result<Sequential> {
+        if let Some(units) = self.new_head {
+            spec = spec.with_new_head(units)?;
+        }
+        if let Some(regularizer) = self.kernel_regularizer {
+            spec = spec.with_kernel_regularizer(regularizer);
+        }
+        if self.batch_norm {
+            spec = spec.with_batch_normalization();
+        }
+        if let Some(n) = self.freeze {
+            spec.freeze_first(n)?;
+        }
+        Ok(spec)
+    }
+}
+
+/// How a run was started, saved as `command.json` in its folder so that it can be started
+/// again the same way (`convkit train --resume RUN_DIR`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    /// The working directory relative paths in `args` refer to.
+    pub cwd: PathBuf,
+    /// The command line, program name first.
+    pub args: Vec<String>,
+}
+
+impl CommandRecord {
+    /// The file a run folder keeps it in.
+    pub const FILE: &'static str = "command.json";
+
+    /// This process's command line and working directory.
+    pub fn current() -> Result<Self> {
+        Ok(CommandRecord {
+            cwd: std::env::current_dir().map_err(|e| Error::io(".", e))?,
+            args: std::env::args().collect(),
+        })
+    }
+
+    /// The record in run folder `run`.
+    pub fn load(run: &Path) -> Result<Self> {
+        let path = run.join(Self::FILE);
+        let text = crate::io::read_to_string_capped(&path, 1 << 20)?;
+        serde_json::from_str(&text).map_err(|e| Error::Json {
+            path,
+            message: format!("not a convkit command record: {e}"),
+        })
+    }
+
+    fn save(&self, run: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).expect("a command record serialises");
+        crate::io::write_bytes_atomic(&run.join(Self::FILE), json.as_bytes())
+    }
+}
+
+/// `convkit train`: a model trained on a dataset and scored on its test split (or validation
+/// data), with everything written to [`out`](TrainRequest::out): `last.safetensors` after every
+/// epoch (to resume), `best.safetensors`, `model.safetensors`, `model.json`, `history.csv`,
+/// `metrics.json`, `predictions.csv`, `report.txt`, curves, confusion matrices and samples as
+/// PNG and SVG, and `command.json` when [`command`](TrainRequest::command) is given.
+#[derive(Debug, Clone)]
+pub struct TrainRequest {
+    pub model: ModelSource,
+    pub edits: SpecEdits,
+    /// Caps on a model read from a file.
+    pub size_limits: SizeLimits,
+    pub data: DataRequest,
+    pub optimizer: Optimizer,
+    /// `None`: [`Loss::default_for`] the model.
+    pub loss: Option<Loss>,
+    pub epochs: usize,
+    /// Augment training batches on the fly; also writes `augmented.png`.
+    pub augment: Option<Augment>,
+    /// Stop when val_loss has not improved for this many epochs, restoring the best weights.
+    pub early_stopping: Option<usize>,
+    /// ×0.1 the learning rate when val_loss has not improved for this many epochs.
+    pub reduce_lr_on_plateau: Option<usize>,
+    /// The learning rate per epoch, from the optimizer's.
+    pub lr_schedule: Option<ScheduleRule>,
+    /// The run folder.
+    pub out: PathBuf,
+    /// No progress output.
+    pub quiet: bool,
+    /// Written to the run folder on a fresh start, so that the run can be resumed.
+    pub command: Option<CommandRecord>,
+    /// Continue from the run folder's `last.safetensors` (an error when it is missing);
+    /// otherwise a fresh run, which removes an earlier run's backup first.
+    pub resume: bool,
+}
+
+/// What a [`TrainRequest`] gave.
+#[derive(Debug)]
+pub struct TrainOutcome {
+    pub history: History,
+    /// The finished model scored, and on what (`test` or `validation`); `None` on the ranks of
+    /// an MPI job other than 0, which leave the scoring and the files to rank 0.
+    pub scored: Option<(Scored, &'static str)>,
+}
+
+impl TrainRequest {
+    /// Ten epochs of adam on `data`, the run written to `out`, nothing else set.
+    pub fn new(model: ModelSource, data: DataRequest, out: impl Into<PathBuf>) -> Self {
+        TrainRequest {
+            model,
+            edits: SpecEdits::default(),
+            size_limits: SizeLimits::default(),
+            data,
+            optimizer: Optimizer::adam(),
+            loss: None,
+            epochs: 10,
+            augment: None,
+            early_stopping: None,
+            reduce_lr_on_plateau: None,
+            lr_schedule: None,
+            out: out.into(),
+            quiet: false,
+            command: None,
+            resume: false,
+        }
+    }
+
+    /// Train on `backend`. Under an MPI job every rank of `group` trains its slice of each
+    /// batch ([`Model::distribute`]) and rank 0 alone prints, scores and writes the files.
+    pub fn run(&self, backend: &dyn Backend, group: &Group) -> Result<TrainOutcome> {
+        if self.resume && !self.out.join(LAST).exists() {
+            return Err(Error::data(
+                &self.out,
+                format!("no {LAST}: the run did not finish an epoch; start it again"),
+            ));
+        }
+        let (spec, start, normalisation) = self.starting_point()?;
+        let compile = Compile::new(
+            self.optimizer.clone(),
+            self.loss.map_or_else(|| Loss::default_for(&spec), Ok)?,
+        );
+        compile.check(&spec)?;
+        let splits = self.data.open(&spec, &normalisation)?;
+        let (scored_on, scored_name) = splits.evaluation().ok_or_else(|| Error::config("data", format!(
+            "`{}` has no test split and no validation data is chosen, so nothing would score the model; hold some out with --validation-split",
+            self.data.dataset
+        )))?;
+        let root = group.is_root();
+        if !self.quiet && root {
+            self.announce(&spec, backend, &splits, group.size())?;
+        }
+        let weights = match &start {
+            Some(trained) => crate::init::transfer(&spec, trained, self.data.seed)?,
+            None => crate::init::glorot_uniform(&spec, self.data.seed)?,
+        };
+        let mut model = Model::with_weights(spec, compile, backend, &weights)?;
+        model.distribute(group.clone());
+        self.prepare_folder(root)?;
+        let meta = CheckpointMeta {
+            classes: splits.train.classes.clone(),
+            normalisation,
+            backend: backend.name().into(),
+        };
+        if let (Some(augment), true) = (self.augment, root) {
+            self.save_augmented_preview(augment, &splits.train)?;
+        }
+        let fit = self.fit(&mut model, &splits, meta.clone());
+        let history = match fit.run() {
+            // As Keras' TerminateOnNaN: stop, and keep the last weights known to be finite.
+            Err(err @ Error::NonFinite { .. }) if root => {
+                let path = self.out.join("model.safetensors");
+                model.checkpoint(meta)?.save(&path)?;
+                model.spec().save_json(&self.out.join("model.json"))?;
+                eprintln!("saved the last finite weights to {}", path.display());
+                return Err(err);
+            }
+            other => other?,
+        };
+        if !root {
+            return Ok(TrainOutcome {
+                history,
+                scored: None,
+            });
+        }
+        let scored = Scored::new(model.evaluate(scored_on, 256)?)?;
+        self.write_outputs(&model, meta, &history, &scored, &splits)?;
+        Ok(TrainOutcome {
+            history,
+            scored: Some((scored, scored_name)),
+        })
+    }
+
+    /// The edited spec, the trained weights it starts from (if any), and the normalisation
+    /// its inputs get.
+    fn starting_point(&self) -> Result<(Sequential, Option<Weights>, Normalisation)> {
+        let spec_named =
+            |name: &str| Sequential::from_preset_or_file_within(name, &self.size_limits);
+        let (spec, start, normalisation) = match &self.model {
+            ModelSource::Spec(name) => (spec_named(name)?, None, Normalisation::Rescale),
+            ModelSource::Checkpoint(path) => {
+                let checkpoint = Checkpoint::load_within(path, &self.size_limits)?;
+                let normalisation = checkpoint.meta.normalisation;
+                (checkpoint.spec, Some(checkpoint.weights), normalisation)
+            }
+            ModelSource::PyTorch {
+                spec,
+                state_dict,
+                flatten,
+            } => {
+                let spec = spec_named(spec)?;
+                let weights = crate::pytorch::weights_from_state_dict(state_dict, &spec, *flatten)?;
+                (spec, Some(weights), Normalisation::Rescale)
+            }
+        };
+        Ok((self.edits.apply(spec)?, start, normalisation))
+    }
+
+    /// The model's summary, the engine, and where each part of the data comes from.
+    fn announce(
+        &self,
+        spec: &Sequential,
+        backend: &dyn Backend,
+        splits: &Splits,
+        processes: usize,
+    ) -> Result<()> {
+        println!("{}", spec.summary()?);
+        println!(
+            "training on {} ({}), images of {}",
+            backend.name(),
+            backend.device(),
+            splits.train.shape
+        );
+        for line in &splits.sources {
+            println!("  {line}");
+        }
+        if processes > 1 {
+            println!(
+                "data-parallel on {processes} processes: each takes its share of every batch of {}",
+                self.data.batch_size
+            );
+        }
+        Ok(())
+    }
+
+    /// The run folder, made; on a fresh start (rank 0) an earlier run's backup removed and the
+    /// command recorded.
+    fn prepare_folder(&self, root: bool) -> Result<()> {
+        std::fs::create_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
+        if self.resume || !root {
+            return Ok(());
+        }
+        let last = self.out.join(LAST);
+        if last.exists() {
+            std::fs::remove_file(&last).map_err(|e| Error::io(&last, e))?;
+        }
+        match &self.command {
+            Some(command) => command.save(&self.out),
+            None => Ok(()),
+        }
+    }
+
+    /// Eight training images, each followed by three augmented copies, as `augmented.png`.
+    fn save_augmented_preview(&self, augment: Augment, train: &Dataset) -> Result<()> {
+        let preview = augment.preview(train, 8, 3, self.data.seed)?;
+        let captions = (0..preview.len())
+            .map(|i| match i % 4 {
+                0 => format!("original: {}", preview.classes[preview.labels[i] as usize]),
+                _ => "augmented".to_string(),
+            })
+            .collect();
+        SampleGrid::new(&preview, preview.len(), None)
+            .columns(4)
+            .captions(captions)
+            .save(&self.out.join("augmented.png"))
+    }
+
+    /// The fit this request asks for, with the run folder's backup and callbacks.
+    fn fit<'a>(&self, model: &'a mut Model, splits: &'a Splits, meta: CheckpointMeta) -> Fit<'a> {
+        let best_by = if splits.validation.is_some() {
+            Monitor::ValLoss
+        } else {
+            Monitor::Loss
+        };
+        let initial_rate = model.compile_settings().optimizer.learning_rate();
+        let mut fit = model
+            .fit(&splits.train)
+            .epochs(self.epochs)
+            .batch_size(self.data.batch_size)
+            .seed(self.data.seed)
+            .verbosity(if self.quiet {
+                Verbosity::Silent
+            } else {
+                Verbosity::Auto
+            })
+            .backup(self.out.join(LAST))
+            .callback(CsvLogger::new(self.out.join("history.csv")))
+            .callback(
+                ModelCheckpoint::new(self.out.join("best.safetensors"), meta)
+                    .save_best_only(best_by),
+            );
+        if let Some(validation) = &splits.validation {
+            fit = fit.validation_data(validation);
+        }
+        if let Some(augment) = self.augment {
+            fit = fit.augment(augment);
+        }
+        if let Some(patience) = self.reduce_lr_on_plateau {
+            fit = fit.callback(ReduceLrOnPlateau::new(Monitor::ValLoss, patience));
+        }
+        if let Some(rule) = self.lr_schedule {
+            fit = fit.callback(LearningRateScheduler(rule.starting_at(initial_rate)));
+        }
+        if let Some(patience) = self.early_stopping {
+            fit = fit.callback(
+                EarlyStopping::new(Monitor::ValLoss, patience)
+                    .restore_best_weights(true)
+                    .verbose(!self.quiet),
+            );
+        }
+        fit
+    }
+
+    /// The finished run's files (rank 0).
+    fn write_outputs(
+        &self,
+        model: &Model,
+        meta: CheckpointMeta,
+        history: &History,
+        scored: &Scored,
+        splits: &Splits,
+    ) -> Result<()> {
+        let out = &self.out;
+        let (scored_on, scored_name) = splits.evaluation().expect("checked before training");
+        model
+            .checkpoint(meta.clone())?
+            .save(&out.join("model.safetensors"))?;
+        model.spec().save_json(&out.join("model.json"))?;
+        history.write_csv(&out.join("history.csv"))?;
+        let extra = serde_json::json!({
+            "backend": meta.backend, "model": model.spec().name, "dataset": self.data.dataset,
+            "optimizer": model.compile_settings().optimizer.name(),
+            "loss": model.compile_settings().loss.name(), "epochs_run": history.epochs.len(),
+            "batch_size": self.data.batch_size, "seed": self.data.seed,
+            "train_images": splits.train.len(),
+            "validation_images": splits.validation.as_ref().map(Dataset::len),
+            "scored_on": scored_name, "scored_images": scored_on.len(),
+            "data_sources": splits.sources,
+        });
+        scored.write_metrics_json(&out.join("metrics.json"), Some(history), extra)?;
+        scored.write_predictions_csv(&out.join("predictions.csv"))?;
+        let report = format!("{}\n\n{}", model.summary()?, scored.text());
+        crate::io::write_bytes_atomic(&out.join("report.txt"), report.as_bytes())?;
+        for ext in ["png", "svg"] {
+            TrainingCurves(history).save(&out.join(format!("history.{ext}")))?;
+            ConfusionHeatmap::new(&scored.confusion)
+                .save(&out.join(format!("confusion_matrix.{ext}")))?;
+            ConfusionHeatmap::new(&scored.confusion)
+                .normalized(true)
+                .save(&out.join(format!("confusion_matrix_normalized.{ext}")))?;
+            SampleGrid::new(scored_on, 32, Some(&scored.evaluation.predicted))
+                .save(&out.join(format!("samples.{ext}")))?;
+        }
+        Ok(())
+    }
+}
