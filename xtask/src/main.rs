@@ -23,6 +23,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+#[cfg(test)]
+mod cycles;
 mod notebooks;
 mod pins;
 mod scaling;

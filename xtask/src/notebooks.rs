@@ -13,9 +13,9 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::shared_build::{self, library_path, std_lib_dir};
+use crate::shared_build::{self, home, library_path, std_lib_dir};
 use crate::steps::Steps;
-use crate::{apt_install, build_env, pip_install, run, target_dir, venv, DebianPackage};
+use crate::{apt_install, build_env, pip_install, run, venv, DebianPackage};
 
 /// The evcxr_jupyter release the notebooks are tested with.
 const EVCXR_VERSION: &str = "0.22.0";
@@ -23,10 +23,6 @@ const EVCXR_VERSION: &str = "0.22.0";
 const JUPYTER_PACKAGES: [&str; 2] = ["nbclient==0.11.0", "nbformat==5.11.1"];
 /// Images of each split in the CI run.
 const CI_LIMIT: &str = "200";
-
-pub fn home() -> PathBuf {
-    target_dir().join("notebooks")
-}
 
 /// The notebooks, in order.
 fn notebooks(root: &Path) -> Result<Vec<PathBuf>> {

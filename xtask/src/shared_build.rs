@@ -20,7 +20,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::{build_env, notebooks, root};
+use crate::{build_env, root};
 
 /// The features of the test build: every engine that builds here, the notebooks' rich
 /// output, and MPI. The notebooks run under the same set in CI.
@@ -61,9 +61,15 @@ fn rustflags() -> String {
     }
 }
 
+/// The notebooks' folder under the project's target dir: evcxr's home, its compile folder and
+/// the executed notebooks.
+pub fn home() -> PathBuf {
+    crate::target_dir().join("notebooks")
+}
+
 /// evcxr's compile folder (`EVCXR_TMPDIR`), kept between runs.
 pub fn evcxr_tmpdir() -> PathBuf {
-    notebooks::home().join("evcxr-tmp")
+    home().join("evcxr-tmp")
 }
 
 /// Where the shared build goes: evcxr's target dir.
@@ -113,7 +119,7 @@ pub fn library_path(dirs: Vec<PathBuf>) -> Result<std::ffi::OsString> {
 /// and a config file's profile overrides the `[profile.dev]` evcxr generates. (evcxr writes
 /// its own `.cargo/config.toml` inside its folder, hence the parent.)
 fn share_profile_with_evcxr() -> Result<()> {
-    let dir = notebooks::home().join(".cargo");
+    let dir = home().join(".cargo");
     std::fs::create_dir_all(&dir)?;
     let read = |path: &str| {
         std::fs::read_to_string(root().join(path)).with_context(|| format!("reading {path}"))

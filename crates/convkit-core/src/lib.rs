@@ -6,7 +6,6 @@
 pub mod artifacts;
 pub mod augment;
 pub mod backend;
-pub mod backup;
 pub mod checkpoint;
 pub mod collective;
 pub mod compare;
@@ -20,6 +19,7 @@ pub mod init;
 pub mod io;
 pub mod metrics;
 pub mod onnx;
+pub mod op;
 pub mod optim;
 pub mod plan;
 pub mod plot;
@@ -42,6 +42,7 @@ pub use spec::{
     Activation, BatchNormalization, Conv2D, Dense, Dropout, LayerKind, Padding, Pool2D,
     Regularizer, Sequential, SizeLimits,
 };
+pub use train::backup;
 pub use train::{
     Callback, Control, CsvLogger, EarlyStopping, Evaluation, History, LearningRateScheduler, Model,
     ModelCheckpoint, Monitor, ReduceLrOnPlateau, Schedule, ScheduleRule, Verbosity,

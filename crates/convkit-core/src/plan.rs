@@ -3,65 +3,9 @@
 //! every step names its weights by index into that list, so nothing downstream matches on
 //! weight-name strings.
 
-use crate::spec::{Activation, Sequential, Shape};
+pub use crate::op::{PlannedOp, PoolKind, Role, BATCH_NORM_ROLES};
+use crate::spec::{Sequential, Shape};
 use crate::Result;
-
-/// What a weight is for: it decides initialisation, training, regularisation and checks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// A Conv2D kernel `[out, in, kh, kw]` or a Dense kernel `[out, in]`.
-    Kernel,
-    /// A Conv2D or Dense bias `[out]`.
-    Bias,
-    /// Batch normalisation scale `[channels]`.
-    Gamma,
-    /// Batch normalisation offset `[channels]`.
-    Beta,
-    /// Batch normalisation moving mean `[channels]`, updated by training steps, not the optimizer.
-    MovingMean,
-    /// Batch normalisation moving variance `[channels]`, as the moving mean.
-    MovingVariance,
-}
-
-impl Role {
-    /// The part of the weight's name after `{layer}.` (`conv2d.weight`, `dense.bias`, ...).
-    pub fn suffix(self) -> &'static str {
-        match self {
-            Role::Kernel => "weight",
-            Role::Bias => "bias",
-            Role::Gamma => "gamma",
-            Role::Beta => "beta",
-            Role::MovingMean => "moving_mean",
-            Role::MovingVariance => "moving_variance",
-        }
-    }
-
-    /// Stepped by the optimizer (the moving statistics are not).
-    pub fn is_optimized(self) -> bool {
-        match self {
-            Role::Kernel | Role::Bias | Role::Gamma | Role::Beta => true,
-            Role::MovingMean | Role::MovingVariance => false,
-        }
-    }
-
-    /// Penalised by its layer's kernel regulariser.
-    pub fn is_regularised(self) -> bool {
-        match self {
-            Role::Kernel => true,
-            Role::Bias | Role::Gamma | Role::Beta | Role::MovingMean | Role::MovingVariance => {
-                false
-            }
-        }
-    }
-}
-
-/// The batch normalisation roles, in the order their weights are listed.
-pub const BATCH_NORM_ROLES: [Role; 4] = [
-    Role::Gamma,
-    Role::Beta,
-    Role::MovingMean,
-    Role::MovingVariance,
-];
 
 /// One weight tensor of a model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,58 +26,6 @@ impl WeightSpec {
     }
 }
 
-/// Max or average.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PoolKind {
-    /// The window's maximum; the gradient goes to the first maximum of each window, as
-    /// Keras' MaxPooling2D (TensorFlow) and PyTorch do.
-    Max,
-    /// The window's mean.
-    Average,
-}
-
-/// One layer's operation, resolved from the spec: padding amounts, strides and weights are
-/// computed, and the head's softmax/sigmoid is left out, because the executor produces logits
-/// and applies the head in the loss and in `predict`. Weights are indices into
-/// [`Plan::weights`]. Images are NCHW on the device.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PlannedOp {
-    Conv2D {
-        kernel: usize,
-        bias: usize,
-        /// `[top, bottom, left, right]` zero padding.
-        pad: [usize; 4],
-        strides: [usize; 2],
-        activation: Activation,
-    },
-    Pool2D {
-        kind: PoolKind,
-        size: [usize; 2],
-        strides: [usize; 2],
-    },
-    /// One window over the whole `size = [H, W]` image, then `[n, channels]`.
-    GlobalPool2D { kind: PoolKind, size: [usize; 2] },
-    /// To `(H, W, C)` order, as Keras flattens.
-    Flatten,
-    Dense {
-        kernel: usize,
-        bias: usize,
-        activation: Activation,
-    },
-    /// Active in training only.
-    Dropout { rate: f32 },
-    /// Normalises the channel axis (axis 1 of NCHW, or of `[n, features]`), see
-    /// [`crate::BatchNormalization`].
-    BatchNorm {
-        gamma: usize,
-        beta: usize,
-        moving_mean: usize,
-        moving_variance: usize,
-        momentum: f64,
-        epsilon: f64,
-    },
-}
-
 /// The checked plan of a model: its weights and one operation per layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -143,6 +35,13 @@ pub struct Plan {
     pub ops: Vec<PlannedOp>,
     /// Each layer's output shape.
     pub shapes: Vec<Shape>,
+}
+
+impl Sequential {
+    /// The checked plan the executor runs: weights with their roles, one operation per layer.
+    pub fn plan(&self) -> Result<Plan> {
+        Plan::new(self)
+    }
 }
 
 impl Plan {
@@ -191,7 +90,7 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{Conv2D, Dense, Padding};
+    use crate::spec::{Activation, Conv2D, Dense, Padding};
 
     #[test]
     fn plan_resolves_padding_weights_and_leaves_the_head_to_the_loss() {

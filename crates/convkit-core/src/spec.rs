@@ -16,7 +16,6 @@ pub use layers::{
     Regularizer, Shape,
 };
 pub use presets::PRESETS;
-pub(crate) use summary::thousands;
 
 /// A linear stack of layers on an `H×W×C` input, as Keras' `Sequential`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,6 +25,19 @@ pub struct Sequential {
     /// `[height, width, channels]`.
     pub input_shape: [usize; 3],
     pub layers: Vec<Layer>,
+}
+
+/// `1234567` → `"1,234,567"`.
+pub(crate) fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
 }
 
 fn default_name() -> String {
@@ -661,13 +673,6 @@ mod tests {
         spec.layers[0].trainable = false;
         let summary = spec.summary().unwrap();
         assert!(summary.contains("Non-trainable params: 320"), "{summary}");
-    }
-}
-
-impl Sequential {
-    /// The checked plan the executor runs: weights with their roles, one operation per layer.
-    pub fn plan(&self) -> Result<crate::plan::Plan> {
-        crate::plan::Plan::new(self)
     }
 }
 

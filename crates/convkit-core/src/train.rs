@@ -2,6 +2,7 @@
 //! freezing, checkpoints), with the training loop in `fit`, the History in `history` and the
 //! callbacks in `callbacks`.
 
+pub mod backup;
 mod callbacks;
 mod fit;
 mod history;
@@ -179,11 +180,6 @@ impl Model {
             weights: self.weights()?,
             meta,
         })
-    }
-
-    /// Start configuring a `fit` on `train`; finish with [`Fit::run`].
-    pub fn fit<'a>(&'a mut self, train: &'a Dataset) -> Fit<'a> {
-        Fit::new(self, train)
     }
 
     fn check_data(&self, ds: &Dataset) -> Result<()> {

@@ -5,32 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::{PlannedOp, PoolKind, Role, BATCH_NORM_ROLES};
+pub use crate::op::Activation;
+use crate::op::{PlannedOp, PoolKind, Role, BATCH_NORM_ROLES};
 use crate::{Error, Result};
-
-/// Element-wise activation applied after a Conv2D or Dense layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Activation {
-    #[default]
-    Linear,
-    Relu,
-    Sigmoid,
-    Softmax,
-    Tanh,
-}
-
-impl std::str::FromStr for Activation {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase())).map_err(|_| {
-            Error::config(
-                "activation",
-                format!("expected relu, sigmoid, softmax, tanh or linear, found `{s}`"),
-            )
-        })
-    }
-}
 
 /// Convolution padding, as in Keras: `valid` (none) or `same` (output = ceil(input / stride)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

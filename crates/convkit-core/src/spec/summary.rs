@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::Sequential;
+use super::{thousands, Sequential};
 use crate::Result;
 
 impl Sequential {
@@ -56,17 +56,4 @@ impl Sequential {
         let _ = write!(s, "{rule}");
         Ok(s)
     }
-}
-
-/// `1234567` → `"1,234,567"`.
-pub(crate) fn thousands(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
 }

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
+use super::backup::{CallbackState, ExactF64};
 use super::{EpochLog, History, Model};
-use crate::backup::{CallbackState, ExactF64};
 use crate::checkpoint::CheckpointMeta;
 use crate::weights::Weights;
 use crate::{Error, Result};

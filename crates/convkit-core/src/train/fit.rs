@@ -9,9 +9,9 @@ use ndarray::{s, Array2, Array4};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use super::backup;
 use super::{check_batch_size, Callback, Control, EpochLog, History, Model};
 use crate::backend::Targets;
-use crate::backup;
 use crate::checkpoint::CheckpointMeta;
 use crate::compile::Loss;
 use crate::data::Dataset;
@@ -86,6 +86,13 @@ pub struct Fit<'a> {
     augment: crate::augment::Augment,
     callbacks: Vec<Box<dyn Callback + 'a>>,
     backup: Option<PathBuf>,
+}
+
+impl Model {
+    /// Start configuring a `fit` on `train`; finish with [`Fit::run`].
+    pub fn fit<'a>(&'a mut self, train: &'a Dataset) -> Fit<'a> {
+        Fit::new(self, train)
+    }
 }
 
 impl<'a> Fit<'a> {
