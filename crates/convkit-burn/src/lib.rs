@@ -298,27 +298,27 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// A shape of rank ≤ 4 padded with trailing axes of 1.
-fn four(shape: &[usize]) -> [usize; 4] {
+fn rank4_dims(shape: &[usize]) -> [usize; 4] {
     let mut out = [1; 4];
     out[..shape.len()].copy_from_slice(shape);
     out
 }
 
 /// The first two axes of a `[a, b, 1, 1]` tensor.
-fn two(t: &Tensor<4>) -> Tensor<2> {
+fn to_rank2(t: &Tensor<4>) -> Tensor<2> {
     let [a, b, _, _] = t.dims();
     t.clone().reshape([a, b])
 }
 
 /// The first axis of a `[a, 1, 1, 1]` tensor.
-fn one(t: &Tensor<4>) -> Tensor<1> {
+fn to_rank1(t: &Tensor<4>) -> Tensor<1> {
     let [a, _, _, _] = t.dims();
     t.clone().reshape([a])
 }
 
 /// A tensor of lower rank, padded to 4-D.
-fn pad<const D: usize>(t: Tensor<D>) -> Value {
-    Value(t.clone().reshape(four(&t.dims())))
+fn as_rank4<const D: usize>(t: Tensor<D>) -> Value {
+    Value(t.clone().reshape(rank4_dims(&t.dims())))
 }
 
 /// A `[c, 1, 1, 1]` vector as `[1, c, 1, 1]`, to broadcast over the channel axis.
@@ -397,7 +397,7 @@ impl Ops for BurnOps {
 
     fn upload(&self, shape: &[usize], data: &[f32]) -> convkit_core::Result<Value> {
         Ok(Value(Tensor::from_data(
-            TensorData::new(data.to_vec(), four(shape)),
+            TensorData::new(data.to_vec(), rank4_dims(shape)),
             &self.device,
         )))
     }
@@ -508,7 +508,7 @@ impl Ops for BurnOps {
         Ok(Value(conv2d(
             x.0.clone(),
             kernel.0.clone(),
-            Some(one(&bias.0)),
+            Some(to_rank1(&bias.0)),
             options,
         )))
     }
@@ -535,11 +535,9 @@ impl Ops for BurnOps {
 
     fn flatten(&self, x: &Value) -> convkit_core::Result<Value> {
         let [n, c, h, w] = x.0.dims();
-        Ok(pad(x
-            .0
-            .clone()
-            .permute([0, 2, 3, 1])
-            .reshape([n, h * w * c])))
+        Ok(as_rank4(
+            x.0.clone().permute([0, 2, 3, 1]).reshape([n, h * w * c]),
+        ))
     }
 
     fn dense(&self, x: &Value, kernel: &Value, bias: &Value) -> convkit_core::Result<Value> {
@@ -548,10 +546,10 @@ impl Ops for BurnOps {
             return self.host_dense(x, kernel, bias);
         }
         let [_, out, _, _] = kernel.0.dims();
-        let y = two(&x.0)
-            .matmul(two(&kernel.0))
-            .add(one(&bias.0).reshape([1, out]));
-        Ok(pad(y))
+        let y = to_rank2(&x.0)
+            .matmul(to_rank2(&kernel.0))
+            .add(to_rank1(&bias.0).reshape([1, out]));
+        Ok(as_rank4(y))
     }
 
     fn activation(&self, x: &Value, activation: Activation) -> convkit_core::Result<Value> {
@@ -572,7 +570,7 @@ impl Ops for BurnOps {
         let rows = x.0.clone().swap_dims(0, 1).reshape([c, n * h * w]);
         let mean = rows.clone().mean_dim(1);
         let variance = rows.sub(mean.clone()).square().mean_dim(1);
-        Ok((pad(mean), pad(variance)))
+        Ok((as_rank4(mean), as_rank4(variance)))
     }
 
     fn batch_norm(
@@ -598,11 +596,13 @@ impl Ops for BurnOps {
         logits: &Value,
         targets: &Value,
     ) -> convkit_core::Result<Value> {
-        Ok(pad(log_softmax(two(&logits.0), 1)
-            .mul(two(&targets.0))
-            .sum_dim(1)
-            .mean()
-            .neg()))
+        Ok(as_rank4(
+            log_softmax(to_rank2(&logits.0), 1)
+                .mul(to_rank2(&targets.0))
+                .sum_dim(1)
+                .mean()
+                .neg(),
+        ))
     }
 
     fn sigmoid_cross_entropy(
@@ -611,10 +611,12 @@ impl Ops for BurnOps {
         targets: &Value,
     ) -> convkit_core::Result<Value> {
         // max(z, 0) − z·t + log(1 + e^−|z|): stable for any z.
-        let z = two(&logits.0);
-        Ok(pad(relu(z.clone())
-            .sub(z.clone().mul(two(&targets.0)))
-            .add(z.abs().neg().exp().log1p())
-            .mean()))
+        let z = to_rank2(&logits.0);
+        Ok(as_rank4(
+            relu(z.clone())
+                .sub(z.clone().mul(to_rank2(&targets.0)))
+                .add(z.abs().neg().exp().log1p())
+                .mean(),
+        ))
     }
 }

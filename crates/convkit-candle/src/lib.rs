@@ -107,7 +107,7 @@ struct CandleOps {
 }
 
 impl CandleOps {
-    fn lift<T>(&self, r: candle_core::Result<T>) -> convkit_core::Result<T> {
+    fn engine_result<T>(&self, r: candle_core::Result<T>) -> convkit_core::Result<T> {
         r.map_err(|e| convkit_core::Error::engine(self.engine, Error::from(e)))
     }
 }
@@ -118,31 +118,31 @@ struct Value(Tensor);
 
 impl TensorMath for Value {
     fn zeros_like(&self) -> convkit_core::Result<Self> {
-        lift(self.0.zeros_like())
+        value_of(self.0.zeros_like())
     }
     fn affine(&self, mul: f64, add: f64) -> convkit_core::Result<Self> {
-        lift(self.0.affine(mul, add))
+        value_of(self.0.affine(mul, add))
     }
     fn add(&self, rhs: &Self) -> convkit_core::Result<Self> {
-        lift(&self.0 + &rhs.0)
+        value_of(&self.0 + &rhs.0)
     }
     fn sub(&self, rhs: &Self) -> convkit_core::Result<Self> {
-        lift(&self.0 - &rhs.0)
+        value_of(&self.0 - &rhs.0)
     }
     fn mul(&self, rhs: &Self) -> convkit_core::Result<Self> {
-        lift(&self.0 * &rhs.0)
+        value_of(&self.0 * &rhs.0)
     }
     fn div(&self, rhs: &Self) -> convkit_core::Result<Self> {
-        lift(&self.0 / &rhs.0)
+        value_of(&self.0 / &rhs.0)
     }
     fn sqr(&self) -> convkit_core::Result<Self> {
-        lift(self.0.sqr())
+        value_of(self.0.sqr())
     }
     fn sqrt(&self) -> convkit_core::Result<Self> {
-        lift(self.0.sqrt())
+        value_of(self.0.sqrt())
     }
     fn sign(&self) -> convkit_core::Result<Self> {
-        lift(self.0.sign())
+        value_of(self.0.sign())
     }
     fn sum(&self) -> convkit_core::Result<f64> {
         self.0
@@ -152,7 +152,8 @@ impl TensorMath for Value {
     }
 }
 
-fn lift(r: candle_core::Result<Tensor>) -> convkit_core::Result<Value> {
+/// A candle result as core's value, its error as the engine's.
+fn value_of(r: candle_core::Result<Tensor>) -> convkit_core::Result<Value> {
     r.map(Value)
         .map_err(|e| convkit_core::Error::engine("candle", Error::from(e)))
 }
@@ -186,21 +187,21 @@ impl Ops for CandleOps {
     }
 
     fn upload(&self, shape: &[usize], data: &[f32]) -> convkit_core::Result<Value> {
-        self.lift(Tensor::from_slice(data, shape, &self.device))
+        self.engine_result(Tensor::from_slice(data, shape, &self.device))
             .map(Value)
     }
 
     fn download(&self, t: &Value) -> convkit_core::Result<Vec<f32>> {
-        self.lift(t.0.flatten_all().and_then(|t| t.to_vec1::<f32>()))
+        self.engine_result(t.0.flatten_all().and_then(|t| t.to_vec1::<f32>()))
     }
 
     fn variable(&self, value: Value) -> convkit_core::Result<Value> {
-        self.lift(Var::from_tensor(&value.0))
+        self.engine_result(Var::from_tensor(&value.0))
             .map(|v| Value(v.into_inner()))
     }
 
     fn assign(&self, variable: &mut Value, value: Value) -> convkit_core::Result<()> {
-        self.lift(Var::from_tensor(&variable.0).and_then(|v| v.set(&value.0)))
+        self.engine_result(Var::from_tensor(&variable.0).and_then(|v| v.set(&value.0)))
     }
 
     /// On the CPU, in place through candle's in-place ops (see `update`); the composite
@@ -216,7 +217,7 @@ impl Ops for CandleOps {
             return Ok(false);
         }
         let slots: Vec<&Tensor> = slots.iter().map(|s| &s.0).collect();
-        self.lift(update::in_place(&variable.0, &grad.0, &slots, update))
+        self.engine_result(update::in_place(&variable.0, &grad.0, &slots, update))
     }
 
     fn read(&self, variable: &Value, grad: bool) -> Value {
@@ -230,7 +231,7 @@ impl Ops for CandleOps {
     }
 
     fn gradients(&self, loss: &Value, wrt: &[&Value]) -> convkit_core::Result<Vec<Option<Value>>> {
-        let grads = self.lift(loss.0.backward())?;
+        let grads = self.engine_result(loss.0.backward())?;
         Ok(wrt
             .iter()
             .map(|t| grads.get(&t.0).map(|g| Value(g.detach())))
@@ -249,7 +250,7 @@ impl Ops for CandleOps {
         [top, bottom, left, right]: [usize; 4],
         strides: [usize; 2],
     ) -> convkit_core::Result<Value> {
-        self.lift((|| {
+        self.engine_result((|| {
             if self.device.is_cpu() {
                 let conv = conv::Conv2d(convkit_cpu::conv::Conv2d::new(
                     [top, bottom, left, right],
@@ -278,7 +279,7 @@ impl Ops for CandleOps {
         [sh, sw]: [usize; 2],
     ) -> convkit_core::Result<Value> {
         let tiled = (kh, kw) == (sh, sw);
-        self.lift(match kind {
+        self.engine_result(match kind {
             PoolKind::Max if self.device.is_cpu() => x.0.contiguous().and_then(|x| {
                 x.apply_op1(pool::MaxPool2d(convkit_cpu::pool::MaxPool2d::new(
                     [kh, kw],
@@ -298,20 +299,20 @@ impl Ops for CandleOps {
     }
 
     fn flatten(&self, x: &Value) -> convkit_core::Result<Value> {
-        self.lift(x.0.permute((0, 2, 3, 1)).and_then(|t| t.flatten_from(1)))
+        self.engine_result(x.0.permute((0, 2, 3, 1)).and_then(|t| t.flatten_from(1)))
             .map(Value)
     }
 
     fn dense(&self, x: &Value, kernel: &Value, bias: &Value) -> convkit_core::Result<Value> {
         if self.device.is_cpu() && x.0.rank() == 2 {
             return self
-                .lift((|| {
+                .engine_result((|| {
                     let (kernel, bias) = (kernel.0.contiguous()?, bias.0.contiguous()?);
                     x.0.contiguous()?.apply_op3(&kernel, &bias, dense::Dense)
                 })())
                 .map(Value);
         }
-        self.lift(
+        self.engine_result(
             kernel
                 .0
                 .t()
@@ -322,7 +323,7 @@ impl Ops for CandleOps {
     }
 
     fn activation(&self, x: &Value, activation: Activation) -> convkit_core::Result<Value> {
-        self.lift(match activation {
+        self.engine_result(match activation {
             Activation::Linear => Ok(x.0.clone()),
             Activation::Relu if self.device.is_cpu() => {
                 x.0.contiguous().and_then(|x| x.apply_op1(relu::Relu))
@@ -337,7 +338,7 @@ impl Ops for CandleOps {
 
     fn moments(&self, x: &Value) -> convkit_core::Result<(Value, Value)> {
         let axes: Vec<usize> = (0..x.0.rank()).filter(|&d| d != 1).collect();
-        self.lift((|| {
+        self.engine_result((|| {
             let mean = x.0.mean_keepdim(axes.as_slice())?;
             let variance =
                 x.0.broadcast_sub(&mean)?
@@ -357,7 +358,7 @@ impl Ops for CandleOps {
         epsilon: f64,
     ) -> convkit_core::Result<Value> {
         let rank = x.0.rank();
-        self.lift((|| {
+        self.engine_result((|| {
             let scale = (&variance.0 + epsilon)?.sqrt()?.recip()?;
             x.0.broadcast_sub(&channel_vector(&mean.0, rank)?)?
                 .broadcast_mul(&channel_vector(&scale, rank)?)?
@@ -372,7 +373,7 @@ impl Ops for CandleOps {
         logits: &Value,
         targets: &Value,
     ) -> convkit_core::Result<Value> {
-        self.lift((|| {
+        self.engine_result((|| {
             (candle_nn::ops::log_softmax(&logits.0, D::Minus1)? * &targets.0)?
                 .sum(1)?
                 .mean_keepdim(0)?
@@ -387,7 +388,7 @@ impl Ops for CandleOps {
         targets: &Value,
     ) -> convkit_core::Result<Value> {
         // max(z, 0) − z·t + log(1 + exp(−|z|)), stable for any logit.
-        self.lift((|| {
+        self.engine_result((|| {
             let z = &logits.0;
             let soft = (z.abs()?.neg()?.exp()? + 1.0)?.log()?;
             ((z.relu()? - (z * &targets.0)?)? + soft)?

@@ -1,7 +1,9 @@
-//! Engine-neutral core of convkit: datasets, the model spec, Keras-default initialisation,
-//! compile settings and the optimizer rules, the one training loop, metrics, plots, and
-//! engine-neutral weights. Engines implement [`Backend`] / [`Network`]; nothing here knows
-//! which engines exist.
+//! Engine-neutral core of convkit: datasets, the model spec and its plan, Keras-default
+//! initialisation, compile settings and the optimizer rules, the one executor (forward,
+//! backward, optimizer steps) written over a small operations surface, the one training loop,
+//! metrics, plots, engine-neutral weights, and the run layer ([`run`]) that the command line
+//! is a thin shell over. Engines implement [`Backend`] and supply the operations
+//! ([`exec::Ops`]); nothing here knows which engines exist.
 
 pub mod artifacts;
 pub mod augment;

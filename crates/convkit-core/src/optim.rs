@@ -291,9 +291,10 @@ impl TensorMath for ndarray::ArrayD<f32> {
     }
 }
 
-/// The optimizer bookkeeping every engine keeps: the rule, the current learning rate, the
-/// update count and which layers train. Engines own their device tensors and [`Slots`]; this
-/// owns the rest, so freezing and schedules behave the same on every engine.
+/// The optimizer bookkeeping of a training run: the rule, the current learning rate, the
+/// update count, which layers train, and the dropout stream. The executor
+/// ([`crate::exec`]) holds it beside the device tensors and their [`Slots`], the same for
+/// every engine, so freezing, schedules and dropout behave alike on all of them.
 #[derive(Debug, Clone)]
 pub struct Training {
     optimizer: crate::compile::Optimizer,
@@ -362,8 +363,8 @@ impl Training {
     }
 
     /// The masks of a training batch of `n` images, one per Dropout layer with a positive
-    /// rate, in layer order. Engines multiply each layer's input by its mask, so every engine
-    /// drops the same units for the same seed.
+    /// rate, in layer order. The executor multiplies each layer's input by its mask, so every
+    /// engine drops the same units for the same seed.
     pub fn dropout_masks(&mut self, n: usize) -> Vec<DropoutMask> {
         use rand::Rng;
         let mut masks = Vec::new();
@@ -410,7 +411,7 @@ impl Training {
         self.learning_rate = learning_rate;
     }
 
-    /// Whether `layer`'s weights are updated (engines may skip its gradients when not).
+    /// Whether `layer`'s weights are updated (the executor skips their gradients when not).
     pub fn is_trainable(&self, layer: usize) -> bool {
         self.trainable.get(layer).copied().unwrap_or(true)
     }

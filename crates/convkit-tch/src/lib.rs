@@ -112,7 +112,10 @@ struct TchOps {
 }
 
 impl TchOps {
-    fn lift<T>(&self, r: std::result::Result<T, tch::TchError>) -> convkit_core::Result<T> {
+    fn engine_result<T>(
+        &self,
+        r: std::result::Result<T, tch::TchError>,
+    ) -> convkit_core::Result<T> {
         r.map_err(|e| convkit_core::Error::engine(self.engine, Error::from(e)))
     }
 }
@@ -127,38 +130,39 @@ impl Clone for Value {
     }
 }
 
-fn lift(r: std::result::Result<Tensor, tch::TchError>) -> convkit_core::Result<Value> {
+/// A tch result as core's value, its error as the engine's.
+fn value_of(r: std::result::Result<Tensor, tch::TchError>) -> convkit_core::Result<Value> {
     r.map(Value)
         .map_err(|e| convkit_core::Error::engine("tch", e))
 }
 
 impl TensorMath for Value {
     fn zeros_like(&self) -> convkit_core::Result<Self> {
-        lift(self.0.f_zeros_like())
+        value_of(self.0.f_zeros_like())
     }
     fn affine(&self, mul: f64, add: f64) -> convkit_core::Result<Self> {
-        lift(self.0.f_mul_scalar(mul).and_then(|t| t.f_add_scalar(add)))
+        value_of(self.0.f_mul_scalar(mul).and_then(|t| t.f_add_scalar(add)))
     }
     fn add(&self, rhs: &Self) -> convkit_core::Result<Self> {
-        lift(self.0.f_add(&rhs.0))
+        value_of(self.0.f_add(&rhs.0))
     }
     fn sub(&self, rhs: &Self) -> convkit_core::Result<Self> {
-        lift(self.0.f_sub(&rhs.0))
+        value_of(self.0.f_sub(&rhs.0))
     }
     fn mul(&self, rhs: &Self) -> convkit_core::Result<Self> {
-        lift(self.0.f_mul(&rhs.0))
+        value_of(self.0.f_mul(&rhs.0))
     }
     fn div(&self, rhs: &Self) -> convkit_core::Result<Self> {
-        lift(self.0.f_div(&rhs.0))
+        value_of(self.0.f_div(&rhs.0))
     }
     fn sqr(&self) -> convkit_core::Result<Self> {
-        lift(self.0.f_square())
+        value_of(self.0.f_square())
     }
     fn sqrt(&self) -> convkit_core::Result<Self> {
-        lift(self.0.f_sqrt())
+        value_of(self.0.f_sqrt())
     }
     fn sign(&self) -> convkit_core::Result<Self> {
-        lift(self.0.f_sign())
+        value_of(self.0.f_sign())
     }
     fn sum(&self) -> convkit_core::Result<f64> {
         self.0
@@ -187,7 +191,7 @@ impl Ops for TchOps {
     }
 
     fn upload(&self, shape: &[usize], data: &[f32]) -> convkit_core::Result<Value> {
-        self.lift(
+        self.engine_result(
             Tensor::f_from_slice(data)
                 .and_then(|t| t.f_reshape(i64s(shape)))
                 .and_then(|t| t.f_to_device(self.device)),
@@ -196,7 +200,7 @@ impl Ops for TchOps {
     }
 
     fn download(&self, t: &Value) -> convkit_core::Result<Vec<f32>> {
-        self.lift(
+        self.engine_result(
             t.0.detach()
                 .f_to_device(Device::Cpu)
                 .and_then(|t| t.f_flatten(0, -1))
@@ -207,7 +211,7 @@ impl Ops for TchOps {
     /// Kept channels-last in memory (an NCHW view of the NHWC values): libtorch's CPU
     /// convolutions and pooling run about twice as fast on it as on NCHW-contiguous tensors.
     fn images(&self, shape: [usize; 4], data: &[f32]) -> convkit_core::Result<Value> {
-        self.lift(
+        self.engine_result(
             Tensor::f_from_slice(data)
                 .and_then(|t| t.f_reshape(i64s(&shape)))
                 .and_then(|t| t.f_to_device(self.device))
@@ -222,7 +226,7 @@ impl Ops for TchOps {
     }
 
     fn assign(&self, variable: &mut Value, value: Value) -> convkit_core::Result<()> {
-        self.lift(tch::no_grad(|| variable.0.f_copy_(&value.0)))
+        self.engine_result(tch::no_grad(|| variable.0.f_copy_(&value.0)))
     }
 
     fn read(&self, variable: &Value, grad: bool) -> Value {
@@ -235,7 +239,8 @@ impl Ops for TchOps {
 
     fn gradients(&self, loss: &Value, wrt: &[&Value]) -> convkit_core::Result<Vec<Option<Value>>> {
         let inputs: Vec<&Tensor> = wrt.iter().map(|t| &t.0).collect();
-        let grads = self.lift(Tensor::f_run_backward(&[&loss.0], &inputs, false, false))?;
+        let grads =
+            self.engine_result(Tensor::f_run_backward(&[&loss.0], &inputs, false, false))?;
         Ok(grads
             .into_iter()
             .map(|g| g.defined().then(|| Value(g)))
@@ -255,7 +260,7 @@ impl Ops for TchOps {
         strides: [usize; 2],
     ) -> convkit_core::Result<Value> {
         let (w, b) = (&kernel.0, Some(&bias.0));
-        self.lift(if top == bottom && left == right {
+        self.engine_result(if top == bottom && left == right {
             x.0.f_conv2d(w, b, i64s(&strides), [top as i64, left as i64], [1, 1], 1)
         } else {
             x.0.f_constant_pad_nd([left as i64, right as i64, top as i64, bottom as i64])
@@ -272,7 +277,7 @@ impl Ops for TchOps {
         strides: [usize; 2],
     ) -> convkit_core::Result<Value> {
         let (size, strides) = (i64s(&size), i64s(&strides));
-        self.lift(match kind {
+        self.engine_result(match kind {
             PoolKind::Max => x.0.f_max_pool2d(&size, &strides, [0, 0], [1, 1], false),
             PoolKind::Average => {
                 x.0.f_avg_pool2d(&size, &strides, [0, 0], false, true, None::<i64>)
@@ -282,16 +287,17 @@ impl Ops for TchOps {
     }
 
     fn flatten(&self, x: &Value) -> convkit_core::Result<Value> {
-        self.lift(x.0.f_permute([0, 2, 3, 1]).and_then(|t| t.f_flatten(1, -1)))
+        self.engine_result(x.0.f_permute([0, 2, 3, 1]).and_then(|t| t.f_flatten(1, -1)))
             .map(Value)
     }
 
     fn dense(&self, x: &Value, kernel: &Value, bias: &Value) -> convkit_core::Result<Value> {
-        self.lift(x.0.f_linear(&kernel.0, Some(&bias.0))).map(Value)
+        self.engine_result(x.0.f_linear(&kernel.0, Some(&bias.0)))
+            .map(Value)
     }
 
     fn activation(&self, x: &Value, activation: Activation) -> convkit_core::Result<Value> {
-        self.lift(match activation {
+        self.engine_result(match activation {
             Activation::Linear => Ok(x.0.shallow_clone()),
             Activation::Relu => x.0.f_relu(),
             Activation::Sigmoid => x.0.f_sigmoid(),
@@ -303,7 +309,7 @@ impl Ops for TchOps {
 
     fn moments(&self, x: &Value) -> convkit_core::Result<(Value, Value)> {
         let axes: Vec<i64> = (0..x.0.dim() as i64).filter(|&d| d != 1).collect();
-        self.lift((|| {
+        self.engine_result((|| {
             let mean = x.0.f_mean_dim(axes.as_slice(), true, Kind::Float)?;
             let variance =
                 x.0.f_sub(&mean)?
@@ -326,7 +332,7 @@ impl Ops for TchOps {
         epsilon: f64,
     ) -> convkit_core::Result<Value> {
         let rank = x.0.dim();
-        self.lift((|| {
+        self.engine_result((|| {
             let scale = variance.0.f_add_scalar(epsilon)?.f_rsqrt()?;
             x.0.f_sub(&channel_vector(&mean.0, rank)?)?
                 .f_mul(&channel_vector(&scale, rank)?)?
@@ -341,7 +347,7 @@ impl Ops for TchOps {
         logits: &Value,
         targets: &Value,
     ) -> convkit_core::Result<Value> {
-        self.lift((|| {
+        self.engine_result((|| {
             logits
                 .0
                 .f_log_softmax(-1, Kind::Float)?
@@ -358,7 +364,7 @@ impl Ops for TchOps {
         logits: &Value,
         targets: &Value,
     ) -> convkit_core::Result<Value> {
-        self.lift(logits.0.f_binary_cross_entropy_with_logits::<Tensor>(
+        self.engine_result(logits.0.f_binary_cross_entropy_with_logits::<Tensor>(
             &targets.0,
             None,
             None,
