@@ -539,12 +539,16 @@ fn cargo(args: &[&str]) -> Command {
 /// What builds and runs of the engines need: libtorch for tch, the datasets, and a runtime
 /// dir for burn-wgpu's Vulkan loader.
 fn build_env(c: &mut Command) {
-    // tch finds libtorch through the venv's python unless the user set LIBTORCH.
+    // tch finds libtorch through the venv's python unless the user set LIBTORCH. torch-sys
+    // only checks that LIBTORCH_USE_PYTORCH is set, and cargo runs its build script again only
+    // when that variable changes: its value is this checkout's venv, so that a build dir shared
+    // by two checkouts (CI's clean clone beside a working copy) finds each one's libtorch
+    // instead of linking against a venv that may be gone.
     if std::env::var_os("LIBTORCH").is_none() {
         let path = std::env::var_os("PATH").unwrap_or_default();
         let mut paths = vec![venv().join("bin")];
         paths.extend(std::env::split_paths(&path));
-        c.env("LIBTORCH_USE_PYTORCH", "1")
+        c.env("LIBTORCH_USE_PYTORCH", venv())
             .env("PATH", std::env::join_paths(paths).expect("valid PATH"));
     }
     if let Some(d) = data_dir() {
