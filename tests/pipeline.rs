@@ -570,3 +570,19 @@ fn compare_runs_what_it_is_asked_and_all_adds_back_what_the_default_leaves_out()
         assert!(all.iter().any(|n| n == "burn-ndarray"));
     }
 }
+
+#[test]
+fn a_model_is_checked_and_planned_once_whatever_builds_it() {
+    let backend = convkit::backend(convkit::backend_names()[0]).unwrap();
+    for preset in ["tutorial-mnist", "tutorial-cifar10-cnn"] {
+        let spec = Sequential::preset(preset).unwrap();
+        let compile = Compile::new(Optimizer::adam(), Loss::default_for(&spec).unwrap());
+        let before = convkit::spec::output_shapes_calls();
+        let model = Model::new(spec.clone(), compile.clone(), backend.as_ref(), 1).unwrap();
+        assert_eq!(convkit::spec::output_shapes_calls() - before, 1, "{preset}");
+        let weights = model.weights().unwrap();
+        let before = convkit::spec::output_shapes_calls();
+        Model::with_weights(spec, compile, backend.as_ref(), &weights).unwrap();
+        assert_eq!(convkit::spec::output_shapes_calls() - before, 1, "{preset}");
+    }
+}

@@ -30,13 +30,10 @@ use burn_tensor::activation::{log_softmax, relu, sigmoid, softmax, tanh};
 use burn_tensor::module::{avg_pool2d, conv2d, max_pool2d};
 use burn_tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions};
 use burn_tensor::{Device, Tensor, TensorData};
-use convkit_core::backend::{Backend, Network};
-use convkit_core::compile::Compile;
-use convkit_core::exec::{Executor, Ops};
+use convkit_core::exec::{Engine, Ops};
 use convkit_core::optim::TensorMath;
 use convkit_core::plan::{PoolKind, Role, WeightSpec};
-use convkit_core::spec::{Activation, Sequential};
-use convkit_core::weights::Weights;
+use convkit_core::spec::Activation;
 
 #[cfg(feature = "flex")]
 mod host;
@@ -185,7 +182,9 @@ fn without_panics<T>(
     })
 }
 
-impl Backend for BurnBackend {
+impl Engine for BurnBackend {
+    type Ops = BurnOps;
+
     fn name(&self) -> &str {
         self.name
     }
@@ -219,24 +218,18 @@ impl Backend for BurnBackend {
         }
     }
 
-    fn build(
-        &self,
-        spec: &Sequential,
-        compile: &Compile,
-        weights: &Weights,
-    ) -> convkit_core::Result<Box<dyn Network>> {
-        let ops = BurnOps {
+    fn ops(&self) -> BurnOps {
+        BurnOps {
             device: self.device.clone(),
             engine: self.name,
             host_memory: matches!(self.name, "burn-flex" | "burn-ndarray"),
             host_kernels: self.name == "burn-flex",
-        };
-        Ok(Box::new(Executor::new(ops, spec, compile, weights)?))
+        }
     }
 }
 
 /// burn's operations on one device, for core's executor.
-struct BurnOps {
+pub struct BurnOps {
     device: Device,
     engine: &'static str,
     /// The backend keeps tensors in host memory (Flex, NdArray), where the optimizer update
@@ -251,7 +244,7 @@ struct BurnOps {
 /// A burn tensor as core's executor and optimizer rules see it: always 4-D (see the crate
 /// docs), tracked by autodiff only while a training step reads it for its gradient.
 #[derive(Clone)]
-struct Value(Tensor<4>);
+pub struct Value(Tensor<4>);
 
 impl TensorMath for Value {
     fn zeros_like(&self) -> convkit_core::Result<Self> {

@@ -22,13 +22,10 @@ mod threads;
 mod update;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use convkit_core::backend::{Backend, Network};
-use convkit_core::compile::Compile;
-use convkit_core::exec::{Executor, Ops};
+use convkit_core::exec::{Engine, Ops};
 use convkit_core::optim::TensorMath;
 use convkit_core::plan::{PlannedOp, PoolKind};
-use convkit_core::spec::{Activation, Sequential};
-use convkit_core::weights::Weights;
+use convkit_core::spec::Activation;
 
 /// Errors of the candle engine; they reach users as [`convkit_core::Error::Engine`].
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +71,9 @@ impl CandleBackend {
     }
 }
 
-impl Backend for CandleBackend {
+impl Engine for CandleBackend {
+    type Ops = CandleOps;
+
     fn name(&self) -> &str {
         self.name
     }
@@ -86,22 +85,16 @@ impl Backend for CandleBackend {
         }
     }
 
-    fn build(
-        &self,
-        spec: &Sequential,
-        compile: &Compile,
-        weights: &Weights,
-    ) -> convkit_core::Result<Box<dyn Network>> {
-        let ops = CandleOps {
+    fn ops(&self) -> CandleOps {
+        CandleOps {
             device: self.device.clone(),
             engine: self.name,
-        };
-        Ok(Box::new(Executor::new(ops, spec, compile, weights)?))
+        }
     }
 }
 
 /// candle's operations on one device, for core's executor.
-struct CandleOps {
+pub struct CandleOps {
     device: Device,
     engine: &'static str,
 }
@@ -114,7 +107,7 @@ impl CandleOps {
 
 /// A candle tensor as core's executor and optimizer rules see it.
 #[derive(Clone)]
-struct Value(Tensor);
+pub struct Value(Tensor);
 
 impl TensorMath for Value {
     fn zeros_like(&self) -> convkit_core::Result<Self> {

@@ -1,13 +1,12 @@
 //! The object-safe seam the CLI, the registry and the training loop use: a [`Backend`] builds
-//! a [`Network`] by name. Engines implement it with core's executor
-//! ([`crate::exec::Executor`] over the engine's [`crate::exec::Ops`]), so what a network
-//! does is written once; everything else (data, loop, metrics, plots, files) is core's too.
+//! a [`Network`] by name. Engines get it by implementing [`crate::exec::Engine`] (their
+//! [`crate::exec::Ops`]): every network is core's executor, so what a network does is written
+//! once; everything else (data, loop, metrics, plots, files) is core's too.
 
 use ndarray::{Array2, ArrayView4};
 
-use crate::compile::Compile;
 use crate::optim::OptimizerState;
-use crate::spec::Sequential;
+use crate::plan::Compiled;
 use crate::weights::Weights;
 use crate::Result;
 
@@ -56,13 +55,8 @@ pub trait Backend: Send + Sync {
     fn left_out_by_default(&self) -> Option<String> {
         None
     }
-    /// Build `spec` with `weights` (canonical layout), ready to train with `compile`.
-    fn build(
-        &self,
-        spec: &Sequential,
-        compile: &Compile,
-        weights: &Weights,
-    ) -> Result<Box<dyn Network>>;
+    /// `model` with `weights` (canonical layout) on this engine, ready to train.
+    fn build(&self, model: &Compiled, weights: &Weights) -> Result<Box<dyn Network>>;
 }
 
 /// A built network on an engine's device.

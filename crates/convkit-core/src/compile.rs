@@ -248,6 +248,11 @@ impl Compile {
     pub fn check(&self, spec: &Sequential) -> Result<Head> {
         self.optimizer.check()?;
         spec.output_shapes()?;
+        self.head_for(spec)
+    }
+
+    /// The head of `spec`'s last layer under this loss, for a spec whose shapes are checked.
+    pub(crate) fn head_for(&self, spec: &Sequential) -> Result<Head> {
         let last = spec.layers.len() - 1;
         let names = spec.layer_names();
         let layer_err = |message: String| Error::Layer {

@@ -14,12 +14,12 @@ use ndarray::{Array2, ArrayView4};
 
 use std::rc::Rc;
 
-use crate::backend::{Network, StepStats, Targets};
+use crate::backend::{Backend, Network, StepStats, Targets};
 use crate::collective::{Collective, Solo};
-use crate::compile::{Compile, Head, Loss};
+use crate::compile::{Head, Loss};
 use crate::optim::{DropoutMask, OptimizerState, Slots, TensorMath, Training};
-use crate::plan::{Plan, PlannedOp, PoolKind, WeightSpec};
-use crate::spec::{Activation, Sequential};
+use crate::plan::{Compiled, Plan, PlannedOp, PoolKind, WeightSpec};
+use crate::spec::Activation;
 use crate::weights::{Tensor as HostTensor, Weights};
 use crate::{Error, Result};
 
@@ -172,8 +172,40 @@ struct StepParts<T> {
     moving: Vec<(usize, Option<T>)>,
 }
 
+/// An engine as core sees it: its name and device, and its [`Ops`]. Every `Engine` is a
+/// [`Backend`], whose networks are [`Executor`]s over those operations: an engine crate
+/// writes no `build`.
+pub trait Engine: Send + Sync {
+    type Ops: Ops + 'static;
+    /// The `--backend` name, e.g. `candle-cpu`.
+    fn name(&self) -> &str;
+    /// The device, in words.
+    fn device(&self) -> String;
+    /// See [`Backend::left_out_by_default`].
+    fn left_out_by_default(&self) -> Option<String> {
+        None
+    }
+    /// The operations on this engine's device.
+    fn ops(&self) -> Self::Ops;
+}
+
+impl<E: Engine> Backend for E {
+    fn name(&self) -> &str {
+        Engine::name(self)
+    }
+    fn device(&self) -> String {
+        Engine::device(self)
+    }
+    fn left_out_by_default(&self) -> Option<String> {
+        Engine::left_out_by_default(self)
+    }
+    fn build(&self, model: &Compiled, weights: &Weights) -> Result<Box<dyn Network>> {
+        Ok(Box::new(Executor::new(self.ops(), model, weights)?))
+    }
+}
+
 /// A network on an engine: the plan, the variables on the device, their optimizer slots and
-/// the training bookkeeping. Built by an engine's [`crate::Backend::build`] with
+/// the training bookkeeping. Every [`Engine`]'s [`Backend::build`] makes one with
 /// [`Executor::new`].
 pub struct Executor<O: Ops> {
     ops: O,
@@ -193,14 +225,13 @@ pub struct Executor<O: Ops> {
 }
 
 impl<O: Ops> Executor<O> {
-    /// `spec` compiled with `compile`, starting from `weights` (canonical layout), on `ops`'
-    /// engine. Checks the spec, the compile settings against it, the weights' names, shapes
-    /// and values, and asks the engine about every layer, once, here.
-    pub fn new(ops: O, spec: &Sequential, compile: &Compile, weights: &Weights) -> Result<Self> {
-        let head = compile.check(spec)?;
-        weights.check(spec)?;
-        let plan = spec.plan()?;
-        let names = spec.layer_names();
+    /// `model`, starting from `weights` (canonical layout), on `ops`' engine. Checks the
+    /// weights' names, shapes and values against the plan, and asks the engine about every
+    /// layer, once, here.
+    pub fn new(ops: O, model: &Compiled, weights: &Weights) -> Result<Self> {
+        weights.check_for(model)?;
+        let plan = model.plan().clone();
+        let names = model.spec().layer_names();
         for (i, op) in plan.ops.iter().enumerate() {
             ops.supports(op).map_err(|reason| {
                 Error::engine(
@@ -220,11 +251,11 @@ impl<O: Ops> Executor<O> {
         }
         Ok(Executor {
             slots: plan.weights.iter().map(|_| Slots::default()).collect(),
-            outputs: spec.output_shape()?.numel(),
-            input_shape: spec.input_shape,
-            training: Training::new(&compile.optimizer, spec)?,
-            loss: compile.loss,
-            head,
+            outputs: plan.shapes.last().expect("a plan has a layer").numel(),
+            input_shape: model.spec().input_shape,
+            training: Training::new(model)?,
+            loss: model.compile().loss,
+            head: model.head(),
             values,
             plan,
             ops,

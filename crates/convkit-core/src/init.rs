@@ -14,10 +14,15 @@ use crate::Result;
 /// normalisations start as Keras' do, with γ and the moving variance 1, β and the moving
 /// mean 0 (they draw nothing from the stream).
 pub fn glorot_uniform(spec: &Sequential, seed: u64) -> Result<Weights> {
+    glorot_uniform_for(&spec.plan()?, seed)
+}
+
+/// [`glorot_uniform`] for a plan made already.
+pub fn glorot_uniform_for(plan: &crate::plan::Plan, seed: u64) -> Result<Weights> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut weights = Weights::default();
-    for weight in spec.plan()?.weights {
-        let (n, shape) = (weight.numel(), weight.shape);
+    for weight in &plan.weights {
+        let (n, shape) = (weight.numel(), weight.shape.clone());
         let tensor = match weight.role {
             Role::Bias | Role::Beta | Role::MovingMean => Tensor::zeros(shape),
             Role::Gamma | Role::MovingVariance => Tensor::new(shape, vec![1.0; n])?,
@@ -30,7 +35,7 @@ pub fn glorot_uniform(spec: &Sequential, seed: u64) -> Result<Weights> {
                 Tensor::new(shape, data)?
             }
         };
-        weights.insert(weight.name, tensor);
+        weights.insert(weight.name.clone(), tensor);
     }
     Ok(weights)
 }

@@ -40,6 +40,7 @@ pub use compile::{Compile, Head, Loss, Optimizer};
 pub use data::{Dataset, ImageShape, Normalisation};
 pub use error::{Error, Result};
 pub use metrics::{ClassificationReport, ConfusionMatrix};
+pub use plan::Compiled;
 pub use spec::{
     Activation, BatchNormalization, Conv2D, Dense, Dropout, LayerKind, Padding, Pool2D,
     Regularizer, Sequential, SizeLimits,

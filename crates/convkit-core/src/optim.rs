@@ -3,7 +3,7 @@
 //! the same order on their own devices.
 
 use crate::compile::Optimizer;
-use crate::spec::{Regularizer, Sequential, Shape};
+use crate::spec::{Regularizer, Shape};
 use crate::Result;
 
 /// The element-wise operations the update rules need. Engines implement this for their
@@ -319,16 +319,17 @@ pub struct DropoutMask {
 }
 
 impl Training {
-    /// Every layer of `spec` trainable, at the optimizer's learning rate, with the spec's
-    /// kernel regularisers.
-    pub fn new(optimizer: &crate::compile::Optimizer, spec: &Sequential) -> Result<Self> {
+    /// Every layer of `model` trainable, at its optimizer's learning rate, with its kernel
+    /// regularisers.
+    pub fn new(model: &crate::plan::Compiled) -> Result<Self> {
         use rand::SeedableRng;
+        let (spec, optimizer) = (model.spec(), &model.compile().optimizer);
         let layers = spec.layers.len();
-        let shapes = spec.output_shapes()?;
+        let shapes = &model.plan().shapes;
         let dropouts = spec
             .layers
             .iter()
-            .zip(&shapes)
+            .zip(shapes)
             .enumerate()
             .filter_map(|(i, (layer, shape))| match (&layer.kind, *shape) {
                 (crate::spec::LayerKind::Dropout(d), Shape::Image { h, w, c }) => {
@@ -710,7 +711,10 @@ mod tests {
                     dense = dense.kernel_regularizer(r);
                 }
                 let spec = Sequential::new(1, 1, 1).flatten().add(dense);
-                let mut training = Training::new(rule, &spec).unwrap();
+                let compile =
+                    crate::Compile::new(rule.clone(), crate::Loss::SparseCategoricalCrossentropy);
+                let model = crate::plan::Compiled::new(spec, compile).unwrap();
+                let mut training = Training::new(&model).unwrap();
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
                 let start: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let mut composite = ArrayD::from_shape_vec(vec![n], start.clone()).unwrap();

@@ -3,6 +3,7 @@
 //! every step names its weights by index into that list, so nothing downstream matches on
 //! weight-name strings.
 
+use crate::compile::{Compile, Head};
 pub use crate::op::{PlannedOp, PoolKind, Role, BATCH_NORM_ROLES};
 use crate::spec::{Sequential, Shape};
 use crate::Result;
@@ -35,6 +36,56 @@ pub struct Plan {
     pub ops: Vec<PlannedOp>,
     /// Each layer's output shape.
     pub shapes: Vec<Shape>,
+}
+
+/// A model checked once, linfa style: the spec, its compile settings, the head they give and
+/// the plan. Made only by [`Compiled::new`]; what builds or trains a model (initialisation,
+/// the weights check, [`crate::Backend::build`], the executor, the optimizer's bookkeeping)
+/// takes it, so none of them checks or plans the spec again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compiled {
+    spec: Sequential,
+    compile: Compile,
+    head: Head,
+    plan: Plan,
+}
+
+impl Compiled {
+    /// Check the compile settings, the spec's shapes and the loss against the last layer, and
+    /// plan the spec.
+    pub fn new(spec: Sequential, compile: Compile) -> Result<Self> {
+        compile.optimizer.check()?;
+        let plan = Plan::new(&spec)?;
+        let head = compile.head_for(&spec)?;
+        Ok(Compiled {
+            spec,
+            compile,
+            head,
+            plan,
+        })
+    }
+
+    pub fn spec(&self) -> &Sequential {
+        &self.spec
+    }
+
+    pub fn compile(&self) -> &Compile {
+        &self.compile
+    }
+
+    /// How the logits become probabilities.
+    pub fn head(&self) -> Head {
+        self.head
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The spec and compile settings back.
+    pub fn into_parts(self) -> (Sequential, Compile, Head) {
+        (self.spec, self.compile, self.head)
+    }
 }
 
 impl Sequential {

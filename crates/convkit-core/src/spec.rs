@@ -27,6 +27,17 @@ pub struct Sequential {
     pub layers: Vec<Layer>,
 }
 
+thread_local! {
+    static OUTPUT_SHAPES_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times this thread has run [`Sequential::output_shapes`]: a test's proof that a
+/// model is checked once ([`crate::plan::Compiled`]).
+#[doc(hidden)]
+pub fn output_shapes_calls() -> usize {
+    OUTPUT_SHAPES_CALLS.with(std::cell::Cell::get)
+}
+
 /// `1234567` → `"1,234,567"`.
 pub(crate) fn thousands(n: usize) -> String {
     let digits = n.to_string();
@@ -111,6 +122,7 @@ impl Sequential {
 
     /// The output shape of every layer, checking that each layer fits its input.
     pub fn output_shapes(&self) -> Result<Vec<Shape>> {
+        OUTPUT_SHAPES_CALLS.with(|calls| calls.set(calls.get() + 1));
         let [h, w, c] = self.input_shape;
         if h == 0 || w == 0 || c == 0 {
             return Err(Error::config(

@@ -23,6 +23,7 @@ use crate::collective::{Collective, Solo};
 use crate::compile::{Compile, Head, Loss};
 use crate::data::Dataset;
 use crate::metrics::ConfusionMatrix;
+use crate::plan::Compiled;
 use crate::spec::Sequential;
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -56,9 +57,9 @@ impl Model {
         backend: &dyn Backend,
         seed: u64,
     ) -> Result<Self> {
-        compile.check(&spec)?;
-        let weights = crate::init::glorot_uniform(&spec, seed)?;
-        Self::with_weights(spec, compile, backend, &weights)
+        let model = Compiled::new(spec, compile)?;
+        let weights = crate::init::glorot_uniform_for(model.plan(), seed)?;
+        Self::build(model, backend, &weights)
     }
 
     /// Build `spec` on `backend` with the given weights (checked against the spec).
@@ -68,9 +69,13 @@ impl Model {
         backend: &dyn Backend,
         weights: &Weights,
     ) -> Result<Self> {
-        let head = compile.check(&spec)?;
-        weights.check(&spec)?;
-        let mut network = backend.build(&spec, &compile, weights)?;
+        Self::build(Compiled::new(spec, compile)?, backend, weights)
+    }
+
+    /// `model` on `backend` from `weights`, its frozen layers frozen.
+    fn build(model: Compiled, backend: &dyn Backend, weights: &Weights) -> Result<Self> {
+        let mut network = backend.build(&model, weights)?;
+        let (spec, compile, head) = model.into_parts();
         for (i, layer) in spec.layers.iter().enumerate() {
             if !layer.trainable {
                 network.set_trainable(i, false)?;

@@ -68,10 +68,19 @@ impl Weights {
     /// Check names and shapes against a spec: every expected tensor present with the right
     /// shape, and nothing else; every value finite (and moving variances non-negative).
     pub fn check(&self, spec: &Sequential) -> Result<()> {
-        let expected = spec.plan()?.weights;
+        self.check_against(&spec.plan()?.weights, &spec.name)
+    }
+
+    /// [`Weights::check`] for a model checked already.
+    pub fn check_for(&self, model: &crate::plan::Compiled) -> Result<()> {
+        self.check_against(&model.plan().weights, &model.spec().name)
+    }
+
+    /// Exactly the weights `expected` of model `model_name`, each finite.
+    fn check_against(&self, expected: &[crate::plan::WeightSpec], model_name: &str) -> Result<()> {
         for crate::plan::WeightSpec {
             name, shape, role, ..
-        } in &expected
+        } in expected
         {
             let tensor = self.tensors.get(name).ok_or_else(|| Error::Weights {
                 tensor: name.clone(),
@@ -114,7 +123,7 @@ impl Weights {
                 tensor: extra.clone(),
                 message: format!(
                     "not part of model `{}` (expected tensors: {})",
-                    spec.name,
+                    model_name,
                     expected
                         .iter()
                         .map(|w| w.name.as_str())

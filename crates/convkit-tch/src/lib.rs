@@ -5,13 +5,10 @@
 //! libtorch comes from the `torch==2.9.0` wheel (`cargo xtask setup`); `LIBTORCH` is
 //! respected. The thread count follows `CONVKIT_THREADS`, else the machine's cores.
 
-use convkit_core::backend::{Backend, Network};
-use convkit_core::compile::Compile;
-use convkit_core::exec::{Executor, Ops};
+use convkit_core::exec::{Engine, Ops};
 use convkit_core::optim::TensorMath;
 use convkit_core::plan::PoolKind;
-use convkit_core::spec::{Activation, Sequential};
-use convkit_core::weights::Weights;
+use convkit_core::spec::Activation;
 use tch::{Device, Kind, Reduction, Tensor};
 
 /// Errors of the tch engine; they reach users as [`convkit_core::Error::Engine`].
@@ -75,7 +72,9 @@ impl TchBackend {
     }
 }
 
-impl Backend for TchBackend {
+impl Engine for TchBackend {
+    type Ops = TchOps;
+
     fn name(&self) -> &str {
         self.name
     }
@@ -91,22 +90,16 @@ impl Backend for TchBackend {
         }
     }
 
-    fn build(
-        &self,
-        spec: &Sequential,
-        compile: &Compile,
-        weights: &Weights,
-    ) -> convkit_core::Result<Box<dyn Network>> {
-        let ops = TchOps {
+    fn ops(&self) -> TchOps {
+        TchOps {
             device: self.device,
             engine: self.name,
-        };
-        Ok(Box::new(Executor::new(ops, spec, compile, weights)?))
+        }
     }
 }
 
 /// libtorch's operations on one device, for core's executor.
-struct TchOps {
+pub struct TchOps {
     device: Device,
     engine: &'static str,
 }
@@ -121,7 +114,7 @@ impl TchOps {
 }
 
 /// A libtorch tensor as core's executor and optimizer rules see it.
-struct Value(Tensor);
+pub struct Value(Tensor);
 
 impl Clone for Value {
     /// Shares the storage, as a tensor handle does.
