@@ -15,7 +15,7 @@ TensorFlow does. BatchNormalization's moving statistics become ``running_mean`` 
 
 Command line, for the tests: ``python convkit_torch.py CHECKPOINT INPUT.f32 OUTPUT.f32 [...]``
 reads ``N×H×W×C`` float32 images (raw, little-endian) and writes ``N×K`` probabilities, for
-each triple given.
+each triple given; ``python convkit_torch.py --mapping`` prints the layer types it maps.
 """
 
 import json
@@ -37,6 +37,27 @@ STEMS = {
     "Dense": "dense",
     "Dropout": "dropout",
     "BatchNormalization": "batch_normalization",
+}
+
+# Each layer type's PyTorch tensors: (attribute of the torch module, convkit's weight suffix),
+# in convkit's order. `--mapping` prints this table and STEMS; tests/interop.rs checks both
+# against the Rust side's (pytorch.rs, the layer rules), so a layer type added there without
+# its mapping here fails a test.
+TORCH_PARTS = {
+    "Conv2D": [("weight", "weight"), ("bias", "bias")],
+    "MaxPooling2D": [],
+    "AveragePooling2D": [],
+    "GlobalMaxPooling2D": [],
+    "GlobalAveragePooling2D": [],
+    "Flatten": [],
+    "Dense": [("weight", "weight"), ("bias", "bias")],
+    "Dropout": [],
+    "BatchNormalization": [
+        ("weight", "gamma"),
+        ("bias", "beta"),
+        ("running_mean", "moving_mean"),
+        ("running_var", "moving_variance"),
+    ],
 }
 
 
@@ -88,6 +109,12 @@ def build(spec, tensors):
             raise ValueError(f"tensor `{name}`: expected shape {list(shape)}, found {list(t.shape)}")
         return torch.nn.Parameter(t.clone(), requires_grad=False)
 
+    def load_parts(module, kind, name, shapes):
+        """`module`'s tensors from the checkpoint, as TORCH_PARTS maps them, with their shapes."""
+        for attr, suffix in TORCH_PARTS[kind]:
+            t = take(f"{name}.{suffix}", shapes[attr])
+            setattr(module, attr, t.data if attr.startswith("running_") else t)
+
     flat = None
     for layer, name in zip(spec["layers"], layer_names(spec["layers"])):
         kind = layer["type"]
@@ -99,8 +126,7 @@ def build(spec, tensors):
                 modules.append(torch.nn.ZeroPad2d((left, right, top, bottom)))
                 h, w = h + top + bottom, w + left + right
             conv = torch.nn.Conv2d(c, layer["filters"], (kh, kw), stride=(sh, sw))
-            conv.weight = take(f"{name}.weight", [layer["filters"], c, kh, kw])
-            conv.bias = take(f"{name}.bias", [layer["filters"]])
+            load_parts(conv, kind, name, {"weight": [layer["filters"], c, kh, kw], "bias": [layer["filters"]]})
             modules.append(conv)
             h, w, c = (h - kh) // sh + 1, (w - kw) // sw + 1, layer["filters"]
         elif kind in ("MaxPooling2D", "AveragePooling2D"):
@@ -119,8 +145,7 @@ def build(spec, tensors):
         elif kind == "Dense":
             inputs = flat if flat is not None else h * w * c
             dense = torch.nn.Linear(inputs, layer["units"])
-            dense.weight = take(f"{name}.weight", [layer["units"], inputs])
-            dense.bias = take(f"{name}.bias", [layer["units"]])
+            load_parts(dense, kind, name, {"weight": [layer["units"], inputs], "bias": [layer["units"]]})
             modules.append(dense)
             flat = layer["units"]
         elif kind == "Dropout":
@@ -132,10 +157,7 @@ def build(spec, tensors):
                 eps=layer.get("epsilon", 1e-3),
                 momentum=1.0 - layer.get("momentum", 0.99),
             )
-            norm.weight = take(f"{name}.gamma", [channels])
-            norm.bias = take(f"{name}.beta", [channels])
-            norm.running_mean = take(f"{name}.moving_mean", [channels]).data
-            norm.running_var = take(f"{name}.moving_variance", [channels]).data
+            load_parts(norm, kind, name, {attr: [channels] for attr, _ in TORCH_PARTS[kind]})
             modules.append(norm)
         else:
             raise ValueError(f"layer `{name}`: convkit_torch does not know the layer type {kind}")
@@ -174,7 +196,11 @@ def load(path):
 
 
 def main(argv):
-    """For each (CHECKPOINT, INPUT, OUTPUT) triple: the probabilities of INPUT's images."""
+    """For each (CHECKPOINT, INPUT, OUTPUT) triple: the probabilities of INPUT's images; with
+    `--mapping`, the layer types this module maps, as JSON: type → stem and tensor parts."""
+    if argv[1:] == ["--mapping"]:
+        print(json.dumps({kind: {"stem": STEMS[kind], "parts": parts} for kind, parts in TORCH_PARTS.items()}))
+        return
     if len(argv) < 4 or (len(argv) - 1) % 3:
         sys.exit("usage: python convkit_torch.py CHECKPOINT INPUT.f32 OUTPUT.f32 [CHECKPOINT INPUT OUTPUT ...]")
     for checkpoint, inputs, outputs in zip(*[iter(argv[1:])] * 3):

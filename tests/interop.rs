@@ -368,3 +368,40 @@ fn pytorch_state_dicts_load_into_convkit_with_the_same_probabilities() {
         "the frozen base keeps PyTorch's weights"
     );
 }
+
+#[test]
+fn the_python_builder_maps_every_layer_type_as_the_rust_side_does() {
+    let script = root().join("python/convkit_torch.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .arg("--mapping")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mapping: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds = LayerKind::one_of_each();
+    for kind in &kinds {
+        let name = kind.type_name();
+        let entry = &mapping[name];
+        assert!(
+            entry.is_object(),
+            "python/convkit_torch.py has no mapping for {name} (TORCH_PARTS and STEMS)"
+        );
+        assert_eq!(entry["stem"], kind.name_stem(), "{name}'s name stem");
+        let parts: Vec<(String, String)> = serde_json::from_value(entry["parts"].clone()).unwrap();
+        let rust: Vec<(String, String)> = convkit::pytorch::torch_parts(kind)
+            .iter()
+            .map(|(torch, ours)| (torch.to_string(), ours.to_string()))
+            .collect();
+        assert_eq!(parts, rust, "{name}'s PyTorch tensors");
+    }
+    assert_eq!(
+        mapping.as_object().unwrap().len(),
+        kinds.len(),
+        "python/convkit_torch.py maps types the Rust side does not have: {mapping}"
+    );
+}

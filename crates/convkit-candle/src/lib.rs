@@ -175,7 +175,13 @@ impl Ops for CandleOps {
                     "Conv2D strides {strides:?} differ per axis; candle's conv2d takes one stride"
                 ))
             }
-            _ => Ok(()),
+            PlannedOp::Conv2D { .. }
+            | PlannedOp::Pool2D { .. }
+            | PlannedOp::GlobalPool2D { .. }
+            | PlannedOp::Flatten
+            | PlannedOp::Dense { .. }
+            | PlannedOp::Dropout { .. }
+            | PlannedOp::BatchNorm { .. } => Ok(()),
         }
     }
 

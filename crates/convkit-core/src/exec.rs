@@ -443,16 +443,10 @@ impl<O: Ops> Executor<O> {
     /// Weight indices of the moving statistics a training step updates, in the order
     /// [`Executor::forward`] gives them.
     fn moving_statistics(&self) -> impl Iterator<Item = usize> + '_ {
-        (self.plan.ops.iter().enumerate()).flat_map(|(layer, op)| match *op {
-            PlannedOp::BatchNorm {
-                moving_mean,
-                moving_variance,
-                ..
-            } if self.training.uses_batch_statistics(layer, true) => {
-                vec![moving_mean, moving_variance]
-            }
-            _ => Vec::new(),
-        })
+        (self.plan.ops.iter().enumerate())
+            .filter(|(layer, _)| self.training.uses_batch_statistics(*layer, true))
+            .filter_map(|(_, op)| op.moving_statistics())
+            .flatten()
     }
 
     /// Data-parallel training: sums this rank's step (`n` images) with every other rank's in

@@ -138,3 +138,36 @@ pub enum PlannedOp {
         epsilon: f64,
     },
 }
+
+impl PlannedOp {
+    /// The weight indices of the moving mean and variance a training step updates, for a
+    /// batch normalisation.
+    pub fn moving_statistics(&self) -> Option<[usize; 2]> {
+        match *self {
+            PlannedOp::BatchNorm {
+                moving_mean,
+                moving_variance,
+                ..
+            } => Some([moving_mean, moving_variance]),
+            PlannedOp::Conv2D { .. }
+            | PlannedOp::Pool2D { .. }
+            | PlannedOp::GlobalPool2D { .. }
+            | PlannedOp::Flatten
+            | PlannedOp::Dense { .. }
+            | PlannedOp::Dropout { .. } => None,
+        }
+    }
+
+    /// The rate of a dropout, whose mask core draws.
+    pub fn dropout_rate(&self) -> Option<f32> {
+        match *self {
+            PlannedOp::Dropout { rate } => Some(rate),
+            PlannedOp::Conv2D { .. }
+            | PlannedOp::Pool2D { .. }
+            | PlannedOp::GlobalPool2D { .. }
+            | PlannedOp::Flatten
+            | PlannedOp::Dense { .. }
+            | PlannedOp::BatchNorm { .. } => None,
+        }
+    }
+}

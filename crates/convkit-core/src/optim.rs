@@ -326,17 +326,13 @@ impl Training {
         let (spec, optimizer) = (model.spec(), &model.compile().optimizer);
         let layers = spec.layers.len();
         let shapes = &model.plan().shapes;
-        let dropouts = spec
-            .layers
-            .iter()
-            .zip(shapes)
-            .enumerate()
-            .filter_map(|(i, (layer, shape))| match (&layer.kind, *shape) {
-                (crate::spec::LayerKind::Dropout(d), Shape::Image { h, w, c }) => {
-                    Some((i, d.rate, vec![h, w, c]))
-                }
-                (crate::spec::LayerKind::Dropout(d), Shape::Flat(n)) => Some((i, d.rate, vec![n])),
-                _ => None,
+        let dropouts = (model.plan().ops.iter().zip(shapes).enumerate())
+            .filter_map(|(i, (op, shape))| {
+                let rate = op.dropout_rate()?;
+                Some(match *shape {
+                    Shape::Image { h, w, c } => (i, rate, vec![h, w, c]),
+                    Shape::Flat(n) => (i, rate, vec![n]),
+                })
             })
             .collect();
         Ok(Training {

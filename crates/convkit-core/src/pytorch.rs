@@ -45,8 +45,10 @@ impl std::str::FromStr for FlattenOrder {
     }
 }
 
-/// The PyTorch tensors a convkit layer's weights come from, in convkit's order.
-fn torch_parts(kind: &LayerKind) -> &'static [(&'static str, &'static str)] {
+/// The PyTorch tensors a convkit layer's weights come from, in convkit's order: (the torch
+/// module's attribute, convkit's weight suffix). `python/convkit_torch.py` keeps the same
+/// table (`TORCH_PARTS`), checked against this one by `tests/interop.rs`.
+pub fn torch_parts(kind: &LayerKind) -> &'static [(&'static str, &'static str)] {
     match kind {
         LayerKind::Conv2D(_) | LayerKind::Dense(_) => &[("weight", "weight"), ("bias", "bias")],
         LayerKind::BatchNormalization(_) => &[
@@ -177,14 +179,21 @@ pub fn weights_from_state_dict(
                         ),
                     ));
                 }
-                let tensor = match (flattened, &layer.kind) {
-                    (Some(image), LayerKind::Dense(_)) if *torch_part == "weight" => {
-                        channels_last(&tensor, image)
-                    }
-                    (Some(image), LayerKind::BatchNormalization(_)) => {
-                        channels_last(&tensor, image)
-                    }
-                    _ => tensor,
+                // After a flatten, what indexes the flattened features follows its order.
+                let indexed_by_features = match &layer.kind {
+                    LayerKind::Dense(_) => *torch_part == "weight",
+                    LayerKind::BatchNormalization(_) => true,
+                    LayerKind::Conv2D(_)
+                    | LayerKind::MaxPooling2D(_)
+                    | LayerKind::AveragePooling2D(_)
+                    | LayerKind::GlobalMaxPooling2D
+                    | LayerKind::GlobalAveragePooling2D
+                    | LayerKind::Flatten
+                    | LayerKind::Dropout(_) => false,
+                };
+                let tensor = match flattened {
+                    Some(image) if indexed_by_features => channels_last(&tensor, image),
+                    Some(_) | None => tensor,
                 };
                 weights.insert(convkit_name, tensor);
             }

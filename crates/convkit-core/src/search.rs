@@ -460,7 +460,14 @@ impl Trial {
         if let Some(first) = self.filters {
             let base_first = spec.layers.iter().find_map(|l| match &l.kind {
                 LayerKind::Conv2D(c) => Some(c.filters),
-                _ => None,
+                LayerKind::MaxPooling2D(_)
+                | LayerKind::AveragePooling2D(_)
+                | LayerKind::GlobalMaxPooling2D
+                | LayerKind::GlobalAveragePooling2D
+                | LayerKind::Flatten
+                | LayerKind::Dense(_)
+                | LayerKind::Dropout(_)
+                | LayerKind::BatchNormalization(_) => None,
             });
             let Some(base_first) = base_first else {
                 return Err(Error::config(

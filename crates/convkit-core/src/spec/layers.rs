@@ -297,8 +297,38 @@ impl LayerKind {
     }
 
     /// Keras' automatic name stem (`conv2d`, `max_pooling2d`, ...).
-    pub(crate) fn name_stem(&self) -> &'static str {
+    pub fn name_stem(&self) -> &'static str {
         self.rules().name_stem()
+    }
+
+    /// One layer of each type, for what must cover them all (the PyTorch mapping's test).
+    pub fn one_of_each() -> Vec<LayerKind> {
+        let all = vec![
+            LayerKind::Conv2D(Conv2D::new(1, 1)),
+            LayerKind::MaxPooling2D(Pool2D::new(2)),
+            LayerKind::AveragePooling2D(Pool2D::new(2)),
+            LayerKind::GlobalMaxPooling2D,
+            LayerKind::GlobalAveragePooling2D,
+            LayerKind::Flatten,
+            LayerKind::Dense(Dense::new(1)),
+            LayerKind::Dropout(Dropout::new(0.5)),
+            LayerKind::BatchNormalization(BatchNormalization::new()),
+        ];
+        for kind in &all {
+            // A new layer type stops compiling here until it is listed above.
+            match kind {
+                LayerKind::Conv2D(_)
+                | LayerKind::MaxPooling2D(_)
+                | LayerKind::AveragePooling2D(_)
+                | LayerKind::GlobalMaxPooling2D
+                | LayerKind::GlobalAveragePooling2D
+                | LayerKind::Flatten
+                | LayerKind::Dense(_)
+                | LayerKind::Dropout(_)
+                | LayerKind::BatchNormalization(_) => {}
+            }
+        }
+        all
     }
 
     /// The kernel regulariser of a layer with a kernel (Conv2D, Dense).
