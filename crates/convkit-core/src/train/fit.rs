@@ -8,6 +8,7 @@ use std::time::Instant;
 use ndarray::{s, Array2, Array4};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
 use super::backup;
 use super::{check_batch_size, Callback, Control, EpochLog, History, Model};
@@ -15,6 +16,7 @@ use crate::backend::Targets;
 use crate::checkpoint::CheckpointMeta;
 use crate::compile::Loss;
 use crate::data::Dataset;
+use crate::weights::Weights;
 use crate::{Error, Result};
 
 /// How `fit` reports progress.
@@ -167,35 +169,82 @@ impl<'a> Fit<'a> {
 
     /// Train; returns the History.
     pub fn run(mut self) -> Result<History> {
-        let model = &mut *self.model;
+        let (order, val_indices) = self.orders()?;
+        let mut state = self.start(order, val_indices)?;
+        let mut history = History::default();
+        let (first_epoch, finished) = self.restore(&mut state, &mut history)?;
+        for epoch in (first_epoch..=self.epochs).take_while(|_| !finished) {
+            // What TerminateOnNaN falls back to: a step with a NaN loss has already moved
+            // the weights, so the last weights known to be finite are this epoch's start.
+            let epoch_start = self.model.weights()?;
+            for cb in &mut self.callbacks {
+                cb.on_epoch_begin(epoch, self.model)?;
+            }
+            let (loss, accuracy, seconds) = self.train_epoch(&mut state, epoch, &epoch_start)?;
+            let (val_loss, val_accuracy) = self.validate(&state, epoch, &epoch_start)?;
+            let log = EpochLog {
+                epoch,
+                loss,
+                accuracy,
+                val_loss,
+                val_accuracy,
+                seconds,
+                learning_rate: self.model.learning_rate,
+            };
+            let (epochs, batches) = (self.epochs, state.batches);
+            let line = format_args!("Epoch {epoch}/{epochs} - {batches}/{batches} - {log}");
+            state.verbosity.line(line);
+            history.epochs.push(log);
+            let mut stop = false;
+            for cb in &mut self.callbacks {
+                stop |= cb.on_epoch_end(&history, self.model)? == Control::Stop;
+            }
+            self.save_backup(&state, &history, epoch, stop)?;
+            if stop {
+                break;
+            }
+        }
+        for cb in &mut self.callbacks {
+            cb.on_train_end(&history, self.model)?;
+        }
+        Ok(history)
+    }
+
+    /// The settings checked, and the training order with the validation indices, if any.
+    fn orders(&self) -> Result<(Vec<usize>, Option<Vec<usize>>)> {
         let train = self.train;
-        model.check_data(train)?;
+        self.model.check_data(train)?;
         check_batch_size(self.batch_size)?;
         if self.epochs == 0 {
             return Err(Error::config("epochs", "must be at least 1, found 0"));
         }
         if let Some(v) = self.validation {
-            model.check_data(v)?;
+            self.model.check_data(v)?;
         }
-        let (order, val_indices): (Vec<usize>, Option<Vec<usize>>) =
-            match (self.validation, self.validation_split) {
-                (Some(_), Some(_)) => {
-                    return Err(Error::config(
-                        "fit",
-                        "give validation data or a validation split, not both",
-                    ))
-                }
-                (None, Some(fraction)) => {
-                    let cut = crate::data::holdout_cut(train.len(), fraction)?;
-                    ((0..cut).collect(), Some((cut..train.len()).collect()))
-                }
-                (Some(v), None) => ((0..train.len()).collect(), Some((0..v.len()).collect())),
-                (None, None) => ((0..train.len()).collect(), None),
-            };
+        let (order, val_indices): (Vec<usize>, _) = match (self.validation, self.validation_split) {
+            (Some(_), Some(_)) => {
+                return Err(Error::config(
+                    "fit",
+                    "give validation data or a validation split, not both",
+                ))
+            }
+            (None, Some(fraction)) => {
+                let cut = crate::data::holdout_cut(train.len(), fraction)?;
+                ((0..cut).collect(), Some((cut..train.len()).collect()))
+            }
+            (Some(v), None) => ((0..train.len()).collect(), Some((0..v.len()).collect())),
+            (None, None) => ((0..train.len()).collect(), None),
+        };
         if order.is_empty() {
             return Err(Error::config("fit", "the training data is empty"));
         }
-        let val_data = self.validation.unwrap_or(train);
+        Ok((order, val_indices))
+    }
+
+    /// Everything the epochs share: the ranks, the streams, the batch buffer, the backup's
+    /// settings; the ranks start from rank 0's weights and the callbacks are told.
+    fn start(&mut self, order: Vec<usize>, val_indices: Option<Vec<usize>>) -> Result<Run<'a>> {
+        let (model, train) = (&mut *self.model, self.train);
         let group = model.group.clone();
         let (rank, ranks) = (group.rank(), group.size());
         let verbosity = match self.verbosity {
@@ -211,20 +260,11 @@ impl<'a> Fit<'a> {
         for cb in &mut self.callbacks {
             cb.on_train_begin(model)?;
         }
-        let [h, w, c] = model.spec.input_shape;
-        // A separate stream, so turning augmentation on leaves the batch order unchanged.
-        // Each rank augments and drops out with streams of its own (rank 0's are those of one
-        // process), so the ranks' slices do not repeat each other's draws.
-        let mut augment_rng = rand_chacha::ChaCha8Rng::seed_from_u64(rank_seed(
-            self.seed ^ 0xa5a5_5a5a_f00d_cafe,
-            rank,
-        ));
-        let mut augment_scratch = Vec::new();
         // A third stream: dropout masks, drawn in core so every engine drops the same units.
         let dropout_seed = rank_seed(self.seed ^ 0x5eed_d20b_0a7c_0001, rank);
         model.network.set_dropout_stream(dropout_seed, 0);
-        let mut buffer = Array4::<f32>::zeros((self.batch_size.min(order.len()), h, w, c));
-        let mut targets = match model.compile.loss {
+        let [h, w, c] = model.spec.input_shape;
+        let targets = match model.compile.loss {
             Loss::SparseCategoricalCrossentropy => {
                 Targets::Sparse(Vec::with_capacity(self.batch_size))
             }
@@ -233,222 +273,257 @@ impl<'a> Fit<'a> {
             }
             Loss::BinaryCrossentropy => Targets::Binary(Vec::with_capacity(self.batch_size)),
         };
-        let batcher = train.batcher()?;
-        let mut history = History::default();
-        let batches = order.len().div_ceil(self.batch_size);
-        let settings = backup::FitSettings {
-            batch_size: self.batch_size,
-            seed: self.seed,
-            shuffle: self.shuffle,
-            train_images: order.len(),
-            validation_images: val_indices.as_ref().map(Vec::len),
-            augment: format!("{:?}", self.augment),
+        Ok(Run {
+            settings: backup::FitSettings {
+                batch_size: self.batch_size,
+                seed: self.seed,
+                shuffle: self.shuffle,
+                train_images: order.len(),
+                validation_images: val_indices.as_ref().map(Vec::len),
+                augment: format!("{:?}", self.augment),
+            },
+            backup_meta: CheckpointMeta {
+                classes: train.classes.clone(),
+                normalisation: train.normalisation.clone(),
+                backend: model.backend.clone(),
+            },
+            batches: order.len().div_ceil(self.batch_size),
+            buffer: Array4::zeros((self.batch_size.min(order.len()), h, w, c)),
+            batch_order: BatchOrder::new(order, self.seed, self.shuffle),
+            batcher: train.batcher()?,
+            targets,
+            val_indices,
+            rank,
+            group,
+            verbosity,
+            // A separate stream, so turning augmentation on leaves the batch order unchanged.
+            // Each rank augments and drops out with streams of its own (rank 0's are those of
+            // one process), so the ranks' slices do not repeat each other's draws.
+            augment_rng: ChaCha8Rng::seed_from_u64(rank_seed(
+                self.seed ^ 0xa5a5_5a5a_f00d_cafe,
+                rank,
+            )),
+            augment_scratch: Vec::new(),
+            dropout_seed,
+        })
+    }
+
+    /// Continue from the backup when there is one (rank 0 decides, every rank reads it):
+    /// the History, the streams' positions, the shuffles replayed, the callbacks' state.
+    /// Returns the first epoch to run and whether a callback had stopped the run.
+    fn restore(&mut self, state: &mut Run<'a>, history: &mut History) -> Result<(usize, bool)> {
+        let there = self.backup.as_deref().filter(|p| p.exists()).is_some();
+        let restore = group_agrees(state.group.as_ref(), there)?;
+        let Some(path) = self.backup.as_deref().filter(|_| restore) else {
+            return Ok((1, false));
         };
-        let backup_meta = CheckpointMeta {
-            classes: train.classes.clone(),
-            normalisation: train.normalisation.clone(),
-            backend: model.backend.clone(),
+        let restored = backup::restore(path, self.model, &state.settings)?;
+        if restored.callbacks.len() != self.callbacks.len() {
+            return Err(Error::data(
+                path,
+                format!(
+                    "this backup was made with {} callbacks, this fit has {}",
+                    restored.callbacks.len(),
+                    self.callbacks.len()
+                ),
+            ));
+        }
+        *history = History::from(&restored);
+        let done = restored.record.epoch;
+        let ranks = (state.rank, state.group.size());
+        let record = &restored.record;
+        let augment = rank_position(path, &record.augment_position, "augmentation", ranks)?;
+        state.augment_rng.set_word_pos(augment);
+        let dropout = rank_position(path, &record.dropout_position, "dropout", ranks)?;
+        self.model
+            .network
+            .set_dropout_stream(state.dropout_seed, dropout);
+        // Replays the shuffles of the epochs done, so order and stream are where they were.
+        for _ in 0..done {
+            state.batch_order.next_epoch();
+        }
+        let stopped = restored.record.stopped;
+        for (cb, saved) in self.callbacks.iter_mut().zip(restored.callbacks) {
+            cb.restore(saved)?;
+        }
+        let how = if stopped {
+            ", stopped by a callback"
+        } else {
+            ""
         };
-        let mut batch_order = BatchOrder::new(order, self.seed, self.shuffle);
-        let (mut first_epoch, mut finished) = (1, false);
-        // Rank 0 decides whether there is a backup to continue from; every rank then reads it.
-        let restore = self.backup.as_deref().filter(|p| p.exists()).is_some();
-        let restore = group_agrees(group.as_ref(), restore)?;
-        if let Some(path) = self.backup.as_deref().filter(|_| restore) {
-            let restored = backup::restore(path, model, &settings)?;
-            if restored.callbacks.len() != self.callbacks.len() {
-                return Err(Error::data(
-                    path,
-                    format!(
-                        "this backup was made with {} callbacks, this fit has {}",
-                        restored.callbacks.len(),
-                        self.callbacks.len()
-                    ),
+        state.verbosity.line(format_args!(
+            "Restored from {}: {done} of {} epochs done{how}",
+            path.display(),
+            self.epochs,
+        ));
+        Ok((done + 1, stopped))
+    }
+
+    /// One epoch's steps, with progress; the mean loss and accuracy over its images and its
+    /// seconds (rank 0's clock). A non-finite loss restores `epoch_start` and is the error.
+    fn train_epoch(
+        &mut self,
+        state: &mut Run<'a>,
+        epoch: usize,
+        epoch_start: &Weights,
+    ) -> Result<(f64, f64, f64)> {
+        let (model, batches, ranks) = (&mut *self.model, state.batches, state.group.size());
+        let bar = progress_bar(state.verbosity, epoch, self.epochs, batches);
+        let start = Instant::now();
+        let mut last_line = start;
+        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+        for global in state.batch_order.next_epoch().chunks(self.batch_size) {
+            // This rank's slice of the global batch (all of it for one process).
+            let chunk = rank_slice(global, state.rank, ranks);
+            let mut x = state.buffer.slice_mut(s![..chunk.len(), .., .., ..]);
+            state.batcher.fill(chunk, x.view_mut())?;
+            let (rng, scratch) = (&mut state.augment_rng, &mut state.augment_scratch);
+            self.augment.apply(x.view_mut(), rng, scratch);
+            fill_targets(&mut state.targets, self.train, chunk);
+            let stats = model.network.train_step(x.view(), &state.targets)?;
+            let batch = seen / self.batch_size;
+            if !stats.loss.is_finite() {
+                model.set_weights(epoch_start)?;
+                return Err(Error::NonFinite {
+                    what: "training loss",
+                    value: stats.loss as f64,
+                    at: format!("epoch {epoch}, batch {} of {batches}", batch + 1),
+                    kept: format!("the weights from the start of epoch {epoch}"),
+                });
+            }
+            for cb in &mut self.callbacks {
+                cb.on_batch_end(batch, &stats)?;
+            }
+            // The step's stats are the global batch's.
+            loss_sum += stats.loss as f64 * global.len() as f64;
+            correct += stats.correct;
+            seen += global.len();
+            let (loss, accuracy) = (loss_sum / seen as f64, correct as f64 / seen as f64);
+            if let Some(bar) = &bar {
+                bar.set_message(format!("loss: {loss:.4} - accuracy: {accuracy:.4}"));
+                bar.inc(1);
+            } else if state.verbosity == Verbosity::Lines
+                && last_line.elapsed() >= PROGRESS_LINE_EVERY
+            {
+                last_line = Instant::now();
+                state.verbosity.line(format_args!(
+                    "Epoch {epoch}/{} - {}/{batches} - {:.0}s - loss: {loss:.4} - accuracy: {accuracy:.4}",
+                    self.epochs,
+                    seen.div_ceil(self.batch_size),
+                    start.elapsed().as_secs_f64()
                 ));
             }
-            history = History::from(&restored);
-            let done = restored.record.epoch;
-            let position = rank_position(
-                path,
-                &restored.record.augment_position,
-                "augmentation",
-                (rank, ranks),
-            )?;
-            augment_rng.set_word_pos(position);
-            let dropout = rank_position(
-                path,
-                &restored.record.dropout_position,
-                "dropout",
-                (rank, ranks),
-            )?;
-            model.network.set_dropout_stream(dropout_seed, dropout);
-            // Replays the shuffles of the epochs done, so order and stream are where they were.
-            for _ in 0..done {
-                batch_order.next_epoch();
-            }
-            for (cb, state) in self.callbacks.iter_mut().zip(restored.callbacks) {
-                cb.restore(state)?;
-            }
-            (first_epoch, finished) = (done + 1, restored.record.stopped);
-            verbosity.line(format_args!(
-                "Restored from {}: {done} of {} epochs done{}",
-                path.display(),
-                self.epochs,
-                if finished {
-                    ", stopped by a callback"
-                } else {
-                    ""
-                }
-            ));
         }
-        for epoch in first_epoch..=self.epochs {
-            if finished {
-                break;
-            }
-            let order = batch_order.next_epoch();
-            // What TerminateOnNaN falls back to: a step with a NaN loss has already moved
-            // the weights, so the last weights known to be finite are this epoch's start.
-            let epoch_start = model.weights()?;
-            for cb in &mut self.callbacks {
-                cb.on_epoch_begin(epoch, model)?;
-            }
-            let bar = progress_bar(verbosity, epoch, self.epochs, batches);
-            let start = Instant::now();
-            let mut last_line = start;
-            let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
-            for global in order.chunks(self.batch_size) {
-                // This rank's slice of the global batch (all of it for one process).
-                let chunk = rank_slice(global, rank, ranks);
-                let mut x = buffer.slice_mut(s![..chunk.len(), .., .., ..]);
-                batcher.fill(chunk, x.view_mut())?;
-                self.augment
-                    .apply(x.view_mut(), &mut augment_rng, &mut augment_scratch);
-                fill_targets(&mut targets, train, chunk);
-                let stats = model.network.train_step(x.view(), &targets)?;
-                if !stats.loss.is_finite() {
-                    model.set_weights(&epoch_start)?;
-                    return Err(Error::NonFinite {
-                        what: "training loss",
-                        value: stats.loss as f64,
-                        at: format!(
-                            "epoch {epoch}, batch {} of {batches}",
-                            seen / self.batch_size + 1
-                        ),
-                        kept: format!("the weights from the start of epoch {epoch}"),
-                    });
-                }
-                for cb in &mut self.callbacks {
-                    cb.on_batch_end(seen / self.batch_size, &stats)?;
-                }
-                // The step's stats are the global batch's.
-                loss_sum += stats.loss as f64 * global.len() as f64;
-                correct += stats.correct;
-                seen += global.len();
-                let (loss, accuracy) = (loss_sum / seen as f64, correct as f64 / seen as f64);
-                if let Some(bar) = &bar {
-                    bar.set_message(format!("loss: {loss:.4} - accuracy: {accuracy:.4}"));
-                    bar.inc(1);
-                } else if verbosity == Verbosity::Lines
-                    && last_line.elapsed() >= PROGRESS_LINE_EVERY
-                {
-                    last_line = Instant::now();
-                    verbosity.line(format_args!(
-                        "Epoch {epoch}/{} - {}/{batches} - {:.0}s - loss: {loss:.4} - accuracy: {accuracy:.4}",
-                        self.epochs,
-                        seen.div_ceil(self.batch_size),
-                        start.elapsed().as_secs_f64()
-                    ));
-                }
-            }
-            let mut seconds = start.elapsed().as_secs_f64();
-            if ranks > 1 {
-                // Rank 0's clock, so that every rank's History is the same.
-                let mut bytes = seconds.to_le_bytes().to_vec();
-                group.broadcast(&mut bytes, 0)?;
-                seconds = f64::from_le_bytes(bytes.try_into().unwrap_or_default());
-            }
-            if let Some(bar) = bar {
-                bar.finish_and_clear();
-            }
-            let (val_loss, val_accuracy) = match &val_indices {
-                Some(idx) => {
-                    let e = model.evaluate_indices(
-                        val_data,
-                        rank_slice(idx, rank, ranks),
-                        self.batch_size.max(256),
-                    )?;
-                    let e = GlobalScore::sum(group.as_ref(), &e)?;
-                    if !e.loss.is_finite() {
-                        // The epoch's last step may have left non-finite weights behind.
-                        let kept = if model.weights()?.check(&model.spec).is_ok() {
-                            format!("the weights from the end of epoch {epoch}")
-                        } else {
-                            model.set_weights(&epoch_start)?;
-                            format!("the weights from the start of epoch {epoch}")
-                        };
-                        return Err(Error::NonFinite {
-                            what: "validation loss",
-                            value: e.loss,
-                            at: format!("the end of epoch {epoch}"),
-                            kept,
-                        });
-                    }
-                    (Some(e.loss), Some(e.accuracy))
-                }
-                None => (None, None),
-            };
-            let log = EpochLog {
-                epoch,
-                loss: loss_sum / seen as f64,
-                accuracy: correct as f64 / seen as f64,
-                val_loss,
-                val_accuracy,
-                seconds,
-                learning_rate: model.learning_rate,
-            };
-            verbosity.line(format_args!(
-                "Epoch {epoch}/{} - {batches}/{batches} - {log}",
-                self.epochs
-            ));
-            history.epochs.push(log);
-            let mut stop = false;
-            for cb in &mut self.callbacks {
-                stop |= cb.on_epoch_end(&history, model)? == Control::Stop;
-            }
-            if let Some(path) = &self.backup {
-                // Each rank's stream positions; rank 0 writes the one file.
-                let positions = [augment_rng.get_word_pos(), model.network.dropout_position()];
-                let [augment_position, dropout_position] =
-                    positions_of_every_rank(group.as_ref(), positions)?;
-                let record = backup::FitRecord {
-                    epoch,
-                    stopped: stop,
-                    learning_rate: backup::ExactF64(model.learning_rate),
-                    optimizer_step: 0, // filled in by `backup::save`
-                    history: history.epochs.iter().map(Into::into).collect(),
-                    augment_position,
-                    dropout_position,
-                    settings: settings.clone(),
-                    callbacks: Vec::new(), // filled in by `backup::save`
-                };
-                let states = self
-                    .callbacks
-                    .iter()
-                    .map(|cb| cb.backup())
-                    .collect::<Result<_>>()?;
-                if group.is_root() {
-                    backup::save(path, model, backup_meta.clone(), record, states)?;
-                }
-            }
-            if stop {
-                break;
-            }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
         }
-        for cb in &mut self.callbacks {
-            cb.on_train_end(&history, model)?;
+        let mut seconds = start.elapsed().as_secs_f64();
+        if ranks > 1 {
+            // Rank 0's clock, so that every rank's History is the same.
+            let mut bytes = seconds.to_le_bytes().to_vec();
+            state.group.broadcast(&mut bytes, 0)?;
+            seconds = f64::from_le_bytes(bytes.try_into().unwrap_or_default());
         }
-        Ok(history)
+        Ok((
+            loss_sum / seen as f64,
+            correct as f64 / seen as f64,
+            seconds,
+        ))
     }
+
+    /// The validation loss and accuracy after `epoch`, summed over the ranks; a non-finite
+    /// loss is the error, the model keeping the last finite weights.
+    fn validate(
+        &mut self,
+        state: &Run<'a>,
+        epoch: usize,
+        epoch_start: &Weights,
+    ) -> Result<(Option<f64>, Option<f64>)> {
+        let Some(indices) = &state.val_indices else {
+            return Ok((None, None));
+        };
+        let model = &mut *self.model;
+        let data = self.validation.unwrap_or(self.train);
+        let mine = rank_slice(indices, state.rank, state.group.size());
+        let local = model.evaluate_indices(data, mine, self.batch_size.max(256))?;
+        let e = GlobalScore::sum(state.group.as_ref(), &local)?;
+        if !e.loss.is_finite() {
+            // The epoch's last step may have left non-finite weights behind.
+            let kept = if model.weights()?.check(&model.spec).is_ok() {
+                format!("the weights from the end of epoch {epoch}")
+            } else {
+                model.set_weights(epoch_start)?;
+                format!("the weights from the start of epoch {epoch}")
+            };
+            return Err(Error::NonFinite {
+                what: "validation loss",
+                value: e.loss,
+                at: format!("the end of epoch {epoch}"),
+                kept,
+            });
+        }
+        Ok((Some(e.loss), Some(e.accuracy)))
+    }
+
+    /// The backup after `epoch`, when one is asked for: each rank's stream positions, and
+    /// rank 0 writes the one file.
+    fn save_backup(
+        &mut self,
+        state: &Run<'a>,
+        history: &History,
+        epoch: usize,
+        stop: bool,
+    ) -> Result<()> {
+        let Some(path) = &self.backup else {
+            return Ok(());
+        };
+        let model = &mut *self.model;
+        let positions = [
+            state.augment_rng.get_word_pos(),
+            model.network.dropout_position(),
+        ];
+        let [augment_position, dropout_position] =
+            positions_of_every_rank(state.group.as_ref(), positions)?;
+        let record = backup::FitRecord {
+            epoch,
+            stopped: stop,
+            learning_rate: backup::ExactF64(model.learning_rate),
+            optimizer_step: 0, // filled in by `backup::save`
+            history: history.epochs.iter().map(Into::into).collect(),
+            augment_position,
+            dropout_position,
+            settings: state.settings.clone(),
+            callbacks: Vec::new(), // filled in by `backup::save`
+        };
+        let states = (self.callbacks.iter())
+            .map(|cb| cb.backup())
+            .collect::<Result<_>>()?;
+        if state.group.is_root() {
+            backup::save(path, model, state.backup_meta.clone(), record, states)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the epochs of one [`Fit::run`] share.
+struct Run<'a> {
+    group: std::rc::Rc<dyn crate::collective::Collective>,
+    rank: usize,
+    verbosity: Verbosity,
+    batch_order: BatchOrder,
+    /// Steps per epoch.
+    batches: usize,
+    batcher: crate::data::Batcher<'a>,
+    /// One batch of images, `[batch, H, W, C]`, reused.
+    buffer: Array4<f32>,
+    targets: Targets,
+    /// The validation images' indices (into the validation data, or the held-out tail).
+    val_indices: Option<Vec<usize>>,
+    augment_rng: ChaCha8Rng,
+    augment_scratch: Vec<f32>,
+    dropout_seed: u64,
+    settings: backup::FitSettings,
+    backup_meta: CheckpointMeta,
 }
 
 fn fill_targets(targets: &mut Targets, ds: &Dataset, chunk: &[usize]) {
