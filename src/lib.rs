@@ -43,6 +43,11 @@ pub use convkit_candle;
 #[cfg(feature = "tch")]
 pub use convkit_tch;
 
+/// README.md's Rust examples, compiled as doctests so that they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme {}
+
 /// Everything a tutorial needs, in one import.
 pub mod prelude {
     pub use convkit_core::artifacts::Scored;
