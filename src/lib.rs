@@ -122,6 +122,22 @@ const ENGINES: &[(&str, Constructor)] = &[
     }),
 ];
 
+/// One line per compiled-in engine, as `convkit backends` prints them: its name and device,
+/// and why `compare` leaves it out by default; or why it is unavailable here.
+pub fn describe_backends() -> Vec<String> {
+    let describe = |name: &str| match backend(name) {
+        Ok(b) => match b.left_out_by_default() {
+            Some(why) => format!(
+                "{name:<14} {} (compare runs it only when named: {why})",
+                b.device()
+            ),
+            None => format!("{name:<14} {}", b.device()),
+        },
+        Err(e) => format!("{name:<14} unavailable: {e}"),
+    };
+    backend_names().into_iter().map(describe).collect()
+}
+
 /// Names of the engines compiled into this build (whether or not their device is present).
 pub fn backend_names() -> Vec<&'static str> {
     ENGINES.iter().map(|(name, _)| *name).collect()

@@ -442,8 +442,12 @@ fn image_folders_as_datasets_ship() {
         text(&o)
     );
 
-    // The tutorial's literal validation_data = test, when asked for.
-    let (o, _) = train(&full, &["--validate-on-test", "--limit", "4"]);
+    // The tutorial's literal validation_data = test, when asked for (in the first run's
+    // folder, which it replaces).
+    let (o, _) = train(
+        &full,
+        &["--validate-on-test", "--limit", "4", "--overwrite"],
+    );
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(
@@ -685,7 +689,8 @@ fn compare_reports_agreement_and_speed_and_survives_a_failing_engine() {
         out2.to_str().unwrap(),
     ]);
     let t = text(&o);
-    assert!(!o.status.success(), "{t}");
+    // Exit status 3: the comparison ran and a check failed (1 is an error, 2 bad arguments).
+    assert_eq!(o.status.code(), Some(3), "{t}");
     assert!(t.contains("unknown backend `no-such-engine`"), "{t}");
     let md = std::fs::read_to_string(out2.join("compare.md")).unwrap();
     assert!(
@@ -1221,17 +1226,18 @@ fn a_killed_run_resumes_where_it_stopped() {
         !interrupted.is_empty(),
         "every run finished before it was killed"
     );
-    // --resume takes the run's own arguments, and needs a run that finished an epoch.
+    // --resume takes the run's own arguments (but --epochs), and needs a run that finished
+    // an epoch.
     let some_run = dir.path().join("candle-cpu-cut");
     fails_with(
         &[
             "train",
             "--resume",
             some_run.to_str().unwrap(),
-            "--epochs",
+            "--seed",
             "9",
         ],
-        &["give no other argument"],
+        &["give no other argument but --epochs"],
     );
     fails_with(
         &[
@@ -1241,4 +1247,68 @@ fn a_killed_run_resumes_where_it_stopped() {
         ],
         &["command.json"],
     );
+}
+
+#[test]
+fn a_run_folder_is_never_started_over_unasked_and_a_finished_run_trains_further() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |out: &Path, epochs: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--dataset",
+            "mnist",
+            "--limit",
+            "96",
+            "--epochs",
+            epochs,
+            "--quiet",
+            "--out",
+        ];
+        args.push(out.to_str().unwrap());
+        args.extend(extra);
+        convkit(&args)
+    };
+    let run = dir.path().join("run");
+    let o = train(&run, "1", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let backup = std::fs::read(run.join("last.safetensors")).unwrap();
+    // Into a folder that holds a run: refused, and nothing in it touched.
+    let o = train(&run, "1", &["--seed", "7"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("--resume") && text(&o).contains("--overwrite"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(std::fs::read(run.join("last.safetensors")).unwrap(), backup);
+    // --resume RUN --epochs N trains the finished run further, as one N-epoch run would.
+    let o = convkit(&["train", "--resume", run.to_str().unwrap(), "--epochs", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let whole = dir.path().join("whole");
+    let o = train(&whole, "2", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let load = |run: &Path| convkit::Checkpoint::load(&run.join("model.safetensors")).unwrap();
+    let worst = (load(&run)
+        .weights
+        .max_abs_diff(&load(&whole).weights)
+        .unwrap())
+    .into_iter()
+    .map(|(_, d)| d)
+    .fold(0f32, f32::max);
+    assert!(worst <= 1e-6, "the extended run differs by {worst:e}");
+    let epochs = |run: &Path| {
+        std::fs::read_to_string(run.join("history.csv"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(epochs(&run), 3, "a header and two epochs");
+    // Resumed again later, it keeps its new length: nothing more to train.
+    let o = convkit(&["train", "--resume", run.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(epochs(&run), 3);
+    // --overwrite starts over in it.
+    let o = train(&run, "1", &["--overwrite"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(epochs(&run), 2);
 }

@@ -724,6 +724,8 @@ fn tutorial(extra: &[String]) -> Result<()> {
         "tutorial-mnist",
         "--out",
         "runs/tutorial-mnist",
+        // The quick start's demo folder: each run of it starts over.
+        "--overwrite",
     ];
     let has_epochs = extra.iter().any(|a| a == "--epochs");
     if !has_epochs {

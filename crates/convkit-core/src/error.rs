@@ -79,6 +79,9 @@ pub enum Error {
     /// Drawing a plot (plotters) failed.
     #[error("plot {path}: {message}")]
     Plot { path: PathBuf, message: String },
+    /// A comparison ran, but the engines disagree or one failed (`convkit` exits with 3).
+    #[error("the engines disagree or one failed (see {})", report.display())]
+    ChecksFailed { report: PathBuf },
     /// JSON (model spec, metadata) could not be parsed.
     #[error("{path}: invalid JSON: {message}")]
     Json { path: PathBuf, message: String },

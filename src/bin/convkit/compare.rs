@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 use convkit::compare::{CompareRequest, RunSettings};
 
@@ -66,13 +66,7 @@ pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
     let comparison = request.run(&convkit::engines())?;
     println!("{}", comparison.markdown());
     println!("wrote {}", request.out.display());
-    if !comparison.passed() {
-        bail!(
-            "the engines disagree or one failed (see {})",
-            request.out.join("compare.md").display()
-        );
-    }
-    Ok(())
+    Ok(comparison.require_pass(&request.out)?)
 }
 
 /// One engine, in this process; writes `OUT/<engine>.json` even when it fails.

@@ -15,7 +15,12 @@ use convkit::{Optimizer, Sequential, SizeLimits};
 #[command(
     name = "convkit",
     version,
-    about = "Keras-style CNN tutorials on burn, candle and tch"
+    about = "Keras-style CNN tutorials on burn, candle and tch",
+    args_override_self = true,
+    after_help = "Exit status: 0 success, 1 error, 2 bad arguments, 3 a compare check failed.\n\
+Environment: CONVKIT_DATA (dataset folder), CONVKIT_OFFLINE=1 (never download), CONVKIT_MIRROR \
+(dataset mirror URL), CONVKIT_THREADS (libtorch threads), CONVKIT_PYTHON (python for compare's \
+PyTorch rows), CONVKIT_COLLECTIVE_TIMEOUT (seconds an MPI rank waits for the others)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -164,10 +169,15 @@ struct TrainArgs {
     /// without validation data).
     #[arg(long, default_value = "runs/latest")]
     out: PathBuf,
-    /// Continue the interrupted run in RUN_DIR from the end of its last finished epoch, with
-    /// the arguments it was started with (RUN_DIR/command.json); give no other argument.
+    /// Continue the run in RUN_DIR from the end of its last finished epoch, with the arguments
+    /// it was started with (RUN_DIR/command.json); give no other argument but --epochs, which
+    /// trains a finished run further, to that many epochs in all.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
+    /// Start afresh in an --out that holds another run, replacing its backup (without it, such
+    /// a folder is refused and left as it is).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -251,7 +261,7 @@ fn main() -> ExitCode {
     convkit::keep_freed_memory_for_reuse();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => in_group(|group| train(args, group)),
+        Command::Train(args) => run::in_launched_group(|group| train(args, group)),
         Command::Evaluate(args) => evaluate(args),
         Command::Predict(args) => predict(args),
         Command::Export(args) => export(args),
@@ -262,10 +272,12 @@ fn main() -> ExitCode {
                 .map_err(Into::into)
         }
         Command::Compare(args) => compare::compare(args),
-        Command::Search(args) => in_group(|group| search(args, group)),
+        Command::Search(args) => run::in_launched_group(|group| search(args, group)),
         Command::CompareWorker(args) => compare::worker(args),
         Command::Backends => {
-            backends();
+            convkit::describe_backends()
+                .iter()
+                .for_each(|l| println!("{l}"));
             Ok(())
         }
     };
@@ -273,24 +285,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            match err.downcast_ref::<convkit::Error>() {
+                Some(convkit::Error::ChecksFailed { .. }) => ExitCode::from(3),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
-}
-
-/// Run `command` in the group of processes the launcher (`mpirun`, `srun`) started this one
-/// in, or alone. A rank that fails prints its error, naming itself, and stops every rank at
-/// once, so that none waits for it.
-fn in_group(command: impl FnOnce(&Group) -> anyhow::Result<()>) -> anyhow::Result<()> {
-    let group = convkit::collective::from_environment()?;
-    let result = command(&group);
-    if let Err(err) = &result {
-        if group.size() > 1 {
-            eprintln!("error: rank {} of {}: {err:#}", group.rank(), group.size());
-            group.abort(1);
-        }
-    }
-    result
 }
 
 impl DataArgs {
@@ -310,34 +310,21 @@ impl DataArgs {
     }
 }
 
-fn backends() {
-    for name in convkit::backend_names() {
-        match convkit::backend(name) {
-            Ok(b) => match b.left_out_by_default() {
-                Some(why) => println!(
-                    "{name:<14} {} (compare runs it only when named: {why})",
-                    b.device()
-                ),
-                None => println!("{name:<14} {}", b.device()),
-            },
-            Err(e) => println!("{name:<14} unavailable: {e}"),
-        }
-    }
-}
-
 /// `convkit train`, or `convkit train --resume RUN_DIR`: the run started again from the
 /// arguments saved in its folder.
 fn train(args: TrainArgs, group: &Group) -> anyhow::Result<()> {
     let Some(run) = &args.resume else {
-        return train_run(args, false, group);
+        let record = run::CommandRecord::current()?;
+        return train_run(args, false, Some(record), group);
     };
     let given: Vec<String> = std::env::args().skip(2).collect();
-    let alone = given.len() == 2 && given[0] == "--resume"
-        || given.len() == 1 && given[0].starts_with("--resume=");
-    if !alone {
-        bail!("--resume continues a run with the arguments it was started with (saved in {}); give no other argument, found {given:?}", run.join(run::CommandRecord::FILE).display());
+    let (epochs, others) = more_epochs(&given);
+    let resume_only = matches!(&others[..], [flag, _] if flag == "--resume")
+        || matches!(&others[..], [flag] if flag.starts_with("--resume="));
+    if !resume_only {
+        bail!("--resume continues a run with the arguments it was started with (saved in {}); give no other argument but --epochs, found {given:?}", run.join(run::CommandRecord::FILE).display());
     }
-    let saved = run::CommandRecord::load(run)?;
+    let mut saved = run::CommandRecord::load(run)?;
     std::env::set_current_dir(&saved.cwd).with_context(|| {
         format!(
             "{}: the run was started in {}, which is not there",
@@ -345,6 +332,9 @@ fn train(args: TrainArgs, group: &Group) -> anyhow::Result<()> {
             saved.cwd.display()
         )
     })?;
+    if let Some(epochs) = &epochs {
+        saved.args.extend(["--epochs".to_string(), epochs.clone()]);
+    }
     let Command::Train(args) = Cli::try_parse_from(&saved.args)
         .with_context(|| format!("{}: the saved command does not parse", run.display()))?
         .command
@@ -354,10 +344,33 @@ fn train(args: TrainArgs, group: &Group) -> anyhow::Result<()> {
             run.display()
         );
     };
-    train_run(args, true, group)
+    // A run trained further is resumed with its new length from then on.
+    let record = epochs.map(|_| saved);
+    train_run(args, true, record, group)
 }
 
-fn train_run(args: TrainArgs, resume: bool, group: &Group) -> anyhow::Result<()> {
+/// The `--epochs` value among `given` arguments, and the arguments without it.
+fn more_epochs(given: &[String]) -> (Option<String>, Vec<String>) {
+    let (mut epochs, mut others) = (None, Vec::new());
+    let mut rest = given.iter();
+    while let Some(arg) = rest.next() {
+        match arg.strip_prefix("--epochs") {
+            Some("") => epochs = rest.next().cloned(),
+            Some(value) if value.starts_with('=') => epochs = Some(value[1..].to_string()),
+            _ => others.push(arg.clone()),
+        }
+    }
+    (epochs, others)
+}
+
+/// `convkit train` as a request, a fresh run or a `resume`; `record` is written as the run's
+/// command.json (`None` when a resume leaves it as it was).
+fn train_run(
+    args: TrainArgs,
+    resume: bool,
+    record: Option<run::CommandRecord>,
+    group: &Group,
+) -> anyhow::Result<()> {
     let model = match (args.init_weights, args.init_pytorch) {
         (Some(path), _) => ModelSource::Checkpoint(path),
         (None, Some(state_dict)) => ModelSource::PyTorch {
@@ -391,8 +404,9 @@ fn train_run(args: TrainArgs, resume: bool, group: &Group) -> anyhow::Result<()>
         reduce_lr_on_plateau: args.reduce_lr_on_plateau,
         lr_schedule: args.lr_schedule,
         quiet: args.data.quiet,
-        command: (!resume).then(run::CommandRecord::current).transpose()?,
+        command: record,
         resume,
+        overwrite: args.overwrite,
         ..run::TrainRequest::new(model, args.data.request(), args.out)
     };
     let backend = convkit::backend(&args.data.backend)?;

@@ -204,6 +204,17 @@ impl Comparison {
         self.checks.iter().all(|c| c.pass) && self.runs.iter().all(|r| r.error.is_none())
     }
 
+    /// [`Error::ChecksFailed`] naming the report written to `dir` ([`Comparison::write`])
+    /// unless every check passed.
+    pub fn require_pass(&self, dir: &Path) -> Result<()> {
+        match self.passed() {
+            true => Ok(()),
+            false => Err(Error::ChecksFailed {
+                report: dir.join("compare.md"),
+            }),
+        }
+    }
+
     /// The speed table as a DataFrame, one row per engine.
     pub fn to_dataframe(&self) -> Result<polars::prelude::DataFrame> {
         use polars::prelude::*;

@@ -34,6 +34,23 @@ use crate::{Error, Result};
 /// The processes a request runs on: one ([`alone`]), or an MPI job's ranks.
 pub type Group = Rc<dyn Collective>;
 
+/// Run `command` in the group of processes the launcher (`mpirun`, `srun`) started this one
+/// in, or alone. A rank that fails prints its error, naming itself, and stops every rank at
+/// once, so that none waits for it.
+pub fn in_launched_group<E: From<Error> + std::fmt::Display>(
+    command: impl FnOnce(&Group) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    let group = crate::collective::from_environment()?;
+    let result = command(&group);
+    if let Err(err) = &result {
+        if group.size() > 1 {
+            eprintln!("error: rank {} of {}: {err:#}", group.rank(), group.size());
+            group.abort(1);
+        }
+    }
+    result
+}
+
 /// A group of one process.
 pub fn alone() -> Group {
     Rc::new(Solo)

@@ -138,11 +138,15 @@ pub struct TrainRequest {
     pub out: PathBuf,
     /// No progress output.
     pub quiet: bool,
-    /// Written to the run folder on a fresh start, so that the run can be resumed.
+    /// Written to the run folder (on a fresh start, or when a resume changes the command),
+    /// so that the run can be resumed.
     pub command: Option<CommandRecord>,
-    /// Continue from the run folder's `last.safetensors` (an error when it is missing);
-    /// otherwise a fresh run, which removes an earlier run's backup first.
+    /// Continue from the run folder's `last.safetensors` (an error when it is missing), to
+    /// [`epochs`](TrainRequest::epochs) in all: more than the run had extends it.
     pub resume: bool,
+    /// Start afresh in a folder that holds another run, replacing its backup; without it,
+    /// such a folder is refused and nothing in it is touched.
+    pub overwrite: bool,
 }
 
 /// What a [`TrainRequest`] gave.
@@ -173,6 +177,7 @@ impl TrainRequest {
             quiet: false,
             command: None,
             resume: false,
+            overwrite: false,
         }
     }
 
@@ -185,6 +190,7 @@ impl TrainRequest {
                 format!("no {LAST}: the run did not finish an epoch; start it again"),
             ));
         }
+
         let (spec, start, normalisation) = self.starting_point()?;
         let compile = Compile::new(
             self.optimizer.clone(),
@@ -293,15 +299,21 @@ impl TrainRequest {
         Ok(())
     }
 
-    /// The run folder, made; on a fresh start (rank 0) an earlier run's backup removed and the
-    /// command recorded.
+    /// The run folder, made; a folder holding another run refused unless asked to overwrite
+    /// it; on rank 0, its backup then removed, and the command recorded.
     fn prepare_folder(&self, root: bool) -> Result<()> {
+        let last = self.out.join(LAST);
+        if !self.resume && !self.overwrite && last.exists() {
+            return Err(Error::data(
+                &self.out,
+                format!("holds a run ({LAST}): continue it with `convkit train --resume {0}` (with --epochs N to train it further), start over in it with --overwrite, or give another --out", self.out.display()),
+            ));
+        }
         std::fs::create_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
-        if self.resume || !root {
+        if !root {
             return Ok(());
         }
-        let last = self.out.join(LAST);
-        if last.exists() {
+        if self.overwrite && !self.resume && last.exists() {
             std::fs::remove_file(&last).map_err(|e| Error::io(&last, e))?;
         }
         match &self.command {
