@@ -138,6 +138,11 @@ pub fn describe_backends() -> Vec<String> {
     backend_names().into_iter().map(describe).collect()
 }
 
+/// The engine used when none is named: the first compiled in (`none` in a build without one).
+pub fn default_backend_name() -> &'static str {
+    backend_names().first().copied().unwrap_or("none")
+}
+
 /// Names of the engines compiled into this build (whether or not their device is present).
 pub fn backend_names() -> Vec<&'static str> {
     ENGINES.iter().map(|(name, _)| *name).collect()

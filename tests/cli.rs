@@ -158,6 +158,29 @@ fn summary_and_backends() {
     let o = convkit(&["backends"]);
     assert!(o.status.success());
     assert!(text(&o).contains("candle-cpu"), "{}", text(&o));
+    // --help shows the choices: the engines compiled in, optimizers, losses; and the exit
+    // statuses and environment.
+    let o = convkit(&["train", "--help"]);
+    let help = text(&o).split_whitespace().collect::<Vec<_>>().join(" ");
+    let names = convkit::backend_names();
+    let engines = format!(
+        "[default: {}] [possible values: {}]",
+        names[0],
+        names.join(", ")
+    );
+    for wanted in [
+        engines.as_str(),
+        "[possible values: sgd, adam, rmsprop]",
+        "binary_crossentropy]",
+    ] {
+        assert!(help.contains(wanted), "`{wanted}` in {help}");
+    }
+    let o = convkit(&["--help"]);
+    assert!(
+        text(&o).contains("3 a compare check failed") && text(&o).contains("CONVKIT_DATA"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// `--batch-norm` trains a model with BatchNormalization layers, saves their moving
@@ -250,11 +273,11 @@ fn bad_input_fails_clearly() {
     );
     fails_with(
         &["train", "--backend", "no-such-engine", "--out", out_s],
-        &["unknown backend `no-such-engine`", "candle-cpu"],
+        &["no-such-engine", "possible values: candle-cpu"],
     );
     fails_with(
         &["train", "--optimizer", "adagrad", "--out", out_s],
-        &["expected sgd, adam or rmsprop"],
+        &["adagrad", "possible values: sgd, adam, rmsprop"],
     );
     fails_with(
         &[

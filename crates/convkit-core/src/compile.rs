@@ -38,6 +38,9 @@ pub enum Optimizer {
 }
 
 impl Optimizer {
+    /// Every optimizer's name, as [`Optimizer::by_name`] takes them.
+    pub const NAMES: [&'static str; 3] = ["sgd", "adam", "rmsprop"];
+
     /// SGD with Keras' defaults (lr 0.01, no momentum).
     pub fn sgd() -> Self {
         Optimizer::Sgd {
@@ -190,6 +193,13 @@ pub enum Loss {
 }
 
 impl Loss {
+    /// Every loss's name, as [`Loss::by_name`] takes them.
+    pub const NAMES: [&'static str; 3] = [
+        "sparse_categorical_crossentropy",
+        "categorical_crossentropy",
+        "binary_crossentropy",
+    ];
+
     /// The loss a model is trained with when none is named: binary cross-entropy for one
     /// output unit, sparse categorical cross-entropy (integer labels) otherwise.
     pub fn default_for(spec: &Sequential) -> Result<Self> {

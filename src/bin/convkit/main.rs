@@ -81,8 +81,8 @@ struct DataArgs {
     /// (or validation/, valid/) and/or test/, or just <class>/ folders.
     #[arg(long, default_value = "mnist")]
     dataset: String,
-    /// Engine to run on (see `convkit backends`).
-    #[arg(long, default_value = "candle-cpu")]
+    /// Engine to run on (see `convkit backends`); the first compiled in by default.
+    #[arg(long, default_value = convkit::default_backend_name(), value_parser = engines())]
     backend: String,
     /// Use at most N images of each split: a seeded sample with the classes in equal shares.
     #[arg(long)]
@@ -116,14 +116,14 @@ struct TrainArgs {
     model: String,
     #[arg(long, default_value_t = 10)]
     epochs: usize,
-    /// sgd, adam or rmsprop (Keras defaults).
-    #[arg(long, default_value = "adam")]
+    /// With Keras' defaults.
+    #[arg(long, default_value = "adam", ignore_case = true, value_parser = convkit::Optimizer::NAMES)]
     optimizer: String,
     /// Override the optimizer's learning rate.
     #[arg(long)]
     learning_rate: Option<f64>,
-    /// Loss; defaults to sparse_categorical_crossentropy (binary_crossentropy for one sigmoid unit).
-    #[arg(long)]
+    /// Default: sparse_categorical_crossentropy (binary_crossentropy for one sigmoid unit).
+    #[arg(long, ignore_case = true, value_parser = convkit::Loss::NAMES)]
     loss: Option<String>,
     /// Stop when val_loss has not improved for this many epochs, restoring the best weights.
     #[arg(long)]
@@ -189,7 +189,7 @@ struct SearchArgs {
     /// At most this many trials (the first of the grid, or this many random draws).
     #[arg(long, default_value_t = 10)]
     trials: usize,
-    #[arg(long, default_value = "candle-cpu")]
+    #[arg(long, default_value = convkit::default_backend_name(), value_parser = engines())]
     backend: String,
     /// Writes search.csv (trials ranked by validation accuracy), best_model.json, best.json,
     /// and trials.jsonl (each trial as it finishes).
@@ -235,7 +235,7 @@ struct PredictArgs {
     /// A checkpoint file, or a run folder holding model.safetensors.
     #[arg(long)]
     weights: PathBuf,
-    #[arg(long, default_value = "candle-cpu")]
+    #[arg(long, default_value = convkit::default_backend_name(), value_parser = engines())]
     backend: String,
     /// Image files (png, jpg).
     #[arg(required = true)]
@@ -293,17 +293,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// The engines compiled in, for `--backend`.
+fn engines() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(convkit::backend_names())
+}
+
 impl DataArgs {
     fn request(&self) -> DataRequest {
         DataRequest {
             dataset: self.dataset.clone(),
             limit: self.limit,
-            validation: match (self.validate_on_test, self.validation_split) {
-                (true, _) => Validation::Test,
-                (false, Some(f)) if f == 0.0 => Validation::None,
-                (false, Some(f)) => Validation::Holdout(f),
-                (false, None) => Validation::Auto(0.1),
-            },
+            validation: Validation::chosen(self.validate_on_test, self.validation_split),
             seed: self.seed,
             batch_size: self.batch_size,
         }

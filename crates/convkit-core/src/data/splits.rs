@@ -36,6 +36,19 @@ pub enum Validation {
     None,
 }
 
+impl Validation {
+    /// What the command line's flags choose: the test split (`on_test`), a hold-out of
+    /// `split` (none for 0), or by default the source's own validation data, else a tenth.
+    pub fn chosen(on_test: bool, split: Option<f32>) -> Self {
+        match (on_test, split) {
+            (true, _) => Validation::Test,
+            (false, Some(0.0)) => Validation::None,
+            (false, Some(f)) => Validation::Holdout(f),
+            (false, None) => Validation::Auto(0.1),
+        }
+    }
+}
+
 /// What [`open_splits`] reads besides the source: validation, a size limit, the seed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SplitOptions {
