@@ -109,8 +109,8 @@ fn trained_models(dir: &Path) -> Vec<Trained> {
     trained
 }
 
-/// Runs python with `args`; panics with its stderr when it fails.
-fn run_python(args: &[&std::ffi::OsStr]) {
+/// Runs python with `args`; its stdout, or a panic with its stderr when it fails.
+fn run_python(args: &[&std::ffi::OsStr]) -> Vec<u8> {
     let out = Command::new(python()).args(args).output().unwrap();
     assert!(
         out.status.success(),
@@ -118,14 +118,15 @@ fn run_python(args: &[&std::ffi::OsStr]) {
         args.first(),
         String::from_utf8_lossy(&out.stderr)
     );
+    out.stdout
 }
 
-/// Runs `python/SCRIPT` with `args`.
-fn run_script(script: &str, args: &[PathBuf]) {
+/// Runs `python/SCRIPT` with `args`; its stdout.
+fn run_script(script: &str, args: &[PathBuf]) -> Vec<u8> {
     let path = root().join("python").join(script);
     let mut all = vec![path.as_os_str()];
     all.extend(args.iter().map(|a| a.as_os_str()));
-    run_python(&all);
+    run_python(&all)
 }
 
 #[test]
@@ -371,18 +372,8 @@ fn pytorch_state_dicts_load_into_convkit_with_the_same_probabilities() {
 
 #[test]
 fn the_python_builder_maps_every_layer_type_as_the_rust_side_does() {
-    let script = root().join("python/convkit_torch.py");
-    let out = Command::new(python())
-        .arg(&script)
-        .arg("--mapping")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mapping: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stdout = run_script("convkit_torch.py", &["--mapping".into()]);
+    let mapping: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     let kinds = LayerKind::one_of_each();
     for kind in &kinds {
         let name = kind.type_name();
