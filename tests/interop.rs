@@ -170,6 +170,7 @@ fn onnx_exports_run_in_onnxruntime_with_the_same_probabilities() {
         let out = Command::new(env!("CARGO_BIN_EXE_convkit"))
             .args(["export", "--pixels", "--onnx"])
             .arg(&pixels)
+            .arg("--weights")
             .arg(&m.checkpoint)
             .output()
             .unwrap();
@@ -205,6 +206,7 @@ fn onnx_exports_run_in_onnxruntime_with_the_same_probabilities() {
     let out = Command::new(env!("CARGO_BIN_EXE_convkit"))
         .args(["export", "--onnx"])
         .arg(&target)
+        .arg("--weights")
         .arg(&bad)
         .output()
         .unwrap();

@@ -254,6 +254,7 @@ struct ExportArgs {
     #[arg(long)]
     pixels: bool,
     /// A checkpoint file, or a run folder holding model.safetensors.
+    #[arg(long)]
     weights: PathBuf,
 }
 
