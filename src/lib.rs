@@ -60,9 +60,9 @@ pub mod prelude {
     pub use convkit_core::plot::{ConfusionHeatmap, Figure, SampleGrid, TrainingCurves};
     pub use convkit_core::{
         Activation, Backend, BatchNormalization, Compile, Conv2D, CsvLogger, Dataset, Dense,
-        Dropout, EarlyStopping, ImageShape, LayerKind, LearningRateScheduler, Loss, Model,
-        ModelCheckpoint, Monitor, Normalisation, Optimizer, Padding, ReduceLrOnPlateau, Schedule,
-        Sequential, Verbosity,
+        Dropout, EarlyStopping, EarlyStoppingRule, ImageShape, LayerKind, LearningRateScheduler,
+        Loss, Model, ModelCheckpoint, Monitor, Normalisation, Optimizer, Padding, PlateauRule,
+        ReduceLrOnPlateau, Schedule, Sequential, Verbosity,
     };
 }
 

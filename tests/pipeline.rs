@@ -312,6 +312,25 @@ fn learning_rate_schedules_and_plateaus() {
             .unwrap();
         let rates: Vec<f64> = h.epochs.iter().map(|e| e.learning_rate).collect();
         assert_eq!(rates, vec![1e-12, 1e-12, 5e-13], "{}", engine.name());
+        // Keras' cooldown: after a cut, `cooldown` epochs' plateaus are not counted (the
+        // counter runs down at the start of each epoch's check, so cooldown=2 skips one).
+        let rule: PlateauRule = "monitor=loss,patience=1,factor=0.5,cooldown=2"
+            .parse()
+            .unwrap();
+        let h = model
+            .fit(&data)
+            .epochs(5)
+            .verbosity(Verbosity::Silent)
+            .callback(rule.callback())
+            .run()
+            .unwrap();
+        let rates: Vec<f64> = h.epochs.iter().map(|e| e.learning_rate).collect();
+        assert_eq!(
+            rates,
+            vec![5e-13, 5e-13, 2.5e-13, 2.5e-13, 1.25e-13],
+            "{}",
+            engine.name()
+        );
         assert!(model
             .fit(&data)
             .callback(ReduceLrOnPlateau::new(Monitor::Loss, 1).factor(2.0))

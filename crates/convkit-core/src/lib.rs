@@ -47,8 +47,9 @@ pub use spec::{
 };
 pub use train::backup;
 pub use train::{
-    Callback, Control, CsvLogger, EarlyStopping, Evaluation, History, LearningRateScheduler, Model,
-    ModelCheckpoint, Monitor, ReduceLrOnPlateau, Schedule, ScheduleRule, Verbosity,
+    Callback, Control, CsvLogger, EarlyStopping, EarlyStoppingRule, Evaluation, History,
+    LearningRateScheduler, Model, ModelCheckpoint, Monitor, PlateauRule, ReduceLrOnPlateau,
+    Schedule, ScheduleRule, Verbosity,
 };
 pub use weights::{Tensor, Weights};
 

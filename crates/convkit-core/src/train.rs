@@ -8,8 +8,8 @@ mod fit;
 mod history;
 
 pub use callbacks::{
-    Callback, Control, CsvLogger, EarlyStopping, LearningRateScheduler, ModelCheckpoint, Monitor,
-    ReduceLrOnPlateau, Schedule, ScheduleRule,
+    Callback, Control, CsvLogger, EarlyStopping, EarlyStoppingRule, LearningRateScheduler,
+    ModelCheckpoint, Monitor, PlateauRule, ReduceLrOnPlateau, Schedule, ScheduleRule,
 };
 pub(crate) use fit::bar_style;
 pub use fit::{BatchOrder, Fit, Verbosity, PROGRESS_LINE_EVERY};

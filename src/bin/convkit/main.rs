@@ -125,12 +125,20 @@ struct TrainArgs {
     /// Default: sparse_categorical_crossentropy (binary_crossentropy for one sigmoid unit).
     #[arg(long, ignore_case = true, value_parser = convkit::Loss::NAMES)]
     loss: Option<String>,
-    /// Stop when val_loss has not improved for this many epochs, restoring the best weights.
-    #[arg(long)]
-    early_stopping: Option<usize>,
-    /// Multiply the learning rate by 0.1 when val_loss has not improved for this many epochs.
-    #[arg(long)]
-    reduce_lr_on_plateau: Option<usize>,
+    /// Stop when the monitored quantity stops improving: a patience (`3`) or Keras' EarlyStopping
+    /// arguments, `monitor=val_accuracy,patience=3,min_delta=0.001,restore_best_weights=true`.
+    /// Defaults: val_loss, patience 0, min_delta 0, best weights restored (Keras: not restored).
+    #[arg(long, value_name = "PATIENCE|KEY=VALUE,..")]
+    early_stopping: Option<convkit::EarlyStoppingRule>,
+    /// Lower the learning rate when the monitored quantity stops improving: a patience (`2`) or
+    /// Keras' ReduceLROnPlateau arguments, `monitor=val_loss,factor=0.5,patience=2,
+    /// min_delta=0.0001,cooldown=0,min_lr=0`, defaulting as in Keras.
+    #[arg(
+        long = "reduce-lr",
+        alias = "reduce-lr-on-plateau",
+        value_name = "PATIENCE|KEY=VALUE,.."
+    )]
+    reduce_lr_on_plateau: Option<convkit::PlateauRule>,
     /// Augment training batches on the fly: any of flip, vflip, rotate=DEG, shift=FRACTION,
     /// zoom=FRACTION, comma-separated. Writes augmented.png with examples.
     #[arg(long, value_parser = |s: &str| convkit::augment::Augment::parse(s).map_err(|e| e.to_string()))]

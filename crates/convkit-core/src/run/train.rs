@@ -15,8 +15,8 @@ use crate::plot::{ConfusionHeatmap, Figure, SampleGrid, TrainingCurves};
 use crate::pytorch::FlattenOrder;
 use crate::spec::{Regularizer, Sequential, SizeLimits};
 use crate::train::{
-    CsvLogger, EarlyStopping, Fit, History, LearningRateScheduler, Model, ModelCheckpoint, Monitor,
-    ReduceLrOnPlateau, ScheduleRule, Verbosity,
+    CsvLogger, EarlyStoppingRule, Fit, History, LearningRateScheduler, Model, ModelCheckpoint,
+    Monitor, PlateauRule, ScheduleRule, Verbosity,
 };
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -128,10 +128,11 @@ pub struct TrainRequest {
     pub epochs: usize,
     /// Augment training batches on the fly; also writes `augmented.png`.
     pub augment: Option<Augment>,
-    /// Stop when val_loss has not improved for this many epochs, restoring the best weights.
-    pub early_stopping: Option<usize>,
-    /// ×0.1 the learning rate when val_loss has not improved for this many epochs.
-    pub reduce_lr_on_plateau: Option<usize>,
+    /// Stop when the monitored quantity stops improving (Keras' EarlyStopping).
+    pub early_stopping: Option<EarlyStoppingRule>,
+    /// Lower the learning rate when the monitored quantity stops improving (Keras'
+    /// ReduceLROnPlateau).
+    pub reduce_lr_on_plateau: Option<PlateauRule>,
     /// The learning rate per epoch, from the optimizer's.
     pub lr_schedule: Option<ScheduleRule>,
     /// The run folder.
@@ -367,18 +368,14 @@ impl TrainRequest {
         if let Some(augment) = self.augment {
             fit = fit.augment(augment);
         }
-        if let Some(patience) = self.reduce_lr_on_plateau {
-            fit = fit.callback(ReduceLrOnPlateau::new(Monitor::ValLoss, patience));
+        if let Some(rule) = self.reduce_lr_on_plateau {
+            fit = fit.callback(rule.callback());
         }
         if let Some(rule) = self.lr_schedule {
             fit = fit.callback(LearningRateScheduler(rule.starting_at(initial_rate)));
         }
-        if let Some(patience) = self.early_stopping {
-            fit = fit.callback(
-                EarlyStopping::new(Monitor::ValLoss, patience)
-                    .restore_best_weights(true)
-                    .verbose(!self.quiet),
-            );
+        if let Some(rule) = self.early_stopping {
+            fit = fit.callback(rule.callback(!self.quiet));
         }
         fit
     }

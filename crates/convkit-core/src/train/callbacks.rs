@@ -463,17 +463,31 @@ pub struct ReduceLrOnPlateau {
     factor: f64,
     patience: usize,
     min_lr: f64,
+    cooldown: usize,
+    /// Epochs of cooldown still to run.
+    cooldown_left: usize,
 }
 
 impl ReduceLrOnPlateau {
-    /// Keras' defaults: factor 0.1, min_delta 1e-4, min_lr 0.
+    /// Keras' defaults: factor 0.1, min_delta 1e-4, cooldown 0, min_lr 0.
     pub fn new(monitor: Monitor, patience: usize) -> Self {
         ReduceLrOnPlateau {
             watch: Watch::new(monitor, 1e-4),
             factor: 0.1,
             patience,
             min_lr: 0.0,
+            cooldown: 0,
+            cooldown_left: 0,
         }
+    }
+    pub fn min_delta(mut self, d: f64) -> Self {
+        self.watch.min_delta = d;
+        self
+    }
+    /// Epochs after each reduction during which plateaus are not counted.
+    pub fn cooldown(mut self, epochs: usize) -> Self {
+        self.cooldown = epochs;
+        self
     }
     pub fn factor(mut self, factor: f64) -> Self {
         self.factor = factor;
@@ -496,19 +510,331 @@ impl Callback for ReduceLrOnPlateau {
         Ok(())
     }
     fn on_epoch_end(&mut self, history: &History, model: &mut Model) -> Result<Control> {
-        if !self.watch.observe(history)? && self.watch.wait >= self.patience {
-            let lr = (model.learning_rate() * self.factor).max(self.min_lr);
-            model.set_learning_rate(lr);
+        // Keras' order: a cooldown epoch clears the wait, and the wait does not grow while
+        // the cooldown lasts.
+        if self.cooldown_left > 0 {
+            self.cooldown_left -= 1;
             self.watch.wait = 0;
+        }
+        if !self.watch.observe(history)? {
+            if self.cooldown_left > 0 {
+                self.watch.wait = 0;
+            } else if self.watch.wait >= self.patience {
+                let lr = (model.learning_rate() * self.factor).max(self.min_lr);
+                model.set_learning_rate(lr);
+                self.cooldown_left = self.cooldown;
+                self.watch.wait = 0;
+            }
         }
         Ok(Control::Continue)
     }
 
     fn backup(&self) -> Result<CallbackState> {
-        Ok(self.watch.state())
+        let mut state = self.watch.state();
+        state.json["cooldown_left"] = serde_json::json!(self.cooldown_left);
+        Ok(state)
     }
 
     fn restore(&mut self, state: CallbackState) -> Result<()> {
-        self.watch.restore(&state, "ReduceLROnPlateau")
+        self.watch.restore(&state, "ReduceLROnPlateau")?;
+        self.cooldown_left =
+            backup_field::<Option<usize>>(&state, "ReduceLROnPlateau", "cooldown_left")?
+                .unwrap_or(0);
+        Ok(())
+    }
+}
+
+/// `key=value,key=value` settings (Keras' argument names), each key at most once and one of
+/// `keys`; `what` names the setting in errors.
+fn settings<'t>(
+    what: &'static str,
+    text: &'t str,
+    keys: &[&str],
+) -> Result<Vec<(&'t str, &'t str)>> {
+    let mut seen: Vec<(&str, &str)> = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = part.split_once('=').ok_or_else(|| {
+            Error::config(
+                what,
+                format!(
+                    "expected KEY=VALUE (keys: {}), found `{part}`",
+                    keys.join(", ")
+                ),
+            )
+        })?;
+        let key = key.trim();
+        if !keys.contains(&key) {
+            return Err(Error::config(
+                what,
+                format!("expected one of {}, found `{key}`", keys.join(", ")),
+            ));
+        }
+        if seen.iter().any(|(k, _)| *k == key) {
+            return Err(Error::config(what, format!("`{key}` is given twice")));
+        }
+        seen.push((key, value.trim()));
+    }
+    Ok(seen)
+}
+
+/// One setting's value parsed, or an error naming the setting, the key and the value.
+fn setting<T: std::str::FromStr>(
+    what: &'static str,
+    key: &str,
+    value: &str,
+    expected: &str,
+) -> Result<T> {
+    value
+        .parse()
+        .map_err(|_| Error::config(what, format!("`{key}` expects {expected}, found `{value}`")))
+}
+
+fn non_negative(what: &'static str, key: &str, value: &str) -> Result<f64> {
+    match setting::<f64>(what, key, value, "a number ≥ 0")? {
+        v if v >= 0.0 && v.is_finite() => Ok(v),
+        _ => Err(Error::config(
+            what,
+            format!("`{key}` expects a number ≥ 0, found `{value}`"),
+        )),
+    }
+}
+
+fn boolean(what: &'static str, key: &str, value: &str) -> Result<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(Error::config(
+            what,
+            format!("`{key}` expects true or false, found `{value}`"),
+        )),
+    }
+}
+
+/// EarlyStopping's settings, as `--early-stopping` gives them: a patience (`3`) or Keras'
+/// arguments (`monitor=val_accuracy,patience=3,min_delta=0.001,restore_best_weights=false`).
+/// Defaults: monitor val_loss, patience 0, min_delta 0 and, unlike Keras, the best weights
+/// restored, since the run folder's model is the one that is scored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EarlyStoppingRule {
+    pub monitor: Monitor,
+    pub patience: usize,
+    pub min_delta: f64,
+    pub restore_best_weights: bool,
+}
+
+impl Default for EarlyStoppingRule {
+    fn default() -> Self {
+        EarlyStoppingRule {
+            monitor: Monitor::ValLoss,
+            patience: 0,
+            min_delta: 0.0,
+            restore_best_weights: true,
+        }
+    }
+}
+
+impl EarlyStoppingRule {
+    /// The callback; `verbose` prints Keras' lines when it stops and restores.
+    pub fn callback(&self, verbose: bool) -> EarlyStopping {
+        EarlyStopping::new(self.monitor, self.patience)
+            .min_delta(self.min_delta)
+            .restore_best_weights(self.restore_best_weights)
+            .verbose(verbose)
+    }
+}
+
+impl std::str::FromStr for EarlyStoppingRule {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        const WHAT: &str = "--early-stopping";
+        let mut rule = EarlyStoppingRule::default();
+        if let Ok(patience) = text.trim().parse() {
+            rule.patience = patience;
+            return Ok(rule);
+        }
+        let keys = [
+            "monitor",
+            "patience",
+            "min_delta",
+            "restore_best_weights",
+            "restore_best",
+        ];
+        for (key, value) in settings(WHAT, text, &keys)? {
+            match key {
+                "monitor" => rule.monitor = value.parse()?,
+                "patience" => {
+                    rule.patience = setting(WHAT, key, value, "a whole number of epochs")?
+                }
+                "min_delta" => rule.min_delta = non_negative(WHAT, key, value)?,
+                _ => rule.restore_best_weights = boolean(WHAT, key, value)?,
+            }
+        }
+        Ok(rule)
+    }
+}
+
+/// ReduceLROnPlateau's settings, as `--reduce-lr` gives them: a patience (`2`) or Keras'
+/// arguments (`monitor=val_accuracy,factor=0.5,patience=2,min_delta=0.0001,cooldown=1,
+/// min_lr=1e-5`), with Keras' defaults (val_loss, 0.1, 10, 1e-4, 0, 0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlateauRule {
+    pub monitor: Monitor,
+    pub factor: f64,
+    pub patience: usize,
+    pub min_delta: f64,
+    /// Epochs after a reduction during which no wait is counted.
+    pub cooldown: usize,
+    pub min_lr: f64,
+}
+
+impl Default for PlateauRule {
+    fn default() -> Self {
+        PlateauRule {
+            monitor: Monitor::ValLoss,
+            factor: 0.1,
+            patience: 10,
+            min_delta: 1e-4,
+            cooldown: 0,
+            min_lr: 0.0,
+        }
+    }
+}
+
+impl PlateauRule {
+    pub fn callback(&self) -> ReduceLrOnPlateau {
+        ReduceLrOnPlateau::new(self.monitor, self.patience)
+            .factor(self.factor)
+            .min_delta(self.min_delta)
+            .cooldown(self.cooldown)
+            .min_lr(self.min_lr)
+    }
+}
+
+impl std::str::FromStr for PlateauRule {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        const WHAT: &str = "--reduce-lr";
+        let mut rule = PlateauRule::default();
+        if let Ok(patience) = text.trim().parse() {
+            rule.patience = patience;
+            return Ok(rule);
+        }
+        let keys = [
+            "monitor",
+            "factor",
+            "patience",
+            "min_delta",
+            "cooldown",
+            "min_lr",
+        ];
+        for (key, value) in settings(WHAT, text, &keys)? {
+            match key {
+                "monitor" => rule.monitor = value.parse()?,
+                "factor" => {
+                    rule.factor = setting(WHAT, key, value, "a number in (0, 1)")?;
+                    if !(rule.factor > 0.0 && rule.factor < 1.0) {
+                        return Err(Error::config(
+                            WHAT,
+                            format!("`factor` expects a number in (0, 1), found `{value}`"),
+                        ));
+                    }
+                }
+                "patience" => {
+                    rule.patience = setting(WHAT, key, value, "a whole number of epochs")?
+                }
+                "cooldown" => {
+                    rule.cooldown = setting(WHAT, key, value, "a whole number of epochs")?
+                }
+                "min_delta" => rule.min_delta = non_negative(WHAT, key, value)?,
+                _ => rule.min_lr = non_negative(WHAT, key, value)?,
+            }
+        }
+        Ok(rule)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_stopping_reads_a_patience_or_keras_arguments() {
+        let bare: EarlyStoppingRule = "3".parse().unwrap();
+        assert_eq!(
+            bare,
+            EarlyStoppingRule {
+                patience: 3,
+                ..Default::default()
+            }
+        );
+        let full: EarlyStoppingRule =
+            "monitor=val_accuracy, patience=4,min_delta=0.01,restore_best_weights=false"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            full,
+            EarlyStoppingRule {
+                monitor: Monitor::ValAccuracy,
+                patience: 4,
+                min_delta: 0.01,
+                restore_best_weights: false,
+            }
+        );
+        let short: EarlyStoppingRule = "restore_best=true,monitor=loss".parse().unwrap();
+        assert!(short.restore_best_weights && short.monitor == Monitor::Loss);
+        for (bad, says) in [
+            (
+                "patience=x",
+                "`patience` expects a whole number of epochs, found `x`",
+            ),
+            ("monitor=val_acc", "found `val_acc`"),
+            ("factor=0.5", "expected one of monitor, patience"),
+            ("patience=1,patience=2", "`patience` is given twice"),
+            ("min_delta=-1", "`min_delta` expects a number ≥ 0"),
+            ("restore_best=maybe", "expects true or false, found `maybe`"),
+            ("val_loss", "expected KEY=VALUE"),
+        ] {
+            let err = bad.parse::<EarlyStoppingRule>().unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn reduce_lr_reads_a_patience_or_keras_arguments() {
+        let bare: PlateauRule = "2".parse().unwrap();
+        assert_eq!(
+            bare,
+            PlateauRule {
+                patience: 2,
+                ..Default::default()
+            }
+        );
+        let full: PlateauRule =
+            "monitor=val_accuracy,factor=0.5,patience=1,min_delta=0,cooldown=2,min_lr=1e-5"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            full,
+            PlateauRule {
+                monitor: Monitor::ValAccuracy,
+                factor: 0.5,
+                patience: 1,
+                min_delta: 0.0,
+                cooldown: 2,
+                min_lr: 1e-5,
+            }
+        );
+        for (bad, says) in [
+            ("factor=1", "`factor` expects a number in (0, 1), found `1`"),
+            ("factor=nan", "`factor` expects a number in (0, 1)"),
+            ("min_lr=inf", "`min_lr` expects a number ≥ 0"),
+            (
+                "restore_best_weights=true",
+                "expected one of monitor, factor",
+            ),
+        ] {
+            let err = bad.parse::<PlateauRule>().unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 }
