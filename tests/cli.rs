@@ -1335,3 +1335,124 @@ fn a_run_folder_is_never_started_over_unasked_and_a_finished_run_trains_further(
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(epochs(&run), 2);
 }
+
+/// The tutorials' `Dense(num_classes)` and `image_size`: a preset takes the data's classes,
+/// and named datasets are resized and converted to the model's input when asked.
+#[test]
+fn presets_fit_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, args: &[&str]| {
+        let out = dir.path().join(name);
+        let mut all = vec!["train", "--epochs", "1", "--batch-size", "8", "--out"];
+        all.push(out.to_str().unwrap());
+        all.extend(args);
+        let o = convkit(&all);
+        (o, out)
+    };
+    let last_units = |out: &Path| {
+        let spec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("model.json")).unwrap())
+                .unwrap();
+        spec["layers"].as_array().unwrap().last().unwrap()["units"].clone()
+    };
+
+    // A 2-class folder of RGB photos of any size, and the MNIST preset: no extra flag.
+    let pool = dir.path().join("shapes");
+    write_shapes(&pool, &["train", "test"]);
+    let (o, out) = run(
+        "shapes-run",
+        &[
+            "--dataset",
+            pool.to_str().unwrap(),
+            "--model",
+            "tutorial-mnist",
+        ],
+    );
+    let said = text(&o);
+    assert!(o.status.success(), "{said}");
+    assert!(
+        said.contains("tutorial-mnist: its classifier takes the data's 2 classes (was 10)"),
+        "{said}"
+    );
+    assert_eq!(last_units(&out), 2);
+
+    // A spec file keeps its own classifier: 2 classes against MNIST's 10 is an error.
+    let spec = dir.path().join("two.json");
+    std::fs::write(&spec, r#"{"name":"two","input_shape":[28,28,1],"layers":[{"type":"Flatten"},{"type":"Dense","units":2,"activation":"softmax"}]}"#).unwrap();
+    let (o, _) = run(
+        "two-run",
+        &[
+            "--dataset",
+            "mnist",
+            "--limit",
+            "40",
+            "--model",
+            spec.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("10 classes"),
+        "{}",
+        text(&o)
+    );
+
+    // CIFAR-10 (32×32) into the guide's 64×64 model: an error naming the flag, then resized.
+    let cifar = [
+        "--dataset",
+        "cifar10",
+        "--limit",
+        "40",
+        "--model",
+        "tutorial-64x64",
+    ];
+    let (o, _) = run("cifar-refused", &cifar);
+    let said = text(&o);
+    assert!(
+        !o.status.success() && said.contains("--image-size 64 64"),
+        "{said}"
+    );
+    let (o, _) = run(
+        "cifar-wrong-size",
+        &[&cifar[..], &["--image-size", "32", "32"]].concat(),
+    );
+    let said = text(&o);
+    assert!(
+        !o.status.success() && said.contains("--image-size 64 64: the input size of model"),
+        "{said}"
+    );
+    let (o, out) = run(
+        "cifar-64",
+        &[&cifar[..], &["--image-size", "64", "64"]].concat(),
+    );
+    let said = text(&o);
+    assert!(o.status.success(), "{said}");
+    assert!(
+        said.contains("resized from 32×32 to 64×64 (bilinear)"),
+        "{said}"
+    );
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["scored_images"], 40);
+
+    // Grey MNIST into the RGB CIFAR-10 CNN: resized and converted, saying both.
+    let (o, _) = run(
+        "mnist-rgb",
+        &[
+            "--dataset",
+            "mnist",
+            "--limit",
+            "40",
+            "--model",
+            "tutorial-cifar10-cnn",
+            "--image-size",
+            "32",
+            "32",
+        ],
+    );
+    let said = text(&o);
+    assert!(o.status.success(), "{said}");
+    assert!(
+        said.contains("resized from 28×28 to 32×32 (bilinear) and converted from grey to RGB"),
+        "{said}"
+    );
+}

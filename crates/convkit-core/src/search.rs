@@ -27,6 +27,9 @@ pub struct SearchConfig {
     /// dataset's own validation folder, else 0.2. Never the test split.
     #[serde(default)]
     pub validation_split: Option<f32>,
+    /// `[height, width]`: resize the dataset's images to the model's input on load.
+    #[serde(default)]
+    pub image_size: Option<[usize; 2]>,
     #[serde(default)]
     pub strategy: Strategy,
     #[serde(default)]

@@ -390,6 +390,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_classifier_sized_for_the_data() {
+        let mnist = Sequential::preset("tutorial-mnist").unwrap();
+        assert_eq!(mnist.with_classes(10).unwrap(), mnist);
+        assert_eq!(mnist.with_classes(1).unwrap(), mnist);
+        let two = mnist.with_classes(2).unwrap();
+        assert_eq!(two.output_shape().unwrap().numel(), 2);
+        assert_eq!(two.layers.len(), mnist.layers.len());
+        // One sigmoid unit already tells two classes apart.
+        let random = Sequential::preset("tutorial-random").unwrap();
+        assert_eq!(random.with_classes(2).unwrap(), random);
+        assert_eq!(random.with_classes(3).unwrap().class_count().unwrap(), 3);
+    }
+
+    #[test]
     fn mnist_preset_shapes_and_params_match_keras() {
         let spec = Sequential::preset("tutorial-mnist").unwrap();
         let shapes = spec.output_shapes().unwrap();
@@ -722,6 +736,16 @@ impl Sequential {
         };
         spec.output_shapes()?;
         Ok(spec)
+    }
+
+    /// This model with its classifier sized for `classes` (the tutorials' `Dense(num_classes)`):
+    /// itself when its output already tells that many apart (one sigmoid unit tells 2) or
+    /// `classes` < 2, else with its last Dense layer replaced ([`Sequential::with_new_head`]).
+    pub fn with_classes(&self, classes: usize) -> Result<Sequential> {
+        if classes < 2 || self.class_count()? == classes {
+            return Ok(self.clone());
+        }
+        self.with_new_head(classes)
     }
 
     /// Freeze the first `n` layers (their weights are not trained; recorded in the spec).

@@ -100,6 +100,10 @@ struct DataArgs {
     seed: u64,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// Resize the dataset's images to HEIGHT WIDTH on load (bilinear, as Keras' image_size);
+    /// it must be the model's input size. Folders are always resized to the model's input.
+    #[arg(long, num_args = 2, value_names = ["HEIGHT", "WIDTH"])]
+    image_size: Option<Vec<usize>>,
     /// No progress output.
     #[arg(long)]
     quiet: bool,
@@ -315,6 +319,7 @@ impl DataArgs {
             validation: Validation::chosen(self.validate_on_test, self.validation_split),
             seed: self.seed,
             batch_size: self.batch_size,
+            image_size: self.image_size.as_deref().map(|s| [s[0], s[1]]),
         }
     }
 }

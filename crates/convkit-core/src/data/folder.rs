@@ -49,7 +49,12 @@ pub fn load_image(path: &Path, target: ImageShape) -> Result<Vec<u8>> {
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
     reader.limits(decode_limits());
-    let img = reader.decode().map_err(image_error)?;
+    fitted(reader.decode().map_err(image_error)?, target)
+}
+
+/// `img` brought to `target`: resized with a triangle (bilinear) filter when its size
+/// differs, then made grey (1 channel, `image`'s luma weights) or RGB (3, grey replicated).
+fn fitted(img: image::DynamicImage, target: ImageShape) -> Result<Vec<u8>> {
     let (w, h) = (target.width as u32, target.height as u32);
     let img = if img.width() == w && img.height() == h {
         img
@@ -60,8 +65,8 @@ pub fn load_image(path: &Path, target: ImageShape) -> Result<Vec<u8>> {
         1 => Ok(img.into_luma8().into_raw()),
         3 => Ok(img.into_rgb8().into_raw()),
         c => Err(Error::config(
-            "image folder",
-            format!("images can be loaded with 1 or 3 channels, the model wants {c}"),
+            "images",
+            format!("images can be brought to 1 or 3 channels, the model wants {c}"),
         )),
     }
 }

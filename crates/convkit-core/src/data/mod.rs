@@ -249,6 +249,62 @@ impl Dataset {
         (mean.into_iter().map(|m| m as f32).collect(), std)
     }
 
+    /// Every image brought to `target`: resized with a triangle (bilinear) filter, as image
+    /// folders' images are, where the size differs, then [`Dataset::to_channels`]. Labels,
+    /// classes and normalisation are kept.
+    pub fn fitted_to(&self, target: ImageShape) -> Result<Dataset> {
+        use rayon::prelude::*;
+        let ImageShape {
+            height,
+            width,
+            channels,
+        } = self.shape;
+        if (height, width) == (target.height, target.width) {
+            return self.to_channels(target.channels);
+        }
+        let (h, w) = (height as u32, width as u32);
+        let (th, tw) = (target.height as u32, target.width as u32);
+        let resize = |pixels: &[u8]| -> Option<Vec<u8>> {
+            use image::imageops::{resize, FilterType::Triangle};
+            Some(match channels {
+                1 => resize(
+                    &image::GrayImage::from_raw(w, h, pixels.to_vec())?,
+                    tw,
+                    th,
+                    Triangle,
+                )
+                .into_raw(),
+                3 => resize(
+                    &image::RgbImage::from_raw(w, h, pixels.to_vec())?,
+                    tw,
+                    th,
+                    Triangle,
+                )
+                .into_raw(),
+                _ => return None,
+            })
+        };
+        let images: Option<Vec<Vec<u8>>> = self
+            .images
+            .par_chunks(self.shape.len())
+            .map(resize)
+            .collect();
+        let images = images.ok_or_else(|| {
+            Error::config(
+                "dataset",
+                format!("images of {channels} channels cannot be resized; expected 1 or 3"),
+            )
+        })?;
+        let resized = Dataset {
+            images: images.concat(),
+            shape: ImageShape::new(target.height, target.width, channels),
+            labels: self.labels.clone(),
+            classes: self.classes.clone(),
+            normalisation: self.normalisation.clone(),
+        };
+        resized.to_channels(target.channels)
+    }
+
     /// A seeded, class-balanced subset of `n` images (all of them if fewer), in dataset order:
     /// classes take turns, each giving a random image of its own until it runs out, so a
     /// class-sorted folder still yields every class. What the CLI's `--limit` does.

@@ -57,6 +57,10 @@ pub struct SplitOptions {
     pub limit: Option<usize>,
     /// Seeds the hold-out and the samples.
     pub seed: u64,
+    /// Resize a named dataset's images to the model's input (what `--image-size` asks for);
+    /// without it a size that differs is an error. Folders are always resized, and grey and
+    /// RGB are always converted to the model's channels, with a line in the sources.
+    pub resize: bool,
 }
 
 impl Default for SplitOptions {
@@ -67,6 +71,7 @@ impl Default for SplitOptions {
             validation: Validation::Auto(0.1),
             limit: None,
             seed: 42,
+            resize: false,
         }
     }
 }
@@ -166,13 +171,16 @@ pub fn open_splits(
         validation,
         limit,
         seed,
+        resize,
     } = options;
     let (train, own_validation, test) = read_parts(source, input, classes, seed, locator)?;
-    let sample = |part: Option<Part>| part.map(|p| sampled(p, limit, seed));
+    // Sampled first, so that only the images kept are resized.
+    let fit = |part: Part| fitted(part, source, input, resize);
+    let sample = |part: Option<Part>| part.map(|p| fit(sampled(p, limit, seed))).transpose();
     let (train, own_validation, test) = (
-        sampled(train, limit, seed),
-        sample(own_validation),
-        sample(test),
+        fit(sampled(train, limit, seed))?,
+        sample(own_validation)?,
+        sample(test)?,
     );
     let holdout = |fraction: f32| -> Result<(Dataset, Dataset, String, String)> {
         let (kept, held) = train.data.holdout(fraction, seed)?;
@@ -254,7 +262,6 @@ fn read_parts(
     if let Ok(name) = source.parse::<DatasetName>() {
         let part = |split: Split| -> Result<Part> {
             let data = locator.load(name, split, None)?;
-            check_named_shape(source, &data, input)?;
             let which = match split {
                 Split::Train => "training",
                 Split::Test => "test",
@@ -296,23 +303,59 @@ fn synthetic_split(split: Split, input: ImageShape, classes: usize, seed: u64) -
     synthetic(n, input, classes.max(2), seed.wrapping_add(offset))
 }
 
-fn check_named_shape(source: &str, data: &Dataset, input: ImageShape) -> Result<()> {
-    if data.shape == input {
-        return Ok(());
+/// `data` brought to the model's `input`: grey and RGB converted, and with `resize` the size
+/// too; `from` then says so. A size that differs without `resize` is an error naming the flag.
+fn fit_to_input(
+    data: Dataset,
+    from: &mut String,
+    source: &str,
+    input: ImageShape,
+    resize: bool,
+) -> Result<Dataset> {
+    let shape = data.shape;
+    if shape == input {
+        return Ok(data);
     }
-    Err(Error::Shape {
-        expected: format!("{input} images (the model's input)"),
-        found: format!(
-            "{source} images of {}; pick a model made for {source}",
-            data.shape
-        ),
-    })
+    if (shape.height, shape.width) != (input.height, input.width) && !resize {
+        return Err(Error::Shape {
+            expected: format!("{input} images (the model's input)"),
+            found: format!(
+                "{source} images of {shape}; resize them on load with --image-size {} {}, \
+                 or pick a model made for {source}",
+                input.height, input.width
+            ),
+        });
+    }
+    let data = data.fitted_to(input)?;
+    let colour = |c: usize| if c == 1 { "grey" } else { "RGB" };
+    let mut changes = Vec::new();
+    if (shape.height, shape.width) != (input.height, input.width) {
+        changes.push(format!(
+            "resized from {}×{} to {}×{} (bilinear)",
+            shape.height, shape.width, input.height, input.width
+        ));
+    }
+    if shape.channels != input.channels {
+        changes.push(format!(
+            "converted from {} to {}",
+            colour(shape.channels),
+            colour(input.channels)
+        ));
+    }
+    from.push_str(&format!(", {}", changes.join(" and ")));
+    Ok(data)
+}
+
+fn fitted(mut part: Part, source: &str, input: ImageShape, resize: bool) -> Result<Part> {
+    part.data = fit_to_input(part.data, &mut part.from, source, input, resize)?;
+    Ok(part)
 }
 
 /// Open one split of a dataset by what a user types: `mnist`, `fashion-mnist`, `cifar10`,
 /// `synthetic`, or an image folder (see the module docs; a folder of class folders is all
 /// training data). Images come out in `input`'s shape: folders are resized and converted;
-/// named datasets must already match. `classes` sizes synthetic data (2 for a sigmoid head).
+/// named datasets are converted between grey and RGB but must already have its size.
+/// `classes` sizes synthetic data (2 for a sigmoid head).
 pub fn open(
     source: &str,
     split: Split,
@@ -326,8 +369,7 @@ pub fn open(
     }
     if let Ok(name) = source.parse::<DatasetName>() {
         let data = locator.load(name, split, None)?;
-        check_named_shape(source, &data, input)?;
-        return Ok(data);
+        return fit_to_input(data, &mut String::new(), source, input, false);
     }
     match (folder_layout(Path::new(source))?, split) {
         (FolderLayout::Classes(dir), Split::Train) => read_image_folder(&dir, input, None),
@@ -382,6 +424,7 @@ mod tests {
             validation,
             limit,
             seed: 7,
+            resize: false,
         };
         open_splits(
             root.to_str().unwrap(),
@@ -532,5 +575,54 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("dataset `mnist` not found"), "{err}");
+    }
+
+    #[test]
+    fn named_data_is_converted_and_resized_only_when_asked() {
+        // Two grey 2×2 images: one flat, one a left/right edge.
+        let grey = Dataset::new(
+            vec![100, 100, 100, 100, 0, 200, 0, 200],
+            ImageShape::new(2, 2, 1),
+            vec![0, 1],
+            vec!["flat".into(), "edge".into()],
+        )
+        .unwrap();
+        // Channels alone: converted without the flag, and said.
+        let mut from = String::from("from mnist");
+        let rgb = fit_to_input(
+            grey.clone(),
+            &mut from,
+            "mnist",
+            ImageShape::new(2, 2, 3),
+            false,
+        )
+        .unwrap();
+        assert_eq!(from, "from mnist, converted from grey to RGB");
+        assert_eq!(&rgb.images[..12], &[100; 12]);
+        assert_eq!(&rgb.images[12..18], &[0, 0, 0, 200, 200, 200]);
+        assert_eq!(
+            (rgb.labels.clone(), rgb.classes.clone()),
+            (grey.labels.clone(), grey.classes.clone())
+        );
+        // Another size: refused without resize, naming the flag ...
+        let target = ImageShape::new(4, 4, 1);
+        let err = fit_to_input(grey.clone(), &mut String::new(), "mnist", target, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--image-size 4 4") && err.contains("2×2×1"),
+            "{err}"
+        );
+        // ... and resized with it: flat stays flat, the edge keeps its sides.
+        let mut from = String::new();
+        let big = fit_to_input(grey, &mut from, "mnist", target, true).unwrap();
+        assert_eq!(from, ", resized from 2×2 to 4×4 (bilinear)");
+        assert_eq!(big.shape, target);
+        assert_eq!(&big.images[..16], &[100; 16]);
+        let edge = &big.images[16..];
+        assert!(
+            edge[0] < 60 && edge[3] > 140 && edge[0] == edge[12],
+            "{edge:?}"
+        );
     }
 }

@@ -56,6 +56,28 @@ pub fn alone() -> Group {
     Rc::new(Solo)
 }
 
+/// `spec` with its classifier sized to the data's `classes` when `model` names a preset (the
+/// tutorials write `Dense(num_classes)`), and a line saying so when it changed; a spec file or
+/// a checkpoint keeps its own classifier, and a class count that differs is then an error.
+fn preset_sized_for(
+    model: &str,
+    spec: Sequential,
+    classes: usize,
+) -> Result<(Sequential, Option<String>)> {
+    if !crate::spec::PRESETS.contains(&model) {
+        return Ok((spec, None));
+    }
+    let sized = spec.with_classes(classes)?;
+    if sized == spec {
+        return Ok((spec, None));
+    }
+    let line = format!(
+        "{model}: its classifier takes the data's {classes} classes (was {}), as the tutorials' Dense(num_classes)",
+        spec.class_count()?
+    );
+    Ok((sized, Some(line)))
+}
+
 /// The data a request reads: a dataset name or folder, split and sampled.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataRequest {
@@ -69,6 +91,10 @@ pub struct DataRequest {
     pub seed: u64,
     /// Images per batch (training, and scoring for evaluate).
     pub batch_size: usize,
+    /// `[height, width]`: resize the dataset's images to this on load (bilinear, as Keras'
+    /// `image_size`); it must be the model's input size. Without it a named dataset of
+    /// another size is an error (folders are always resized to the model's input).
+    pub image_size: Option<[usize; 2]>,
 }
 
 impl DataRequest {
@@ -81,6 +107,7 @@ impl DataRequest {
             validation: Validation::Auto(0.1),
             seed: 42,
             batch_size: 32,
+            image_size: None,
         }
     }
 
@@ -88,10 +115,22 @@ impl DataRequest {
     /// comes out empty is an error naming the sources.
     pub fn open(&self, spec: &Sequential, normalisation: &Normalisation) -> Result<Splits> {
         let [h, w, c] = spec.input_shape;
+        if let Some([height, width]) = self.image_size {
+            if [height, width] != [h, w] {
+                return Err(Error::Shape {
+                    expected: format!(
+                        "--image-size {h} {w}: the input size of model `{}`",
+                        spec.name
+                    ),
+                    found: format!("--image-size {height} {width}"),
+                });
+            }
+        }
         let options = data::SplitOptions {
             validation: self.validation,
             limit: self.limit,
             seed: self.seed,
+            resize: self.image_size.is_some(),
         };
         let mut splits = data::open_splits(
             &self.dataset,

@@ -8,7 +8,7 @@ use polars::prelude::{Column, DataFrame, SortMultipleOptions};
 use super::{DataRequest, Group};
 use crate::backend::Backend;
 use crate::compile::{Compile, Loss};
-use crate::data::{Normalisation, Validation};
+use crate::data::{Normalisation, Splits, Validation};
 use crate::search::{merge_parts, SearchConfig, Shard, Trial, TrialResult};
 use crate::spec::Sequential;
 use crate::train::{Model, Verbosity};
@@ -79,7 +79,7 @@ impl SearchRequest {
     /// the parts' logs joined.
     pub fn run(&self, backend: &dyn Backend, group: &Group) -> Result<SearchOutcome> {
         let config = SearchConfig::from_toml(&self.space)?;
-        let base = Sequential::from_preset_or_file(&config.model)?;
+        let (splits, base) = self.data(&config, group.is_root() && self.merge.is_empty())?;
         let total = config.trials(self.trials).len();
         std::fs::create_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
         if !self.merge.is_empty() {
@@ -96,7 +96,7 @@ impl SearchRequest {
             (Some(shard), _) => shard,
             (None, n) => Shard::new(group.rank() + 1, n)?,
         };
-        let mine = self.run_trials(&config, &base, shard, backend, group.is_root())?;
+        let mine = self.run_trials(&config, &base, &splits, shard, backend)?;
         if group.size() > 1 {
             return match gather(mine, group, total, &self.out)? {
                 Some(results) => self.write_table(&results, &base, backend.name()),
@@ -113,17 +113,11 @@ impl SearchRequest {
         self.write_table(&mine, &base, backend.name())
     }
 
-    /// Run `shard`'s trials (every trial for [`Shard::WHOLE`]), each logged as it finishes;
-    /// with `resume`, the trials already logged are not run again. `speak`: this process
-    /// reports the data and each trial (rank 0, or a process alone).
-    fn run_trials(
-        &self,
-        config: &SearchConfig,
-        base: &Sequential,
-        shard: Shard,
-        backend: &dyn Backend,
-        speak: bool,
-    ) -> Result<Vec<TrialResult>> {
+    /// The search's data and its base model, a preset's classifier sized to the data's classes
+    /// (the model's trials and its table's parameter counts depend on it, so a merge reads
+    /// the data too). `speak`: this process says where the data came from.
+    fn data(&self, config: &SearchConfig, speak: bool) -> Result<(Splits, Sequential)> {
+        let base = Sequential::from_preset_or_file(&config.model)?;
         let data = DataRequest {
             dataset: config.dataset.clone(),
             limit: config.limit,
@@ -134,19 +128,35 @@ impl SearchRequest {
             },
             seed: config.seed,
             batch_size: 32,
+            image_size: config.image_size,
         };
-        let splits = data.open(base, &Normalisation::Rescale)?;
+        let splits = data.open(&base, &Normalisation::Rescale)?;
+        let (base, resized_head) =
+            super::preset_sized_for(&config.model, base, splits.train.classes.len())?;
+        if speak {
+            for line in splits.sources.iter().chain(&resized_head) {
+                eprintln!("{line}");
+            }
+        }
+        Ok((splits, base))
+    }
+
+    /// Run `shard`'s trials (every trial for [`Shard::WHOLE`]), each logged as it finishes;
+    /// with `resume`, the trials already logged are not run again.
+    fn run_trials(
+        &self,
+        config: &SearchConfig,
+        base: &Sequential,
+        splits: &Splits,
+        shard: Shard,
+        backend: &dyn Backend,
+    ) -> Result<Vec<TrialResult>> {
         let validation = splits.validation.as_ref().ok_or_else(|| {
             Error::config(
                 "search",
                 "the search ranks trials on validation data: give a validation_split above 0",
             )
         })?;
-        if speak {
-            for line in &splits.sources {
-                eprintln!("{line}");
-            }
-        }
         let trials = config.trials(self.trials);
         let total = trials.len();
         let log = self.out.join(shard.log_name());

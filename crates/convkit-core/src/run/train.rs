@@ -192,13 +192,20 @@ impl TrainRequest {
             ));
         }
 
-        let (spec, start, normalisation) = self.starting_point()?;
+        let (base, start, normalisation) = self.starting_point()?;
+        let splits = self.data.open(&base, &normalisation)?;
+        let (base, resized_head) = match (&self.model, self.edits.new_head) {
+            (ModelSource::Spec(name), None) => {
+                super::preset_sized_for(name, base, splits.train.classes.len())?
+            }
+            _ => (base, None),
+        };
+        let spec = self.edits.apply(base)?;
         let compile = Compile::new(
             self.optimizer.clone(),
             self.loss.map_or_else(|| Loss::default_for(&spec), Ok)?,
         );
         compile.check(&spec)?;
-        let splits = self.data.open(&spec, &normalisation)?;
         let (scored_on, scored_name) = splits.evaluation().ok_or_else(|| Error::config("data", format!(
             "`{}` has no test split and no validation data is chosen, so nothing would score the model; hold some out with --validation-split",
             self.data.dataset
@@ -206,6 +213,9 @@ impl TrainRequest {
         let root = group.is_root();
         if !self.quiet && root {
             self.announce(&spec, backend, &splits, group.size())?;
+            if let Some(line) = resized_head {
+                println!("{line}");
+            }
         }
         let weights = match &start {
             Some(trained) => crate::init::transfer(&spec, trained, self.data.seed)?,
@@ -248,8 +258,8 @@ impl TrainRequest {
         })
     }
 
-    /// The edited spec, the trained weights it starts from (if any), and the normalisation
-    /// its inputs get.
+    /// The spec before [`SpecEdits`], the trained weights it starts from (if any), and the
+    /// normalisation its inputs get.
     fn starting_point(&self) -> Result<(Sequential, Option<Weights>, Normalisation)> {
         let spec_named =
             |name: &str| Sequential::from_preset_or_file_within(name, &self.size_limits);
@@ -270,7 +280,7 @@ impl TrainRequest {
                 (spec, Some(weights), Normalisation::Rescale)
             }
         };
-        Ok((self.edits.apply(spec)?, start, normalisation))
+        Ok((spec, start, normalisation))
     }
 
     /// The model's summary, the engine, and where each part of the data comes from.
