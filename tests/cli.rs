@@ -1456,3 +1456,62 @@ fn presets_fit_the_data() {
         "{said}"
     );
 }
+
+/// Tutorial 1 as written: 100 noise images of 100×100×3, soft targets uniform in [0, 1],
+/// Conv2D 32 → MaxPooling → Flatten → Dense 1 sigmoid, adam, binary cross-entropy, 10 epochs.
+#[test]
+fn the_first_tutorial_runs_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("random");
+    let args = [
+        "train",
+        "--dataset",
+        "random",
+        "--model",
+        "tutorial-random",
+        "--optimizer",
+        "adam",
+        "--epochs",
+        "10",
+        "--validation-split",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = convkit(&args);
+    let said = text(&o);
+    assert!(o.status.success(), "{said}");
+    assert!(
+        said.contains("train: 100 images of random 100×100×3 data"),
+        "{said}"
+    );
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["loss"], "binary_crossentropy");
+    assert_eq!(metrics["epochs_run"], 10);
+    // Soft targets: the cross-entropy of uniform targets cannot fall below their mean
+    // entropy (0.5 nats), and a model that learns nothing sits near ln 2.
+    let test_loss = metrics["test_loss"].as_f64().unwrap();
+    assert!(test_loss > 0.45, "{metrics}");
+    // Sparse cross-entropy takes class indices: soft targets are refused, saying why.
+    let o = convkit(
+        &[
+            &args[..args.len() - 2],
+            &[
+                "--new-head",
+                "2",
+                "--loss",
+                "sparse_categorical_crossentropy",
+                "--overwrite",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    let said = text(&o);
+    assert!(
+        !o.status.success() && said.contains("this data has soft targets"),
+        "{said}"
+    );
+}

@@ -17,6 +17,7 @@ fn loss_for(spec: &Sequential) -> Loss {
     Loss::default_for(spec).unwrap()
 }
 
+/// Hard targets for `loss`: class indices, one-hot rows or 0/1.
 fn targets(loss: Loss, n: usize, classes: usize) -> Targets {
     let labels: Vec<u32> = (0..n as u32)
         .map(|i| (i * 7 + 3) % classes.max(2) as u32)
@@ -27,6 +28,24 @@ fn targets(loss: Loss, n: usize, classes: usize) -> Targets {
             Targets::Dense(convkit::data::one_hot(&labels, classes).unwrap())
         }
         Loss::BinaryCrossentropy => Targets::Binary(labels.iter().map(|&l| l as f32).collect()),
+    }
+}
+
+/// Soft targets (Keras' float `y`): values in [0, 1] for binary cross-entropy, rows that
+/// share their weight over the classes for categorical cross-entropy.
+fn soft_targets(loss: Loss, n: usize, classes: usize) -> Targets {
+    let value = |i: usize, k: usize| ((i * 37 + k * 11 + 5) % 97) as f32 / 96.0;
+    match loss {
+        Loss::BinaryCrossentropy => Targets::Binary((0..n).map(|i| value(i, 0)).collect()),
+        _ => {
+            let mut rows =
+                convkit::ndarray::Array2::from_shape_fn((n, classes), |(i, k)| value(i, k));
+            for mut row in rows.rows_mut() {
+                let sum = row.sum();
+                row.mapv_inplace(|v| v / sum);
+            }
+            Targets::Dense(rows)
+        }
     }
 }
 
@@ -58,11 +77,8 @@ fn reference_loss(p: &convkit::ndarray::Array2<f64>, y: &Targets) -> f64 {
             t.iter()
                 .enumerate()
                 .map(|(i, &v)| {
-                    if v > 0.5 {
-                        -p[[i, 0]].ln()
-                    } else {
-                        -(1.0 - p[[i, 0]]).ln()
-                    }
+                    let v = v as f64;
+                    -(v * p[[i, 0]].ln() + (1.0 - v) * (1.0 - p[[i, 0]]).ln())
                 })
                 .sum::<f64>()
                 / n
@@ -123,12 +139,17 @@ fn forward_matches_the_reference_for_every_preset_and_small_model() {
 fn loss_and_gradients_match_the_reference() {
     for engine in engines() {
         for spec in small_specs() {
+            // (loss, soft targets?)
             let losses = if loss_for(&spec) == Loss::BinaryCrossentropy {
-                vec![Loss::BinaryCrossentropy]
+                vec![
+                    (Loss::BinaryCrossentropy, false),
+                    (Loss::BinaryCrossentropy, true),
+                ]
             } else {
                 vec![
-                    Loss::SparseCategoricalCrossentropy,
-                    Loss::CategoricalCrossentropy,
+                    (Loss::SparseCategoricalCrossentropy, false),
+                    (Loss::CategoricalCrossentropy, false),
+                    (Loss::CategoricalCrossentropy, true),
                 ]
             };
             let classes = spec.output_shape().unwrap().numel();
@@ -136,10 +157,17 @@ fn loss_and_gradients_match_the_reference() {
             let mut spec = spec.clone();
             spec.layers
                 .retain(|l| !matches!(l.kind, convkit::LayerKind::Dropout(_)));
-            for loss in losses {
+            for (loss, soft) in losses {
+                let what = match soft {
+                    true => format!("{} with soft targets", loss.name()),
+                    false => loss.name().to_string(),
+                };
                 let weights = init::glorot_uniform(&spec, 3).unwrap();
                 let x = batch(4, spec.input_shape, 9);
-                let y = targets(loss, 4, classes);
+                let y = match soft {
+                    true => soft_targets(loss, 4, classes),
+                    false => targets(loss, 4, classes),
+                };
                 // SGD with lr 1: w' = w − g, so g = w − w'.
                 let compile = Compile::new(Optimizer::sgd().with_learning_rate(1.0), loss);
                 let mut model =
@@ -151,7 +179,7 @@ fn loss_and_gradients_match_the_reference() {
                     (stats.loss as f64 - reference).abs() < tol::BATCH_LOSS * 10.0,
                     "{}: {} loss {} vs reference {reference}",
                     engine.name(),
-                    loss.name(),
+                    what,
                     stats.loss
                 );
                 let after = model.weights().unwrap();
@@ -182,7 +210,7 @@ fn loss_and_gradients_match_the_reference() {
                         assert!(
                             (grad - numeric).abs() < 2e-3 + 2e-2 * numeric.abs(),
                             "{}: model `{}`, {}: gradient of {name}[{k}] is {grad}, finite differences give {numeric}",
-                            engine.name(), spec.name, loss.name()
+                            engine.name(), spec.name, what
                         );
                     }
                 }

@@ -183,13 +183,22 @@ pub fn ensemble(
             shares
         }
     };
-    Evaluation::new(
-        loss,
-        head,
-        probabilities,
-        first.labels.clone(),
-        first.classes.clone(),
-    )
+    match &first.soft_targets {
+        Some(targets) => Evaluation::soft(
+            loss,
+            head,
+            probabilities,
+            targets.clone(),
+            first.classes.clone(),
+        ),
+        None => Evaluation::new(
+            loss,
+            head,
+            probabilities,
+            first.labels.clone(),
+            first.classes.clone(),
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -15,9 +15,10 @@ use crate::Result;
 pub enum Targets {
     /// Class indices `[n]` (sparse categorical cross-entropy).
     Sparse(Vec<u32>),
-    /// Probability rows `[n, classes]` (categorical cross-entropy; one-hot for hard labels).
+    /// Target rows `[n, classes]`, values in [0, 1] (categorical cross-entropy; one-hot for
+    /// hard labels, any soft targets otherwise, as Keras takes them).
     Dense(Array2<f32>),
-    /// 0/1 targets `[n]` (binary cross-entropy).
+    /// Targets `[n]` in [0, 1] (binary cross-entropy; 0/1 for hard labels).
     Binary(Vec<f32>),
 }
 

@@ -289,7 +289,7 @@ impl<O: Ops> Executor<O> {
                     match self.loss {
                         Loss::SparseCategoricalCrossentropy => "class-index (sparse)",
                         Loss::CategoricalCrossentropy => "one row per image (dense)",
-                        Loss::BinaryCrossentropy => "0/1 (binary)",
+                        Loss::BinaryCrossentropy => "binary, in [0, 1],",
                     },
                     if k == 1 { "" } else { "s" }
                 ),
@@ -316,6 +316,13 @@ impl<O: Ops> Executor<O> {
             }
             (_, other) => return mismatch(format!("{other:?}")),
         };
+        if let Some((i, v)) = rows
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !(0.0..=1.0).contains(*v))
+        {
+            return mismatch(format!("target {v} for image {}", i / k));
+        }
         self.ops.upload(&[n, k], &rows)
     }
 

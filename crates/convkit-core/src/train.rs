@@ -285,14 +285,17 @@ impl Model {
         batch_size: usize,
     ) -> Result<Evaluation> {
         let probabilities = self.predict_indices(ds, indices, batch_size)?;
-        let labels: Vec<u32> = indices.iter().map(|&i| ds.labels[i]).collect();
-        let mut evaluation = Evaluation::new(
-            self.compile.loss,
-            self.head,
-            probabilities,
-            labels,
-            ds.classes.clone(),
-        )?;
+        let (loss, head, classes) = (self.compile.loss, self.head, ds.classes.clone());
+        let mut evaluation = match &ds.soft_targets {
+            Some(rows) => {
+                let targets = rows.select(ndarray::Axis(0), indices);
+                Evaluation::soft(loss, head, probabilities, targets, classes)?
+            }
+            None => {
+                let labels: Vec<u32> = indices.iter().map(|&i| ds.labels[i]).collect();
+                Evaluation::new(loss, head, probabilities, labels, classes)?
+            }
+        };
         // Keras' evaluate reports the loss with the kernel regularisers' penalty added.
         if (0..self.spec.layers.len()).any(|i| self.spec.kernel_regularizer(i).is_some()) {
             evaluation.loss += self.weights()?.kernel_penalty(&self.spec)?;
@@ -312,19 +315,7 @@ fn check_batch_size(batch_size: usize) -> Result<()> {
 pub fn predicted_class(head: Head, probabilities: &[f32]) -> u32 {
     match head {
         Head::Sigmoid => u32::from(probabilities[0] > 0.5),
-        Head::Softmax => {
-            probabilities
-                .iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (i, &p)| {
-                    if p > best.1 {
-                        (i, p)
-                    } else {
-                        best
-                    }
-                })
-                .0 as u32
-        }
+        Head::Softmax => crate::data::most_likely(probabilities),
     }
 }
 
@@ -339,8 +330,11 @@ pub struct Evaluation {
     /// `[n, outputs]`.
     pub probabilities: Array2<f32>,
     pub predicted: Vec<u32>,
+    /// Each image's class: its label, or its soft targets' most likely class.
     pub labels: Vec<u32>,
     pub classes: Vec<String>,
+    /// The soft targets `[n, classes]` scored against, when the data has them.
+    pub soft_targets: Option<Array2<f32>>,
 }
 
 impl Evaluation {
@@ -352,6 +346,40 @@ impl Evaluation {
         labels: Vec<u32>,
         classes: Vec<String>,
     ) -> Result<Self> {
+        Evaluation::score(loss, head, probabilities, labels, None, classes)
+    }
+
+    /// Score `probabilities` against soft targets `[n, classes]` (values in [0, 1]; for a
+    /// sigmoid unit, rows `[1 − t, t]`): the cross-entropy of the targets, and the accuracy of
+    /// their most likely classes (for binary targets, thresholded at 0.5 as the predictions
+    /// are; Keras' `binary_accuracy` compares float targets exactly, so it counts none).
+    pub fn soft(
+        loss: Loss,
+        head: Head,
+        probabilities: Array2<f32>,
+        targets: Array2<f32>,
+        classes: Vec<String>,
+    ) -> Result<Self> {
+        if targets.ncols() != classes.len() {
+            return Err(Error::Shape {
+                expected: format!("soft targets of {} columns (one per class)", classes.len()),
+                found: format!("{} columns", targets.ncols()),
+            });
+        }
+        let labels = (targets.rows().into_iter())
+            .map(crate::data::most_likely)
+            .collect();
+        Evaluation::score(loss, head, probabilities, labels, Some(targets), classes)
+    }
+
+    fn score(
+        loss: Loss,
+        head: Head,
+        probabilities: Array2<f32>,
+        labels: Vec<u32>,
+        soft_targets: Option<Array2<f32>>,
+        classes: Vec<String>,
+    ) -> Result<Self> {
         if probabilities.nrows() != labels.len() {
             return Err(Error::Shape {
                 expected: format!("{} rows of probabilities", labels.len()),
@@ -359,21 +387,31 @@ impl Evaluation {
             });
         }
         let clip = |p: f32| (p as f64).clamp(PROB_EPSILON, 1.0 - PROB_EPSILON);
+        // Image i's target for class k: its soft target, or 1 for its label.
+        let target = |i: usize, k: usize| match &soft_targets {
+            Some(rows) => rows[[i, k]] as f64,
+            None => f64::from(labels[i] as usize == k),
+        };
         let mut total = 0.0;
         let mut correct = 0usize;
         let mut predicted = Vec::with_capacity(labels.len());
-        for (row, &label) in probabilities.rows().into_iter().zip(&labels) {
+        for (i, (row, &label)) in probabilities.rows().into_iter().zip(&labels).enumerate() {
             let row = row.as_slice().expect("standard layout");
             total += match (loss, head) {
                 (Loss::BinaryCrossentropy, _) | (_, Head::Sigmoid) => {
-                    let p = clip(row[0]);
-                    if label == 1 {
-                        -p.ln()
-                    } else {
-                        -(1.0 - p).ln()
-                    }
+                    let (p, t) = (clip(row[0]), target(i, 1));
+                    -(t * p.ln() + (1.0 - t) * (1.0 - p).ln())
                 }
-                _ => -clip(row[label as usize]).ln(),
+                _ => -(row.iter().enumerate())
+                    .map(|(k, &p)| {
+                        let t = target(i, k);
+                        if t == 0.0 {
+                            0.0
+                        } else {
+                            t * clip(p).ln()
+                        }
+                    })
+                    .sum::<f64>(),
             };
             let class = predicted_class(head, row);
             correct += usize::from(class == label);
@@ -387,6 +425,7 @@ impl Evaluation {
             predicted,
             labels,
             classes,
+            soft_targets,
         })
     }
 

@@ -77,8 +77,9 @@ impl ModelSize {
 
 #[derive(Args)]
 struct DataArgs {
-    /// mnist, fashion-mnist, cifar10, synthetic, or an image folder: train/<class>/ with val/
-    /// (or validation/, valid/) and/or test/, or just <class>/ folders.
+    /// mnist, fashion-mnist, cifar10, synthetic, random (tutorial 1: noise, soft targets), or an
+    /// image folder: train/<class>/ with val/ (or validation/, valid/) and/or test/, or just
+    /// <class>/ folders.
     #[arg(long, default_value = "mnist")]
     dataset: String,
     /// Engine to run on (see `convkit backends`); the first compiled in by default.

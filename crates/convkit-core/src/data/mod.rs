@@ -16,7 +16,7 @@ pub use idx::{read_idx_images, read_idx_labels};
 pub use source::{download, Checksum, DatasetName, Locator, Resource, Split};
 pub use splits::{open, open_splits, SplitOptions, Splits, Validation, VALIDATION_FOLDERS};
 
-pub use synthetic::synthetic;
+pub use synthetic::{random_soft, synthetic};
 
 use ndarray::{Array2, ArrayViewMut4};
 use rand::seq::SliceRandom;
@@ -154,6 +154,10 @@ pub struct Dataset {
     pub labels: Vec<u32>,
     /// Class names; `labels[i] < classes.len()`.
     pub classes: Vec<String>,
+    /// Soft targets (Keras' float `y`), `[n, classes]` rows of values in [0, 1], when the data
+    /// has them; `labels` are then each row's most likely class (for two classes: the second
+    /// when its value is above 0.5). `None`: the labels are the targets.
+    pub soft_targets: Option<Array2<f32>>,
     /// Applied when batches are made.
     pub normalisation: Normalisation,
 }
@@ -201,8 +205,60 @@ impl Dataset {
             shape,
             labels,
             classes,
+            soft_targets: None,
             normalisation: Normalisation::None,
         })
+    }
+
+    /// A dataset with soft targets `[n, classes]`, each value in [0, 1] (a two-class
+    /// binary target `t` is the row `[1 − t, t]`, see [`Dataset::binary_targets`]); the labels
+    /// are each row's most likely class.
+    pub fn with_soft_targets(
+        images: Vec<u8>,
+        shape: ImageShape,
+        targets: Array2<f32>,
+        classes: Vec<String>,
+    ) -> Result<Self> {
+        if targets.ncols() != classes.len() {
+            return Err(Error::Shape {
+                expected: format!("soft targets of {} columns (one per class)", classes.len()),
+                found: format!("{} columns", targets.ncols()),
+            });
+        }
+        if let Some(((i, c), v)) = targets
+            .indexed_iter()
+            .find(|(_, v)| !(0.0..=1.0).contains(*v))
+        {
+            return Err(Error::config(
+                "dataset",
+                format!("soft target {v} of image {i}, class {c}: expected a value in [0, 1]"),
+            ));
+        }
+        let labels = targets.rows().into_iter().map(most_likely).collect();
+        let mut data = Dataset::new(images, shape, labels, classes)?;
+        data.soft_targets = Some(targets);
+        Ok(data)
+    }
+
+    /// Two-class soft targets from one value per image, the probability of the second class
+    /// (a sigmoid unit's target): rows `[1 − t, t]`.
+    pub fn binary_targets(targets: &[f32]) -> Array2<f32> {
+        Array2::from_shape_fn((targets.len(), 2), |(i, c)| match c {
+            0 => 1.0 - targets[i],
+            _ => targets[i],
+        })
+    }
+
+    /// Image `i`'s target row: its soft targets, or its label one-hot.
+    pub fn target_row(&self, i: usize) -> Vec<f32> {
+        match &self.soft_targets {
+            Some(rows) => rows.row(i).to_vec(),
+            None => {
+                let mut row = vec![0.0; self.num_classes()];
+                row[self.labels[i] as usize] = 1.0;
+                row
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -300,6 +356,7 @@ impl Dataset {
             shape: ImageShape::new(target.height, target.width, channels),
             labels: self.labels.clone(),
             classes: self.classes.clone(),
+            soft_targets: self.soft_targets.clone(),
             normalisation: self.normalisation.clone(),
         };
         resized.to_channels(target.channels)
@@ -354,6 +411,9 @@ impl Dataset {
         let n = n.min(self.len());
         self.images.truncate(n * self.shape.len());
         self.labels.truncate(n);
+        if let Some(rows) = &mut self.soft_targets {
+            *rows = rows.slice(ndarray::s![..n, ..]).to_owned();
+        }
         self
     }
 
@@ -369,6 +429,10 @@ impl Dataset {
             shape: self.shape,
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
             classes: self.classes.clone(),
+            soft_targets: self
+                .soft_targets
+                .as_ref()
+                .map(|rows| rows.select(ndarray::Axis(0), indices)),
             normalisation: self.normalisation.clone(),
         }
     }
@@ -485,6 +549,21 @@ impl Batcher<'_> {
         }
         Ok(())
     }
+}
+
+/// The class a row of probabilities or targets gives most weight to (the first of equals):
+/// for `[1 − t, t]`, the second exactly when `t` > 0.5, as Keras' `binary_accuracy` thresholds.
+pub(crate) fn most_likely<'a>(row: impl IntoIterator<Item = &'a f32>) -> u32 {
+    row.into_iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 {
+                (i, v)
+            } else {
+                best
+            }
+        })
+        .0 as u32
 }
 
 /// One-hot encode class indices: `[n, classes]`, 1.0 at each label.

@@ -1,5 +1,6 @@
 //! A run's data in its three parts — training, validation, test — from a named dataset,
-//! synthetic data, or an image folder laid out the way datasets ship:
+//! generated data (`synthetic`: learnable classes; `random`: the first tutorial's noise with
+//! soft targets), or an image folder laid out the way datasets ship:
 //!
 //! - `DIR/train/<class>/` with `DIR/val/`, `DIR/validation/` or `DIR/valid/`, and/or `DIR/test/`;
 //! - `DIR/<class>/` alone, split by a seeded hold-out as Keras'
@@ -13,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use super::folder::{class_folders, read_image_folder};
-use super::{synthetic, Dataset, DatasetName, ImageShape, Locator, Split};
+use super::{random_soft, synthetic, Dataset, DatasetName, ImageShape, Locator, Split};
 use crate::spec::thousands;
 use crate::{Error, Result};
 
@@ -118,7 +119,7 @@ fn folder_layout(root: &Path) -> Result<FolderLayout> {
     if !root.is_dir() {
         return Err(Error::config(
             "dataset",
-            format!("expected mnist, fashion-mnist, cifar10, synthetic or an image folder, found `{}` (no such folder)", root.display()),
+            format!("expected mnist, fashion-mnist, cifar10, synthetic, random or an image folder, found `{}` (no such folder)", root.display()),
         ));
     }
     let train = root.join("train");
@@ -158,8 +159,8 @@ fn describe(what: &str, data: &Dataset, from: &str) -> String {
 }
 
 /// Open a run's training, validation and test data from `source` (what a user types:
-/// `mnist`, `fashion-mnist`, `cifar10`, `synthetic` or a folder path; see the module docs for
-/// folder layouts). Images come out in `input`'s shape; `classes` sizes synthetic data.
+/// `mnist`, `fashion-mnist`, `cifar10`, `synthetic`, `random` or a folder path; see the module
+/// docs for folder layouts). Images come out in `input`'s shape; `classes` sizes synthetic data.
 pub fn open_splits(
     source: &str,
     input: ImageShape,
@@ -250,11 +251,11 @@ fn read_parts(
     seed: u64,
     locator: &Locator,
 ) -> Result<(Part, Option<Part>, Option<Part>)> {
-    if source == "synthetic" {
+    if GENERATED.contains(&source) {
         let part = |split| -> Result<Part> {
             Ok(Part {
-                data: synthetic_split(split, input, classes, seed)?,
-                from: format!("of synthetic {input} data (seed {seed})"),
+                data: generated_split(source, split, input, classes, seed)?,
+                from: format!("of {source} {input} data (seed {seed})"),
             })
         };
         return Ok((part(Split::Train)?, None, Some(part(Split::Test)?)));
@@ -295,12 +296,29 @@ fn read_parts(
     }
 }
 
-fn synthetic_split(split: Split, input: ImageShape, classes: usize, seed: u64) -> Result<Dataset> {
-    let (n, offset) = match split {
-        Split::Train => (2000, 0),
-        Split::Test => (500, 1),
+/// The sources made rather than read.
+const GENERATED: [&str; 2] = ["synthetic", "random"];
+
+/// A split of generated data in `input`'s shape: `synthetic`, 2,000 training and 500 test
+/// images of `classes` learnable classes; `random`, the first tutorial's 100 images of noise
+/// with soft targets ([`random_soft`]), and 100 more as a test split (the tutorial has none).
+fn generated_split(
+    source: &str,
+    split: Split,
+    input: ImageShape,
+    classes: usize,
+    seed: u64,
+) -> Result<Dataset> {
+    let offset = match split {
+        Split::Train => 0,
+        Split::Test => 1,
     };
-    synthetic(n, input, classes.max(2), seed.wrapping_add(offset))
+    let seed = seed.wrapping_add(offset);
+    match (source, split) {
+        ("random", _) => random_soft(100, input, seed),
+        (_, Split::Train) => synthetic(2000, input, classes.max(2), seed),
+        (_, Split::Test) => synthetic(500, input, classes.max(2), seed),
+    }
 }
 
 /// `data` brought to the model's `input`: grey and RGB converted, and with `resize` the size
@@ -352,7 +370,7 @@ fn fitted(mut part: Part, source: &str, input: ImageShape, resize: bool) -> Resu
 }
 
 /// Open one split of a dataset by what a user types: `mnist`, `fashion-mnist`, `cifar10`,
-/// `synthetic`, or an image folder (see the module docs; a folder of class folders is all
+/// `synthetic`, `random`, or an image folder (see the module docs; a folder of class folders is all
 /// training data). Images come out in `input`'s shape: folders are resized and converted;
 /// named datasets are converted between grey and RGB but must already have its size.
 /// `classes` sizes synthetic data (2 for a sigmoid head).
@@ -364,8 +382,8 @@ pub fn open(
     seed: u64,
     locator: &Locator,
 ) -> Result<Dataset> {
-    if source == "synthetic" {
-        return synthetic_split(split, input, classes, seed);
+    if GENERATED.contains(&source) {
+        return generated_split(source, split, input, classes, seed);
     }
     if let Ok(name) = source.parse::<DatasetName>() {
         let data = locator.load(name, split, None)?;

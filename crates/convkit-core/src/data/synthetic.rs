@@ -37,9 +37,50 @@ pub fn synthetic(n: usize, shape: ImageShape, classes: usize, seed: u64) -> Resu
     Dataset::new(images, shape, labels, names)
 }
 
+/// The first tutorial's data as written: `X = np.random.rand(n, H, W, C)` (here u8 noise,
+/// uniform in 0..=255, which [`super::Normalisation::Rescale`] brings to [0, 1] in steps of
+/// 1/255) and `y = np.random.rand(n, 1)`, soft binary targets uniform in [0, 1]. Nothing links
+/// images to targets: there is nothing to learn.
+pub fn random_soft(n: usize, shape: ImageShape, seed: u64) -> Result<Dataset> {
+    let pixels = n.checked_mul(shape.len()).ok_or_else(|| {
+        Error::config(
+            "random data",
+            format!("{n} images of {shape} pixels do not fit in memory"),
+        )
+    })?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let images = (0..pixels).map(|_| rng.random::<u8>()).collect();
+    let targets: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
+    let classes = vec!["0".into(), "1".into()];
+    Dataset::with_soft_targets(images, shape, Dataset::binary_targets(&targets), classes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_soft_is_the_first_tutorials_data() {
+        let shape = ImageShape::new(100, 100, 3);
+        let data = random_soft(100, shape, 0).unwrap();
+        assert_eq!((data.len(), data.images.len()), (100, 100 * shape.len()));
+        let rows = data.soft_targets.as_ref().unwrap();
+        assert_eq!(rows.dim(), (100, 2));
+        let t: Vec<f32> = rows.column(1).to_vec();
+        assert!(t.iter().all(|v| (0.0..1.0).contains(v)));
+        // Uniform: spread over [0, 1], not 0/1 labels.
+        assert!(t.iter().filter(|&&v| v > 0.05 && v < 0.95).count() > 80);
+        let mean = t.iter().sum::<f32>() / 100.0;
+        assert!((mean - 0.5).abs() < 0.1, "{mean}");
+        for (row, &label) in rows.rows().into_iter().zip(&data.labels) {
+            assert_eq!(label, u32::from(row[1] > 0.5));
+            assert!((row[0] + row[1] - 1.0).abs() < 1e-6);
+        }
+        assert_eq!(data, random_soft(100, shape, 0).unwrap());
+        // A sample keeps each image's targets.
+        let few = data.select(&[3, 7]);
+        assert_eq!(few.soft_targets.unwrap().row(1), rows.row(7));
+    }
 
     #[test]
     fn seeded_and_shaped() {

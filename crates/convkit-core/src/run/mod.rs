@@ -81,7 +81,7 @@ fn preset_sized_for(
 /// The data a request reads: a dataset name or folder, split and sampled.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataRequest {
-    /// `mnist`, `fashion-mnist`, `cifar10`, `synthetic`, or an image folder.
+    /// `mnist`, `fashion-mnist`, `cifar10`, `synthetic`, `random`, or an image folder.
     pub dataset: String,
     /// At most this many images of each split: a seeded class-balanced sample.
     pub limit: Option<usize>,

@@ -265,6 +265,12 @@ impl<'a> Fit<'a> {
         model.network.set_dropout_stream(dropout_seed, 0);
         let [h, w, c] = model.spec.input_shape;
         let targets = match model.compile.loss {
+            Loss::SparseCategoricalCrossentropy if train.soft_targets.is_some() => {
+                return Err(Error::config(
+                    "loss",
+                    "sparse_categorical_crossentropy takes class indices, and this data has soft targets: use binary_crossentropy (one sigmoid unit) or categorical_crossentropy",
+                ))
+            }
             Loss::SparseCategoricalCrossentropy => {
                 Targets::Sparse(Vec::with_capacity(self.batch_size))
             }
@@ -534,16 +540,18 @@ fn fill_targets(targets: &mut Targets, ds: &Dataset, chunk: &[usize]) {
         }
         Targets::Binary(v) => {
             v.clear();
-            v.extend(chunk.iter().map(|&i| ds.labels[i] as f32));
+            v.extend(chunk.iter().map(|&i| match &ds.soft_targets {
+                Some(rows) => rows[[i, 1]],
+                None => ds.labels[i] as f32,
+            }));
         }
         Targets::Dense(a) => {
             if a.nrows() != chunk.len() {
                 *a = Array2::zeros((chunk.len(), ds.num_classes()));
-            } else {
-                a.fill(0.0);
             }
             for (r, &i) in chunk.iter().enumerate() {
-                a[[r, ds.labels[i] as usize]] = 1.0;
+                a.row_mut(r)
+                    .assign(&ndarray::ArrayView1::from(&ds.target_row(i)));
             }
         }
     }
