@@ -53,7 +53,7 @@ pub mod prelude {
     pub use convkit_core::artifacts::Scored;
     pub use convkit_core::augment::Augment;
     pub use convkit_core::checkpoint::{Checkpoint, CheckpointMeta};
-    pub use convkit_core::data::{one_hot, synthetic, DatasetName, Locator, Split};
+    pub use convkit_core::data::{one_hot, random_soft, synthetic, DatasetName, Locator, Split};
     #[cfg(feature = "evcxr")]
     pub use convkit_core::display::{Rich, Table};
     pub use convkit_core::onnx::OnnxExport;

@@ -883,7 +883,118 @@ fn fine_tune_with_frozen_layers_and_a_new_head_on_another_engine() {
     );
     assert_eq!(after.meta.classes, vec!["horizontal", "vertical"]);
 
+    // The guide's way: remove the fully connected layers, add new ones, freeze up to a layer.
+    let stacked = dir.path().join("stacked");
+    let o = convkit(&[
+        "train",
+        "--backend",
+        second,
+        "--init-weights",
+        base.to_str().unwrap(),
+        "--freeze",
+        "max_pooling2d_1",
+        "--new-head",
+        "Dense 32 relu, Dropout 0.5, Dense 2 softmax",
+        "--dataset",
+        root.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--out",
+        stacked.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let after = convkit::Checkpoint::load(&stacked).unwrap();
+    let kinds: Vec<&str> = after
+        .spec
+        .layers
+        .iter()
+        .map(|l| l.kind.type_name())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Conv2D",
+            "MaxPooling2D",
+            "Conv2D",
+            "MaxPooling2D",
+            "Flatten",
+            "Dense",
+            "Dropout",
+            "Dense"
+        ]
+    );
+    assert_eq!(
+        after.weights.get("head_1_dense.weight").unwrap().shape,
+        vec![32, 1600]
+    );
+    assert_eq!(
+        after.weights.get("head_3_dense.weight").unwrap().shape,
+        vec![2, 32]
+    );
+    assert!(!after.spec.layers[3].trainable && after.spec.layers[4].trainable);
+    assert_eq!(
+        before.weights.get("conv2d_1.weight").unwrap(),
+        after.weights.get("conv2d_1.weight").unwrap()
+    );
+    // --remove-layers: keep the trained Dense(128) and add a head after it.
+    let kept = dir.path().join("kept");
+    let o = convkit(&[
+        "train",
+        "--init-weights",
+        base.to_str().unwrap(),
+        "--new-head",
+        "Dense 2 softmax",
+        "--remove-layers",
+        "1",
+        "--dataset",
+        root.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--out",
+        kept.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let after = convkit::Checkpoint::load(&kept).unwrap();
+    assert_eq!(after.spec.layers.len(), 7);
+    assert_eq!(
+        after.weights.get("dense.weight").unwrap().shape,
+        vec![128, 1600]
+    );
+    assert_eq!(
+        after.weights.get("head_1_dense.weight").unwrap().shape,
+        vec![2, 128]
+    );
+
     let out = dir.path().join("never");
+    fails_with(
+        &[
+            "train",
+            "--init-weights",
+            base.to_str().unwrap(),
+            "--new-head",
+            "Dense 2 softmax, Conv 3",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["`Conv 3`", "expected Dense UNITS [ACTIVATION]"],
+    );
+    fails_with(
+        &[
+            "train",
+            "--init-weights",
+            base.to_str().unwrap(),
+            "--freeze",
+            "conv9",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["no layer `conv9`", "conv2d, max_pooling2d"],
+    );
     fails_with(
         &[
             "train",

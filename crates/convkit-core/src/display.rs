@@ -43,13 +43,23 @@ fn escape(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// One table cell: floats with 4 decimals, a missing value as an empty cell, text unquoted.
+/// One table cell: floats as [`number_text`], a missing value as an empty cell, text unquoted.
 fn cell_text(value: AnyValue<'_>) -> String {
     match value {
         AnyValue::Null => String::new(),
-        AnyValue::Float64(v) => format!("{v:.4}"),
-        AnyValue::Float32(v) => format!("{v:.4}"),
+        AnyValue::Float64(v) => number_text(v),
+        AnyValue::Float32(v) => number_text(v as f64),
         other => other.to_string().trim_matches('"').to_string(),
+    }
+}
+
+/// A float with 4 decimals, or in scientific notation when that would hide it (a tolerance of
+/// 1e-5 is not 0.0000): below 1e-3 or from 1e6 in magnitude.
+fn number_text(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-3..1e6).contains(&v.abs()) {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.4}")
     }
 }
 
@@ -271,6 +281,26 @@ mod tests {
         let out = evcxr_blocks(&blocks);
         assert!(out.starts_with("EVCXR_BEGIN_CONTENT image/png\n"));
         assert_eq!(out.matches("EVCXR_END_CONTENT\n").count(), 2);
+    }
+
+    #[test]
+    fn small_and_large_numbers_keep_their_digits() {
+        let cells: Vec<String> = [1e-5, 2.98e-8, 0.0, 0.05, 0.9343, 161.9, 2.5e7, -3e-4]
+            .map(number_text)
+            .to_vec();
+        assert_eq!(
+            cells,
+            [
+                "1.000e-5",
+                "2.980e-8",
+                "0.0000",
+                "0.0500",
+                "0.9343",
+                "161.9000",
+                "2.500e7",
+                "-3.000e-4"
+            ]
+        );
     }
 
     #[test]

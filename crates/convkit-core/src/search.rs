@@ -73,9 +73,19 @@ pub struct Space {
     /// Dropout before the last Dense layer (0: none).
     #[serde(default)]
     pub dropout: Vec<f32>,
+    /// How many convolution blocks (a Conv2D and the layers after it, up to the next Conv2D or
+    /// the Flatten): fewer keeps the first ones, more repeats the last.
+    #[serde(default)]
+    pub conv_blocks: Vec<usize>,
+    /// The kernel size of every Conv2D (square).
+    #[serde(default)]
+    pub kernel_size: Vec<usize>,
+    /// The units of every Dense layer but the last (the classifier).
+    #[serde(default)]
+    pub dense_units: Vec<usize>,
 }
 
-/// One point of the space.
+/// One point of the space; `None` keeps the base model's value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Trial {
     pub optimizer: String,
@@ -83,6 +93,12 @@ pub struct Trial {
     pub batch_size: usize,
     pub filters: Option<usize>,
     pub dropout: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conv_blocks: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dense_units: Option<usize>,
 }
 
 impl SearchConfig {
@@ -108,6 +124,9 @@ impl SearchConfig {
         }
         if config.space.batch_size.contains(&0)
             || config.space.filters.contains(&0)
+            || config.space.conv_blocks.contains(&0)
+            || config.space.kernel_size.contains(&0)
+            || config.space.dense_units.contains(&0)
             || config
                 .space
                 .learning_rate
@@ -116,7 +135,7 @@ impl SearchConfig {
         {
             return Err(Error::config(
                 "search space",
-                "batch sizes, filters and learning rates must be positive (and finite)",
+                "batch sizes, filters, conv blocks, kernel sizes, dense units and learning rates must be positive (and finite)",
             ));
         }
         Ok(config)
@@ -141,6 +160,9 @@ impl SearchConfig {
             batch_size: or(s.batch_size.clone(), 32),
             filters: or(s.filters.iter().copied().map(Some).collect(), None),
             dropout: or(s.dropout.clone(), 0.0),
+            conv_blocks: or(s.conv_blocks.iter().copied().map(Some).collect(), None),
+            kernel_size: or(s.kernel_size.iter().copied().map(Some).collect(), None),
+            dense_units: or(s.dense_units.iter().copied().map(Some).collect(), None),
         };
         let len = match self.strategy {
             Strategy::Grid => max.min(axes.grid_size()),
@@ -164,6 +186,9 @@ struct Axes {
     batch_size: Vec<usize>,
     filters: Vec<Option<usize>>,
     dropout: Vec<f32>,
+    conv_blocks: Vec<Option<usize>>,
+    kernel_size: Vec<Option<usize>>,
+    dense_units: Vec<Option<usize>>,
 }
 
 impl Axes {
@@ -175,14 +200,17 @@ impl Axes {
             self.batch_size.len(),
             self.filters.len(),
             self.dropout.len(),
+            self.conv_blocks.len(),
+            self.kernel_size.len(),
+            self.dense_units.len(),
         ]
         .into_iter()
         .try_fold(1usize, usize::checked_mul)
         .unwrap_or(usize::MAX)
     }
 
-    /// Grid point `i`: optimizers vary slowest, then learning rates, batch sizes, filters,
-    /// and dropout rates fastest.
+    /// Grid point `i`: the architecture (conv blocks, kernel sizes, dense units) varies
+    /// slowest, then optimizers, learning rates, batch sizes, filters, and dropout rates fastest.
     fn point(&self, mut i: usize) -> Trial {
         let mut pick = |n: usize| {
             let k = i % n;
@@ -194,24 +222,43 @@ impl Axes {
         let batch_size = self.batch_size[pick(self.batch_size.len())];
         let learning_rate = self.learning_rate[pick(self.learning_rate.len())];
         let optimizer = self.optimizer[pick(self.optimizer.len())].clone();
+        let dense_units = self.dense_units[pick(self.dense_units.len())];
+        let kernel_size = self.kernel_size[pick(self.kernel_size.len())];
+        let conv_blocks = self.conv_blocks[pick(self.conv_blocks.len())];
         Trial {
             optimizer,
             learning_rate,
             batch_size,
             filters,
             dropout,
+            conv_blocks,
+            kernel_size,
+            dense_units,
         }
     }
 
-    /// One seeded draw of every hyper-parameter.
+    /// One seeded draw of every hyper-parameter. The architecture's axes draw only when they
+    /// have a choice, so a space without them draws the same trials as before they existed.
     fn draw(&self, rng: &mut rand_chacha::ChaCha8Rng) -> Trial {
-        Trial {
+        let mut trial = Trial {
             optimizer: self.optimizer.choose(rng).expect("non-empty").clone(),
             learning_rate: *self.learning_rate.choose(rng).expect("non-empty"),
             batch_size: *self.batch_size.choose(rng).expect("non-empty"),
             filters: *self.filters.choose(rng).expect("non-empty"),
             dropout: *self.dropout.choose(rng).expect("non-empty"),
-        }
+            conv_blocks: self.conv_blocks[0],
+            kernel_size: self.kernel_size[0],
+            dense_units: self.dense_units[0],
+        };
+        let mut draw = |axis: &[Option<usize>], value: &mut Option<usize>| {
+            if axis.len() > 1 {
+                *value = *axis.choose(rng).expect("non-empty");
+            }
+        };
+        draw(&self.conv_blocks, &mut trial.conv_blocks);
+        draw(&self.kernel_size, &mut trial.kernel_size);
+        draw(&self.dense_units, &mut trial.dense_units);
+        trial
     }
 }
 
@@ -457,9 +504,50 @@ pub fn merge_parts(
 }
 
 impl Trial {
-    /// The base model with this trial's filters and dropout.
+    /// The base model with this trial's conv blocks, kernel sizes, filters, dense units and
+    /// dropout, checked (shapes).
     pub fn spec(&self, base: &Sequential) -> Result<Sequential> {
-        let mut spec = base.clone();
+        let mut spec = match self.conv_blocks {
+            Some(blocks) => with_conv_blocks(base, blocks)?,
+            None => base.clone(),
+        };
+        if let Some(k) = self.kernel_size {
+            let mut any = false;
+            for layer in &mut spec.layers {
+                if let LayerKind::Conv2D(c) = &mut layer.kind {
+                    c.kernel_size = [k, k];
+                    any = true;
+                }
+            }
+            if !any {
+                return Err(Error::config(
+                    "search space",
+                    format!(
+                        "`kernel_size` needs a Conv2D layer; model `{}` has none",
+                        base.name
+                    ),
+                ));
+            }
+        }
+        if let Some(units) = self.dense_units {
+            let classifier = spec
+                .layers
+                .iter()
+                .rposition(|l| matches!(l.kind, LayerKind::Dense(_)));
+            let mut any = false;
+            for (i, layer) in spec.layers.iter_mut().enumerate() {
+                if let (LayerKind::Dense(d), false) = (&mut layer.kind, Some(i) == classifier) {
+                    d.units = units;
+                    any = true;
+                }
+            }
+            if !any {
+                return Err(Error::config(
+                    "search space",
+                    format!("`dense_units` needs a Dense layer before the classifier; model `{}` has none", base.name),
+                ));
+            }
+        }
         if let Some(first) = self.filters {
             let base_first = spec.layers.iter().find_map(|l| match &l.kind {
                 LayerKind::Conv2D(c) => Some(c.filters),
@@ -500,7 +588,12 @@ impl Trial {
             let last = spec.layers.len() - 1;
             spec.layers.insert(last, Dropout::new(self.dropout).into());
         }
-        spec.output_shapes()?;
+        spec.output_shapes().map_err(|e| {
+            Error::config(
+                "search space",
+                format!("trial {self:?} gives a model that does not fit: {e}"),
+            )
+        })?;
         Ok(spec)
     }
 
@@ -514,9 +607,175 @@ impl Trial {
     }
 }
 
+/// `base` with `blocks` convolution blocks: each block is a Conv2D and the layers after it up
+/// to the next Conv2D or the end of the convolutional part (the first Flatten or global
+/// pooling). Fewer keeps the first blocks; more repeats the last block (its layers unnamed, so
+/// they take Keras' automatic names).
+fn with_conv_blocks(base: &Sequential, blocks: usize) -> Result<Sequential> {
+    let body_end = (base.layers.iter())
+        .position(|l| {
+            matches!(
+                l.kind,
+                LayerKind::Flatten
+                    | LayerKind::GlobalAveragePooling2D
+                    | LayerKind::GlobalMaxPooling2D
+            )
+        })
+        .unwrap_or(base.layers.len());
+    let starts: Vec<usize> = (0..body_end)
+        .filter(|&i| matches!(base.layers[i].kind, LayerKind::Conv2D(_)))
+        .collect();
+    let (Some(&first), Some(&last)) = (starts.first(), starts.last()) else {
+        return Err(Error::config(
+            "search space",
+            format!(
+                "`conv_blocks` needs a Conv2D layer; model `{}` has none",
+                base.name
+            ),
+        ));
+    };
+    let mut spec = base.clone();
+    let body: Vec<_> = if blocks <= starts.len() {
+        let end = starts.get(blocks).copied().unwrap_or(body_end);
+        base.layers[first..end].to_vec()
+    } else {
+        let repeated = base.layers[last..body_end].iter().map(|l| {
+            let mut l = l.clone();
+            l.name = None;
+            l
+        });
+        let extra: Vec<_> = std::iter::repeat_n(repeated, blocks - starts.len())
+            .flatten()
+            .collect();
+        base.layers[first..body_end]
+            .iter()
+            .cloned()
+            .chain(extra)
+            .collect()
+    };
+    spec.layers.splice(first..body_end, body);
+    Ok(spec)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trials_vary_the_architecture() {
+        let base = Sequential::preset("tutorial-mnist").unwrap();
+        let trial = |conv_blocks, kernel_size, dense_units| Trial {
+            optimizer: "adam".into(),
+            learning_rate: None,
+            batch_size: 32,
+            filters: None,
+            dropout: 0.0,
+            conv_blocks,
+            kernel_size,
+            dense_units,
+        };
+        let kinds = |spec: &Sequential| -> Vec<&'static str> {
+            spec.layers.iter().map(|l| l.kind.type_name()).collect()
+        };
+        let one = trial(Some(1), None, None).spec(&base).unwrap();
+        assert_eq!(
+            kinds(&one),
+            ["Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dense"]
+        );
+        let three = trial(Some(3), Some(3), Some(32)).spec(&base).unwrap();
+        assert_eq!(
+            kinds(&three),
+            [
+                "Conv2D",
+                "MaxPooling2D",
+                "Conv2D",
+                "MaxPooling2D",
+                "Conv2D",
+                "MaxPooling2D",
+                "Flatten",
+                "Dense",
+                "Dense"
+            ]
+        );
+        assert_eq!(
+            three.output_shapes().unwrap()[5].numel(),
+            64,
+            "28 → 13 → 5 → 1, 64 channels"
+        );
+        let LayerKind::Dense(hidden) = &three.layers[7].kind else {
+            panic!()
+        };
+        assert_eq!(hidden.units, 32);
+        assert_eq!(
+            three.class_count().unwrap(),
+            10,
+            "the classifier keeps its units"
+        );
+        let five = trial(None, Some(5), None).spec(&base).unwrap();
+        let LayerKind::Conv2D(conv) = &five.layers[2].kind else {
+            panic!()
+        };
+        assert_eq!(conv.kernel_size, [5, 5]);
+        // A fourth block has no room on 28×28: a clear error, before anything trains.
+        let err = trial(Some(4), None, None)
+            .spec(&base)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("does not fit") && err.contains("conv_blocks: Some(4)"),
+            "{err}"
+        );
+        let dense_only = Sequential::new(4, 4, 1)
+            .flatten()
+            .add(crate::spec::Dense::new(2));
+        let err = trial(Some(2), None, None)
+            .spec(&dense_only)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`conv_blocks` needs a Conv2D"), "{err}");
+        let err = trial(None, None, Some(8))
+            .spec(&dense_only)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`dense_units` needs a Dense layer before the classifier"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_architecture_axes_leave_other_spaces_draws_alone() {
+        let space = |extra: &str| {
+            let text = format!("strategy = \"random\"\nseed = 3\n[space]\nlearning_rate = [0.1, 0.01, 0.001]\nbatch_size = [16, 32]\n{extra}");
+            let config: SearchConfig = toml::from_str(&text).unwrap();
+            config.trials(6).collect::<Vec<_>>()
+        };
+        let before = space("");
+        let with_one = space("kernel_size = [5]");
+        for (a, b) in before.iter().zip(&with_one) {
+            assert_eq!(
+                (a.learning_rate, a.batch_size),
+                (b.learning_rate, b.batch_size)
+            );
+            assert_eq!(b.kernel_size, Some(5));
+        }
+        // A grid of 2 × 2 architectures × 3 rates: the architecture varies slowest.
+        let config: SearchConfig = toml::from_str(
+            "[space]\nconv_blocks = [1, 2]\ndense_units = [16, 64]\nlearning_rate = [0.1, 0.01, 0.001]",
+        )
+        .unwrap();
+        let grid: Vec<_> = config.trials(100).collect();
+        assert_eq!(grid.len(), 12);
+        assert_eq!(
+            (grid[0].conv_blocks, grid[0].dense_units),
+            (Some(1), Some(16))
+        );
+        assert_eq!(
+            (grid[3].conv_blocks, grid[3].dense_units),
+            (Some(1), Some(64))
+        );
+        assert_eq!(grid[6].conv_blocks, Some(2));
+    }
 
     #[test]
     fn the_trial_log_survives_a_torn_last_line() {
@@ -531,6 +790,9 @@ mod tests {
             batch_size: 32,
             filters: None,
             dropout: 0.25,
+            conv_blocks: None,
+            kernel_size: None,
+            dense_units: None,
         };
         let first = TrialResult {
             index: 1,
@@ -590,6 +852,9 @@ mod tests {
                 batch_size: 32,
                 filters: None,
                 dropout: 0.0,
+                conv_blocks: None,
+                kernel_size: None,
+                dense_units: None,
             },
             val_accuracy: Some(index as f64),
             val_loss: None,
@@ -638,6 +903,9 @@ mod tests {
             batch_size: 32,
             filters: Some(8),
             dropout: d,
+            conv_blocks: None,
+            kernel_size: None,
+            dense_units: None,
         };
         assert_eq!(grid[0], point("adam", 0.001, 0.0));
         assert_eq!(grid[1], point("adam", 0.001, 0.5));
@@ -653,6 +921,9 @@ mod tests {
             batch_size: 16,
             filters: Some(8),
             dropout: 0.5,
+            conv_blocks: None,
+            kernel_size: None,
+            dense_units: None,
         };
         let spec = t.spec(&base).unwrap();
         let filters: Vec<usize> = spec
@@ -736,6 +1007,9 @@ mod tests {
             batch_size: 32,
             filters: Some(usize::MAX),
             dropout: 0.0,
+            conv_blocks: None,
+            kernel_size: None,
+            dense_units: None,
         };
         let message = t.spec(&base).unwrap_err().to_string();
         assert!(

@@ -390,6 +390,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_new_head_of_layers() {
+        let mnist = Sequential::preset("tutorial-mnist").unwrap();
+        assert_eq!(mnist.classifier_len(), 2);
+        let head = LayerKind::parse_stack("Dense 256 relu, dropout 0.5, Dense 2 softmax").unwrap();
+        assert_eq!(
+            head,
+            vec![
+                Dense::new(256).activation(Activation::Relu).into(),
+                LayerKind::Dropout(Dropout::new(0.5)),
+                Dense::new(2).activation(Activation::Softmax).into(),
+            ]
+        );
+        let json = r#"[{"type":"Dense","units":256,"activation":"relu"},{"type":"Dropout","rate":0.5},{"type":"Dense","units":2,"activation":"softmax"}]"#;
+        assert_eq!(LayerKind::parse_stack(json).unwrap(), head);
+        let tuned = mnist.with_head(mnist.classifier_len(), &head).unwrap();
+        assert_eq!(tuned.layers.len(), 8);
+        assert_eq!(tuned.output_shape().unwrap().numel(), 2);
+        assert_eq!(
+            tuned.layer_names()[5..],
+            ["head_1_dense", "head_2_dropout", "head_3_dense"]
+        );
+        for (text, says) in [
+            ("Dense", "not a layer this form takes"),
+            ("Dense 0", "units must be a whole number"),
+            ("Dense 2 swish", "found `swish`"),
+            ("Dropout 1.5", "the rate must be in [0, 1)"),
+            ("Dense 2,", "an empty layer"),
+            ("[{\"type\":\"Dense\"}]", "not a JSON array of layers"),
+        ] {
+            let err = LayerKind::parse_stack(text).unwrap_err().to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+        assert!(mnist.with_head(8, &head).is_err());
+        assert!(mnist.with_head(2, &[]).is_err());
+        // A head that does not fit what is left: Dense on an image needs a Flatten first.
+        let err = mnist.with_head(3, &head).unwrap_err().to_string();
+        assert!(err.contains("head_1_dense"), "{err}");
+    }
+
+    #[test]
     fn a_classifier_sized_for_the_data() {
         let mnist = Sequential::preset("tutorial-mnist").unwrap();
         assert_eq!(mnist.with_classes(10).unwrap(), mnist);
@@ -734,6 +774,53 @@ impl Sequential {
             kind: Dense::new(units).activation(activation).into(),
             trainable: true,
         };
+        spec.output_shapes()?;
+        Ok(spec)
+    }
+
+    /// How many layers at the end make the fully connected classifier: every layer after the
+    /// last Flatten or global pooling (all of them when there is none).
+    pub fn classifier_len(&self) -> usize {
+        let body = self.layers.iter().rposition(|layer| match layer.kind {
+            LayerKind::Flatten
+            | LayerKind::GlobalAveragePooling2D
+            | LayerKind::GlobalMaxPooling2D => true,
+            LayerKind::Conv2D(_)
+            | LayerKind::MaxPooling2D(_)
+            | LayerKind::AveragePooling2D(_)
+            | LayerKind::Dense(_)
+            | LayerKind::Dropout(_)
+            | LayerKind::BatchNormalization(_) => false,
+        });
+        self.layers.len() - body.map_or(0, |i| i + 1)
+    }
+
+    /// This model with its last `remove` layers taken off and `head` appended: the guide's
+    /// fine-tuning, "remove the last fully connected layers … add new fully connected layers".
+    /// The new layers are trainable and named `head_<i>_<kind>`, so that
+    /// [`crate::init::transfer`] gives them fresh weights; the result's shapes are checked.
+    pub fn with_head(&self, remove: usize, head: &[LayerKind]) -> Result<Sequential> {
+        if remove > self.layers.len() {
+            return Err(Error::config(
+                "new head",
+                format!(
+                    "cannot remove the last {remove} layers of a model of {}",
+                    self.layers.len()
+                ),
+            ));
+        }
+        if head.is_empty() {
+            return Err(Error::config("new head", "needs at least one layer"));
+        }
+        let mut spec = self.clone();
+        spec.layers.truncate(self.layers.len() - remove);
+        for (i, kind) in head.iter().enumerate() {
+            spec.layers.push(Layer {
+                name: Some(format!("head_{}_{}", i + 1, kind.name_stem())),
+                kind: kind.clone(),
+                trainable: true,
+            });
+        }
         spec.output_shapes()?;
         Ok(spec)
     }

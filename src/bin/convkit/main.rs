@@ -171,12 +171,19 @@ struct TrainArgs {
     /// NCHW, a model written in PyTorch) or hwc (Keras' order, as python/convkit_torch.py's).
     #[arg(long, default_value = "chw")]
     pytorch_flatten: convkit::pytorch::FlattenOrder,
-    /// Freeze the first N layers (they keep their weights; saved in the checkpoint).
-    #[arg(long)]
-    freeze: Option<usize>,
-    /// Replace the last Dense layer by a new one with K outputs (a new classifier head).
-    #[arg(long)]
-    new_head: Option<usize>,
+    /// Freeze the first N layers, or every layer up to and including the one named (see
+    /// `convkit summary`); they keep their weights, and the checkpoint records it.
+    #[arg(long, value_name = "N|LAYER")]
+    freeze: Option<convkit::run::Freeze>,
+    /// A new classifier head: K replaces the last Dense layer by one of K outputs; a stack
+    /// such as "Dense 256 relu, Dropout 0.5, Dense 2 softmax" (or a .json file of layers)
+    /// replaces the fully connected layers at the end (see --remove-layers).
+    #[arg(long, value_name = "K|LAYERS")]
+    new_head: Option<convkit::run::NewHead>,
+    /// With a --new-head of layers: how many layers to remove from the end (default: the
+    /// fully connected ones, after the last Flatten or global pooling).
+    #[arg(long, requires = "new_head")]
+    remove_layers: Option<usize>,
     /// Output folder. After every epoch it holds last.safetensors (everything needed to
     /// continue, see --resume) and best.safetensors (the best epoch by val_loss, or by loss
     /// without validation data).
@@ -401,7 +408,10 @@ fn train_run(
     }
     let request = run::TrainRequest {
         edits: run::SpecEdits {
-            new_head: args.new_head,
+            new_head: args
+                .new_head
+                .map(|head| head.removing(args.remove_layers))
+                .transpose()?,
             kernel_regularizer: args.kernel_regularizer,
             batch_norm: args.batch_norm,
             freeze: args.freeze,

@@ -22,7 +22,9 @@ pub use evaluate::{EvaluateOutcome, EvaluateRequest};
 pub use export::{ExportOutcome, ExportRequest};
 pub use predict::{ImagePrediction, PredictRequest};
 pub use search::{BestTrial, SearchOutcome, SearchRequest};
-pub use train::{CommandRecord, ModelSource, SpecEdits, TrainOutcome, TrainRequest};
+pub use train::{
+    CommandRecord, Freeze, ModelSource, NewHead, SpecEdits, TrainOutcome, TrainRequest,
+};
 
 use std::rc::Rc;
 

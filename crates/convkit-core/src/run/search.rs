@@ -157,6 +157,17 @@ impl SearchRequest {
                 "the search ranks trials on validation data: give a validation_split above 0",
             )
         })?;
+        // Every trial's model is checked before any trains: a space that gives a model that
+        // does not fit (say, more pooling blocks than the input has room for) stops here.
+        for (i, trial) in config.trials(self.trials).enumerate() {
+            trial_model(base, &trial).map_err(|e| match e {
+                Error::Config { what, message } => Error::Config {
+                    what,
+                    message: format!("trial {}: {message}", i + 1),
+                },
+                other => other,
+            })?;
+        }
         let trials = config.trials(self.trials);
         let total = trials.len();
         let log = self.out.join(shard.log_name());
@@ -340,14 +351,18 @@ fn trial_model(base: &Sequential, trial: &Trial) -> Result<(Sequential, Compile)
 
 /// One row per trial, best validation accuracy first, trials that diverged last.
 fn ranked_table(results: &[TrialResult], base: &Sequential) -> Result<DataFrame> {
-    let learning_rates = results
-        .iter()
-        .map(|r| {
-            Ok(Some(
-                trial_model(base, &r.trial)?.1.optimizer.learning_rate(),
-            ))
-        })
+    let models = (results.iter())
+        .map(|r| trial_model(base, &r.trial))
         .collect::<Result<Vec<_>>>()?;
+    let learning_rates = (models.iter())
+        .map(|(_, compile)| Some(compile.optimizer.learning_rate()))
+        .collect();
+    let params = (models.iter())
+        .map(|(spec, _)| Ok(spec.param_counts()?.iter().sum::<usize>() as u64))
+        .collect::<Result<Vec<_>>>()?;
+    let architecture = |f: fn(&Trial) -> Option<usize>| {
+        (results.iter().map(|r| f(&r.trial).map(|v| v as u32))).collect::<Vec<_>>()
+    };
     let column = |name: &str, values: Vec<Option<f64>>| Column::new(name.into(), values);
     let each = |f: fn(&TrialResult) -> Option<f64>| results.iter().map(f).collect::<Vec<_>>();
     let table = DataFrame::new_infer_height(vec![
@@ -372,6 +387,10 @@ fn ranked_table(results: &[TrialResult], base: &Sequential) -> Result<DataFrame>
             "dropout".into(),
             (results.iter().map(|r| r.trial.dropout)).collect::<Vec<_>>(),
         ),
+        Column::new("conv_blocks".into(), architecture(|t| t.conv_blocks)),
+        Column::new("kernel_size".into(), architecture(|t| t.kernel_size)),
+        Column::new("dense_units".into(), architecture(|t| t.dense_units)),
+        Column::new("params".into(), params),
         column("val_accuracy", each(|r| r.val_accuracy)),
         column("val_loss", each(|r| r.val_loss)),
         column("seconds", each(|r| Some(r.seconds))),

@@ -13,7 +13,7 @@ use crate::compile::{Compile, Loss, Optimizer};
 use crate::data::{Dataset, Normalisation, Splits};
 use crate::plot::{ConfusionHeatmap, Figure, SampleGrid, TrainingCurves};
 use crate::pytorch::FlattenOrder;
-use crate::spec::{Regularizer, Sequential, SizeLimits};
+use crate::spec::{LayerKind, Regularizer, Sequential, SizeLimits};
 use crate::train::{
     CsvLogger, EarlyStoppingRule, Fit, History, LearningRateScheduler, Model, ModelCheckpoint,
     Monitor, PlateauRule, ScheduleRule, Verbosity,
@@ -41,23 +41,120 @@ pub enum ModelSource {
     },
 }
 
+/// A new classifier for a model (fine-tuning, transfer).
+#[derive(Debug, Clone, PartialEq)]
+pub enum NewHead {
+    /// Replace the last Dense layer by a fresh one with this many outputs.
+    Units(usize),
+    /// Remove the last `remove` layers (by default the fully connected ones,
+    /// [`Sequential::classifier_len`]) and append `layers`, fresh: the guide's "remove the last
+    /// fully connected layers … add new fully connected layers".
+    Layers {
+        remove: Option<usize>,
+        layers: Vec<LayerKind>,
+    },
+}
+
+impl NewHead {
+    /// This head removing `count` layers from the end when given (only a head of layers).
+    pub fn removing(self, count: Option<usize>) -> Result<Self> {
+        match (self, count) {
+            (NewHead::Layers { layers, .. }, Some(n)) => Ok(NewHead::Layers {
+                remove: Some(n),
+                layers,
+            }),
+            (NewHead::Units(_), Some(_)) => Err(Error::config(
+                "new head",
+                "a head of K units replaces the last Dense layer; removing layers goes with a head of layers",
+            )),
+            (head, None) => Ok(head),
+        }
+    }
+
+    fn apply(&self, spec: &Sequential) -> Result<Sequential> {
+        match self {
+            NewHead::Units(units) => spec.with_new_head(*units),
+            NewHead::Layers { remove, layers } => {
+                spec.with_head(remove.unwrap_or_else(|| spec.classifier_len()), layers)
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for NewHead {
+    type Err = Error;
+    /// `K` (units), a stack of layers ([`LayerKind::parse_stack`]), or a `.json` file holding
+    /// a JSON array of layers.
+    fn from_str(text: &str) -> Result<Self> {
+        if let Ok(units) = text.trim().parse() {
+            return Ok(NewHead::Units(units));
+        }
+        let layers = if text.trim_end().ends_with(".json") {
+            let path = Path::new(text.trim());
+            LayerKind::parse_stack(&crate::io::read_to_string_capped(path, 1 << 20)?)
+                .map_err(|e| Error::data(path, e.to_string()))?
+        } else {
+            LayerKind::parse_stack(text)?
+        };
+        Ok(NewHead::Layers {
+            remove: None,
+            layers,
+        })
+    }
+}
+
+/// Which layers to freeze: the first N, or every layer up to and including a named one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Freeze {
+    First(usize),
+    UpTo(String),
+}
+
+impl Freeze {
+    fn apply(&self, spec: &mut Sequential) -> Result<()> {
+        let count = match self {
+            Freeze::First(n) => *n,
+            Freeze::UpTo(name) => {
+                let names = spec.layer_names();
+                1 + names.iter().position(|n| n == name).ok_or_else(|| {
+                    Error::config(
+                        "freeze",
+                        format!("no layer `{name}`; the layers are {}", names.join(", ")),
+                    )
+                })?
+            }
+        };
+        spec.freeze_first(count)
+    }
+}
+
+impl std::str::FromStr for Freeze {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        Ok(match text.trim().parse() {
+            Ok(n) => Freeze::First(n),
+            Err(_) => Freeze::UpTo(text.trim().to_string()),
+        })
+    }
+}
+
 /// Changes made to the model before training, in this order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SpecEdits {
-    /// Replace the last Dense layer by a new one with this many outputs (a new head).
-    pub new_head: Option<usize>,
+    /// A new classifier head.
+    pub new_head: Option<NewHead>,
     /// Penalise every Conv2D and Dense kernel.
     pub kernel_regularizer: Option<Regularizer>,
     /// A BatchNormalization after every Conv2D and every Dense but the last.
     pub batch_norm: bool,
-    /// Freeze the first N layers (counted after the edits above).
-    pub freeze: Option<usize>,
+    /// Freeze layers (counted after the edits above).
+    pub freeze: Option<Freeze>,
 }
 
 impl SpecEdits {
     fn apply(&self, mut spec: Sequential) -> Result<Sequential> {
-        if let Some(units) = self.new_head {
-            spec = spec.with_new_head(units)?;
+        if let Some(head) = &self.new_head {
+            spec = head.apply(&spec)?;
         }
         if let Some(regularizer) = self.kernel_regularizer {
             spec = spec.with_kernel_regularizer(regularizer);
@@ -65,8 +162,8 @@ impl SpecEdits {
         if self.batch_norm {
             spec = spec.with_batch_normalization();
         }
-        if let Some(n) = self.freeze {
-            spec.freeze_first(n)?;
+        if let Some(freeze) = &self.freeze {
+            freeze.apply(&mut spec)?;
         }
         Ok(spec)
     }
@@ -194,7 +291,7 @@ impl TrainRequest {
 
         let (base, start, normalisation) = self.starting_point()?;
         let splits = self.data.open(&base, &normalisation)?;
-        let (base, resized_head) = match (&self.model, self.edits.new_head) {
+        let (base, resized_head) = match (&self.model, &self.edits.new_head) {
             (ModelSource::Spec(name), None) => {
                 super::preset_sized_for(name, base, splits.train.classes.len())?
             }

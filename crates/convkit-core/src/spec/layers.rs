@@ -270,6 +270,65 @@ pub enum LayerKind {
 }
 
 impl LayerKind {
+    /// A stack of layers as text: a JSON array of layers (the spec format's `layers`), or
+    /// comma-separated `Dense UNITS [ACTIVATION]`, `Dropout RATE`, `BatchNormalization`,
+    /// `Flatten`, `GlobalAveragePooling2D`, `GlobalMaxPooling2D`, e.g.
+    /// `Dense 256 relu, Dropout 0.5, Dense 2 softmax`.
+    pub fn parse_stack(text: &str) -> Result<Vec<LayerKind>> {
+        let text = text.trim();
+        if text.starts_with('[') {
+            return serde_json::from_str(text)
+                .map_err(|e| Error::config("layers", format!("not a JSON array of layers: {e}")));
+        }
+        let forms = "Dense UNITS [ACTIVATION], Dropout RATE, BatchNormalization, Flatten, GlobalAveragePooling2D or GlobalMaxPooling2D";
+        text.split(',')
+            .map(|item| {
+                let words: Vec<&str> = item.split_whitespace().collect();
+                let bad = |why: &str| {
+                    Error::config(
+                        "layers",
+                        format!("`{}`: {why}; expected {forms}", item.trim()),
+                    )
+                };
+                let number = |word: &str| -> Result<f64> {
+                    word.parse()
+                        .map_err(|_| bad(&format!("`{word}` is not a number")))
+                };
+                let kind = words.first().map(|w| w.to_ascii_lowercase());
+                match (kind.as_deref(), &words[1.min(words.len())..]) {
+                    (Some("dense"), [units, rest @ ..]) if rest.len() <= 1 => {
+                        let units = number(units)?;
+                        if units < 1.0 || units.fract() != 0.0 {
+                            return Err(bad("units must be a whole number ≥ 1"));
+                        }
+                        let activation = match rest.first() {
+                            Some(a) => a.parse()?,
+                            None => Activation::Linear,
+                        };
+                        Ok(LayerKind::Dense(
+                            Dense::new(units as usize).activation(activation),
+                        ))
+                    }
+                    (Some("dropout"), [rate]) => {
+                        let rate = number(rate)?;
+                        if !(0.0..1.0).contains(&rate) {
+                            return Err(bad("the rate must be in [0, 1)"));
+                        }
+                        Ok(LayerKind::Dropout(Dropout::new(rate as f32)))
+                    }
+                    (Some("batchnormalization"), []) => {
+                        Ok(LayerKind::BatchNormalization(BatchNormalization::new()))
+                    }
+                    (Some("flatten"), []) => Ok(LayerKind::Flatten),
+                    (Some("globalaveragepooling2d"), []) => Ok(LayerKind::GlobalAveragePooling2D),
+                    (Some("globalmaxpooling2d"), []) => Ok(LayerKind::GlobalMaxPooling2D),
+                    (None, _) => Err(bad("an empty layer")),
+                    _ => Err(bad("not a layer this form takes")),
+                }
+            })
+            .collect()
+    }
+
     /// What this layer type knows about itself (see [`LayerRules`]).
     pub(crate) fn rules(&self) -> Box<dyn LayerRules> {
         match self {
