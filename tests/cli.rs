@@ -1131,12 +1131,12 @@ fn search_ranks_trials_and_saves_the_best_spec() {
     assert_eq!(lines.len(), 4, "{csv}");
     assert!(
         lines[0]
-            .starts_with("trial,optimizer,learning_rate,batch_size,filters,dropout,val_accuracy"),
+            .starts_with("trial,optimizer,learning_rate,batch_size,filters,dropout,conv_blocks,kernel_size,dense_units,params,val_accuracy"),
         "{csv}"
     );
     let acc: Vec<f64> = lines[1..]
         .iter()
-        .map(|l| l.split(',').nth(6).unwrap().parse().unwrap())
+        .map(|l| l.split(',').nth(10).unwrap().parse().unwrap())
         .collect();
     assert!(acc.windows(2).all(|w| w[0] >= w[1]), "not sorted: {acc:?}");
     let best = convkit::Sequential::load_json(&out.join("best_model.json")).unwrap();
@@ -1625,4 +1625,85 @@ fn the_first_tutorial_runs_as_written() {
         !o.status.success() && said.contains("this data has soft targets"),
         "{said}"
     );
+}
+
+/// The guide's search over "the number of layers, and filter sizes": conv blocks, kernel sizes
+/// and dense units, each trial's parameter count in the table.
+#[test]
+fn search_varies_the_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let space = dir.path().join("space.toml");
+    let head = "model = \"tutorial-mnist\"\ndataset = \"mnist\"\nlimit = 128\nvalidation_split = 0.25\n[space]\n";
+    std::fs::write(
+        &space,
+        format!("{head}conv_blocks = [1, 2]\nkernel_size = [3, 5]\ndense_units = [16]\n"),
+    )
+    .unwrap();
+    let out = dir.path().join("search");
+    let o = convkit(&[
+        "search",
+        "--space",
+        space.to_str().unwrap(),
+        "--trials",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let table = csv_rows(&out.join("search.csv"));
+    let mut rows: Vec<(u32, u32, u32, u64)> = table
+        .iter()
+        .map(|r| {
+            (
+                r["conv_blocks"].parse().unwrap(),
+                r["kernel_size"].parse().unwrap(),
+                r["dense_units"].parse().unwrap(),
+                r["params"].parse().unwrap(),
+            )
+        })
+        .collect();
+    rows.sort();
+    // Parameters as Keras counts them: conv 3×3×1×32 + 32, then (13·13·32)·16 + 16 and 16·10 + 10.
+    assert_eq!(rows[0], (1, 3, 16, 320 + 5408 * 16 + 16 + 170));
+    assert_eq!(
+        rows.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+        [(1, 3), (1, 5), (2, 3), (2, 5)]
+    );
+    let best = convkit::Sequential::load_json(&out.join("best_model.json")).unwrap();
+    assert!(best
+        .layers
+        .iter()
+        .any(|l| matches!(&l.kind, convkit::LayerKind::Dense(d) if d.units == 16)));
+
+    // A space whose models do not fit the input stops before any trial trains.
+    std::fs::write(&space, format!("{head}conv_blocks = [2, 4]\n")).unwrap();
+    let o = convkit(&[
+        "search",
+        "--space",
+        space.to_str().unwrap(),
+        "--out",
+        dir.path().join("never").to_str().unwrap(),
+    ]);
+    let said = text(&o);
+    assert!(
+        !o.status.success() && said.contains("trial 2: trial") && said.contains("does not fit"),
+        "{said}"
+    );
+    assert!(!said.contains("val_accuracy"), "{said}");
+}
+
+/// The rows of a CSV file as column → text maps.
+fn csv_rows(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let names: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
+    lines
+        .map(|l| {
+            names
+                .iter()
+                .cloned()
+                .zip(l.split(',').map(String::from))
+                .collect()
+        })
+        .collect()
 }
