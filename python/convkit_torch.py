@@ -37,6 +37,7 @@ STEMS = {
     "Dense": "dense",
     "Dropout": "dropout",
     "BatchNormalization": "batch_normalization",
+    "RandomCrop": "random_crop",
 }
 
 # Each layer type's PyTorch tensors: (attribute of the torch module, convkit's weight suffix),
@@ -52,6 +53,7 @@ TORCH_PARTS = {
     "Flatten": [],
     "Dense": [("weight", "weight"), ("bias", "bias")],
     "Dropout": [],
+    "RandomCrop": [],
     "BatchNormalization": [
         ("weight", "gamma"),
         ("bias", "beta"),
@@ -59,6 +61,24 @@ TORCH_PARTS = {
         ("running_var", "moving_variance"),
     ],
 }
+
+
+class RandomCrop(torch.nn.Module):
+    """convkit's RandomCrop on NCHW images: a random window per image in training, the centre
+    window in eval mode."""
+
+    def __init__(self, height, width):
+        super().__init__()
+        self.height, self.width = height, width
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        if not self.training:
+            top, left = (h - self.height) // 2, (w - self.width) // 2
+            return x[:, :, top:top + self.height, left:left + self.width]
+        tops = torch.randint(0, h - self.height + 1, (n,)).tolist()
+        lefts = torch.randint(0, w - self.width + 1, (n,)).tolist()
+        return torch.stack([x[i, :, t:t + self.height, l:l + self.width] for i, (t, l) in enumerate(zip(tops, lefts))])
 
 
 class ChannelsLastFlatten(torch.nn.Module):
@@ -150,6 +170,9 @@ def build(spec, tensors):
             flat = layer["units"]
         elif kind == "Dropout":
             modules.append(torch.nn.Dropout(layer["rate"]))
+        elif kind == "RandomCrop":
+            modules.append(RandomCrop(layer["height"], layer["width"]))
+            h, w = layer["height"], layer["width"]
         elif kind == "BatchNormalization":
             channels = flat if flat is not None else c
             norm = (torch.nn.BatchNorm1d if flat is not None else torch.nn.BatchNorm2d)(

@@ -62,7 +62,7 @@ pub mod prelude {
         Activation, Backend, BatchNormalization, Compile, Conv2D, CsvLogger, Dataset, Dense,
         Dropout, EarlyStopping, EarlyStoppingRule, ImageShape, LayerKind, LearningRateScheduler,
         Loss, Model, ModelCheckpoint, Monitor, Normalisation, Optimizer, Padding, PlateauRule,
-        ReduceLrOnPlateau, Schedule, Sequential, Verbosity,
+        RandomCrop, ReduceLrOnPlateau, Schedule, Sequential, Verbosity,
     };
 }
 

@@ -157,6 +157,11 @@ fn loss_and_gradients_match_the_reference() {
             let mut spec = spec.clone();
             spec.layers
                 .retain(|l| !matches!(l.kind, convkit::LayerKind::Dropout(_)));
+            // A training step crops at random: the reference takes the cropped batch instead.
+            if let convkit::LayerKind::RandomCrop(crop) = spec.layers[0].kind {
+                spec.layers.remove(0);
+                spec.input_shape = [crop.height, crop.width, spec.input_shape[2]];
+            }
             for (loss, soft) in losses {
                 let what = match soft {
                     true => format!("{} with soft targets", loss.name()),
@@ -910,4 +915,88 @@ fn dropout_drops_the_same_units_on_every_engine() {
             e.name()
         );
     }
+}
+
+#[test]
+fn random_crop_takes_the_same_windows_on_every_engine() {
+    use convkit::{Activation, Conv2D, Dense, RandomCrop};
+    let engines = engines();
+    let r = reference_engine(&engines);
+    let cropped = Sequential::new(6, 5, 2)
+        .add(Conv2D::new(3, 3).activation(Activation::Relu))
+        .flatten()
+        .add(Dense::new(3).activation(Activation::Softmax));
+    let mut spec = cropped.clone();
+    spec.input_shape = [9, 8, 2];
+    spec.layers.insert(0, RandomCrop::new(6, 5).into());
+    let weights = init::glorot_uniform(&spec, 8).unwrap();
+    let x = batch(8, spec.input_shape, 9);
+    let y = targets(Loss::SparseCategoricalCrossentropy, 8, 3);
+    let compile = Compile::new(Optimizer::sgd(), Loss::SparseCategoricalCrossentropy);
+    // The windows a seeded stream gives: core draws them, the same for every engine.
+    let mut training = convkit::optim::Training::new(
+        &convkit::Compiled::new(spec.clone(), compile.clone()).unwrap(),
+    )
+    .unwrap();
+    training.set_dropout_stream(7, 0);
+    let corners = training.crop_offsets(8).unwrap();
+    assert!(
+        corners.iter().any(|&c| c != [1, 1]),
+        "not only the centre: {corners:?}"
+    );
+    let x_cropped = convkit::augment::crop(x.view(), &corners, [6, 5]);
+    let step =
+        |e: &dyn convkit::Backend, spec: &Sequential, x: convkit::ndarray::ArrayView4<f32>| {
+            let mut m = Model::with_weights(spec.clone(), compile.clone(), e, &weights).unwrap();
+            m.network_mut().set_dropout_stream(7, 0);
+            m.network_mut().train_step(x, &y).unwrap();
+            m.weights().unwrap()
+        };
+    let w_ref = step(engines[r].as_ref(), &spec, x.view());
+    for e in &engines {
+        // The crop model's step on the full images is the plain model's on the windows.
+        let w = step(e.as_ref(), &spec, x.view());
+        let plain = step(e.as_ref(), &cropped, x_cropped.view());
+        let (name, d) = worst(&w.max_abs_diff(&plain).unwrap());
+        assert!(
+            d as f64 <= tol::ONE_STEP,
+            "{}: `{name}` differs by {d:e} from the step on the drawn windows",
+            e.name()
+        );
+        let (name, d) = worst(&w.max_abs_diff(&w_ref).unwrap());
+        assert!(
+            d as f64 <= tol::ONE_STEP,
+            "{} vs {}: `{name}` differs by {d:e}",
+            e.name(),
+            engines[r].name()
+        );
+        // Inference takes the centre window.
+        let model =
+            Model::with_weights(spec.clone(), compile.clone(), e.as_ref(), &weights).unwrap();
+        let plain =
+            Model::with_weights(cropped.clone(), compile.clone(), e.as_ref(), &weights).unwrap();
+        let centre = convkit::augment::crop(x.view(), &[[1, 1]; 8], [6, 5]);
+        let gap = max_gap(
+            model.predict_batch(x.view()).unwrap().iter(),
+            plain
+                .predict_batch(centre.view())
+                .unwrap()
+                .mapv(f64::from)
+                .iter(),
+        );
+        assert!(
+            gap <= tol::FORWARD,
+            "{}: inference is {gap:e} from the centre window's",
+            e.name()
+        );
+    }
+    // Only as the first layer, and never larger than the image.
+    let mut late = cropped.clone();
+    late.layers.insert(1, RandomCrop::new(2, 2).into());
+    let err = late.output_shapes().unwrap_err().to_string();
+    assert!(err.contains("must be the model's first layer"), "{err}");
+    let mut big = cropped.clone();
+    big.layers.insert(0, RandomCrop::new(7, 5).into());
+    let err = big.output_shapes().unwrap_err().to_string();
+    assert!(err.contains("up to the input's 6×5, found 7×5"), "{err}");
 }

@@ -185,6 +185,19 @@ pub fn reference_pass(
                     }
                 }
                 LayerKind::Flatten | LayerKind::Dropout(_) => next = cur.clone(),
+                // The centre window (what inference takes; a training pass here has no
+                // random stream to draw windows from).
+                LayerKind::RandomCrop(crop) => {
+                    let (top, left) = ((h - crop.height) / 2, (wd - crop.width) / 2);
+                    for y in 0..oh {
+                        for xx in 0..ow {
+                            for ci in 0..oc {
+                                next[(y * ow + xx) * oc + ci] =
+                                    cur[((top + y) * wd + left + xx) * c + ci];
+                            }
+                        }
+                    }
+                }
                 LayerKind::Dense(d) => {
                     let (k, b) = (param("weight"), param("bias"));
                     let inputs = cur.len();
@@ -214,7 +227,7 @@ pub fn reference_pass(
 
 /// Small models that exercise every layer and padding case.
 pub fn small_specs() -> Vec<Sequential> {
-    use convkit::{BatchNormalization, Conv2D, Dense, Dropout, Padding, Pool2D};
+    use convkit::{BatchNormalization, Conv2D, Dense, Dropout, Padding, Pool2D, RandomCrop};
     vec![
         // asymmetric `same` padding with stride 2, tanh, a linear-logits head
         Sequential::new(7, 6, 2)
@@ -277,6 +290,14 @@ pub fn small_specs() -> Vec<Sequential> {
             .add(LayerKind::GlobalMaxPooling2D)
             .add(Dense::new(1).activation(Activation::Sigmoid))
             .named("small-global-max"),
+        // a random crop: the centre window at inference
+        Sequential::new(9, 8, 2)
+            .add(RandomCrop::new(6, 5))
+            .add(Conv2D::new(3, 3).activation(Activation::Relu))
+            .max_pool(2)
+            .flatten()
+            .add(Dense::new(3).activation(Activation::Softmax))
+            .named("small-crop"),
     ]
 }
 

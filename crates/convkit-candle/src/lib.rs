@@ -181,7 +181,8 @@ impl Ops for CandleOps {
             | PlannedOp::Flatten
             | PlannedOp::Dense { .. }
             | PlannedOp::Dropout { .. }
-            | PlannedOp::BatchNorm { .. } => Ok(()),
+            | PlannedOp::BatchNorm { .. }
+            | PlannedOp::Crop { .. } => Ok(()),
         }
     }
 

@@ -190,6 +190,27 @@ fn bilinear(src: &[f32], h: usize, w: usize, c: usize, y: f32, x: f32, out: &mut
     }
 }
 
+/// The `size = [h, w]` window at each image's `[top, left]` of `corners`, from a batch
+/// `[n, H, W, C]`: what a RandomCrop layer gives (see [`crate::spec::RandomCrop`]).
+pub fn crop(
+    batch: ndarray::ArrayView4<'_, f32>,
+    corners: &[[usize; 2]],
+    [h, w]: [usize; 2],
+) -> ndarray::Array4<f32> {
+    use ndarray::s;
+    let (n, _, _, c) = batch.dim();
+    let mut out = ndarray::Array4::zeros((n, h, w, c));
+    for (i, &[top, left]) in corners.iter().enumerate().take(n) {
+        out.slice_mut(s![i, .., .., ..]).assign(&batch.slice(s![
+            i,
+            top..top + h,
+            left..left + w,
+            ..
+        ]));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -263,8 +263,9 @@ impl<O: Ops> Executor<O> {
         })
     }
 
-    /// NHWC host batch → NCHW device tensor.
-    fn images(&self, x: ArrayView4<'_, f32>) -> Result<O::Tensor> {
+    /// NHWC host batch → NCHW device tensor. A leading RandomCrop crops it here, on the
+    /// host: at each image's `[top, left]` of `crops` (training), or the centre (inference).
+    fn images(&self, x: ArrayView4<'_, f32>, crops: Option<&[[usize; 2]]>) -> Result<O::Tensor> {
         let (n, h, w, c) = x.dim();
         if [h, w, c] != self.input_shape {
             let [eh, ew, ec] = self.input_shape;
@@ -273,6 +274,15 @@ impl<O: Ops> Executor<O> {
                 found: format!("{h}×{w}×{c} images"),
             });
         }
+        let x: ndarray::CowArray<'_, f32, ndarray::Ix4> =
+            match self.plan.ops.first().and_then(PlannedOp::crop) {
+                Some(([h, w], [ch, cw])) => {
+                    let centre = vec![[(h - ch) / 2, (w - cw) / 2]; n];
+                    crate::augment::crop(x, crops.unwrap_or(&centre), [ch, cw]).into()
+                }
+                None => x.into(),
+            };
+        let (n, h, w, c) = x.dim();
         let x = x.as_standard_layout();
         let data = x.as_slice().expect("standard layout");
         self.ops.images([n, h, w, c], data)
@@ -375,6 +385,8 @@ impl<O: Ops> Executor<O> {
                     x.mul(&self.mask(mask)?)?
                 }
                 PlannedOp::Dropout { .. } => x,
+                // Cropped on the host before the batch came to the device (`images`).
+                PlannedOp::Crop { .. } => x,
                 PlannedOp::BatchNorm {
                     gamma,
                     beta,
@@ -409,8 +421,9 @@ impl<O: Ops> Executor<O> {
         tracked: &[bool],
     ) -> Result<StepParts<O::Tensor>> {
         let targets = self.target_rows(y)?;
+        let crops = self.training.crop_offsets(x.dim().0);
         let masks = self.training.dropout_masks(x.dim().0);
-        let x = self.images(x)?;
+        let x = self.images(x, crops.as_deref())?;
         let ops = &self.ops;
         let params: Vec<O::Tensor> = (self.values.iter().zip(tracked))
             .map(|(v, &grad)| ops.read(v, grad))
@@ -689,7 +702,7 @@ impl<O: Ops> Network for Executor<O> {
             .iter()
             .map(|v| self.ops.read(v, false))
             .collect();
-        let (logits, _) = self.forward(&params, self.images(x)?, false, &[])?;
+        let (logits, _) = self.forward(&params, self.images(x, None)?, false, &[])?;
         let head = match self.head {
             Head::Softmax => Activation::Softmax,
             Head::Sigmoid => Activation::Sigmoid,

@@ -218,6 +218,36 @@ impl OnnxExport {
                     x = graph.activation(name, activation, &x);
                 }
                 PlannedOp::Dropout { .. } => {}
+                // At inference a RandomCrop takes the centre window.
+                PlannedOp::Crop {
+                    from: [h, w],
+                    size: [ch, cw],
+                } => {
+                    let axes = match layout {
+                        Layout::ChannelsLast => [1, 2],
+                        Layout::ChannelsFirst => [2, 3],
+                        Layout::Flat => {
+                            return Err(spec.layer_error(i, "ONNX export: a crop needs an image"))
+                        }
+                    };
+                    let (top, left) = ((h - ch) / 2, (w - cw) / 2);
+                    let parts = [
+                        ("starts", [top, left]),
+                        ("ends", [top + ch, left + cw]),
+                        ("axes", axes),
+                    ]
+                    .map(|(part, values)| {
+                        let part = format!("{name}/{part}");
+                        graph.int64_initializer(&part, &values);
+                        part
+                    });
+                    x = graph.node(
+                        "Slice",
+                        name,
+                        &[&x, &parts[0], &parts[1], &parts[2]],
+                        vec![],
+                    );
+                }
                 PlannedOp::BatchNorm {
                     gamma,
                     beta,
@@ -379,6 +409,20 @@ impl Graph {
             &checkpoint.weights.get(bias)?.data,
         );
         Ok(kernel.shape.clone())
+    }
+
+    /// An int64 vector constant (a Slice's starts, ends and axes).
+    fn int64_initializer(&mut self, name: &str, values: &[usize]) {
+        self.proto.initializer.push(pb::TensorProto {
+            dims: vec![values.len() as i64],
+            data_type: pb::tensor_proto::DataType::INT64.value(),
+            name: name.into(),
+            raw_data: values
+                .iter()
+                .flat_map(|&v| (v as i64).to_le_bytes())
+                .collect(),
+            ..Default::default()
+        });
     }
 
     /// A float32 constant.

@@ -127,6 +127,10 @@ pub enum PlannedOp {
     },
     /// Active in training only.
     Dropout { rate: f32 },
+    /// A `size = [h, w]` window of a `from = [H, W]` image: random in training, the centre at
+    /// inference. Only as the first operation: core crops the host batch before the engine
+    /// sees it, so engines never run it.
+    Crop { from: [usize; 2], size: [usize; 2] },
     /// Normalises the channel axis (axis 1 of NCHW, or of `[n, features]`), see
     /// [`crate::BatchNormalization`].
     BatchNorm {
@@ -154,7 +158,22 @@ impl PlannedOp {
             | PlannedOp::GlobalPool2D { .. }
             | PlannedOp::Flatten
             | PlannedOp::Dense { .. }
-            | PlannedOp::Dropout { .. } => None,
+            | PlannedOp::Dropout { .. }
+            | PlannedOp::Crop { .. } => None,
+        }
+    }
+
+    /// The image's `[H, W]` and the window's `[h, w]` of a crop, whose windows core draws.
+    pub fn crop(&self) -> Option<([usize; 2], [usize; 2])> {
+        match *self {
+            PlannedOp::Crop { from, size } => Some((from, size)),
+            PlannedOp::Conv2D { .. }
+            | PlannedOp::Pool2D { .. }
+            | PlannedOp::GlobalPool2D { .. }
+            | PlannedOp::Flatten
+            | PlannedOp::Dense { .. }
+            | PlannedOp::Dropout { .. }
+            | PlannedOp::BatchNorm { .. } => None,
         }
     }
 
@@ -167,7 +186,8 @@ impl PlannedOp {
             | PlannedOp::GlobalPool2D { .. }
             | PlannedOp::Flatten
             | PlannedOp::Dense { .. }
-            | PlannedOp::BatchNorm { .. } => None,
+            | PlannedOp::BatchNorm { .. }
+            | PlannedOp::Crop { .. } => None,
         }
     }
 }

@@ -304,7 +304,10 @@ pub struct Training {
     regularizers: Vec<Option<Regularizer>>,
     /// Each Dropout layer: its index, rate and input shape (one image).
     dropouts: Vec<(usize, f32, Vec<usize>)>,
-    /// Where dropout masks come from: seeded, so every engine drops the same units.
+    /// A leading RandomCrop: the image's `[H, W]` and the window's `[h, w]`.
+    crop: Option<([usize; 2], [usize; 2])>,
+    /// Where crop windows and dropout masks come from: seeded, so every engine crops the same
+    /// windows and drops the same units.
     dropout_stream: rand_chacha::ChaCha8Rng,
 }
 
@@ -342,8 +345,31 @@ impl Training {
             trainable: vec![true; layers],
             regularizers: (0..layers).map(|i| spec.kernel_regularizer(i)).collect(),
             dropouts,
+            crop: model
+                .plan()
+                .ops
+                .first()
+                .and_then(crate::op::PlannedOp::crop),
             dropout_stream: rand_chacha::ChaCha8Rng::seed_from_u64(0),
         })
+    }
+
+    /// Each image's crop window `[top, left]` for a training batch of `n`, drawn uniformly
+    /// from the stream (Keras' RandomCrop in training); `None` without a RandomCrop. Drawn
+    /// before the batch's dropout masks.
+    pub fn crop_offsets(&mut self, n: usize) -> Option<Vec<[usize; 2]>> {
+        use rand::Rng;
+        let ([h, w], [ch, cw]) = self.crop?;
+        Some(
+            (0..n)
+                .map(|_| {
+                    [
+                        self.dropout_stream.random_range(0..=h - ch),
+                        self.dropout_stream.random_range(0..=w - cw),
+                    ]
+                })
+                .collect(),
+        )
     }
 
     /// Draw the next masks from `seed`'s stream, `position` words in (a fit seeds it; a

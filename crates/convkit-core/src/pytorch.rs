@@ -62,7 +62,8 @@ pub fn torch_parts(kind: &LayerKind) -> &'static [(&'static str, &'static str)] 
         | LayerKind::GlobalMaxPooling2D
         | LayerKind::GlobalAveragePooling2D
         | LayerKind::Flatten
-        | LayerKind::Dropout(_) => &[],
+        | LayerKind::Dropout(_)
+        | LayerKind::RandomCrop(_) => &[],
     }
 }
 
@@ -189,7 +190,8 @@ pub fn weights_from_state_dict(
                     | LayerKind::GlobalMaxPooling2D
                     | LayerKind::GlobalAveragePooling2D
                     | LayerKind::Flatten
-                    | LayerKind::Dropout(_) => false,
+                    | LayerKind::Dropout(_)
+                    | LayerKind::RandomCrop(_) => false,
                 };
                 let tensor = match flattened {
                     Some(image) if indexed_by_features => channels_last(&tensor, image),

@@ -558,7 +558,8 @@ impl Trial {
                 | LayerKind::Flatten
                 | LayerKind::Dense(_)
                 | LayerKind::Dropout(_)
-                | LayerKind::BatchNormalization(_) => None,
+                | LayerKind::BatchNormalization(_)
+                | LayerKind::RandomCrop(_) => None,
             });
             let Some(base_first) = base_first else {
                 return Err(Error::config(

@@ -13,7 +13,7 @@ mod presets;
 mod summary;
 pub use layers::{
     Activation, BatchNormalization, Conv2D, Dense, Dropout, Layer, LayerKind, Padding, Pool2D,
-    Regularizer, Shape,
+    RandomCrop, Regularizer, Shape,
 };
 pub use presets::PRESETS;
 
@@ -145,6 +145,15 @@ impl Sequential {
         for (i, (layer, name)) in self.layers.iter().zip(self.layer_names()).enumerate() {
             if !names.insert(name.clone()) {
                 return Err(self.layer_error(i, "duplicate layer name"));
+            }
+            if i > 0 && layer.kind.rules().first_only() {
+                return Err(self.layer_error(
+                    i,
+                    format!(
+                        "{} must be the model's first layer (convkit applies it to the batch on the host, before the engine)",
+                        layer.kind.type_name()
+                    ),
+                ));
             }
             let output = self.layer_output(i, &layer.kind, shape)?;
             if output.checked_numel().is_none() || layer_params(&layer.kind, shape).is_none() {
@@ -312,7 +321,8 @@ impl Sequential {
                 | LayerKind::GlobalAveragePooling2D
                 | LayerKind::Flatten
                 | LayerKind::Dropout(_)
-                | LayerKind::BatchNormalization(_) => false,
+                | LayerKind::BatchNormalization(_)
+                | LayerKind::RandomCrop(_) => false,
             };
             if wants && !normalised {
                 spec.layers.push(BatchNormalization::new().into());
@@ -778,6 +788,21 @@ impl Sequential {
         Ok(spec)
     }
 
+    /// This model with a RandomCrop of `height×width` as its first layer (replacing one it
+    /// has): the rest of the model then sees the windows.
+    pub fn with_random_crop(&self, height: usize, width: usize) -> Result<Sequential> {
+        let mut spec = self.clone();
+        if matches!(
+            spec.layers.first().map(|l| &l.kind),
+            Some(LayerKind::RandomCrop(_))
+        ) {
+            spec.layers.remove(0);
+        }
+        spec.layers.insert(0, RandomCrop::new(height, width).into());
+        spec.output_shapes()?;
+        Ok(spec)
+    }
+
     /// How many layers at the end make the fully connected classifier: every layer after the
     /// last Flatten or global pooling (all of them when there is none).
     pub fn classifier_len(&self) -> usize {
@@ -790,7 +815,8 @@ impl Sequential {
             | LayerKind::AveragePooling2D(_)
             | LayerKind::Dense(_)
             | LayerKind::Dropout(_)
-            | LayerKind::BatchNormalization(_) => false,
+            | LayerKind::BatchNormalization(_)
+            | LayerKind::RandomCrop(_) => false,
         });
         self.layers.len() - body.map_or(0, |i| i + 1)
     }

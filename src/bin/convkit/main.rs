@@ -152,6 +152,11 @@ struct TrainArgs {
     /// `l1=0.0001` or `l1=F,l2=F`; the penalty is added to the loss.
     #[arg(long, value_parser = |s: &str| convkit::Regularizer::parse(s).map_err(|e| e.to_string()))]
     kernel_regularizer: Option<convkit::Regularizer>,
+    /// Crop each training image to HEIGHT WIDTH at a random place (Keras' RandomCrop as the
+    /// model's first layer; the centre window at inference); the rest of the model sees the
+    /// windows. --freeze counts this layer.
+    #[arg(long, num_args = 2, value_names = ["HEIGHT", "WIDTH"])]
+    random_crop: Option<Vec<usize>>,
     /// Add a BatchNormalization (Keras' defaults) after every Conv2D and every Dense but the
     /// last; --freeze counts the layers after this.
     #[arg(long)]
@@ -408,6 +413,7 @@ fn train_run(
     }
     let request = run::TrainRequest {
         edits: run::SpecEdits {
+            random_crop: args.random_crop.as_deref().map(|s| [s[0], s[1]]),
             new_head: args
                 .new_head
                 .map(|head| head.removing(args.remove_layers))

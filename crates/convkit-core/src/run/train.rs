@@ -141,6 +141,9 @@ impl std::str::FromStr for Freeze {
 /// Changes made to the model before training, in this order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SpecEdits {
+    /// `[height, width]`: a RandomCrop to this size as the first layer (Keras' RandomCrop:
+    /// random windows in training, the centre at inference).
+    pub random_crop: Option<[usize; 2]>,
     /// A new classifier head.
     pub new_head: Option<NewHead>,
     /// Penalise every Conv2D and Dense kernel.
@@ -153,6 +156,9 @@ pub struct SpecEdits {
 
 impl SpecEdits {
     fn apply(&self, mut spec: Sequential) -> Result<Sequential> {
+        if let Some([height, width]) = self.random_crop {
+            spec = spec.with_random_crop(height, width)?;
+        }
         if let Some(head) = &self.new_head {
             spec = head.apply(&spec)?;
         }

@@ -194,6 +194,23 @@ impl Regularizer {
     }
 }
 
+/// Keras' `RandomCrop(height, width)`: in training, a `height×width` window at a random place
+/// in each image (drawn by core, so every engine crops the same windows); at inference, the
+/// centre window. (Keras resizes the image before its centre crop at inference, keeping the
+/// largest window of the target's aspect ratio; convkit crops without resizing.) It must be
+/// the model's first layer: convkit crops on the host, before the batch reaches the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RandomCrop {
+    pub height: usize,
+    pub width: usize,
+}
+
+impl RandomCrop {
+    pub fn new(height: usize, width: usize) -> Self {
+        RandomCrop { height, width }
+    }
+}
+
 /// Randomly zeroes a fraction `rate` of its inputs during training (inverted dropout);
 /// the identity at inference.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -267,6 +284,7 @@ pub enum LayerKind {
     Dense(Dense),
     Dropout(Dropout),
     BatchNormalization(BatchNormalization),
+    RandomCrop(RandomCrop),
 }
 
 impl LayerKind {
@@ -347,6 +365,7 @@ impl LayerKind {
             LayerKind::Dense(dense) => Box::new(dense.clone()),
             LayerKind::Dropout(dropout) => Box::new(dropout.clone()),
             LayerKind::BatchNormalization(bn) => Box::new(bn.clone()),
+            LayerKind::RandomCrop(crop) => Box::new(*crop),
         }
     }
 
@@ -372,6 +391,7 @@ impl LayerKind {
             LayerKind::Dense(Dense::new(1)),
             LayerKind::Dropout(Dropout::new(0.5)),
             LayerKind::BatchNormalization(BatchNormalization::new()),
+            LayerKind::RandomCrop(RandomCrop::new(1, 1)),
         ];
         for kind in &all {
             // A new layer type stops compiling here until it is listed above.
@@ -384,7 +404,8 @@ impl LayerKind {
                 | LayerKind::Flatten
                 | LayerKind::Dense(_)
                 | LayerKind::Dropout(_)
-                | LayerKind::BatchNormalization(_) => {}
+                | LayerKind::BatchNormalization(_)
+                | LayerKind::RandomCrop(_) => {}
             }
         }
         all
@@ -405,7 +426,8 @@ impl LayerKind {
             | LayerKind::GlobalAveragePooling2D
             | LayerKind::Flatten
             | LayerKind::Dropout(_)
-            | LayerKind::BatchNormalization(_) => None,
+            | LayerKind::BatchNormalization(_)
+            | LayerKind::RandomCrop(_) => None,
         }
     }
 }
@@ -418,6 +440,11 @@ impl From<Conv2D> for LayerKind {
 impl From<Dense> for LayerKind {
     fn from(l: Dense) -> Self {
         LayerKind::Dense(l)
+    }
+}
+impl From<RandomCrop> for LayerKind {
+    fn from(l: RandomCrop) -> Self {
+        LayerKind::RandomCrop(l)
     }
 }
 impl From<Dropout> for LayerKind {
@@ -521,6 +548,10 @@ pub(crate) trait LayerRules {
     /// The regulariser of its kernel, for a layer with one.
     fn kernel_regularizer(&self) -> Option<Regularizer> {
         None
+    }
+    /// Whether the layer can only come first (it works on the host batch).
+    fn first_only(&self) -> bool {
+        false
     }
 }
 
@@ -778,6 +809,49 @@ impl LayerRules for Dense {
     }
     fn kernel_regularizer(&self) -> Option<Regularizer> {
         self.kernel_regularizer
+    }
+}
+
+impl LayerRules for RandomCrop {
+    fn type_name(&self) -> &'static str {
+        "RandomCrop"
+    }
+    fn name_stem(&self) -> &'static str {
+        "random_crop"
+    }
+    fn output(&self, input: Shape) -> std::result::Result<Shape, String> {
+        let (h, w, c) = image("RandomCrop", input)?;
+        if self.height == 0 || self.width == 0 || self.height > h || self.width > w {
+            return Err(format!(
+                "RandomCrop takes a window of 1×1 up to the input's {h}×{w}, found {}×{}",
+                self.height, self.width
+            ));
+        }
+        Ok(Shape::Image {
+            h: self.height,
+            w: self.width,
+            c,
+        })
+    }
+    fn weights(&self, _input: Shape) -> Vec<(Role, Vec<usize>)> {
+        Vec::new()
+    }
+    /// A copy, no arithmetic.
+    fn flops(&self, _input: Shape, _output: Shape) -> u64 {
+        0
+    }
+    fn first_only(&self) -> bool {
+        true
+    }
+    fn op(&self, input: Shape, _weights: &[usize], _head: bool) -> PlannedOp {
+        let [h, w] = match input {
+            Shape::Image { h, w, .. } => [h, w],
+            Shape::Flat(n) => [n, 1],
+        };
+        PlannedOp::Crop {
+            from: [h, w],
+            size: [self.height, self.width],
+        }
     }
 }
 
