@@ -1707,3 +1707,66 @@ fn csv_rows(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
         })
         .collect()
 }
+
+/// Keras' RandomCrop from the command line: random windows in training, the centre at
+/// inference, kept in the checkpoint and its ONNX export.
+#[test]
+fn a_random_crop_trains_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("crop");
+    let o = convkit(&[
+        "train",
+        "--limit",
+        "64",
+        "--epochs",
+        "1",
+        "--random-crop",
+        "24",
+        "24",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let checkpoint = convkit::Checkpoint::load(&out).unwrap();
+    assert_eq!(checkpoint.spec.input_shape, [28, 28, 1]);
+    assert!(matches!(
+        checkpoint.spec.layers[0].kind,
+        convkit::LayerKind::RandomCrop(convkit::RandomCrop {
+            height: 24,
+            width: 24
+        })
+    ));
+    // 24 → 22 → 11 → 9 → 4: a Dense on 4·4·64 features.
+    assert_eq!(
+        checkpoint.weights.get("dense.weight").unwrap().shape,
+        vec![128, 1024]
+    );
+    let onnx = dir.path().join("crop.onnx");
+    let o = convkit(&[
+        "export",
+        "--weights",
+        out.to_str().unwrap(),
+        "--onnx",
+        onnx.to_str().unwrap(),
+    ]);
+    assert!(o.status.success() && onnx.exists(), "{}", text(&o));
+    // A window larger than the images is refused, saying what fits.
+    let o = convkit(&[
+        "train",
+        "--limit",
+        "64",
+        "--epochs",
+        "1",
+        "--random-crop",
+        "30",
+        "24",
+        "--out",
+        dir.path().join("never").to_str().unwrap(),
+    ]);
+    let said = text(&o);
+    assert!(
+        !o.status.success() && said.contains("up to the input's 28×28, found 30×24"),
+        "{said}"
+    );
+}
