@@ -1770,3 +1770,63 @@ fn a_random_crop_trains_and_exports() {
         "{said}"
     );
 }
+
+/// A run folder has one owner: a second run on the same --out stops at once, naming the first.
+#[test]
+fn a_second_run_in_the_same_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("shared");
+    let args = [
+        "train", "--limit", "3000", "--epochs", "5", "--quiet", "--out",
+    ];
+    let mut first = Command::new(env!("CARGO_BIN_EXE_convkit"))
+        .args(args)
+        .arg(&out)
+        .env("CONVKIT_DATA", common::data_dir())
+        .env("CONVKIT_OFFLINE", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = out.join(".convkit-lock");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&lock)
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first run ended before it locked"
+        );
+        assert!(
+            start.elapsed().as_secs() < 300,
+            "the first run never locked its folder"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut second: Vec<&str> = args.to_vec();
+    second.extend(["--overwrite", out.to_str().unwrap()]);
+    let o = convkit(&second);
+    let said = text(&o);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(
+        !o.status.success()
+            && said.contains(&format!("process {} is running in this folder", first.id())),
+        "{said}"
+    );
+    // Its lock goes with the process: the folder is free again.
+    let o = convkit(&[
+        "train",
+        "--limit",
+        "64",
+        "--epochs",
+        "1",
+        "--quiet",
+        "--overwrite",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+}

@@ -40,6 +40,68 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, |w| w.write_all(bytes))
 }
 
+/// An advisory lock on a run folder, held for the life of a run, so that two processes never
+/// write one folder (one would delete or resume the other's backup). It is the folder's
+/// `.convkit-lock` file, holding the owner's process id; the lock goes with the process, so a
+/// killed run leaves nothing to clean up (the file stays, unlocked).
+#[derive(Debug)]
+pub struct FolderLock {
+    _file: std::fs::File,
+}
+
+impl FolderLock {
+    pub const FILE: &'static str = ".convkit-lock";
+
+    /// Lock `dir` (made if missing), or say which process holds it.
+    pub fn acquire(dir: &Path) -> Result<FolderLock> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let path = dir.join(Self::FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                let owner = match owner.trim() {
+                    "" => "another process".to_string(),
+                    pid => format!("process {pid}"),
+                };
+                return Err(Error::data(
+                    dir,
+                    format!("{owner} is running in this folder (it holds {}); wait for it to finish, or give another --out", Self::FILE),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+        }
+        file.set_len(0)
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .and_then(|()| file.sync_data())
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(FolderLock { _file: file })
+    }
+}
+
+/// Remove the temporary files (`.convkit-*.tmp`) that a write killed before its rename left
+/// in `dir`; the number removed. Call it with the folder locked, so no write is under way.
+pub fn remove_stale_temporaries(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".convkit-") && name.ends_with(".tmp") && entry.path().is_file() {
+            std::fs::remove_file(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Read a text file of at most `limit` bytes; a larger one is an error before it is read.
 pub fn read_to_string_capped(path: &Path, limit: u64) -> Result<String> {
     let size = std::fs::metadata(path)
@@ -57,6 +119,29 @@ pub fn read_to_string_capped(path: &Path, limit: u64) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_has_one_owner_and_stale_temporaries_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let held = FolderLock::acquire(&run).unwrap();
+        let err = FolderLock::acquire(&run).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "process {} is running in this folder",
+                std::process::id()
+            )) && err.contains("give another --out"),
+            "{err}"
+        );
+        drop(held);
+        let _again = FolderLock::acquire(&run).unwrap();
+        std::fs::write(run.join(".convkit-abc123.tmp"), b"half").unwrap();
+        std::fs::write(run.join("model.safetensors"), b"whole").unwrap();
+        assert_eq!(remove_stale_temporaries(&run).unwrap(), 1);
+        assert!(
+            run.join("model.safetensors").exists() && !run.join(".convkit-abc123.tmp").exists()
+        );
+    }
 
     #[test]
     fn a_failed_write_leaves_the_previous_file_and_no_temporary() {

@@ -11,6 +11,7 @@ use crate::backend::Backend;
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
 use crate::compile::{Compile, Loss, Optimizer};
 use crate::data::{Dataset, Normalisation, Splits};
+use crate::io::FolderLock;
 use crate::plot::{ConfusionHeatmap, Figure, SampleGrid, TrainingCurves};
 use crate::pytorch::FlattenOrder;
 use crate::spec::{LayerKind, Regularizer, Sequential, SizeLimits};
@@ -326,7 +327,8 @@ impl TrainRequest {
         };
         let mut model = Model::with_weights(spec, compile, backend, &weights)?;
         model.distribute(group.clone());
-        self.prepare_folder(root)?;
+        // Held until the run returns: no other process writes this folder meanwhile.
+        let _lock = self.prepare_folder(root)?;
         let meta = CheckpointMeta {
             classes: splits.train.classes.clone(),
             normalisation,
@@ -413,9 +415,15 @@ impl TrainRequest {
         Ok(())
     }
 
-    /// The run folder, made; a folder holding another run refused unless asked to overwrite
-    /// it; on rank 0, its backup then removed, and the command recorded.
-    fn prepare_folder(&self, root: bool) -> Result<()> {
+    /// The run folder, made and, on rank 0, locked for the run ([`FolderLock`]); a folder
+    /// holding another run refused unless asked to overwrite it; on rank 0, temporary files
+    /// a killed write left removed, the backup removed when overwriting, and the command
+    /// recorded.
+    fn prepare_folder(&self, root: bool) -> Result<Option<FolderLock>> {
+        let lock = match root {
+            true => Some(FolderLock::acquire(&self.out)?),
+            false => None,
+        };
         let last = self.out.join(LAST);
         if !self.resume && !self.overwrite && last.exists() {
             return Err(Error::data(
@@ -425,15 +433,22 @@ impl TrainRequest {
         }
         std::fs::create_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
         if !root {
-            return Ok(());
+            return Ok(lock);
+        }
+        let stale = crate::io::remove_stale_temporaries(&self.out)?;
+        if stale > 0 && !self.quiet {
+            eprintln!(
+                "removed {stale} temporary file(s) an interrupted write left in {}",
+                self.out.display()
+            );
         }
         if self.overwrite && !self.resume && last.exists() {
             std::fs::remove_file(&last).map_err(|e| Error::io(&last, e))?;
         }
-        match &self.command {
-            Some(command) => command.save(&self.out),
-            None => Ok(()),
+        if let Some(command) = &self.command {
+            command.save(&self.out)?;
         }
+        Ok(lock)
     }
 
     /// Eight training images, each followed by three augmented copies, as `augmented.png`.
