@@ -1805,9 +1805,7 @@ fn a_second_run_in_the_same_folder_is_refused() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let mut second: Vec<&str> = args.to_vec();
-    second.extend(["--overwrite", out.to_str().unwrap()]);
-    let o = convkit(&second);
+    let o = convkit(&[&args[..], &[out.to_str().unwrap(), "--overwrite"]].concat());
     let said = text(&o);
     first.kill().unwrap();
     first.wait().unwrap();
