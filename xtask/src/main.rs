@@ -758,4 +758,56 @@ mod tests {
         assert_eq!(name("   Compiling convkit v0.1.0"), None);
         assert_eq!(name("test result: ok. 3 passed"), None);
     }
+
+    /// The workspace's `rust-version` is what the locked tree needs, all features on: the
+    /// highest `rust-version` of any locked package (no lower, or an older toolchain fails on
+    /// a dependency; no higher, or it turns away toolchains that would work).
+    #[test]
+    fn rust_version_is_the_locked_trees_minimum() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = std::process::Command::new(env!("CARGO"))
+            .args([
+                "metadata",
+                "--format-version",
+                "1",
+                "--locked",
+                "--offline",
+                "--all-features",
+            ])
+            .current_dir(&root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let version = |text: &str| -> Vec<u32> {
+            text.split('.').map(|part| part.parse().unwrap()).collect()
+        };
+        let mut needed = (vec![0], String::new());
+        for package in metadata["packages"].as_array().unwrap() {
+            if let Some(v) = package["rust_version"].as_str() {
+                let is_ours = package["source"].is_null();
+                if !is_ours && version(v) > needed.0 {
+                    needed = (
+                        version(v),
+                        format!("{} {}", package["name"], package["version"]),
+                    );
+                }
+            }
+        }
+        let manifest: toml::Value =
+            toml::from_str(&std::fs::read_to_string(root.join("Cargo.toml")).unwrap()).unwrap();
+        let ours = manifest["workspace"]["package"]["rust-version"]
+            .as_str()
+            .unwrap();
+        assert_eq!(
+            version(ours),
+            needed.0,
+            "Cargo.toml says {ours}; {} needs more or less",
+            needed.1
+        );
+    }
 }
