@@ -263,7 +263,7 @@ fn bad_input_fails_clearly() {
     fails_with(
         &["train", "--dataset", "imagenet", "--out", out_s],
         &[
-            "expected mnist, fashion-mnist, cifar10, synthetic or an image folder",
+            "expected mnist, fashion-mnist, cifar10, synthetic, random or an image folder",
             "imagenet",
         ],
     );
