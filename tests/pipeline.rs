@@ -449,6 +449,32 @@ fn a_fit_continues_from_its_backup() {
             err.contains("another run") && err.contains("batch_size: 32"),
             "{err}"
         );
+        // Renamed class folders: the labels would mean something else. Refused, naming them.
+        let mut renamed = train.clone();
+        renamed.classes.swap(0, 1);
+        let mut model = Model::new(spec.clone(), compile.clone(), engine.as_ref(), 3).unwrap();
+        let err = (model.fit(&renamed).epochs(4).batch_size(32).seed(9))
+            .verbosity(Verbosity::Silent)
+            .backup(&cut)
+            .run()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the class names differ") && err.contains(r#"["1", "0", "2""#),
+            "{err}"
+        );
+        // Another model: the first layer that differs is named.
+        let mut wider = spec.clone();
+        wider.layers[0] = convkit::Conv2D::new(16, 3)
+            .activation(convkit::Activation::Relu)
+            .into();
+        let mut model = Model::new(wider, compile.clone(), engine.as_ref(), 3).unwrap();
+        let err = (model.fit(&train).epochs(4).verbosity(Verbosity::Silent))
+            .backup(&cut)
+            .run()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the model differs: layer 0 (conv2d)"), "{err}");
     }
 }
 

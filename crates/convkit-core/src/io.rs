@@ -17,11 +17,13 @@ pub fn write_atomic(
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".convkit-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".convkit-").suffix(".tmp");
+    // As any new file: 0666 less the umask, so a group can read a shared run (tempfile's
+    // default, 0600, would keep every output to its owner).
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
     {
         let mut out = std::io::BufWriter::new(tmp.as_file_mut());
         write(&mut out).map_err(|e| Error::io(path, e))?;
@@ -119,6 +121,19 @@ pub fn read_to_string_capped(path: &Path, limit: u64) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn outputs_get_the_umasks_mode_as_any_new_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("metrics.json");
+        write_bytes_atomic(&ours, b"{}").unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::File::create(&plain).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&ours), mode(&plain));
+    }
 
     #[test]
     fn a_folder_has_one_owner_and_stale_temporaries_go() {

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, CheckpointMeta, FIT_PREFIX};
 use crate::optim::OptimizerState;
+use crate::spec::Sequential;
 use crate::train::{EpochLog, History, Model};
 use crate::weights::Weights;
 use crate::{Error, Result, SizeLimits};
@@ -160,6 +161,34 @@ pub(crate) fn save(
     checkpoint.save_with(path, extra, HashMap::from([(META_FIT.to_string(), json)]))
 }
 
+/// Where two specs differ, in words: the input, the number of layers, or the first layer
+/// that is not the same; `None` when they are equal.
+fn spec_difference(then: &Sequential, now: &Sequential) -> Option<String> {
+    if then == now {
+        return None;
+    }
+    if then.input_shape != now.input_shape {
+        return Some(format!(
+            "input {:?} then, {:?} now",
+            then.input_shape, now.input_shape
+        ));
+    }
+    let names = now.layer_names();
+    let layer = (then.layers.iter().zip(&now.layers)).position(|(a, b)| a != b);
+    Some(match layer {
+        Some(i) => format!(
+            "layer {i} ({}): {:?} then, {:?} now",
+            names[i], then.layers[i], now.layers[i]
+        ),
+        None if then.layers.len() != now.layers.len() => format!(
+            "{} layers then, {} now",
+            then.layers.len(),
+            now.layers.len()
+        ),
+        None => format!("the name: `{}` then, `{}` now", then.name, now.name),
+    })
+}
+
 /// A backup read back: the model's weights and optimizer state are already loaded.
 pub(crate) struct Restored {
     pub record: FitRecord,
@@ -167,20 +196,42 @@ pub(crate) struct Restored {
 }
 
 /// Load the backup at `path` into `model`, after checking it was made by the same model,
-/// compile settings and fit settings.
-pub(crate) fn restore(path: &Path, model: &mut Model, settings: &FitSettings) -> Result<Restored> {
+/// compile settings, fit settings, class names and normalisation (`meta`, the data's); a
+/// difference is an error that names it, then and now.
+pub(crate) fn restore(
+    path: &Path,
+    model: &mut Model,
+    settings: &FitSettings,
+    meta: &CheckpointMeta,
+) -> Result<Restored> {
     let (checkpoint, extra, metadata) = Checkpoint::load_with_extras(path, &SizeLimits::NONE)?;
     let another = |what: &str| {
         Error::data(
             path,
-            format!("this backup is of another run ({what} differs); delete it to start over, or back up elsewhere"),
+            format!("this backup is of another run ({what}); delete it to start over, or back up elsewhere"),
         )
     };
-    if checkpoint.spec != *model.spec() {
-        return Err(another("the model"));
+    if let Some(difference) = spec_difference(&checkpoint.spec, model.spec()) {
+        return Err(another(&format!("the model differs: {difference}")));
     }
     if checkpoint.compile != *model.compile_settings() {
-        return Err(another("the optimizer or loss"));
+        return Err(another(&format!(
+            "the optimizer or loss differs: {:?} then, {:?} now",
+            checkpoint.compile,
+            model.compile_settings()
+        )));
+    }
+    if checkpoint.meta.classes != meta.classes {
+        return Err(another(&format!(
+            "the class names differ: {:?} then, {:?} now; the labels would not mean what they meant",
+            checkpoint.meta.classes, meta.classes
+        )));
+    }
+    if checkpoint.meta.normalisation != meta.normalisation {
+        return Err(another(&format!(
+            "the normalisation differs: {:?} then, {:?} now",
+            checkpoint.meta.normalisation, meta.normalisation
+        )));
     }
     let text = metadata.get(META_FIT).ok_or_else(|| {
         Error::data(
@@ -194,7 +245,7 @@ pub(crate) fn restore(path: &Path, model: &mut Model, settings: &FitSettings) ->
     })?;
     if record.settings != *settings {
         return Err(another(&format!(
-            "fit settings: {:?} then, {settings:?} now",
+            "the fit settings differ: {:?} then, {settings:?} now",
             record.settings
         )));
     }

@@ -323,7 +323,7 @@ impl<'a> Fit<'a> {
         let Some(path) = self.backup.as_deref().filter(|_| restore) else {
             return Ok((1, false));
         };
-        let restored = backup::restore(path, self.model, &state.settings)?;
+        let restored = backup::restore(path, self.model, &state.settings, &state.backup_meta)?;
         if restored.callbacks.len() != self.callbacks.len() {
             return Err(Error::data(
                 path,
