@@ -134,7 +134,7 @@ impl Checkpoint {
         } else {
             path.to_path_buf()
         };
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let bytes = crate::io::read_capped(&path, u64::MAX)?;
         let (mut weights, metadata) = Weights::from_safetensors(&path, &bytes)?;
         let (extra, own) = std::mem::take(&mut weights.tensors)
             .into_iter()

@@ -104,18 +104,49 @@ pub fn remove_stale_temporaries(dir: &Path) -> Result<usize> {
     Ok(removed)
 }
 
-/// Read a text file of at most `limit` bytes; a larger one is an error before it is read.
-pub fn read_to_string_capped(path: &Path, limit: u64) -> Result<String> {
-    let size = std::fs::metadata(path)
-        .map_err(|e| Error::io(path, e))?
-        .len();
+/// `path` opened for reading, when it is a regular file (a symbolic link is followed; a loop
+/// of them is the system's error). A FIFO, socket or device is refused, naming what it is:
+/// reading one could wait forever (a FIFO nobody writes) or never end (`/dev/zero`).
+pub fn open_regular(path: &Path) -> Result<std::fs::File> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a folder"
+        } else {
+            "a FIFO, socket or device"
+        };
+        return Err(Error::data(
+            path,
+            format!("expected a regular file, found {what}"),
+        ));
+    }
+    std::fs::File::open(path).map_err(|e| Error::io(path, e))
+}
+
+/// The bytes of the regular file `path` ([`open_regular`]), at most `limit` of them: a larger
+/// file is an error before it is read, and reading stops at the size the file had when
+/// opened, so one that grows meanwhile cannot take more memory.
+pub fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let file = open_regular(path)?;
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if size > limit {
         return Err(Error::data(
             path,
             format!("expected at most {limit} bytes, the file has {size}"),
         ));
     }
-    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(size)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
+
+/// Read a text file of at most `limit` bytes ([`read_capped`]).
+pub fn read_to_string_capped(path: &Path, limit: u64) -> Result<String> {
+    String::from_utf8(read_capped(path, limit)?)
+        .map_err(|e| Error::data(path, format!("expected UTF-8 text: {e}")))
 }
 
 #[cfg(test)]
@@ -133,6 +164,43 @@ mod tests {
         std::fs::File::create(&plain).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&ours), mode(&plain));
+    }
+
+    /// Special files are refused at once, by name: nothing blocks on a FIFO, reads /dev/zero
+    /// forever or loops on links.
+    #[cfg(unix)]
+    #[test]
+    fn only_regular_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("images.idx");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        for special in [fifo.as_path(), Path::new("/dev/zero")] {
+            let err = read_capped(special, u64::MAX).unwrap_err().to_string();
+            assert!(
+                err.contains("expected a regular file, found a FIFO, socket or device"),
+                "{err}"
+            );
+            assert!(open_regular(special).is_err());
+        }
+        let err = read_capped(dir.path(), 10).unwrap_err().to_string();
+        assert!(err.contains("found a folder"), "{err}");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::os::unix::fs::symlink(&b, &a).unwrap();
+        std::os::unix::fs::symlink(&a, &b).unwrap();
+        let err = read_capped(&a, 10).unwrap_err().to_string();
+        assert!(err.contains(&a.display().to_string()), "{err}");
+        let text = dir.path().join("t.json");
+        std::fs::write(&text, "0123456789").unwrap();
+        assert_eq!(read_to_string_capped(&text, 10).unwrap(), "0123456789");
+        let err = read_to_string_capped(&text, 9).unwrap_err().to_string();
+        assert!(
+            err.contains("expected at most 9 bytes, the file has 10"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub fn weights_from_state_dict(
     spec: &Sequential,
     flatten: FlattenOrder,
 ) -> Result<Weights> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::io::read_capped(path, u64::MAX)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::format(path, 0, format!("not a safetensors file: {e}")))?;
     let weights_error = |tensor: &str, message: String| Error::Weights {

@@ -16,7 +16,8 @@ pub fn read_cifar10_batches(paths: &[impl AsRef<Path>]) -> Result<Dataset> {
     let mut labels = Vec::new();
     for path in paths {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        // A batch file is 30,730,000 bytes.
+        let bytes = crate::io::read_capped(path, 64 << 20)?;
         if bytes.is_empty() || bytes.len() % RECORD != 0 {
             let whole = bytes.len() / RECORD * RECORD;
             return Err(Error::format(

@@ -40,7 +40,7 @@ pub fn decode_limits() -> image::Limits {
 
 /// Decode one image file and bring it to `target` (resize with a triangle filter; grey or RGB).
 pub fn load_image(path: &Path, target: ImageShape) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::io::read_capped(path, MAX_IMAGE_ALLOC)?;
     let image_error = |e: image::ImageError| Error::Image {
         path: path.into(),
         message: e.to_string(),

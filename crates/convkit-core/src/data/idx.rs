@@ -16,7 +16,7 @@ pub const MAX_IDX_BYTES: u64 = 512 << 20;
 /// gzip content (detected by its magic bytes) is decompressed as it is read, and never past
 /// what the header promises, so a small file cannot inflate into gigabytes.
 fn read_idx(path: &Path, magic: u32, dims: usize) -> Result<(Vec<usize>, Vec<u8>)> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::io::open_regular(path)?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut reader = BufReader::new(file);
     let gz = reader

@@ -593,7 +593,7 @@ fn load_from_dir(name: DatasetName, split: Split, dir: &Path) -> Result<Dataset>
 }
 
 fn unpack_cifar(archive: &Path, dest: &Path) -> Result<()> {
-    let file = std::fs::File::open(archive).map_err(|e| Error::io(archive, e))?;
+    let file = crate::io::open_regular(archive)?;
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
     let entries = tar
         .entries()
