@@ -29,8 +29,8 @@ use std::path::Path;
 mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx_proto/mod.rs"));
 }
-use proto::onnx as pb;
 use pb::tensor_shape_proto::{dimension, Dimension};
+use proto::onnx as pb;
 use protobuf::{Enum as _, Message as _, MessageField};
 
 use crate::checkpoint::Checkpoint;
