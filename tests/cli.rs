@@ -836,26 +836,26 @@ fn fine_tune_with_frozen_layers_and_a_new_head_on_another_engine() {
             }
         }
     }
+    // `train` from the base run on the bars, batches of 4, with `edits`, into `out`.
+    let fine_tune = |out: &Path, edits: &[&str]| {
+        let start = ["train", "--init-weights", base.to_str().unwrap()];
+        let data = ["--dataset", root.to_str().unwrap(), "--batch-size", "4"];
+        convkit(&[&start[..], edits, &data, &["--out", out.to_str().unwrap()]].concat())
+    };
     let tuned = dir.path().join("tuned");
-    let o = convkit(&[
-        "train",
-        "--backend",
-        second,
-        "--init-weights",
-        base.to_str().unwrap(),
-        "--freeze",
-        "4",
-        "--new-head",
-        "2",
-        "--dataset",
-        root.to_str().unwrap(),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "4",
-        "--out",
-        tuned.to_str().unwrap(),
-    ]);
+    let o = fine_tune(
+        &tuned,
+        &[
+            "--backend",
+            second,
+            "--freeze",
+            "4",
+            "--new-head",
+            "2",
+            "--epochs",
+            "2",
+        ],
+    );
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("Non-trainable params: 18,816"), "{t}");
@@ -885,25 +885,19 @@ fn fine_tune_with_frozen_layers_and_a_new_head_on_another_engine() {
 
     // The guide's way: remove the fully connected layers, add new ones, freeze up to a layer.
     let stacked = dir.path().join("stacked");
-    let o = convkit(&[
-        "train",
-        "--backend",
-        second,
-        "--init-weights",
-        base.to_str().unwrap(),
-        "--freeze",
-        "max_pooling2d_1",
-        "--new-head",
-        "Dense 32 relu, Dropout 0.5, Dense 2 softmax",
-        "--dataset",
-        root.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--out",
-        stacked.to_str().unwrap(),
-    ]);
+    let o = fine_tune(
+        &stacked,
+        &[
+            "--backend",
+            second,
+            "--freeze",
+            "max_pooling2d_1",
+            "--new-head",
+            "Dense 32 relu, Dropout 0.5, Dense 2 softmax",
+            "--epochs",
+            "1",
+        ],
+    );
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     let after = convkit::Checkpoint::load(&stacked).unwrap();
@@ -941,23 +935,17 @@ fn fine_tune_with_frozen_layers_and_a_new_head_on_another_engine() {
     );
     // --remove-layers: keep the trained Dense(128) and add a head after it.
     let kept = dir.path().join("kept");
-    let o = convkit(&[
-        "train",
-        "--init-weights",
-        base.to_str().unwrap(),
-        "--new-head",
-        "Dense 2 softmax",
-        "--remove-layers",
-        "1",
-        "--dataset",
-        root.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--out",
-        kept.to_str().unwrap(),
-    ]);
+    let o = fine_tune(
+        &kept,
+        &[
+            "--new-head",
+            "Dense 2 softmax",
+            "--remove-layers",
+            "1",
+            "--epochs",
+            "1",
+        ],
+    );
     assert!(o.status.success(), "{}", text(&o));
     let after = convkit::Checkpoint::load(&kept).unwrap();
     assert_eq!(after.spec.layers.len(), 7);
@@ -971,54 +959,23 @@ fn fine_tune_with_frozen_layers_and_a_new_head_on_another_engine() {
     );
 
     let out = dir.path().join("never");
-    fails_with(
-        &[
-            "train",
-            "--init-weights",
-            base.to_str().unwrap(),
-            "--new-head",
-            "Dense 2 softmax, Conv 3",
-            "--out",
-            out.to_str().unwrap(),
-        ],
+    let refused = |edit: [&str; 2], says: &[&str]| {
+        let start = ["train", "--init-weights", base.to_str().unwrap()];
+        fails_with(
+            &[&start[..], &edit, &["--out", out.to_str().unwrap()]].concat(),
+            says,
+        );
+    };
+    refused(
+        ["--new-head", "Dense 2 softmax, Conv 3"],
         &["`Conv 3`", "expected Dense UNITS [ACTIVATION]"],
     );
-    fails_with(
-        &[
-            "train",
-            "--init-weights",
-            base.to_str().unwrap(),
-            "--freeze",
-            "conv9",
-            "--out",
-            out.to_str().unwrap(),
-        ],
+    refused(
+        ["--freeze", "conv9"],
         &["no layer `conv9`", "conv2d, max_pooling2d"],
     );
-    fails_with(
-        &[
-            "train",
-            "--init-weights",
-            base.to_str().unwrap(),
-            "--new-head",
-            "0",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &["new head", "at least one unit"],
-    );
-    fails_with(
-        &[
-            "train",
-            "--init-weights",
-            base.to_str().unwrap(),
-            "--freeze",
-            "99",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &["cannot freeze the first 99"],
-    );
+    refused(["--new-head", "0"], &["new head", "at least one unit"]);
+    refused(["--freeze", "99"], &["cannot freeze the first 99"]);
 }
 
 #[test]

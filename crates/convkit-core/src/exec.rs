@@ -556,28 +556,16 @@ impl<O: Ops> Executor<O> {
 
     /// Images of the batch the logits (`[n, outputs]`, row-major) classify as `y` says.
     fn correct(&self, logits: &[f32], y: &Targets) -> usize {
-        let k = self.outputs;
-        let argmax = |row: &[f32]| {
-            row.iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                    if v > best.1 {
-                        (i, v)
-                    } else {
-                        best
-                    }
-                })
-                .0
-        };
-        let rows = logits.chunks_exact(k);
+        use crate::data::most_likely;
+        let rows = logits.chunks_exact(self.outputs);
         match y {
             Targets::Sparse(labels) => rows
                 .zip(labels)
-                .filter(|(r, &l)| argmax(r) == l as usize)
+                .filter(|(r, &l)| most_likely(*r) == l)
                 .count(),
             Targets::Dense(t) => rows
                 .zip(t.rows())
-                .filter(|(r, t)| argmax(r) == argmax(&t.to_vec()))
+                .filter(|(r, t)| most_likely(*r) == most_likely(t))
                 .count(),
             Targets::Binary(t) => rows
                 .zip(t)

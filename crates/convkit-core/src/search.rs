@@ -614,14 +614,7 @@ impl Trial {
 /// they take Keras' automatic names).
 fn with_conv_blocks(base: &Sequential, blocks: usize) -> Result<Sequential> {
     let body_end = (base.layers.iter())
-        .position(|l| {
-            matches!(
-                l.kind,
-                LayerKind::Flatten
-                    | LayerKind::GlobalAveragePooling2D
-                    | LayerKind::GlobalMaxPooling2D
-            )
-        })
+        .position(|l| l.kind.flattens())
         .unwrap_or(base.layers.len());
     let starts: Vec<usize> = (0..body_end)
         .filter(|&i| matches!(base.layers[i].kind, LayerKind::Conv2D(_)))

@@ -806,18 +806,7 @@ impl Sequential {
     /// How many layers at the end make the fully connected classifier: every layer after the
     /// last Flatten or global pooling (all of them when there is none).
     pub fn classifier_len(&self) -> usize {
-        let body = self.layers.iter().rposition(|layer| match layer.kind {
-            LayerKind::Flatten
-            | LayerKind::GlobalAveragePooling2D
-            | LayerKind::GlobalMaxPooling2D => true,
-            LayerKind::Conv2D(_)
-            | LayerKind::MaxPooling2D(_)
-            | LayerKind::AveragePooling2D(_)
-            | LayerKind::Dense(_)
-            | LayerKind::Dropout(_)
-            | LayerKind::BatchNormalization(_)
-            | LayerKind::RandomCrop(_) => false,
-        });
+        let body = (self.layers.iter()).rposition(|layer| layer.kind.flattens());
         self.layers.len() - body.map_or(0, |i| i + 1)
     }
 

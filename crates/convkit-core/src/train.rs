@@ -360,15 +360,7 @@ impl Evaluation {
         targets: Array2<f32>,
         classes: Vec<String>,
     ) -> Result<Self> {
-        if targets.ncols() != classes.len() {
-            return Err(Error::Shape {
-                expected: format!("soft targets of {} columns (one per class)", classes.len()),
-                found: format!("{} columns", targets.ncols()),
-            });
-        }
-        let labels = (targets.rows().into_iter())
-            .map(crate::data::most_likely)
-            .collect();
+        let labels = crate::data::soft_labels(&targets, classes.len())?;
         Evaluation::score(loss, head, probabilities, labels, Some(targets), classes)
     }
 

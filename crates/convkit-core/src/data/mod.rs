@@ -219,12 +219,7 @@ impl Dataset {
         targets: Array2<f32>,
         classes: Vec<String>,
     ) -> Result<Self> {
-        if targets.ncols() != classes.len() {
-            return Err(Error::Shape {
-                expected: format!("soft targets of {} columns (one per class)", classes.len()),
-                found: format!("{} columns", targets.ncols()),
-            });
-        }
+        let labels = soft_labels(&targets, classes.len())?;
         if let Some(((i, c), v)) = targets
             .indexed_iter()
             .find(|(_, v)| !(0.0..=1.0).contains(*v))
@@ -234,7 +229,6 @@ impl Dataset {
                 format!("soft target {v} of image {i}, class {c}: expected a value in [0, 1]"),
             ));
         }
-        let labels = targets.rows().into_iter().map(most_likely).collect();
         let mut data = Dataset::new(images, shape, labels, classes)?;
         data.soft_targets = Some(targets);
         Ok(data)
@@ -247,18 +241,6 @@ impl Dataset {
             0 => 1.0 - targets[i],
             _ => targets[i],
         })
-    }
-
-    /// Image `i`'s target row: its soft targets, or its label one-hot.
-    pub fn target_row(&self, i: usize) -> Vec<f32> {
-        match &self.soft_targets {
-            Some(rows) => rows.row(i).to_vec(),
-            None => {
-                let mut row = vec![0.0; self.num_classes()];
-                row[self.labels[i] as usize] = 1.0;
-                row
-            }
-        }
     }
 
     pub fn len(&self) -> usize {
@@ -549,6 +531,18 @@ impl Batcher<'_> {
         }
         Ok(())
     }
+}
+
+/// The labels of soft targets `[n, classes]`: each row's most likely class; an error when the
+/// rows are not one value per class.
+pub(crate) fn soft_labels(targets: &Array2<f32>, classes: usize) -> Result<Vec<u32>> {
+    if targets.ncols() != classes {
+        return Err(Error::Shape {
+            expected: format!("soft targets of {classes} columns (one per class)"),
+            found: format!("{} columns", targets.ncols()),
+        });
+    }
+    Ok(targets.rows().into_iter().map(most_likely).collect())
 }
 
 /// The class a row of probabilities or targets gives most weight to (the first of equals):

@@ -7,6 +7,16 @@ use rand_chacha::ChaCha8Rng;
 use super::{Dataset, ImageShape};
 use crate::{Error, Result};
 
+/// The pixel values of `n` images of `shape`, or an error (naming `what`) when they overflow.
+fn pixel_count(what: &'static str, n: usize, shape: ImageShape) -> Result<usize> {
+    n.checked_mul(shape.len()).ok_or_else(|| {
+        Error::config(
+            what,
+            format!("{n} images of {shape} pixels do not fit in memory"),
+        )
+    })
+}
+
 /// `n` random images of `shape` with seeded random labels in `0..classes`.
 pub fn synthetic(n: usize, shape: ImageShape, classes: usize, seed: u64) -> Result<Dataset> {
     if classes < 2 || u32::try_from(classes).is_err() {
@@ -15,12 +25,7 @@ pub fn synthetic(n: usize, shape: ImageShape, classes: usize, seed: u64) -> Resu
             format!("need from 2 to {} classes, found {classes}", u32::MAX),
         ));
     }
-    let pixels = n.checked_mul(shape.len()).ok_or_else(|| {
-        Error::config(
-            "synthetic data",
-            format!("{n} images of {shape} pixels do not fit in memory"),
-        )
-    })?;
+    let pixels = pixel_count("synthetic data", n, shape)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut images = Vec::with_capacity(pixels);
     let mut labels = Vec::with_capacity(n);
@@ -42,12 +47,7 @@ pub fn synthetic(n: usize, shape: ImageShape, classes: usize, seed: u64) -> Resu
 /// 1/255) and `y = np.random.rand(n, 1)`, soft binary targets uniform in [0, 1]. Nothing links
 /// images to targets: there is nothing to learn.
 pub fn random_soft(n: usize, shape: ImageShape, seed: u64) -> Result<Dataset> {
-    let pixels = n.checked_mul(shape.len()).ok_or_else(|| {
-        Error::config(
-            "random data",
-            format!("{n} images of {shape} pixels do not fit in memory"),
-        )
-    })?;
+    let pixels = pixel_count("random data", n, shape)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let images = (0..pixels).map(|_| rng.random::<u8>()).collect();
     let targets: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();

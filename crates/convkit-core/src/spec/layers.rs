@@ -411,6 +411,23 @@ impl LayerKind {
         all
     }
 
+    /// Whether the layer turns an image into a flat vector (Flatten, global pooling): where a
+    /// model's convolutional part ends and its fully connected classifier starts.
+    pub fn flattens(&self) -> bool {
+        match self {
+            LayerKind::Flatten
+            | LayerKind::GlobalAveragePooling2D
+            | LayerKind::GlobalMaxPooling2D => true,
+            LayerKind::Conv2D(_)
+            | LayerKind::MaxPooling2D(_)
+            | LayerKind::AveragePooling2D(_)
+            | LayerKind::Dense(_)
+            | LayerKind::Dropout(_)
+            | LayerKind::BatchNormalization(_)
+            | LayerKind::RandomCrop(_) => false,
+        }
+    }
+
     /// The kernel regulariser of a layer with a kernel (Conv2D, Dense).
     pub fn kernel_regularizer(&self) -> Option<Regularizer> {
         self.rules().kernel_regularizer()

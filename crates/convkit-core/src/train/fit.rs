@@ -549,9 +549,18 @@ fn fill_targets(targets: &mut Targets, ds: &Dataset, chunk: &[usize]) {
             if a.nrows() != chunk.len() {
                 *a = Array2::zeros((chunk.len(), ds.num_classes()));
             }
-            for (r, &i) in chunk.iter().enumerate() {
-                a.row_mut(r)
-                    .assign(&ndarray::ArrayView1::from(&ds.target_row(i)));
+            match &ds.soft_targets {
+                Some(rows) => {
+                    for (r, &i) in chunk.iter().enumerate() {
+                        a.row_mut(r).assign(&rows.row(i));
+                    }
+                }
+                None => {
+                    a.fill(0.0);
+                    for (r, &i) in chunk.iter().enumerate() {
+                        a[[r, ds.labels[i] as usize]] = 1.0;
+                    }
+                }
             }
         }
     }
