@@ -208,7 +208,11 @@ fn convkit_bin() -> &'static str {
 fn mpirun_convkit_train_writes_one_run_from_rank_0() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let o = output(mpirun(2).arg(convkit_bin()).args([
+    let mut launch = mpirun(2);
+    for name in ["RAYON_NUM_THREADS", "OMP_NUM_THREADS", "CONVKIT_THREADS"] {
+        launch.env_remove(name);
+    }
+    let o = output(launch.arg(convkit_bin()).args([
         "train",
         "--dataset",
         "synthetic",
@@ -226,6 +230,12 @@ fn mpirun_convkit_train_writes_one_run_from_rank_0() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert_eq!(t.matches("data-parallel on 2 processes").count(), 1, "{t}");
+    // Left to itself, each rank takes its share of the node's cores, and says so.
+    assert!(
+        t.contains("threads: ")
+            && t.contains("2 processes on this node, from OMPI_COMM_WORLD_LOCAL_SIZE"),
+        "{t}"
+    );
     assert_eq!(
         t.matches("Epoch 2/2").count(),
         1,
@@ -244,6 +254,119 @@ fn mpirun_convkit_train_writes_one_run_from_rank_0() {
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(t.contains("made by 2 processes, this fit runs on 1"), "{t}");
+}
+
+/// `root/<class>/<i>.png` for two classes, three 8×8 grey images each, pixel values from
+/// `shade`.
+fn write_classes(root: &Path, shade: u8) {
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..3u8 {
+            let value = shade.wrapping_add(40 * i + if class == "a" { 0 } else { 100 });
+            image::GrayImage::from_pixel(8, 8, image::Luma([value]))
+                .save(root.join(class).join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn ranks_with_other_data_stop_at_fit_start_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    // As many images on each rank, other pixels: only the data's hash tells them apart.
+    write_classes(&dir.path().join("data-0"), 0);
+    write_classes(&dir.path().join("data-1"), 7);
+    let spec = dir.path().join("spec.json");
+    std::fs::write(&spec, r#"{"name":"tiny","input_shape":[8,8,1],"layers":[{"type":"Flatten"},{"type":"Dense","units":2,"activation":"softmax"}]}"#).unwrap();
+    let started = Instant::now();
+    let o = output(mpirun(2).args(["sh", "-c"]).arg(format!(
+        "exec {} train --dataset {}/data-$OMPI_COMM_WORLD_RANK --model {} --validation-split 0 --epochs 1 --out {}/run",
+        convkit_bin(),
+        dir.path().display(),
+        spec.display(),
+        dir.path().display()
+    )));
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("rank 1 has other training data than rank 0: 6 images of 8×8×1, SHA-256"),
+        "{t}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60), "{t}");
+}
+
+#[test]
+fn a_nan_loss_under_mpi_stops_every_rank_after_rank_0_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = output(mpirun(2).arg(convkit_bin()).args([
+        "train",
+        "--dataset",
+        "synthetic",
+        "--limit",
+        "64",
+        "--epochs",
+        "2",
+        "--optimizer",
+        "sgd",
+        "--learning-rate",
+        "3e38",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert_eq!(
+        t.matches("training loss became").count(),
+        1,
+        "reported once: {t}"
+    );
+    assert!(t.contains("saved the last finite weights to"), "{t}");
+    assert!(
+        !t.contains("MPI_ABORT"),
+        "the ranks stop together, not by abort: {t}"
+    );
+    let o = output(Command::new(convkit_bin()).args([
+        "evaluate",
+        "--weights",
+        out.to_str().unwrap(),
+        "--dataset",
+        "synthetic",
+        "--limit",
+        "16",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn a_plain_srun_that_mpi_does_not_see_is_refused() {
+    // What `srun -n 2` without an MPI plugin gives each task: Slurm's variables, and an MPI
+    // that sees one process.
+    let dir = tempfile::tempdir().unwrap();
+    let o = output(
+        Command::new(convkit_bin())
+            .current_dir(dir.path())
+            .env("SLURM_PROCID", "1")
+            .env("SLURM_STEP_NUM_TASKS", "2")
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .args([
+                "train",
+                "--dataset",
+                "synthetic",
+                "--limit",
+                "16",
+                "--epochs",
+                "1",
+            ]),
+    );
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("as rank 1 of 2, but MPI sees 1 process") && t.contains("srun --mpi=pmix"),
+        "{t}"
+    );
 }
 
 /// The process that `mpirun` (a child of the test) started as `rank`, found by the marker in

@@ -1,5 +1,7 @@
 //! `cargo xtask scaling`: data-parallel training's throughput on this machine, 1 rank against
-//! N ranks (each with one compute thread), per engine, from a release build with `mpi`.
+//! N ranks, per engine, from a release build with `mpi`, each with convkit's default threads:
+//! one process takes every core, N ranks on one machine share its cores
+//! (`convkit_core::threads`).
 
 use std::path::Path;
 
@@ -107,6 +109,10 @@ pub fn scaling(args: &[String]) -> Result<()> {
             for _ in 0..s.repeat {
                 let out = scratch.join(format!("{backend}-{ranks}"));
                 let mut c = mpirun::loopback_mpirun(ranks);
+                // convkit's own choice of threads, as a user who sets none gets.
+                for name in ["RAYON_NUM_THREADS", "OMP_NUM_THREADS", "CONVKIT_THREADS"] {
+                    c.env_remove(name);
+                }
                 c.arg(&convkit).args([
                     "train",
                     "--dataset",
@@ -142,7 +148,7 @@ pub fn scaling(args: &[String]) -> Result<()> {
         ));
     }
     println!(
-        "\nOne epoch of tutorial-mnist on the first {} Fashion-MNIST training images less the tenth held out for validation, global batch {}, one thread per rank, the fastest of {} runs each:\n",
+        "\nOne epoch of tutorial-mnist on the first {} Fashion-MNIST training images less the tenth held out for validation, global batch {}, convkit's default threads (one process: every core; N ranks: the cores shared between them), the fastest of {} runs each:\n",
         s.limit, s.batch_size, s.repeat
     );
     println!(

@@ -190,7 +190,7 @@ impl Engine for BurnBackend {
     }
 
     fn device(&self) -> String {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = convkit_core::threads::chosen().count();
         match self.name {
             "burn-flex" => format!("CPU, {threads} threads (burn Flex)"),
             "burn-ndarray" => format!("CPU, {threads} threads (burn NdArray)"),

@@ -135,7 +135,18 @@ impl Checkpoint {
             path.to_path_buf()
         };
         let bytes = crate::io::read_capped(&path, u64::MAX)?;
-        let (mut weights, metadata) = Weights::from_safetensors(&path, &bytes)?;
+        Checkpoint::from_bytes_with_extras(&path, &bytes, limits)
+    }
+
+    /// [`Checkpoint::load_with_extras`] of a file's `bytes` read already (`path` names it in
+    /// errors): what ranks that were sent rank 0's copy read.
+    pub(crate) fn from_bytes_with_extras(
+        path: &Path,
+        bytes: &[u8],
+        limits: &SizeLimits,
+    ) -> Result<(Self, Weights, HashMap<String, String>)> {
+        let path = path.to_path_buf();
+        let (mut weights, metadata) = Weights::from_safetensors(&path, bytes)?;
         let (extra, own) = std::mem::take(&mut weights.tensors)
             .into_iter()
             .partition(|(name, _)| name.starts_with(FIT_PREFIX));

@@ -92,18 +92,21 @@ pub fn timeout() -> std::time::Duration {
 }
 
 /// The launcher's rank and size when this process was started by `mpirun` (Open MPI, MPICH)
-/// or by `srun` (Slurm, PMIx); `None` for a process started alone.
+/// or by `srun` (Slurm: with PMIx, PMI-2, or none); `None` for a process started alone. A
+/// Slurm batch script's own process (no job step) counts as started alone.
 pub fn launched_by_mpi() -> Option<(usize, usize)> {
     launched_by(|name| std::env::var(name).ok())
 }
 
 /// [`launched_by_mpi`] from the environment variables `env` gives.
-fn launched_by(env: impl Fn(&str) -> Option<String>) -> Option<(usize, usize)> {
+pub(crate) fn launched_by(env: impl Fn(&str) -> Option<String>) -> Option<(usize, usize)> {
     let var = |name: &str| env(name).and_then(|v| v.trim().parse::<usize>().ok());
     [
         ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-        ("PMIX_RANK", "SLURM_NTASKS"),
+        ("PMIX_RANK", "SLURM_STEP_NUM_TASKS"),
         ("PMI_RANK", "PMI_SIZE"),
+        // A plain `srun` (no MPI plugin) sets only Slurm's own variables.
+        ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"),
     ]
     .into_iter()
     .find_map(|(rank, size)| Some((var(rank)?, var(size).unwrap_or(1))))
@@ -116,7 +119,20 @@ fn launched_by(env: impl Fn(&str) -> Option<String>) -> Option<(usize, usize)> {
 pub fn from_environment() -> Result<Rc<dyn Collective>> {
     match launched_by_mpi() {
         #[cfg(feature = "mpi")]
-        Some(_) => Ok(Rc::new(mpi_world::MpiWorld::initialize()?)),
+        Some((rank, size)) => {
+            let world = mpi_world::MpiWorld::initialize()?;
+            if world.size() != size {
+                return Err(Error::config(
+                    "launch",
+                    format!(
+                        "the launcher started this process as rank {rank} of {size}, but MPI sees {} process{}: the launcher and MPI do not meet (under Slurm, start with `srun --mpi=pmix` or `--mpi=pmi2`, as your MPI was built); each rank would train alone",
+                        world.size(),
+                        if world.size() == 1 { "" } else { "es" }
+                    ),
+                ));
+            }
+            Ok(Rc::new(world))
+        }
         #[cfg(not(feature = "mpi"))]
         Some((rank, size)) if size > 1 => Err(Error::config(
             "launch",
@@ -126,6 +142,16 @@ pub fn from_environment() -> Result<Rc<dyn Collective>> {
         )),
         _ => Ok(Rc::new(Solo)),
     }
+}
+
+/// The most elements one MPI call takes: its counts are C `int`s.
+const MPI_COUNT_MAX: usize = i32::MAX as usize;
+
+/// `0..len` in consecutive ranges of at most `most` elements (one empty range for `len` 0,
+/// so that every rank still makes the call): how a buffer too long for one MPI call is sent.
+fn pieces(len: usize, most: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let most = most.max(1);
+    (0..len.div_ceil(most).max(1)).map(move |k| k * most..((k + 1) * most).min(len))
 }
 
 /// `values`' bytes, little-endian, for a broadcast.
@@ -161,7 +187,7 @@ mod mpi_world {
     use mpi::topology::{Communicator, Process, SimpleCommunicator};
     use mpi::traits::*;
 
-    use super::Collective;
+    use super::{pieces, Collective, MPI_COUNT_MAX};
     use crate::{Error, Result};
 
     /// MPI's world. Dropping it finalizes MPI.
@@ -190,13 +216,17 @@ mod mpi_world {
             })
         }
 
-        /// `MPI_Allreduce` with `MPI_SUM`, into `values` (rsmpi has no in-place form).
+        /// `MPI_Allreduce` with `MPI_SUM`, into `values` (rsmpi has no in-place form), in
+        /// calls of at most [`MPI_COUNT_MAX`] values.
         fn sum<T: Equivalence + Clone>(&self, values: &mut [T]) -> Result<()> {
-            let send = values.to_vec();
-            self.watchdog.guard("an all-reduce", || {
-                self.world
-                    .all_reduce_into(&send[..], values, SystemOperation::sum())
-            });
+            for range in pieces(values.len(), MPI_COUNT_MAX) {
+                let piece = &mut values[range];
+                let send = piece.to_vec();
+                self.watchdog.guard("an all-reduce", || {
+                    self.world
+                        .all_reduce_into(&send[..], piece, SystemOperation::sum())
+                });
+            }
             Ok(())
         }
 
@@ -230,8 +260,10 @@ mod mpi_world {
             self.watchdog
                 .guard("a broadcast", || process.broadcast_into(&mut len));
             bytes.resize(len as usize, 0);
-            self.watchdog
-                .guard("a broadcast", || process.broadcast_into(&mut bytes[..]));
+            for range in pieces(bytes.len(), MPI_COUNT_MAX) {
+                self.watchdog
+                    .guard("a broadcast", || process.broadcast_into(&mut bytes[range]));
+            }
             Ok(())
         }
         fn barrier(&self) -> Result<()> {
@@ -327,10 +359,31 @@ mod tests {
         const OPEN_MPI: [(&str, &str); 2] =
             [("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "4")];
         assert_eq!(launched_by(env(&OPEN_MPI)), Some((1, 4)));
-        const SLURM: [(&str, &str); 2] = [("PMIX_RANK", "3"), ("SLURM_NTASKS", "8")];
+        const SLURM: [(&str, &str); 2] = [("PMIX_RANK", "3"), ("SLURM_STEP_NUM_TASKS", "8")];
         assert_eq!(launched_by(env(&SLURM)), Some((3, 8)));
+        // A plain srun, without an MPI plugin.
+        const PLAIN_SRUN: [(&str, &str); 3] = [
+            ("SLURM_PROCID", "1"),
+            ("SLURM_STEP_NUM_TASKS", "2"),
+            ("SLURM_NTASKS", "2"),
+        ];
+        assert_eq!(launched_by(env(&PLAIN_SRUN)), Some((1, 2)));
+        // A batch script's own process: the allocation's task count, but no step.
+        const BATCH: [(&str, &str); 2] = [("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4")];
+        assert_eq!(launched_by(env(&BATCH)), Some((0, 1)));
         assert_eq!(launched_by(env(&[("PMI_RANK", "0")])), Some((0, 1)));
         assert_eq!(launched_by(env(&[("PMI_RANK", "x")])), None);
+    }
+
+    #[test]
+    fn long_buffers_go_in_pieces_an_mpi_count_can_hold() {
+        let all = |len, most| pieces(len, most).collect::<Vec<_>>();
+        assert_eq!(all(0, 4), [0..0]);
+        assert_eq!(all(4, 4), [0..4]);
+        assert_eq!(all(9, 4), [0..4, 4..8, 8..9]);
+        // Over 2^31 values: two calls, each under MPI's count limit.
+        let long = all(MPI_COUNT_MAX + 10, MPI_COUNT_MAX);
+        assert_eq!(long, [0..MPI_COUNT_MAX, MPI_COUNT_MAX..MPI_COUNT_MAX + 10]);
     }
 
     #[test]

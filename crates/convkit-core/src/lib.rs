@@ -30,6 +30,7 @@ pub mod run;
 pub mod search;
 pub mod spec;
 pub mod table;
+pub mod threads;
 pub mod tolerance;
 pub mod train;
 pub mod weights;

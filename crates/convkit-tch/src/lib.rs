@@ -3,7 +3,7 @@
 //! linear `[out, in]` layouts are the canonical ones.
 //!
 //! libtorch comes from the `torch==2.9.0` wheel (`cargo xtask setup`); `LIBTORCH` is
-//! respected. The thread count follows `CONVKIT_THREADS`, else the machine's cores.
+//! respected. The thread count is convkit's one knob ([`convkit_core::threads`]).
 
 use convkit_core::exec::{Engine, Ops};
 use convkit_core::optim::TensorMath;
@@ -25,18 +25,12 @@ pub struct TchBackend {
     name: &'static str,
 }
 
+/// libtorch's intra-op threads, as convkit's one knob chose ([`convkit_core::threads`]).
 fn set_threads() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let threads = std::env::var("CONVKIT_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<i32>().ok())
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get() as i32)
-                    .unwrap_or(1)
-            });
-        tch::set_num_threads(threads.max(1));
+        let threads = convkit_core::threads::chosen().count();
+        tch::set_num_threads(i32::try_from(threads).unwrap_or(i32::MAX).max(1));
     });
 }
 

@@ -261,7 +261,7 @@ fn onnxruntime_inference(settings: &RunSettings, out: &Path) -> Result<OnnxRunti
     let checkpoint = crate::checkpoint::Checkpoint::load(&dir.join("initial.safetensors"))?;
     let model = dir.join("model.onnx");
     crate::onnx::OnnxExport::new().save(&checkpoint, &model)?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = crate::threads::chosen().count();
     let script = checkout().join("python/convkit_onnx.py");
     let output = Command::new(python())
         .arg(&script)

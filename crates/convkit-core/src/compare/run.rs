@@ -340,7 +340,7 @@ pub fn write_pytorch_inputs(settings: &RunSettings, dir: &Path) -> Result<()> {
         "loss_trace_every": LOSS_TRACE_EVERY,
         "init_probe": INIT_PROBE.min(test.len()),
         "flops_per_training_image": flops_per_training_image,
-        "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "threads": crate::threads::chosen().count(),
     });
     crate::io::write_bytes_atomic(&dir.join("settings.json"), json.to_string().as_bytes())
 }

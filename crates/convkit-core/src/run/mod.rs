@@ -26,6 +26,7 @@ pub use train::{
     CommandRecord, Freeze, ModelSource, NewHead, SpecEdits, TrainOutcome, TrainRequest,
 };
 
+use std::ffi::OsString;
 use std::rc::Rc;
 
 use crate::collective::{Collective, Solo};
@@ -37,20 +38,49 @@ use crate::{Error, Result};
 pub type Group = Rc<dyn Collective>;
 
 /// Run `command` in the group of processes the launcher (`mpirun`, `srun`) started this one
-/// in, or alone. A rank that fails prints its error, naming itself, and stops every rank at
-/// once, so that none waits for it.
-pub fn in_launched_group<E: From<Error> + std::fmt::Display>(
+/// in, or alone. A rank that fails alone prints its error, naming itself, and stops every rank
+/// at once, so that none waits for it. An error every rank met together (a non-finite loss,
+/// which the ranks sum) ends them together, normally: rank 0 returns it to be reported, and
+/// the other ranks return `Ok` so that it is reported once.
+pub fn in_launched_group<E>(
     command: impl FnOnce(&Group) -> std::result::Result<(), E>,
-) -> std::result::Result<(), E> {
+) -> std::result::Result<(), E>
+where
+    E: From<Error> + std::fmt::Display + AsRef<dyn std::error::Error + Send + Sync + 'static>,
+{
     let group = crate::collective::from_environment()?;
     let result = command(&group);
-    if let Err(err) = &result {
-        if group.size() > 1 {
-            eprintln!("error: rank {} of {}: {err:#}", group.rank(), group.size());
-            group.abort(1);
+    match &result {
+        Err(err) if group.size() > 1 => {
+            let met_by_every_rank = (err.as_ref().downcast_ref::<Error>())
+                .is_some_and(|e| matches!(e, Error::NonFinite { .. }));
+            if !met_by_every_rank {
+                eprintln!("error: rank {} of {}: {err:#}", group.rank(), group.size());
+                group.abort(1);
+            } else if !group.is_root() {
+                return Ok(());
+            }
         }
+        _ => {}
     }
     result
+}
+
+/// `work` on rank 0 first, then on the other ranks, which wait for it at an untimed barrier:
+/// a dataset that rank 0 downloads is in the cache when the others read it, instead of every
+/// rank fetching it at once. A rank 0 that fails stops them all ([`in_launched_group`]).
+fn root_first<T>(group: &Group, work: impl FnOnce() -> Result<T>) -> Result<T> {
+    if group.size() == 1 {
+        return work();
+    }
+    if group.is_root() {
+        let done = work()?;
+        group.barrier()?;
+        Ok(done)
+    } else {
+        group.barrier()?;
+        work()
+    }
 }
 
 /// A group of one process.
@@ -83,8 +113,9 @@ fn preset_sized_for(
 /// The data a request reads: a dataset name or folder, split and sampled.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataRequest {
-    /// `mnist`, `fashion-mnist`, `cifar10`, `synthetic`, `random`, or an image folder.
-    pub dataset: String,
+    /// `mnist`, `fashion-mnist`, `cifar10`, `synthetic`, `random`, or an image folder (a path:
+    /// any bytes on Unix).
+    pub dataset: OsString,
     /// At most this many images of each split: a seeded class-balanced sample.
     pub limit: Option<usize>,
     /// Which data model selection looks at.
@@ -102,7 +133,7 @@ pub struct DataRequest {
 impl DataRequest {
     /// `dataset` with Keras' defaults: the source's own validation data or a tenth held out,
     /// seed 42, batches of 32.
-    pub fn new(dataset: impl Into<String>) -> Self {
+    pub fn new(dataset: impl Into<OsString>) -> Self {
         DataRequest {
             dataset: dataset.into(),
             limit: None,
@@ -111,6 +142,12 @@ impl DataRequest {
             batch_size: 32,
             image_size: None,
         }
+    }
+
+    /// The dataset as text, for messages and records (a path's bytes that are not UTF-8 as
+    /// U+FFFD).
+    pub fn dataset_shown(&self) -> String {
+        std::path::Path::new(&self.dataset).display().to_string()
     }
 
     /// The training, validation and test data in `spec`'s input shape, normalised; a part that
@@ -152,7 +189,8 @@ impl DataRequest {
                     "data",
                     format!(
                         "`{}`: a part of the data is empty: {:?}",
-                        self.dataset, splits.sources
+                        self.dataset_shown(),
+                        splits.sources
                     ),
                 ));
             }

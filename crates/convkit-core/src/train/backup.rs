@@ -195,16 +195,17 @@ pub(crate) struct Restored {
     pub callbacks: Vec<CallbackState>,
 }
 
-/// Load the backup at `path` into `model`, after checking it was made by the same model,
+/// Load the backup at `path` (its `bytes`, which rank 0 read and sent every rank) into `model`, after checking it was made by the same model,
 /// compile settings, fit settings, class names and normalisation (`meta`, the data's); a
 /// difference is an error that names it, then and now.
 pub(crate) fn restore(
-    path: &Path,
+    (path, bytes): (&Path, &[u8]),
     model: &mut Model,
     settings: &FitSettings,
     meta: &CheckpointMeta,
 ) -> Result<Restored> {
-    let (checkpoint, extra, metadata) = Checkpoint::load_with_extras(path, &SizeLimits::NONE)?;
+    let (checkpoint, extra, metadata) =
+        Checkpoint::from_bytes_with_extras(path, bytes, &SizeLimits::NONE)?;
     let another = |what: &str| {
         Error::data(
             path,

@@ -254,7 +254,17 @@ impl<'a> Fit<'a> {
             Verbosity::Auto => Verbosity::Lines,
             v => v,
         };
+        let settings = backup::FitSettings {
+            batch_size: self.batch_size,
+            seed: self.seed,
+            shuffle: self.shuffle,
+            train_images: order.len(),
+            validation_images: val_indices.as_ref().map(Vec::len),
+            augment: format!("{:?}", self.augment),
+        };
         if ranks > 1 {
+            let mine = fingerprint(model, &settings, (train, self.validation), self.epochs)?;
+            ranks_agree(group.as_ref(), mine)?;
             share_root_weights(model)?;
         }
         for cb in &mut self.callbacks {
@@ -280,14 +290,7 @@ impl<'a> Fit<'a> {
             Loss::BinaryCrossentropy => Targets::Binary(Vec::with_capacity(self.batch_size)),
         };
         Ok(Run {
-            settings: backup::FitSettings {
-                batch_size: self.batch_size,
-                seed: self.seed,
-                shuffle: self.shuffle,
-                train_images: order.len(),
-                validation_images: val_indices.as_ref().map(Vec::len),
-                augment: format!("{:?}", self.augment),
-            },
+            settings,
             backup_meta: CheckpointMeta {
                 classes: train.classes.clone(),
                 normalisation: train.normalisation.clone(),
@@ -323,7 +326,16 @@ impl<'a> Fit<'a> {
         let Some(path) = self.backup.as_deref().filter(|_| restore) else {
             return Ok((1, false));
         };
-        let restored = backup::restore(path, self.model, &state.settings, &state.backup_meta)?;
+        // Rank 0 reads the backup and sends it, so every rank continues from the same state
+        // whatever copy its own node holds.
+        let mut bytes = if state.group.is_root() {
+            crate::io::read_capped(path, u64::MAX)?
+        } else {
+            Vec::new()
+        };
+        state.group.broadcast(&mut bytes, 0)?;
+        let (settings, meta) = (&state.settings, &state.backup_meta);
+        let restored = backup::restore((path, &bytes), self.model, settings, meta)?;
         if restored.callbacks.len() != self.callbacks.len() {
             return Err(Error::data(
                 path,
@@ -615,6 +627,120 @@ fn share_root_weights(model: &mut Model) -> Result<()> {
         let (weights, _) =
             crate::Weights::from_safetensors(std::path::Path::new("<rank 0's weights>"), &bytes)?;
         model.set_weights(&weights)?;
+    }
+    Ok(())
+}
+
+/// What the ranks of one fit must share, field by field: convkit's version, the engine, the
+/// model, its compile settings and learning rate, the data (length, a SHA-256 of images and
+/// targets, classes, normalisation) and the fit's settings. The model is hashed.
+fn fingerprint(
+    model: &Model,
+    settings: &backup::FitSettings,
+    (train, validation): (&Dataset, Option<&Dataset>),
+    epochs: usize,
+) -> Result<Vec<(&'static str, String)>> {
+    use sha2::{Digest, Sha256};
+    fn json<T: serde::Serialize>(value: &T) -> Result<String> {
+        serde_json::to_string(value)
+            .map_err(|e| Error::config("ranks", format!("the fit's fingerprint: {e}")))
+    }
+    let hex = |hash: Sha256| -> String {
+        (hash.finalize()[..8].iter())
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let data = |ds: &Dataset| {
+        let mut hash = Sha256::new();
+        hash.update(&ds.images);
+        ds.labels.iter().for_each(|l| hash.update(l.to_le_bytes()));
+        if let Some(rows) = &ds.soft_targets {
+            rows.iter().for_each(|v| hash.update(v.to_le_bytes()));
+        }
+        format!(
+            "{} images of {}, SHA-256 {}…",
+            ds.len(),
+            ds.shape,
+            hex(hash)
+        )
+    };
+    let spec = model.spec();
+    let described = format!(
+        "`{}`, {} layers, SHA-256 {}…",
+        spec.name,
+        spec.layers.len(),
+        hex(Sha256::new_with_prefix(json(spec)?))
+    );
+    let mut fields = vec![
+        ("convkit version", env!("CARGO_PKG_VERSION").to_string()),
+        ("engine", model.backend.clone()),
+        ("model", described),
+        ("compile settings", json(model.compile_settings())?),
+        ("learning rate", format!("{:?}", model.learning_rate)),
+        ("training data", data(train)),
+        ("class names", train.classes.join(", ")),
+        ("normalisation", format!("{:?}", train.normalisation)),
+        (
+            "fit settings",
+            format!("{} epochs, {}", epochs, json(settings)?),
+        ),
+    ];
+    if let Some(v) = validation {
+        fields.push(("validation data", data(v)));
+    }
+    Ok(fields)
+}
+
+/// Every rank's [`fingerprint`] compared with rank 0's: the first field that differs is the
+/// error, on every rank, naming the rank and the field (before any collective call whose
+/// length depends on them could wait for ever).
+fn ranks_agree(
+    group: &dyn crate::collective::Collective,
+    mine: Vec<(&'static str, String)>,
+) -> Result<()> {
+    let encode = |fields: &[(&str, String)]| -> Vec<u8> {
+        let values: Vec<&str> = fields.iter().map(|(_, v)| v.as_str()).collect();
+        serde_json::to_vec(&values).expect("strings serialise")
+    };
+    let all = group.all_gather(encode(&mine))?;
+    let decode = |rank: usize| -> Result<Vec<String>> {
+        serde_json::from_slice(&all[rank]).map_err(|e| {
+            Error::config(
+                "ranks",
+                format!("rank {rank} sent an unreadable fingerprint: {e}"),
+            )
+        })
+    };
+    let root = decode(0)?;
+    for rank in 1..all.len() {
+        let theirs = decode(rank)?;
+        let differs = (mine.iter().map(|(name, _)| *name))
+            .zip(root.iter().zip(&theirs))
+            .find(|(_, (a, b))| a != b);
+        let short = |text: &str| -> String {
+            match text.char_indices().nth(120) {
+                Some((at, _)) => format!("{}…", &text[..at]),
+                None => text.to_string(),
+            }
+        };
+        if let Some((field, (ours, other))) = differs {
+            return Err(Error::config(
+                "ranks",
+                format!(
+                    "rank {rank} has other {field} than rank 0: {} there, {} on rank 0; every rank must train the same model on the same data",
+                    short(other),
+                    short(ours)
+                ),
+            ));
+        }
+        if theirs.len() != root.len() {
+            return Err(Error::config(
+                "ranks",
+                format!(
+                    "rank {rank} has validation data and rank 0 has not, or the other way round"
+                ),
+            ));
+        }
     }
     Ok(())
 }
