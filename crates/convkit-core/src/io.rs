@@ -56,8 +56,19 @@ impl FolderLock {
 
     /// Lock `dir` (made if missing), or say which process holds it.
     pub fn acquire(dir: &Path) -> Result<FolderLock> {
+        Self::acquire_file(dir, Self::FILE.into())
+    }
+
+    /// Lock the one file `name` in `dir` that this process writes, where processes share a
+    /// folder but not their files (a search's parts, each with its own log): its lock file
+    /// is `.convkit-lock-<name>`.
+    pub fn acquire_for(dir: &Path, name: &str) -> Result<FolderLock> {
+        Self::acquire_file(dir, format!("{}-{name}", Self::FILE))
+    }
+
+    fn acquire_file(dir: &Path, lock: String) -> Result<FolderLock> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let path = dir.join(Self::FILE);
+        let path = dir.join(&lock);
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -75,7 +86,7 @@ impl FolderLock {
                 };
                 return Err(Error::data(
                     dir,
-                    format!("{owner} is running in this folder (it holds {}); wait for it to finish, or give another --out", Self::FILE),
+                    format!("{owner} is running in this folder (it holds {lock}); wait for it to finish, or give another --out"),
                 ));
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
@@ -149,9 +160,103 @@ pub fn read_to_string_capped(path: &Path, limit: u64) -> Result<String> {
         .map_err(|e| Error::data(path, format!("expected UTF-8 text: {e}")))
 }
 
+/// Serde for paths and arguments that keeps every byte (`#[serde(with = "..")]`): UTF-8 as a
+/// JSON string, anything else (Unix paths are bytes) as `{"unix_bytes": [..]}`.
+pub mod os_text {
+    use std::ffi::{OsStr, OsString};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        Utf8(String),
+        Bytes { unix_bytes: Vec<u8> },
+    }
+
+    impl Text {
+        fn of(value: &OsStr) -> Self {
+            match value.to_str() {
+                Some(text) => Text::Utf8(text.to_string()),
+                None => Text::Bytes {
+                    unix_bytes: value.as_encoded_bytes().to_vec(),
+                },
+            }
+        }
+
+        fn os_string<E: serde::de::Error>(self) -> Result<OsString, E> {
+            match self {
+                Text::Utf8(text) => Ok(text.into()),
+                #[cfg(unix)]
+                Text::Bytes { unix_bytes } => {
+                    Ok(std::os::unix::ffi::OsStringExt::from_vec(unix_bytes))
+                }
+                #[cfg(not(unix))]
+                Text::Bytes { .. } => Err(E::custom("a Unix path of bytes that are not UTF-8")),
+            }
+        }
+    }
+
+    pub fn serialize<S: Serializer>(value: &impl AsRef<OsStr>, s: S) -> Result<S::Ok, S::Error> {
+        Text::of(value.as_ref()).serialize(s)
+    }
+
+    pub fn deserialize<'de, T: From<OsString>, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+        Text::deserialize(d)?.os_string().map(T::from)
+    }
+
+    /// The same for a list (a command line).
+    pub mod list {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(values: &[OsString], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(values.iter().map(|v| Text::of(v)))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<OsString>, D::Error> {
+            Vec::<Text>::deserialize(d)?
+                .into_iter()
+                .map(Text::os_string)
+                .collect()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn os_text_keeps_bytes_that_are_not_utf8() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct Record {
+            #[serde(with = "os_text")]
+            cwd: std::path::PathBuf,
+            #[serde(with = "os_text::list")]
+            args: Vec<OsString>,
+        }
+        let odd = OsString::from_vec(b"runs/\xff\xfe".to_vec());
+        let record = Record {
+            cwd: "/tmp".into(),
+            args: vec!["convkit".into(), "--out".into(), odd],
+        };
+        let json = serde_json::to_string(&record).unwrap();
+        assert!(
+            json.contains(r#""/tmp""#)
+                && json.contains(r#"{"unix_bytes":[114,117,110,115,47,255,254]}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Record>(&json).unwrap(), record);
+        // Records written as plain strings still read.
+        let old = r#"{"cwd":"/w","args":["convkit","train"]}"#;
+        assert_eq!(
+            serde_json::from_str::<Record>(old).unwrap().args[1],
+            "train"
+        );
+    }
 
     #[cfg(unix)]
     #[test]
@@ -218,6 +323,16 @@ mod tests {
         );
         drop(held);
         let _again = FolderLock::acquire(&run).unwrap();
+        // Parts that share a folder lock their own files.
+        let _part_1 = FolderLock::acquire_for(&run, "trials-shard-1-of-2.jsonl").unwrap();
+        let _part_2 = FolderLock::acquire_for(&run, "trials-shard-2-of-2.jsonl").unwrap();
+        let err = FolderLock::acquire_for(&run, "trials-shard-2-of-2.jsonl")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("holds .convkit-lock-trials-shard-2-of-2.jsonl"),
+            "{err}"
+        );
         std::fs::write(run.join(".convkit-abc123.tmp"), b"half").unwrap();
         std::fs::write(run.join("model.safetensors"), b"whole").unwrap();
         assert_eq!(remove_stale_temporaries(&run).unwrap(), 1);

@@ -1,6 +1,6 @@
 //! Fuzzing on the stable toolchain: a seeded mutation loop over valid inputs, one target per
 //! parser (IDX raw and gzip, CIFAR-10 batches, PNG and JPEG images, safetensors checkpoints
-//! with their metadata, spec JSON, search TOML).
+//! with their metadata, PyTorch state dicts, spec JSON, search TOML, a run's command.json).
 //!
 //! Each target starts from valid seed inputs made here (so no dataset or weight file is
 //! committed), mutates them (bit flips, interesting bytes, cuts, splices, duplicated and
@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use convkit_core::data::{
     load_image, read_cifar10_batches, read_idx_images, read_idx_labels, ImageShape,
 };
+use convkit_core::pytorch::FlattenOrder;
+use convkit_core::run::CommandRecord;
 use convkit_core::search::SearchConfig;
 use convkit_core::{Checkpoint, CheckpointMeta, Compile, Dense, Sequential};
 use rand::{Rng, SeedableRng};
@@ -106,10 +108,37 @@ fn encoded(format: image::ImageFormat) -> Vec<u8> {
     out.into_inner()
 }
 
-fn checkpoint_bytes() -> Vec<u8> {
-    let spec = Sequential::new(4, 4, 1)
+/// Flatten and a Dense of 3 softmax units on 4×4 grey images.
+fn tiny_spec() -> Sequential {
+    Sequential::new(4, 4, 1)
         .flatten()
-        .add(Dense::new(3).activation(convkit_core::Activation::Softmax));
+        .add(Dense::new(3).activation(convkit_core::Activation::Softmax))
+}
+
+/// [`tiny_spec`]'s weights as PyTorch's `nn.Sequential(Flatten, Linear)` state dict.
+fn state_dict_bytes() -> Vec<u8> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let bytes = |n: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
+            .collect()
+    };
+    let (weight, bias) = (bytes(3 * 16), bytes(3));
+    let tensors = [
+        (
+            "1.weight",
+            TensorView::new(Dtype::F32, vec![3, 16], &weight).unwrap(),
+        ),
+        (
+            "1.bias",
+            TensorView::new(Dtype::F32, vec![3], &bias).unwrap(),
+        ),
+    ];
+    safetensors::tensor::serialize(tensors, None).unwrap()
+}
+
+fn checkpoint_bytes() -> Vec<u8> {
+    let spec = tiny_spec();
     let checkpoint = Checkpoint {
         weights: convkit_core::init::glorot_uniform(&spec, 1).unwrap(),
         spec,
@@ -180,6 +209,30 @@ fn targets() -> Vec<Target> {
             seeds: vec![spec.into_bytes()],
             gzip: false,
             parse: |p| Sequential::load_json(p).is_ok(),
+        },
+        Target {
+            name: "state-dict",
+            file_name: "state_dict.safetensors",
+            seeds: vec![state_dict_bytes()],
+            gzip: false,
+            parse: |p| {
+                let spec = tiny_spec();
+                convkit_core::pytorch::weights_from_state_dict(
+                    p,
+                    &spec,
+                    FlattenOrder::ChannelsFirst,
+                )
+                .is_ok()
+            },
+        },
+        Target {
+            name: "command-json",
+            file_name: "command.json",
+            seeds: vec![
+                br#"{"cwd":"/tmp","args":["convkit","train",{"unix_bytes":[114,255]}]}"#.to_vec(),
+            ],
+            gzip: false,
+            parse: |p| CommandRecord::load(p.parent().expect("a folder")).is_ok(),
         },
         Target {
             name: "search-toml",

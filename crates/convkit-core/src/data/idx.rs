@@ -15,7 +15,12 @@ pub const MAX_IDX_BYTES: u64 = 512 << 20;
 /// Read an IDX file with `magic` and `dims` dimensions: the dimensions and the data bytes.
 /// gzip content (detected by its magic bytes) is decompressed as it is read, and never past
 /// what the header promises, so a small file cannot inflate into gigabytes.
-fn read_idx(path: &Path, magic: u32, dims: usize) -> Result<(Vec<usize>, Vec<u8>)> {
+fn read_idx(
+    path: &Path,
+    magic: u32,
+    dims: usize,
+    labels_of: Option<LabelsOf<'_>>,
+) -> Result<(Vec<usize>, Vec<u8>)> {
     let file = crate::io::open_regular(path)?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut reader = BufReader::new(file);
@@ -64,6 +69,18 @@ fn read_idx(path: &Path, magic: u32, dims: usize) -> Result<(Vec<usize>, Vec<u8>
         ));
     }
     let dims: Vec<usize> = (1..=dims).map(|i| word(i) as usize).collect();
+    // A count that disagrees with the other file is refused before anything is read.
+    if let Some(LabelsOf { images, file }) = labels_of.filter(|l| l.images != dims[0]) {
+        return Err(Error::format(
+            path,
+            4,
+            format!(
+                "counts disagree: {} has {images} images, this file's header declares {} labels",
+                file.display(),
+                dims[0]
+            ),
+        ));
+    }
     let payload = dims
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
@@ -87,8 +104,10 @@ fn read_idx(path: &Path, magic: u32, dims: usize) -> Result<(Vec<usize>, Vec<u8>
             format!("{kind}: header promises {payload} data bytes ({dims:?}), found {found}"),
         )
     };
-    if !gz && file_len - need as u64 != payload {
-        return Err(size_error(file_len - need as u64));
+    // The length from before the read: a file that changed meanwhile is caught below.
+    let on_disk = file_len.saturating_sub(need as u64);
+    if !gz && on_disk != payload {
+        return Err(size_error(on_disk));
     }
     // Grows as data arrives, so memory follows what is there, not what the header claims.
     let mut data = Vec::new();
@@ -110,15 +129,34 @@ fn read_idx(path: &Path, magic: u32, dims: usize) -> Result<(Vec<usize>, Vec<u8>
     Ok((dims, data))
 }
 
+/// The image file a label file belongs to, and its count of images: the labels' header must
+/// declare as many.
+#[derive(Clone, Copy)]
+pub(crate) struct LabelsOf<'a> {
+    pub images: usize,
+    pub file: &'a Path,
+}
+
 /// Read an IDX image file (`magic 0x00000803`): returns pixels (n·h·w, u8) and `(n, h, w)`.
 pub fn read_idx_images(path: &Path) -> Result<(Vec<u8>, (usize, usize, usize))> {
-    let (dims, pixels) = read_idx(path, 0x0000_0803, 3)?;
+    let (dims, pixels) = read_idx(path, 0x0000_0803, 3, None)?;
     Ok((pixels, (dims[0], dims[1], dims[2])))
 }
 
 /// Read an IDX label file (`magic 0x00000801`), checking each label is `< classes`.
 pub fn read_idx_labels(path: &Path, classes: usize) -> Result<Vec<u32>> {
-    let (_, bytes) = read_idx(path, 0x0000_0801, 1)?;
+    read_idx_labels_for(path, classes, None)
+}
+
+/// [`read_idx_labels`] of the images `labels_of` names, whose count the header must declare
+/// (checked before the labels are read, so a small gzip file declaring 2^29 labels costs
+/// nothing).
+pub(crate) fn read_idx_labels_for(
+    path: &Path,
+    classes: usize,
+    labels_of: Option<LabelsOf<'_>>,
+) -> Result<Vec<u32>> {
+    let (_, bytes) = read_idx(path, 0x0000_0801, 1, labels_of)?;
     bytes
         .iter()
         .enumerate()
@@ -250,6 +288,25 @@ pub(crate) mod tests {
         let err = read_idx_labels(&p, 10).unwrap_err().to_string();
         assert!(
             err.contains("trailing data: header promises 2 data bytes"),
+            "{err}"
+        );
+
+        // A label count that disagrees with the images' is refused from the header, before
+        // 512 MiB of zeros are inflated.
+        let mut declared = idx_labels(&[]);
+        declared[4..8].copy_from_slice(&(1u32 << 29).to_be_bytes());
+        declared.extend(std::iter::repeat_n(0u8, 1 << 20));
+        std::fs::write(&p, gz(&declared)).unwrap();
+        let images = dir.path().join("images.idx");
+        let labels_of = LabelsOf {
+            images: 60_000,
+            file: &images,
+        };
+        let err = read_idx_labels_for(&p, 10, Some(labels_of))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("has 60000 images, this file's header declares 536870912 labels"),
             "{err}"
         );
 

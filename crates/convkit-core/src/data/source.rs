@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use md5::Digest as _;
 
-use super::{
-    read_cifar10_batches, read_idx_images, read_idx_labels, read_image_folder, Dataset, ImageShape,
-};
+use super::idx::{read_idx_labels_for, LabelsOf};
+use super::{read_cifar10_batches, read_idx_images, read_image_folder, Dataset, ImageShape};
 use super::{CIFAR10_CLASSES, FASHION_MNIST_CLASSES, MNIST_CLASSES};
 use crate::{Error, Result};
 
@@ -576,17 +575,11 @@ fn load_from_dir(name: DatasetName, split: Split, dir: &Path) -> Result<Dataset>
             let lab_path = idx_file(dir, lab)
                 .ok_or_else(|| Error::data(dir, format!("missing {lab}[.gz]")))?;
             let (pixels, (n, h, w)) = read_idx_images(&img_path)?;
-            let labels = read_idx_labels(&lab_path, 10)?;
-            if labels.len() != n {
-                return Err(Error::data(
-                    &lab_path,
-                    format!(
-                        "counts disagree: {} has {n} images, this file has {} labels",
-                        img_path.display(),
-                        labels.len()
-                    ),
-                ));
-            }
+            let images = LabelsOf {
+                images: n,
+                file: &img_path,
+            };
+            let labels = read_idx_labels_for(&lab_path, 10, Some(images))?;
             Dataset::new(pixels, ImageShape::new(h, w, 1), labels, name.classes())
         }
     }

@@ -11,6 +11,7 @@
 //! source's own validation folder, or a hold-out of the training data. The Keras tutorials'
 //! `validation_data=(x_test, y_test)` stays available as [`Validation::Test`], and says so.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use super::folder::{class_folders, read_image_folder};
@@ -100,6 +101,14 @@ impl Splits {
             (None, None) => None,
         }
     }
+
+    /// [`Splits::evaluation`], else the training data (`"training"`): what a training run
+    /// scores its finished model on when the source has neither a test split nor validation
+    /// data. That measures how well the model fits, not how well it generalises; the sources
+    /// say so.
+    pub fn evaluation_or_training(&self) -> (&Dataset, &'static str) {
+        self.evaluation().unwrap_or((&self.train, "training"))
+    }
 }
 
 /// How an image folder given as a source is laid out.
@@ -162,21 +171,22 @@ fn describe(what: &str, data: &Dataset, from: &str) -> String {
 /// `mnist`, `fashion-mnist`, `cifar10`, `synthetic`, `random` or a folder path; see the module
 /// docs for folder layouts). Images come out in `input`'s shape; `classes` sizes synthetic data.
 pub fn open_splits(
-    source: &str,
+    source: impl AsRef<OsStr>,
     input: ImageShape,
     classes: usize,
     options: SplitOptions,
     locator: &Locator,
 ) -> Result<Splits> {
+    let source = Source::new(source.as_ref());
     let SplitOptions {
         validation,
         limit,
         seed,
         resize,
     } = options;
-    let (train, own_validation, test) = read_parts(source, input, classes, seed, locator)?;
+    let (train, own_validation, test) = read_parts(&source, input, classes, seed, locator)?;
     // Sampled first, so that only the images kept are resized.
-    let fit = |part: Part| fitted(part, source, input, resize);
+    let fit = |part: Part| fitted(part, &source.shown, input, resize);
     let sample = |part: Option<Part>| part.map(|p| fit(sampled(p, limit, seed))).transpose();
     let (train, own_validation, test) = (
         fit(sampled(train, limit, seed))?,
@@ -193,14 +203,26 @@ pub fn open_splits(
             format!("held out from the training data ({share}, seed {seed})"),
         ))
     };
+    let mut set_aside = None;
     let (train_data, train_from, validation) = match (validation, own_validation) {
         (Validation::Holdout(_), Some(own)) => {
             return Err(Error::config(
                 "validation split",
-                format!("`{source}` has its own validation data ({}); leave out the hold-out fraction to use it, or remove the folder", own.from),
+                format!("`{}` has its own validation data ({}); leave out the hold-out fraction to use it, or remove the folder", source.shown, own.from),
             ))
         }
         (Validation::Auto(_), Some(own)) => (train.data, train.from, Some((own.data, own.from))),
+        // The default hold-out steps aside where it would leave an empty part (a handful of
+        // images), as Keras trains without validation data when none is asked for.
+        (Validation::Auto(f), None)
+            if f > 0.0 && f < 1.0 && crate::data::holdout_cut(train.data.len(), f).is_err() =>
+        {
+            let n = train.data.len();
+            let share = format!("{:.0}%", f * 100.0);
+            let why = format!("the default {share} hold-out of {n} images would leave an empty part; choose one with --validation-split");
+            set_aside = Some(why);
+            (train.data, train.from, None)
+        }
         (Validation::Auto(f) | Validation::Holdout(f), None) if f > 0.0 => {
             let (kept, held, train_from, held_from) = holdout(f)?;
             (kept, train_from, Some((held, held_from)))
@@ -209,7 +231,7 @@ pub fn open_splits(
             let test = test.as_ref().ok_or_else(|| {
                 Error::config(
                     "validation data",
-                    format!("`{source}` has no test split to validate on"),
+                    format!("`{}` has no test split to validate on", source.shown),
                 )
             })?;
             let from = format!("{}: the test data, as the Keras tutorial's validation_data=(x_test, y_test); model selection sees the test split", test.from);
@@ -226,14 +248,17 @@ pub fn open_splits(
     let mut sources = vec![describe("train", &train_data, &train_from)];
     sources.push(match &validation {
         Some((data, from)) => describe("validation", data, from),
-        None => "validation: none".into(),
+        None => match set_aside {
+            Some(why) => format!("validation: none ({why})"),
+            None => "validation: none".into(),
+        },
     });
     sources.push(match &test {
         Some(part) => describe("test", &part.data, &part.from),
         None if validation.is_some() => {
             "test: none in this source; the finished model is scored on the validation data".into()
         }
-        None => "test: none in this source".into(),
+        None => "test: none in this source; a finished training run is scored on its training data, which measures fit, not generalisation".into(),
     });
     Ok(Splits {
         train: train_data,
@@ -243,24 +268,48 @@ pub fn open_splits(
     })
 }
 
+/// What a user gave as a dataset: a name, or a folder's path (any bytes, on Unix).
+struct Source<'a> {
+    path: &'a Path,
+    /// The name, when it is one of the generated sources.
+    generated: Option<&'a str>,
+    /// The dataset it names, if it does.
+    named: Option<DatasetName>,
+    /// For messages (a path's bytes that are not UTF-8 shown as U+FFFD).
+    shown: String,
+}
+
+impl<'a> Source<'a> {
+    fn new(source: &'a OsStr) -> Self {
+        let text = source.to_str();
+        Source {
+            path: Path::new(source),
+            generated: text.filter(|t| GENERATED.contains(t)),
+            named: text.and_then(|t| t.parse().ok()),
+            shown: Path::new(source).display().to_string(),
+        }
+    }
+}
+
 /// The parts a source has on disk: training, its own validation (folders only) and test.
 fn read_parts(
-    source: &str,
+    source: &Source<'_>,
     input: ImageShape,
     classes: usize,
     seed: u64,
     locator: &Locator,
 ) -> Result<(Part, Option<Part>, Option<Part>)> {
-    if GENERATED.contains(&source) {
+    if let Some(generated) = source.generated {
         let part = |split| -> Result<Part> {
             Ok(Part {
-                data: generated_split(source, split, input, classes, seed)?,
-                from: format!("of {source} {input} data (seed {seed})"),
+                data: generated_split(generated, split, input, classes, seed)?,
+                from: format!("of {generated} {input} data (seed {seed})"),
             })
         };
         return Ok((part(Split::Train)?, None, Some(part(Split::Test)?)));
     }
-    if let Ok(name) = source.parse::<DatasetName>() {
+    if let Some(name) = source.named {
+        let source = &source.shown;
         let part = |split: Split| -> Result<Part> {
             let data = locator.load(name, split, None)?;
             let which = match split {
@@ -280,7 +329,7 @@ fn read_parts(
             from: format!("from {}", dir.display()),
         })
     };
-    match folder_layout(Path::new(source))? {
+    match folder_layout(source.path)? {
         FolderLayout::Classes(dir) => Ok((read(&dir, None)?, None, None)),
         FolderLayout::Parts {
             train,
@@ -375,21 +424,22 @@ fn fitted(mut part: Part, source: &str, input: ImageShape, resize: bool) -> Resu
 /// named datasets are converted between grey and RGB but must already have its size.
 /// `classes` sizes synthetic data (2 for a sigmoid head).
 pub fn open(
-    source: &str,
+    source: impl AsRef<OsStr>,
     split: Split,
     input: ImageShape,
     classes: usize,
     seed: u64,
     locator: &Locator,
 ) -> Result<Dataset> {
-    if GENERATED.contains(&source) {
-        return generated_split(source, split, input, classes, seed);
+    let source = Source::new(source.as_ref());
+    if let Some(generated) = source.generated {
+        return generated_split(generated, split, input, classes, seed);
     }
-    if let Ok(name) = source.parse::<DatasetName>() {
+    if let Some(name) = source.named {
         let data = locator.load(name, split, None)?;
-        return fit_to_input(data, &mut String::new(), source, input, false);
+        return fit_to_input(data, &mut String::new(), &source.shown, input, false);
     }
-    match (folder_layout(Path::new(source))?, split) {
+    match (folder_layout(source.path)?, split) {
         (FolderLayout::Classes(dir), Split::Train) => read_image_folder(&dir, input, None),
         (FolderLayout::Parts { train, .. }, Split::Train) => read_image_folder(&train, input, None),
         (
@@ -404,7 +454,7 @@ pub fn open(
             read_image_folder(&test, input, Some(&names))
         }
         (_, Split::Test) => Err(Error::data(
-            source,
+            source.path,
             "no test/ folder: this image folder has no test split",
         )),
     }
@@ -508,6 +558,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("(0, 1)"), "{err}");
+    }
+
+    #[test]
+    fn the_default_hold_out_steps_aside_for_a_handful_of_images() {
+        let dir = tempfile::tempdir().unwrap();
+        write_folder(dir.path(), &[("", "a", 2), ("", "b", 2)]);
+        let splits = open_with(dir.path(), Validation::Auto(0.1), None).unwrap();
+        assert_eq!(splits.train.len(), 4);
+        assert!(splits.validation.is_none());
+        assert!(
+            splits.sources[1]
+                .contains("default 10% hold-out of 4 images would leave an empty part"),
+            "{:?}",
+            splits.sources
+        );
+        assert_eq!(splits.evaluation_or_training().1, "training");
+        assert!(splits.sources[2].contains("scored on its training data"));
+        // A split the user asked for that leaves nothing is still an error.
+        let err = open_with(dir.path(), Validation::Holdout(0.1), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("leaves an empty part"), "{err}");
     }
 
     #[test]

@@ -68,7 +68,9 @@ impl EvaluateRequest {
                     path,
                     format!(
                         "the weights were trained on classes {:?}, but `{}` has {:?}",
-                        checkpoint.meta.classes, self.data.dataset, data.classes
+                        checkpoint.meta.classes,
+                        self.data.dataset_shown(),
+                        data.classes
                     ),
                 ));
             }
@@ -91,7 +93,7 @@ impl EvaluateRequest {
         };
         let scored = Scored::new(evaluation)?;
         if let Some(out) = &self.out {
-            let extra = serde_json::json!({"backend": backend.name(), "model": checkpoint.spec.name, "dataset": self.data.dataset, "weights": self.weights, "ensemble": format!("{:?}", self.combine)});
+            let extra = serde_json::json!({"backend": backend.name(), "model": checkpoint.spec.name, "dataset": self.data.dataset_shown(), "weights": self.weights, "ensemble": format!("{:?}", self.combine)});
             scored.write_metrics_json(&out.join("metrics.json"), None, extra)?;
             scored.write_predictions_csv(&out.join("predictions.csv"))?;
         }
@@ -112,7 +114,7 @@ impl EvaluateRequest {
                 "data",
                 format!(
                     "`{}` has no test split; name validation data with --validation-split",
-                    self.data.dataset
+                    self.data.dataset_shown()
                 ),
             )
         })?;

@@ -79,7 +79,8 @@ impl SearchRequest {
     /// the parts' logs joined.
     pub fn run(&self, backend: &dyn Backend, group: &Group) -> Result<SearchOutcome> {
         let config = SearchConfig::from_toml(&self.space)?;
-        let (splits, base) = self.data(&config, group.is_root() && self.merge.is_empty())?;
+        let speak = group.is_root() && self.merge.is_empty();
+        let (splits, base) = super::root_first(group, || self.data(&config, speak))?;
         let total = config.trials(self.trials).len();
         std::fs::create_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
         if !self.merge.is_empty() {
@@ -119,7 +120,7 @@ impl SearchRequest {
     fn data(&self, config: &SearchConfig, speak: bool) -> Result<(Splits, Sequential)> {
         let base = Sequential::from_preset_or_file(&config.model)?;
         let data = DataRequest {
-            dataset: config.dataset.clone(),
+            dataset: config.dataset.clone().into(),
             limit: config.limit,
             // Trials are ranked on validation data, never on the test split.
             validation: match config.validation_split {
@@ -170,6 +171,9 @@ impl SearchRequest {
         }
         let trials = config.trials(self.trials);
         let total = trials.len();
+        // Parts of one search may share --out (a job array's tasks), each with its own log;
+        // two processes on one log would interleave it.
+        let _lock = crate::io::FolderLock::acquire_for(&self.out, &shard.log_name())?;
         let log = self.out.join(shard.log_name());
         let logged = self.logged_before(&log, shard)?;
         let mut results = Vec::new();

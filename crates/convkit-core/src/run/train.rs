@@ -181,9 +181,11 @@ impl SpecEdits {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommandRecord {
     /// The working directory relative paths in `args` refer to.
+    #[serde(with = "crate::io::os_text")]
     pub cwd: PathBuf,
-    /// The command line, program name first.
-    pub args: Vec<String>,
+    /// The command line, program name first; every byte kept ([`crate::io::os_text`]).
+    #[serde(with = "crate::io::os_text::list")]
+    pub args: Vec<std::ffi::OsString>,
 }
 
 impl CommandRecord {
@@ -194,7 +196,7 @@ impl CommandRecord {
     pub fn current() -> Result<Self> {
         Ok(CommandRecord {
             cwd: std::env::current_dir().map_err(|e| Error::io(".", e))?,
-            args: std::env::args().collect(),
+            args: std::env::args_os().collect(),
         })
     }
 
@@ -297,7 +299,7 @@ impl TrainRequest {
         }
 
         let (base, start, normalisation) = self.starting_point()?;
-        let splits = self.data.open(&base, &normalisation)?;
+        let splits = super::root_first(group, || self.data.open(&base, &normalisation))?;
         let (base, resized_head) = match (&self.model, &self.edits.new_head) {
             (ModelSource::Spec(name), None) => {
                 super::preset_sized_for(name, base, splits.train.classes.len())?
@@ -310,10 +312,7 @@ impl TrainRequest {
             self.loss.map_or_else(|| Loss::default_for(&spec), Ok)?,
         );
         compile.check(&spec)?;
-        let (scored_on, scored_name) = splits.evaluation().ok_or_else(|| Error::config("data", format!(
-            "`{}` has no test split and no validation data is chosen, so nothing would score the model; hold some out with --validation-split",
-            self.data.dataset
-        )))?;
+        let (scored_on, scored_name) = splits.evaluation_or_training();
         let root = group.is_root();
         if !self.quiet && root {
             self.announce(&spec, backend, &splits, group.size())?;
@@ -340,11 +339,16 @@ impl TrainRequest {
         let fit = self.fit(&mut model, &splits, meta.clone());
         let history = match fit.run() {
             // As Keras' TerminateOnNaN: stop, and keep the last weights known to be finite.
-            Err(err @ Error::NonFinite { .. }) if root => {
-                let path = self.out.join("model.safetensors");
-                model.checkpoint(meta)?.save(&path)?;
-                model.spec().save_json(&self.out.join("model.json"))?;
-                eprintln!("saved the last finite weights to {}", path.display());
+            // Every rank met the same loss (it is summed over them), so they stop together,
+            // once rank 0 has saved.
+            Err(err @ Error::NonFinite { .. }) => {
+                if root {
+                    let path = self.out.join("model.safetensors");
+                    model.checkpoint(meta)?.save(&path)?;
+                    model.spec().save_json(&self.out.join("model.json"))?;
+                    eprintln!("saved the last finite weights to {}", path.display());
+                }
+                group.barrier()?;
                 return Err(err);
             }
             other => other?,
@@ -396,13 +400,14 @@ impl TrainRequest {
         splits: &Splits,
         processes: usize,
     ) -> Result<()> {
-        println!("{}", spec.summary()?);
         println!(
-            "training on {} ({}), images of {}",
+            "training on {} ({}); threads: {}",
             backend.name(),
             backend.device(),
-            splits.train.shape
+            crate::threads::chosen().why
         );
+        println!("{}", spec.summary()?);
+        println!("images of {}", splits.train.shape);
         for line in &splits.sources {
             println!("  {line}");
         }
@@ -518,14 +523,14 @@ impl TrainRequest {
         splits: &Splits,
     ) -> Result<()> {
         let out = &self.out;
-        let (scored_on, scored_name) = splits.evaluation().expect("checked before training");
+        let (scored_on, scored_name) = splits.evaluation_or_training();
         model
             .checkpoint(meta.clone())?
             .save(&out.join("model.safetensors"))?;
         model.spec().save_json(&out.join("model.json"))?;
         history.write_csv(&out.join("history.csv"))?;
         let extra = serde_json::json!({
-            "backend": meta.backend, "model": model.spec().name, "dataset": self.data.dataset,
+            "backend": meta.backend, "model": model.spec().name, "dataset": self.data.dataset_shown(),
             "optimizer": model.compile_settings().optimizer.name(),
             "loss": model.compile_settings().loss.name(), "epochs_run": history.epochs.len(),
             "batch_size": self.data.batch_size, "seed": self.data.seed,
