@@ -2,10 +2,10 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn convkit(args: &[&str]) -> Output {
+fn convkit<A: AsRef<std::ffi::OsStr>>(args: &[A]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_convkit"))
         .args(args)
         .env("CONVKIT_DATA", common::data_dir())
@@ -177,7 +177,27 @@ fn summary_and_backends() {
     }
     let o = convkit(&["--help"]);
     assert!(
-        text(&o).contains("3 a compare check failed") && text(&o).contains("CONVKIT_DATA"),
+        text(&o).contains("3 a compare check failed")
+            && text(&o).contains("CONVKIT_DATA")
+            && text(&o).contains("--threads <N>"),
+        "{}",
+        text(&o)
+    );
+    // Shell completion knows the subcommands and the engines compiled in.
+    let o = convkit(&["completions", "bash"]);
+    let script = text(&o);
+    assert!(o.status.success(), "{script}");
+    assert!(
+        script.contains("complete -F _convkit")
+            && script.contains("evaluate")
+            && script.contains(names[0]),
+        "{script}"
+    );
+    // A thread count of 0 is a usage error.
+    let o = convkit(&["--threads", "0", "backends"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("--threads 0: expected at least 1"),
         "{}",
         text(&o)
     );
@@ -366,6 +386,59 @@ fn write_shapes(root: &Path, parts: &[&str]) {
     }
 }
 
+/// Unix paths are bytes: a dataset folder, a run folder and image files whose names are not
+/// UTF-8 train, resume, predict, and keep their bytes in command.json.
+#[cfg(unix)]
+#[test]
+fn paths_that_are_not_utf8_work_end_to_end() {
+    use std::ffi::{OsStr, OsString};
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let odd = |name: &[u8]| dir.path().join(OsStr::from_bytes(name));
+    let data = odd(b"data-\xff");
+    write_shapes(&data, &[""]);
+    let spec = dir.path().join("spec.json");
+    std::fs::write(&spec, r#"{"name":"tiny","input_shape":[16,16,3],"layers":[{"type":"Flatten"},{"type":"Dense","units":2,"activation":"softmax"}]}"#).unwrap();
+    let out = odd(b"run-\xfe");
+    let args: Vec<OsString> = vec![
+        "train".into(),
+        "--dataset".into(),
+        data.clone().into(),
+        "--model".into(),
+        spec.clone().into(),
+        "--epochs".into(),
+        "1".into(),
+        "--batch-size".into(),
+        "4".into(),
+        "--out".into(),
+        out.clone().into(),
+    ];
+    let o = convkit(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(out.join("model.safetensors").is_file());
+    let record = std::fs::read_to_string(out.join("command.json")).unwrap();
+    assert!(record.contains("unix_bytes"), "{record}");
+    // The saved command line, bytes and all, continues the run.
+    let o = convkit(&[
+        OsStr::new("train"),
+        OsStr::new("--resume"),
+        out.as_os_str(),
+        OsStr::new("--epochs"),
+        OsStr::new("2"),
+    ]);
+    let said = text(&o);
+    assert!(o.status.success() && said.contains("Epoch 2/2"), "{said}");
+    let image = data.join("dark").join("0.jpg");
+    let o = convkit(&[
+        OsStr::new("predict"),
+        OsStr::new("--weights"),
+        out.as_os_str(),
+        image.as_os_str(),
+    ]);
+    let said = text(&o);
+    assert!(o.status.success() && said.contains("dark"), "{said}");
+}
+
 #[test]
 fn image_folders_as_datasets_ship() {
     let dir = tempfile::tempdir().unwrap();
@@ -457,12 +530,29 @@ fn image_folders_as_datasets_ship() {
         "{out}"
     );
     assert_eq!(metrics.unwrap()["validation_images"], 3);
-    // Without any validation there is nothing to score the model on.
-    let (o, _) = train(&pool, &["--validation-split", "0"]);
+    // Without any validation the finished model is scored on its training data, said so.
+    let (o, metrics) = train(&pool, &["--validation-split", "0", "--overwrite"]);
     assert!(
-        !o.status.success() && text(&o).contains("nothing would score the model"),
+        o.status.success() && text(&o).contains("scored on the training data"),
         "{}",
         text(&o)
+    );
+    assert_eq!(metrics.unwrap()["scored_on"], "training");
+    // Four images: the default hold-out steps aside, with a line, and the run trains.
+    let four = dir.path().join("four");
+    write_shapes(&four, &[""]);
+    for class in ["dark", "light"] {
+        for i in 2..6 {
+            std::fs::remove_file(four.join(class).join(format!("{i}.jpg"))).unwrap();
+        }
+    }
+    let (o, _) = train(&four, &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("train: 4 images")
+            && out.contains("hold-out of 4 images would leave an empty part"),
+        "{out}"
     );
 
     // The tutorial's literal validation_data = test, when asked for (in the first run's
@@ -1784,4 +1874,83 @@ fn a_second_run_in_the_same_folder_is_refused() {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
+}
+
+/// A static file server on 127.0.0.1 for the files in `dir` (GET /NAME; anything else is a
+/// 404), on its own threads; its base URL.
+fn serve_files(dir: PathBuf) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request = String::new();
+                reader.read_line(&mut request).unwrap_or(0);
+                let mut header = String::new();
+                while reader.read_line(&mut header).unwrap_or(0) > 2 {
+                    header.clear();
+                }
+                let name = request.split_whitespace().nth(1).unwrap_or("/");
+                let _ = match std::fs::read(dir.join(name.trim_start_matches('/'))) {
+                    Ok(body) => write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .and_then(|()| stream.write_all(&body)),
+                    Err(_) => write!(
+                        stream,
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    ),
+                };
+            });
+        }
+    });
+    url
+}
+
+/// What `cargo xtask test` runs on a machine without the shared datasets: `convkit download`
+/// fetches MNIST through the checksummed downloader (here from a mirror on 127.0.0.1 serving
+/// the real files) into convkit's cache, where the next run finds it offline.
+#[test]
+fn download_fetches_a_dataset_into_the_cache() {
+    let mirror = serve_files(common::data_dir().join("mnist"));
+    let (cache, nothing) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let download = |name: &str, offline: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_convkit"));
+        c.args(["download", name])
+            .env("XDG_CACHE_HOME", cache.path())
+            .env("CONVKIT_DATA", nothing.path())
+            .env("CONVKIT_MIRROR", &mirror);
+        if offline {
+            c.env("CONVKIT_OFFLINE", "1");
+        } else {
+            c.env_remove("CONVKIT_OFFLINE");
+        }
+        c.output().unwrap()
+    };
+    let o = download("mnist", false);
+    let said = text(&o);
+    let fetched = cache.path().join("convkit/mnist");
+    assert!(o.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("mnist: {}", fetched.display())),
+        "{said}"
+    );
+    for file in ["train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"] {
+        assert!(fetched.join(file).is_file(), "{file}: {said}");
+    }
+    // Found there from now on, offline.
+    let o = download("mnist", true);
+    assert!(o.status.success(), "{}", text(&o));
+    // Offline, a dataset that is nowhere is an error saying where it looked.
+    let o = download("cifar10", true);
+    let said = text(&o);
+    assert!(
+        !o.status.success() && said.contains("cifar10") && said.contains("CONVKIT_DATA"),
+        "{said}"
+    );
 }

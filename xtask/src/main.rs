@@ -25,6 +25,8 @@ use anyhow::{bail, Context, Result};
 
 #[cfg(test)]
 mod cycles;
+#[cfg(test)]
+mod figures;
 mod notebooks;
 mod pins;
 mod scaling;
@@ -89,7 +91,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | scaling | fuzz | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  train tutorial-mnist on MNIST with candle, installing nothing (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  scaling   data-parallel throughput, 1 MPI rank against N, one thread each [--backends a,b] [--ranks N] [--limit IMAGES] [--batch-size B] [--repeat R]\n  fuzz      the parsers' fuzz loop in a release build: [SECONDS per target, default 600] [SEED]\n  pins      print the lines xtask/check-pins/Cargo.toml lacks, if any (the single-feature builds' pins)");
+            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | scaling | fuzz | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  train tutorial-mnist on MNIST with candle, installing nothing (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  scaling   data-parallel throughput, 1 MPI rank against N, convkit's default threads [--backends a,b] [--ranks N] [--limit IMAGES] [--batch-size B] [--repeat R]\n  fuzz      the parsers' fuzz loop in a release build: [SECONDS per target, default 600] [SEED]\n  pins      print the lines xtask/check-pins/Cargo.toml lacks, if any (the single-feature builds' pins)");
             if command.is_empty() || command == "help" || command == "--help" {
                 Ok(())
             } else {
@@ -137,15 +139,53 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("target"))
 }
 
-/// `$CONVKIT_DATA`, else the `shared/datasets` folder beside the checkout when present.
+/// `$CONVKIT_DATA`, else the `shared/datasets` folder beside the checkout when present, else
+/// the cache `cargo xtask test` downloaded the datasets into ([`TestData`]).
 fn data_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("CONVKIT_DATA") {
         return Some(d.into());
     }
     let shared = root().join("../shared/datasets");
-    shared
-        .is_dir()
-        .then(|| shared.canonicalize().unwrap_or(shared))
+    if shared.is_dir() {
+        return Some(shared.canonicalize().unwrap_or(shared));
+    }
+    DOWNLOADED.get().cloned()
+}
+
+/// Where `cargo xtask test` downloaded the datasets, on a machine without a shared copy.
+static DOWNLOADED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The datasets the tests and notebooks read.
+#[derive(Debug, PartialEq)]
+enum TestData {
+    /// `CONVKIT_DATA` or the shared copy beside the checkout, read offline.
+    Given(PathBuf),
+    /// Neither is there: convkit's own checksummed downloader fetches MNIST and CIFAR-10 into
+    /// convkit's cache (`~/.cache/convkit`), which the tests then read offline. Fashion-MNIST
+    /// comes from Debian's package, which setup installs.
+    Download { into: PathBuf },
+}
+
+impl TestData {
+    /// The datasets named: by `found` ([`data_dir`]), else into the cache under `cache_home`
+    /// (`$XDG_CACHE_HOME`, else `~/.cache`: where convkit's downloader puts them).
+    fn choose(found: Option<PathBuf>, cache_home: Option<PathBuf>) -> Result<Self> {
+        match (found, cache_home) {
+            (Some(dir), _) => Ok(TestData::Given(dir)),
+            (None, Some(cache)) => Ok(TestData::Download {
+                into: cache.join("convkit"),
+            }),
+            (None, None) => bail!("no datasets: set CONVKIT_DATA to a folder holding mnist/ and cifar10/, or HOME so that they can be downloaded into ~/.cache/convkit"),
+        }
+    }
+}
+
+/// `$XDG_CACHE_HOME`, else `~/.cache`, as convkit's `dirs::cache_dir()` finds it on Linux.
+fn cache_home() -> Option<PathBuf> {
+    let absolute = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
+    std::env::var_os("XDG_CACHE_HOME")
+        .and_then(absolute)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
 }
 
 /// Writes `contents` to a temporary file beside `path`, then renames it into place, so a
@@ -642,6 +682,19 @@ fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
     let mut build = shared_build::cargo(&test)?;
     build.arg("--no-run").args(extra);
     steps.time("build tests", || run(&mut build))?;
+    if let TestData::Download { into } = TestData::choose(data_dir(), cache_home())? {
+        println!(
+            "no CONVKIT_DATA and no ../shared/datasets: downloading the tests' datasets into {}",
+            into.display()
+        );
+        let mut download = shared_build::built_convkit()?;
+        download.args(["download", "mnist", "cifar10"]);
+        download
+            .env_remove("CONVKIT_OFFLINE")
+            .env_remove("CONVKIT_DATA");
+        steps.time("download datasets", || run(&mut download))?;
+        DOWNLOADED.get_or_init(|| into);
+    }
     // The other engine features, each built alone (`build`, not `check`: with the pins, every
     // dependency resolves as in the test build and is reused from it, so only the facade and
     // that engine's crate are compiled; a `check` would type-check the whole tree once more).
@@ -733,12 +786,40 @@ fn tutorial(extra: &[String]) -> Result<()> {
     }
     let mut c = cargo(&args);
     c.args(extra);
-    run(&mut c)
+    run(&mut c)?;
+    // The commands after the tutorial use this build, not another in ./target.
+    let bin = target_dir().join("release");
+    println!(
+        "\nThe convkit command is {}; to run it as `convkit`:\n  export PATH=\"{}:$PATH\"",
+        bin.join("convkit").display(),
+        bin.display()
+    );
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::test_binary_name;
+
+    #[test]
+    fn test_data_is_the_given_copy_else_a_download_into_the_cache() {
+        use super::TestData;
+        use std::path::PathBuf;
+        let shared = PathBuf::from("/w/shared/datasets");
+        let cache = PathBuf::from("/home/u/.cache");
+        assert_eq!(
+            TestData::choose(Some(shared.clone()), Some(cache.clone())).unwrap(),
+            TestData::Given(shared)
+        );
+        assert_eq!(
+            TestData::choose(None, Some(cache)).unwrap(),
+            TestData::Download {
+                into: PathBuf::from("/home/u/.cache/convkit")
+            }
+        );
+        let err = TestData::choose(None, None).unwrap_err().to_string();
+        assert!(err.contains("set CONVKIT_DATA"), "{err}");
+    }
 
     #[test]
     fn test_binaries_are_named_by_binary_and_source() {

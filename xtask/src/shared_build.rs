@@ -105,6 +105,14 @@ pub fn std_lib_dir() -> Result<PathBuf> {
     Ok(sysroot()?.join("lib/rustlib").join(host()?).join("lib"))
 }
 
+/// The `convkit` binary the shared build made last (the test build's, or a single-feature
+/// build's), ready to run: it loads the standard library as a shared object.
+pub fn built_convkit() -> Result<Command> {
+    let mut c = Command::new(target_dir().join(host()?).join("debug/convkit"));
+    c.env("LD_LIBRARY_PATH", library_path(vec![std_lib_dir()?])?);
+    Ok(c)
+}
+
 /// `LD_LIBRARY_PATH` with `dirs` in front of what is already there.
 pub fn library_path(dirs: Vec<PathBuf>) -> Result<std::ffi::OsString> {
     let mut all = dirs;

@@ -2,6 +2,7 @@
 
 mod compare;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -19,10 +20,14 @@ use convkit::{Optimizer, Sequential, SizeLimits};
     args_override_self = true,
     after_help = "Exit status: 0 success, 1 error, 2 bad arguments, 3 a compare check failed.\n\
 Environment: CONVKIT_DATA (dataset folder), CONVKIT_OFFLINE=1 (never download), CONVKIT_MIRROR \
-(dataset mirror URL), CONVKIT_THREADS (libtorch threads), CONVKIT_PYTHON (python for compare's \
+(dataset mirror URL), CONVKIT_THREADS (as --threads), CONVKIT_PYTHON (python for compare's \
 PyTorch rows), CONVKIT_COLLECTIVE_TIMEOUT (seconds an MPI rank waits for the others)."
 )]
 struct Cli {
+    /// Compute threads for every engine (candle, burn, libtorch). Default: CONVKIT_THREADS,
+    /// else under mpirun or srun the node's cores shared by its ranks, else every core.
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,6 +52,14 @@ enum Command {
     },
     /// List the compiled-in engines and their devices.
     Backends,
+    /// Fetch named datasets into convkit's cache (~/.cache/convkit) through its checksummed
+    /// downloader, with progress, or say where each is already (CONVKIT_DATA, the cache,
+    /// /usr/share/datasets). CONVKIT_MIRROR replaces the mirrors; CONVKIT_OFFLINE=1 only looks.
+    Download {
+        /// mnist, fashion-mnist, cifar10.
+        #[arg(required = true)]
+        datasets: Vec<convkit::data::DatasetName>,
+    },
     /// Hyper-parameter search: short fits over a space read from TOML, ranked by validation accuracy.
     Search(SearchArgs),
     /// Cross-check and benchmark every engine on the same work.
@@ -54,6 +67,11 @@ enum Command {
     /// One engine of a comparison, in its own process (used by `compare`).
     #[command(hide = true)]
     CompareWorker(compare::CompareArgs),
+    /// Print a shell completion script: `convkit completions bash > ~/.local/share/bash-completion/completions/convkit`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// How large a model read from a file (spec or checkpoint) may be.
@@ -81,7 +99,7 @@ struct DataArgs {
     /// image folder: train/<class>/ with val/ (or validation/, valid/) and/or test/, or just
     /// <class>/ folders.
     #[arg(long, default_value = "mnist")]
-    dataset: String,
+    dataset: OsString,
     /// Engine to run on (see `convkit backends`); the first compiled in by default.
     #[arg(long, default_value = convkit::default_backend_name(), value_parser = engines())]
     backend: String,
@@ -286,6 +304,10 @@ struct ExportArgs {
 fn main() -> ExitCode {
     convkit::keep_freed_memory_for_reuse();
     let cli = Cli::parse();
+    if let Err(err) = convkit::threads::configure(cli.threads) {
+        eprintln!("error: {err}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Train(args) => run::in_launched_group(|group| train(args, group)),
         Command::Evaluate(args) => evaluate(args),
@@ -300,6 +322,24 @@ fn main() -> ExitCode {
         Command::Compare(args) => compare::compare(args),
         Command::Search(args) => run::in_launched_group(|group| search(args, group)),
         Command::CompareWorker(args) => compare::worker(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "convkit",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Download { datasets } => {
+            let locator = convkit::data::Locator::from_env();
+            datasets.into_iter().try_for_each(|name| {
+                let dir = locator.find(name, None)?;
+                println!("{}: {}", name.dir_name(), dir.display());
+                Ok(())
+            })
+        }
         Command::Backends => {
             convkit::describe_backends()
                 .iter()
@@ -344,10 +384,10 @@ fn train(args: TrainArgs, group: &Group) -> anyhow::Result<()> {
         let record = run::CommandRecord::current()?;
         return train_run(args, false, Some(record), group);
     };
-    let given: Vec<String> = std::env::args().skip(2).collect();
+    let given: Vec<OsString> = std::env::args_os().skip(2).collect();
     let (epochs, others) = more_epochs(&given);
     let resume_only = matches!(&others[..], [flag, _] if flag == "--resume")
-        || matches!(&others[..], [flag] if flag.starts_with("--resume="));
+        || matches!(&others[..], [flag] if flag.as_encoded_bytes().starts_with(b"--resume="));
     if !resume_only {
         bail!("--resume continues a run with the arguments it was started with (saved in {}); give no other argument but --epochs, found {given:?}", run.join(run::CommandRecord::FILE).display());
     }
@@ -360,7 +400,7 @@ fn train(args: TrainArgs, group: &Group) -> anyhow::Result<()> {
         )
     })?;
     if let Some(epochs) = &epochs {
-        saved.args.extend(["--epochs".to_string(), epochs.clone()]);
+        saved.args.extend(["--epochs".into(), epochs.clone()]);
     }
     let Command::Train(args) = Cli::try_parse_from(&saved.args)
         .with_context(|| format!("{}: the saved command does not parse", run.display()))?
@@ -377,13 +417,13 @@ fn train(args: TrainArgs, group: &Group) -> anyhow::Result<()> {
 }
 
 /// The `--epochs` value among `given` arguments, and the arguments without it.
-fn more_epochs(given: &[String]) -> (Option<String>, Vec<String>) {
+fn more_epochs(given: &[OsString]) -> (Option<OsString>, Vec<OsString>) {
     let (mut epochs, mut others) = (None, Vec::new());
     let mut rest = given.iter();
     while let Some(arg) = rest.next() {
-        match arg.strip_prefix("--epochs") {
+        match arg.to_str().and_then(|a| a.strip_prefix("--epochs")) {
             Some("") => epochs = rest.next().cloned(),
-            Some(value) if value.starts_with('=') => epochs = Some(value[1..].to_string()),
+            Some(value) if value.starts_with('=') => epochs = Some(value[1..].into()),
             _ => others.push(arg.clone()),
         }
     }
