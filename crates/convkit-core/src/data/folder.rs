@@ -14,11 +14,22 @@ use crate::{Error, Result};
 
 const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
+/// Most entries convkit lists in one folder: far more than a class folder holds, few enough
+/// that the listing's memory stays bounded.
+pub const MAX_FOLDER_ENTRIES: usize = 1 << 20;
+
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut entries = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
+        .take(MAX_FOLDER_ENTRIES + 1)
         .map(|e| e.map(|e| e.path()).map_err(|err| Error::io(dir, err)))
         .collect::<Result<Vec<_>>>()?;
+    if entries.len() > MAX_FOLDER_ENTRIES {
+        return Err(Error::data(
+            dir,
+            format!("holds more than {MAX_FOLDER_ENTRIES} entries, the most convkit lists in one folder; split it into sub-folders"),
+        ));
+    }
     entries.sort();
     Ok(entries)
 }
@@ -71,19 +82,22 @@ fn fitted(img: image::DynamicImage, target: ImageShape) -> Result<Vec<u8>> {
     }
 }
 
-/// The image files under `dir` and its sub-folders, sorted by path. Symbolic links to folders
-/// are not followed, so a link cycle cannot make the walk endless.
-fn image_files(dir: &Path, found: &mut Vec<PathBuf>) -> Result<()> {
+/// The image files under `dir` and its sub-folders, sorted by path, and the other files
+/// (`left_out`). Symbolic links to folders are not followed, so a link cycle cannot make the
+/// walk endless.
+fn image_files(dir: &Path, found: &mut Vec<PathBuf>, left_out: &mut Vec<PathBuf>) -> Result<()> {
     for path in sorted_entries(dir)? {
         let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
         if meta.is_dir() {
-            image_files(&path, found)?;
+            image_files(&path, found, left_out)?;
         } else {
             let ext = path
                 .extension()
                 .map(|e| e.to_string_lossy().to_ascii_lowercase());
             if ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) {
                 found.push(path);
+            } else {
+                left_out.push(path);
             }
         }
     }
@@ -128,6 +142,19 @@ pub fn read_image_folder(
     target: ImageShape,
     classes: Option<&[String]>,
 ) -> Result<Dataset> {
+    read_image_folder_noting(dir, target, classes).map(|(data, _)| data)
+}
+
+/// [`read_image_folder`], and a note naming the files it left out (not PNG or JPEG, or not in
+/// a class folder), if any: nothing is skipped silently.
+pub(crate) fn read_image_folder_noting(
+    dir: &Path,
+    target: ImageShape,
+    classes: Option<&[String]>,
+) -> Result<(Dataset, Option<String>)> {
+    let mut left_out: Vec<PathBuf> = (sorted_entries(dir)?.into_iter())
+        .filter(|p| !p.is_dir())
+        .collect();
     let folders = class_folders(dir)?;
     let classes: Vec<String> = match classes {
         Some(known) => {
@@ -148,7 +175,7 @@ pub fn read_image_folder(
             .position(|c| c == name)
             .expect("checked above") as u32;
         let mut found = Vec::new();
-        image_files(class_dir, &mut found)?;
+        image_files(class_dir, &mut found, &mut left_out)?;
         files.extend(found.into_iter().map(|path| (path, label)));
     }
     if files.is_empty() {
@@ -162,7 +189,22 @@ pub fn read_image_folder(
         .map(|(path, _)| load_image(path, target))
         .collect::<Result<_>>()?;
     let labels = files.iter().map(|(_, l)| *l).collect();
-    Dataset::new(decoded.concat(), target, labels, classes)
+    let note = left_out.first().map(|first| {
+        let n = left_out.len();
+        let (files, are) = if n == 1 {
+            ("file", "is")
+        } else {
+            ("files", "are")
+        };
+        format!(
+            "{n} {files} that {are} not a PNG or JPEG image in a class folder left out, such as {}",
+            first.strip_prefix(dir).unwrap_or(first).display()
+        )
+    });
+    Ok((
+        Dataset::new(decoded.concat(), target, labels, classes)?,
+        note,
+    ))
 }
 
 impl Dataset {
@@ -230,7 +272,16 @@ mod tests {
                     .unwrap();
             }
         }
-        std::fs::write(dir.path().join("dog").join("notes.txt"), "ignored").unwrap();
+        std::fs::write(dir.path().join("dog").join("notes.txt"), "left out").unwrap();
+        std::fs::write(dir.path().join("README"), "left out").unwrap();
+        // What is left out is named, never skipped silently.
+        let (_, note) =
+            read_image_folder_noting(dir.path(), ImageShape::new(8, 8, 3), None).unwrap();
+        let note = note.unwrap();
+        assert!(
+            note.starts_with("2 files that are not a PNG or JPEG image in a class folder left out, such as README"),
+            "{note}"
+        );
         let ds = read_image_folder(dir.path(), ImageShape::new(8, 8, 3), None).unwrap();
         assert_eq!(ds.classes, vec!["cat", "dog"]);
         assert_eq!(ds.labels, vec![0, 1, 1]);

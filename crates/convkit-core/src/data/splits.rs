@@ -14,7 +14,7 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use super::folder::{class_folders, read_image_folder};
+use super::folder::{class_folders, read_image_folder, read_image_folder_noting};
 use super::{random_soft, synthetic, Dataset, DatasetName, ImageShape, Locator, Split};
 use crate::spec::thousands;
 use crate::{Error, Result};
@@ -324,10 +324,12 @@ fn read_parts(
         return Ok((part(Split::Train)?, None, Some(part(Split::Test)?)));
     }
     let read = |dir: &Path, known: Option<&[String]>| -> Result<Part> {
-        Ok(Part {
-            data: read_image_folder(dir, input, known)?,
-            from: format!("from {}", dir.display()),
-        })
+        let (data, left_out) = read_image_folder_noting(dir, input, known)?;
+        let from = match left_out {
+            Some(note) => format!("from {} ({note})", dir.display()),
+            None => format!("from {}", dir.display()),
+        };
+        Ok(Part { data, from })
     };
     match folder_layout(source.path)? {
         FolderLayout::Classes(dir) => Ok((read(&dir, None)?, None, None)),
