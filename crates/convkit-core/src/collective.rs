@@ -117,38 +117,71 @@ pub(crate) fn launched_by(env: impl Fn(&str) -> Option<String>) -> Option<(usize
 /// one of several, in a build without MPI, is an error: each would train alone and overwrite
 /// the others' files.
 pub fn from_environment() -> Result<Rc<dyn Collective>> {
-    match launched_by_mpi() {
-        #[cfg(feature = "mpi")]
-        Some((rank, size)) => {
-            let world = mpi_world::MpiWorld::initialize()?;
-            if world.size() != size {
-                return Err(Error::config(
-                    "launch",
-                    format!(
-                        "the launcher started this process as rank {rank} of {size}, but MPI sees {} process{}: the launcher and MPI do not meet (under Slurm, start with `srun --mpi=pmix` or `--mpi=pmi2`, as your MPI was built); each rank would train alone",
-                        world.size(),
-                        if world.size() == 1 { "" } else { "es" }
-                    ),
-                ));
-            }
-            Ok(Rc::new(world))
-        }
-        #[cfg(not(feature = "mpi"))]
+    match joining(launched_by_mpi(), cfg!(feature = "mpi"))? {
+        Joining::Alone => Ok(Rc::new(Solo)),
+        Joining::Mpi { rank, size } => join_mpi(rank, size),
+    }
+}
+
+/// How this process joins its group.
+#[derive(Debug, PartialEq)]
+enum Joining {
+    Alone,
+    /// Through MPI, as the launcher's `rank` of `size`.
+    Mpi {
+        rank: usize,
+        size: usize,
+    },
+}
+
+/// [`from_environment`]'s decision from the launcher's rank and size (if any) and whether this
+/// build has MPI.
+fn joining(launched: Option<(usize, usize)>, mpi_built: bool) -> Result<Joining> {
+    match launched {
+        Some((rank, size)) if mpi_built => Ok(Joining::Mpi { rank, size }),
         Some((rank, size)) if size > 1 => Err(Error::config(
             "launch",
             format!(
                 "this process was started by an MPI launcher as rank {rank} of {size}, but this convkit was built without the `mpi` feature (cargo build --features mpi); each rank would train alone"
             ),
         )),
-        _ => Ok(Rc::new(Solo)),
+        _ => Ok(Joining::Alone),
     }
 }
 
+/// MPI's world, checked to hold the `size` processes the launcher started.
+#[cfg(feature = "mpi")]
+fn join_mpi(rank: usize, size: usize) -> Result<Rc<dyn Collective>> {
+    let world = mpi_world::MpiWorld::initialize()?;
+    if world.size() != size {
+        return Err(Error::config(
+            "launch",
+            format!(
+                "the launcher started this process as rank {rank} of {size}, but MPI sees {} process{}: the launcher and MPI do not meet (under Slurm, start with `srun --mpi=pmix` or `--mpi=pmi2`, as your MPI was built); each rank would train alone",
+                world.size(),
+                if world.size() == 1 { "" } else { "es" }
+            ),
+        ));
+    }
+    Ok(Rc::new(world))
+}
+
+/// Never reached: [`joining`] refuses a launcher in a build without MPI.
+#[cfg(not(feature = "mpi"))]
+fn join_mpi(rank: usize, size: usize) -> Result<Rc<dyn Collective>> {
+    Err(Error::config(
+        "launch",
+        format!("rank {rank} of {size}: this convkit was built without the `mpi` feature"),
+    ))
+}
+
 /// The most elements one MPI call takes: its counts are C `int`s.
+#[cfg(any(test, feature = "mpi"))]
 const MPI_COUNT_MAX: usize = i32::MAX as usize;
 
 /// `0..len` in consecutive ranges of at most `most` elements (one empty range for `len` 0,
 /// so that every rank still makes the call): how a buffer too long for one MPI call is sent.
+#[cfg(any(test, feature = "mpi"))]
 fn pieces(len: usize, most: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     let most = most.max(1);
     (0..len.div_ceil(most).max(1)).map(move |k| k * most..((k + 1) * most).min(len))
@@ -373,6 +406,21 @@ mod tests {
         assert_eq!(launched_by(env(&BATCH)), Some((0, 1)));
         assert_eq!(launched_by(env(&[("PMI_RANK", "0")])), Some((0, 1)));
         assert_eq!(launched_by(env(&[("PMI_RANK", "x")])), None);
+    }
+
+    #[test]
+    fn a_launcher_without_mpi_built_in_is_refused() {
+        assert_eq!(joining(None, false).unwrap(), Joining::Alone);
+        assert_eq!(joining(Some((0, 1)), false).unwrap(), Joining::Alone);
+        let err = joining(Some((1, 2)), false).unwrap_err().to_string();
+        assert!(
+            err.contains("rank 1 of 2") && err.contains("built without the `mpi` feature"),
+            "{err}"
+        );
+        assert_eq!(
+            joining(Some((1, 2)), true).unwrap(),
+            Joining::Mpi { rank: 1, size: 2 }
+        );
     }
 
     #[test]
