@@ -122,6 +122,8 @@ pub fn scaling(args: &[String]) -> Result<()> {
                     "--epochs",
                     "1",
                     "--quiet",
+                    // Each repeat starts over in the same folder.
+                    "--overwrite",
                 ]);
                 c.args(["--limit", &s.limit.to_string()])
                     .args(["--batch-size", &s.batch_size.to_string()])
