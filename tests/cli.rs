@@ -554,6 +554,16 @@ fn image_folders_as_datasets_ship() {
             && out.contains("hold-out of 4 images would leave an empty part"),
         "{out}"
     );
+    // Early stopping on val_loss without validation data is refused before any epoch runs.
+    let (o, _) = train(&four, &["--early-stopping", "1", "--overwrite"]);
+    let out = text(&o);
+    assert!(
+        !o.status.success()
+            && out.contains("EarlyStopping monitors val_loss, but this fit has no validation data")
+            && out.contains("or monitor loss instead")
+            && !out.contains("Epoch 1/"),
+        "{out}"
+    );
 
     // The tutorial's literal validation_data = test, when asked for (in the first run's
     // folder, which it replaces).

@@ -209,9 +209,7 @@ fn mpirun_convkit_train_writes_one_run_from_rank_0() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let mut launch = mpirun(2);
-    for name in ["RAYON_NUM_THREADS", "OMP_NUM_THREADS", "CONVKIT_THREADS"] {
-        launch.env_remove(name);
-    }
+    common::mpirun::with_default_threads(&mut launch);
     let o = output(launch.arg(convkit_bin()).args([
         "train",
         "--dataset",

@@ -20,3 +20,12 @@ pub fn loopback_mpirun(ranks: usize) -> Command {
         .env("CONVKIT_THREADS", "1");
     c
 }
+
+/// `c` without the thread variables [`loopback_mpirun`] sets: each process takes convkit's own
+/// choice of threads, as a user who sets none gets.
+pub fn with_default_threads(c: &mut Command) -> &mut Command {
+    for name in ["RAYON_NUM_THREADS", "OMP_NUM_THREADS", "CONVKIT_THREADS"] {
+        c.env_remove(name);
+    }
+    c
+}

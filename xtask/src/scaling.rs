@@ -109,10 +109,7 @@ pub fn scaling(args: &[String]) -> Result<()> {
             for _ in 0..s.repeat {
                 let out = scratch.join(format!("{backend}-{ranks}"));
                 let mut c = mpirun::loopback_mpirun(ranks);
-                // convkit's own choice of threads, as a user who sets none gets.
-                for name in ["RAYON_NUM_THREADS", "OMP_NUM_THREADS", "CONVKIT_THREADS"] {
-                    c.env_remove(name);
-                }
+                mpirun::with_default_threads(&mut c);
                 c.arg(&convkit).args([
                     "train",
                     "--dataset",

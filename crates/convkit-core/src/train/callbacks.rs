@@ -42,6 +42,11 @@ pub trait Callback {
     fn restore(&mut self, _state: CallbackState) -> Result<()> {
         Ok(())
     }
+    /// The callback's name and the quantity it watches, if it watches one: a fit without
+    /// validation data refuses a callback that watches `val_*` before the first epoch.
+    fn monitors(&self) -> Option<(&'static str, Monitor)> {
+        None
+    }
 }
 
 /// A field of a callback's backup JSON; a missing or mistyped one is an error naming it.
@@ -81,7 +86,11 @@ impl Monitor {
             )
         })
     }
-    fn name(&self) -> &'static str {
+    /// Whether it is measured on validation data (`val_loss`, `val_accuracy`).
+    pub fn needs_validation(&self) -> bool {
+        matches!(self, Monitor::ValLoss | Monitor::ValAccuracy)
+    }
+    pub fn name(&self) -> &'static str {
         match self {
             Monitor::Loss => "loss",
             Monitor::Accuracy => "accuracy",
@@ -214,6 +223,9 @@ impl EarlyStopping {
 }
 
 impl Callback for EarlyStopping {
+    fn monitors(&self) -> Option<(&'static str, Monitor)> {
+        Some(("EarlyStopping", self.watch.monitor))
+    }
     fn on_epoch_end(&mut self, history: &History, model: &mut Model) -> Result<Control> {
         let epoch = history.epochs.last().expect("called after an epoch").epoch;
         if self.watch.observe(history)? {
@@ -293,6 +305,10 @@ impl ModelCheckpoint {
 }
 
 impl Callback for ModelCheckpoint {
+    fn monitors(&self) -> Option<(&'static str, Monitor)> {
+        self.save_best_only
+            .then_some(("ModelCheckpoint", self.watch.monitor))
+    }
     fn on_epoch_end(&mut self, history: &History, model: &mut Model) -> Result<Control> {
         if self.save_best_only && !self.watch.observe(history)? {
             return Ok(Control::Continue);
@@ -351,6 +367,15 @@ impl<C: Callback + ?Sized> Callback for &mut C {
     }
     fn on_train_end(&mut self, history: &History, model: &mut Model) -> Result<()> {
         (**self).on_train_end(history, model)
+    }
+    fn backup(&self) -> Result<CallbackState> {
+        (**self).backup()
+    }
+    fn restore(&mut self, state: CallbackState) -> Result<()> {
+        (**self).restore(state)
+    }
+    fn monitors(&self) -> Option<(&'static str, Monitor)> {
+        (**self).monitors()
     }
 }
 
@@ -500,6 +525,9 @@ impl ReduceLrOnPlateau {
 }
 
 impl Callback for ReduceLrOnPlateau {
+    fn monitors(&self) -> Option<(&'static str, Monitor)> {
+        Some(("ReduceLROnPlateau", self.watch.monitor))
+    }
     fn on_train_begin(&mut self, _model: &mut Model) -> Result<()> {
         if !(self.factor > 0.0 && self.factor < 1.0) {
             return Err(Error::config(

@@ -238,6 +238,20 @@ impl<'a> Fit<'a> {
         if order.is_empty() {
             return Err(Error::config("fit", "the training data is empty"));
         }
+        // Refused now rather than after the first epoch, when it would first look.
+        let watches_validation = (self.callbacks.iter())
+            .filter_map(|cb| cb.monitors())
+            .find(|(_, monitor)| monitor.needs_validation());
+        if let (None, Some((callback, monitor))) = (&val_indices, watches_validation) {
+            return Err(Error::config(
+                "callback",
+                format!(
+                    "{callback} monitors {}, but this fit has no validation data: give it validation data or a validation split, or monitor {} instead",
+                    monitor.name(),
+                    monitor.name().trim_start_matches("val_")
+                ),
+            ));
+        }
         Ok((order, val_indices))
     }
 
