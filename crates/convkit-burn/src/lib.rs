@@ -30,6 +30,8 @@ use burn_tensor::activation::{log_softmax, relu, sigmoid, softmax, tanh};
 use burn_tensor::module::{avg_pool2d, conv2d, max_pool2d};
 use burn_tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions};
 use burn_tensor::{Device, Tensor, TensorData};
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+use convkit_core::backend::without_panics;
 use convkit_core::exec::{Engine, Ops};
 use convkit_core::optim::TensorMath;
 use convkit_core::plan::{PoolKind, Role, WeightSpec};
@@ -161,25 +163,6 @@ impl BurnBackend {
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn device_error(backend: &'static str, message: String) -> convkit_core::Error {
     convkit_core::Error::engine(backend, Error::Device { backend, message })
-}
-
-/// Runs `f`, turning a panic into its message: GPU runtimes report a device that cannot start
-/// by panicking. The panic hook is silenced meanwhile.
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-fn without_panics<T>(
-    f: impl FnOnce() -> T + std::panic::UnwindSafe,
-) -> std::result::Result<T, String> {
-    let quiet = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let outcome = std::panic::catch_unwind(f);
-    std::panic::set_hook(quiet);
-    outcome.map_err(|panic| {
-        panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown cause".into())
-    })
 }
 
 impl Engine for BurnBackend {

@@ -22,6 +22,7 @@ mod threads;
 mod update;
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use convkit_core::backend::without_panics;
 use convkit_core::exec::{Engine, Ops};
 use convkit_core::optim::TensorMath;
 use convkit_core::plan::{PlannedOp, PoolKind};
@@ -60,14 +61,25 @@ impl CandleBackend {
         }
     }
 
-    /// CUDA device `ordinal`; fails without a GPU, or when built without the `cuda` feature.
+    /// CUDA device `ordinal`, once a small computation has run on it; fails without a GPU or
+    /// its driver library, or when built without the `cuda` feature. candle loads the CUDA
+    /// libraries at run time (cudarc's dynamic loading, as the GPU bundle builds it) and panics
+    /// when one is missing, so the probe turns that into an error here, up front.
     pub fn cuda(ordinal: usize) -> convkit_core::Result<Self> {
-        let device =
-            Device::new_cuda(ordinal).map_err(|e| convkit_core::Error::engine("candle-cuda", e))?;
-        Ok(CandleBackend {
-            device,
-            name: "candle-cuda",
-        })
+        let probe = || -> candle_core::Result<(Device, f32)> {
+            let device = Device::new_cuda(ordinal)?;
+            let sum = Tensor::new(&[1f32, 2.0], &device)?.sum_all()?.to_scalar()?;
+            Ok((device, sum))
+        };
+        let failed = |message: String| convkit_core::Error::engine("candle-cuda", message);
+        match without_panics(probe).map_err(failed)? {
+            Ok((device, sum)) if sum == 3.0 => Ok(CandleBackend {
+                device,
+                name: "candle-cuda",
+            }),
+            Ok((_, sum)) => Err(failed(format!("the probe 1 + 2 gave {sum}"))),
+            Err(e) => Err(failed(Error::from(e).to_string())),
+        }
     }
 }
 

@@ -10,6 +10,40 @@ use crate::plan::Compiled;
 use crate::weights::Weights;
 use crate::Result;
 
+/// Runs `f`, turning a panic into its message, with the panic hook silenced meanwhile. GPU
+/// runtimes (cudarc, cubecl, wgpu) report a device or a driver library that is not there by
+/// panicking; an engine's constructor calls its first device operations through this so that
+/// the user gets an error instead. A runtime that starts its device on a thread of its own
+/// panics there first, and `f` only with what follows (a closed channel): the message is the
+/// first panic's, from whichever thread, while `f` ran.
+pub fn without_panics<T>(
+    f: impl FnOnce() -> T + std::panic::UnwindSafe,
+) -> std::result::Result<T, String> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = std::sync::Arc::clone(&seen);
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if let Ok(mut seen) = record.lock() {
+            seen.push(panic_text(info.payload()));
+        }
+    }));
+    let outcome = std::panic::catch_unwind(f);
+    std::panic::set_hook(quiet);
+    outcome.map_err(|panic| {
+        let first = seen.lock().ok().and_then(|seen| seen.first().cloned());
+        first.unwrap_or_else(|| panic_text(&*panic))
+    })
+}
+
+/// A panic's message, when it has one.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown cause".into())
+}
+
 /// Training targets for one batch; which variant follows from the loss.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Targets {
@@ -91,4 +125,31 @@ pub trait Network {
     /// Continue from `state` (from [`Network::optimizer_state`] on any engine): the step count
     /// and every slot are replaced; a slot of the wrong size is an error naming it.
     fn set_optimizer_state(&mut self, state: &OptimizerState) -> Result<()>;
+}
+
+#[cfg(test)]
+mod panic_tests {
+    use super::without_panics;
+
+    #[test]
+    fn a_panic_becomes_its_message_and_the_first_panic_names_the_cause() {
+        assert_eq!(without_panics(|| 7), Ok(7));
+        assert_eq!(
+            without_panics(|| panic!("no device {}", 0)),
+            Err::<(), _>("no device 0".to_string())
+        );
+        // As GPU runtimes fail: the device thread panics, the caller then finds its channel closed.
+        let outcome = without_panics(|| {
+            let (send, receive) = std::sync::mpsc::channel::<u32>();
+            std::thread::spawn(move || {
+                let _send = send;
+                panic!("Unable to dynamically load the \"cuda\" shared library");
+            });
+            receive.recv().unwrap()
+        });
+        assert_eq!(
+            outcome,
+            Err("Unable to dynamically load the \"cuda\" shared library".to_string())
+        );
+    }
 }
