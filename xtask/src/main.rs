@@ -27,6 +27,7 @@ use anyhow::{bail, Context, Result};
 mod cycles;
 #[cfg(test)]
 mod figures;
+mod gpu_bundle;
 mod notebooks;
 mod pins;
 mod scaling;
@@ -81,6 +82,7 @@ fn main() -> Result<()> {
             scaling::scaling(&rest)
         }
         "fuzz" => fuzz(&rest),
+        "gpu-bundle" => gpu_bundle::gpu_bundle(&rest),
         "pins" => {
             let missing = pins::missing()?;
             if missing.is_empty() {
@@ -91,7 +93,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | scaling | fuzz | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  train tutorial-mnist on MNIST with candle, installing nothing (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  scaling   data-parallel throughput, 1 MPI rank against N, convkit's default threads [--backends a,b] [--ranks N] [--limit IMAGES] [--batch-size B] [--repeat R]\n  fuzz      the parsers' fuzz loop in a release build: [SECONDS per target, default 600] [SEED]\n  pins      print the lines xtask/check-pins/Cargo.toml lacks, if any (the single-feature builds' pins)");
+            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | scaling | fuzz | gpu-bundle | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  train tutorial-mnist on MNIST with candle, installing nothing (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  scaling   data-parallel throughput, 1 MPI rank against N, convkit's default threads [--backends a,b] [--ranks N] [--limit IMAGES] [--batch-size B] [--repeat R]\n  fuzz      the parsers' fuzz loop in a release build: [SECONDS per target, default 600] [SEED]\n  gpu-bundle  build candle-cuda and burn-cuda here into one folder a GPU machine can run (target/gpu-bundle; --out DIR), and run its checks here\n  pins      print the lines xtask/check-pins/Cargo.toml lacks, if any (the single-feature builds' pins)");
             if command.is_empty() || command == "help" || command == "--help" {
                 Ok(())
             } else {
