@@ -87,7 +87,7 @@ gpu=$(timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,compute
 } >"$out/machine.log" 2>&1
 say "- machine: $gpu; $(lscpu | sed -n 's/^Model name: *//p' | head -1) (log: machine.log)"
 
-step backends 180 "$convkit" backends
+step backends 60 "$convkit" backends
 cuda=()
 for engine in candle-cuda burn-cuda; do
     line=$(grep -E "^$engine " "$out/backends.log" || true)
@@ -104,7 +104,7 @@ done
 if ((${#cuda[@]})); then
     engines=candle-cpu,$(IFS=,; echo "${cuda[*]}")
     for spec in every-layer global-pooling; do
-        step "conformance-$spec" 100 "$convkit" compare --backends "$engines" \
+        step "conformance-$spec" 70 "$convkit" compare --backends "$engines" \
             --model "$here/specs/$spec.json" --limit 1024 --out "$out/conformance-$spec"
     done
 else
@@ -112,7 +112,7 @@ else
 fi
 
 engines=$(IFS=,; echo "candle-cpu,burn-flex${cuda[*]:+,${cuda[*]}}")
-step compare 240 "$convkit" compare --backends "$engines" --model tutorial-mnist \
+step compare 210 "$convkit" compare --backends "$engines" --model tutorial-mnist \
     --limit "$limit" --epochs "$epochs" --out "$out/compare"
 
 say ""

@@ -660,6 +660,32 @@ mod tests {
     }
 
     #[test]
+    fn the_steps_time_limits_add_up_to_at_most_eight_minutes() {
+        let mut total = 20; // nvidia-smi's own limit
+        for line in SCRIPT.lines().map(str::trim) {
+            let Some(rest) = line.strip_prefix("step ") else {
+                continue;
+            };
+            let mut words = rest.split_whitespace();
+            let name = words.next().unwrap();
+            let limit: u32 = words.next().unwrap().parse().unwrap();
+            // Each step may overrun its limit by timeout's 10 s grace; the conformance step
+            // runs once per spec.
+            let runs = if name.contains("$spec") {
+                SPECS.len() as u32
+            } else {
+                1
+            };
+            total += runs * (limit + 10);
+        }
+        assert!(total > 300, "{total}: steps not found");
+        assert!(
+            total <= 8 * 60,
+            "the steps may take {total} s, over 8 minutes"
+        );
+    }
+
+    #[test]
     fn the_script_parses() {
         let dir = scratch("script");
         std::fs::write(dir.join("run.sh"), SCRIPT).unwrap();
