@@ -134,6 +134,11 @@ pub fn open_regular(path: &Path) -> Result<std::fs::File> {
     std::fs::File::open(path).map_err(|e| Error::io(path, e))
 }
 
+/// `bytes` as lower-case hexadecimal, two digits a byte (how checksums are written).
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The bytes of the regular file `path` ([`open_regular`]), at most `limit` of them: a larger
 /// file is an error before it is read, and reading stops at the size the file had when
 /// opened, so one that grows meanwhile cannot take more memory.

@@ -255,10 +255,10 @@ impl Resource {
                 (
                     "SHA-256 of the payload",
                     hex,
-                    hex_string(&hasher.finalize()),
+                    crate::io::hex(&hasher.finalize()),
                 )
             }
-            Checksum::Md5OfFile(hex) => ("MD5", hex, hex_string(&md5::Md5::digest(bytes))),
+            Checksum::Md5OfFile(hex) => ("MD5", hex, crate::io::hex(&md5::Md5::digest(bytes))),
         };
         if found == expected.as_ref() {
             Ok(())
@@ -268,10 +268,6 @@ impl Resource {
             ))
         }
     }
-}
-
-fn hex_string(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Most bytes one download may have (the CIFAR-10 archive, the largest, is 163 MiB).
@@ -683,7 +679,7 @@ mod tests {
     }
 
     fn sha256_hex(bytes: &[u8]) -> String {
-        hex_string(&sha2::Sha256::digest(bytes))
+        crate::io::hex(&sha2::Sha256::digest(bytes))
     }
 
     #[test]

@@ -659,11 +659,8 @@ fn fingerprint(
         serde_json::to_string(value)
             .map_err(|e| Error::config("ranks", format!("the fit's fingerprint: {e}")))
     }
-    let hex = |hash: Sha256| -> String {
-        (hash.finalize()[..8].iter())
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
+    // The first 8 bytes: enough to tell data apart in a message.
+    let hex = |hash: Sha256| crate::io::hex(&hash.finalize()[..8]);
     let data = |ds: &Dataset| {
         let mut hash = Sha256::new();
         hash.update(&ds.images);
@@ -725,18 +722,18 @@ fn ranks_agree(
             )
         })
     };
+    let short = |text: &str| -> String {
+        match text.char_indices().nth(120) {
+            Some((at, _)) => format!("{}…", &text[..at]),
+            None => text.to_string(),
+        }
+    };
     let root = decode(0)?;
     for rank in 1..all.len() {
         let theirs = decode(rank)?;
         let differs = (mine.iter().map(|(name, _)| *name))
             .zip(root.iter().zip(&theirs))
             .find(|(_, (a, b))| a != b);
-        let short = |text: &str| -> String {
-            match text.char_indices().nth(120) {
-                Some((at, _)) => format!("{}…", &text[..at]),
-                None => text.to_string(),
-            }
-        };
         if let Some((field, (ours, other))) = differs {
             return Err(Error::config(
                 "ranks",
