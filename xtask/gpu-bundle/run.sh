@@ -66,6 +66,17 @@ else
         "$here/bin/convkit.xz" "$convkit"
 fi || { echo "cannot unpack $here/bin/convkit.xz" >&2; exit 1; }
 chmod +x "$convkit"
+# burn-cuda's kernels are compiled by NVRTC against the CUDA headers: the machine's where
+# CubeCL finds them ($CUDA_PATH, /usr/local/cuda, /opt/cuda), else the bundle's (CUDA 13.0).
+cuda_headers=
+for dir in ${CUDA_PATH:-} /usr/local/cuda /opt/cuda; do
+    [ -f "$dir/include/cuda_runtime.h" ] && cuda_headers=$dir/include && export CUDA_PATH=$dir && break
+done
+if [ -z "$cuda_headers" ]; then
+    mkdir -p "$unpacked/cuda" && tar --extract --xz --file "$here/cuda-include.tar.xz" \
+        --directory "$unpacked/cuda" && export CUDA_PATH=$unpacked/cuda &&
+        cuda_headers="the bundle's ($CUDA_PATH/include)"
+fi
 
 say "# convkit GPU bundle, $(date -u '+%Y-%m-%d %H:%M UTC') on $(hostname)"
 say ""
@@ -75,6 +86,7 @@ gpu=$(timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,compute
     echo "GPU (name, driver, memory, compute capability): $gpu"
     lscpu | grep -E '^(Model name|CPU\(s\)):' || true
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    echo "CUDA headers for NVRTC: $cuda_headers"
     for name in libcuda.so libcublas.so libcublasLt.so libnvrtc.so libcurand.so; do
         found=$(ldconfig -p | grep -F "$name" | head -1)
         for dir in ${LD_LIBRARY_PATH//:/ }; do

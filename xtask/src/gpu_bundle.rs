@@ -11,6 +11,8 @@
 //!   cuBLAS and NVRTC when they start a device (cudarc's dynamic loading), so the binary starts
 //!   on a machine without them and finds the GPU machine's own.
 //! - `lib/libcudart.so.13`: the CUDA runtime that candle's statically built kernels link.
+//! - `cuda-include.tar.xz`: CUDA 13.0's headers (22 MB, 1.4 MB packed), which NVRTC compiles
+//!   burn-cuda's kernels against, for a GPU machine without them in `/usr/local/cuda`.
 //! - `data/fashion-mnist/`: the first [`TRAIN_IMAGES`] and [`TEST_IMAGES`] of Fashion-MNIST, IDX.
 //! - `specs/`: two small specs that use every layer kind, for the conformance step.
 //! - `run.sh` (`xtask/gpu-bundle/run.sh`): the checks, within 8 minutes, results under `$OUT`.
@@ -75,6 +77,7 @@ fn required_files() -> Vec<PathBuf> {
         PathBuf::from("run.sh"),
         PathBuf::from("bin/convkit.xz"),
         PathBuf::from("lib/libcudart.so.13"),
+        PathBuf::from("cuda-include.tar.xz"),
     ];
     files.extend(SPECS.iter().map(|s| Path::new("specs").join(s)));
     files.extend(
@@ -127,7 +130,7 @@ pub fn gpu_bundle(args: &[String]) -> Result<()> {
 }
 
 /// The CUDA compiler, headers and runtime of [`TOOLKIT`], installed once from the Python
-/// registry into the cache; returns the toolkit's root (`nvidia/cu13`, with `bin/nvcc`).
+/// registry into the cache with the project's `.venv` pip; returns the toolkit's root (`nvidia/cu13`, with `bin/nvcc`).
 fn toolkit(cache: &Path) -> Result<PathBuf> {
     let dir = cache.join("cuda-13.0");
     let root = dir.join("nvidia/cu13");
@@ -136,7 +139,7 @@ fn toolkit(cache: &Path) -> Result<PathBuf> {
     if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
         let partial = cache.join("cuda-13.0.partial");
         let _ = std::fs::remove_dir_all(&partial);
-        run(Command::new("python3")
+        run(Command::new(crate::ensure_venv()?)
             .args([
                 "-m",
                 "pip",
@@ -409,6 +412,14 @@ fn assemble(out: &Path, binary: &Path, toolkit: &Path) -> Result<()> {
         toolkit.join("lib/libcudart.so.13"),
         out.join("lib/libcudart.so.13"),
     )?;
+    run(Command::new("tar")
+        .arg("--create")
+        .arg("--xz")
+        .arg("--file")
+        .arg(out.join("cuda-include.tar.xz"))
+        .arg("--directory")
+        .arg(toolkit)
+        .arg("include"))?;
     for spec in SPECS {
         std::fs::copy(
             root().join("xtask/gpu-bundle").join(spec),

@@ -509,28 +509,7 @@ fn setup_libtorch() -> Result<()> {
         return Ok(());
     }
     let start = std::time::Instant::now();
-    // Debian's own python3 needs python3-venv to make a virtual environment.
-    let has_venv = Command::new("python3")
-        .args(["-c", "import ensurepip, venv"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !has_venv {
-        apt_install(&[
-            DebianPackage {
-                name: "python3",
-                provides: "Python 3, for the torch wheel that carries libtorch",
-            },
-            DebianPackage {
-                name: "python3-venv",
-                provides: "Python's venv module (`python3 -m venv`)",
-            },
-        ])?;
-    }
-    if !python.exists() {
-        run(Command::new("python3").args(["-m", "venv"]).arg(venv()))
-            .context("creating .venv (on Debian: apt-get install python3-venv)")?;
-    }
+    ensure_venv()?;
     let specs: Vec<String> = wanted
         .iter()
         .map(|(name, version)| format!("{name}=={version}"))
@@ -541,6 +520,36 @@ fn setup_libtorch() -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The project's virtual environment (`.venv`), made once with python3's venv module, which
+/// is installed from Debian where it is missing; returns its python.
+fn ensure_venv() -> Result<PathBuf> {
+    let python = venv().join("bin/python");
+    if python.exists() {
+        return Ok(python);
+    }
+    // Debian's own python3 needs python3-venv to make a virtual environment.
+    let has_venv = Command::new("python3")
+        .args(["-c", "import ensurepip, venv"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has_venv {
+        apt_install(&[
+            DebianPackage {
+                name: "python3",
+                provides: "Python 3, for the wheels xtask installs (torch; the GPU bundle's nvcc)",
+            },
+            DebianPackage {
+                name: "python3-venv",
+                provides: "Python's venv module (`python3 -m venv`)",
+            },
+        ])?;
+    }
+    run(Command::new("python3").args(["-m", "venv"]).arg(venv()))
+        .context("creating .venv (on Debian: apt-get install python3-venv)")?;
+    Ok(python)
 }
 
 /// Installs `packages` from PyPI into `.venv` with uv, itself installed into `.venv` by pip
