@@ -696,6 +696,123 @@ mod tests {
         );
     }
 
+    /// A bundle whose `convkit` is a shell script that answers `backends` with `backends`
+    /// and logs each `compare` it is asked for, exiting with `compare_exit`.
+    fn bundle_with_fake_convkit(name: &str, backends: &str, compare_exit: u8) -> PathBuf {
+        let dir = small_bundle(name);
+        let fake = dir.join("fake-convkit");
+        let script = format!(
+            "#!/bin/sh\n\
+             case \"$1\" in\n\
+             --version) echo 'convkit 0.1.0 (fake)' ;;\n\
+             backends) printf '%s' '{backends}' ;;\n\
+             compare) echo \"$*\" >>'{log}'; exit {compare_exit} ;;\n\
+             esac\n",
+            log = dir.join("compares.log").display()
+        );
+        std::fs::write(&fake, script).unwrap();
+        let packed = std::fs::File::create(dir.join("bin/convkit.xz")).unwrap();
+        let status = Command::new("xz")
+            .args(["--stdout"])
+            .arg(&fake)
+            .stdout(packed)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let headers = dir.join("include");
+        std::fs::create_dir_all(&headers).unwrap();
+        std::fs::write(headers.join("cuda_runtime.h"), "").unwrap();
+        let status = Command::new("tar")
+            .arg("--create")
+            .arg("--xz")
+            .arg("--file")
+            .arg(dir.join("cuda-include.tar.xz"))
+            .arg("--directory")
+            .arg(&dir)
+            .arg("include")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        dir
+    }
+
+    /// Runs the bundle's script; its exit code, `summary.md` and the compares it asked for.
+    fn run_script(dir: &Path) -> (i32, String, String) {
+        let out = dir.join("out");
+        let status = Command::new("bash")
+            .arg(dir.join("run.sh"))
+            .env("OUT", &out)
+            .env_remove("CUDA_PATH")
+            .output()
+            .unwrap();
+        let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+        let compares = std::fs::read_to_string(dir.join("compares.log")).unwrap_or_default();
+        (status.status.code().unwrap(), summary, compares)
+    }
+
+    #[test]
+    fn on_a_gpu_the_script_checks_each_cuda_engine_that_started_and_compares_them_all() {
+        let backends = "candle-cpu     CPU, 16 threads\n\
+                        candle-cuda    NVIDIA H200 (CUDA device 0)\n\
+                        burn-flex      CPU, 16 threads (burn Flex)\n\
+                        burn-cuda      unavailable: burn-cuda: the device could not start: no\n";
+        let dir = bundle_with_fake_convkit("gpu", backends, 0);
+        let (code, summary, compares) = run_script(&dir);
+        assert_eq!(code, 0, "{summary}");
+        assert!(summary.contains("- burn-cuda: skipped, its device did not start: burn-cuda: the device could not start: no"), "{summary}");
+        let runs: Vec<&str> = compares.lines().collect();
+        assert_eq!(runs.len(), 3, "{compares}");
+        for (run, spec) in runs.iter().zip(["every-layer", "global-pooling"]) {
+            assert!(
+                run.starts_with("compare --backends candle-cpu,candle-cuda --model "),
+                "{run}"
+            );
+            assert!(
+                run.contains(&format!("specs/{spec}.json --limit 1024")),
+                "{run}"
+            );
+        }
+        assert!(
+            runs[2].starts_with("compare --backends candle-cpu,burn-flex,candle-cuda --model tutorial-mnist --limit 30000 --epochs 1"),
+            "{}",
+            runs[2]
+        );
+        for step in [
+            "conformance-every-layer: PASS",
+            "conformance-global-pooling: PASS",
+            "compare: PASS",
+        ] {
+            assert!(summary.contains(step), "{step} not in {summary}");
+        }
+        assert!(summary.contains("every step that ran passed"), "{summary}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_agreement_check_or_an_engine_missing_from_the_build_fails_the_run() {
+        let backends = "candle-cpu     CPU, 16 threads\n\
+                        candle-cuda    NVIDIA H200 (CUDA device 0)\n\
+                        burn-flex      CPU, 16 threads (burn Flex)\n";
+        let dir = bundle_with_fake_convkit("fail", backends, 3);
+        let (code, summary, compares) = run_script(&dir);
+        assert_eq!(code, 1, "{summary}");
+        assert!(
+            summary.contains("- burn-cuda: not built into this bundle"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("compare: FAIL (an agreement check failed)"),
+            "{summary}"
+        );
+        assert!(summary.contains("a step failed"), "{summary}");
+        assert_eq!(
+            compares.lines().count(),
+            3,
+            "every step still ran: {compares}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn the_script_parses() {
         let dir = scratch("script");
