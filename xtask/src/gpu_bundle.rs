@@ -29,6 +29,7 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::shared_build::search_path;
 use crate::{cache_home, cargo, root, run};
 
 /// The most the bundle may weigh: the GPU machine takes 64 MiB of extra files in all.
@@ -252,27 +253,24 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 fn build(toolkit: &Path, candle_core: &Path) -> Result<PathBuf> {
     let lock = root().join("Cargo.lock");
     let locked = std::fs::read(&lock).context("reading Cargo.lock")?;
-    let first = link(toolkit, candle_core, None);
-    let built = match first {
-        Ok(missing) if missing.is_empty() => Ok(()),
-        Ok(missing) => {
+    let built = (|| {
+        let missing = link(toolkit, candle_core, None)?;
+        if !missing.is_empty() {
             let stubs = llvm_stubs(&missing)?;
             eprintln!(
                 "xtask: linking again with stubs for the {} LLVM functions CubeCL's unused LLVM compiler names",
                 missing.len()
             );
-            match link(toolkit, candle_core, Some(&stubs)) {
-                Ok(still) if still.is_empty() => Ok(()),
-                Ok(still) => Err(anyhow::anyhow!(
-                    "the link still lacks {} symbols with the stubs: {}",
-                    still.len(),
-                    still.join(", ")
-                )),
-                Err(e) => Err(e),
-            }
+            let still = link(toolkit, candle_core, Some(&stubs))?;
+            ensure!(
+                still.is_empty(),
+                "the link still lacks {} symbols with the stubs: {}",
+                still.len(),
+                still.join(", ")
+            );
         }
-        Err(e) => Err(e),
-    };
+        Ok(())
+    })();
     std::fs::write(&lock, locked).context("putting Cargo.lock back")?;
     built?;
     Ok(crate::target_dir().join("release/convkit"))
@@ -303,10 +301,7 @@ fn link(toolkit: &Path, candle_core: &Path, stubs: Option<&Path>) -> Result<Vec<
     if let Some(stubs) = stubs {
         c.arg(format!("-Clink-arg={}", stubs.display()));
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut paths = vec![toolkit.join("bin")];
-    paths.extend(std::env::split_paths(&path));
-    c.env("PATH", std::env::join_paths(paths)?)
+    c.env("PATH", search_path("PATH", vec![toolkit.join("bin")])?)
         .env("NVCC", toolkit.join("bin/nvcc"))
         .env("CUDA_HOME", toolkit)
         .env("CUDARC_CUDA_VERSION", CUDA_VERSION)

@@ -596,11 +596,9 @@ fn build_env(c: &mut Command) {
     // by two checkouts (CI's clean clone beside a working copy) finds each one's libtorch
     // instead of linking against a venv that may be gone.
     if std::env::var_os("LIBTORCH").is_none() {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let mut paths = vec![venv().join("bin")];
-        paths.extend(std::env::split_paths(&path));
+        let path = shared_build::search_path("PATH", vec![venv().join("bin")]);
         c.env("LIBTORCH_USE_PYTORCH", venv())
-            .env("PATH", std::env::join_paths(paths).expect("valid PATH"));
+            .env("PATH", path.expect("valid PATH"));
     }
     if let Some(d) = data_dir() {
         c.env("CONVKIT_DATA", d);

@@ -115,8 +115,14 @@ pub fn built_convkit() -> Result<Command> {
 
 /// `LD_LIBRARY_PATH` with `dirs` in front of what is already there.
 pub fn library_path(dirs: Vec<PathBuf>) -> Result<std::ffi::OsString> {
+    search_path("LD_LIBRARY_PATH", dirs)
+}
+
+/// The search path in the variable `name` (`PATH`, `LD_LIBRARY_PATH`) with `dirs` in front of
+/// what is already there.
+pub fn search_path(name: &str, dirs: Vec<PathBuf>) -> Result<std::ffi::OsString> {
     let mut all = dirs;
-    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+    if let Some(old) = std::env::var_os(name) {
         all.extend(std::env::split_paths(&old));
     }
     Ok(std::env::join_paths(all)?)

@@ -19,18 +19,16 @@ use crate::Result;
 pub fn without_panics<T>(
     f: impl FnOnce() -> T + std::panic::UnwindSafe,
 ) -> std::result::Result<T, String> {
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let record = std::sync::Arc::clone(&seen);
+    let first = std::sync::Arc::new(std::sync::OnceLock::new());
+    let record = std::sync::Arc::clone(&first);
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if let Ok(mut seen) = record.lock() {
-            seen.push(panic_text(info.payload()));
-        }
+        let _ = record.set(panic_text(info.payload()));
     }));
     let outcome = std::panic::catch_unwind(f);
     std::panic::set_hook(quiet);
     outcome.map_err(|panic| {
-        let first = seen.lock().ok().and_then(|seen| seen.first().cloned());
+        let first = first.get().cloned();
         first.unwrap_or_else(|| panic_text(&*panic))
     })
 }
