@@ -1000,3 +1000,47 @@ fn random_crop_takes_the_same_windows_on_every_engine() {
     let err = big.output_shapes().unwrap_err().to_string();
     assert!(err.contains("up to the input's 6×5, found 7×5"), "{err}");
 }
+
+/// At a logit of exactly 0 (all-zero weights, or a blank image at initialisation) the
+/// gradient of binary cross-entropy is still `sigmoid(0) − t`, on every engine: whatever
+/// their own `abs` and `relu` give at 0.
+#[test]
+fn binary_cross_entropy_at_a_zero_logit_has_the_sigmoid_gradient() {
+    let spec = small_specs()
+        .into_iter()
+        .find(|s| s.name == "small-binary")
+        .unwrap();
+    let mut weights = init::glorot_uniform(&spec, 3).unwrap();
+    for t in weights.tensors.values_mut() {
+        t.data.iter_mut().for_each(|v| *v = 0.0);
+    }
+    let x = batch(4, spec.input_shape, 9);
+    let y = Targets::Binary(vec![1.0, 1.0, 1.0, 0.0]);
+    for engine in engines() {
+        let compile = Compile::new(
+            Optimizer::sgd().with_learning_rate(1.0),
+            Loss::BinaryCrossentropy,
+        );
+        let mut model =
+            Model::with_weights(spec.clone(), compile, engine.as_ref(), &weights).unwrap();
+        let stats = model.network_mut().train_step(x.view(), &y).unwrap();
+        assert!(
+            (stats.loss as f64 - 2f64.ln()).abs() < 1e-6,
+            "{}: loss {} at a zero logit, expected ln 2",
+            engine.name(),
+            stats.loss
+        );
+        // w' = w − g: the head's bias gets −mean(0.5 − t) = 0.25; every other gradient is 0
+        // (the inputs of the head are relu(0) = 0).
+        for (name, t) in &model.weights().unwrap().tensors {
+            let expected = if t.data.len() == 1 { 0.25 } else { 0.0 };
+            let gap = max_gap(&t.data, &vec![expected; t.data.len()]);
+            assert!(
+                gap <= 1e-6,
+                "{}: {name} is {:?} after one step, expected {expected}",
+                engine.name(),
+                t.data
+            );
+        }
+    }
+}

@@ -26,16 +26,16 @@
 //! # Ok::<(), convkit_core::Error>(())
 //! ```
 
-use burn_tensor::activation::{log_softmax, relu, sigmoid, softmax, tanh};
+use burn_tensor::activation::{relu, sigmoid, tanh};
 use burn_tensor::module::{avg_pool2d, conv2d, max_pool2d};
 use burn_tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions};
 use burn_tensor::{Device, Tensor, TensorData};
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 use convkit_core::backend::without_panics;
-use convkit_core::exec::{Engine, Ops};
+use convkit_core::exec::Engine;
 use convkit_core::optim::TensorMath;
 use convkit_core::plan::{PoolKind, Role, WeightSpec};
-use convkit_core::spec::Activation;
+use convkit_core::primitives::{Binary, Ops, Reduction, Unary};
 
 #[cfg(feature = "flex")]
 mod host;
@@ -297,11 +297,6 @@ fn as_rank4<const D: usize>(t: Tensor<D>) -> Value {
     Value(t.clone().reshape(rank4_dims(&t.dims())))
 }
 
-/// A `[c, 1, 1, 1]` vector as `[1, c, 1, 1]`, to broadcast over the channel axis.
-fn channels(v: &Value) -> Tensor<4> {
-    v.0.clone().swap_dims(0, 1)
-}
-
 impl BurnOps {
     /// `t`'s values, moved out of it (no copy when nothing else holds them, as Flex lets the
     /// buffer go), `t` left empty until they are put back.
@@ -509,13 +504,6 @@ impl Ops for BurnOps {
         }))
     }
 
-    fn flatten(&self, x: &Value) -> convkit_core::Result<Value> {
-        let [n, c, h, w] = x.0.dims();
-        Ok(as_rank4(
-            x.0.clone().permute([0, 2, 3, 1]).reshape([n, h * w * c]),
-        ))
-    }
-
     fn dense(&self, x: &Value, kernel: &Value, bias: &Value) -> convkit_core::Result<Value> {
         #[cfg(feature = "flex")]
         if self.host_kernels {
@@ -528,71 +516,48 @@ impl Ops for BurnOps {
         Ok(as_rank4(y))
     }
 
-    fn activation(&self, x: &Value, activation: Activation) -> convkit_core::Result<Value> {
+    fn dims(&self, x: &Value) -> Vec<usize> {
+        x.0.dims().to_vec()
+    }
+
+    fn reshape(&self, x: &Value, shape: &[usize]) -> convkit_core::Result<Value> {
+        Ok(Value(x.0.clone().reshape(rank4_dims(shape))))
+    }
+
+    /// `axes` of a lower rank are padded with the trailing axes, which stay in place.
+    fn permute(&self, x: &Value, axes: &[usize]) -> convkit_core::Result<Value> {
+        let mut all = [0, 1, 2, 3];
+        all[..axes.len()].copy_from_slice(axes);
+        Ok(Value(x.0.clone().permute(all)))
+    }
+
+    fn unary(&self, op: Unary, x: &Value) -> convkit_core::Result<Value> {
         let x = x.0.clone();
-        Ok(Value(match activation {
-            Activation::Linear => x,
+        Ok(Value(match op {
             #[cfg(feature = "flex")]
-            Activation::Relu if self.host_kernels => host::ops::relu(&x),
-            Activation::Relu => relu(x),
-            Activation::Sigmoid => sigmoid(x),
-            Activation::Tanh => tanh(x),
-            Activation::Softmax => softmax(x, 1),
+            Unary::Relu if self.host_kernels => host::ops::relu(&x),
+            Unary::Relu => relu(x),
+            Unary::Sigmoid => sigmoid(x),
+            Unary::Tanh => tanh(x),
+            Unary::Exp => x.exp(),
+            Unary::Log => x.log(),
         }))
     }
 
-    fn moments(&self, x: &Value) -> convkit_core::Result<(Value, Value)> {
-        let [n, c, h, w] = x.0.dims();
-        let rows = x.0.clone().swap_dims(0, 1).reshape([c, n * h * w]);
-        let mean = rows.clone().mean_dim(1);
-        let variance = rows.sub(mean.clone()).square().mean_dim(1);
-        Ok((as_rank4(mean), as_rank4(variance)))
+    fn binary(&self, op: Binary, a: &Value, b: &Value) -> convkit_core::Result<Value> {
+        let (a, b) = (a.0.clone(), b.0.clone());
+        Ok(Value(match op {
+            Binary::Add => a.add(b),
+            Binary::Sub => a.sub(b),
+            Binary::Mul => a.mul(b),
+            Binary::Div => a.div(b),
+        }))
     }
 
-    fn batch_norm(
-        &self,
-        x: &Value,
-        mean: &Value,
-        variance: &Value,
-        gamma: &Value,
-        beta: &Value,
-        epsilon: f64,
-    ) -> convkit_core::Result<Value> {
-        Ok(Value(
-            x.0.clone()
-                .sub(channels(mean))
-                .div(channels(variance).add_scalar(epsilon).sqrt())
-                .mul(channels(gamma))
-                .add(channels(beta)),
-        ))
-    }
-
-    fn softmax_cross_entropy(
-        &self,
-        logits: &Value,
-        targets: &Value,
-    ) -> convkit_core::Result<Value> {
-        Ok(as_rank4(
-            log_softmax(to_rank2(&logits.0), 1)
-                .mul(to_rank2(&targets.0))
-                .sum_dim(1)
-                .mean()
-                .neg(),
-        ))
-    }
-
-    fn sigmoid_cross_entropy(
-        &self,
-        logits: &Value,
-        targets: &Value,
-    ) -> convkit_core::Result<Value> {
-        // max(z, 0) − z·t + log(1 + e^−|z|): stable for any z.
-        let z = to_rank2(&logits.0);
-        Ok(as_rank4(
-            relu(z.clone())
-                .sub(z.clone().mul(to_rank2(&targets.0)))
-                .add(z.abs().neg().exp().log1p())
-                .mean(),
-        ))
+    fn reduce(&self, op: Reduction, x: &Value, axes: &[usize]) -> convkit_core::Result<Value> {
+        Ok(Value(axes.iter().fold(x.0.clone(), |t, &axis| match op {
+            Reduction::Sum => t.sum_dim(axis),
+            Reduction::Max => t.max_dim(axis),
+        })))
     }
 }

@@ -21,12 +21,12 @@ mod testing;
 mod threads;
 mod update;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use convkit_core::backend::without_panics;
-use convkit_core::exec::{Engine, Ops};
+use convkit_core::exec::Engine;
 use convkit_core::optim::TensorMath;
 use convkit_core::plan::{PlannedOp, PoolKind};
-use convkit_core::spec::Activation;
+use convkit_core::primitives::{Binary, Ops, Reduction, Unary};
 
 /// Errors of the candle engine; they reach users as [`convkit_core::Error::Engine`].
 #[derive(Debug, thiserror::Error)]
@@ -163,13 +163,6 @@ fn value_of(r: candle_core::Result<Tensor>) -> convkit_core::Result<Value> {
         .map_err(|e| convkit_core::Error::engine("candle", Error::from(e)))
 }
 
-/// `[c]` as `[1, c]` or `[1, c, 1, 1]`, to broadcast over axis 1 of a tensor of `rank`.
-fn channel_vector(v: &Tensor, rank: usize) -> candle_core::Result<Tensor> {
-    let mut shape = vec![1; rank];
-    shape[1] = v.elem_count();
-    v.reshape(shape)
-}
-
 impl Ops for CandleOps {
     type Tensor = Value;
 
@@ -278,7 +271,7 @@ impl Ops for CandleOps {
                     .pad_with_zeros(3, left, right)?
                     .conv2d(&kernel.0, 0, strides[0], 1, 1)?
             };
-            y.broadcast_add(&channel_vector(&bias.0, 4)?)
+            y.broadcast_add(&bias.0.reshape((1, (), 1, 1))?)
         })())
         .map(Value)
     }
@@ -310,11 +303,6 @@ impl Ops for CandleOps {
         .map(Value)
     }
 
-    fn flatten(&self, x: &Value) -> convkit_core::Result<Value> {
-        self.engine_result(x.0.permute((0, 2, 3, 1)).and_then(|t| t.flatten_from(1)))
-            .map(Value)
-    }
-
     fn dense(&self, x: &Value, kernel: &Value, bias: &Value) -> convkit_core::Result<Value> {
         if self.device.is_cpu() && x.0.rank() == 2 {
             return self
@@ -334,79 +322,51 @@ impl Ops for CandleOps {
         .map(Value)
     }
 
-    fn activation(&self, x: &Value, activation: Activation) -> convkit_core::Result<Value> {
-        self.engine_result(match activation {
-            Activation::Linear => Ok(x.0.clone()),
-            Activation::Relu if self.device.is_cpu() => {
-                x.0.contiguous().and_then(|x| x.apply_op1(relu::Relu))
+    fn dims(&self, x: &Value) -> Vec<usize> {
+        x.0.dims().to_vec()
+    }
+
+    fn reshape(&self, x: &Value, shape: &[usize]) -> convkit_core::Result<Value> {
+        self.engine_result(x.0.reshape(shape)).map(Value)
+    }
+
+    fn permute(&self, x: &Value, axes: &[usize]) -> convkit_core::Result<Value> {
+        self.engine_result(x.0.permute(axes)).map(Value)
+    }
+
+    fn unary(&self, op: Unary, x: &Value) -> convkit_core::Result<Value> {
+        let x = &x.0;
+        self.engine_result(match op {
+            Unary::Relu if self.device.is_cpu() => {
+                x.contiguous().and_then(|x| x.apply_op1(relu::Relu))
             }
-            Activation::Relu => relu(&x.0),
-            Activation::Sigmoid => candle_nn::ops::sigmoid(&x.0),
-            Activation::Tanh => x.0.tanh(),
-            Activation::Softmax => candle_nn::ops::softmax(&x.0, 1),
+            Unary::Relu => relu(x),
+            Unary::Sigmoid => candle_nn::ops::sigmoid(x),
+            Unary::Tanh => x.tanh(),
+            Unary::Exp => x.exp(),
+            Unary::Log => x.log(),
         })
         .map(Value)
     }
 
-    fn moments(&self, x: &Value) -> convkit_core::Result<(Value, Value)> {
-        let axes: Vec<usize> = (0..x.0.rank()).filter(|&d| d != 1).collect();
-        self.engine_result((|| {
-            let mean = x.0.mean_keepdim(axes.as_slice())?;
-            let variance =
-                x.0.broadcast_sub(&mean)?
-                    .sqr()?
-                    .mean_keepdim(axes.as_slice())?;
-            Ok((Value(mean.flatten_all()?), Value(variance.flatten_all()?)))
-        })())
-    }
-
-    fn batch_norm(
-        &self,
-        x: &Value,
-        mean: &Value,
-        variance: &Value,
-        gamma: &Value,
-        beta: &Value,
-        epsilon: f64,
-    ) -> convkit_core::Result<Value> {
-        let rank = x.0.rank();
-        self.engine_result((|| {
-            let scale = (&variance.0 + epsilon)?.sqrt()?.recip()?;
-            x.0.broadcast_sub(&channel_vector(&mean.0, rank)?)?
-                .broadcast_mul(&channel_vector(&scale, rank)?)?
-                .broadcast_mul(&channel_vector(&gamma.0, rank)?)?
-                .broadcast_add(&channel_vector(&beta.0, rank)?)
-        })())
+    fn binary(&self, op: Binary, a: &Value, b: &Value) -> convkit_core::Result<Value> {
+        let (a, b) = (&a.0, &b.0);
+        self.engine_result(match op {
+            Binary::Add => a.broadcast_add(b),
+            Binary::Sub => a.broadcast_sub(b),
+            Binary::Mul => a.broadcast_mul(b),
+            Binary::Div => a.broadcast_div(b),
+        })
         .map(Value)
     }
 
-    fn softmax_cross_entropy(
-        &self,
-        logits: &Value,
-        targets: &Value,
-    ) -> convkit_core::Result<Value> {
-        self.engine_result((|| {
-            (candle_nn::ops::log_softmax(&logits.0, D::Minus1)? * &targets.0)?
-                .sum(1)?
-                .mean_keepdim(0)?
-                .neg()
-        })())
-        .map(Value)
-    }
-
-    fn sigmoid_cross_entropy(
-        &self,
-        logits: &Value,
-        targets: &Value,
-    ) -> convkit_core::Result<Value> {
-        // max(z, 0) − z·t + log(1 + exp(−|z|)), stable for any logit.
-        self.engine_result((|| {
-            let z = &logits.0;
-            let soft = (z.abs()?.neg()?.exp()? + 1.0)?.log()?;
-            ((z.relu()? - (z * &targets.0)?)? + soft)?
-                .mean_all()?
-                .reshape(1)
-        })())
+    fn reduce(&self, op: Reduction, x: &Value, axes: &[usize]) -> convkit_core::Result<Value> {
+        self.engine_result(match op {
+            Reduction::Sum => x.0.sum_keepdim(axes),
+            Reduction::Max => axes
+                .iter()
+                .try_fold(x.0.clone(), |t, &axis| t.max_keepdim(axis)),
+        })
         .map(Value)
     }
 }

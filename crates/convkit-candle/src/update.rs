@@ -2,7 +2,7 @@
 //! its slots are written in place through candle's in-place ops, the gradient is read where
 //! it lies; nothing is allocated.
 //!
-//! [`Ops::update_in_place`]: convkit_core::exec::Ops::update_in_place
+//! [`Ops::update_in_place`]: convkit_core::primitives::Ops::update_in_place
 
 use std::cell::RefCell;
 

@@ -1,6 +1,6 @@
 //! The object-safe seam the CLI, the registry and the training loop use: a [`Backend`] builds
 //! a [`Network`] by name. Engines get it by implementing [`crate::exec::Engine`] (their
-//! [`crate::exec::Ops`]): every network is core's executor, so what a network does is written
+//! [`crate::primitives::Ops`]): every network is core's executor, so what a network does is written
 //! once; everything else (data, loop, metrics, plots, files) is core's too.
 
 use ndarray::{Array2, ArrayView4};

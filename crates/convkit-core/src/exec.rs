@@ -1,8 +1,9 @@
 //! The one network executor. Core walks the checked [`Plan`]: the forward pass in training or
 //! inference mode, batch normalisation with its moving statistics, dropout with core's masks,
 //! the head, the losses, regularisation and the optimizer step. An engine supplies only
-//! [`Ops`], tensor operations on its device with its own autodiff, and is statically
-//! dispatched inside [`Executor`]; the object-safe [`Network`] seam stays for the CLI.
+//! [`Ops`], tensor operations on its device with its own autodiff (the rest is written once
+//! over them, [`Composite`]), and is statically dispatched inside [`Executor`]; the
+//! object-safe [`Network`] seam stays for the CLI.
 //!
 //! Layout on the device: images are NCHW (`[n, channels, height, width]`), flat activations
 //! `[n, features]`. Host data (batches, dropout masks) is NHWC, and core transposes it once
@@ -17,147 +18,13 @@ use std::rc::Rc;
 use crate::backend::{Backend, Network, StepStats, Targets};
 use crate::collective::{Collective, Solo};
 use crate::compile::{Head, Loss};
+use crate::composite::Composite;
 use crate::optim::{DropoutMask, OptimizerState, Slots, TensorMath, Training};
-use crate::plan::{Compiled, Plan, PlannedOp, PoolKind, WeightSpec};
+use crate::plan::{Compiled, Plan, PlannedOp, WeightSpec};
+use crate::primitives::Ops;
 use crate::spec::Activation;
 use crate::weights::{Tensor as HostTensor, Weights};
 use crate::{Error, Result};
-
-/// The operations an engine supplies. Every method works on device tensors in the layouts
-/// above; errors are [`Error::Engine`] naming the engine (see [`Ops::engine`]).
-pub trait Ops {
-    /// A device tensor; cloning shares its storage.
-    type Tensor: Clone + TensorMath;
-
-    /// The engine's CLI name, e.g. `burn-flex`, for error messages.
-    fn engine(&self) -> &str;
-
-    /// Whether the engine can run `op` (layer `layer` of the plan); the reason when it cannot.
-    /// Asked once per layer when a network is built.
-    fn supports(&self, _op: &PlannedOp) -> std::result::Result<(), String> {
-        Ok(())
-    }
-
-    /// Row-major host values of `shape` as a device tensor that no gradient flows into.
-    fn upload(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;
-    /// A device tensor's values, row-major.
-    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
-    /// Row-major NHWC host values (`[n, h, w, c]`, a batch or a dropout mask) as the NCHW
-    /// device tensor the layers take. Its memory layout is the engine's choice: by default
-    /// the values are transposed on the host; an engine whose kernels are faster on
-    /// channels-last memory can keep it.
-    fn images(&self, [n, h, w, c]: [usize; 4], data: &[f32]) -> Result<Self::Tensor> {
-        let nhwc = ArrayView4::from_shape((n, h, w, c), data)
-            .map_err(|e| Error::engine(self.engine(), e))?;
-        let nchw: Vec<f32> = nhwc.permuted_axes([0, 3, 1, 2]).iter().copied().collect();
-        self.upload(&[n, c, h, w], &nchw)
-    }
-    /// `weight`'s canonical values as the engine keeps that weight (and its gradient and
-    /// optimizer slots); an engine may choose another layout than the canonical one.
-    fn upload_weight(&self, weight: &WeightSpec, data: &[f32]) -> Result<Self::Tensor> {
-        self.upload(&weight.shape, data)
-    }
-    /// The inverse of [`Ops::upload_weight`]: canonical row-major values.
-    fn download_weight(&self, _weight: &WeightSpec, t: &Self::Tensor) -> Result<Vec<f32>> {
-        self.download(t)
-    }
-
-    /// A trained variable, held between steps, starting at `value`.
-    fn variable(&self, value: Self::Tensor) -> Result<Self::Tensor>;
-    /// Give `variable` the values of `value` (same shape): in place where the engine can,
-    /// which spares an allocation of every weight at every step.
-    fn assign(&self, variable: &mut Self::Tensor, value: Self::Tensor) -> Result<()> {
-        *variable = self.variable(value)?;
-        Ok(())
-    }
-    /// One optimizer update of `variable` in a single pass over host memory: calls `update`
-    /// once with the variable's values, its gradient's and its optimizer `slots`' (each in
-    /// the same element order, the values and slots to change in place). A CPU engine thus
-    /// visits each parameter once per step instead of once per tensor operation of the rule.
-    /// Returns `false`, having called nothing, where the engine keeps to the composite form
-    /// ([`TensorMath`]): the default, and what GPU engines do.
-    fn update_in_place(
-        &self,
-        _variable: &mut Self::Tensor,
-        _grad: &Self::Tensor,
-        _slots: &mut [&mut Self::Tensor],
-        _update: &mut dyn FnMut(&mut [f32], &[f32], &mut [&mut [f32]]),
-    ) -> Result<bool> {
-        Ok(false)
-    }
-    /// What a forward pass reads from `variable`: tracked when `grad` (its gradient is asked
-    /// for with [`Ops::gradients`] afterwards), a constant otherwise.
-    fn read(&self, variable: &Self::Tensor, grad: bool) -> Self::Tensor;
-    /// Gradients of the scalar `loss` with respect to `wrt` (values from `read(_, true)`), in
-    /// order; `None` for one the loss does not depend on.
-    fn gradients(
-        &self,
-        loss: &Self::Tensor,
-        wrt: &[&Self::Tensor],
-    ) -> Result<Vec<Option<Self::Tensor>>>;
-    /// The same values, cut from the autodiff graph.
-    fn detach(&self, t: &Self::Tensor) -> Self::Tensor;
-
-    /// Convolution of NCHW `x` with `kernel` (`[out, in, kh, kw]` as uploaded) plus `bias`
-    /// `[out]`, after zero `pad` (`[top, bottom, left, right]`), at `strides` `[h, w]`.
-    fn conv2d(
-        &self,
-        x: &Self::Tensor,
-        kernel: &Self::Tensor,
-        bias: &Self::Tensor,
-        pad: [usize; 4],
-        strides: [usize; 2],
-    ) -> Result<Self::Tensor>;
-    /// Pooling of NCHW `x` over `size` windows at `strides`, no padding; rows and columns
-    /// that do not fill a window are dropped. Max pooling's gradient goes to the first
-    /// maximum of each window (row-major within the window).
-    fn pool2d(
-        &self,
-        x: &Self::Tensor,
-        kind: PoolKind,
-        size: [usize; 2],
-        strides: [usize; 2],
-    ) -> Result<Self::Tensor>;
-    /// NCHW `[n, c, h, w]` → `[n, h·w·c]` in (H, W, C) order, as Keras flattens.
-    fn flatten(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
-    /// `x · kernelᵀ + bias`: `x` `[n, in]`, `kernel` `[out, in]` as uploaded, `bias` `[out]`.
-    fn dense(
-        &self,
-        x: &Self::Tensor,
-        kernel: &Self::Tensor,
-        bias: &Self::Tensor,
-    ) -> Result<Self::Tensor>;
-    /// An element-wise activation; softmax is over axis 1 (channels, or features). ReLU's
-    /// gradient at exactly 0 is 0, as in Keras and PyTorch.
-    fn activation(&self, x: &Self::Tensor, activation: Activation) -> Result<Self::Tensor>;
-    /// Per-channel mean and biased variance over every axis but axis 1: `[c]` each, tracked.
-    fn moments(&self, x: &Self::Tensor) -> Result<(Self::Tensor, Self::Tensor)>;
-    /// `(x − mean) / √(variance + epsilon) · gamma + beta`, the `[c]` vectors broadcast over
-    /// axis 1 of `x`.
-    fn batch_norm(
-        &self,
-        x: &Self::Tensor,
-        mean: &Self::Tensor,
-        variance: &Self::Tensor,
-        gamma: &Self::Tensor,
-        beta: &Self::Tensor,
-        epsilon: f64,
-    ) -> Result<Self::Tensor>;
-    /// Mean over the batch of `−Σ targets · log_softmax(logits)`, both `[n, classes]`; a
-    /// one-element tensor.
-    fn softmax_cross_entropy(
-        &self,
-        logits: &Self::Tensor,
-        targets: &Self::Tensor,
-    ) -> Result<Self::Tensor>;
-    /// Mean of `max(z, 0) − z·t + log(1 + e^−|z|)` (binary cross-entropy of sigmoid(z)),
-    /// `logits` and `targets` `[n, 1]`; a one-element tensor.
-    fn sigmoid_cross_entropy(
-        &self,
-        logits: &Self::Tensor,
-        targets: &Self::Tensor,
-    ) -> Result<Self::Tensor>;
-}
 
 /// What a training step's forward and backward passes give, before the update.
 struct StepParts<T> {

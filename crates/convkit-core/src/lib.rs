@@ -3,7 +3,7 @@
 //! backward, optimizer steps) written over a small operations surface, the one training loop,
 //! metrics, plots, engine-neutral weights, and the run layer ([`run`]) that the command line
 //! is a thin shell over. Engines implement [`Backend`] and supply the operations
-//! ([`exec::Ops`]); nothing here knows which engines exist.
+//! ([`primitives::Ops`]); nothing here knows which engines exist.
 
 pub mod artifacts;
 pub mod augment;
@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod compare;
 pub mod compile;
+pub mod composite;
 pub mod data;
 #[cfg(feature = "evcxr")]
 pub mod display;
@@ -25,6 +26,7 @@ pub mod op;
 pub mod optim;
 pub mod plan;
 pub mod plot;
+pub mod primitives;
 pub mod pytorch;
 pub mod run;
 pub mod search;

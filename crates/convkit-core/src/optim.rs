@@ -169,7 +169,7 @@ impl Optimizer {
     }
 
     /// [`Optimizer::update`] in one pass over host memory, for CPU engines
-    /// ([`crate::exec::Ops::update_in_place`]): `w` and the slots change in place. The same
+    /// ([`crate::primitives::Ops::update_in_place`]): `w` and the slots change in place. The same
     /// arithmetic in the same order as the composite form on `ndarray` (each `affine` in f64
     /// rounded to f32, the rest in f32), element by element. `grad(i, w)` gives element `i`'s
     /// gradient from the weight's value before the update; `slots` are those
@@ -526,7 +526,7 @@ impl Training {
     }
 
     /// [`Training::step`] for a trainable `layer` in one pass over host memory, for engines
-    /// that update in place ([`crate::exec::Ops::update_in_place`]): `w` and `slots` (those
+    /// that update in place ([`crate::primitives::Ops::update_in_place`]): `w` and `slots` (those
     /// [`Optimizer::slots_used`] names, in its order) change in place; returns the penalty a
     /// `kernel`'s regulariser adds to the loss, taken before the update. The arithmetic is the
     /// composite form's, element by element.

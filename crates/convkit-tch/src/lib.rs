@@ -5,11 +5,11 @@
 //! libtorch comes from the `torch==2.9.0` wheel (`cargo xtask setup`); `LIBTORCH` is
 //! respected. The thread count is convkit's one knob ([`convkit_core::threads`]).
 
-use convkit_core::exec::{Engine, Ops};
+use convkit_core::exec::Engine;
 use convkit_core::optim::TensorMath;
 use convkit_core::plan::PoolKind;
-use convkit_core::spec::Activation;
-use tch::{Device, Kind, Reduction, Tensor};
+use convkit_core::primitives::{Binary, Ops, Reduction, Unary};
+use tch::{Device, Kind, Tensor};
 
 /// Errors of the tch engine; they reach users as [`convkit_core::Error::Engine`].
 #[derive(Debug, thiserror::Error)]
@@ -163,13 +163,6 @@ fn i64s(v: &[usize]) -> Vec<i64> {
     v.iter().map(|&x| x as i64).collect()
 }
 
-/// `[c]` as `[1, c]` or `[1, c, 1, 1]`, to broadcast over axis 1 of a tensor of `rank`.
-fn channel_vector(v: &Tensor, rank: usize) -> std::result::Result<Tensor, tch::TchError> {
-    let mut shape = vec![1i64; rank];
-    shape[1] = v.numel() as i64;
-    v.f_reshape(shape)
-}
-
 impl Ops for TchOps {
     type Tensor = Value;
 
@@ -273,90 +266,52 @@ impl Ops for TchOps {
         .map(Value)
     }
 
-    fn flatten(&self, x: &Value) -> convkit_core::Result<Value> {
-        self.engine_result(x.0.f_permute([0, 2, 3, 1]).and_then(|t| t.f_flatten(1, -1)))
-            .map(Value)
-    }
-
     fn dense(&self, x: &Value, kernel: &Value, bias: &Value) -> convkit_core::Result<Value> {
         self.engine_result(x.0.f_linear(&kernel.0, Some(&bias.0)))
             .map(Value)
     }
 
-    fn activation(&self, x: &Value, activation: Activation) -> convkit_core::Result<Value> {
-        self.engine_result(match activation {
-            Activation::Linear => Ok(x.0.shallow_clone()),
-            Activation::Relu => x.0.f_relu(),
-            Activation::Sigmoid => x.0.f_sigmoid(),
-            Activation::Tanh => x.0.f_tanh(),
-            Activation::Softmax => x.0.f_softmax(1, Kind::Float),
+    fn dims(&self, x: &Value) -> Vec<usize> {
+        x.0.size().iter().map(|&d| d as usize).collect()
+    }
+
+    fn reshape(&self, x: &Value, shape: &[usize]) -> convkit_core::Result<Value> {
+        self.engine_result(x.0.f_reshape(i64s(shape))).map(Value)
+    }
+
+    fn permute(&self, x: &Value, axes: &[usize]) -> convkit_core::Result<Value> {
+        self.engine_result(x.0.f_permute(i64s(axes))).map(Value)
+    }
+
+    fn unary(&self, op: Unary, x: &Value) -> convkit_core::Result<Value> {
+        let x = &x.0;
+        self.engine_result(match op {
+            Unary::Relu => x.f_relu(),
+            Unary::Sigmoid => x.f_sigmoid(),
+            Unary::Tanh => x.f_tanh(),
+            Unary::Exp => x.f_exp(),
+            Unary::Log => x.f_log(),
         })
         .map(Value)
     }
 
-    fn moments(&self, x: &Value) -> convkit_core::Result<(Value, Value)> {
-        let axes: Vec<i64> = (0..x.0.dim() as i64).filter(|&d| d != 1).collect();
-        self.engine_result((|| {
-            let mean = x.0.f_mean_dim(axes.as_slice(), true, Kind::Float)?;
-            let variance =
-                x.0.f_sub(&mean)?
-                    .f_square()?
-                    .f_mean_dim(axes.as_slice(), true, Kind::Float)?;
-            Ok((
-                Value(mean.f_flatten(0, -1)?),
-                Value(variance.f_flatten(0, -1)?),
-            ))
-        })())
-    }
-
-    fn batch_norm(
-        &self,
-        x: &Value,
-        mean: &Value,
-        variance: &Value,
-        gamma: &Value,
-        beta: &Value,
-        epsilon: f64,
-    ) -> convkit_core::Result<Value> {
-        let rank = x.0.dim();
-        self.engine_result((|| {
-            let scale = variance.0.f_add_scalar(epsilon)?.f_rsqrt()?;
-            x.0.f_sub(&channel_vector(&mean.0, rank)?)?
-                .f_mul(&channel_vector(&scale, rank)?)?
-                .f_mul(&channel_vector(&gamma.0, rank)?)?
-                .f_add(&channel_vector(&beta.0, rank)?)
-        })())
+    fn binary(&self, op: Binary, a: &Value, b: &Value) -> convkit_core::Result<Value> {
+        let (a, b) = (&a.0, &b.0);
+        self.engine_result(match op {
+            Binary::Add => a.f_add(b),
+            Binary::Sub => a.f_sub(b),
+            Binary::Mul => a.f_mul(b),
+            Binary::Div => a.f_div(b),
+        })
         .map(Value)
     }
 
-    fn softmax_cross_entropy(
-        &self,
-        logits: &Value,
-        targets: &Value,
-    ) -> convkit_core::Result<Value> {
-        self.engine_result((|| {
-            logits
-                .0
-                .f_log_softmax(-1, Kind::Float)?
-                .f_mul(&targets.0)?
-                .f_sum_dim_intlist([1i64].as_slice(), false, Kind::Float)?
-                .f_mean(Kind::Float)?
-                .f_neg()
-        })())
-        .map(Value)
-    }
-
-    fn sigmoid_cross_entropy(
-        &self,
-        logits: &Value,
-        targets: &Value,
-    ) -> convkit_core::Result<Value> {
-        self.engine_result(logits.0.f_binary_cross_entropy_with_logits::<Tensor>(
-            &targets.0,
-            None,
-            None,
-            Reduction::Mean,
-        ))
+    fn reduce(&self, op: Reduction, x: &Value, axes: &[usize]) -> convkit_core::Result<Value> {
+        let axes = i64s(axes);
+        self.engine_result(match op {
+            Reduction::Sum => x.0.f_sum_dim_intlist(axes.as_slice(), true, Kind::Float),
+            Reduction::Max => x.0.f_amax(axes.as_slice(), true),
+        })
         .map(Value)
     }
 }
