@@ -35,6 +35,7 @@ STEMS = {
     "GlobalAveragePooling2D": "global_average_pooling2d",
     "Flatten": "flatten",
     "Dense": "dense",
+    "Activation": "activation",
     "Dropout": "dropout",
     "BatchNormalization": "batch_normalization",
     "RandomCrop": "random_crop",
@@ -52,6 +53,7 @@ TORCH_PARTS = {
     "GlobalAveragePooling2D": [],
     "Flatten": [],
     "Dense": [("weight", "weight"), ("bias", "bias")],
+    "Activation": [],
     "Dropout": [],
     "RandomCrop": [],
     "BatchNormalization": [
@@ -168,6 +170,8 @@ def build(spec, tensors):
             load_parts(dense, kind, name, {"weight": [layer["units"], inputs], "bias": [layer["units"]]})
             modules.append(dense)
             flat = layer["units"]
+        elif kind == "Activation":
+            pass  # its activation follows, as a Conv2D's or Dense's does
         elif kind == "Dropout":
             modules.append(torch.nn.Dropout(layer["rate"]))
         elif kind == "RandomCrop":
@@ -184,7 +188,7 @@ def build(spec, tensors):
             modules.append(norm)
         else:
             raise ValueError(f"layer `{name}`: convkit_torch does not know the layer type {kind}")
-        act = activation(layer.get("activation", "linear")) if kind in ("Conv2D", "Dense") else None
+        act = activation(layer.get("activation", "linear")) if kind in ("Conv2D", "Dense", "Activation") else None
         if act is not None:
             modules.append(act)
     return torch.nn.Sequential(*modules)

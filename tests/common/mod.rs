@@ -185,6 +185,18 @@ pub fn reference_pass(
                     }
                 }
                 LayerKind::Flatten | LayerKind::Dropout(_) => next = cur.clone(),
+                // Softmax over the last axis: each position's channels, or the features.
+                LayerKind::Activation(a) if a.activation == Activation::Softmax => {
+                    next = cur.clone();
+                    for row in next.chunks_mut(oc) {
+                        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let z: f64 = row.iter().map(|v| (v - m).exp()).sum();
+                        row.iter_mut().for_each(|v| *v = (*v - m).exp() / z);
+                    }
+                }
+                LayerKind::Activation(a) => {
+                    next = cur.iter().map(|&v| act(v, a.activation)).collect()
+                }
                 // The centre window (what inference takes; a training pass here has no
                 // random stream to draw windows from).
                 LayerKind::RandomCrop(crop) => {
@@ -227,7 +239,9 @@ pub fn reference_pass(
 
 /// Small models that exercise every layer and padding case.
 pub fn small_specs() -> Vec<Sequential> {
-    use convkit::{BatchNormalization, Conv2D, Dense, Dropout, Padding, Pool2D, RandomCrop};
+    use convkit::{
+        ActivationLayer, BatchNormalization, Conv2D, Dense, Dropout, Padding, Pool2D, RandomCrop,
+    };
     vec![
         // asymmetric `same` padding with stride 2, tanh, a linear-logits head
         Sequential::new(7, 6, 2)
@@ -274,6 +288,18 @@ pub fn small_specs() -> Vec<Sequential> {
             .add(BatchNormalization::new().momentum(0.9).epsilon(1e-2))
             .add(Dense::new(3).activation(Activation::Softmax))
             .named("small-batchnorm"),
+        // Keras' Conv2D → BatchNormalization → Activation, and a softmax over channels
+        Sequential::new(6, 5, 2)
+            .add(Conv2D::new(3, 3).padding(Padding::Same))
+            .add(BatchNormalization::new())
+            .add(ActivationLayer::new(Activation::Relu))
+            .add(Conv2D::new(3, 2))
+            .add(ActivationLayer::new(Activation::Softmax))
+            .flatten()
+            .add(Dense::new(4))
+            .add(ActivationLayer::new(Activation::Tanh))
+            .add(Dense::new(3).activation(Activation::Softmax))
+            .named("small-activation-layers"),
         // global pooling: the mean of each channel, and its maximum
         Sequential::new(6, 5, 2)
             .add(Conv2D::new(4, 3).activation(Activation::Relu))

@@ -185,6 +185,7 @@ impl Ops for CandleOps {
             | PlannedOp::GlobalPool2D { .. }
             | PlannedOp::Flatten
             | PlannedOp::Dense { .. }
+            | PlannedOp::Activation(_)
             | PlannedOp::Dropout { .. }
             | PlannedOp::BatchNorm { .. }
             | PlannedOp::Crop { .. } => Ok(()),

@@ -245,6 +245,7 @@ impl<O: Ops> Executor<O> {
                     bias,
                     activation,
                 } => ops.activation(&ops.dense(&x, &params[kernel], &params[bias])?, activation)?,
+                PlannedOp::Activation(activation) => ops.activation(&x, activation)?,
                 PlannedOp::Dropout { rate } if train && rate > 0.0 => {
                     let mask = masks.next().ok_or_else(|| {
                         Error::engine(ops.engine(), "a Dropout layer was given no mask")

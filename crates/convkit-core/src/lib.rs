@@ -45,8 +45,8 @@ pub use error::{Error, Result};
 pub use metrics::{ClassificationReport, ConfusionMatrix};
 pub use plan::Compiled;
 pub use spec::{
-    Activation, BatchNormalization, Conv2D, Dense, Dropout, LayerKind, Padding, Pool2D, RandomCrop,
-    Regularizer, Sequential, SizeLimits,
+    Activation, ActivationLayer, BatchNormalization, Conv2D, Dense, Dropout, LayerKind, Padding,
+    Pool2D, RandomCrop, Regularizer, Sequential, SizeLimits,
 };
 pub use train::backup;
 pub use train::{

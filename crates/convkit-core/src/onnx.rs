@@ -221,6 +221,14 @@ impl OnnxExport {
                     x = graph.node("Gemm", name, &[&x, kernel, bias], vec![int("transB", 1)]);
                     x = graph.activation(name, activation, &x);
                 }
+                PlannedOp::Activation(activation) => {
+                    // Softmax runs over axis 1: channels-first, as after any image layer.
+                    x = image_op(layout, &mut graph, &x);
+                    if layout == Layout::ChannelsLast {
+                        layout = Layout::ChannelsFirst;
+                    }
+                    x = graph.activation(name, activation, &x);
+                }
                 PlannedOp::Dropout { .. } => {}
                 // At inference a RandomCrop takes the centre window.
                 PlannedOp::Crop {

@@ -125,6 +125,8 @@ pub enum PlannedOp {
         bias: usize,
         activation: Activation,
     },
+    /// An element-wise activation on its own; softmax over axis 1.
+    Activation(Activation),
     /// Active in training only.
     Dropout { rate: f32 },
     /// A `size = [h, w]` window of a `from = [H, W]` image: random in training, the centre at
@@ -158,6 +160,7 @@ impl PlannedOp {
             | PlannedOp::GlobalPool2D { .. }
             | PlannedOp::Flatten
             | PlannedOp::Dense { .. }
+            | PlannedOp::Activation(_)
             | PlannedOp::Dropout { .. }
             | PlannedOp::Crop { .. } => None,
         }
@@ -172,6 +175,7 @@ impl PlannedOp {
             | PlannedOp::GlobalPool2D { .. }
             | PlannedOp::Flatten
             | PlannedOp::Dense { .. }
+            | PlannedOp::Activation(_)
             | PlannedOp::Dropout { .. }
             | PlannedOp::BatchNorm { .. } => None,
         }
@@ -186,6 +190,7 @@ impl PlannedOp {
             | PlannedOp::GlobalPool2D { .. }
             | PlannedOp::Flatten
             | PlannedOp::Dense { .. }
+            | PlannedOp::Activation(_)
             | PlannedOp::BatchNorm { .. }
             | PlannedOp::Crop { .. } => None,
         }

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::spec::{LayerKind, Sequential, Shape};
+use crate::spec::{FeatureOrder, LayerKind, Sequential, Shape};
 use crate::weights::{Tensor, Weights};
 use crate::{Error, Result};
 
@@ -46,25 +46,13 @@ impl std::str::FromStr for FlattenOrder {
 }
 
 /// The PyTorch tensors a convkit layer's weights come from, in convkit's order: (the torch
-/// module's attribute, convkit's weight suffix). `python/convkit_torch.py` keeps the same
-/// table (`TORCH_PARTS`), checked against this one by `tests/interop.rs`.
-pub fn torch_parts(kind: &LayerKind) -> &'static [(&'static str, &'static str)] {
-    match kind {
-        LayerKind::Conv2D(_) | LayerKind::Dense(_) => &[("weight", "weight"), ("bias", "bias")],
-        LayerKind::BatchNormalization(_) => &[
-            ("weight", "gamma"),
-            ("bias", "beta"),
-            ("running_mean", "moving_mean"),
-            ("running_var", "moving_variance"),
-        ],
-        LayerKind::MaxPooling2D(_)
-        | LayerKind::AveragePooling2D(_)
-        | LayerKind::GlobalMaxPooling2D
-        | LayerKind::GlobalAveragePooling2D
-        | LayerKind::Flatten
-        | LayerKind::Dropout(_)
-        | LayerKind::RandomCrop(_) => &[],
-    }
+/// module's attribute, convkit's weight suffix), from the layer's rules.
+/// `python/convkit_torch.py` keeps the same table (`TORCH_PARTS`), checked against this one
+/// by `tests/interop.rs`.
+pub fn torch_parts(kind: &LayerKind) -> Vec<(&'static str, &'static str)> {
+    (kind.rules().torch_parts().iter())
+        .map(|part| (part.attribute, part.suffix))
+        .collect()
 }
 
 /// `(C, H, W)`-ordered features reordered to `(H, W, C)`, for every row of `t` (the last axis).
@@ -147,21 +135,22 @@ pub fn weights_from_state_dict(
     // The image a Flatten turned into features, until the first Dense after it.
     let mut flattened: Option<(usize, usize, usize)> = None;
     for ((layer, name), output) in spec.layers.iter().zip(&names).zip(&shapes) {
-        if let (LayerKind::Flatten, Shape::Image { h, w, c }) = (&layer.kind, input) {
+        let rules = layer.kind.rules();
+        if let (FeatureOrder::Flattens, Shape::Image { h, w, c }) = (rules.feature_order(), input) {
             flattened = (flatten == FlattenOrder::ChannelsFirst).then_some((h, w, c));
         }
-        let parts = torch_parts(&layer.kind);
+        let parts = rules.torch_parts();
         if !parts.is_empty() {
             let Some((index, mut tensors)) = torch.next() else {
                 return Err(weights_error(
-                    &format!("{name}.{}", parts[0].1),
+                    &format!("{name}.{}", parts[0].suffix),
                     format!("layer `{name}` has no PyTorch module left to take its weights from: the state_dict has fewer layers with weights than the spec"),
                 ));
             };
-            for (torch_part, convkit_part) in parts {
-                let torch_name = format!("{index}.{torch_part}");
-                let convkit_name = format!("{name}.{convkit_part}");
-                let tensor = tensors.remove(*torch_part).ok_or_else(|| {
+            for part in parts {
+                let torch_name = format!("{index}.{}", part.attribute);
+                let convkit_name = format!("{name}.{}", part.suffix);
+                let tensor = tensors.remove(part.attribute).ok_or_else(|| {
                     weights_error(
                         &torch_name,
                         format!(
@@ -181,20 +170,8 @@ pub fn weights_from_state_dict(
                     ));
                 }
                 // After a flatten, what indexes the flattened features follows its order.
-                let indexed_by_features = match &layer.kind {
-                    LayerKind::Dense(_) => *torch_part == "weight",
-                    LayerKind::BatchNormalization(_) => true,
-                    LayerKind::Conv2D(_)
-                    | LayerKind::MaxPooling2D(_)
-                    | LayerKind::AveragePooling2D(_)
-                    | LayerKind::GlobalMaxPooling2D
-                    | LayerKind::GlobalAveragePooling2D
-                    | LayerKind::Flatten
-                    | LayerKind::Dropout(_)
-                    | LayerKind::RandomCrop(_) => false,
-                };
                 let tensor = match flattened {
-                    Some(image) if indexed_by_features => channels_last(&tensor, image),
+                    Some(image) if part.indexed_by_features => channels_last(&tensor, image),
                     Some(_) | None => tensor,
                 };
                 weights.insert(convkit_name, tensor);
@@ -208,9 +185,10 @@ pub fn weights_from_state_dict(
                     ),
                 ));
             }
-            if matches!(layer.kind, LayerKind::Dense(_)) {
-                flattened = None;
-            }
+        }
+        // A Dense reads the flattened order with its kernel, then its units are the features.
+        if rules.feature_order() == FeatureOrder::Mixes {
+            flattened = None;
         }
         input = *output;
     }

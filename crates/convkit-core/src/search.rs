@@ -557,6 +557,7 @@ impl Trial {
                 | LayerKind::GlobalAveragePooling2D
                 | LayerKind::Flatten
                 | LayerKind::Dense(_)
+                | LayerKind::Activation(_)
                 | LayerKind::Dropout(_)
                 | LayerKind::BatchNormalization(_)
                 | LayerKind::RandomCrop(_) => None,

@@ -11,9 +11,10 @@ use crate::{Error, Result};
 mod layers;
 mod presets;
 mod summary;
+pub(crate) use layers::FeatureOrder;
 pub use layers::{
-    Activation, BatchNormalization, Conv2D, Dense, Dropout, Layer, LayerKind, Padding, Pool2D,
-    RandomCrop, Regularizer, Shape,
+    Activation, ActivationLayer, BatchNormalization, Conv2D, Dense, Dropout, Layer, LayerKind,
+    Padding, Pool2D, RandomCrop, Regularizer, Shape,
 };
 pub use presets::PRESETS;
 
@@ -320,6 +321,7 @@ impl Sequential {
                 | LayerKind::GlobalMaxPooling2D
                 | LayerKind::GlobalAveragePooling2D
                 | LayerKind::Flatten
+                | LayerKind::Activation(_)
                 | LayerKind::Dropout(_)
                 | LayerKind::BatchNormalization(_)
                 | LayerKind::RandomCrop(_) => false,
@@ -664,6 +666,51 @@ mod tests {
             err.contains("momentum must be in [0, 1], found 1.5"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_activation_layer_follows_keras() {
+        // Keras' Conv2D → BatchNormalization → Activation("relu").
+        let spec = Sequential::new(6, 6, 1)
+            .add(Conv2D::new(4, 3))
+            .add(BatchNormalization::new())
+            .add(ActivationLayer::new(Activation::Relu))
+            .flatten()
+            .add(Dense::new(3).activation(Activation::Softmax));
+        assert_eq!(
+            spec.output_shapes().unwrap()[2],
+            Shape::Image { h: 4, w: 4, c: 4 }
+        );
+        assert_eq!(spec.param_counts().unwrap(), vec![40, 16, 0, 0, 195]);
+        assert_eq!(spec.layer_names()[2], "activation");
+        let summary = spec.summary().unwrap();
+        assert!(summary.contains("activation (Activation)"), "{summary}");
+        let plan = crate::plan::Compiled::new(
+            spec.clone(),
+            crate::Compile::new(
+                crate::Optimizer::adam(),
+                crate::Loss::SparseCategoricalCrossentropy,
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            plan.plan().ops[2],
+            crate::op::PlannedOp::Activation(Activation::Relu)
+        );
+        // JSON as Keras names it, and the text form of a stack.
+        let layer: Layer =
+            serde_json::from_str(r#"{"type": "Activation", "activation": "relu"}"#).unwrap();
+        assert_eq!(layer.kind, spec.layers[2].kind);
+        let back: Sequential = serde_json::from_str(&spec.to_json()).unwrap();
+        assert_eq!(back, spec);
+        assert_eq!(
+            LayerKind::parse_stack("Dense 8, Activation tanh").unwrap()[1],
+            ActivationLayer::new(Activation::Tanh).into()
+        );
+        let e = LayerKind::parse_stack("Activation swish")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("found `swish`"), "{e}");
     }
 
     #[test]
