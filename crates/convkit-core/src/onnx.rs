@@ -36,7 +36,7 @@ use protobuf::{Enum as _, Message as _, MessageField};
 use crate::checkpoint::Checkpoint;
 use crate::compile::Head;
 use crate::data::Normalisation;
-use crate::plan::{PlannedOp, PoolKind};
+use crate::plan::{Plan, PlannedOp, PoolKind};
 use crate::spec::{Activation, Shape};
 use crate::{Error, Result};
 
@@ -110,7 +110,7 @@ impl OnnxExport {
         let head = checkpoint.compile.check(spec)?;
         let shapes = spec.output_shapes()?;
         let names = spec.layer_names();
-        let [h, w, c] = spec.input_shape;
+        let c = spec.input_shape[2];
         // Class scores: one per class, or one sigmoid unit for two classes.
         let outputs = spec.output_shape()?.numel();
 
@@ -121,170 +121,14 @@ impl OnnxExport {
         }
         let mut layout = Layout::ChannelsLast;
         let plan = spec.plan()?;
-        let weight = |i: usize| plan.weights[i].name.as_str();
         for (i, op) in plan.ops.iter().cloned().enumerate() {
-            let name = &names[i];
-            let image_op = |layout: Layout, graph: &mut Graph, x: &str| match layout {
-                Layout::ChannelsLast => graph.node(
-                    "Transpose",
-                    &format!("{name}/to_nchw"),
-                    &[x],
-                    vec![ints("perm", &[0, 3, 1, 2])],
-                ),
-                _ => x.to_string(),
+            let layer = Layer {
+                checkpoint,
+                plan: &plan,
+                index: i,
+                name: &names[i],
             };
-            match op {
-                PlannedOp::Conv2D {
-                    kernel,
-                    bias,
-                    pad: [top, bottom, left, right],
-                    strides,
-                    activation,
-                } => {
-                    x = image_op(layout, &mut graph, &x);
-                    layout = Layout::ChannelsFirst;
-                    let (kernel, bias) = (weight(kernel), weight(bias));
-                    let shape = graph.weight_and_bias(checkpoint, kernel, bias)?;
-                    x = graph.node(
-                        "Conv",
-                        name,
-                        &[&x, kernel, bias],
-                        vec![
-                            ints("kernel_shape", &shape[2..]),
-                            ints("strides", &strides),
-                            ints("pads", &[top, left, bottom, right]),
-                        ],
-                    );
-                    x = graph.activation(name, activation, &x);
-                }
-                PlannedOp::Pool2D {
-                    kind,
-                    size,
-                    strides,
-                } => {
-                    let op_type = match kind {
-                        PoolKind::Max => "MaxPool",
-                        PoolKind::Average => "AveragePool",
-                    };
-                    x = image_op(layout, &mut graph, &x);
-                    layout = Layout::ChannelsFirst;
-                    x = graph.node(
-                        op_type,
-                        name,
-                        &[&x],
-                        vec![ints("kernel_shape", &size), ints("strides", &strides)],
-                    );
-                }
-                PlannedOp::GlobalPool2D { kind, .. } => {
-                    let op_type = match kind {
-                        PoolKind::Max => "GlobalMaxPool",
-                        PoolKind::Average => "GlobalAveragePool",
-                    };
-                    x = image_op(layout, &mut graph, &x);
-                    x = graph.node(op_type, name, &[&x], vec![]);
-                    // [n, C, 1, 1] → [n, C]: one position, so channel order is Keras' too.
-                    x = graph.node(
-                        "Flatten",
-                        &format!("{name}/flatten"),
-                        &[&x],
-                        vec![int("axis", 1)],
-                    );
-                    layout = Layout::Flat;
-                }
-                PlannedOp::Flatten => {
-                    if layout == Layout::ChannelsFirst {
-                        x = graph.node(
-                            "Transpose",
-                            &format!("{name}/to_nhwc"),
-                            &[&x],
-                            vec![ints("perm", &[0, 2, 3, 1])],
-                        );
-                    }
-                    if layout != Layout::Flat {
-                        x = graph.node("Flatten", name, &[&x], vec![int("axis", 1)]);
-                    }
-                    layout = Layout::Flat;
-                }
-                PlannedOp::Dense {
-                    kernel,
-                    bias,
-                    activation,
-                } => {
-                    if layout != Layout::Flat {
-                        return Err(spec.layer_error(
-                            i,
-                            "ONNX export: Dense needs a flat input (add a Flatten before it)",
-                        ));
-                    }
-                    let (kernel, bias) = (weight(kernel), weight(bias));
-                    graph.weight_and_bias(checkpoint, kernel, bias)?;
-                    x = graph.node("Gemm", name, &[&x, kernel, bias], vec![int("transB", 1)]);
-                    x = graph.activation(name, activation, &x);
-                }
-                PlannedOp::Activation(activation) => {
-                    // Softmax runs over axis 1: channels-first, as after any image layer.
-                    x = image_op(layout, &mut graph, &x);
-                    if layout == Layout::ChannelsLast {
-                        layout = Layout::ChannelsFirst;
-                    }
-                    x = graph.activation(name, activation, &x);
-                }
-                PlannedOp::Dropout { .. } => {}
-                // At inference a RandomCrop takes the centre window.
-                PlannedOp::Crop {
-                    from: [h, w],
-                    size: [ch, cw],
-                } => {
-                    let axes = match layout {
-                        Layout::ChannelsLast => [1, 2],
-                        Layout::ChannelsFirst => [2, 3],
-                        Layout::Flat => {
-                            return Err(spec.layer_error(i, "ONNX export: a crop needs an image"))
-                        }
-                    };
-                    let (top, left) = ((h - ch) / 2, (w - cw) / 2);
-                    let parts = [
-                        ("starts", [top, left]),
-                        ("ends", [top + ch, left + cw]),
-                        ("axes", axes),
-                    ]
-                    .map(|(part, values)| {
-                        let part = format!("{name}/{part}");
-                        graph.int64_initializer(&part, &values);
-                        part
-                    });
-                    x = graph.node(
-                        "Slice",
-                        name,
-                        &[&x, &parts[0], &parts[1], &parts[2]],
-                        vec![],
-                    );
-                }
-                PlannedOp::BatchNorm {
-                    gamma,
-                    beta,
-                    moving_mean,
-                    moving_variance,
-                    epsilon,
-                    ..
-                } => {
-                    if layout != Layout::Flat {
-                        x = image_op(layout, &mut graph, &x);
-                        layout = Layout::ChannelsFirst;
-                    }
-                    let parts = [gamma, beta, moving_mean, moving_variance].map(weight);
-                    for part in parts {
-                        let t = checkpoint.weights.get(part)?;
-                        graph.initializer(part, t.shape.clone(), &t.data);
-                    }
-                    x = graph.node(
-                        "BatchNormalization",
-                        name,
-                        &[&x, parts[0], parts[1], parts[2], parts[3]],
-                        vec![float("epsilon", epsilon as f32)],
-                    );
-                }
-            }
+            (x, layout) = graph.planned_op(&layer, op, x, layout)?;
         }
         if layout != Layout::Flat || shapes.last() != Some(&Shape::Flat(outputs)) {
             return Err(Error::config(
@@ -297,7 +141,19 @@ impl OnnxExport {
             Head::Sigmoid => graph.node_to("Sigmoid", "head", &[&x], vec![], OUTPUT),
         }
 
-        let mut g = graph.proto;
+        Ok(self.model_of(checkpoint, graph.proto, outputs))
+    }
+
+    /// The model around `g`, the graph of `checkpoint`'s layers and head, with `outputs`
+    /// class scores: its input and output, opset and metadata.
+    fn model_of(
+        &self,
+        checkpoint: &Checkpoint,
+        mut g: pb::GraphProto,
+        outputs: usize,
+    ) -> pb::ModelProto {
+        let spec = &checkpoint.spec;
+        let [h, w, c] = spec.input_shape;
         g.name = spec.name.clone();
         g.doc_string = format!(
             "{} ({} layers), exported by convkit",
@@ -313,7 +169,7 @@ impl OnnxExport {
             value,
             ..Default::default()
         };
-        Ok(pb::ModelProto {
+        pb::ModelProto {
             ir_version: IR_VERSION,
             opset_import: vec![pb::OperatorSetIdProto {
                 domain: String::new(),
@@ -336,7 +192,7 @@ impl OnnxExport {
                 entry("convkit.input", self.input_description(checkpoint)),
             ],
             ..Default::default()
-        })
+        }
     }
 }
 
@@ -349,6 +205,26 @@ enum Layout {
     ChannelsFirst,
     /// `[batch, features]`: after Flatten.
     Flat,
+}
+
+/// The layer whose nodes are being added: what its operation needs from the export.
+struct Layer<'a> {
+    checkpoint: &'a Checkpoint,
+    plan: &'a Plan,
+    index: usize,
+    name: &'a str,
+}
+
+impl Layer<'_> {
+    /// The name of weight `i` of the plan.
+    fn weight(&self, i: usize) -> &str {
+        &self.plan.weights[i].name
+    }
+
+    /// `message` about this layer, naming it.
+    fn error(&self, message: &str) -> Error {
+        self.checkpoint.spec.layer_error(self.index, message)
+    }
 }
 
 /// A graph under construction: nodes in order, initializers, unique value names.
@@ -386,6 +262,181 @@ impl Graph {
             attribute,
             ..Default::default()
         });
+    }
+
+    /// `op`, layer `layer`'s operation, on `x` in `layout`: its nodes, and where the graph
+    /// stands after them.
+    fn planned_op(
+        &mut self,
+        layer: &Layer<'_>,
+        op: PlannedOp,
+        mut x: String,
+        mut layout: Layout,
+    ) -> Result<(String, Layout)> {
+        let name = layer.name;
+        match op {
+            PlannedOp::Conv2D {
+                kernel,
+                bias,
+                pad: [top, bottom, left, right],
+                strides,
+                activation,
+            } => {
+                x = self.to_channels_first(name, layout, &x);
+                layout = Layout::ChannelsFirst;
+                let (kernel, bias) = (layer.weight(kernel), layer.weight(bias));
+                let shape = self.weight_and_bias(layer.checkpoint, kernel, bias)?;
+                x = self.node(
+                    "Conv",
+                    name,
+                    &[&x, kernel, bias],
+                    vec![
+                        ints("kernel_shape", &shape[2..]),
+                        ints("strides", &strides),
+                        ints("pads", &[top, left, bottom, right]),
+                    ],
+                );
+                x = self.activation(name, activation, &x);
+            }
+            PlannedOp::Pool2D {
+                kind,
+                size,
+                strides,
+            } => {
+                let op_type = match kind {
+                    PoolKind::Max => "MaxPool",
+                    PoolKind::Average => "AveragePool",
+                };
+                x = self.to_channels_first(name, layout, &x);
+                layout = Layout::ChannelsFirst;
+                x = self.node(
+                    op_type,
+                    name,
+                    &[&x],
+                    vec![ints("kernel_shape", &size), ints("strides", &strides)],
+                );
+            }
+            PlannedOp::GlobalPool2D { kind, .. } => {
+                let op_type = match kind {
+                    PoolKind::Max => "GlobalMaxPool",
+                    PoolKind::Average => "GlobalAveragePool",
+                };
+                x = self.to_channels_first(name, layout, &x);
+                x = self.node(op_type, name, &[&x], vec![]);
+                // [n, C, 1, 1] → [n, C]: one position, so channel order is Keras' too.
+                x = self.node(
+                    "Flatten",
+                    &format!("{name}/flatten"),
+                    &[&x],
+                    vec![int("axis", 1)],
+                );
+                layout = Layout::Flat;
+            }
+            PlannedOp::Flatten => {
+                if layout == Layout::ChannelsFirst {
+                    x = self.node(
+                        "Transpose",
+                        &format!("{name}/to_nhwc"),
+                        &[&x],
+                        vec![ints("perm", &[0, 2, 3, 1])],
+                    );
+                }
+                if layout != Layout::Flat {
+                    x = self.node("Flatten", name, &[&x], vec![int("axis", 1)]);
+                }
+                layout = Layout::Flat;
+            }
+            PlannedOp::Dense {
+                kernel,
+                bias,
+                activation,
+            } => {
+                if layout != Layout::Flat {
+                    return Err(layer
+                        .error("ONNX export: Dense needs a flat input (add a Flatten before it)"));
+                }
+                let (kernel, bias) = (layer.weight(kernel), layer.weight(bias));
+                self.weight_and_bias(layer.checkpoint, kernel, bias)?;
+                x = self.node("Gemm", name, &[&x, kernel, bias], vec![int("transB", 1)]);
+                x = self.activation(name, activation, &x);
+            }
+            PlannedOp::Activation(activation) => {
+                // Softmax runs over axis 1: channels-first, as after any image layer.
+                x = self.to_channels_first(name, layout, &x);
+                if layout == Layout::ChannelsLast {
+                    layout = Layout::ChannelsFirst;
+                }
+                x = self.activation(name, activation, &x);
+            }
+            PlannedOp::Dropout { .. } => {}
+            // At inference a RandomCrop takes the centre window.
+            PlannedOp::Crop {
+                from: [h, w],
+                size: [ch, cw],
+            } => {
+                let axes = match layout {
+                    Layout::ChannelsLast => [1, 2],
+                    Layout::ChannelsFirst => [2, 3],
+                    Layout::Flat => return Err(layer.error("ONNX export: a crop needs an image")),
+                };
+                let (top, left) = ((h - ch) / 2, (w - cw) / 2);
+                let parts = [
+                    ("starts", [top, left]),
+                    ("ends", [top + ch, left + cw]),
+                    ("axes", axes),
+                ]
+                .map(|(part, values)| {
+                    let part = format!("{name}/{part}");
+                    self.int64_initializer(&part, &values);
+                    part
+                });
+                x = self.node(
+                    "Slice",
+                    name,
+                    &[&x, &parts[0], &parts[1], &parts[2]],
+                    vec![],
+                );
+            }
+            PlannedOp::BatchNorm {
+                gamma,
+                beta,
+                moving_mean,
+                moving_variance,
+                epsilon,
+                ..
+            } => {
+                if layout != Layout::Flat {
+                    x = self.to_channels_first(name, layout, &x);
+                    layout = Layout::ChannelsFirst;
+                }
+                let parts = [gamma, beta, moving_mean, moving_variance].map(|i| layer.weight(i));
+                for part in parts {
+                    let t = layer.checkpoint.weights.get(part)?;
+                    self.initializer(part, t.shape.clone(), &t.data);
+                }
+                x = self.node(
+                    "BatchNormalization",
+                    name,
+                    &[&x, parts[0], parts[1], parts[2], parts[3]],
+                    vec![float("epsilon", epsilon as f32)],
+                );
+            }
+        }
+        Ok((x, layout))
+    }
+
+    /// `x` as `[batch, C, H, W]`: transposed from the input's channels-last layout, else as it
+    /// is (already channels-first, or flat).
+    fn to_channels_first(&mut self, name: &str, layout: Layout, x: &str) -> String {
+        match layout {
+            Layout::ChannelsLast => self.node(
+                "Transpose",
+                &format!("{name}/to_nchw"),
+                &[x],
+                vec![ints("perm", &[0, 3, 1, 2])],
+            ),
+            Layout::ChannelsFirst | Layout::Flat => x.to_string(),
+        }
     }
 
     /// `activation` after the layer `name`'s output `x`; the identity for `linear`.

@@ -313,19 +313,7 @@ impl Sequential {
                 self.layers.get(i + 1).map(|l| &l.kind),
                 Some(LayerKind::BatchNormalization(_))
             );
-            let wants = match layer.kind {
-                LayerKind::Conv2D(_) => true,
-                LayerKind::Dense(_) => i != last,
-                LayerKind::MaxPooling2D(_)
-                | LayerKind::AveragePooling2D(_)
-                | LayerKind::GlobalMaxPooling2D
-                | LayerKind::GlobalAveragePooling2D
-                | LayerKind::Flatten
-                | LayerKind::Activation(_)
-                | LayerKind::Dropout(_)
-                | LayerKind::BatchNormalization(_)
-                | LayerKind::RandomCrop(_) => false,
-            };
+            let wants = layer.kind.rules().normalised_by_default() && i != last;
             if wants && !normalised {
                 spec.layers.push(BatchNormalization::new().into());
             }

@@ -150,4 +150,7 @@ impl LayerRules for Conv2D {
         ];
         &PARTS
     }
+    fn normalised_by_default(&self) -> bool {
+        true
+    }
 }

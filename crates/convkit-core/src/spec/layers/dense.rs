@@ -83,4 +83,7 @@ impl LayerRules for Dense {
     fn feature_order(&self) -> FeatureOrder {
         FeatureOrder::Mixes
     }
+    fn normalised_by_default(&self) -> bool {
+        true
+    }
 }

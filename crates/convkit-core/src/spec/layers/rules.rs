@@ -129,6 +129,11 @@ pub(crate) trait LayerRules {
     fn first_only(&self) -> bool {
         false
     }
+    /// Whether `--batch-norm` puts a BatchNormalization after it (unless it is the last
+    /// layer): Keras' habit after each Conv2D and Dense.
+    fn normalised_by_default(&self) -> bool {
+        false
+    }
     /// Whether it turns an image into a flat vector, see [`super::LayerKind::flattens`].
     fn flattens(&self) -> bool {
         false
