@@ -385,13 +385,7 @@ fn train(args: TrainArgs, group: &Group) -> anyhow::Result<()> {
         return train_run(args, false, Some(record), group);
     };
     let given: Vec<OsString> = std::env::args_os().skip(2).collect();
-    let (epochs, others) = more_epochs(&given);
-    let resume_only = matches!(&others[..], [flag, _] if flag == "--resume")
-        || matches!(&others[..], [flag] if flag.as_encoded_bytes().starts_with(b"--resume="));
-    if !resume_only {
-        bail!("--resume continues a run with the arguments it was started with (saved in {}); give no other argument but --epochs, found {given:?}", run.join(run::CommandRecord::FILE).display());
-    }
-    let mut saved = run::CommandRecord::load(run)?;
+    let (saved, longer) = run::CommandRecord::resumed(run, &given)?;
     std::env::set_current_dir(&saved.cwd).with_context(|| {
         format!(
             "{}: the run was started in {}, which is not there",
@@ -399,9 +393,6 @@ fn train(args: TrainArgs, group: &Group) -> anyhow::Result<()> {
             saved.cwd.display()
         )
     })?;
-    if let Some(epochs) = &epochs {
-        saved.args.extend(["--epochs".into(), epochs.clone()]);
-    }
     let Command::Train(args) = Cli::try_parse_from(&saved.args)
         .with_context(|| format!("{}: the saved command does not parse", run.display()))?
         .command
@@ -412,22 +403,8 @@ fn train(args: TrainArgs, group: &Group) -> anyhow::Result<()> {
         );
     };
     // A run trained further is resumed with its new length from then on.
-    let record = epochs.map(|_| saved);
+    let record = longer.then_some(saved);
     train_run(args, true, record, group)
-}
-
-/// The `--epochs` value among `given` arguments, and the arguments without it.
-fn more_epochs(given: &[OsString]) -> (Option<OsString>, Vec<OsString>) {
-    let (mut epochs, mut others) = (None, Vec::new());
-    let mut rest = given.iter();
-    while let Some(arg) = rest.next() {
-        match arg.to_str().and_then(|a| a.strip_prefix("--epochs")) {
-            Some("") => epochs = rest.next().cloned(),
-            Some(value) if value.starts_with('=') => epochs = Some(value[1..].into()),
-            _ => others.push(arg.clone()),
-        }
-    }
-    (epochs, others)
 }
 
 /// `convkit train` as a request, a fresh run or a `resume`; `record` is written as the run's

@@ -1,5 +1,6 @@
 //! [`TrainRequest`]: train a model, score it and write its run folder, resumably.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -210,10 +211,50 @@ impl CommandRecord {
         })
     }
 
+    /// What `train --resume RUN [--epochs N]` continues: the record saved in `run`, its
+    /// arguments ending in `--epochs N` where `given` (the arguments after the subcommand)
+    /// names a new length, and whether it does (a run trained further is resumed with its new
+    /// length from then on, so the record is written again). Any argument but those two is
+    /// an error: a resumed run takes the arguments it was started with.
+    pub fn resumed(run: &Path, given: &[OsString]) -> Result<(Self, bool)> {
+        let (epochs, others) = more_epochs(given);
+        let resume_only = matches!(&others[..], [flag, _] if flag == "--resume")
+            || matches!(&others[..], [flag] if flag.as_encoded_bytes().starts_with(b"--resume="));
+        if !resume_only {
+            return Err(Error::config(
+                "--resume",
+                format!(
+                    "it continues a run with the arguments it was started with (saved in {}); give no other argument but --epochs, found {given:?}",
+                    run.join(Self::FILE).display()
+                ),
+            ));
+        }
+        let mut saved = Self::load(run)?;
+        if let Some(epochs) = &epochs {
+            saved.args.extend(["--epochs".into(), epochs.clone()]);
+        }
+        Ok((saved, epochs.is_some()))
+    }
+
     fn save(&self, run: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self).expect("a command record serialises");
         crate::io::write_bytes_atomic(&run.join(Self::FILE), json.as_bytes())
     }
+}
+
+/// The `--epochs` value among `given` arguments (`--epochs N` or `--epochs=N`), and the
+/// arguments without it.
+fn more_epochs(given: &[OsString]) -> (Option<OsString>, Vec<OsString>) {
+    let (mut epochs, mut others) = (None, Vec::new());
+    let mut rest = given.iter();
+    while let Some(arg) = rest.next() {
+        match arg.to_str().and_then(|a| a.strip_prefix("--epochs")) {
+            Some("") => epochs = rest.next().cloned(),
+            Some(value) if value.starts_with('=') => epochs = Some(value[1..].into()),
+            Some(_) | None => others.push(arg.clone()),
+        }
+    }
+    (epochs, others)
 }
 
 /// `convkit train`: a model trained on a dataset and scored on its test split (or validation
@@ -554,5 +595,43 @@ impl TrainRequest {
                 .save(&out.join(format!("samples.{ext}")))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn a_resume_takes_only_a_new_length() {
+        let run = tempfile::tempdir().unwrap();
+        let record = CommandRecord {
+            cwd: run.path().to_path_buf(),
+            args: args(&["convkit", "train", "--epochs", "2"]),
+        };
+        record.save(run.path()).unwrap();
+        let dir = run.path().to_str().unwrap();
+        let (same, longer) = CommandRecord::resumed(run.path(), &args(&["--resume", dir])).unwrap();
+        assert_eq!((same, longer), (record.clone(), false));
+        for given in [
+            args(&["--resume", dir, "--epochs", "5"]),
+            args(&["--epochs=5", &format!("--resume={dir}")]),
+        ] {
+            let (more, longer) = CommandRecord::resumed(run.path(), &given).unwrap();
+            assert!(longer);
+            assert_eq!(more.args[4..], args(&["--epochs", "5"]));
+        }
+        let e = CommandRecord::resumed(run.path(), &args(&["--resume", dir, "--seed", "9"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give no other argument but --epochs"), "{e}");
+        let e = CommandRecord::resumed(&run.path().join("nothing"), &args(&["--resume", "x"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("command.json"), "{e}");
     }
 }
