@@ -1044,3 +1044,72 @@ fn binary_cross_entropy_at_a_zero_logit_has_the_sigmoid_gradient() {
         }
     }
 }
+
+/// Logits of ±1000 (a diverging model) give the exact cross-entropies and finite gradients on
+/// every engine: core's softmax and sigmoid cross-entropies never exponentiate a large
+/// positive number.
+#[test]
+fn cross_entropies_of_huge_logits_are_exact_and_finite() {
+    use convkit::{Dense, Tensor};
+    // Zero kernels: the logits are the head's biases, whatever the images.
+    let cases = [
+        // (units, biases, targets, the loss of each image)
+        (
+            3,
+            vec![1000.0, -1000.0, 0.0],
+            Targets::Sparse(vec![1, 0]),
+            [2000.0, 0.0],
+        ),
+        (
+            1,
+            vec![-1000.0],
+            Targets::Binary(vec![1.0, 0.0]),
+            [1000.0, 0.0],
+        ),
+        (
+            1,
+            vec![1000.0],
+            Targets::Binary(vec![0.0, 1.0]),
+            [1000.0, 0.0],
+        ),
+    ];
+    for engine in engines() {
+        for (units, biases, y, losses) in &cases {
+            let spec = Sequential::new(2, 2, 1).flatten().add(Dense::new(*units));
+            let loss = if *units == 1 {
+                Loss::BinaryCrossentropy
+            } else {
+                Loss::SparseCategoricalCrossentropy
+            };
+            let mut weights = Weights::default();
+            weights.insert(
+                "dense.weight",
+                Tensor::new(vec![*units, 4], vec![0.0; units * 4]).unwrap(),
+            );
+            weights.insert(
+                "dense.bias",
+                Tensor::new(vec![*units], biases.clone()).unwrap(),
+            );
+            let compile = Compile::new(Optimizer::sgd().with_learning_rate(1.0), loss);
+            let mut model = Model::with_weights(spec, compile, engine.as_ref(), &weights).unwrap();
+            let stats = model
+                .network_mut()
+                .train_step(batch(2, [2, 2, 1], 5).view(), y)
+                .unwrap();
+            let expected = (losses[0] + losses[1]) / 2.0;
+            assert!(
+                (stats.loss as f64 - expected).abs() < 1e-3,
+                "{}: {units} unit(s), biases {biases:?}: loss {}, expected {expected}",
+                engine.name(),
+                stats.loss
+            );
+            let after = model.weights().unwrap();
+            let bias = &after.get("dense.bias").unwrap().data;
+            assert!(
+                bias.iter().all(|b| b.is_finite()),
+                "{}: biases {bias:?} after the step",
+                engine.name()
+            );
+        }
+    }
+}
