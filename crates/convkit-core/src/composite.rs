@@ -33,9 +33,7 @@ pub trait Composite: Ops {
             Activation::Sigmoid => self.unary(Unary::Sigmoid, x),
             Activation::Tanh => self.unary(Unary::Tanh, x),
             Activation::Softmax => {
-                let shifted = self.shifted_by_max(x)?;
-                let e = self.unary(Unary::Exp, &shifted)?;
-                let total = self.reduce(Reduction::Sum, &e, &[1])?;
+                let (_, e, total) = self.softmax_parts(x)?;
                 self.binary(Binary::Div, &e, &total)
             }
         }
@@ -86,12 +84,10 @@ pub trait Composite: Ops {
         logits: &Self::Tensor,
         targets: &Self::Tensor,
     ) -> Result<Self::Tensor> {
-        let shifted = self.shifted_by_max(logits)?;
-        let e = self.unary(Unary::Exp, &shifted)?;
-        let log_total = self.unary(Unary::Log, &self.reduce(Reduction::Sum, &e, &[1])?)?;
-        let log_softmax = self.binary(Binary::Sub, &shifted, &log_total)?;
+        let (shifted, _, total) = self.softmax_parts(logits)?;
+        let log_softmax = self.binary(Binary::Sub, &shifted, &self.unary(Unary::Log, &total)?)?;
         let n = self.dims(logits)[0];
-        self.mean_of_all(&log_softmax.mul(targets)?, -(n as f64))
+        self.scaled_sum(&log_softmax.mul(targets)?, -1.0 / n as f64)
     }
 
     /// Mean of `max(z, 0) − z·t + log(1 + e^−|z|)` (binary cross-entropy of sigmoid(z), stable
@@ -111,21 +107,28 @@ pub trait Composite: Ops {
         let soft = self.unary(Unary::Log, &e.affine(1.0, 1.0)?)?;
         let terms = positive_part.sub(&z.mul(targets)?)?.add(&soft)?;
         let count: usize = self.dims(z).iter().product();
-        self.mean_of_all(&terms, count as f64)
+        self.scaled_sum(&terms, 1.0 / count as f64)
     }
 
-    /// `x` minus its maximum over axis 1, that maximum taken as a constant: the same softmax,
-    /// without overflow.
-    fn shifted_by_max(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+    /// What softmax over axis 1 is made of, without overflow: `x` minus its maximum over
+    /// axis 1 (that maximum taken as a constant), the exponential of that, and its sum over
+    /// axis 1 (kept).
+    fn softmax_parts(
+        &self,
+        x: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
         let max = self.detach(&self.reduce(Reduction::Max, x, &[1])?);
-        self.binary(Binary::Sub, x, &max)
+        let shifted = self.binary(Binary::Sub, x, &max)?;
+        let e = self.unary(Unary::Exp, &shifted)?;
+        let total = self.reduce(Reduction::Sum, &e, &[1])?;
+        Ok((shifted, e, total))
     }
 
-    /// The sum of every element of `x` divided by `divisor`, as a one-element tensor.
-    fn mean_of_all(&self, x: &Self::Tensor, divisor: f64) -> Result<Self::Tensor> {
+    /// The sum of every element of `x` times `scale`, as a one-element tensor.
+    fn scaled_sum(&self, x: &Self::Tensor, scale: f64) -> Result<Self::Tensor> {
         let axes: Vec<usize> = (0..self.dims(x).len()).collect();
         let sum = self.reduce(Reduction::Sum, x, &axes)?;
-        self.reshape(&sum.affine(1.0 / divisor, 0.0)?, &[1])
+        self.reshape(&sum.affine(scale, 0.0)?, &[1])
     }
 }
 

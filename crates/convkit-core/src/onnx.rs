@@ -282,8 +282,7 @@ impl Graph {
                 strides,
                 activation,
             } => {
-                x = self.to_channels_first(name, layout, &x);
-                layout = Layout::ChannelsFirst;
+                (x, layout) = self.to_channels_first(name, layout, &x);
                 let (kernel, bias) = (layer.weight(kernel), layer.weight(bias));
                 let shape = self.weight_and_bias(layer.checkpoint, kernel, bias)?;
                 x = self.node(
@@ -307,8 +306,7 @@ impl Graph {
                     PoolKind::Max => "MaxPool",
                     PoolKind::Average => "AveragePool",
                 };
-                x = self.to_channels_first(name, layout, &x);
-                layout = Layout::ChannelsFirst;
+                (x, layout) = self.to_channels_first(name, layout, &x);
                 x = self.node(
                     op_type,
                     name,
@@ -321,7 +319,7 @@ impl Graph {
                     PoolKind::Max => "GlobalMaxPool",
                     PoolKind::Average => "GlobalAveragePool",
                 };
-                x = self.to_channels_first(name, layout, &x);
+                (x, _) = self.to_channels_first(name, layout, &x);
                 x = self.node(op_type, name, &[&x], vec![]);
                 // [n, C, 1, 1] → [n, C]: one position, so channel order is Keras' too.
                 x = self.node(
@@ -362,10 +360,7 @@ impl Graph {
             }
             PlannedOp::Activation(activation) => {
                 // Softmax runs over axis 1: channels-first, as after any image layer.
-                x = self.to_channels_first(name, layout, &x);
-                if layout == Layout::ChannelsLast {
-                    layout = Layout::ChannelsFirst;
-                }
+                (x, layout) = self.to_channels_first(name, layout, &x);
                 x = self.activation(name, activation, &x);
             }
             PlannedOp::Dropout { .. } => {}
@@ -405,10 +400,7 @@ impl Graph {
                 epsilon,
                 ..
             } => {
-                if layout != Layout::Flat {
-                    x = self.to_channels_first(name, layout, &x);
-                    layout = Layout::ChannelsFirst;
-                }
+                (x, layout) = self.to_channels_first(name, layout, &x);
                 let parts = [gamma, beta, moving_mean, moving_variance].map(|i| layer.weight(i));
                 for part in parts {
                     let t = layer.checkpoint.weights.get(part)?;
@@ -425,17 +417,21 @@ impl Graph {
         Ok((x, layout))
     }
 
-    /// `x` as `[batch, C, H, W]`: transposed from the input's channels-last layout, else as it
-    /// is (already channels-first, or flat).
-    fn to_channels_first(&mut self, name: &str, layout: Layout, x: &str) -> String {
+    /// `x` in `layout` as the operations after the input take it, and its layout then: an
+    /// image transposed from the input's channels-last to `[batch, C, H, W]`; a channels-first
+    /// image or a flat vector as it is.
+    fn to_channels_first(&mut self, name: &str, layout: Layout, x: &str) -> (String, Layout) {
         match layout {
-            Layout::ChannelsLast => self.node(
-                "Transpose",
-                &format!("{name}/to_nchw"),
-                &[x],
-                vec![ints("perm", &[0, 3, 1, 2])],
+            Layout::ChannelsLast => (
+                self.node(
+                    "Transpose",
+                    &format!("{name}/to_nchw"),
+                    &[x],
+                    vec![ints("perm", &[0, 3, 1, 2])],
+                ),
+                Layout::ChannelsFirst,
             ),
-            Layout::ChannelsFirst | Layout::Flat => x.to_string(),
+            Layout::ChannelsFirst | Layout::Flat => (x.to_string(), layout),
         }
     }
 

@@ -136,7 +136,8 @@ pub fn weights_from_state_dict(
     let mut flattened: Option<(usize, usize, usize)> = None;
     for ((layer, name), output) in spec.layers.iter().zip(&names).zip(&shapes) {
         let rules = layer.kind.rules();
-        if let (FeatureOrder::Flattens, Shape::Image { h, w, c }) = (rules.feature_order(), input) {
+        let order = rules.feature_order();
+        if let (FeatureOrder::Flattens, Shape::Image { h, w, c }) = (order, input) {
             flattened = (flatten == FlattenOrder::ChannelsFirst).then_some((h, w, c));
         }
         let parts = rules.torch_parts();
@@ -187,7 +188,7 @@ pub fn weights_from_state_dict(
             }
         }
         // A Dense reads the flattened order with its kernel, then its units are the features.
-        if rules.feature_order() == FeatureOrder::Mixes {
+        if order == FeatureOrder::Mixes {
             flattened = None;
         }
         input = *output;
