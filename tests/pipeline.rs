@@ -502,6 +502,16 @@ fn each_cli_command_is_one_request_a_program_makes_too() {
         )
     };
     let trained = train.run(backend.as_ref(), &run::alone()).unwrap();
+    // What the CLI prints is the request's report of its outcome.
+    let report = train.report(&trained).unwrap();
+    assert!(
+        report.starts_with("scored on the test data:\ntest loss: "),
+        "{report}"
+    );
+    assert!(
+        report.ends_with(&format!("wrote {}", folder.display())),
+        "{report}"
+    );
     let (scored, part) = trained.scored.expect("a process alone scores its model");
     assert_eq!((part, trained.history.epochs.len()), ("test", 1));
     for file in [
@@ -549,6 +559,15 @@ fn each_cli_command_is_one_request_a_program_makes_too() {
     .run(backend.as_ref())
     .unwrap();
     assert_eq!(ensemble.members.len(), 2);
+    let report = ensemble.to_string();
+    assert!(
+        report.contains("ensemble of 2 models (Average):\nscored on the test data:"),
+        "{report}"
+    );
+    assert!(
+        report.starts_with(&format!("{}: test loss ", model.display())),
+        "{report}"
+    );
     assert_eq!(
         ensemble.scored.evaluation.probabilities,
         evaluated.scored.evaluation.probabilities
@@ -568,16 +587,26 @@ fn each_cli_command_is_one_request_a_program_makes_too() {
     let (top, p) = predictions[0].top();
     assert!(predictions[0].scores.iter().all(|s| s.1 <= p));
     assert!(predictions[0].scores.iter().any(|s| s.0 == top));
+    let report = predictions[0].to_string();
+    assert_eq!(report.lines().count(), 11, "{report}");
+    assert!(
+        report.starts_with(&format!("{}: {top} ({p:.4})", image.display())),
+        "{report}"
+    );
 
     let onnx = dir.path().join("model.onnx");
     let exported = run::ExportRequest::new(&model, &onnx).run().unwrap();
     assert!(onnx.is_file() && exported.outputs == 10, "{exported:?}");
+    assert!(exported
+        .to_string()
+        .starts_with(&format!("wrote {} (ONNX opset ", onnx.display())));
 
     let space = dir.path().join("space.toml");
     std::fs::write(&space, "model = \"tutorial-mnist\"\ndataset = \"synthetic\"\nlimit = 48\nvalidation_split = 0.25\n[space]\noptimizer = [\"adam\", \"sgd\"]\n").unwrap();
-    let searched = run::SearchRequest::new(&space, dir.path().join("search"))
-        .run(backend.as_ref(), &run::alone())
-        .unwrap();
+    let search = run::SearchRequest::new(&space, dir.path().join("search"));
+    let searched = search.run(backend.as_ref(), &run::alone()).unwrap();
+    let report = search.report(&searched).unwrap();
+    assert!(report.contains("\nbest: Trial {"), "{report}");
     let SearchOutcome::Table { table, best } = searched else {
         panic!("a whole search ends in its table, found {searched:?}");
     };

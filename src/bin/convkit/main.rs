@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use convkit::data::Validation;
-use convkit::run::{self, DataRequest, Group, ModelSource, SearchOutcome};
+use convkit::run::{self, DataRequest, Group, ModelSource};
 use convkit::{Optimizer, Sequential, SizeLimits};
 
 #[derive(Parser)]
@@ -386,13 +386,7 @@ fn train(args: TrainArgs, group: &Group) -> anyhow::Result<()> {
     };
     let given: Vec<OsString> = std::env::args_os().skip(2).collect();
     let (saved, longer) = run::CommandRecord::resumed(run, &given)?;
-    std::env::set_current_dir(&saved.cwd).with_context(|| {
-        format!(
-            "{}: the run was started in {}, which is not there",
-            run.join(run::CommandRecord::FILE).display(),
-            saved.cwd.display()
-        )
-    })?;
+    saved.enter_cwd(run)?;
     let Command::Train(args) = Cli::try_parse_from(&saved.args)
         .with_context(|| format!("{}: the saved command does not parse", run.display()))?
         .command
@@ -458,10 +452,8 @@ fn train_run(
         ..run::TrainRequest::new(model, args.data.request(), args.out)
     };
     let backend = convkit::backend(&args.data.backend)?;
-    let outcome = request.run(backend.as_ref(), group)?;
-    if let Some((scored, part)) = outcome.scored {
-        println!("scored on the {part} data:\n{}", scored.text());
-        println!("wrote {}", request.out.display());
+    if let Some(report) = request.report(&request.run(backend.as_ref(), group)?) {
+        println!("{report}");
     }
     Ok(())
 }
@@ -475,20 +467,8 @@ fn search(args: SearchArgs, group: &Group) -> anyhow::Result<()> {
         ..run::SearchRequest::new(&args.space, &args.out)
     };
     let backend = convkit::backend(&args.backend)?;
-    match request.run(backend.as_ref(), group)? {
-        SearchOutcome::Table { table, best } => println!(
-            "{table}\nbest: {:?} (val_accuracy {:.4}); wrote {}",
-            best.result.trial,
-            best.result.val_accuracy.unwrap_or(f64::NAN),
-            args.out.display()
-        ),
-        SearchOutcome::Part { shard, trials, log } => println!(
-            "shard {shard} done: {trials} trials logged to {}; when every shard is done, join them with\n  convkit search --space {} --trials {} --merge <each shard's --out> --out <folder>",
-            log.display(),
-            args.space.display(),
-            args.trials
-        ),
-        SearchOutcome::OtherRank => {}
+    if let Some(report) = request.report(&request.run(backend.as_ref(), group)?) {
+        println!("{report}");
     }
     Ok(())
 }
@@ -502,23 +482,7 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
         out: args.out,
     };
     let outcome = request.run(convkit::backend(&args.data.backend)?.as_ref())?;
-    let part = outcome.part;
-    if outcome.members.len() > 1 {
-        for (path, member) in &outcome.members {
-            println!(
-                "{}: {part} loss {:.4}, {part} accuracy {:.4}",
-                path.display(),
-                member.loss,
-                member.accuracy
-            );
-        }
-        println!(
-            "ensemble of {} models ({:?}):",
-            outcome.members.len(),
-            request.combine
-        );
-    }
-    println!("scored on the {part} data:\n{}", outcome.scored.text());
+    println!("{outcome}");
     if let Some(out) = &request.out {
         println!("wrote {}", out.display());
     }
@@ -531,16 +495,7 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
         pixels: args.pixels,
         ..run::ExportRequest::new(args.weights, args.onnx)
     };
-    let outcome = request.run()?;
-    println!(
-        "wrote {} (ONNX opset {}): input `{}` {}; output `{}` [batch, {}]",
-        request.onnx.display(),
-        convkit::onnx::OPSET,
-        convkit::onnx::INPUT,
-        outcome.input,
-        convkit::onnx::OUTPUT,
-        outcome.outputs,
-    );
+    println!("{}", request.run()?);
     Ok(())
 }
 
@@ -550,11 +505,7 @@ fn predict(args: PredictArgs) -> anyhow::Result<()> {
         ..run::PredictRequest::new(args.weights, args.images)
     };
     for prediction in request.run(convkit::backend(&args.backend)?.as_ref())? {
-        let (top, p) = prediction.top();
-        println!("{}: {top} ({p:.4})", prediction.path.display());
-        for (name, p) in &prediction.scores {
-            println!("    {name:<16} {p:.4}");
-        }
+        println!("{prediction}");
     }
     Ok(())
 }

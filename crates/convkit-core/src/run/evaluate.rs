@@ -35,6 +35,33 @@ pub struct EvaluateOutcome {
     pub part: &'static str,
     /// Each checkpoint's own evaluation, in the order given.
     pub members: Vec<(PathBuf, Evaluation)>,
+    /// How an ensemble combined them.
+    pub combine: Combine,
+}
+
+/// `convkit evaluate`'s report: each member's loss and accuracy (an ensemble's), then the
+/// scores and the classification report.
+impl std::fmt::Display for EvaluateOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let part = self.part;
+        if self.members.len() > 1 {
+            for (path, member) in &self.members {
+                let (loss, accuracy) = (member.loss, member.accuracy);
+                writeln!(
+                    f,
+                    "{}: {part} loss {loss:.4}, {part} accuracy {accuracy:.4}",
+                    path.display()
+                )?;
+            }
+            writeln!(
+                f,
+                "ensemble of {} models ({:?}):",
+                self.members.len(),
+                self.combine
+            )?;
+        }
+        write!(f, "scored on the {part} data:\n{}", self.scored.text())
+    }
 }
 
 impl EvaluateRequest {
@@ -101,6 +128,7 @@ impl EvaluateRequest {
             scored,
             part,
             members,
+            combine: self.combine,
         })
     }
 

@@ -22,6 +22,8 @@ pub struct ExportRequest {
 /// What an [`ExportRequest`] wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExportOutcome {
+    /// The `.onnx` file written.
+    pub onnx: PathBuf,
     /// The graph's input in words: its shape and the values it takes
     /// ([`OnnxExport::input_description`]).
     pub input: String,
@@ -44,8 +46,23 @@ impl ExportRequest {
         let export = OnnxExport::new().pixels(self.pixels);
         export.save(&checkpoint, &self.onnx)?;
         Ok(ExportOutcome {
+            onnx: self.onnx.clone(),
             input: export.input_description(&checkpoint),
             outputs: checkpoint.spec.output_shape()?.numel(),
         })
+    }
+}
+
+/// `wrote FILE (ONNX opset N): input `NAME` …; output `NAME` [batch, K]`.
+impl std::fmt::Display for ExportOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::onnx::{INPUT, OPSET, OUTPUT};
+        write!(
+            f,
+            "wrote {} (ONNX opset {OPSET}): input `{INPUT}` {}; output `{OUTPUT}` [batch, {}]",
+            self.onnx.display(),
+            self.input,
+            self.outputs
+        )
     }
 }

@@ -41,6 +41,18 @@ impl ImagePrediction {
     }
 }
 
+/// `PATH: TOP (P)`, then every class's probability on its own line.
+impl std::fmt::Display for ImagePrediction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (top, p) = self.top();
+        write!(f, "{}: {top} ({p:.4})", self.path.display())?;
+        for (name, p) in &self.scores {
+            write!(f, "\n    {name:<16} {p:.4}")?;
+        }
+        Ok(())
+    }
+}
+
 impl PredictRequest {
     pub fn new(weights: impl Into<PathBuf>, images: Vec<PathBuf>) -> Self {
         PredictRequest {

@@ -62,6 +62,26 @@ pub enum SearchOutcome {
 }
 
 impl SearchRequest {
+    /// What `convkit search` prints of `outcome`: the table and the best trial, or how to join
+    /// a finished part with the others; nothing for another rank.
+    pub fn report(&self, outcome: &SearchOutcome) -> Option<String> {
+        match outcome {
+            SearchOutcome::Table { table, best } => Some(format!(
+                "{table}\nbest: {:?} (val_accuracy {:.4}); wrote {}",
+                best.result.trial,
+                best.result.val_accuracy.unwrap_or(f64::NAN),
+                self.out.display()
+            )),
+            SearchOutcome::Part { shard, trials, log } => Some(format!(
+                "shard {shard} done: {trials} trials logged to {}; when every shard is done, join them with\n  convkit search --space {} --trials {} --merge <each shard's --out> --out <folder>",
+                log.display(),
+                self.space.display(),
+                self.trials
+            )),
+            SearchOutcome::OtherRank => None,
+        }
+    }
+
     /// Every trial (at most 10) of the search in `space`, written to `out`.
     pub fn new(space: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
         SearchRequest {

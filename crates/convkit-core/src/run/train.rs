@@ -236,6 +236,23 @@ impl CommandRecord {
         Ok((saved, epochs.is_some()))
     }
 
+    /// Makes the record's working directory this process's, so that its relative paths mean
+    /// what they meant; `run` is the folder it came from, for the error.
+    pub fn enter_cwd(&self, run: &Path) -> Result<()> {
+        std::env::set_current_dir(&self.cwd).map_err(|e| {
+            Error::io(
+                run.join(Self::FILE),
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "the run was started in {}, which is not there: {e}",
+                        self.cwd.display()
+                    ),
+                ),
+            )
+        })
+    }
+
     fn save(&self, run: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self).expect("a command record serialises");
         crate::io::write_bytes_atomic(&run.join(Self::FILE), json.as_bytes())
@@ -327,6 +344,17 @@ impl TrainRequest {
             resume: false,
             overwrite: false,
         }
+    }
+
+    /// What `convkit train` prints of `outcome`: the scores and the folder written; nothing on
+    /// the ranks that leave them to rank 0.
+    pub fn report(&self, outcome: &TrainOutcome) -> Option<String> {
+        let (scored, part) = outcome.scored.as_ref()?;
+        Some(format!(
+            "scored on the {part} data:\n{}\nwrote {}",
+            scored.text(),
+            self.out.display()
+        ))
     }
 
     /// Train on `backend`. Under an MPI job every rank of `group` trains its slice of each
