@@ -36,6 +36,8 @@ STEMS = {
     "Flatten": "flatten",
     "Dense": "dense",
     "Activation": "activation",
+    "ReLU": "re_lu",
+    "Softmax": "softmax",
     "Dropout": "dropout",
     "BatchNormalization": "batch_normalization",
     "RandomCrop": "random_crop",
@@ -54,6 +56,8 @@ TORCH_PARTS = {
     "Flatten": [],
     "Dense": [("weight", "weight"), ("bias", "bias")],
     "Activation": [],
+    "ReLU": [],
+    "Softmax": [],
     "Dropout": [],
     "RandomCrop": [],
     "BatchNormalization": [
@@ -170,7 +174,7 @@ def build(spec, tensors):
             load_parts(dense, kind, name, {"weight": [layer["units"], inputs], "bias": [layer["units"]]})
             modules.append(dense)
             flat = layer["units"]
-        elif kind == "Activation":
+        elif kind in ("Activation", "ReLU", "Softmax"):
             pass  # its activation follows, as a Conv2D's or Dense's does
         elif kind == "Dropout":
             modules.append(torch.nn.Dropout(layer["rate"]))
@@ -188,9 +192,13 @@ def build(spec, tensors):
             modules.append(norm)
         else:
             raise ValueError(f"layer `{name}`: convkit_torch does not know the layer type {kind}")
-        act = activation(layer.get("activation", "linear")) if kind in ("Conv2D", "Dense", "Activation") else None
-        if act is not None:
-            modules.append(act)
+        act = {"ReLU": "relu", "Softmax": "softmax"}.get(kind, layer.get("activation", "linear"))
+        if kind in ("Conv2D", "Dense", "Activation", "ReLU", "Softmax") and act != "linear":
+            modules.append(activation(act))
+    # A model that ends in logits (a linear last layer, Keras' from_logits) gets the head
+    # convkit's loss and `predict` apply: softmax over two or more classes, else sigmoid.
+    if act == "linear":
+        modules.append(torch.nn.Softmax(dim=1) if flat is not None and flat >= 2 else torch.nn.Sigmoid())
     return torch.nn.Sequential(*modules)
 
 

@@ -58,11 +58,12 @@ pub mod prelude {
     pub use convkit_core::display::{Rich, Table};
     pub use convkit_core::onnx::OnnxExport;
     pub use convkit_core::plot::{ConfusionHeatmap, Figure, SampleGrid, TrainingCurves};
+    /// The model spec and every layer type.
+    pub use convkit_core::spec::*;
     pub use convkit_core::{
-        Activation, Backend, BatchNormalization, Compile, Conv2D, CsvLogger, Dataset, Dense,
-        Dropout, EarlyStopping, EarlyStoppingRule, ImageShape, LayerKind, LearningRateScheduler,
-        Loss, Model, ModelCheckpoint, Monitor, Normalisation, Optimizer, Padding, PlateauRule,
-        RandomCrop, ReduceLrOnPlateau, Schedule, Sequential, Verbosity,
+        Backend, Compile, CsvLogger, Dataset, EarlyStopping, EarlyStoppingRule, ImageShape,
+        LearningRateScheduler, Loss, Model, ModelCheckpoint, Monitor, Normalisation, Optimizer,
+        PlateauRule, ReduceLrOnPlateau, Schedule, Verbosity,
     };
 }
 

@@ -104,6 +104,22 @@ fn worst(diffs: &[(String, f32)]) -> (String, f32) {
         .fold((String::new(), 0.0), |a, b| if b.1 > a.1 { b } else { a })
 }
 
+/// Adding a layer type adds it to a small spec, so every engine's conformance covers it.
+#[test]
+fn the_small_specs_hold_every_layer_type() {
+    let specs = small_specs();
+    let used: std::collections::BTreeSet<&str> = (specs.iter())
+        .flat_map(|spec| spec.layers.iter().map(|l| l.kind.type_name()))
+        .collect();
+    for kind in convkit::LayerKind::one_of_each() {
+        assert!(
+            used.contains(kind.type_name()),
+            "no small spec in tests/common has a {} layer",
+            kind.type_name()
+        );
+    }
+}
+
 #[test]
 fn forward_matches_the_reference_for_every_preset_and_small_model() {
     let mut specs: Vec<Sequential> = convkit::spec::PRESETS

@@ -5,7 +5,7 @@
 pub mod mpirun;
 
 use convkit::ndarray::{Array2, Array4};
-use convkit::spec::{Activation, LayerKind, Sequential, Shape};
+use convkit::spec::{Activation, ActivationLayer, LayerKind, Sequential, Shape};
 use convkit::Weights;
 use rand::{Rng, SeedableRng};
 
@@ -186,7 +186,10 @@ pub fn reference_pass(
                 }
                 LayerKind::Flatten | LayerKind::Dropout(_) => next = cur.clone(),
                 // Softmax over the last axis: each position's channels, or the features.
-                LayerKind::Activation(a) if a.activation == Activation::Softmax => {
+                LayerKind::Activation(ActivationLayer {
+                    activation: Activation::Softmax,
+                })
+                | LayerKind::Softmax(_) => {
                     next = cur.clone();
                     for row in next.chunks_mut(oc) {
                         let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -196,6 +199,9 @@ pub fn reference_pass(
                 }
                 LayerKind::Activation(a) => {
                     next = cur.iter().map(|&v| act(v, a.activation)).collect()
+                }
+                LayerKind::ReLU(_) => {
+                    next = cur.iter().map(|&v| act(v, Activation::Relu)).collect()
                 }
                 // The centre window (what inference takes; a training pass here has no
                 // random stream to draw windows from).
@@ -232,6 +238,19 @@ pub fn reference_pass(
         }
         (h, wd, c) = (oh, ow, oc);
     }
+    // A model that ends in logits gets the head's softmax (or sigmoid), as predict applies.
+    let last = &spec.layers[spec.layers.len() - 1].kind;
+    if last.classifier_activation() == Some(Activation::Linear) {
+        for row in &mut batch {
+            if let [z] = row.as_mut_slice() {
+                *z = 1.0 / (1.0 + (-*z).exp());
+            } else {
+                let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = row.iter().map(|v| (v - m).exp()).sum();
+                row.iter_mut().for_each(|v| *v = (*v - m).exp() / sum);
+            }
+        }
+    }
     let k = batch[0].len();
     let probs = Array2::from_shape_vec((n, k), batch.into_iter().flatten().collect()).unwrap();
     (probs, moving)
@@ -240,7 +259,7 @@ pub fn reference_pass(
 /// Small models that exercise every layer and padding case.
 pub fn small_specs() -> Vec<Sequential> {
     use convkit::{
-        ActivationLayer, BatchNormalization, Conv2D, Dense, Dropout, Padding, Pool2D, RandomCrop,
+        BatchNormalization, Conv2D, Dense, Dropout, Padding, Pool2D, RandomCrop, ReLU, Softmax,
     };
     vec![
         // asymmetric `same` padding with stride 2, tanh, a linear-logits head
@@ -304,8 +323,20 @@ pub fn small_specs() -> Vec<Sequential> {
         Sequential::new(6, 5, 2)
             .add(Conv2D::new(4, 3).activation(Activation::Relu))
             .add(LayerKind::GlobalAveragePooling2D)
-            .add(Dense::new(3).activation(Activation::Softmax))
+            // logits, the head's softmax in the loss (Keras' from_logits=True)
+            .add(Dense::new(3))
             .named("small-global-average"),
+        // Keras' ReLU and Softmax layers, and cifar10_cnn.py's classifier that ends in an
+        // activation layer: Dense(num_classes) → Activation('softmax')
+        Sequential::new(6, 5, 2)
+            .add(Conv2D::new(3, 3).padding(Padding::Same))
+            .add(ReLU::new())
+            .add(Conv2D::new(4, 2))
+            .add(Softmax::new())
+            .flatten()
+            .add(Dense::new(3))
+            .add(ActivationLayer::new(Activation::Softmax))
+            .named("small-keras-activations"),
         Sequential::new(7, 7, 1)
             .add(
                 Conv2D::new(3, 2)

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{Activation, LayerKind, Sequential};
+use crate::spec::{Activation, Sequential, Shape};
 use crate::{Error, Result};
 
 /// An optimizer and its hyper-parameters. Defaults are Keras'; engines apply exactly these
@@ -253,41 +253,46 @@ impl Compile {
     }
 
     /// Check the hyper-parameters and that the loss fits the model's last layer; returns the
-    /// head engines must apply to the logits. A last Dense with `linear` activation is
+    /// head engines must apply to the logits. A model that ends in a `linear` activation is
     /// treated as producing logits (Keras' `from_logits=True`).
     pub fn check(&self, spec: &Sequential) -> Result<Head> {
         self.optimizer.check()?;
-        spec.output_shapes()?;
-        self.head_for(spec)
+        let output = spec.output_shape()?;
+        self.head_for(spec, output)
     }
 
-    /// The head of `spec`'s last layer under this loss, for a spec whose shapes are checked.
-    pub(crate) fn head_for(&self, spec: &Sequential) -> Result<Head> {
+    /// The head of `spec` under this loss, for a spec whose shapes are checked and whose
+    /// last layer gives `output`. The model must end in a layer that can end a classifier (a
+    /// Dense, or an activation layer as in Keras' `Dense(10)` → `Activation("softmax")`) on a
+    /// flat vector of class scores.
+    pub(crate) fn head_for(&self, spec: &Sequential, output: Shape) -> Result<Head> {
         let last = spec.layers.len() - 1;
-        let names = spec.layer_names();
+        let kind = &spec.layers[last].kind;
         let layer_err = |message: String| Error::Layer {
             index: last,
-            name: names[last].clone(),
+            name: spec.layer_names()[last].clone(),
             message,
         };
-        let LayerKind::Dense(dense) = &spec.layers[last].kind else {
+        let loss = self.loss.name();
+        let Some(activation) = kind.classifier_activation() else {
             return Err(layer_err(format!(
-                "the last layer must be Dense for {}, found {}",
-                self.loss.name(),
-                spec.layers[last].kind.type_name()
+                "{loss} needs a model that ends in a Dense or an activation layer, found {}",
+                kind.type_name()
             )));
         };
-        match (self.loss, dense.activation) {
-            (Loss::BinaryCrossentropy, Activation::Sigmoid | Activation::Linear) if dense.units == 1 => Ok(Head::Sigmoid),
+        let Shape::Flat(units) = output else {
+            return Err(layer_err(format!(
+                "{loss} needs a flat vector of class scores at the end, found {output}; add a Flatten (or global pooling) and a Dense"
+            )));
+        };
+        match (self.loss, activation) {
+            (Loss::BinaryCrossentropy, Activation::Sigmoid | Activation::Linear) if units == 1 => Ok(Head::Sigmoid),
             (Loss::BinaryCrossentropy, _) => Err(layer_err(format!(
-                "binary_crossentropy needs one unit with sigmoid (or linear) activation, found {} unit(s) with {:?}",
-                dense.units, dense.activation
+                "binary_crossentropy needs one unit with sigmoid (or linear) activation, found {units} unit(s) with {activation:?}"
             ))),
-            (_, Activation::Softmax | Activation::Linear) if dense.units >= 2 => Ok(Head::Softmax),
-            (loss, act) => Err(layer_err(format!(
-                "{} needs at least 2 units with softmax (or linear) activation, found {} unit(s) with {act:?}",
-                loss.name(),
-                dense.units
+            (_, Activation::Softmax | Activation::Linear) if units >= 2 => Ok(Head::Softmax),
+            (_, _) => Err(layer_err(format!(
+                "{loss} needs at least 2 units with softmax (or linear) activation, found {units} unit(s) with {activation:?}"
             ))),
         }
     }

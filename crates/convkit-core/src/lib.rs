@@ -44,10 +44,7 @@ pub use data::{Dataset, ImageShape, Normalisation};
 pub use error::{Error, Result};
 pub use metrics::{ClassificationReport, ConfusionMatrix};
 pub use plan::Compiled;
-pub use spec::{
-    Activation, ActivationLayer, BatchNormalization, Conv2D, Dense, Dropout, LayerKind, Padding,
-    Pool2D, RandomCrop, Regularizer, Sequential, SizeLimits,
-};
+pub use spec::*;
 pub use train::backup;
 pub use train::{
     Callback, Control, CsvLogger, EarlyStopping, EarlyStoppingRule, Evaluation, History,

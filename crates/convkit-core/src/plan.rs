@@ -56,7 +56,10 @@ impl Compiled {
     pub fn new(spec: Sequential, compile: Compile) -> Result<Self> {
         compile.optimizer.check()?;
         let plan = Plan::new(&spec)?;
-        let head = compile.head_for(&spec)?;
+        let head = compile.head_for(
+            &spec,
+            *plan.shapes.last().expect("a checked spec has layers"),
+        )?;
         Ok(Compiled {
             spec,
             compile,

@@ -549,18 +549,12 @@ impl Trial {
             }
         }
         if let Some(first) = self.filters {
-            let base_first = spec.layers.iter().find_map(|l| match &l.kind {
-                LayerKind::Conv2D(c) => Some(c.filters),
-                LayerKind::MaxPooling2D(_)
-                | LayerKind::AveragePooling2D(_)
-                | LayerKind::GlobalMaxPooling2D
-                | LayerKind::GlobalAveragePooling2D
-                | LayerKind::Flatten
-                | LayerKind::Dense(_)
-                | LayerKind::Activation(_)
-                | LayerKind::Dropout(_)
-                | LayerKind::BatchNormalization(_)
-                | LayerKind::RandomCrop(_) => None,
+            let base_first = spec.layers.iter().find_map(|l| {
+                if let LayerKind::Conv2D(c) = &l.kind {
+                    Some(c.filters)
+                } else {
+                    None
+                }
             });
             let Some(base_first) = base_first else {
                 return Err(Error::config(

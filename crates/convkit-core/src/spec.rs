@@ -11,11 +11,9 @@ use crate::{Error, Result};
 mod layers;
 mod presets;
 mod summary;
-pub(crate) use layers::FeatureOrder;
-pub use layers::{
-    Activation, ActivationLayer, BatchNormalization, Conv2D, Dense, Dropout, Layer, LayerKind,
-    Padding, Pool2D, RandomCrop, Regularizer, Shape,
-};
+/// Every layer type, with [`LayerKind`], [`Layer`], [`Shape`] and [`Regularizer`]: whatever
+/// the index in `spec/layers/mod.rs` makes public.
+pub use layers::*;
 pub use presets::PRESETS;
 
 /// A linear stack of layers on an `H×W×C` input, as Keras' `Sequential`.
@@ -302,18 +300,19 @@ impl Sequential {
     }
 
     /// The same model with a `BatchNormalization` (Keras' defaults) after every Conv2D and
-    /// every Dense but the last, where there is none yet (the CLI's `--batch-norm`).
+    /// every Dense but the classifier (the last of them, which an activation layer may
+    /// follow), where there is none yet (the CLI's `--batch-norm`).
     pub fn with_batch_normalization(&self) -> Self {
         let mut spec = self.clone();
         spec.layers.clear();
-        let last = self.layers.len().saturating_sub(1);
+        let classifier = (self.layers.iter()).rposition(|l| l.kind.rules().normalised_by_default());
         for (i, layer) in self.layers.iter().enumerate() {
             spec.layers.push(layer.clone());
             let normalised = matches!(
                 self.layers.get(i + 1).map(|l| &l.kind),
                 Some(LayerKind::BatchNormalization(_))
             );
-            let wants = layer.kind.rules().normalised_by_default() && i != last;
+            let wants = layer.kind.rules().normalised_by_default() && Some(i) != classifier;
             if wants && !normalised {
                 spec.layers.push(BatchNormalization::new().into());
             }
@@ -699,6 +698,98 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("found `swish`"), "{e}");
+    }
+
+    #[test]
+    fn keras_relu_and_softmax_layers_and_a_classifier_that_ends_in_an_activation() {
+        use crate::op::PlannedOp;
+        use crate::{Compile, Head, Loss, Optimizer};
+        let head = |spec: &Sequential, loss| Compile::new(Optimizer::adam(), loss).check(spec);
+        // cifar10_cnn.py's Dense(num_classes) → Activation('softmax'), the TF tutorial's
+        // Softmax() after logits, and ReLU() as a layer.
+        let layers: Vec<LayerKind> = serde_json::from_str(
+            r#"[{"type": "Dense", "units": 8}, {"type": "ReLU"}, {"type": "Dense", "units": 3},
+                {"type": "Softmax"}]"#,
+        )
+        .unwrap();
+        let spec = layers
+            .into_iter()
+            .fold(Sequential::new(2, 2, 1).flatten(), Sequential::add);
+        assert_eq!(spec.layer_names()[2..], ["re_lu", "dense_1", "softmax"]);
+        assert_eq!(spec.layers[2].kind.type_name(), "ReLU");
+        assert_eq!(
+            head(&spec, Loss::SparseCategoricalCrossentropy).unwrap(),
+            Head::Softmax
+        );
+        let compiled = crate::plan::Compiled::new(
+            spec.clone(),
+            Compile::new(Optimizer::adam(), Loss::SparseCategoricalCrossentropy),
+        )
+        .unwrap();
+        // The head's softmax is the loss's and predict's, as a Dense's softmax is.
+        let ops = &compiled.plan().ops;
+        assert_eq!(ops[2], PlannedOp::Activation(Activation::Relu));
+        assert_eq!(ops[4], PlannedOp::Activation(Activation::Linear));
+        let back: Sequential = serde_json::from_str(&spec.to_json()).unwrap();
+        assert_eq!(back, spec);
+        // --batch-norm leaves the classifier alone when an activation layer follows it.
+        let normalised = spec.with_batch_normalization();
+        assert_eq!(normalised.layers.len(), spec.layers.len() + 1);
+        assert!(matches!(
+            normalised.layers[2].kind,
+            LayerKind::BatchNormalization(_)
+        ));
+        let binary = Sequential::new(2, 2, 1)
+            .flatten()
+            .add(Dense::new(1))
+            .add(ActivationLayer::new(Activation::Sigmoid));
+        assert_eq!(
+            head(&binary, Loss::BinaryCrossentropy).unwrap(),
+            Head::Sigmoid
+        );
+
+        // What convkit cannot do is an error that names the layer, never a silent difference.
+        for (json, expected) in [
+            (
+                r#"{"type": "ReLU", "max_value": 6}"#,
+                "ReLU supports max(x, 0) only",
+            ),
+            (
+                r#"{"type": "ReLU", "negative_slope": 0.1}"#,
+                "negative_slope: 0.1",
+            ),
+            (r#"{"type": "Softmax", "axis": 1}"#, "found axis 1"),
+        ] {
+            let layer: Layer = serde_json::from_str(json).unwrap();
+            let bad = Sequential::new(2, 2, 1).flatten().add(layer.kind);
+            let e = bad.output_shapes().unwrap_err().to_string();
+            assert!(e.contains(expected) && e.contains("layer 1"), "{e}");
+        }
+        let e = head(
+            &Sequential::new(2, 2, 1).flatten().add(ReLU::new()),
+            Loss::BinaryCrossentropy,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("found 4 unit(s) with Relu"), "{e}");
+        let image = Sequential::new(2, 2, 3).add(Softmax::new());
+        let e = head(&image, Loss::SparseCategoricalCrossentropy)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a flat vector of class scores") && e.contains("(None, 2, 2, 3)"),
+            "{e}"
+        );
+        let e = head(
+            &Sequential::new(2, 2, 1).flatten(),
+            Loss::SparseCategoricalCrossentropy,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("ends in a Dense or an activation layer, found Flatten"),
+            "{e}"
+        );
     }
 
     #[test]

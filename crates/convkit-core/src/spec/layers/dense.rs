@@ -69,6 +69,9 @@ impl LayerRules for Dense {
             activation: unless_head(self.activation, head),
         }
     }
+    fn classifier_activation(&self) -> Option<Activation> {
+        Some(self.activation)
+    }
     fn kernel_regularizer(&self) -> Option<Regularizer> {
         self.kernel_regularizer
     }

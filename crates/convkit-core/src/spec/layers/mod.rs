@@ -21,7 +21,7 @@ pub use crate::op::Activation;
 use crate::op::PoolKind;
 use crate::{Error, Result};
 
-pub use activation::ActivationLayer;
+pub use activation::{ActivationLayer, ReLU, Softmax};
 pub use batch_norm::BatchNormalization;
 pub use conv::{Conv2D, Padding};
 pub use dense::Dense;
@@ -48,6 +48,8 @@ pub enum LayerKind {
     Dense(Dense),
     /// An activation on its own (Keras' `Activation` layer).
     Activation(ActivationLayer),
+    ReLU(ReLU),
+    Softmax(Softmax),
     Dropout(Dropout),
     BatchNormalization(BatchNormalization),
     RandomCrop(RandomCrop),
@@ -133,6 +135,8 @@ impl LayerKind {
             LayerKind::Flatten => Box::new(Flattening),
             LayerKind::Dense(dense) => Box::new(dense.clone()),
             LayerKind::Activation(activation) => Box::new(*activation),
+            LayerKind::ReLU(relu) => Box::new(*relu),
+            LayerKind::Softmax(softmax) => Box::new(*softmax),
             LayerKind::Dropout(dropout) => Box::new(dropout.clone()),
             LayerKind::BatchNormalization(bn) => Box::new(bn.clone()),
             LayerKind::RandomCrop(crop) => Box::new(*crop),
@@ -160,6 +164,8 @@ impl LayerKind {
             LayerKind::Flatten,
             LayerKind::Dense(Dense::new(1)),
             LayerKind::Activation(ActivationLayer::new(Activation::Relu)),
+            LayerKind::ReLU(ReLU::new()),
+            LayerKind::Softmax(Softmax::new()),
             LayerKind::Dropout(Dropout::new(0.5)),
             LayerKind::BatchNormalization(BatchNormalization::new()),
             LayerKind::RandomCrop(RandomCrop::new(1, 1)),
@@ -175,6 +181,8 @@ impl LayerKind {
                 | LayerKind::Flatten
                 | LayerKind::Dense(_)
                 | LayerKind::Activation(_)
+                | LayerKind::ReLU(_)
+                | LayerKind::Softmax(_)
                 | LayerKind::Dropout(_)
                 | LayerKind::BatchNormalization(_)
                 | LayerKind::RandomCrop(_) => {}
@@ -187,6 +195,12 @@ impl LayerKind {
     /// model's convolutional part ends and its fully connected classifier starts.
     pub fn flattens(&self) -> bool {
         self.rules().flattens()
+    }
+
+    /// The activation it ends with, for a layer that can end a classifier (Dense, the
+    /// activation layers); `None` for the others.
+    pub fn classifier_activation(&self) -> Option<Activation> {
+        self.rules().classifier_activation()
     }
 
     /// The kernel regulariser of a layer with a kernel (Conv2D, Dense).
@@ -204,6 +218,8 @@ impl LayerKind {
             | LayerKind::GlobalAveragePooling2D
             | LayerKind::Flatten
             | LayerKind::Activation(_)
+            | LayerKind::ReLU(_)
+            | LayerKind::Softmax(_)
             | LayerKind::Dropout(_)
             | LayerKind::BatchNormalization(_)
             | LayerKind::RandomCrop(_) => None,
@@ -224,6 +240,16 @@ impl From<Dense> for LayerKind {
 impl From<ActivationLayer> for LayerKind {
     fn from(activation: ActivationLayer) -> Self {
         LayerKind::Activation(activation)
+    }
+}
+impl From<ReLU> for LayerKind {
+    fn from(relu: ReLU) -> Self {
+        LayerKind::ReLU(relu)
+    }
+}
+impl From<Softmax> for LayerKind {
+    fn from(softmax: Softmax) -> Self {
+        LayerKind::Softmax(softmax)
     }
 }
 impl From<RandomCrop> for LayerKind {

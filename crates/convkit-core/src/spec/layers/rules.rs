@@ -125,6 +125,11 @@ pub(crate) trait LayerRules {
     fn kernel_regularizer(&self) -> Option<Regularizer> {
         None
     }
+    /// The activation it ends with, for a layer that can end a classifier (Dense, the
+    /// activation layers): the head's softmax or sigmoid, or `linear` for logits.
+    fn classifier_activation(&self) -> Option<Activation> {
+        None
+    }
     /// Whether the layer can only come first (it works on the host batch).
     fn first_only(&self) -> bool {
         false
