@@ -18,6 +18,7 @@ pub use presets::PRESETS;
 
 /// A linear stack of layers on an `H×W×C` input, as Keras' `Sequential`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Sequential {
     #[serde(default = "default_name")]
     pub name: String,
@@ -790,6 +791,58 @@ mod tests {
             e.contains("ends in a Dense or an activation layer, found Flatten"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn settings_convkit_does_not_know_are_errors_not_ignored() {
+        // Keras settings convkit has no equivalent for would change what the model computes.
+        for (json, field) in [
+            (
+                r#"{"type": "Conv2D", "filters": 2, "kernel_size": [3, 3], "dilation_rate": [2, 2]}"#,
+                "dilation_rate",
+            ),
+            (
+                r#"{"type": "Dense", "units": 2, "use_bias": false}"#,
+                "use_bias",
+            ),
+            (
+                r#"{"type": "Flatten", "data_format": "channels_first"}"#,
+                "data_format",
+            ),
+            (
+                r#"{"type": "GlobalAveragePooling2D", "keepdims": true}"#,
+                "keepdims",
+            ),
+            (
+                r#"{"type": "MaxPooling2D", "pool_size": [2, 2], "padding": "same"}"#,
+                "padding",
+            ),
+            (
+                r#"{"type": "Dense", "units": 2, "kernel_regularizer": {"l3": 1}}"#,
+                "l3",
+            ),
+        ] {
+            let e = serde_json::from_str::<Layer>(json).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("unknown field `{field}`")),
+                "{json}: {e}"
+            );
+        }
+        let e = serde_json::from_str::<Sequential>(
+            r#"{"input_shape": [2, 2, 1], "layers": [{"type": "Flatten"}], "optimizer": "adam"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field `optimizer`"), "{e}");
+        // name and trainable belong to every layer; a head's layers are fresh and unnamed.
+        let layer: Layer =
+            serde_json::from_str(r#"{"type": "Flatten", "name": "f", "trainable": false}"#)
+                .unwrap();
+        assert_eq!((layer.name.as_deref(), layer.trainable), (Some("f"), false));
+        let e = LayerKind::parse_stack(r#"[{"type": "Dense", "units": 2, "name": "out"}]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("layer 0: new layers are trainable"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::op::{Activation, PlannedOp, Role};
 /// `activation` applied to every value (`softmax` over the last axis: an image's channels, a
 /// flat vector's features). Its spec form is `{"type": "Activation", "activation": "relu"}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ActivationLayer {
     pub activation: Activation,
 }
@@ -48,6 +49,7 @@ impl LayerRules for ActivationLayer {
 /// `negative_slope=0`, `threshold=0`); other settings are an error, not ignored. Spec form
 /// `{"type": "ReLU"}`.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReLU {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_value: Option<f32>,
@@ -96,6 +98,7 @@ impl LayerRules for ReLU {
 /// flat vector's features. As a model's last layer it is the head, so the loss and `predict`
 /// apply it, as after a `Dense(10)` with logits. Spec form `{"type": "Softmax"}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Softmax {
     /// `-1` only: the last axis of Keras' channels-last shapes.
     #[serde(default = "last_axis")]

@@ -12,6 +12,7 @@ use crate::op::{PlannedOp, Role, BATCH_NORM_ROLES};
 /// `gamma` and `beta` (trained) and `moving_mean` and `moving_variance` (never trained), each
 /// `[channels]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BatchNormalization {
     #[serde(default = "default_bn_momentum")]
     pub momentum: f32,

@@ -18,6 +18,7 @@ pub enum Padding {
 
 /// 2-D convolution (`Conv2D`). Kernel stored canonically as `[filters, in_channels, kh, kw]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Conv2D {
     pub filters: usize,
     pub kernel_size: [usize; 2],

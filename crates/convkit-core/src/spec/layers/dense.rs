@@ -7,6 +7,7 @@ use crate::op::{Activation, PlannedOp, Role};
 
 /// Fully connected layer (`Dense`). Kernel stored canonically as `[units, in_features]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Dense {
     pub units: usize,
     #[serde(default)]

@@ -8,6 +8,7 @@ use crate::op::{PlannedOp, Role};
 /// Randomly zeroes a fraction `rate` of its inputs during training (inverted dropout);
 /// the identity at inference.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Dropout {
     pub rate: f32,
 }

@@ -41,9 +41,12 @@ pub enum LayerKind {
     MaxPooling2D(Pool2D),
     AveragePooling2D(Pool2D),
     /// The maximum of each channel over the whole image: `H×W×C` → `C`.
+    #[serde(deserialize_with = "rules::no_fields")]
     GlobalMaxPooling2D,
     /// The mean of each channel over the whole image: `H×W×C` → `C`.
+    #[serde(deserialize_with = "rules::no_fields")]
     GlobalAveragePooling2D,
+    #[serde(deserialize_with = "rules::no_fields")]
     Flatten,
     Dense(Dense),
     /// An activation on its own (Keras' `Activation` layer).
@@ -63,8 +66,17 @@ impl LayerKind {
     pub fn parse_stack(text: &str) -> Result<Vec<LayerKind>> {
         let text = text.trim();
         if text.starts_with('[') {
-            return serde_json::from_str(text)
-                .map_err(|e| Error::config("layers", format!("not a JSON array of layers: {e}")));
+            let layers: Vec<Layer> = serde_json::from_str(text)
+                .map_err(|e| Error::config("layers", format!("not a JSON array of layers: {e}")))?;
+            return (layers.into_iter().enumerate())
+                .map(|(i, layer)| match layer {
+                    Layer { name: None, kind, trainable: true } => Ok(kind),
+                    _ => Err(Error::config(
+                        "layers",
+                        format!("layer {i}: new layers are trainable and take Keras' automatic names; drop its `name` and `trainable`"),
+                    )),
+                })
+                .collect();
         }
         let forms = "Dense UNITS [ACTIVATION], Activation ACTIVATION, Dropout RATE, BatchNormalization, Flatten, GlobalAveragePooling2D or GlobalMaxPooling2D";
         text.split(',')

@@ -7,6 +7,7 @@ use crate::op::{PlannedOp, PoolKind, Role};
 
 /// 2-D pooling window (`MaxPooling2D` / `AveragePooling2D`), valid padding.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Pool2D {
     pub pool_size: [usize; 2],
     /// Defaults to `pool_size`, as in Keras.

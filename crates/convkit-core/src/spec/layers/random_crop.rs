@@ -11,6 +11,7 @@ use crate::op::{PlannedOp, Role};
 /// largest window of the target's aspect ratio; convkit crops without resizing.) It must be
 /// the model's first layer: convkit crops on the host, before the batch reaches the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RandomCrop {
     pub height: usize,
     pub width: usize,

@@ -9,6 +9,7 @@ use crate::{Error, Result};
 /// Keras' kernel regularisers: `l1·Σ|w| + l2·Σw²` over a layer's kernel (not its bias) is
 /// added to the loss, so the gradient gains `l1·sign(w) + 2·l2·w`. Keras' defaults are 0.01.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Regularizer {
     #[serde(default)]
     pub l1: f32,
@@ -192,6 +193,18 @@ pub(crate) enum FeatureOrder {
     Flattens,
     /// Mixes them into new features, whose order no flatten decides (Dense).
     Mixes,
+}
+
+/// A layer type without settings (Flatten, global pooling) read from a spec: any field but
+/// `type`, `name` and `trainable` is an error, as for the layers with settings
+/// (`deny_unknown_fields`), so that Keras' `data_format` or `keepdims` is never ignored.
+pub(super) fn no_fields<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<(), D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoFields {}
+    NoFields::deserialize(deserializer).map(|_| ())
 }
 
 /// The parameter count of `weights`, or `None` when it overflows `usize`.
