@@ -270,32 +270,21 @@ impl Graph {
         &mut self,
         layer: &Layer<'_>,
         op: PlannedOp,
-        mut x: String,
-        mut layout: Layout,
+        x: String,
+        layout: Layout,
     ) -> Result<(String, Layout)> {
         let name = layer.name;
         match op {
             PlannedOp::Conv2D {
                 kernel,
                 bias,
-                pad: [top, bottom, left, right],
+                pad,
                 strides,
                 activation,
             } => {
-                (x, layout) = self.to_channels_first(name, layout, &x);
-                let (kernel, bias) = (layer.weight(kernel), layer.weight(bias));
-                let shape = self.weight_and_bias(layer.checkpoint, kernel, bias)?;
-                x = self.node(
-                    "Conv",
-                    name,
-                    &[&x, kernel, bias],
-                    vec![
-                        ints("kernel_shape", &shape[2..]),
-                        ints("strides", &strides),
-                        ints("pads", &[top, left, bottom, right]),
-                    ],
-                );
-                x = self.activation(name, activation, &x);
+                let (x, layout) = self.to_channels_first(name, layout, &x);
+                let x = self.conv(layer, [kernel, bias], pad, strides, &x)?;
+                Ok((self.activation(name, activation, &x), layout))
             }
             PlannedOp::Pool2D {
                 kind,
@@ -306,44 +295,14 @@ impl Graph {
                     PoolKind::Max => "MaxPool",
                     PoolKind::Average => "AveragePool",
                 };
-                (x, layout) = self.to_channels_first(name, layout, &x);
-                x = self.node(
-                    op_type,
-                    name,
-                    &[&x],
-                    vec![ints("kernel_shape", &size), ints("strides", &strides)],
-                );
+                let (x, layout) = self.to_channels_first(name, layout, &x);
+                let attributes = vec![ints("kernel_shape", &size), ints("strides", &strides)];
+                Ok((self.node(op_type, name, &[&x], attributes), layout))
             }
             PlannedOp::GlobalPool2D { kind, .. } => {
-                let op_type = match kind {
-                    PoolKind::Max => "GlobalMaxPool",
-                    PoolKind::Average => "GlobalAveragePool",
-                };
-                (x, _) = self.to_channels_first(name, layout, &x);
-                x = self.node(op_type, name, &[&x], vec![]);
-                // [n, C, 1, 1] → [n, C]: one position, so channel order is Keras' too.
-                x = self.node(
-                    "Flatten",
-                    &format!("{name}/flatten"),
-                    &[&x],
-                    vec![int("axis", 1)],
-                );
-                layout = Layout::Flat;
+                Ok((self.global_pool(name, kind, layout, &x), Layout::Flat))
             }
-            PlannedOp::Flatten => {
-                if layout == Layout::ChannelsFirst {
-                    x = self.node(
-                        "Transpose",
-                        &format!("{name}/to_nhwc"),
-                        &[&x],
-                        vec![ints("perm", &[0, 2, 3, 1])],
-                    );
-                }
-                if layout != Layout::Flat {
-                    x = self.node("Flatten", name, &[&x], vec![int("axis", 1)]);
-                }
-                layout = Layout::Flat;
-            }
+            PlannedOp::Flatten => Ok((self.flatten(name, layout, x), Layout::Flat)),
             PlannedOp::Dense {
                 kernel,
                 bias,
@@ -355,42 +314,17 @@ impl Graph {
                 }
                 let (kernel, bias) = (layer.weight(kernel), layer.weight(bias));
                 self.weight_and_bias(layer.checkpoint, kernel, bias)?;
-                x = self.node("Gemm", name, &[&x, kernel, bias], vec![int("transB", 1)]);
-                x = self.activation(name, activation, &x);
+                let x = self.node("Gemm", name, &[&x, kernel, bias], vec![int("transB", 1)]);
+                Ok((self.activation(name, activation, &x), layout))
             }
             PlannedOp::Activation(activation) => {
                 // Softmax runs over axis 1: channels-first, as after any image layer.
-                (x, layout) = self.to_channels_first(name, layout, &x);
-                x = self.activation(name, activation, &x);
+                let (x, layout) = self.to_channels_first(name, layout, &x);
+                Ok((self.activation(name, activation, &x), layout))
             }
-            PlannedOp::Dropout { .. } => {}
-            // At inference a RandomCrop takes the centre window.
-            PlannedOp::Crop {
-                from: [h, w],
-                size: [ch, cw],
-            } => {
-                let axes = match layout {
-                    Layout::ChannelsLast => [1, 2],
-                    Layout::ChannelsFirst => [2, 3],
-                    Layout::Flat => return Err(layer.error("ONNX export: a crop needs an image")),
-                };
-                let (top, left) = ((h - ch) / 2, (w - cw) / 2);
-                let parts = [
-                    ("starts", [top, left]),
-                    ("ends", [top + ch, left + cw]),
-                    ("axes", axes),
-                ]
-                .map(|(part, values)| {
-                    let part = format!("{name}/{part}");
-                    self.int64_initializer(&part, &values);
-                    part
-                });
-                x = self.node(
-                    "Slice",
-                    name,
-                    &[&x, &parts[0], &parts[1], &parts[2]],
-                    vec![],
-                );
+            PlannedOp::Dropout { .. } => Ok((x, layout)),
+            PlannedOp::Crop { from, size } => {
+                Ok((self.centre_crop(layer, from, size, layout, &x)?, layout))
             }
             PlannedOp::BatchNorm {
                 gamma,
@@ -400,21 +334,114 @@ impl Graph {
                 epsilon,
                 ..
             } => {
-                (x, layout) = self.to_channels_first(name, layout, &x);
-                let parts = [gamma, beta, moving_mean, moving_variance].map(|i| layer.weight(i));
-                for part in parts {
-                    let t = layer.checkpoint.weights.get(part)?;
-                    self.initializer(part, t.shape.clone(), &t.data);
-                }
-                x = self.node(
-                    "BatchNormalization",
-                    name,
-                    &[&x, parts[0], parts[1], parts[2], parts[3]],
-                    vec![float("epsilon", epsilon as f32)],
-                );
+                let (x, layout) = self.to_channels_first(name, layout, &x);
+                let parts = [gamma, beta, moving_mean, moving_variance];
+                Ok((self.batch_norm(layer, parts, epsilon, &x)?, layout))
             }
         }
-        Ok((x, layout))
+    }
+
+    /// A convolution of channels-first `x` with the layer's `[kernel, bias]` weights, zero
+    /// padding `[top, bottom, left, right]`.
+    fn conv(
+        &mut self,
+        layer: &Layer<'_>,
+        [kernel, bias]: [usize; 2],
+        [top, bottom, left, right]: [usize; 4],
+        strides: [usize; 2],
+        x: &str,
+    ) -> Result<String> {
+        let (kernel, bias) = (layer.weight(kernel), layer.weight(bias));
+        let shape = self.weight_and_bias(layer.checkpoint, kernel, bias)?;
+        let attributes = vec![
+            ints("kernel_shape", &shape[2..]),
+            ints("strides", &strides),
+            ints("pads", &[top, left, bottom, right]),
+        ];
+        Ok(self.node("Conv", layer.name, &[x, kernel, bias], attributes))
+    }
+
+    /// One window over the whole image, then `[batch, C]`: one position, so the channel order
+    /// is Keras' too.
+    fn global_pool(&mut self, name: &str, kind: PoolKind, layout: Layout, x: &str) -> String {
+        let op_type = match kind {
+            PoolKind::Max => "GlobalMaxPool",
+            PoolKind::Average => "GlobalAveragePool",
+        };
+        let (x, _) = self.to_channels_first(name, layout, x);
+        let x = self.node(op_type, name, &[&x], vec![]);
+        let flatten = format!("{name}/flatten");
+        self.node("Flatten", &flatten, &[&x], vec![int("axis", 1)])
+    }
+
+    /// Keras' flatten: `(H, W, C)` order, so a channels-first image goes back to channels-last
+    /// first; a flat vector stays as it is.
+    fn flatten(&mut self, name: &str, layout: Layout, mut x: String) -> String {
+        if layout == Layout::ChannelsFirst {
+            let to_nhwc = format!("{name}/to_nhwc");
+            x = self.node(
+                "Transpose",
+                &to_nhwc,
+                &[&x],
+                vec![ints("perm", &[0, 2, 3, 1])],
+            );
+        }
+        if layout != Layout::Flat {
+            x = self.node("Flatten", name, &[&x], vec![int("axis", 1)]);
+        }
+        x
+    }
+
+    /// The centre `size = [h, w]` window of a `from = [H, W]` image, what a RandomCrop takes
+    /// at inference.
+    fn centre_crop(
+        &mut self,
+        layer: &Layer<'_>,
+        [h, w]: [usize; 2],
+        [ch, cw]: [usize; 2],
+        layout: Layout,
+        x: &str,
+    ) -> Result<String> {
+        let axes = match layout {
+            Layout::ChannelsLast => [1, 2],
+            Layout::ChannelsFirst => [2, 3],
+            Layout::Flat => return Err(layer.error("ONNX export: a crop needs an image")),
+        };
+        let (top, left) = ((h - ch) / 2, (w - cw) / 2);
+        let name = layer.name;
+        let parts = [
+            ("starts", [top, left]),
+            ("ends", [top + ch, left + cw]),
+            ("axes", axes),
+        ]
+        .map(|(part, values)| {
+            let part = format!("{name}/{part}");
+            self.int64_initializer(&part, &values);
+            part
+        });
+        Ok(self.node("Slice", name, &[x, &parts[0], &parts[1], &parts[2]], vec![]))
+    }
+
+    /// Batch normalisation of channels-first `x` (or a flat vector's features) with the moving
+    /// statistics: the layer's `[gamma, beta, moving_mean, moving_variance]` weights.
+    fn batch_norm(
+        &mut self,
+        layer: &Layer<'_>,
+        weights: [usize; 4],
+        epsilon: f64,
+        x: &str,
+    ) -> Result<String> {
+        let parts = weights.map(|i| layer.weight(i));
+        for part in parts {
+            let t = layer.checkpoint.weights.get(part)?;
+            self.initializer(part, t.shape.clone(), &t.data);
+        }
+        Ok(self.node(
+            "BatchNormalization",
+            layer.name,
+            &[x, parts[0], parts[1], parts[2], parts[3]],
+            vec![float("epsilon", epsilon as f32)],
+        ))
     }
 
     /// `x` in `layout` as the operations after the input take it, and its layout then: an
