@@ -613,6 +613,33 @@ fn each_cli_command_is_one_request_a_program_makes_too() {
     assert_eq!(table.height(), 2);
     assert!(["adam", "sgd"].contains(&best.result.trial.optimizer.as_str()));
     assert!(dir.path().join("search/search.csv").is_file());
+
+    // compare: each engine in its own `convkit compare-worker` process, then the report.
+    let compare = convkit::compare::CompareRequest {
+        settings: convkit::compare::RunSettings {
+            dataset: "synthetic".into(),
+            model: "tutorial-mnist".into(),
+            epochs: 1,
+            limit: Some(64),
+            batch_size: 32,
+            optimizer: "adam".into(),
+            repeat: 1,
+            seed: 42,
+        },
+        backends: vec![backend.name().to_string()],
+        out: dir.path().join("compare"),
+        worker: env!("CARGO_BIN_EXE_convkit").into(),
+    };
+    let comparison = compare.run(&convkit::engines()).unwrap();
+    assert!(comparison.markdown().contains(backend.name()));
+    assert!(dir.path().join("compare/compare.md").is_file());
+    // summary and backends
+    let summary =
+        convkit::Sequential::from_preset_or_file_within("tutorial-mnist", &Default::default())
+            .and_then(|spec| spec.summary())
+            .unwrap();
+    assert!(summary.contains("Total params"), "{summary}");
+    assert!(!convkit::describe_backends().is_empty());
 }
 
 #[test]
