@@ -327,7 +327,15 @@ mod tests {
             "{err}"
         );
         drop(held);
-        let _again = FolderLock::acquire(&run).unwrap();
+        // The lock is the open file's (flock): a process another test thread is starting
+        // holds a copy of every descriptor between its fork and its exec, and with it the
+        // lock, for that moment. So the released lock is taken again within a few seconds.
+        let again = (0..500).find_map(|_| {
+            FolderLock::acquire(&run)
+                .inspect_err(|_| std::thread::sleep(std::time::Duration::from_millis(10)))
+                .ok()
+        });
+        assert!(again.is_some(), "the lock was not released");
         // Parts that share a folder lock their own files.
         let _part_1 = FolderLock::acquire_for(&run, "trials-shard-1-of-2.jsonl").unwrap();
         let _part_2 = FolderLock::acquire_for(&run, "trials-shard-2-of-2.jsonl").unwrap();
