@@ -1,19 +1,22 @@
 //! `cargo xtask <command>`: the project's own automation.
 //!
-//! - `setup`     install what the tests and tutorials need: Debian's dataset-fashion-mnist and
-//!               mesa-vulkan-drivers (lavapipe, for burn-wgpu without a GPU), and torch==2.9.0
-//!               from PyPI into `.venv` for the tch engine (unless LIBTORCH is set), with
-//!               safetensors, onnx and onnxruntime for the interop tests
-//! - `test`      setup, each engine feature built alone, then every test of the workspace
-//!               and every notebook on a small subset (what CI runs)
-//! - `notebooks` setup, then run the evcxr notebooks: on the CI subset, or with `--full` as
-//!               written, saving their outputs (`cargo xtask notebooks --full [NAME...]`)
-//! - `tutorial`  setup, then train `tutorial-mnist` on MNIST in release mode (extra args go
-//!               to `convkit train`)
-//! - `compare`   setup, then `convkit compare` in release mode with every engine that builds
-//!               here: the same model, weights and batches on each; agreement and speed
-//! - `bench`     criterion benches: one training step and one inference batch per engine
-//! - `pins`      print what the feature pins of the single-feature builds lack (xtask/check-pins)
+//! - `setup`: install what the tests and tutorials need: Debian's dataset-fashion-mnist and
+//!   mesa-vulkan-drivers (lavapipe, for burn-wgpu without a GPU), and torch==2.9.0 from PyPI
+//!   into `.venv` for the tch engine (unless LIBTORCH is set), with safetensors, onnx and
+//!   onnxruntime for the interop tests.
+//! - `test`: setup, each engine feature built alone, then every test of the workspace and
+//!   every notebook on a small subset (what CI runs).
+//! - `notebooks`: setup, then run the evcxr notebooks: on the CI subset, or with `--full` as
+//!   written, saving their outputs (`cargo xtask notebooks --full [NAME...]`).
+//! - `tutorial`: setup, then train `tutorial-mnist` on MNIST in release mode (extra args go to
+//!   `convkit train`).
+//! - `compare`: setup, then `convkit compare` in release mode with every engine that builds
+//!   here: the same model, weights and batches on each; agreement and speed.
+//! - `bench`: criterion benches: one training step and one inference batch per engine.
+//! - `scaling`: data-parallel throughput under `mpirun`, one rank against several.
+//! - `fuzz`: the parsers' fuzz loop in a release build.
+//! - `gpu-bundle`: candle-cuda and burn-cuda built into one folder a GPU machine can run.
+//! - `pins`: print what the feature pins of the single-feature builds lack (xtask/check-pins).
 //!
 //! Builds go to `$CONVKIT_TARGET_DIR` (default `~/.cache/convkit/target`), outside the
 //! checkout, so fresh clones on the same machine reuse them.
@@ -374,9 +377,9 @@ pub(crate) fn apt_install(packages: &[DebianPackage]) -> Result<()> {
         c.args(&all[1..]).env("DEBIAN_FRONTEND", "noninteractive");
         c
     };
-    if run(&mut apt(&["install", "-y", "--no-install-recommends"]).args(&names)).is_err() {
+    if run(apt(&["install", "-y", "--no-install-recommends"]).args(&names)).is_err() {
         run(&mut apt(&["update"]))?;
-        run(&mut apt(&["install", "-y", "--no-install-recommends"]).args(&names))?;
+        run(apt(&["install", "-y", "--no-install-recommends"]).args(&names))?;
     }
     Ok(())
 }

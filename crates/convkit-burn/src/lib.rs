@@ -35,7 +35,7 @@ use convkit_core::backend::without_panics;
 use convkit_core::exec::Engine;
 use convkit_core::optim::TensorMath;
 use convkit_core::plan::{PoolKind, Role, WeightSpec};
-use convkit_core::primitives::{Binary, Ops, Reduction, Unary};
+use convkit_core::primitives::{Binary, ElementUpdate, Ops, Reduction, Unary};
 
 #[cfg(feature = "flex")]
 mod host;
@@ -145,7 +145,7 @@ impl BurnBackend {
                 .into_scalar::<f32>()
         });
         let message = match outcome {
-            Ok(sum) if sum == 3.0 => {
+            Ok(3.0) => {
                 return Ok(BurnBackend {
                     device,
                     name,
@@ -412,7 +412,7 @@ impl Ops for BurnOps {
         variable: &mut Value,
         grad: &Value,
         slots: &mut [&mut Value],
-        update: &mut dyn FnMut(&mut [f32], &[f32], &mut [&mut [f32]]),
+        update: &mut ElementUpdate<'_>,
     ) -> convkit_core::Result<bool> {
         let dims = variable.0.dims();
         if !self.host_memory || grad.0.dims() != dims || slots.iter().any(|s| s.0.dims() != dims) {

@@ -26,7 +26,7 @@ use convkit_core::backend::without_panics;
 use convkit_core::exec::Engine;
 use convkit_core::optim::TensorMath;
 use convkit_core::plan::{PlannedOp, PoolKind};
-use convkit_core::primitives::{Binary, Ops, Reduction, Unary};
+use convkit_core::primitives::{Binary, ElementUpdate, Ops, Reduction, Unary};
 
 /// Errors of the candle engine; they reach users as [`convkit_core::Error::Engine`].
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,7 @@ impl CandleBackend {
         };
         let failed = |message: String| convkit_core::Error::engine("candle-cuda", message);
         match without_panics(probe).map_err(failed)? {
-            Ok((device, sum)) if sum == 3.0 => Ok(CandleBackend {
+            Ok((device, 3.0)) => Ok(CandleBackend {
                 device,
                 name: "candle-cuda",
             }),
@@ -217,7 +217,7 @@ impl Ops for CandleOps {
         variable: &mut Value,
         grad: &Value,
         slots: &mut [&mut Value],
-        update: &mut dyn FnMut(&mut [f32], &[f32], &mut [&mut [f32]]),
+        update: &mut ElementUpdate<'_>,
     ) -> convkit_core::Result<bool> {
         if !self.device.is_cpu() {
             return Ok(false);
@@ -395,7 +395,7 @@ fn tiled_max_pool(x: &Tensor, (kh, kw): (usize, usize)) -> candle_core::Result<T
     let slots =
         Tensor::arange(0u32, (kh * kw) as u32, x.device())?.reshape((1, 1, 1, 1, kh * kw))?;
     let mask = slots.broadcast_eq(&first)?.to_dtype(x.dtype())?;
-    Ok((windows * mask)?.sum(4)?)
+    (windows * mask)?.sum(4)
 }
 
 /// Pooling whose stride differs from its window, from shifted slices (candle's pooling ops
@@ -426,7 +426,8 @@ fn windowed_pool(
     }
     let pick = |n: usize, s: usize| -> candle_core::Result<Tensor> {
         let idx: Vec<u32> = (0..n).step_by(s).map(|i| i as u32).collect();
-        Ok(Tensor::from_vec(idx.clone(), idx.len(), x.device())?)
+        let len = idx.len();
+        Tensor::from_vec(idx, len, x.device())
     };
     if sh > 1 {
         y = y.index_select(&pick(full_h, sh)?, 2)?;
@@ -441,5 +442,5 @@ fn windowed_pool(
 /// gradient at 0, which matters on real images: a blank patch gives a pre-activation of
 /// exactly 0 at initialisation (zero biases).
 fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
-    Ok((x * x.gt(0.0)?.to_dtype(x.dtype())?)?)
+    x * x.gt(0.0)?.to_dtype(x.dtype())?
 }

@@ -8,13 +8,12 @@ use std::cell::RefCell;
 
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
 
+use convkit_core::primitives::ElementUpdate;
+
 use crate::host::{values, values_mut};
 
 /// The name errors give the op.
 const OP: &str = "convkit update";
-
-/// What core's executor runs over the values: the variable's, the gradient's, the slots'.
-pub(crate) type Update<'f> = dyn FnMut(&mut [f32], &[f32], &mut [&mut [f32]]) + 'f;
 
 /// Runs `update` over `variable` and `slots` (changed in place) and `grad`, all contiguous f32
 /// CPU tensors of one shape; `false`, having run nothing, when one is not.
@@ -22,10 +21,10 @@ pub(crate) fn in_place(
     variable: &Tensor,
     grad: &Tensor,
     slots: &[&Tensor],
-    update: &mut Update<'_>,
+    update: &mut ElementUpdate<'_>,
 ) -> Result<bool> {
     let ok = |t: &Tensor| t.device().is_cpu() && t.is_contiguous() && t.shape() == variable.shape();
-    if !(ok(grad) && slots.iter().all(|s| ok(s))) || !variable.is_contiguous() {
+    if !ok(grad) || !slots.iter().all(|s| ok(s)) || !variable.is_contiguous() {
         return Ok(false);
     }
     let op = Outer {
@@ -41,7 +40,7 @@ pub(crate) fn in_place(
 /// The variable's level: holds it mutably and the gradient for reading, then the slots'.
 struct Outer<'a, 'f> {
     slots: &'a [&'a Tensor],
-    update: RefCell<Option<&'a mut Update<'f>>>,
+    update: RefCell<Option<&'a mut ElementUpdate<'f>>>,
 }
 
 impl InplaceOp2 for Outer<'_, '_> {
@@ -64,7 +63,7 @@ fn nest(
     mut held: Vec<&mut [f32]>,
     w: &mut [f32],
     g: &[f32],
-    update: &mut Update<'_>,
+    update: &mut ElementUpdate<'_>,
 ) -> Result<()> {
     match rest.split_first() {
         None => {
@@ -83,7 +82,7 @@ fn nest(
 struct Level<'a, 'f> {
     rest: &'a [&'a Tensor],
     #[allow(clippy::type_complexity)] // what one level passes to the next, once
-    state: RefCell<Option<(Vec<&'a mut [f32]>, &'a mut [f32], &'a mut Update<'f>)>>,
+    state: RefCell<Option<(Vec<&'a mut [f32]>, &'a mut [f32], &'a mut ElementUpdate<'f>)>>,
     g: &'a [f32],
 }
 

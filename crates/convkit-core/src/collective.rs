@@ -195,7 +195,7 @@ pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
 /// The inverse of [`f32_bytes`]; `what` names the values in the error for a length that is not
 /// a multiple of four.
 pub fn f32_values(bytes: &[u8], what: &str) -> Result<Vec<f32>> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(Error::config(
             "broadcast",
             format!("{what}: {} bytes is not a whole number of f32", bytes.len()),
@@ -426,8 +426,8 @@ mod tests {
     #[test]
     fn long_buffers_go_in_pieces_an_mpi_count_can_hold() {
         let all = |len, most| pieces(len, most).collect::<Vec<_>>();
-        assert_eq!(all(0, 4), [0..0]);
-        assert_eq!(all(4, 4), [0..4]);
+        assert_eq!(all(0, 4), vec![0..0]);
+        assert_eq!(all(4, 4), vec![0..4]);
         assert_eq!(all(9, 4), [0..4, 4..8, 8..9]);
         // Over 2^31 values: two calls, each under MPI's count limit.
         let long = all(MPI_COUNT_MAX + 10, MPI_COUNT_MAX);

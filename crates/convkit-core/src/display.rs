@@ -239,13 +239,14 @@ impl Rich for crate::compare::Comparison {
             }
             html += "</ul>\n";
         }
-        for figure in [self.loss_chart().to_png(), self.throughput_chart().to_png()] {
-            if let Ok(png) = figure {
-                html += &format!(
-                    "<img src=\"data:image/png;base64,{}\"/>\n",
-                    base64::engine::general_purpose::STANDARD.encode(png)
-                );
-            }
+        for png in [self.loss_chart().to_png(), self.throughput_chart().to_png()]
+            .into_iter()
+            .flatten()
+        {
+            html += &format!(
+                "<img src=\"data:image/png;base64,{}\"/>\n",
+                base64::engine::general_purpose::STANDARD.encode(png)
+            );
         }
         vec![("text/html", html), ("text/plain", self.markdown())]
     }

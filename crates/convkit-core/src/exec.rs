@@ -22,6 +22,10 @@ use crate::composite::Composite;
 use crate::optim::{DropoutMask, OptimizerState, Slots, TensorMath, Training};
 use crate::plan::{Compiled, Plan, PlannedOp, WeightSpec};
 use crate::primitives::Ops;
+
+/// A forward pass's logits `[n, outputs]` and, in training, each batch normalisation's new
+/// moving statistics by weight index.
+type Forward<T> = (T, Vec<(usize, T)>);
 use crate::spec::Activation;
 use crate::weights::{Tensor as HostTensor, Weights};
 use crate::{Error, Result};
@@ -212,7 +216,7 @@ impl<O: Ops> Executor<O> {
         mut x: O::Tensor,
         train: bool,
         masks: &[DropoutMask],
-    ) -> Result<(O::Tensor, Vec<(usize, O::Tensor)>)> {
+    ) -> Result<Forward<O::Tensor>> {
         let ops = &self.ops;
         let mut moving = Vec::new();
         let mut masks = masks.iter();
@@ -449,7 +453,7 @@ impl<O: Ops> Executor<O> {
 
     /// A canonical host tensor for `weight` (a value or a slot) on the device, checked
     /// against its shape; `what` names it in errors.
-    fn from_host(&self, weight: &WeightSpec, t: &HostTensor, what: &str) -> Result<O::Tensor> {
+    fn upload_host(&self, weight: &WeightSpec, t: &HostTensor, what: &str) -> Result<O::Tensor> {
         if t.shape != weight.shape {
             return Err(Error::Weights {
                 tensor: what.to_string(),
@@ -581,7 +585,7 @@ impl<O: Ops> Network for Executor<O> {
     fn set_weights(&mut self, weights: &Weights) -> Result<()> {
         let mut values = Vec::with_capacity(self.values.len());
         for w in &self.plan.weights {
-            let value = self.from_host(w, weights.get(&w.name)?, &w.name)?;
+            let value = self.upload_host(w, weights.get(&w.name)?, &w.name)?;
             values.push(self.ops.variable(value)?);
         }
         self.values = values;
@@ -631,7 +635,7 @@ impl<O: Ops> Network for Executor<O> {
                 let key = format!("{}/{slot}", w.name);
                 let value = match state.slots.get(&key) {
                     Some(t) if w.role.is_optimized() => {
-                        Some(self.from_host(w, t, &format!("optimizer/{key}"))?)
+                        Some(self.upload_host(w, t, &format!("optimizer/{key}"))?)
                     }
                     _ => None,
                 };

@@ -40,6 +40,22 @@ pub fn glorot_uniform_for(plan: &crate::plan::Plan, seed: u64) -> Result<Weights
     Ok(weights)
 }
 
+/// Weights for `spec` taken from `trained` wherever a tensor of the same name and shape exists
+/// (fine-tuning), and freshly initialised from `seed` elsewhere (a new head).
+pub fn transfer(spec: &Sequential, trained: &Weights, seed: u64) -> Result<Weights> {
+    let mut weights = glorot_uniform(spec, seed)?;
+    for (name, tensor) in weights.tensors.iter_mut() {
+        if let Some(t) = trained
+            .tensors
+            .get(name)
+            .filter(|t| t.shape == tensor.shape)
+        {
+            *tensor = t.clone();
+        }
+    }
+    Ok(weights)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,20 +104,4 @@ mod tests {
         assert!(err.contains("batch_normalization.moving_variance"), "{err}");
         assert!(err.contains("found -1 at index 3"), "{err}");
     }
-}
-
-/// Weights for `spec` taken from `trained` wherever a tensor of the same name and shape exists
-/// (fine-tuning), and freshly initialised from `seed` elsewhere (a new head).
-pub fn transfer(spec: &Sequential, trained: &Weights, seed: u64) -> Result<Weights> {
-    let mut weights = glorot_uniform(spec, seed)?;
-    for (name, tensor) in weights.tensors.iter_mut() {
-        if let Some(t) = trained
-            .tensors
-            .get(name)
-            .filter(|t| t.shape == tensor.shape)
-        {
-            *tensor = t.clone();
-        }
-    }
-    Ok(weights)
 }

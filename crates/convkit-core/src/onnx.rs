@@ -282,7 +282,7 @@ impl Graph {
                 strides,
                 activation,
             } => {
-                let (x, layout) = self.to_channels_first(name, layout, &x);
+                let (x, layout) = self.channels_first(name, layout, &x);
                 let x = self.conv(layer, [kernel, bias], pad, strides, &x)?;
                 Ok((self.activation(name, activation, &x), layout))
             }
@@ -295,7 +295,7 @@ impl Graph {
                     PoolKind::Max => "MaxPool",
                     PoolKind::Average => "AveragePool",
                 };
-                let (x, layout) = self.to_channels_first(name, layout, &x);
+                let (x, layout) = self.channels_first(name, layout, &x);
                 let attributes = vec![ints("kernel_shape", &size), ints("strides", &strides)];
                 Ok((self.node(op_type, name, &[&x], attributes), layout))
             }
@@ -319,7 +319,7 @@ impl Graph {
             }
             PlannedOp::Activation(activation) => {
                 // Softmax runs over axis 1: channels-first, as after any image layer.
-                let (x, layout) = self.to_channels_first(name, layout, &x);
+                let (x, layout) = self.channels_first(name, layout, &x);
                 Ok((self.activation(name, activation, &x), layout))
             }
             PlannedOp::Dropout { .. } => Ok((x, layout)),
@@ -334,7 +334,7 @@ impl Graph {
                 epsilon,
                 ..
             } => {
-                let (x, layout) = self.to_channels_first(name, layout, &x);
+                let (x, layout) = self.channels_first(name, layout, &x);
                 let parts = [gamma, beta, moving_mean, moving_variance];
                 Ok((self.batch_norm(layer, parts, epsilon, &x)?, layout))
             }
@@ -368,7 +368,7 @@ impl Graph {
             PoolKind::Max => "GlobalMaxPool",
             PoolKind::Average => "GlobalAveragePool",
         };
-        let (x, _) = self.to_channels_first(name, layout, x);
+        let (x, _) = self.channels_first(name, layout, x);
         let x = self.node(op_type, name, &[&x], vec![]);
         let flatten = format!("{name}/flatten");
         self.node("Flatten", &flatten, &[&x], vec![int("axis", 1)])
@@ -447,7 +447,7 @@ impl Graph {
     /// `x` in `layout` as the operations after the input take it, and its layout then: an
     /// image transposed from the input's channels-last to `[batch, C, H, W]`; a channels-first
     /// image or a flat vector as it is.
-    fn to_channels_first(&mut self, name: &str, layout: Layout, x: &str) -> (String, Layout) {
+    fn channels_first(&mut self, name: &str, layout: Layout, x: &str) -> (String, Layout) {
         match layout {
             Layout::ChannelsLast => (
                 self.node(

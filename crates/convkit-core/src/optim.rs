@@ -607,6 +607,12 @@ impl Training {
     }
 }
 
+/// Adam's bias-corrected step size at update `step` (from 1): `lr·√(1 − β₂ᵗ) / (1 − β₁ᵗ)`.
+fn adam_step_size(lr: f64, beta_1: f64, beta_2: f64, step: u64) -> f64 {
+    let t = step as i32;
+    lr * (1.0 - beta_2.powi(t)).sqrt() / (1.0 - beta_1.powi(t))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -781,10 +787,4 @@ mod tests {
             .fold(0.0, f32::max);
         assert!(worst <= 1e-7, "{label}: differs by {worst}");
     }
-}
-
-/// Adam's bias-corrected step size at update `step` (from 1): `lr·√(1 − β₂ᵗ) / (1 − β₁ᵗ)`.
-fn adam_step_size(lr: f64, beta_1: f64, beta_2: f64, step: u64) -> f64 {
-    let t = step as i32;
-    lr * (1.0 - beta_2.powi(t)).sqrt() / (1.0 - beta_1.powi(t))
 }

@@ -44,6 +44,10 @@ pub enum Reduction {
     Max,
 }
 
+/// An optimizer's step on one weight, element by element: `(values, gradient, slots)`, each
+/// slot (a moment, a velocity) as long as the values ([`Ops::update_in_place`]).
+pub type ElementUpdate<'f> = dyn FnMut(&mut [f32], &[f32], &mut [&mut [f32]]) + 'f;
+
 /// The operations an engine supplies. Every method works on device tensors in the layouts
 /// above; errors are [`Error::Engine`] naming the engine (see [`Ops::engine`]).
 pub trait Ops {
@@ -102,7 +106,7 @@ pub trait Ops {
         _variable: &mut Self::Tensor,
         _grad: &Self::Tensor,
         _slots: &mut [&mut Self::Tensor],
-        _update: &mut dyn FnMut(&mut [f32], &[f32], &mut [&mut [f32]]),
+        _update: &mut ElementUpdate<'_>,
     ) -> Result<bool> {
         Ok(false)
     }

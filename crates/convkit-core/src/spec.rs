@@ -43,7 +43,7 @@ pub(crate) fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -71,7 +71,8 @@ impl Sequential {
     }
 
     /// Append a layer (`Conv2D`, `Dense`, `Dropout`, or a [`LayerKind`] such as
-    /// `LayerKind::Flatten`).
+    /// `LayerKind::Flatten`): Keras' `model.add`, not `std::ops::Add`.
+    #[allow(clippy::should_implement_trait)]
     pub fn add(mut self, layer: impl Into<Layer>) -> Self {
         self.layers.push(layer.into());
         self
@@ -383,6 +384,123 @@ impl SizeLimits {
     };
     const OVERRIDE: &'static str =
         " (pass --allow-large-model, or SizeLimits::NONE, if you mean it)";
+}
+
+impl Sequential {
+    /// The same model with its last Dense layer replaced by a fresh one of `units` outputs
+    /// (softmax, or sigmoid for one unit): the classifier head of transfer learning.
+    pub fn with_new_head(&self, units: usize) -> Result<Sequential> {
+        let last = self
+            .layers
+            .len()
+            .checked_sub(1)
+            .ok_or_else(|| Error::config("model", "the model has no layers"))?;
+        if !matches!(self.layers[last].kind, LayerKind::Dense(_)) {
+            return Err(self.layer_error(
+                last,
+                format!(
+                    "a new head replaces the last Dense layer, found {}",
+                    self.layers[last].kind.type_name()
+                ),
+            ));
+        }
+        if units == 0 {
+            return Err(Error::config("new head", "needs at least one unit"));
+        }
+        let activation = if units == 1 {
+            Activation::Sigmoid
+        } else {
+            Activation::Softmax
+        };
+        let mut spec = self.clone();
+        spec.layers[last] = Layer {
+            name: self.layers[last].name.clone(),
+            kind: Dense::new(units).activation(activation).into(),
+            trainable: true,
+        };
+        spec.output_shapes()?;
+        Ok(spec)
+    }
+
+    /// This model with a RandomCrop of `height×width` as its first layer (replacing one it
+    /// has): the rest of the model then sees the windows.
+    pub fn with_random_crop(&self, height: usize, width: usize) -> Result<Sequential> {
+        let mut spec = self.clone();
+        if matches!(
+            spec.layers.first().map(|l| &l.kind),
+            Some(LayerKind::RandomCrop(_))
+        ) {
+            spec.layers.remove(0);
+        }
+        spec.layers.insert(0, RandomCrop::new(height, width).into());
+        spec.output_shapes()?;
+        Ok(spec)
+    }
+
+    /// How many layers at the end make the fully connected classifier: every layer after the
+    /// last Flatten or global pooling (all of them when there is none).
+    pub fn classifier_len(&self) -> usize {
+        let body = (self.layers.iter()).rposition(|layer| layer.kind.flattens());
+        self.layers.len() - body.map_or(0, |i| i + 1)
+    }
+
+    /// This model with its last `remove` layers taken off and `head` appended: the guide's
+    /// fine-tuning, "remove the last fully connected layers … add new fully connected layers".
+    /// The new layers are trainable and named `head_<i>_<kind>`, so that
+    /// [`crate::init::transfer`] gives them fresh weights; the result's shapes are checked.
+    pub fn with_head(&self, remove: usize, head: &[LayerKind]) -> Result<Sequential> {
+        if remove > self.layers.len() {
+            return Err(Error::config(
+                "new head",
+                format!(
+                    "cannot remove the last {remove} layers of a model of {}",
+                    self.layers.len()
+                ),
+            ));
+        }
+        if head.is_empty() {
+            return Err(Error::config("new head", "needs at least one layer"));
+        }
+        let mut spec = self.clone();
+        spec.layers.truncate(self.layers.len() - remove);
+        for (i, kind) in head.iter().enumerate() {
+            spec.layers.push(Layer {
+                name: Some(format!("head_{}_{}", i + 1, kind.name_stem())),
+                kind: kind.clone(),
+                trainable: true,
+            });
+        }
+        spec.output_shapes()?;
+        Ok(spec)
+    }
+
+    /// This model with its classifier sized for `classes` (the tutorials' `Dense(num_classes)`):
+    /// itself when its output already tells that many apart (one sigmoid unit tells 2) or
+    /// `classes` < 2, else with its last Dense layer replaced ([`Sequential::with_new_head`]).
+    pub fn with_classes(&self, classes: usize) -> Result<Sequential> {
+        if classes < 2 || self.class_count()? == classes {
+            return Ok(self.clone());
+        }
+        self.with_new_head(classes)
+    }
+
+    /// Freeze the first `n` layers (their weights are not trained; recorded in the spec).
+    pub fn freeze_first(&mut self, n: usize) -> Result<()> {
+        if n > self.layers.len() {
+            return Err(Error::config(
+                "freeze",
+                format!(
+                    "the model has {} layers, cannot freeze the first {n}",
+                    self.layers.len()
+                ),
+            ));
+        }
+        self.layers
+            .iter_mut()
+            .take(n)
+            .for_each(|l| l.trainable = false);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -928,122 +1046,5 @@ mod tests {
         spec.layers[0].trainable = false;
         let summary = spec.summary().unwrap();
         assert!(summary.contains("Non-trainable params: 320"), "{summary}");
-    }
-}
-
-impl Sequential {
-    /// The same model with its last Dense layer replaced by a fresh one of `units` outputs
-    /// (softmax, or sigmoid for one unit): the classifier head of transfer learning.
-    pub fn with_new_head(&self, units: usize) -> Result<Sequential> {
-        let last = self
-            .layers
-            .len()
-            .checked_sub(1)
-            .ok_or_else(|| Error::config("model", "the model has no layers"))?;
-        if !matches!(self.layers[last].kind, LayerKind::Dense(_)) {
-            return Err(self.layer_error(
-                last,
-                format!(
-                    "a new head replaces the last Dense layer, found {}",
-                    self.layers[last].kind.type_name()
-                ),
-            ));
-        }
-        if units == 0 {
-            return Err(Error::config("new head", "needs at least one unit"));
-        }
-        let activation = if units == 1 {
-            Activation::Sigmoid
-        } else {
-            Activation::Softmax
-        };
-        let mut spec = self.clone();
-        spec.layers[last] = Layer {
-            name: self.layers[last].name.clone(),
-            kind: Dense::new(units).activation(activation).into(),
-            trainable: true,
-        };
-        spec.output_shapes()?;
-        Ok(spec)
-    }
-
-    /// This model with a RandomCrop of `height×width` as its first layer (replacing one it
-    /// has): the rest of the model then sees the windows.
-    pub fn with_random_crop(&self, height: usize, width: usize) -> Result<Sequential> {
-        let mut spec = self.clone();
-        if matches!(
-            spec.layers.first().map(|l| &l.kind),
-            Some(LayerKind::RandomCrop(_))
-        ) {
-            spec.layers.remove(0);
-        }
-        spec.layers.insert(0, RandomCrop::new(height, width).into());
-        spec.output_shapes()?;
-        Ok(spec)
-    }
-
-    /// How many layers at the end make the fully connected classifier: every layer after the
-    /// last Flatten or global pooling (all of them when there is none).
-    pub fn classifier_len(&self) -> usize {
-        let body = (self.layers.iter()).rposition(|layer| layer.kind.flattens());
-        self.layers.len() - body.map_or(0, |i| i + 1)
-    }
-
-    /// This model with its last `remove` layers taken off and `head` appended: the guide's
-    /// fine-tuning, "remove the last fully connected layers … add new fully connected layers".
-    /// The new layers are trainable and named `head_<i>_<kind>`, so that
-    /// [`crate::init::transfer`] gives them fresh weights; the result's shapes are checked.
-    pub fn with_head(&self, remove: usize, head: &[LayerKind]) -> Result<Sequential> {
-        if remove > self.layers.len() {
-            return Err(Error::config(
-                "new head",
-                format!(
-                    "cannot remove the last {remove} layers of a model of {}",
-                    self.layers.len()
-                ),
-            ));
-        }
-        if head.is_empty() {
-            return Err(Error::config("new head", "needs at least one layer"));
-        }
-        let mut spec = self.clone();
-        spec.layers.truncate(self.layers.len() - remove);
-        for (i, kind) in head.iter().enumerate() {
-            spec.layers.push(Layer {
-                name: Some(format!("head_{}_{}", i + 1, kind.name_stem())),
-                kind: kind.clone(),
-                trainable: true,
-            });
-        }
-        spec.output_shapes()?;
-        Ok(spec)
-    }
-
-    /// This model with its classifier sized for `classes` (the tutorials' `Dense(num_classes)`):
-    /// itself when its output already tells that many apart (one sigmoid unit tells 2) or
-    /// `classes` < 2, else with its last Dense layer replaced ([`Sequential::with_new_head`]).
-    pub fn with_classes(&self, classes: usize) -> Result<Sequential> {
-        if classes < 2 || self.class_count()? == classes {
-            return Ok(self.clone());
-        }
-        self.with_new_head(classes)
-    }
-
-    /// Freeze the first `n` layers (their weights are not trained; recorded in the spec).
-    pub fn freeze_first(&mut self, n: usize) -> Result<()> {
-        if n > self.layers.len() {
-            return Err(Error::config(
-                "freeze",
-                format!(
-                    "the model has {} layers, cannot freeze the first {n}",
-                    self.layers.len()
-                ),
-            ));
-        }
-        self.layers
-            .iter_mut()
-            .take(n)
-            .for_each(|l| l.trainable = false);
-        Ok(())
     }
 }

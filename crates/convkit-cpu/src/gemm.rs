@@ -64,6 +64,7 @@ pub fn matmul(
 /// `out [m×n] (+)= lhs [m×k] · rhs [k×n]` with `out` contiguous and its rows shared out
 /// between `threads` ([`for_each_share`]): every sum runs whole on one thread, so the result
 /// does not depend on the number of threads or their timing.
+#[allow(clippy::too_many_arguments)]
 pub fn matmul_by_rows(
     threads: &dyn Threads,
     out: &mut [f32],

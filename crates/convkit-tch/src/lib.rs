@@ -154,7 +154,7 @@ impl TensorMath for Value {
     fn sum(&self) -> convkit_core::Result<f64> {
         self.0
             .f_sum(Kind::Double)
-            .and_then(|t| f64::try_from(t))
+            .and_then(f64::try_from)
             .map_err(|e| convkit_core::Error::engine("tch", e))
     }
 }
@@ -184,7 +184,7 @@ impl Ops for TchOps {
             t.0.detach()
                 .f_to_device(Device::Cpu)
                 .and_then(|t| t.f_flatten(0, -1))
-                .and_then(|t| Vec::<f32>::try_from(t)),
+                .and_then(Vec::<f32>::try_from),
         )
     }
 

@@ -703,7 +703,7 @@ mod tests {
         let sum = sha256_hex(&payload);
         // good: lands atomically, verified on the decompressed payload
         let path = download(
-            &[base.clone()],
+            std::slice::from_ref(&base),
             &Resource::sha256_of_payload("good.gz", &sum),
             dir.path(),
         )
@@ -711,7 +711,7 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), good);
         // truncated
         let err = download(
-            &[base.clone()],
+            std::slice::from_ref(&base),
             &Resource::sha256_of_payload("trunc.gz", &sum),
             dir.path(),
         )
@@ -721,7 +721,7 @@ mod tests {
         assert!(!dir.path().join("trunc.gz").exists());
         // wrong checksum
         let err = download(
-            &[base.clone()],
+            std::slice::from_ref(&base),
             &Resource::sha256_of_payload("wrong.gz", &sum),
             dir.path(),
         )
@@ -764,7 +764,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sum = sha256_hex(&payload);
         let err = download(
-            &[base.clone()],
+            std::slice::from_ref(&base),
             &Resource::sha256_of_payload("huge.gz", &sum),
             dir.path(),
         )
@@ -914,7 +914,7 @@ mod tests {
                 .read_to_end(&mut payload)
                 .unwrap();
             download(
-                &[base.clone()],
+                std::slice::from_ref(&base),
                 &Resource::sha256_of_payload(name, &sha256_hex(&payload)),
                 &cache.path().join("mnist"),
             )
