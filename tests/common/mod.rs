@@ -45,6 +45,13 @@ fn act(x: f64, a: Activation) -> f64 {
     }
 }
 
+/// `row` replaced by its softmax, in place.
+fn softmax(row: &mut [f64]) {
+    let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = row.iter().map(|v| (v - m).exp()).sum();
+    row.iter_mut().for_each(|v| *v = (*v - m).exp() / z);
+}
+
 /// Keras semantics, in plain loops: NHWC activations, canonical weights, (H, W, C) flatten.
 /// Returns the probabilities `[n, outputs]` in inference mode.
 pub fn reference_forward(spec: &Sequential, w: &Weights, x: &Array4<f32>) -> Array2<f64> {
@@ -191,11 +198,7 @@ pub fn reference_pass(
                 })
                 | LayerKind::Softmax(_) => {
                     next = cur.clone();
-                    for row in next.chunks_mut(oc) {
-                        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                        let z: f64 = row.iter().map(|v| (v - m).exp()).sum();
-                        row.iter_mut().for_each(|v| *v = (*v - m).exp() / z);
-                    }
+                    next.chunks_mut(oc).for_each(softmax);
                 }
                 LayerKind::Activation(a) => {
                     next = cur.iter().map(|&v| act(v, a.activation)).collect()
@@ -227,9 +230,7 @@ pub fn reference_pass(
                         next[o] = act(acc, d.activation);
                     }
                     if d.activation == Activation::Softmax {
-                        let m = next.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                        let z: f64 = next.iter().map(|v| (v - m).exp()).sum();
-                        next.iter_mut().for_each(|v| *v = (*v - m).exp() / z);
+                        softmax(&mut next);
                     }
                 }
                 LayerKind::BatchNormalization(_) => unreachable!("handled over the batch"),
@@ -245,9 +246,7 @@ pub fn reference_pass(
             if let [z] = row.as_mut_slice() {
                 *z = 1.0 / (1.0 + (-*z).exp());
             } else {
-                let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = row.iter().map(|v| (v - m).exp()).sum();
-                row.iter_mut().for_each(|v| *v = (*v - m).exp() / sum);
+                softmax(row);
             }
         }
     }
