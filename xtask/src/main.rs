@@ -4,8 +4,8 @@
 //!   mesa-vulkan-drivers (lavapipe, for burn-wgpu without a GPU), and torch==2.9.0 from PyPI
 //!   into `.venv` for the tch engine (unless LIBTORCH is set), with safetensors, onnx and
 //!   onnxruntime for the interop tests.
-//! - `test`: setup, each engine feature built alone, then every test of the workspace and
-//!   every notebook on a small subset (what CI runs).
+//! - `test`: setup, the test build, each engine feature that builds here built alone, then
+//!   every test of the workspace and every notebook on a small subset (what CI runs).
 //! - `notebooks`: setup, then run the evcxr notebooks: on the CI subset, or with `--full` as
 //!   written, saving their outputs (`cargo xtask notebooks --full [NAME...]`).
 //! - `tutorial`: setup, then train `tutorial-mnist` on MNIST in release mode (extra args go to
@@ -16,6 +16,7 @@
 //! - `scaling`: data-parallel throughput under `mpirun`, one rank against several.
 //! - `fuzz`: the parsers' fuzz loop in a release build.
 //! - `gpu-bundle`: candle-cuda and burn-cuda built into one folder a GPU machine can run.
+//! - `check-cuda`: burn-cuda type-checked alone, without the GPU bundle's toolkit.
 //! - `pins`: print what the feature pins of the single-feature builds lack (xtask/check-pins).
 //!
 //! Builds go to `$CONVKIT_TARGET_DIR` (default `~/.cache/convkit/target`), outside the
@@ -86,6 +87,7 @@ fn main() -> Result<()> {
         }
         "fuzz" => fuzz(&rest),
         "gpu-bundle" => gpu_bundle::gpu_bundle(&rest),
+        "check-cuda" => check_cuda(),
         "pins" => {
             let missing = pins::missing()?;
             if missing.is_empty() {
@@ -96,7 +98,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | scaling | fuzz | gpu-bundle | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  train tutorial-mnist on MNIST with candle, installing nothing (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  scaling   data-parallel throughput, 1 MPI rank against N, convkit's default threads [--backends a,b] [--ranks N] [--limit IMAGES] [--batch-size B] [--repeat R]\n  fuzz      the parsers' fuzz loop in a release build: [SECONDS per target, default 600] [SEED]\n  gpu-bundle  build candle-cuda and burn-cuda here into one folder a GPU machine can run (target/gpu-bundle; --out DIR), and run its checks here\n  pins      print the lines xtask/check-pins/Cargo.toml lacks, if any (the single-feature builds' pins)");
+            eprintln!("usage: cargo xtask <compare | setup | test | notebooks | tutorial | bench | scaling | fuzz | gpu-bundle | check-cuda | pins> [args]\n\n  compare   setup, then cross-check and benchmark every engine (args go to `convkit compare`)\n  setup     install what the tests need (dataset-fashion-mnist, mesa-vulkan-drivers, torch wheel)\n  test      setup, then run every test of the workspace and the notebooks on a subset\n  notebooks setup, then run the notebooks (--full: as written, saving outputs; NAME: only those)\n  tutorial  train tutorial-mnist on MNIST with candle, installing nothing (args go to `convkit train`)\n  bench     criterion benches per compiled engine (args go to criterion)\n  scaling   data-parallel throughput, 1 MPI rank against N, convkit's default threads [--backends a,b] [--ranks N] [--limit IMAGES] [--batch-size B] [--repeat R]\n  fuzz      the parsers' fuzz loop in a release build: [SECONDS per target, default 600] [SEED]\n  gpu-bundle  build candle-cuda and burn-cuda here into one folder a GPU machine can run (target/gpu-bundle; --out DIR), and run its checks here\n  check-cuda  type-check burn-cuda alone (which `test` leaves to the GPU bundle)\n  pins      print the lines xtask/check-pins/Cargo.toml lacks, if any (the single-feature builds' pins)");
             if command.is_empty() || command == "help" || command == "--help" {
                 Ok(())
             } else {
@@ -620,8 +622,9 @@ fn build_env(c: &mut Command) {
 /// The engine features that build and run on a machine without CUDA (candle-cuda needs nvcc).
 const ENGINE_FEATURES: [&str; 5] = ["candle", "tch", "burn-flex", "burn-ndarray", "burn-wgpu"];
 
-/// Engine features that are type-checked alone but cannot be built or run without CUDA.
-const CHECK_ONLY_FEATURES: [&str; 1] = ["burn-cuda"];
+/// The engine feature that cannot be built or run without CUDA, which `cargo xtask
+/// check-cuda` type-checks alone (and `cargo xtask gpu-bundle` builds).
+const CUDA_ONLY_FEATURE: &str = "burn-cuda";
 
 /// The engine features that `cargo xtask test` builds alone, after the test build, reusing its
 /// compiled dependencies ([`pins`]).
@@ -661,33 +664,44 @@ fn facade_alone(verb: &str, features: &str, also: &[&str]) -> Result<Command> {
     shared_build::cargo(&args)
 }
 
-/// The `--features` of the build of `feature` alone (one of [`SINGLE_FEATURE_BUILDS`]): with
-/// the test build's two features that no engine touches (`evcxr`, `mpi`), so that core is
-/// the test build's.
+/// The engine a plain `cargo build` of the facade turns on (its `default` feature).
+const DEFAULT_ENGINE: &str = "candle";
+
+/// The `--features` of the build of `feature` alone (one of [`SINGLE_FEATURE_BUILDS`]). The
+/// default engine is built as a plain `cargo build` builds it, so core without its features
+/// (`evcxr`, `mpi`) is compiled too; every other engine with them, so that core (and candle's
+/// and tch's engine crates, which have no features) are the test build's and only the facade
+/// and that engine's crate are compiled again.
 fn single_feature_build(feature: &str) -> String {
-    format!("convkit/{feature},convkit/evcxr,convkit/mpi")
+    if feature == DEFAULT_ENGINE {
+        format!("convkit/{feature}")
+    } else {
+        format!("convkit/{feature},convkit/evcxr,convkit/mpi")
+    }
 }
 
-/// Everything CI runs, each step timed into `steps`: setup, the CUDA-only engine type-checked
-/// alone, the test build, each engine feature built alone, each test binary, and every notebook
-/// on a subset. The builds, the tests and the notebooks share one build ([`shared_build`]).
+/// `cargo xtask check-cuda`: the CUDA-only engine type-checked alone, over its whole
+/// dependency tree in check mode (about 18 minutes on 2 cores from cold; 10 s warm), which
+/// `cargo xtask test` leaves out: it shares nothing with the test build (a check's artifacts
+/// are metadata only) and the GPU bundle builds it for real.
+fn check_cuda() -> Result<()> {
+    let mut check = facade_alone("check", &format!("convkit/{CUDA_ONLY_FEATURE}"), &[])?;
+    // burn-cuda's CubeCL pulls tracel-llvm-bundler, whose build script downloads an LLVM
+    // bundle from outside the package registries. It skips the download under docs.rs's
+    // marker, which a type check does not need (the GPU bundle links stubs instead).
+    check.env("DOCS_RS", "1");
+    run(&mut check)
+}
+
+/// Everything CI runs, each step timed into `steps`: setup, the test build, each engine feature
+/// that builds here built alone, each test binary, and every notebook on a subset (burn-cuda:
+/// [`check_cuda`]). The builds, the tests and the notebooks share one build ([`shared_build`]).
 fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
     // Needs only cargo: it builds beside everything else, ready before the tests run.
     let evcxr = notebooks::EvcxrInstall::start()?;
     steps.time("setup", || {
         setup(Needs::EVERYTHING).and_then(|()| shared_build::prepare())
     })?;
-    // Each engine feature alone must compile: no feature may lean on another. burn-cuda cannot
-    // be built here, so it is type-checked (`check`) alone, over its whole dependency tree.
-    for feature in CHECK_ONLY_FEATURES {
-        let mut check = facade_alone("check", &format!("convkit/{feature}"), &[])?;
-        // burn-cuda's CubeCL pulls tracel-llvm-bundler, whose build script downloads an
-        // LLVM bundle from outside the package registries. It skips the download under
-        // docs.rs's marker, which a type check does not need; a real build on a CUDA
-        // machine runs without it.
-        check.env("DOCS_RS", "1");
-        steps.time(&format!("check {feature} alone"), || run(&mut check))?;
-    }
     let features = shared_build::features();
     let mut test = vec!["test"];
     test.extend(test_build_args(&features));
@@ -707,12 +721,10 @@ fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
         steps.time("download datasets", || run(&mut download))?;
         DOWNLOADED.get_or_init(|| into);
     }
-    // The other engine features, each built alone (`build`, not `check`: with the pins, every
-    // dependency resolves as in the test build and is reused from it, so only the facade and
-    // that engine's crate are compiled; a `check` would type-check the whole tree once more).
-    // With `evcxr` and `mpi`, core's features, which no engine touches: so convkit-core (and
-    // candle's and tch's engine crates, which have no features) are the test build's too. Core
-    // without them is type-checked above, under burn-cuda.
+    // Each engine feature alone must compile: no feature may lean on another. Each is built
+    // alone (`build`, not `check`: with the pins, every dependency resolves as in the test
+    // build and is reused from it, so only our crates are compiled; a `check` would type-check
+    // the whole tree once more), see `single_feature_build`.
     for feature in SINGLE_FEATURE_BUILDS {
         let engine = single_feature_build(feature);
         let mut alone = facade_alone("build", &engine, &[pins::PACKAGE])?;
