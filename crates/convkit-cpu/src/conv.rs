@@ -6,6 +6,7 @@
 //! and its gradient one pass over the output gradient.
 
 use crate::gemm::{matmul, matmul_by_rows};
+use crate::scratch::with_scratch;
 use crate::threads::{for_each_chunk, Threads};
 use crate::{check_len, shape_error, Result};
 
@@ -127,28 +128,33 @@ impl Conv2dShape {
         check_len(OP, "kernel", kernel.len(), self.o * self.patch())?;
         check_len(OP, "bias", bias.len(), self.o)?;
         let (positions, patch) = (self.positions(), self.patch());
-        let mut y = vec![0f32; self.n * self.o * positions];
+        // Each output row starts as its bias, written once (no zeroing first).
+        let mut y = Vec::with_capacity(self.n * self.o * positions);
+        for _ in 0..self.n {
+            for &b in bias {
+                y.resize(y.len() + positions, b);
+            }
+        }
         for_each_chunk(
             threads,
             &mut y,
             self.o * positions,
-            || vec![0f32; positions * patch],
-            |cols, image, y| {
+            || (),
+            |(), image, y| {
                 let x = &x[image * self.image()..][..self.image()];
-                for (row, &b) in y.chunks_mut(positions).zip(bias) {
-                    row.fill(b);
-                }
-                self.im2col(x, cols);
-                matmul(
-                    (self.o, positions, patch),
-                    y,
-                    (positions, 1),
-                    true,
-                    kernel,
-                    (patch, 1),
-                    cols,
-                    (positions, 1),
-                );
+                with_scratch(positions * patch, |cols| {
+                    self.im2col(x, cols);
+                    matmul(
+                        (self.o, positions, patch),
+                        y,
+                        (positions, 1),
+                        true,
+                        kernel,
+                        (patch, 1),
+                        cols,
+                        (positions, 1),
+                    );
+                });
             },
         );
         Ok(y)
@@ -165,25 +171,28 @@ impl Conv2dShape {
         self.check_output_grad(dy)?;
         check_len(OP, "kernel", kernel.len(), self.o * self.patch())?;
         let (positions, patch) = (self.positions(), self.patch());
+        // Zeroed: col2im adds into it.
         let mut dx = vec![0f32; self.n * self.image()];
         for_each_chunk(
             threads,
             &mut dx,
             self.image(),
-            || vec![0f32; positions * patch],
-            |dcols, image, dx| {
+            || (),
+            |(), image, dx| {
                 let dy = &dy[image * self.o * positions..][..self.o * positions];
-                matmul(
-                    (positions, patch, self.o),
-                    dcols,
-                    (1, positions),
-                    false,
-                    dy,
-                    (1, positions),
-                    kernel,
-                    (patch, 1),
-                );
-                self.col2im(dcols, dx);
+                with_scratch(positions * patch, |dcols| {
+                    matmul(
+                        (positions, patch, self.o),
+                        dcols,
+                        (1, positions),
+                        false,
+                        dy,
+                        (1, positions),
+                        kernel,
+                        (patch, 1),
+                    );
+                    self.col2im(dcols, dx);
+                });
             },
         );
         Ok(dx)
@@ -197,33 +206,34 @@ impl Conv2dShape {
         self.check_output_grad(dy)?;
         let (positions, patch) = (self.positions(), self.patch());
         let samples = self.n * positions;
-        let mut cols = vec![0f32; patch * samples];
-        self.im2col_batch(threads, x, &mut cols);
-        // dy as [o, n·positions]
-        let mut dy_t = vec![0f32; self.o * samples];
-        for_each_chunk(
-            threads,
-            &mut dy_t,
-            samples,
-            || (),
-            |(), oc, row| {
-                for (image, part) in row.chunks_mut(positions).enumerate() {
-                    let from = (image * self.o + oc) * positions;
-                    part.copy_from_slice(&dy[from..from + positions]);
-                }
-            },
-        );
         let mut dk = vec![0f32; self.o * patch];
-        matmul_by_rows(
-            threads,
-            &mut dk,
-            (patch, samples),
-            false,
-            &dy_t,
-            (samples, 1),
-            &cols,
-            (1, samples),
-        );
+        with_scratch((patch + self.o) * samples, |scratch| {
+            let (cols, dy_t) = scratch.split_at_mut(patch * samples);
+            self.im2col_batch(threads, x, cols);
+            // dy as [o, n·positions]
+            for_each_chunk(
+                threads,
+                dy_t,
+                samples,
+                || (),
+                |(), oc, row| {
+                    for (image, part) in row.chunks_mut(positions).enumerate() {
+                        let from = (image * self.o + oc) * positions;
+                        part.copy_from_slice(&dy[from..from + positions]);
+                    }
+                },
+            );
+            matmul_by_rows(
+                threads,
+                &mut dk,
+                (patch, samples),
+                false,
+                dy_t,
+                (samples, 1),
+                cols,
+                (1, samples),
+            );
+        });
         Ok(dk)
     }
 
@@ -320,10 +330,9 @@ impl Conv2dShape {
     }
 
     /// The inverse scatter of [`Conv2dShape::im2col`]: adds every entry of `cols` to the
-    /// image value it came from.
+    /// image value it came from (`image` starts zeroed).
     fn col2im(&self, cols: &[f32], image: &mut [f32]) {
         let (positions, ow, sw, left) = (self.positions(), self.ow, self.strides[1], self.pad[2]);
-        image.fill(0.0);
         for (q, row) in cols.chunks_exact(positions).enumerate() {
             self.taps(q, |y, start, xs| {
                 if let Some(start) = start {
@@ -382,7 +391,8 @@ mod tests {
         y
     }
 
-    /// Forward against the definition; each gradient against the reference's own: the
+    /// Forward against the definition; each gradient against the reference's own (with the
+    /// calling thread's working memory poisoned, which is all of it on [`crate::Serial`]): the
     /// forward is linear in each operand, so `⟨dy, f(x + e_i)⟩ − ⟨dy, f(x)⟩` is exact up to
     /// rounding, and summing `dy · ∂y/∂v` directly gives the reference gradient.
     #[test]
@@ -420,6 +430,8 @@ mod tests {
                 .collect();
             for &threads in POOLS {
                 let what = format!("pad {pad:?} strides {strides:?}");
+                // Working memory left NaN: any value read before it is written shows.
+                crate::scratch::poison();
                 assert_all_close(
                     &what,
                     &[

@@ -3,7 +3,7 @@
 //! does this, for any window and stride. A NaN that comes first in its window stays the
 //! maximum, and a later NaN never wins.
 
-use crate::threads::{for_each_chunk, Threads};
+use crate::threads::{collect_chunks, for_each_chunk, Threads};
 use crate::{check_len, shape_error, Result};
 
 /// The name errors give the op.
@@ -106,22 +106,17 @@ impl MaxPool2dShape {
     pub fn forward(&self, threads: &dyn Threads, x: &[f32]) -> Result<Vec<f32>> {
         let (h, w, oh, ow) = (self.h, self.w, self.oh, self.ow);
         check_len(OP, "input", x.len(), self.n * self.c * h * w)?;
-        let mut y = vec![0f32; self.n * self.c * oh * ow];
-        for_each_chunk(
+        Ok(collect_chunks(
             threads,
-            &mut y,
+            self.n * self.c * oh * ow,
             oh * ow,
-            || (),
-            |(), p, y| {
+            |p| {
                 let plane = &x[p * h * w..][..h * w];
-                for (oy, y) in y.chunks_exact_mut(ow).enumerate() {
-                    for (ox, y) in y.iter_mut().enumerate() {
-                        *y = plane[self.pool.first_max(plane, w, oy, ox)];
-                    }
-                }
+                (0..oh).flat_map(move |oy| {
+                    (0..ow).map(move |ox| plane[self.pool.first_max(plane, w, oy, ox)])
+                })
             },
-        );
-        Ok(y)
+        ))
     }
 
     /// `dx [n, c, h, w]`: each output's gradient `dy [n, c, oh, ow]` added to its window's

@@ -1,7 +1,7 @@
 //! ReLU as one pass forward and one backward: `max(x, 0)` with a gradient of 0 wherever the
 //! output is not positive (at exactly 0 too, as Keras and PyTorch). NaN stays NaN.
 
-use crate::threads::{for_each_chunk, Threads};
+use crate::threads::{collect_chunks, Threads};
 use crate::{check_len, Result};
 
 /// Elements per parallel task: large enough to amortise the hand-off.
@@ -9,38 +9,20 @@ const CHUNK: usize = 16 * 1024;
 
 /// `y = max(x, 0)`, any shape.
 pub fn forward(threads: &dyn Threads, x: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    for_each_chunk(
-        threads,
-        &mut y,
-        CHUNK,
-        || (),
-        |(), i, y| {
-            for (y, &x) in y.iter_mut().zip(&x[i * CHUNK..]) {
-                *y = if x <= 0.0 { 0.0 } else { x };
-            }
-        },
-    );
-    y
+    collect_chunks(threads, x.len(), CHUNK, |i| {
+        (x[i * CHUNK..].iter()).map(|&x| if x <= 0.0 { 0.0 } else { x })
+    })
 }
 
 /// `dx = dy` where the forward's output `y` is positive, 0 elsewhere.
 pub fn backward(threads: &dyn Threads, dy: &[f32], y: &[f32]) -> Result<Vec<f32>> {
     check_len("convkit relu", "output", y.len(), dy.len())?;
-    let mut dx = vec![0f32; dy.len()];
-    for_each_chunk(
-        threads,
-        &mut dx,
-        CHUNK,
-        || (),
-        |(), i, dx| {
-            let (dy, y) = (&dy[i * CHUNK..], &y[i * CHUNK..]);
-            for ((dx, &dy), &y) in dx.iter_mut().zip(dy).zip(y) {
-                *dx = if y > 0.0 { dy } else { 0.0 };
-            }
-        },
-    );
-    Ok(dx)
+    Ok(collect_chunks(threads, dy.len(), CHUNK, |i| {
+        let (dy, y) = (&dy[i * CHUNK..], &y[i * CHUNK..]);
+        dy.iter()
+            .zip(y)
+            .map(|(&dy, &y)| if y > 0.0 { dy } else { 0.0 })
+    }))
 }
 
 #[cfg(test)]

@@ -85,6 +85,46 @@ pub fn for_each_chunk<S>(
     });
 }
 
+/// A vector of `len` values made chunk by chunk on `threads`, written once (not zeroed
+/// first): chunk `i` holds `values(i)`, the values at `i·size..` (`size` each, the last one
+/// shorter). Panics if `values(i)` gives fewer values than its chunk holds.
+pub fn collect_chunks<I: Iterator<Item = f32>>(
+    threads: &dyn Threads,
+    len: usize,
+    size: usize,
+    values: impl Fn(usize) -> I + Sync,
+) -> Vec<f32> {
+    let size = size.max(1);
+    let mut out = Vec::<f32>::with_capacity(len);
+    // The address as an integer, so the closure is `Sync`; every chunk is derived from it.
+    let base = out.spare_capacity_mut().as_mut_ptr() as usize;
+    threads.run(len.div_ceil(size), &|range| {
+        for i in range {
+            let start = i * size;
+            let end = len.min(start + size);
+            // SAFETY: `run` hands out each index once, so the chunks `start..end` are
+            // disjoint and inside the capacity of `out`, which nothing else touches until
+            // every thread has finished.
+            let chunk = unsafe {
+                std::slice::from_raw_parts_mut(
+                    (base as *mut std::mem::MaybeUninit<f32>).add(start),
+                    end - start,
+                )
+            };
+            let mut written = 0;
+            for (slot, value) in chunk.iter_mut().zip(values(i)) {
+                slot.write(value);
+                written += 1;
+            }
+            assert_eq!(written, chunk.len(), "chunk {i} was given too few values");
+        }
+    });
+    // SAFETY: every chunk of `0..len` was written whole (asserted; a panic in a task reaches
+    // this thread before this line), and `run` returned after every task.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// Splits `out`, rows of `row_len` values, into one contiguous share of rows per thread and
 /// runs `fill(rows, share)` for each share: a static split for work of equal cost per row
 /// (one GEMM's output rows), where the order of the shares never changes the result.
@@ -141,6 +181,22 @@ mod tests {
                 assert_eq!(*v, (j / 64) as f32 + 1.0);
             }
         }
+    }
+
+    #[test]
+    fn collected_chunks_hold_their_values_and_a_short_one_panics() {
+        for &threads in POOLS {
+            let out = collect_chunks(threads, 1000, 64, |i| {
+                (0..64).map(move |j| (i * 64 + j) as f32)
+            });
+            let expected: Vec<f32> = (0..1000).map(|j| j as f32).collect();
+            assert_eq!(out, expected);
+            assert!(collect_chunks(threads, 0, 64, |_| std::iter::empty()).is_empty());
+        }
+        let short = std::panic::catch_unwind(|| {
+            collect_chunks(&crate::Serial, 10, 4, |_| std::iter::repeat_n(1.0, 3))
+        });
+        assert!(short.is_err());
     }
 
     #[test]
