@@ -135,28 +135,22 @@ impl Conv2dShape {
                 y.resize(y.len() + positions, b);
             }
         }
-        for_each_chunk(
-            threads,
-            &mut y,
-            self.o * positions,
-            || (),
-            |(), image, y| {
-                let x = &x[image * self.image()..][..self.image()];
-                with_scratch(positions * patch, |cols| {
-                    self.im2col(x, cols);
-                    matmul(
-                        (self.o, positions, patch),
-                        y,
-                        (positions, 1),
-                        true,
-                        kernel,
-                        (patch, 1),
-                        cols,
-                        (positions, 1),
-                    );
-                });
-            },
-        );
+        for_each_chunk(threads, &mut y, self.o * positions, |image, y| {
+            let x = &x[image * self.image()..][..self.image()];
+            with_scratch(positions * patch, |cols| {
+                self.im2col(x, cols);
+                matmul(
+                    (self.o, positions, patch),
+                    y,
+                    (positions, 1),
+                    true,
+                    kernel,
+                    (patch, 1),
+                    cols,
+                    (positions, 1),
+                );
+            });
+        });
         Ok(y)
     }
 
@@ -173,28 +167,22 @@ impl Conv2dShape {
         let (positions, patch) = (self.positions(), self.patch());
         // Zeroed: col2im adds into it.
         let mut dx = vec![0f32; self.n * self.image()];
-        for_each_chunk(
-            threads,
-            &mut dx,
-            self.image(),
-            || (),
-            |(), image, dx| {
-                let dy = &dy[image * self.o * positions..][..self.o * positions];
-                with_scratch(positions * patch, |dcols| {
-                    matmul(
-                        (positions, patch, self.o),
-                        dcols,
-                        (1, positions),
-                        false,
-                        dy,
-                        (1, positions),
-                        kernel,
-                        (patch, 1),
-                    );
-                    self.col2im(dcols, dx);
-                });
-            },
-        );
+        for_each_chunk(threads, &mut dx, self.image(), |image, dx| {
+            let dy = &dy[image * self.o * positions..][..self.o * positions];
+            with_scratch(positions * patch, |dcols| {
+                matmul(
+                    (positions, patch, self.o),
+                    dcols,
+                    (1, positions),
+                    false,
+                    dy,
+                    (1, positions),
+                    kernel,
+                    (patch, 1),
+                );
+                self.col2im(dcols, dx);
+            });
+        });
         Ok(dx)
     }
 
@@ -211,18 +199,12 @@ impl Conv2dShape {
             let (cols, dy_t) = scratch.split_at_mut(patch * samples);
             self.im2col_batch(threads, x, cols);
             // dy as [o, n·positions]
-            for_each_chunk(
-                threads,
-                dy_t,
-                samples,
-                || (),
-                |(), oc, row| {
-                    for (image, part) in row.chunks_mut(positions).enumerate() {
-                        let from = (image * self.o + oc) * positions;
-                        part.copy_from_slice(&dy[from..from + positions]);
-                    }
-                },
-            );
+            for_each_chunk(threads, dy_t, samples, |oc, row| {
+                for (image, part) in row.chunks_mut(positions).enumerate() {
+                    let from = (image * self.o + oc) * positions;
+                    part.copy_from_slice(&dy[from..from + positions]);
+                }
+            });
             matmul_by_rows(
                 threads,
                 &mut dk,
@@ -243,19 +225,13 @@ impl Conv2dShape {
         let (o, positions) = (self.o, self.positions());
         self.check_output_grad(dy)?;
         let mut db = vec![0f32; o];
-        for_each_chunk(
-            threads,
-            &mut db,
-            1,
-            || (),
-            |(), channel, db| {
-                let sum: f64 = (0..self.n)
-                    .map(|image| &dy[(image * o + channel) * positions..][..positions])
-                    .map(|plane| plane.iter().map(|&v| v as f64).sum::<f64>())
-                    .sum();
-                db[0] = sum as f32;
-            },
-        );
+        for_each_chunk(threads, &mut db, 1, |channel, db| {
+            let sum: f64 = (0..self.n)
+                .map(|image| &dy[(image * o + channel) * positions..][..positions])
+                .map(|plane| plane.iter().map(|&v| v as f64).sum::<f64>())
+                .sum();
+            db[0] = sum as f32;
+        });
         Ok(db)
     }
 
@@ -316,17 +292,11 @@ impl Conv2dShape {
     /// `cols[q·(n·positions) + i·positions + p]` for the whole batch `x`, rows in parallel.
     fn im2col_batch(&self, threads: &dyn Threads, x: &[f32], cols: &mut [f32]) {
         let (positions, image) = (self.positions(), self.image());
-        for_each_chunk(
-            threads,
-            cols,
-            self.n * positions,
-            || (),
-            |(), q, row| {
-                for (i, out) in row.chunks_exact_mut(positions).enumerate() {
-                    self.im2col_entry(q, &x[i * image..][..image], out);
-                }
-            },
-        );
+        for_each_chunk(threads, cols, self.n * positions, |q, row| {
+            for (i, out) in row.chunks_exact_mut(positions).enumerate() {
+                self.im2col_entry(q, &x[i * image..][..image], out);
+            }
+        });
     }
 
     /// The inverse scatter of [`Conv2dShape::im2col`]: adds every entry of `cols` to the

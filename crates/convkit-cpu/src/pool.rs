@@ -126,20 +126,14 @@ impl MaxPool2dShape {
         check_len(OP, "input", x.len(), self.n * self.c * h * w)?;
         check_len(OP, "output gradient", dy.len(), self.n * self.c * oh * ow)?;
         let mut dx = vec![0f32; x.len()];
-        for_each_chunk(
-            threads,
-            &mut dx,
-            h * w,
-            || (),
-            |(), p, dx| {
-                let (plane, dy) = (&x[p * h * w..][..h * w], &dy[p * oh * ow..][..oh * ow]);
-                for (oy, dy) in dy.chunks_exact(ow).enumerate() {
-                    for (ox, &d) in dy.iter().enumerate() {
-                        dx[self.pool.first_max(plane, w, oy, ox)] += d;
-                    }
+        for_each_chunk(threads, &mut dx, h * w, |p, dx| {
+            let (plane, dy) = (&x[p * h * w..][..h * w], &dy[p * oh * ow..][..oh * ow]);
+            for (oy, dy) in dy.chunks_exact(ow).enumerate() {
+                for (ox, &d) in dy.iter().enumerate() {
+                    dx[self.pool.first_max(plane, w, oy, ox)] += d;
                 }
-            },
-        );
+            }
+        });
         Ok(dx)
     }
 }

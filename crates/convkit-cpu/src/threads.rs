@@ -57,30 +57,34 @@ impl Threads for Rayon {
     }
 }
 
-/// Runs `fill(scratch, i, chunk)` for every `chunk = out.chunks_mut(size)[i]` on `threads`,
-/// each thread with a `scratch` from `init` (made once per range of chunks it takes).
-pub fn for_each_chunk<S>(
+/// Chunk `i` of `size` values (the last one shorter) of the `len` values at `base`.
+///
+/// # Safety
+/// `base` is the address of `len` values that stay alive and unaliased while the chunk is
+/// used, and no other chunk `i` is made at the same time.
+unsafe fn chunk<'a, T>(base: usize, len: usize, size: usize, i: usize) -> &'a mut [T] {
+    let start = i * size;
+    let end = len.min(start + size);
+    // SAFETY: `start..end` lies inside the `len` values (the caller's promise for `base`).
+    unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(start), end - start) }
+}
+
+/// Runs `fill(i, chunk)` for every `chunk = out.chunks_mut(size)[i]` on `threads`.
+pub fn for_each_chunk(
     threads: &dyn Threads,
     out: &mut [f32],
     size: usize,
-    init: impl Fn() -> S + Sync,
-    fill: impl Fn(&mut S, usize, &mut [f32]) + Sync,
+    fill: impl Fn(usize, &mut [f32]) + Sync,
 ) {
     let (len, size) = (out.len(), size.max(1));
     // The address as an integer, so the closure is `Sync`; every chunk is derived from it.
     let base = out.as_mut_ptr() as usize;
     threads.run(len.div_ceil(size), &|range| {
-        let mut scratch = init();
         for i in range {
-            let start = i * size;
-            let end = len.min(start + size);
-            // SAFETY: `run` hands out each index once, so the chunks `start..end` are
-            // disjoint, inside `out` and not aliased while `out` is mutably borrowed here,
-            // which lasts until every thread has finished.
-            let chunk = unsafe {
-                std::slice::from_raw_parts_mut((base as *mut f32).add(start), end - start)
-            };
-            fill(&mut scratch, i, chunk);
+            // SAFETY: `run` hands out each index once, so the chunks are disjoint, inside
+            // `out` and not aliased while `out` is mutably borrowed here, which lasts until
+            // every thread has finished.
+            fill(i, unsafe { chunk(base, len, size, i) });
         }
     });
 }
@@ -96,21 +100,13 @@ pub fn collect_chunks<I: Iterator<Item = f32>>(
 ) -> Vec<f32> {
     let size = size.max(1);
     let mut out = Vec::<f32>::with_capacity(len);
-    // The address as an integer, so the closure is `Sync`; every chunk is derived from it.
     let base = out.spare_capacity_mut().as_mut_ptr() as usize;
     threads.run(len.div_ceil(size), &|range| {
         for i in range {
-            let start = i * size;
-            let end = len.min(start + size);
-            // SAFETY: `run` hands out each index once, so the chunks `start..end` are
-            // disjoint and inside the capacity of `out`, which nothing else touches until
-            // every thread has finished.
-            let chunk = unsafe {
-                std::slice::from_raw_parts_mut(
-                    (base as *mut std::mem::MaybeUninit<f32>).add(start),
-                    end - start,
-                )
-            };
+            // SAFETY: `run` hands out each index once, so the chunks are disjoint and inside
+            // the capacity of `out`, which nothing else touches until every thread has
+            // finished.
+            let chunk: &mut [std::mem::MaybeUninit<f32>] = unsafe { chunk(base, len, size, i) };
             let mut written = 0;
             for (slot, value) in chunk.iter_mut().zip(values(i)) {
                 slot.write(value);
@@ -165,18 +161,11 @@ mod tests {
     fn every_chunk_once_with_a_short_last_one() {
         for &threads in POOLS {
             let mut out = vec![0f32; 1000];
-            for_each_chunk(
-                threads,
-                &mut out,
-                64,
-                || 0usize,
-                |seen, i, chunk| {
-                    *seen += 1;
-                    for v in chunk.iter_mut() {
-                        *v += i as f32 + 1.0;
-                    }
-                },
-            );
+            for_each_chunk(threads, &mut out, 64, |i, chunk| {
+                for v in chunk.iter_mut() {
+                    *v += i as f32 + 1.0;
+                }
+            });
             for (j, v) in out.iter().enumerate() {
                 assert_eq!(*v, (j / 64) as f32 + 1.0);
             }
