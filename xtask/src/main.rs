@@ -680,6 +680,68 @@ fn single_feature_build(feature: &str) -> String {
     }
 }
 
+/// `cargo metadata` of the locked tree with `features` (read offline: only what the builds here
+/// fetched), or with every feature (`None`, fetching what is missing).
+fn locked_metadata(features: Option<&str>) -> Result<serde_json::Value> {
+    let mut metadata = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    metadata.args(["metadata", "--format-version", "1", "--locked"]);
+    match features {
+        Some(features) => metadata.args(["--offline", "--features", features]),
+        None => metadata.arg("--all-features"),
+    };
+    let out = metadata.current_dir(root()).output()?;
+    if !out.status.success() {
+        bail!(
+            "{metadata:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Fails unless the workspace's `rust-version` is what the locked tree needs with `features`
+/// (`None`: every feature, fetching what is missing): the highest `rust-version` of any
+/// package not ours. No lower, or an older toolchain fails on a dependency; no higher, or it
+/// turns away toolchains that would work.
+fn check_rust_version(features: Option<&str>) -> Result<()> {
+    let metadata = locked_metadata(features)?;
+    let version = |text: &str| -> Result<Vec<u32>> {
+        text.split('.')
+            .map(|part| part.parse().with_context(|| format!("rust-version {text}")))
+            .collect()
+    };
+    let mut needed = (vec![0], String::new());
+    for package in metadata["packages"].as_array().into_iter().flatten() {
+        let (Some(v), false) = (
+            package["rust_version"].as_str(),
+            package["source"].is_null(),
+        ) else {
+            continue;
+        };
+        if version(v)? > needed.0 {
+            needed = (
+                version(v)?,
+                format!(
+                    "{} {} (rust-version {v})",
+                    package["name"], package["version"]
+                ),
+            );
+        }
+    }
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(root().join("Cargo.toml"))?)?;
+    let ours = manifest["workspace"]["package"]["rust-version"]
+        .as_str()
+        .context("Cargo.toml has no workspace.package.rust-version")?;
+    if version(ours)? != needed.0 {
+        bail!(
+            "Cargo.toml's rust-version is {ours}; the locked tree needs exactly what {} needs",
+            needed.1
+        );
+    }
+    Ok(())
+}
+
 /// `cargo xtask check-cuda`: the CUDA-only engine type-checked alone, over its whole
 /// dependency tree in check mode (about 18 minutes on 2 cores from cold; 10 s warm), which
 /// `cargo xtask test` leaves out: it shares nothing with the test build (a check's artifacts
@@ -690,7 +752,9 @@ fn check_cuda() -> Result<()> {
     // bundle from outside the package registries. It skips the download under docs.rs's
     // marker, which a type check does not need (the GPU bundle links stubs instead).
     check.env("DOCS_RS", "1");
-    run(&mut check)
+    run(&mut check)?;
+    // The test build's own check sees only what it fetched; this sees every feature's crates.
+    check_rust_version(None)
 }
 
 /// Everything CI runs, each step timed into `steps`: setup, the test build, each engine feature
@@ -864,55 +928,102 @@ mod tests {
         assert_eq!(name("test result: ok. 3 passed"), None);
     }
 
-    /// The workspace's `rust-version` is what the locked tree needs, all features on: the
-    /// highest `rust-version` of any locked package (no lower, or an older toolchain fails on
-    /// a dependency; no higher, or it turns away toolchains that would work).
+    /// The crates `.cargo/config.toml` builds unoptimised as compile-time only (its paragraph
+    /// "What runs only while compiling") are never linked into a program: each is reached only
+    /// through a build dependency or a proc macro. Every package the config names is in the
+    /// tree the tests build, so no entry is dead.
     #[test]
-    fn rust_version_is_the_locked_trees_minimum() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let out = std::process::Command::new(env!("CARGO"))
-            .args([
-                "metadata",
-                "--format-version",
-                "1",
-                "--locked",
-                "--offline",
-                "--all-features",
-            ])
-            .current_dir(&root)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let version = |text: &str| -> Vec<u32> {
-            text.split('.').map(|part| part.parse().unwrap()).collect()
+    fn the_unoptimised_compile_time_crates_run_only_while_compiling() {
+        use std::collections::{BTreeSet, HashMap, HashSet};
+        let metadata = super::locked_metadata(Some(&crate::shared_build::features())).unwrap();
+        let packages: HashMap<&str, &serde_json::Value> = metadata["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["id"].as_str().unwrap(), p))
+            .collect();
+        let is_proc_macro = |id: &str| {
+            packages[id]["targets"].as_array().unwrap().iter().any(|t| {
+                t["kind"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|k| k == "proc-macro")
+            })
         };
-        let mut needed = (vec![0], String::new());
-        for package in metadata["packages"].as_array().unwrap() {
-            if let Some(v) = package["rust_version"].as_str() {
-                let is_ours = package["source"].is_null();
-                if !is_ours && version(v) > needed.0 {
-                    needed = (
-                        version(v),
-                        format!("{} {}", package["name"], package["version"]),
-                    );
+        let nodes: HashMap<&str, &serde_json::Value> = metadata["resolve"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| (n["id"].as_str().unwrap(), n))
+            .collect();
+        let members: HashSet<&str> = metadata["workspace_members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap())
+            .collect();
+        // Walk from our crates; a step through a build dependency or into a proc macro leads
+        // to what runs while compiling. Dev-dependencies count only for our own crates.
+        let (mut linked, mut seen) = (BTreeSet::new(), HashSet::new());
+        let mut stack: Vec<(&str, bool)> = members.iter().map(|&m| (m, false)).collect();
+        while let Some((id, compile_time)) = stack.pop() {
+            if !seen.insert((id, compile_time)) {
+                continue;
+            }
+            if !compile_time {
+                linked.insert(packages[id]["name"].as_str().unwrap());
+            }
+            for dep in nodes[id]["deps"].as_array().unwrap() {
+                let to = dep["pkg"].as_str().unwrap();
+                for kind in dep["dep_kinds"].as_array().unwrap() {
+                    let kind = kind["kind"].as_str();
+                    if kind == Some("dev") && !members.contains(id) {
+                        continue;
+                    }
+                    stack.push((
+                        to,
+                        compile_time || kind == Some("build") || is_proc_macro(to),
+                    ));
                 }
             }
         }
-        let manifest: toml::Value =
-            toml::from_str(&std::fs::read_to_string(root.join("Cargo.toml")).unwrap()).unwrap();
-        let ours = manifest["workspace"]["package"]["rust-version"]
-            .as_str()
-            .unwrap();
-        assert_eq!(
-            version(ours),
-            needed.0,
-            "Cargo.toml says {ours}; {} needs more or less",
-            needed.1
-        );
+        let in_tree: BTreeSet<&str> = packages
+            .values()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        let config = std::fs::read_to_string(super::root().join(".cargo/config.toml")).unwrap();
+        let named = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("[profile.dev.package.")?.strip_suffix(']'))
+                .filter(|name| *name != "\"*\"")
+                .map(String::from)
+                .collect()
+        };
+        for name in named(&config) {
+            assert!(
+                in_tree.contains(name.as_str()),
+                "{name} is not in the tree the tests build"
+            );
+        }
+        let start = config.find("# What runs only while compiling").unwrap();
+        let paragraph = &config[start..];
+        let paragraph = &paragraph[..paragraph.find("\n\n").unwrap_or(paragraph.len())];
+        let compile_time = named(paragraph);
+        assert!(compile_time.len() > 10, "{compile_time:?}");
+        for name in compile_time {
+            assert!(
+                !linked.contains(name.as_str()),
+                "{name} is linked into a program"
+            );
+        }
+    }
+
+    /// The workspace's `rust-version` is what the tree this CI builds needs: read offline, so
+    /// only from the packages the test build has fetched (on a fresh machine the CUDA engines'
+    /// crates are not there; `cargo xtask check-cuda` checks the whole tree).
+    #[test]
+    fn rust_version_is_the_built_trees_minimum() {
+        super::check_rust_version(Some(&crate::shared_build::features())).unwrap();
     }
 }
