@@ -680,31 +680,33 @@ fn single_feature_build(feature: &str) -> String {
     }
 }
 
-/// `cargo metadata` of the locked tree with `features` (read offline: only what the builds here
-/// fetched), or with every feature (`None`, fetching what is missing).
-fn locked_metadata(features: Option<&str>) -> Result<serde_json::Value> {
+/// `cargo metadata` of the locked tree with every feature, for this machine's platform, read
+/// offline: from the crates `cargo xtask test` fetches first (`cargo fetch --locked --target
+/// <host>`), so it needs no network and sees the CUDA engines' crates too.
+fn locked_metadata() -> Result<serde_json::Value> {
     let mut metadata = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    metadata.args(["metadata", "--format-version", "1", "--locked"]);
-    match features {
-        Some(features) => metadata.args(["--offline", "--features", features]),
-        None => metadata.arg("--all-features"),
-    };
+    metadata
+        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .args([
+            "--all-features",
+            "--filter-platform",
+            &shared_build::host()?,
+        ]);
     let out = metadata.current_dir(root()).output()?;
     if !out.status.success() {
         bail!(
-            "{metadata:?} failed: {}",
+            "{metadata:?} failed (`cargo fetch --locked --target <host>` gets what it needs): {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-/// Fails unless the workspace's `rust-version` is what the locked tree needs with `features`
-/// (`None`: every feature, fetching what is missing): the highest `rust-version` of any
-/// package not ours. No lower, or an older toolchain fails on a dependency; no higher, or it
+/// Fails unless the workspace's `rust-version` is what the locked tree needs with every
+/// feature on: the highest `rust-version` of any package not ours. No lower, or an older toolchain fails on a dependency; no higher, or it
 /// turns away toolchains that would work.
-fn check_rust_version(features: Option<&str>) -> Result<()> {
-    let metadata = locked_metadata(features)?;
+fn check_rust_version() -> Result<()> {
+    let metadata = locked_metadata()?;
     let version = |text: &str| -> Result<Vec<u32>> {
         text.split('.')
             .map(|part| part.parse().with_context(|| format!("rust-version {text}")))
@@ -752,9 +754,7 @@ fn check_cuda() -> Result<()> {
     // bundle from outside the package registries. It skips the download under docs.rs's
     // marker, which a type check does not need (the GPU bundle links stubs instead).
     check.env("DOCS_RS", "1");
-    run(&mut check)?;
-    // The test build's own check sees only what it fetched; this sees every feature's crates.
-    check_rust_version(None)
+    run(&mut check)
 }
 
 /// Everything CI runs, each step timed into `steps`: setup, the test build, each engine feature
@@ -766,6 +766,10 @@ fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
     steps.time("setup", || {
         setup(Needs::EVERYTHING).and_then(|()| shared_build::prepare())
     })?;
+    // Every crate of the lock for this platform, CUDA engines' and benches' included, so that
+    // nothing after this needs the network (xtask's own tests read the whole locked tree).
+    let mut fetch = cargo(&["fetch", "--locked", "--target", &shared_build::host()?]);
+    steps.time("fetch crates", || run(&mut fetch))?;
     let features = shared_build::features();
     let mut test = vec!["test"];
     test.extend(test_build_args(&features));
@@ -930,12 +934,12 @@ mod tests {
 
     /// The crates `.cargo/config.toml` builds unoptimised as compile-time only (its paragraph
     /// "What runs only while compiling") are never linked into a program: each is reached only
-    /// through a build dependency or a proc macro. Every package the config names is in the
-    /// tree the tests build, so no entry is dead.
+    /// through a build dependency or a proc macro, whatever features are on. Every package the
+    /// config names is in the locked tree, so no entry is dead.
     #[test]
     fn the_unoptimised_compile_time_crates_run_only_while_compiling() {
         use std::collections::{BTreeSet, HashMap, HashSet};
-        let metadata = super::locked_metadata(Some(&crate::shared_build::features())).unwrap();
+        let metadata = super::locked_metadata().unwrap();
         let packages: HashMap<&str, &serde_json::Value> = metadata["packages"]
             .as_array()
             .unwrap()
@@ -1019,11 +1023,9 @@ mod tests {
         }
     }
 
-    /// The workspace's `rust-version` is what the tree this CI builds needs: read offline, so
-    /// only from the packages the test build has fetched (on a fresh machine the CUDA engines'
-    /// crates are not there; `cargo xtask check-cuda` checks the whole tree).
+    /// The workspace's `rust-version` is what the locked tree needs, all features on.
     #[test]
-    fn rust_version_is_the_built_trees_minimum() {
-        super::check_rust_version(Some(&crate::shared_build::features())).unwrap();
+    fn rust_version_is_the_locked_trees_minimum() {
+        super::check_rust_version().unwrap();
     }
 }
