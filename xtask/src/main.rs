@@ -680,70 +680,6 @@ fn single_feature_build(feature: &str) -> String {
     }
 }
 
-/// `cargo metadata` of the locked tree with every feature, for this machine's platform, read
-/// offline: from the crates `cargo xtask test` fetches first (`cargo fetch --locked --target
-/// <host>`), so it needs no network and sees the CUDA engines' crates too.
-fn locked_metadata() -> Result<serde_json::Value> {
-    let mut metadata = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    metadata
-        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
-        .args([
-            "--all-features",
-            "--filter-platform",
-            &shared_build::host()?,
-        ]);
-    let out = metadata.current_dir(root()).output()?;
-    if !out.status.success() {
-        bail!(
-            "{metadata:?} failed (`cargo fetch --locked --target <host>` gets what it needs): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-/// Fails unless the workspace's `rust-version` is what the locked tree needs with every
-/// feature on: the highest `rust-version` of any package not ours. No lower, or an older toolchain fails on a dependency; no higher, or it
-/// turns away toolchains that would work.
-fn check_rust_version() -> Result<()> {
-    let metadata = locked_metadata()?;
-    let version = |text: &str| -> Result<Vec<u32>> {
-        text.split('.')
-            .map(|part| part.parse().with_context(|| format!("rust-version {text}")))
-            .collect()
-    };
-    let mut needed = (vec![0], String::new());
-    for package in metadata["packages"].as_array().into_iter().flatten() {
-        let (Some(v), false) = (
-            package["rust_version"].as_str(),
-            package["source"].is_null(),
-        ) else {
-            continue;
-        };
-        if version(v)? > needed.0 {
-            needed = (
-                version(v)?,
-                format!(
-                    "{} {} (rust-version {v})",
-                    package["name"], package["version"]
-                ),
-            );
-        }
-    }
-    let manifest: toml::Value =
-        toml::from_str(&std::fs::read_to_string(root().join("Cargo.toml"))?)?;
-    let ours = manifest["workspace"]["package"]["rust-version"]
-        .as_str()
-        .context("Cargo.toml has no workspace.package.rust-version")?;
-    if version(ours)? != needed.0 {
-        bail!(
-            "Cargo.toml's rust-version is {ours}; the locked tree needs exactly what {} needs",
-            needed.1
-        );
-    }
-    Ok(())
-}
-
 /// `cargo xtask check-cuda`: the CUDA-only engine type-checked alone, over its whole
 /// dependency tree in check mode (about 18 minutes on 2 cores from cold; 10 s warm), which
 /// `cargo xtask test` leaves out: it shares nothing with the test build (a check's artifacts
@@ -892,6 +828,73 @@ fn tutorial(extra: &[String]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::test_binary_name;
+    use super::{root, shared_build};
+    use anyhow::{bail, Context, Result};
+    use std::process::Command;
+
+    /// `cargo metadata` of the locked tree with every feature, for this machine's platform, read
+    /// offline: from the crates `cargo xtask test` fetches first (`cargo fetch --locked --target
+    /// <host>`), so it needs no network and sees the CUDA engines' crates too.
+    fn locked_metadata() -> Result<serde_json::Value> {
+        let mut metadata = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        metadata
+            .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+            .args([
+                "--all-features",
+                "--filter-platform",
+                &shared_build::host()?,
+            ]);
+        let out = metadata.current_dir(root()).output()?;
+        if !out.status.success() {
+            bail!(
+                "{metadata:?} failed (`cargo fetch --locked --target <host>` gets what it needs): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Fails unless the workspace's `rust-version` is what the locked tree needs with every
+    /// feature on: the highest `rust-version` of any package not ours. No lower, or an older
+    /// toolchain fails on a dependency; no higher, or it turns away toolchains that would work.
+    fn check_rust_version() -> Result<()> {
+        let metadata = locked_metadata()?;
+        let version = |text: &str| -> Result<Vec<u32>> {
+            text.split('.')
+                .map(|part| part.parse().with_context(|| format!("rust-version {text}")))
+                .collect()
+        };
+        let mut needed = (vec![0], String::new());
+        for package in metadata["packages"].as_array().into_iter().flatten() {
+            let (Some(v), false) = (
+                package["rust_version"].as_str(),
+                package["source"].is_null(),
+            ) else {
+                continue;
+            };
+            if version(v)? > needed.0 {
+                needed = (
+                    version(v)?,
+                    format!(
+                        "{} {} (rust-version {v})",
+                        package["name"], package["version"]
+                    ),
+                );
+            }
+        }
+        let manifest: toml::Value =
+            toml::from_str(&std::fs::read_to_string(root().join("Cargo.toml"))?)?;
+        let ours = manifest["workspace"]["package"]["rust-version"]
+            .as_str()
+            .context("Cargo.toml has no workspace.package.rust-version")?;
+        if version(ours)? != needed.0 {
+            bail!(
+                "Cargo.toml's rust-version is {ours}; the locked tree needs exactly what {} needs",
+                needed.1
+            );
+        }
+        Ok(())
+    }
 
     #[test]
     fn test_data_is_the_given_copy_else_a_download_into_the_cache() {
@@ -939,7 +942,7 @@ mod tests {
     #[test]
     fn the_unoptimised_compile_time_crates_run_only_while_compiling() {
         use std::collections::{BTreeSet, HashMap, HashSet};
-        let metadata = super::locked_metadata().unwrap();
+        let metadata = locked_metadata().unwrap();
         let packages: HashMap<&str, &serde_json::Value> = metadata["packages"]
             .as_array()
             .unwrap()
@@ -996,7 +999,7 @@ mod tests {
             .values()
             .map(|p| p["name"].as_str().unwrap())
             .collect();
-        let config = std::fs::read_to_string(super::root().join(".cargo/config.toml")).unwrap();
+        let config = std::fs::read_to_string(root().join(".cargo/config.toml")).unwrap();
         let named = |text: &str| -> Vec<String> {
             text.lines()
                 .filter_map(|l| l.strip_prefix("[profile.dev.package.")?.strip_suffix(']'))
@@ -1007,7 +1010,7 @@ mod tests {
         for name in named(&config) {
             assert!(
                 in_tree.contains(name.as_str()),
-                "{name} is not in the tree the tests build"
+                "{name} is not in the locked tree"
             );
         }
         let start = config.find("# What runs only while compiling").unwrap();
@@ -1026,6 +1029,6 @@ mod tests {
     /// The workspace's `rust-version` is what the locked tree needs, all features on.
     #[test]
     fn rust_version_is_the_locked_trees_minimum() {
-        super::check_rust_version().unwrap();
+        check_rust_version().unwrap();
     }
 }
