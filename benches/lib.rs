@@ -1,2 +1,2 @@
-//! Nothing here: the package holds the criterion benches (`engines.rs`), run by
-//! `cargo xtask bench`.
+//! Nothing here: the package holds the criterion benches (`engines.rs`, `overhead.rs`,
+//! `kernels.rs`), run by `cargo xtask bench`.

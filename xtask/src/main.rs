@@ -755,8 +755,9 @@ fn test(extra: &[String], steps: &mut Steps) -> Result<()> {
     Ok(())
 }
 
-/// The criterion benches (`benches/engines.rs`, and `benches/overhead.rs`: convkit's step
-/// beside a plain engine loop) with every engine that builds here. The
+/// The criterion benches (`benches/engines.rs`; `benches/overhead.rs`: convkit's step beside
+/// a plain engine loop; `benches/kernels.rs`: convkit-cpu's kernels alone) with every engine
+/// that builds here. The
 /// bench binary finds libtorch through `LD_LIBRARY_PATH` (only the facade's binaries get an
 /// rpath to it).
 fn bench(extra: &[String]) -> Result<()> {

@@ -7,7 +7,7 @@
 
 use crate::gemm::{matmul, matmul_by_rows};
 use crate::scratch::with_scratch;
-use crate::threads::{for_each_chunk, Threads};
+use crate::threads::{for_each_chunk, for_each_share_with, Threads};
 use crate::{check_len, shape_error, Result};
 
 /// The name errors give the op.
@@ -187,40 +187,80 @@ impl Conv2dShape {
     }
 
     /// The kernel gradient `dW [o, c, kh, kw] = Σₙ dy[n] · im2col(x[n])ᵀ` from
-    /// `x [n, c, h, w]` and `dy [n, o, oh, ow]`: one GEMM over the whole batch, its output rows
-    /// shared out between the threads.
+    /// `x [n, c, h, w]` and `dy [n, o, oh, ow]`: one GEMM over the whole batch. The threads
+    /// share out the larger side of `dW`, so each reads the smaller operand whole and its own
+    /// part of the larger: kernel entries (rows of `cols`, each thread making its own) where
+    /// there are more of them than output channels, output channels (rows of `dy`) otherwise.
     pub fn kernel_grad(&self, threads: &dyn Threads, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
         check_len(OP, "input", x.len(), self.n * self.image())?;
         self.check_output_grad(dy)?;
-        let (positions, patch) = (self.positions(), self.patch());
+        let (o, positions, patch) = (self.o, self.positions(), self.patch());
         let samples = self.n * positions;
-        let mut dk = vec![0f32; self.o * patch];
-        with_scratch((patch + self.o) * samples, |scratch| {
+        with_scratch((patch + o) * samples, |scratch| {
             let (cols, dy_t) = scratch.split_at_mut(patch * samples);
-            self.im2col_batch(threads, x, cols);
             // dy as [o, n·positions]
             for_each_chunk(threads, dy_t, samples, |oc, row| {
                 for (image, part) in row.chunks_mut(positions).enumerate() {
-                    let from = (image * self.o + oc) * positions;
+                    let from = (image * o + oc) * positions;
                     part.copy_from_slice(&dy[from..from + positions]);
                 }
             });
-            matmul_by_rows(
+            let dy_t = &*dy_t;
+            // Row `q` of `cols` for the whole batch: `[n·positions]`.
+            let im2col_row = |q: usize, row: &mut [f32]| {
+                for (i, out) in row.chunks_exact_mut(positions).enumerate() {
+                    self.im2col_entry(q, &x[i * self.image()..][..self.image()], out);
+                }
+            };
+            if patch <= o {
+                for_each_chunk(threads, cols, samples, im2col_row);
+                let mut dk = vec![0f32; o * patch];
+                matmul_by_rows(
+                    threads,
+                    &mut dk,
+                    (patch, samples),
+                    false,
+                    dy_t,
+                    (samples, 1),
+                    cols,
+                    (1, samples),
+                );
+                return Ok(dk);
+            }
+            // dW transposed, [c·kh·kw, o]: a share of kernel entries is a share of its rows.
+            let mut dk_t = vec![0f32; patch * o];
+            for_each_share_with(
                 threads,
-                &mut dk,
-                (patch, samples),
-                false,
-                dy_t,
-                (samples, 1),
+                &mut dk_t,
+                o,
                 cols,
-                (1, samples),
+                samples,
+                |entries, dk_t, cols| {
+                    for (q, row) in entries.clone().zip(cols.chunks_exact_mut(samples)) {
+                        im2col_row(q, row);
+                    }
+                    // dWᵀ[entries, o] = cols[entries, n·positions] · dy_tᵀ
+                    matmul(
+                        (entries.len(), o, samples),
+                        dk_t,
+                        (o, 1),
+                        false,
+                        cols,
+                        (samples, 1),
+                        dy_t,
+                        (1, samples),
+                    );
+                },
             );
-        });
-        Ok(dk)
+            let mut dk = Vec::with_capacity(o * patch);
+            dk.extend((0..o).flat_map(|oc| dk_t.iter().skip(oc).step_by(o).copied()));
+            Ok(dk)
+        })
     }
 
     /// The bias gradient `db [o]`: each channel's sum of `dy [n, o, oh, ow]` over images and
-    /// positions, in a fixed order, accumulated in f64.
+    /// positions, in a fixed order (eight running f64 sums per plane), so the same on any
+    /// number of threads.
     pub fn bias_grad(&self, threads: &dyn Threads, dy: &[f32]) -> Result<Vec<f32>> {
         let (o, positions) = (self.o, self.positions());
         self.check_output_grad(dy)?;
@@ -228,7 +268,7 @@ impl Conv2dShape {
         for_each_chunk(threads, &mut db, 1, |channel, db| {
             let sum: f64 = (0..self.n)
                 .map(|image| &dy[(image * o + channel) * positions..][..positions])
-                .map(|plane| plane.iter().map(|&v| v as f64).sum::<f64>())
+                .map(plane_sum)
                 .sum();
             db[0] = sum as f32;
         });
@@ -289,16 +329,6 @@ impl Conv2dShape {
         }
     }
 
-    /// `cols[q·(n·positions) + i·positions + p]` for the whole batch `x`, rows in parallel.
-    fn im2col_batch(&self, threads: &dyn Threads, x: &[f32], cols: &mut [f32]) {
-        let (positions, image) = (self.positions(), self.image());
-        for_each_chunk(threads, cols, self.n * positions, |q, row| {
-            for (i, out) in row.chunks_exact_mut(positions).enumerate() {
-                self.im2col_entry(q, &x[i * image..][..image], out);
-            }
-        });
-    }
-
     /// The inverse scatter of [`Conv2dShape::im2col`]: adds every entry of `cols` to the
     /// image value it came from (`image` starts zeroed).
     fn col2im(&self, cols: &[f32], image: &mut [f32]) {
@@ -321,6 +351,20 @@ impl Conv2dShape {
             });
         }
     }
+}
+
+/// The sum of `values` in f64, in a fixed order: eight running sums over the values in steps
+/// of eight (which the compiler keeps in vector registers), then the rest, then the eight.
+fn plane_sum(values: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let rest: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += v as f64;
+        }
+    }
+    lanes.iter().sum::<f64>() + rest
 }
 
 #[cfg(test)]
@@ -367,14 +411,17 @@ mod tests {
     /// rounding, and summing `dy · ∂y/∂v` directly gives the reference gradient.
     #[test]
     fn forward_and_gradients_match_the_definition() {
-        for (pad, strides, [h, w]) in [
-            ([0; 4], [1, 1], [7, 6]),
-            ([1; 4], [1, 1], [5, 5]),
-            ([0, 1, 0, 1], [2, 2], [6, 7]),
-            ([2, 1, 1, 2], [3, 2], [8, 9]),
+        // The kernel gradient shares out kernel entries where there are more of them than
+        // output channels, output channels otherwise: both kinds are here.
+        for (pad, strides, [h, w], [o, c, kh, kw]) in [
+            ([0; 4], [1, 1], [7, 6], [4, 3, 3, 2]),
+            ([1; 4], [1, 1], [5, 5], [4, 3, 3, 2]),
+            ([0, 1, 0, 1], [2, 2], [6, 7], [4, 3, 3, 2]),
+            ([2, 1, 1, 2], [3, 2], [8, 9], [4, 3, 3, 2]),
+            ([1, 0, 0, 1], [1, 1], [6, 5], [9, 1, 3, 2]),
         ] {
             let s = Conv2d::new(pad, strides)
-                .shape(&[2, 3, h, w], &[4, 3, 3, 2])
+                .shape(&[2, c, h, w], &[o, c, kh, kw])
                 .unwrap();
             let x = random(s.n * s.c * h * w, 1);
             let k = random(s.o * s.patch(), 2);

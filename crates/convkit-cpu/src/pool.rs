@@ -67,23 +67,12 @@ impl MaxPool2d {
     fn first_max(&self, plane: &[f32], w: usize, y: usize, x: usize) -> usize {
         let ([kh, kw], [sh, sw]) = (self.size, self.strides);
         let corner = y * sh * w + x * sw;
-        let (mut best, mut top) = (corner, plane[corner]);
         if (kh, kw) == (2, 2) {
-            let (upper, lower) = (
-                &plane[corner..corner + 2],
-                &plane[corner + w..corner + w + 2],
-            );
-            for (i, v) in [
-                (corner + 1, upper[1]),
-                (corner + w, lower[0]),
-                (corner + w + 1, lower[1]),
-            ] {
-                if v > top {
-                    (best, top) = (i, v);
-                }
-            }
-            return best;
+            let (upper, lower) = (&plane[corner..][..2], &plane[corner + w..][..2]);
+            let (best, _) = first_max4([upper[0], upper[1], lower[0], lower[1]]);
+            return corner + best / 2 * w + best % 2;
         }
+        let (mut best, mut top) = (corner, plane[corner]);
         for ky in 0..kh {
             let row = corner + ky * w;
             for (i, &v) in plane[row..row + kw].iter().enumerate() {
@@ -106,6 +95,23 @@ impl MaxPool2dShape {
     pub fn forward(&self, threads: &dyn Threads, x: &[f32]) -> Result<Vec<f32>> {
         let (h, w, oh, ow) = (self.h, self.w, self.oh, self.ow);
         check_len(OP, "input", x.len(), self.n * self.c * h * w)?;
+        if self.is_halving() {
+            // Row by row, each output from two pairs of neighbours.
+            return Ok(collect_chunks(
+                threads,
+                self.n * self.c * oh * ow,
+                ow,
+                |r| {
+                    let (p, oy) = (r / oh, r % oh);
+                    let upper = &x[(p * h + 2 * oy) * w..][..2 * ow];
+                    let lower = &x[(p * h + 2 * oy + 1) * w..][..2 * ow];
+                    upper
+                        .chunks_exact(2)
+                        .zip(lower.chunks_exact(2))
+                        .map(|(u, l)| first_max4([u[0], u[1], l[0], l[1]]).1)
+                },
+            ));
+        }
         Ok(collect_chunks(
             threads,
             self.n * self.c * oh * ow,
@@ -129,6 +135,37 @@ impl MaxPool2dShape {
         for_each_chunk(threads, &mut dx, h * w, |p, dx| {
             let (plane, dy) = (&x[p * h * w..][..h * w], &dy[p * oh * ow..][..oh * ow]);
             for (oy, dy) in dy.chunks_exact(ow).enumerate() {
+                if self.is_halving() {
+                    // The windows tile the plane: each of their entries is written once.
+                    let (upper, lower) = dx[2 * oy * w..][..2 * w].split_at_mut(w);
+                    let x_rows = &plane[2 * oy * w..][..2 * w];
+                    let (x_upper, x_lower) = x_rows.split_at(w);
+                    for ((((d, u), l), xu), xl) in dy
+                        .iter()
+                        .zip(upper.chunks_exact_mut(2))
+                        .zip(lower.chunks_exact_mut(2))
+                        .zip(x_upper.chunks_exact(2))
+                        .zip(x_lower.chunks_exact(2))
+                    {
+                        // Which entry is the first maximum, as masks rather than an index,
+                        // so the loop has no branches: a later entry wins only when greater.
+                        let b_wins = xu[1] > xu[0];
+                        let top = if b_wins { xu[1] } else { xu[0] };
+                        let c_wins = xl[0] > top;
+                        let d_wins = xl[1] > if c_wins { xl[0] } else { top };
+                        let c_first = c_wins && !d_wins;
+                        let b_first = b_wins && !c_wins && !d_wins;
+                        let a_first = !b_wins && !c_wins && !d_wins;
+                        let share = |first: bool| if first { *d } else { 0.0 };
+                        (u[0], u[1], l[0], l[1]) = (
+                            share(a_first),
+                            share(b_first),
+                            share(c_first),
+                            share(d_wins),
+                        );
+                    }
+                    continue;
+                }
                 for (ox, &d) in dy.iter().enumerate() {
                     dx[self.pool.first_max(plane, w, oy, ox)] += d;
                 }
@@ -136,6 +173,24 @@ impl MaxPool2dShape {
         });
         Ok(dx)
     }
+
+    /// Whether the windows are 2×2 at stride 2, the common case, run on its own path.
+    fn is_halving(&self) -> bool {
+        (self.pool.size, self.pool.strides) == ([2, 2], [2, 2])
+    }
+}
+
+/// Which of four values, in order, is the first maximum (an entry wins only when greater than
+/// the best so far), and its value.
+fn first_max4([a, b, c, d]: [f32; 4]) -> (usize, f32) {
+    // Selects, not branches: the winner of random data is unpredictable.
+    let (mut best, mut top) = (0, a);
+    for (i, v) in [(1, b), (2, c), (3, d)] {
+        let wins = v > top;
+        best = if wins { i } else { best };
+        top = if wins { v } else { top };
+    }
+    (best, top)
 }
 
 #[cfg(test)]

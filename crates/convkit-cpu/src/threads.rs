@@ -130,24 +130,51 @@ pub fn for_each_share(
     row_len: usize,
     fill: impl Fn(Range<usize>, &mut [f32]) + Sync,
 ) {
+    for_each_share_with(threads, out, row_len, &mut [], 0, |rows, out, _| {
+        fill(rows, out)
+    });
+}
+
+/// [`for_each_share`] over `out` (rows of `row_len`) with working memory `work` (as many rows,
+/// of `work_row_len` each) split into the same shares: `fill(rows, out_share, work_share)`.
+pub fn for_each_share_with(
+    threads: &dyn Threads,
+    out: &mut [f32],
+    row_len: usize,
+    work: &mut [f32],
+    work_row_len: usize,
+    fill: impl Fn(Range<usize>, &mut [f32], &mut [f32]) + Sync,
+) {
     let rows = out.len() / row_len.max(1);
+    assert!(
+        work.len() >= rows * work_row_len,
+        "working memory for {rows} rows of {work_row_len}, found {} values",
+        work.len()
+    );
     let per_share = rows.div_ceil(threads.count().max(1)).max(1);
-    let base = out.as_mut_ptr() as usize;
+    let (base, work_base) = (out.as_mut_ptr() as usize, work.as_mut_ptr() as usize);
     threads.each(&|share| {
         let (first, last) = (
             (share * per_share).min(rows),
             ((share + 1) * per_share).min(rows),
         );
         if first < last {
-            // SAFETY: each share differs, so the row ranges are disjoint and inside `out`,
-            // which stays mutably borrowed until every thread has finished.
-            let part = unsafe {
-                std::slice::from_raw_parts_mut(
-                    (base as *mut f32).add(first * row_len),
-                    (last - first) * row_len,
+            // SAFETY: each share differs, so the row ranges are disjoint and inside `out` and
+            // `work` (asserted above), which stay mutably borrowed until every thread has
+            // finished.
+            let (part, work_part) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(
+                        (base as *mut f32).add(first * row_len),
+                        (last - first) * row_len,
+                    ),
+                    std::slice::from_raw_parts_mut(
+                        (work_base as *mut f32).add(first * work_row_len),
+                        (last - first) * work_row_len,
+                    ),
                 )
             };
-            fill(first..last, part);
+            fill(first..last, part, work_part);
         }
     });
 }
