@@ -1,9 +1,10 @@
 //! convkit-cpu's kernels alone, on `tutorial-mnist`'s shapes at batch 32 (the step's two
-//! convolutions, their ReLUs and poolings), forward and every gradient, on rayon's pool as
-//! burn-flex runs them. `cargo xtask bench -- kernels`. Throughput is in FLOPs for the
-//! convolutions' GEMMs (2·n·o·oh·ow·c·kh·kw each) and in elements for the rest.
+//! convolutions, their ReLUs and poolings, and the three fused), forward and every gradient,
+//! on rayon's pool as burn-flex runs them. `cargo xtask bench -- kernels`. Throughput is in
+//! FLOPs for the convolutions' GEMMs (2·n·o·oh·ow·c·kh·kw each) and in elements for the rest.
 
 use convkit_cpu::conv::Conv2d;
+use convkit_cpu::conv_relu_pool::ConvReluMaxPoolShape;
 use convkit_cpu::pool::MaxPool2d;
 use convkit_cpu::{relu, Rayon};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -59,6 +60,27 @@ fn kernels(c: &mut Criterion) {
         });
         group.bench_function("max_pool_backward", |b| {
             b.iter(|| pool.backward(threads, &y, &pooled).unwrap())
+        });
+        // The three as one: against forward + relu_forward + max_pool_forward, and the
+        // scatter against max_pool_backward + relu_backward (the FLOPs are the forward's).
+        let block = ConvReluMaxPoolShape::new(conv, MaxPool2d::new([2, 2], [2, 2])).unwrap();
+        let (_, winners) = (block.forward_with_winners(threads, &x, &kernel, &bias)).unwrap();
+        group.throughput(Throughput::Elements(
+            (2 * n * filters * oh * ow * channels * 9) as u64,
+        ));
+        group.bench_function("conv_relu_max_pool_forward", |b| {
+            b.iter(|| {
+                block
+                    .forward_with_winners(threads, &x, &kernel, &bias)
+                    .unwrap()
+            })
+        });
+        group.bench_function("conv_relu_max_pool_inference", |b| {
+            b.iter(|| block.forward(threads, &x, &kernel, &bias).unwrap())
+        });
+        group.throughput(Throughput::Elements(dy.len() as u64));
+        group.bench_function("conv_relu_max_pool_output_grad", |b| {
+            b.iter(|| block.conv_output_grad(threads, &pooled, &winners).unwrap())
         });
         group.finish();
     }

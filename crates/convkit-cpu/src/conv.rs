@@ -103,15 +103,15 @@ impl Conv2dShape {
     }
 
     /// Values of one image.
-    fn image(&self) -> usize {
+    pub(crate) fn image(&self) -> usize {
         self.c * self.h * self.w
     }
     /// Output positions of one image.
-    fn positions(&self) -> usize {
+    pub(crate) fn positions(&self) -> usize {
         self.oh * self.ow
     }
     /// One kernel's values: a row of `cols`.
-    fn patch(&self) -> usize {
+    pub(crate) fn patch(&self) -> usize {
         self.c * self.kh * self.kw
     }
 
@@ -136,22 +136,39 @@ impl Conv2dShape {
             }
         }
         for_each_chunk(threads, &mut y, self.o * positions, |image, y| {
-            let x = &x[image * self.image()..][..self.image()];
             with_scratch(positions * patch, |cols| {
-                self.im2col(x, cols);
-                matmul(
-                    (self.o, positions, patch),
-                    y,
-                    (positions, 1),
-                    true,
-                    kernel,
-                    (patch, 1),
-                    cols,
-                    (positions, 1),
-                );
+                self.add_image_product(self.input_image(x, image), kernel, cols, y)
             });
         });
         Ok(y)
+    }
+
+    /// Image `image` of the batch `x [n, c, h, w]`: `[c, h, w]`.
+    pub(crate) fn input_image<'x>(&self, x: &'x [f32], image: usize) -> &'x [f32] {
+        &x[image * self.image()..][..self.image()]
+    }
+
+    /// `y [o, oh·ow] += W · im2col(x)` for one image `x [c, h, w]`, with `cols`
+    /// (`[c·kh·kw, oh·ow]`, contents unspecified) as working memory.
+    pub(crate) fn add_image_product(
+        &self,
+        x: &[f32],
+        kernel: &[f32],
+        cols: &mut [f32],
+        y: &mut [f32],
+    ) {
+        let (positions, patch) = (self.positions(), self.patch());
+        self.im2col(x, cols);
+        matmul(
+            (self.o, positions, patch),
+            y,
+            (positions, 1),
+            true,
+            kernel,
+            (patch, 1),
+            cols,
+            (positions, 1),
+        );
     }
 
     /// The input gradient `dx [n, c, h, w] = col2im(Wᵀ · dy[n])` from `dy [n, o, oh, ow]` and
@@ -209,7 +226,7 @@ impl Conv2dShape {
             // Row `q` of `cols` for the whole batch: `[n·positions]`.
             let im2col_row = |q: usize, row: &mut [f32]| {
                 for (i, out) in row.chunks_exact_mut(positions).enumerate() {
-                    self.im2col_entry(q, &x[i * self.image()..][..self.image()], out);
+                    self.im2col_entry(q, self.input_image(x, i), out);
                 }
             };
             if patch <= o {

@@ -19,6 +19,7 @@
 //! ```
 
 pub mod conv;
+pub mod conv_relu_pool;
 pub mod dense;
 mod gemm;
 pub mod peak;

@@ -64,7 +64,7 @@ impl MaxPool2d {
 
     /// The index within a `w`-wide plane of the first maximum of output `(y, x)`'s window: an
     /// entry replaces the best so far only when greater. The common 2×2 window is unrolled.
-    fn first_max(&self, plane: &[f32], w: usize, y: usize, x: usize) -> usize {
+    pub(crate) fn first_max(&self, plane: &[f32], w: usize, y: usize, x: usize) -> usize {
         let ([kh, kw], [sh, sw]) = (self.size, self.strides);
         let corner = y * sh * w + x * sw;
         if (kh, kw) == (2, 2) {
@@ -176,14 +176,14 @@ impl MaxPool2dShape {
     }
 
     /// Whether the windows are 2×2 at stride 2, the common case, run on its own path.
-    fn is_halving(&self) -> bool {
+    pub(crate) fn is_halving(&self) -> bool {
         (self.pool.size, self.pool.strides) == ([2, 2], [2, 2])
     }
 }
 
 /// Which of four values, in order, is the first maximum (an entry wins only when greater than
 /// the best so far), and its value.
-fn first_max4([a, b, c, d]: [f32; 4]) -> (usize, f32) {
+pub(crate) fn first_max4([a, b, c, d]: [f32; 4]) -> (usize, f32) {
     // Selects, not branches: the winner of random data is unpredictable.
     let (mut best, mut top) = (0, a);
     for (i, v) in [(1, b), (2, c), (3, d)] {

@@ -89,6 +89,37 @@ pub fn for_each_chunk(
     });
 }
 
+/// [`for_each_chunk`] over two outputs at once: `fill(i, a_chunk, b_chunk)` with chunk `i` of
+/// `a` (`a_size` values each) and of `b` (`b_size` each); `a` and `b` hold as many chunks.
+pub(crate) fn for_each_chunk_pair<A: Send, B: Send>(
+    threads: &dyn Threads,
+    (a, a_size): (&mut [A], usize),
+    (b, b_size): (&mut [B], usize),
+    fill: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+) {
+    let (a_size, b_size) = (a_size.max(1), b_size.max(1));
+    let chunks = a.len().div_ceil(a_size);
+    assert_eq!(
+        chunks,
+        b.len().div_ceil(b_size),
+        "chunks of the two outputs"
+    );
+    let (a_len, b_len) = (a.len(), b.len());
+    let (a_base, b_base) = (a.as_mut_ptr() as usize, b.as_mut_ptr() as usize);
+    threads.run(chunks, &|range| {
+        for i in range {
+            // SAFETY: as in `for_each_chunk`, for each of the two outputs.
+            let (a, b) = unsafe {
+                (
+                    chunk(a_base, a_len, a_size, i),
+                    chunk(b_base, b_len, b_size, i),
+                )
+            };
+            fill(i, a, b);
+        }
+    });
+}
+
 /// A vector of `len` values made chunk by chunk on `threads`, written once (not zeroed
 /// first): chunk `i` holds `values(i)`, the values at `i·size..` (`size` each, the last one
 /// shorter). Panics if `values(i)` gives fewer values than its chunk holds.

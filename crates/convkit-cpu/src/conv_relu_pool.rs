@@ -1,0 +1,279 @@
+//! A convolution, its ReLU and the max pooling after it as one kernel. Each image's
+//! convolution output is made in the thread's working memory, rectified and pooled from there
+//! while it is in cache, so the full-size output is never written, read back, rectified and
+//! pooled in three more passes over memory. The backward needs only each window's winner:
+//! one scatter gives the gradient at the convolution's output, from which
+//! [`Conv2dShape`]'s gradients follow. The results are those of the three kernels run one
+//! after the other ([`crate::conv`], [`crate::relu`], [`crate::pool`]), bit for bit.
+
+use crate::conv::Conv2dShape;
+use crate::pool::{first_max4, MaxPool2d, MaxPool2dShape};
+use crate::scratch::with_scratch;
+use crate::threads::{for_each_chunk, for_each_chunk_pair, Threads};
+use crate::{check_len, shape_error, Result};
+
+/// The name errors give the op.
+const OP: &str = "convkit conv2d+relu+max_pool2d";
+
+/// A window's winner where its maximum is not positive: ReLU's gradient, so the window's, is
+/// 0 there.
+pub const NO_WINNER: u32 = u32::MAX;
+
+/// The sizes of a convolution followed by ReLU and max pooling: input `[n, c, h, w]`, the
+/// convolution's output `[n, o, oh, ow]`, the pooled output `[n, o, ph, pw]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvReluMaxPoolShape {
+    pub conv: Conv2dShape,
+    pub pool: MaxPool2dShape,
+}
+
+impl ConvReluMaxPoolShape {
+    /// `pool` over the output of `conv`.
+    pub fn new(conv: Conv2dShape, pool: MaxPool2d) -> Result<Self> {
+        if !u32::try_from(conv.positions()).is_ok_and(|p| p != NO_WINNER) {
+            return Err(shape_error(
+                OP,
+                format!(
+                    "an output plane of {} positions is too large",
+                    conv.positions()
+                ),
+            ));
+        }
+        Ok(ConvReluMaxPoolShape {
+            conv,
+            pool: pool.shape(&conv.output())?,
+        })
+    }
+
+    /// The pooled output's dims, `[n, o, ph, pw]`.
+    pub fn output(&self) -> [usize; 4] {
+        self.pool.output()
+    }
+
+    /// Values of one image's pooled output.
+    fn pooled(&self) -> usize {
+        self.conv.o * self.pool.oh * self.pool.ow
+    }
+
+    /// `y [n, o, ph, pw] = max_pool(relu(conv(x)))` from `x [n, c, h, w]`, `kernel
+    /// [o, c, kh, kw]` and `bias [o]`, for inference: no winners kept.
+    pub fn forward(
+        &self,
+        threads: &dyn Threads,
+        x: &[f32],
+        kernel: &[f32],
+        bias: &[f32],
+    ) -> Result<Vec<f32>> {
+        self.check_operands(x, kernel, bias)?;
+        let mut y = vec![0f32; self.conv.n * self.pooled()];
+        for_each_chunk(threads, &mut y, self.pooled(), |image, y| {
+            self.image_forward(x, kernel, bias, image, y, None)
+        });
+        Ok(y)
+    }
+
+    /// [`Self::forward`] and each output's winner for the backward: the position in its
+    /// convolution output plane (`y·ow + x`) of its window's first maximum, [`NO_WINNER`]
+    /// where that maximum is not positive (0 or NaN).
+    pub fn forward_with_winners(
+        &self,
+        threads: &dyn Threads,
+        x: &[f32],
+        kernel: &[f32],
+        bias: &[f32],
+    ) -> Result<(Vec<f32>, Vec<u32>)> {
+        self.check_operands(x, kernel, bias)?;
+        let len = self.conv.n * self.pooled();
+        // Zeroed (fresh pages from the allocator, not a pass), then each written once.
+        let (mut y, mut winners) = (vec![0f32; len], vec![0u32; len]);
+        for_each_chunk_pair(
+            threads,
+            (&mut y, self.pooled()),
+            (&mut winners, self.pooled()),
+            |image, y, winners| self.image_forward(x, kernel, bias, image, y, Some(winners)),
+        );
+        Ok((y, winners))
+    }
+
+    /// The gradient at the convolution's output, `dz [n, o, oh, ow]`, from the pooled
+    /// output's `dy [n, o, ph, pw]` and [`Self::forward_with_winners`]'s winners: each
+    /// output's gradient added at its winner, nothing where it has none.
+    pub fn conv_output_grad(
+        &self,
+        threads: &dyn Threads,
+        dy: &[f32],
+        winners: &[u32],
+    ) -> Result<Vec<f32>> {
+        let len = self.conv.n * self.pooled();
+        check_len(OP, "output gradient", dy.len(), len)?;
+        check_len(OP, "winners", winners.len(), len)?;
+        let (plane, pooled) = (self.conv.positions(), self.pool.oh * self.pool.ow);
+        let mut dz = vec![0f32; self.conv.n * self.conv.o * plane];
+        for_each_chunk(threads, &mut dz, plane, |p, dz| {
+            let (dy, winners) = (
+                &dy[p * pooled..][..pooled],
+                &winners[p * pooled..][..pooled],
+            );
+            for (&d, &winner) in dy.iter().zip(winners) {
+                if winner != NO_WINNER {
+                    dz[winner as usize] += d;
+                }
+            }
+        });
+        Ok(dz)
+    }
+
+    fn check_operands(&self, x: &[f32], kernel: &[f32], bias: &[f32]) -> Result<()> {
+        let c = &self.conv;
+        check_len(OP, "input", x.len(), c.n * c.image())?;
+        check_len(OP, "kernel", kernel.len(), c.o * c.patch())?;
+        check_len(OP, "bias", bias.len(), c.o)
+    }
+
+    /// Image `image`'s pooled output `y [o, ph, pw]` and, when asked for, its `winners`.
+    ///
+    /// The windows are pooled before the ReLU, which gives the same values and winners:
+    /// ReLU keeps order, so a window's first maximum after it is its first maximum before it
+    /// wherever that is positive, and where it is not the output is 0 (NaN stays NaN) with no
+    /// winner either way.
+    fn image_forward(
+        &self,
+        x: &[f32],
+        kernel: &[f32],
+        bias: &[f32],
+        image: usize,
+        y: &mut [f32],
+        mut winners: Option<&mut [u32]>,
+    ) {
+        let (conv, positions) = (&self.conv, self.conv.positions());
+        let (ph, pw, ow) = (self.pool.oh, self.pool.ow, self.conv.ow);
+        let cols_len = conv.patch() * positions;
+        with_scratch(cols_len + conv.o * positions, |scratch| {
+            let (cols, z) = scratch.split_at_mut(cols_len);
+            for (row, &b) in z.chunks_exact_mut(positions).zip(bias) {
+                row.fill(b);
+            }
+            conv.add_image_product(conv.input_image(x, image), kernel, cols, z);
+            let halving = self.pool.is_halving();
+            for (channel, (plane, y)) in z
+                .chunks_exact(positions)
+                .zip(y.chunks_exact_mut(ph * pw))
+                .enumerate()
+            {
+                for (oy, y) in y.chunks_exact_mut(pw).enumerate() {
+                    let row = (channel * ph + oy) * pw;
+                    let mut put = |ox: usize, at: usize, top: f32| {
+                        // ReLU as `relu::forward` has it: NaN stays NaN.
+                        y[ox] = if top <= 0.0 { 0.0 } else { top };
+                        if let Some(winners) = winners.as_deref_mut() {
+                            winners[row + ox] = if top > 0.0 { at as u32 } else { NO_WINNER };
+                        }
+                    };
+                    if halving {
+                        let upper = &plane[2 * oy * ow..][..2 * pw];
+                        let lower = &plane[(2 * oy + 1) * ow..][..2 * pw];
+                        for (ox, (u, l)) in
+                            upper.chunks_exact(2).zip(lower.chunks_exact(2)).enumerate()
+                        {
+                            let (best, top) = first_max4([u[0], u[1], l[0], l[1]]);
+                            put(ox, (2 * oy + best / 2) * ow + 2 * ox + best % 2, top);
+                        }
+                    } else {
+                        for ox in 0..pw {
+                            let at = self.pool.pool.first_max(plane, ow, oy, ox);
+                            put(ox, at, plane[at]);
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::Conv2d;
+    use crate::testing::POOLS;
+
+    /// Small integers with exact zeros, negatives and NaNs, so the convolution's outputs tie,
+    /// rectify to 0 and carry NaN.
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| match (i * 7 + seed) % 11 {
+                10 if (i + seed) % 10 == 4 => f32::NAN,
+                v => v as f32 - 5.0,
+            })
+            .collect()
+    }
+
+    /// Bitwise equality, NaN equal to NaN.
+    fn assert_same(found: &[f32], expected: &[f32], what: &str) {
+        assert_eq!(found.len(), expected.len(), "{what}: lengths");
+        for (i, (f, e)) in found.iter().zip(expected).enumerate() {
+            assert!(
+                f.to_bits() == e.to_bits() || (f.is_nan() && e.is_nan()),
+                "{what}: value {i} is {f}, expected {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn matches_convolution_relu_and_pooling_run_one_after_the_other() {
+        let (n, c, h, w, o) = (2, 2, 9, 8, 3);
+        for (seed, pad, strides, size, pool_strides) in [
+            (0, [0; 4], [1, 1], [2, 2], [2, 2]),
+            (1, [1; 4], [1, 1], [2, 2], [2, 2]),
+            (2, [0, 1, 0, 1], [1, 2], [2, 2], [1, 1]),
+            (4, [1; 4], [2, 1], [3, 3], [2, 2]),
+            (5, [0; 4], [1, 1], [2, 3], [1, 2]),
+        ] {
+            let what = format!("seed {seed}, pool {size:?} at {pool_strides:?}");
+            let conv = Conv2d::new(pad, strides)
+                .shape(&[n, c, h, w], &[o, c, 3, 3])
+                .unwrap();
+            let pool = MaxPool2d::new(size, pool_strides);
+            let fused = ConvReluMaxPoolShape::new(conv, pool).unwrap();
+            let (x, mut kernel) = (values(n * c * h * w, seed), values(o * c * 9, seed + 1));
+            // The first channel all exact zeros: every window's maximum is 0, with no winner.
+            kernel[..c * 9].fill(0.0);
+            let bias = [0.0, -1.0, 2.0];
+            for &threads in POOLS {
+                let z = conv.forward(threads, &x, &kernel, &bias).unwrap();
+                let r = crate::relu::forward(threads, &z);
+                let ps = pool.shape(&conv.output()).unwrap();
+                let expected = ps.forward(threads, &r).unwrap();
+                let (y, winners) = fused
+                    .forward_with_winners(threads, &x, &kernel, &bias)
+                    .unwrap();
+                assert_same(&y, &expected, &what);
+                let inference = fused.forward(threads, &x, &kernel, &bias).unwrap();
+                assert_same(&inference, &expected, &what);
+                assert!(
+                    winners.contains(&NO_WINNER),
+                    "{what}: no window without a winner"
+                );
+
+                let dy: Vec<f32> = (0..y.len()).map(|i| (i % 7) as f32 - 2.5).collect();
+                let dr = ps.backward(threads, &r, &dy).unwrap();
+                let dz = crate::relu::backward(threads, &dr, &r).unwrap();
+                let found = fused.conv_output_grad(threads, &dy, &winners).unwrap();
+                assert_same(&found, &dz, &what);
+            }
+        }
+    }
+
+    #[test]
+    fn operands_of_the_wrong_length_are_refused() {
+        let conv = Conv2d::new([0; 4], [1, 1])
+            .shape(&[1, 1, 4, 4], &[1, 1, 3, 3])
+            .unwrap();
+        let fused = ConvReluMaxPoolShape::new(conv, MaxPool2d::new([2, 2], [2, 2])).unwrap();
+        let e = fused.forward(&crate::Serial, &[0.0; 15], &[0.0; 9], &[0.0]);
+        assert!(e.unwrap_err().to_string().contains("input"));
+        let e = fused.conv_output_grad(&crate::Serial, &[0.0], &[]);
+        assert!(e.unwrap_err().to_string().contains("winners"));
+        let too_large = MaxPool2d::new([5, 5], [1, 1]);
+        assert!(ConvReluMaxPoolShape::new(conv, too_large).is_err());
+    }
+}
