@@ -346,6 +346,21 @@ pub fn small_specs() -> Vec<Sequential> {
             .add(LayerKind::GlobalMaxPooling2D)
             .add(Dense::new(1).activation(Activation::Sigmoid))
             .named("small-global-max"),
+        // a ReLU convolution into overlapping max pooling (3×3 windows at stride 2), which the
+        // CPU engines run as one fused operation
+        Sequential::new(9, 8, 2)
+            .add(
+                Conv2D::new(3, 3)
+                    .padding(Padding::Same)
+                    .activation(Activation::Relu),
+            )
+            .add(LayerKind::MaxPooling2D(Pool2D {
+                pool_size: [3, 3],
+                strides: Some([2, 2]),
+            }))
+            .flatten()
+            .add(Dense::new(3).activation(Activation::Softmax))
+            .named("small-overlapping-max-pool"),
         // a random crop: the centre window at inference
         Sequential::new(9, 8, 2)
             .add(RandomCrop::new(6, 5))

@@ -24,6 +24,7 @@ use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::{backend_extension, tensor::FloatTensor, Backend};
 use burn_tensor::TensorData;
 use convkit_cpu::conv::{Conv2d, Conv2dShape};
+use convkit_cpu::conv_relu_pool::ConvReluMaxPoolShape;
 use convkit_cpu::dense::{Dense, KernelLayout};
 use convkit_cpu::pool::{MaxPool2d, MaxPool2dShape};
 use convkit_cpu::Rayon;
@@ -39,6 +40,14 @@ pub(crate) trait HostKernels: Backend {
         kernel: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         conv: Conv2d,
+    ) -> FloatTensor<Self>;
+    /// `max_pool(relu(conv(x)))`, `[n, o, ph, pw]`, from `host_conv2d`'s operands.
+    fn host_conv2d_relu_max_pool(
+        x: FloatTensor<Self>,
+        kernel: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        conv: Conv2d,
+        pool: MaxPool2d,
     ) -> FloatTensor<Self>;
     /// `y [n, c, oh, ow]`, each window's first maximum of `x [n, c, h, w]`.
     fn host_max_pool2d(x: FloatTensor<Self>, pool: MaxPool2d) -> FloatTensor<Self>;
@@ -85,6 +94,15 @@ fn conv_shape(conv: Conv2d, x: &FlexTensor, kernel: &FlexTensor) -> Conv2dShape 
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+fn block_shape(
+    conv: Conv2d,
+    pool: MaxPool2d,
+    x: &FlexTensor,
+    kernel: &FlexTensor,
+) -> ConvReluMaxPoolShape {
+    ConvReluMaxPoolShape::new(conv_shape(conv, x, kernel), pool).unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn pool_shape(pool: MaxPool2d, x: &FlexTensor) -> MaxPool2dShape {
     pool.shape(&dims(x)).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -104,6 +122,21 @@ impl HostKernels for Flex {
     ) -> FlexTensor {
         let (x, kernel, bias) = (contiguous(x), contiguous(kernel), contiguous(bias));
         let s = conv_shape(conv, &x, &kernel);
+        tensor(
+            s.forward(&Rayon, f32s(&x), f32s(&kernel), f32s(&bias)),
+            &s.output(),
+        )
+    }
+
+    fn host_conv2d_relu_max_pool(
+        x: FlexTensor,
+        kernel: FlexTensor,
+        bias: FlexTensor,
+        conv: Conv2d,
+        pool: MaxPool2d,
+    ) -> FlexTensor {
+        let (x, kernel, bias) = (contiguous(x), contiguous(kernel), contiguous(bias));
+        let s = block_shape(conv, pool, &x, &kernel);
         tensor(
             s.forward(&Rayon, f32s(&x), f32s(&kernel), f32s(&bias)),
             &s.output(),
@@ -148,19 +181,55 @@ impl Backward<Flex, 3> for Conv2dBackward {
     type State = (FlexTensor, FlexTensor, Conv2dShape, Vec<usize>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [x_node, kernel_node, bias_node] = ops.parents.map(|p| p.map(|node| node.id));
+        let nodes = ops.parents.map(|p| p.map(|node| node.id));
         let dy = contiguous(grads.consume::<Flex>(&ops.node));
         let (x, kernel, s, bias_dims) = ops.state;
-        let dy = f32s(&dy);
-        register(grads, x_node, || {
-            tensor(s.input_grad(&Rayon, dy, f32s(&kernel)), &s.input())
-        });
-        register(grads, kernel_node, || {
-            tensor(s.kernel_grad(&Rayon, f32s(&x), dy), &s.kernel())
-        });
-        register(grads, bias_node, || {
-            tensor(s.bias_grad(&Rayon, dy), &bias_dims)
-        });
+        register_conv_grads(grads, nodes, (&x, &kernel, &s, &bias_dims), f32s(&dy));
+    }
+}
+
+/// Registers the gradients of a convolution's tracked operands from `dy`, the gradient at its
+/// output: `nodes` are the input's, the kernel's and the bias's.
+fn register_conv_grads(
+    grads: &mut Gradients,
+    [x_node, kernel_node, bias_node]: [Option<NodeId>; 3],
+    (x, kernel, s, bias_dims): (&FlexTensor, &FlexTensor, &Conv2dShape, &[usize]),
+    dy: &[f32],
+) {
+    register(grads, x_node, || {
+        tensor(s.input_grad(&Rayon, dy, f32s(kernel)), &s.input())
+    });
+    register(grads, kernel_node, || {
+        tensor(s.kernel_grad(&Rayon, f32s(x), dy), &s.kernel())
+    });
+    register(grads, bias_node, || {
+        tensor(s.bias_grad(&Rayon, dy), bias_dims)
+    });
+}
+
+/// The fused convolution, ReLU and max pooling's backward: the gradient at the convolution's
+/// output from each window's winner, then the convolution's.
+#[derive(Debug)]
+struct ConvReluMaxPoolBackward;
+
+impl Backward<Flex, 3> for ConvReluMaxPoolBackward {
+    /// The forward's contiguous input and kernel, its sizes, the bias's dims and the winners.
+    type State = (
+        FlexTensor,
+        FlexTensor,
+        ConvReluMaxPoolShape,
+        Vec<usize>,
+        Vec<u32>,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let nodes = ops.parents.map(|p| p.map(|node| node.id));
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let (x, kernel, s, bias_dims, winners) = ops.state;
+        let dz = s
+            .conv_output_grad(&Rayon, f32s(&dy), &winners)
+            .unwrap_or_else(|e| panic!("{e}"));
+        register_conv_grads(grads, nodes, (&x, &kernel, &s.conv, &bias_dims), &dz);
     }
 }
 
@@ -255,6 +324,34 @@ impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
         }
     }
 
+    fn host_conv2d_relu_max_pool(
+        x: FloatTensor<Self>,
+        kernel: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        conv: Conv2d,
+        pool: MaxPool2d,
+    ) -> FloatTensor<Self> {
+        let (nodes, [x, kernel, bias]) = split::<C, 3>([x, kernel, bias]);
+        match ConvReluMaxPoolBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, kernel, bias) = (contiguous(x), contiguous(kernel), contiguous(bias));
+                let s = block_shape(conv, pool, &x, &kernel);
+                let (y, winners) = s
+                    .forward_with_winners(&Rayon, f32s(&x), f32s(&kernel), f32s(&bias))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let y = tensor(Ok(y), &s.output());
+                prep.finish((x, kernel, s, dims(&bias), winners), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::host_conv2d_relu_max_pool(x, kernel, bias, conv, pool))
+            }
+        }
+    }
+
     fn host_max_pool2d(x: FloatTensor<Self>, pool: MaxPool2d) -> FloatTensor<Self> {
         let (nodes, [x]) = split::<C, 1>([x]);
         match MaxPool2dBackward
@@ -319,6 +416,23 @@ pub(crate) mod ops {
             kernel.clone().into_dispatch(),
             bias.clone().into_dispatch(),
             conv,
+        ))
+    }
+
+    /// [`HostKernels::host_conv2d_relu_max_pool`].
+    pub(crate) fn conv2d_relu_max_pool(
+        x: &Tensor<4>,
+        kernel: &Tensor<4>,
+        bias: &Tensor<4>,
+        conv: Conv2d,
+        pool: MaxPool2d,
+    ) -> Tensor<4> {
+        Tensor::from_dispatch(<Dispatch as HostKernels>::host_conv2d_relu_max_pool(
+            x.clone().into_dispatch(),
+            kernel.clone().into_dispatch(),
+            bias.clone().into_dispatch(),
+            conv,
+            pool,
         ))
     }
 
@@ -463,6 +577,38 @@ mod tests {
                 },
                 [1e-4, 1e-4],
                 &format!("dense {n}×{inputs}→{units}"),
+            );
+        }
+    }
+
+    /// The fused block against burn's own convolution, ReLU and max pooling, forward,
+    /// backward and in inference (the kernel crate checks it bit for bit against its three
+    /// kernels, with ties and NaNs).
+    #[test]
+    fn the_fused_block_matches_burns_three_ops() {
+        for (pad, strides, size, pool_strides) in [
+            ([0; 4], [1, 1], [2, 2], [2, 2]),
+            ([1; 4], [2, 1], [3, 2], [1, 2]),
+        ] {
+            let conv = convkit_cpu::conv::Conv2d::new(pad, strides);
+            let pool = convkit_cpu::pool::MaxPool2d::new(size, pool_strides);
+            let [top, bottom, left, right] = pad;
+            assert_matches_burn(
+                &[[3, 2, 10, 9], [4, 2, 3, 3], [4, 1, 1, 1]],
+                |t| ops::conv2d_relu_max_pool(&t[0], &t[1], &t[2], conv, pool),
+                |t| {
+                    let options = ConvOptions::new_with_padding(
+                        strides,
+                        [(top, bottom), (left, right)],
+                        [1, 1],
+                        1,
+                    );
+                    let bias = Some(t[2].clone().reshape([4]));
+                    let y = relu(conv2d(t[0].clone(), t[1].clone(), bias, options));
+                    max_pool2d(y, MaxPoolOptions::new(size).with_stride(pool_strides))
+                },
+                [1e-4, 1e-3],
+                &format!("pad {pad:?} strides {strides:?} pool {size:?} {pool_strides:?}"),
             );
         }
     }

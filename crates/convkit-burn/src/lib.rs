@@ -35,7 +35,9 @@ use convkit_core::backend::without_panics;
 use convkit_core::exec::Engine;
 use convkit_core::optim::TensorMath;
 use convkit_core::plan::{PoolKind, Role, WeightSpec};
-use convkit_core::primitives::{Binary, ElementUpdate, Ops, Reduction, Unary};
+use convkit_core::primitives::{
+    conv2d_relu_max_pool_unfused, Binary, ConvReluMaxPool, ElementUpdate, Ops, Reduction, Unary,
+};
 
 #[cfg(feature = "flex")]
 mod host;
@@ -311,26 +313,25 @@ impl BurnOps {
         kernel.map_err(|e| convkit_core::Error::engine(self.engine, Error::Kernel(e)))
     }
 
-    /// The operands of a convolution on the host kernels, checked.
+    /// The sizes of a convolution on the host kernels, its operands checked.
     #[cfg(feature = "flex")]
-    fn host_conv2d(
+    fn host_conv2d_shape(
         &self,
         x: &Value,
         kernel: &Value,
         bias: &Value,
         conv: convkit_cpu::conv::Conv2d,
-    ) -> convkit_core::Result<Value> {
+    ) -> convkit_core::Result<convkit_cpu::conv::Conv2dShape> {
         let checked = conv
             .shape(&x.0.dims(), &kernel.0.dims())
             .and_then(|s| match bias.0.dims() {
-                [o, 1, 1, 1] if o == s.o => Ok(()),
+                [o, 1, 1, 1] if o == s.o => Ok(s),
                 found => Err(convkit_cpu::Error::Shape {
                     op: "convkit conv2d",
                     message: format!("expected a bias [{}, 1, 1, 1], found {found:?}", s.o),
                 }),
             });
-        self.checked(checked)?;
-        Ok(Value(host::ops::conv2d(&x.0, &kernel.0, &bias.0, conv)))
+        self.checked(checked)
     }
 
     /// The operands of a Dense product on the host kernels, checked: `x [n, inputs, 1, 1]`,
@@ -472,7 +473,8 @@ impl Ops for BurnOps {
         #[cfg(feature = "flex")]
         if self.host_kernels {
             let conv = convkit_cpu::conv::Conv2d::new([top, bottom, left, right], strides);
-            return self.host_conv2d(x, kernel, bias, conv);
+            self.host_conv2d_shape(x, kernel, bias, conv)?;
+            return Ok(Value(host::ops::conv2d(&x.0, &kernel.0, &bias.0, conv)));
         }
         let options =
             ConvOptions::new_with_padding(strides, [(top, bottom), (left, right)], [1, 1], 1);
@@ -482,6 +484,27 @@ impl Ops for BurnOps {
             Some(to_rank1(&bias.0)),
             options,
         )))
+    }
+
+    fn conv2d_relu_max_pool(
+        &self,
+        x: &Value,
+        kernel: &Value,
+        bias: &Value,
+        block: ConvReluMaxPool,
+    ) -> convkit_core::Result<Value> {
+        #[cfg(feature = "flex")]
+        if self.host_kernels {
+            let conv = convkit_cpu::conv::Conv2d::new(block.pad, block.strides);
+            let pool = convkit_cpu::pool::MaxPool2d::new(block.pool_size, block.pool_strides);
+            let s = self.host_conv2d_shape(x, kernel, bias, conv)?;
+            let s = convkit_cpu::conv_relu_pool::ConvReluMaxPoolShape::new(s, pool);
+            self.checked(s)?;
+            return Ok(Value(host::ops::conv2d_relu_max_pool(
+                &x.0, &kernel.0, &bias.0, conv, pool,
+            )));
+        }
+        conv2d_relu_max_pool_unfused(self, x, kernel, bias, block)
     }
 
     fn pool2d(

@@ -9,7 +9,11 @@
 //! strided axes, which took a sixth of a training step).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use std::sync::OnceLock;
+
 use convkit_cpu::conv::{Conv2d as Kernel, Conv2dShape};
+use convkit_cpu::conv_relu_pool::ConvReluMaxPoolShape;
+use convkit_cpu::pool::MaxPool2d;
 
 use crate::host::{kernel_result, values};
 use crate::threads::CandleThreads;
@@ -57,18 +61,122 @@ impl CustomOp3 for Conv2d {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
+        conv_grads(
+            self.shape(x.dims(), kernel.dims())?,
+            x,
+            kernel,
+            bias,
+            &dy.contiguous()?,
+        )
+    }
+}
+
+/// The gradients of the convolution `s`'s operands from `dy`, the gradient at its output
+/// (contiguous): each where its operand is tracked (not the images' of a first layer).
+fn conv_grads(
+    s: Conv2dShape,
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: &Tensor,
+    dy: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let dx = (x.track_op())
+        .then(|| dy.apply_op2_no_bwd(&kernel.contiguous()?, &InputGrad(s)))
+        .transpose()?;
+    let dk = (kernel.track_op())
+        .then(|| x.contiguous()?.apply_op2_no_bwd(dy, &KernelGrad(s)))
+        .transpose()?;
+    let db = (bias.track_op())
+        .then(|| dy.apply_op1_no_bwd(&BiasGrad(s)))
+        .transpose()?;
+    Ok((dx, dk, db))
+}
+
+/// A convolution, its ReLU and a max pooling
+/// ([`convkit_cpu::conv_relu_pool::ConvReluMaxPoolShape`]) as one candle op: input
+/// `[n, c, h, w]`, kernel `[o, c, kh, kw]`, bias `[o]` → `[n, o, ph, pw]`. Made for one call:
+/// the forward keeps each window's winner here, for the backward, when `for_grad`.
+#[derive(Debug)]
+pub(crate) struct ConvReluMaxPool {
+    pub conv: Kernel,
+    pub pool: MaxPool2d,
+    /// Whether a backward will follow (an operand is tracked), so the winners are kept.
+    pub for_grad: bool,
+    pub winners: OnceLock<Vec<u32>>,
+}
+
+impl ConvReluMaxPool {
+    fn shape(&self, x: &[usize], kernel: &[usize]) -> Result<ConvReluMaxPoolShape> {
+        let conv = kernel_result(self.conv.shape(x, kernel))?;
+        kernel_result(ConvReluMaxPoolShape::new(conv, self.pool))
+    }
+}
+
+impl CustomOp3 for ConvReluMaxPool {
+    fn name(&self) -> &'static str {
+        "convkit-conv2d-relu-max-pool2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let s = self.shape(xl.dims(), kl.dims())?;
+        let (x, kernel) = (values(xs, xl, OP, "input")?, values(ks, kl, OP, "kernel")?);
+        let bias = values(bs, bl, OP, "bias")?;
+        let y = if self.for_grad {
+            let (y, winners) =
+                kernel_result(s.forward_with_winners(&CandleThreads, x, kernel, bias))?;
+            if self.winners.set(winners).is_err() {
+                candle_core::bail!("{OP}: one op instance was run forward twice");
+            }
+            y
+        } else {
+            kernel_result(s.forward(&CandleThreads, x, kernel, bias))?
+        };
+        Ok((CpuStorage::F32(y), Shape::from(&s.output()[..])))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        kernel: &Tensor,
+        bias: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(winners) = self.winners.get() else {
+            candle_core::bail!("{OP}: a backward without a forward that kept the winners");
+        };
         let s = self.shape(x.dims(), kernel.dims())?;
-        let dx = (x.track_op())
-            .then(|| dy.apply_op2_no_bwd(&kernel.contiguous()?, &InputGrad(s)))
-            .transpose()?;
-        let dk = (kernel.track_op())
-            .then(|| x.contiguous()?.apply_op2_no_bwd(&dy, &KernelGrad(s)))
-            .transpose()?;
-        let db = (bias.track_op())
-            .then(|| dy.apply_op1_no_bwd(&BiasGrad(s)))
-            .transpose()?;
-        Ok((dx, dk, db))
+        let dz = dy
+            .contiguous()?
+            .apply_op1_no_bwd(&ConvOutputGrad { s, winners })?;
+        conv_grads(s.conv, x, kernel, bias, &dz)
+    }
+}
+
+/// The gradient at a [`ConvReluMaxPool`]'s convolution output, `[n, o, oh, ow]`, from the
+/// pooled output's and the forward's winners.
+struct ConvOutputGrad<'w> {
+    s: ConvReluMaxPoolShape,
+    winners: &'w [u32],
+}
+
+impl CustomOp1 for ConvOutputGrad<'_> {
+    fn name(&self) -> &'static str {
+        "convkit-conv2d-relu-max-pool2d-output-grad"
+    }
+
+    fn cpu_fwd(&self, dys: &CpuStorage, dyl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dy = values(dys, dyl, OP, "output gradient")?;
+        let dz = kernel_result(self.s.conv_output_grad(&CandleThreads, dy, self.winners))?;
+        Ok((CpuStorage::F32(dz), Shape::from(&self.s.conv.output()[..])))
     }
 }
 
@@ -158,6 +266,46 @@ mod tests {
                 [1e-4, 1e-3],
                 &format!("pad {pad} stride {stride}"),
             );
+        }
+    }
+
+    /// The fused op against convkit's three ops one after the other (the kernel crate's
+    /// tests check them bit for bit, with ties and NaNs): the same values and gradients, and
+    /// the same values again on constant operands, where no winners are kept.
+    #[test]
+    fn the_fused_block_matches_convolution_relu_and_pooling() {
+        for (pad, stride, pool, pool_stride) in [(0, 1, 2, 2), (1, 2, 3, 1)] {
+            let conv = Kernel::new([pad; 4], [stride; 2]);
+            let pool = MaxPool2d::new([pool; 2], [pool_stride; 2]);
+            let fused = || ConvReluMaxPool {
+                conv,
+                pool,
+                for_grad: true,
+                winners: OnceLock::new(),
+            };
+            let unfused = |x: &Tensor, k: &Tensor, b: &Tensor| {
+                x.apply_op3(k, b, Conv2d(conv))?
+                    .apply_op1(crate::relu::Relu)?
+                    .apply_op1(crate::pool::MaxPool2d(pool))
+            };
+            let case = format!("pad {pad} stride {stride} pool {pool:?}");
+            assert_matches_candle(
+                fused(),
+                [&[3, 2, 10, 9], &[4, 2, 3, 3], &[4]],
+                unfused,
+                [1e-6, 1e-6],
+                &case,
+            );
+            let [x, k, b] = [&[2, 2, 8, 8][..], &[4, 2, 3, 3], &[4]]
+                .map(|dims| Tensor::randn(0f32, 1.0, dims, &Device::Cpu).unwrap());
+            let inference = ConvReluMaxPool {
+                for_grad: false,
+                ..fused()
+            };
+            let y = x.apply_op3(&k, &b, inference).unwrap();
+            let expected = unfused(&x, &k, &b).unwrap();
+            let gap = (y - expected).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(gap.to_scalar::<f32>().unwrap(), 0.0, "{case}");
         }
     }
 

@@ -26,7 +26,9 @@ use convkit_core::backend::without_panics;
 use convkit_core::exec::Engine;
 use convkit_core::optim::TensorMath;
 use convkit_core::plan::{PlannedOp, PoolKind};
-use convkit_core::primitives::{Binary, ElementUpdate, Ops, Reduction, Unary};
+use convkit_core::primitives::{
+    conv2d_relu_max_pool_unfused, Binary, ConvReluMaxPool, ElementUpdate, Ops, Reduction, Unary,
+};
 
 /// Errors of the candle engine; they reach users as [`convkit_core::Error::Engine`].
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +275,29 @@ impl Ops for CandleOps {
                     .conv2d(&kernel.0, 0, strides[0], 1, 1)?
             };
             y.broadcast_add(&bias.0.reshape((1, (), 1, 1))?)
+        })())
+        .map(Value)
+    }
+
+    fn conv2d_relu_max_pool(
+        &self,
+        x: &Value,
+        kernel: &Value,
+        bias: &Value,
+        block: ConvReluMaxPool,
+    ) -> convkit_core::Result<Value> {
+        if !self.device.is_cpu() {
+            return conv2d_relu_max_pool_unfused(self, x, kernel, bias, block);
+        }
+        let op = conv::ConvReluMaxPool {
+            conv: convkit_cpu::conv::Conv2d::new(block.pad, block.strides),
+            pool: convkit_cpu::pool::MaxPool2d::new(block.pool_size, block.pool_strides),
+            for_grad: [x, kernel, bias].iter().any(|t| t.0.track_op()),
+            winners: Default::default(),
+        };
+        self.engine_result((|| {
+            let (kernel, bias) = (kernel.0.contiguous()?, bias.0.contiguous()?);
+            x.0.contiguous()?.apply_op3(&kernel, &bias, op)
         })())
         .map(Value)
     }

@@ -20,8 +20,8 @@ use crate::collective::{Collective, Solo};
 use crate::compile::{Head, Loss};
 use crate::composite::Composite;
 use crate::optim::{DropoutMask, OptimizerState, Slots, TensorMath, Training};
-use crate::plan::{Compiled, Plan, PlannedOp, WeightSpec};
-use crate::primitives::Ops;
+use crate::plan::{Compiled, Plan, PlannedOp, PoolKind, WeightSpec};
+use crate::primitives::{ConvReluMaxPool, Ops};
 
 /// A forward pass's logits `[n, outputs]` and, in training, each batch normalisation's new
 /// moving statistics by weight index.
@@ -220,7 +220,8 @@ impl<O: Ops> Executor<O> {
         let ops = &self.ops;
         let mut moving = Vec::new();
         let mut masks = masks.iter();
-        for (layer, op) in self.plan.ops.iter().enumerate() {
+        let mut layers = self.plan.ops.iter().enumerate().peekable();
+        while let Some((layer, op)) = layers.next() {
             x = match *op {
                 PlannedOp::Conv2D {
                     kernel,
@@ -229,8 +230,32 @@ impl<O: Ops> Executor<O> {
                     strides,
                     activation,
                 } => {
-                    let y = ops.conv2d(&x, &params[kernel], &params[bias], pad, strides)?;
-                    ops.activation(&y, activation)?
+                    let (kernel, bias) = (&params[kernel], &params[bias]);
+                    // A ReLU convolution and the max pooling after it, as one operation.
+                    if let (
+                        Activation::Relu,
+                        Some(&(
+                            _,
+                            &PlannedOp::Pool2D {
+                                kind: PoolKind::Max,
+                                size,
+                                strides: pool_strides,
+                            },
+                        )),
+                    ) = (activation, layers.peek())
+                    {
+                        layers.next();
+                        let block = ConvReluMaxPool {
+                            pad,
+                            strides,
+                            pool_size: size,
+                            pool_strides,
+                        };
+                        ops.conv2d_relu_max_pool(&x, kernel, bias, block)?
+                    } else {
+                        let y = ops.conv2d(&x, kernel, bias, pad, strides)?;
+                        ops.activation(&y, activation)?
+                    }
                 }
                 PlannedOp::Pool2D {
                     kind,

@@ -48,6 +48,34 @@ pub enum Reduction {
 /// slot (a moment, a velocity) as long as the values ([`Ops::update_in_place`]).
 pub type ElementUpdate<'f> = dyn FnMut(&mut [f32], &[f32], &mut [&mut [f32]]) + 'f;
 
+/// A convolution whose output goes through ReLU and then max pooling, as one operation
+/// ([`Ops::conv2d_relu_max_pool`]): the common block of an image classifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvReluMaxPool {
+    /// The convolution's zero padding, `[top, bottom, left, right]`.
+    pub pad: [usize; 4],
+    /// The convolution's strides, `[h, w]`.
+    pub strides: [usize; 2],
+    /// The pooling windows, `[h, w]`.
+    pub pool_size: [usize; 2],
+    /// The pooling strides, `[h, w]`.
+    pub pool_strides: [usize; 2],
+}
+
+/// [`Ops::conv2d_relu_max_pool`] as its three operations, one after the other: the default,
+/// and what an engine falls back to where its fused kernel does not apply.
+pub fn conv2d_relu_max_pool_unfused<O: Ops + ?Sized>(
+    ops: &O,
+    x: &O::Tensor,
+    kernel: &O::Tensor,
+    bias: &O::Tensor,
+    block: ConvReluMaxPool,
+) -> Result<O::Tensor> {
+    let y = ops.conv2d(x, kernel, bias, block.pad, block.strides)?;
+    let y = ops.unary(Unary::Relu, &y)?;
+    ops.pool2d(&y, PoolKind::Max, block.pool_size, block.pool_strides)
+}
+
 /// The operations an engine supplies. Every method works on device tensors in the layouts
 /// above; errors are [`Error::Engine`] naming the engine (see [`Ops::engine`]).
 pub trait Ops {
@@ -133,6 +161,20 @@ pub trait Ops {
         pad: [usize; 4],
         strides: [usize; 2],
     ) -> Result<Self::Tensor>;
+    /// `max_pool(relu(conv2d(x, kernel, bias)))`: [`Ops::conv2d`] with `block`'s padding and
+    /// strides, ReLU, and [`Ops::pool2d`]'s max pooling over `block`'s windows, as one
+    /// operation, the same values and gradients. An engine whose kernel pools each image's
+    /// convolution output while it is in cache, never writing it whole, supplies it; the
+    /// default runs the three ([`conv2d_relu_max_pool_unfused`]).
+    fn conv2d_relu_max_pool(
+        &self,
+        x: &Self::Tensor,
+        kernel: &Self::Tensor,
+        bias: &Self::Tensor,
+        block: ConvReluMaxPool,
+    ) -> Result<Self::Tensor> {
+        conv2d_relu_max_pool_unfused(self, x, kernel, bias, block)
+    }
     /// Pooling of NCHW `x` over `size` windows at `strides`, no padding; rows and columns
     /// that do not fill a window are dropped. Max pooling's gradient goes to the first
     /// maximum of each window (row-major within the window).
