@@ -160,33 +160,75 @@ impl ConvReluMaxPoolShape {
                 .zip(y.chunks_exact_mut(ph * pw))
                 .enumerate()
             {
+                let mut winners = (winners.as_deref_mut())
+                    .map(|winners| &mut winners[channel * ph * pw..][..ph * pw]);
                 for (oy, y) in y.chunks_exact_mut(pw).enumerate() {
-                    let row = (channel * ph + oy) * pw;
-                    let mut put = |ox: usize, at: usize, top: f32| {
-                        // ReLU as `relu::forward` has it: NaN stays NaN.
-                        y[ox] = if top <= 0.0 { 0.0 } else { top };
-                        if let Some(winners) = winners.as_deref_mut() {
-                            winners[row + ox] = if top > 0.0 { at as u32 } else { NO_WINNER };
+                    let winners = winners.as_deref_mut().map(|w| &mut w[oy * pw..][..pw]);
+                    if !halving {
+                        let first_max = |ox| self.pool.pool.first_max(plane, ow, oy, ox);
+                        fill_row(y, winners, plane, (0..pw).map(first_max));
+                        continue;
+                    }
+                    let upper = &plane[2 * oy * ow..][..2 * pw];
+                    let lower = &plane[(2 * oy + 1) * ow..][..2 * pw];
+                    let windows = upper.chunks_exact(2).zip(lower.chunks_exact(2));
+                    // Without winners (inference) only the maxima are needed.
+                    let Some(winners) = winners else {
+                        for (y, (u, l)) in y.iter_mut().zip(windows) {
+                            *y = relu(first_max4([u[0], u[1], l[0], l[1]]).1);
                         }
+                        continue;
                     };
-                    if halving {
-                        let upper = &plane[2 * oy * ow..][..2 * pw];
-                        let lower = &plane[(2 * oy + 1) * ow..][..2 * pw];
-                        for (ox, (u, l)) in
-                            upper.chunks_exact(2).zip(lower.chunks_exact(2)).enumerate()
-                        {
-                            let (best, top) = first_max4([u[0], u[1], l[0], l[1]]);
-                            put(ox, (2 * oy + best / 2) * ow + 2 * ox + best % 2, top);
-                        }
-                    } else {
-                        for ox in 0..pw {
-                            let at = self.pool.pool.first_max(plane, ow, oy, ox);
-                            put(ox, at, plane[at]);
-                        }
+                    for (ox, ((y, winner), (u, l))) in y
+                        .iter_mut()
+                        .zip(winners.iter_mut())
+                        .zip(windows)
+                        .enumerate()
+                    {
+                        let (best, top) = first_max4([u[0], u[1], l[0], l[1]]);
+                        let at = (2 * oy + best / 2) * ow + 2 * ox + best % 2;
+                        *y = relu(top);
+                        *winner = if top > 0.0 { at as u32 } else { NO_WINNER };
                     }
                 }
             }
         });
+    }
+}
+
+/// ReLU as `relu::forward` has it: NaN stays NaN.
+fn relu(v: f32) -> f32 {
+    if v <= 0.0 {
+        0.0
+    } else {
+        v
+    }
+}
+
+/// One row of pooled outputs `y` and, where kept, their `winners`, from each window's first
+/// maximum given as its position `at` in the convolution output `plane`.
+fn fill_row(
+    y: &mut [f32],
+    winners: Option<&mut [u32]>,
+    plane: &[f32],
+    at: impl Iterator<Item = usize>,
+) {
+    match winners {
+        Some(winners) => {
+            for ((y, winner), at) in y.iter_mut().zip(winners).zip(at) {
+                *y = relu(plane[at]);
+                *winner = if plane[at] > 0.0 {
+                    at as u32
+                } else {
+                    NO_WINNER
+                };
+            }
+        }
+        None => {
+            for (y, at) in y.iter_mut().zip(at) {
+                *y = relu(plane[at]);
+            }
+        }
     }
 }
 
