@@ -92,6 +92,13 @@ impl Conv2dShape {
         [self.o, self.c, self.kh, self.kw]
     }
 
+    /// Checks that `x`, `kernel` and `bias` hold the input's, kernel's and bias's values.
+    pub(crate) fn check_operands(&self, x: &[f32], kernel: &[f32], bias: &[f32]) -> Result<()> {
+        check_len(OP, "input", x.len(), self.n * self.image())?;
+        check_len(OP, "kernel", kernel.len(), self.o * self.patch())?;
+        check_len(OP, "bias", bias.len(), self.o)
+    }
+
     /// Checks that `dy` holds the output's `n·o·oh·ow` values.
     fn check_output_grad(&self, dy: &[f32]) -> Result<()> {
         check_len(
@@ -124,9 +131,7 @@ impl Conv2dShape {
         kernel: &[f32],
         bias: &[f32],
     ) -> Result<Vec<f32>> {
-        check_len(OP, "input", x.len(), self.n * self.image())?;
-        check_len(OP, "kernel", kernel.len(), self.o * self.patch())?;
-        check_len(OP, "bias", bias.len(), self.o)?;
+        self.check_operands(x, kernel, bias)?;
         let (positions, patch) = (self.positions(), self.patch());
         // Each output row starts as its bias, written once (no zeroing first).
         let mut y = Vec::with_capacity(self.n * self.o * positions);

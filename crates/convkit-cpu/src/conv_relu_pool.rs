@@ -64,7 +64,7 @@ impl ConvReluMaxPoolShape {
         kernel: &[f32],
         bias: &[f32],
     ) -> Result<Vec<f32>> {
-        self.check_operands(x, kernel, bias)?;
+        self.conv.check_operands(x, kernel, bias)?;
         let mut y = vec![0f32; self.conv.n * self.pooled()];
         for_each_chunk(threads, &mut y, self.pooled(), |image, y| {
             self.image_forward(x, kernel, bias, image, y, None)
@@ -82,7 +82,7 @@ impl ConvReluMaxPoolShape {
         kernel: &[f32],
         bias: &[f32],
     ) -> Result<(Vec<f32>, Vec<u32>)> {
-        self.check_operands(x, kernel, bias)?;
+        self.conv.check_operands(x, kernel, bias)?;
         let len = self.conv.n * self.pooled();
         // Zeroed (fresh pages from the allocator, not a pass), then each written once.
         let (mut y, mut winners) = (vec![0f32; len], vec![0u32; len]);
@@ -121,13 +121,6 @@ impl ConvReluMaxPoolShape {
             }
         });
         Ok(dz)
-    }
-
-    fn check_operands(&self, x: &[f32], kernel: &[f32], bias: &[f32]) -> Result<()> {
-        let c = &self.conv;
-        check_len(OP, "input", x.len(), c.n * c.image())?;
-        check_len(OP, "kernel", kernel.len(), c.o * c.patch())?;
-        check_len(OP, "bias", bias.len(), c.o)
     }
 
     /// Image `image`'s pooled output `y [o, ph, pw]` and, when asked for, its `winners`.
