@@ -133,16 +133,11 @@ impl Conv2dShape {
     ) -> Result<Vec<f32>> {
         self.check_operands(x, kernel, bias)?;
         let (positions, patch) = (self.positions(), self.patch());
-        // Each output row starts as its bias, written once (no zeroing first).
-        let mut y = Vec::with_capacity(self.n * self.o * positions);
-        for _ in 0..self.n {
-            for &b in bias {
-                y.resize(y.len() + positions, b);
-            }
-        }
+        // Zeroed (fresh pages from the allocator, not a pass), then each image written whole.
+        let mut y = vec![0f32; self.n * self.o * positions];
         for_each_chunk(threads, &mut y, self.o * positions, |image, y| {
             with_scratch(positions * patch, |cols| {
-                self.add_image_product(self.input_image(x, image), kernel, cols, y)
+                self.image_forward(self.input_image(x, image), kernel, bias, cols, y)
             });
         });
         Ok(y)
@@ -153,16 +148,21 @@ impl Conv2dShape {
         &x[image * self.image()..][..self.image()]
     }
 
-    /// `y [o, oh·ow] += W · im2col(x)` for one image `x [c, h, w]`, with `cols`
-    /// (`[c·kh·kw, oh·ow]`, contents unspecified) as working memory.
-    pub(crate) fn add_image_product(
+    /// `y [o, oh·ow] = W · im2col(x) + b` for one image `x [c, h, w]`, with `cols`
+    /// (`[c·kh·kw, oh·ow]`, contents unspecified) as working memory; `y`'s contents on entry
+    /// do not matter. Each output row starts as its bias and the product is added to it.
+    pub(crate) fn image_forward(
         &self,
         x: &[f32],
         kernel: &[f32],
+        bias: &[f32],
         cols: &mut [f32],
         y: &mut [f32],
     ) {
         let (positions, patch) = (self.positions(), self.patch());
+        for (row, &b) in y.chunks_exact_mut(positions).zip(bias) {
+            row.fill(b);
+        }
         self.im2col(x, cols);
         matmul(
             (self.o, positions, patch),

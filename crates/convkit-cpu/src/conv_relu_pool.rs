@@ -1,13 +1,14 @@
 //! A convolution, its ReLU and the max pooling after it as one kernel. Each image's
-//! convolution output is made in the thread's working memory, rectified and pooled from there
-//! while it is in cache, so the full-size output is never written, read back, rectified and
-//! pooled in three more passes over memory. The backward needs only each window's winner:
+//! convolution output is made in the thread's working memory and pooled and rectified from
+//! there while it is in cache, so the full-size output is never written, read back, rectified
+//! and pooled in three more passes over memory. The backward needs only each window's winner:
 //! one scatter gives the gradient at the convolution's output, from which
 //! [`Conv2dShape`]'s gradients follow. The results are those of the three kernels run one
 //! after the other ([`crate::conv`], [`crate::relu`], [`crate::pool`]), bit for bit.
 
 use crate::conv::Conv2dShape;
 use crate::pool::{first_max4, MaxPool2d, MaxPool2dShape};
+use crate::relu::rectify;
 use crate::scratch::with_scratch;
 use crate::threads::{for_each_chunk, for_each_chunk_pair, Threads};
 use crate::{check_len, shape_error, Result};
@@ -143,10 +144,7 @@ impl ConvReluMaxPoolShape {
         let cols_len = conv.patch() * positions;
         with_scratch(cols_len + conv.o * positions, |scratch| {
             let (cols, z) = scratch.split_at_mut(cols_len);
-            for (row, &b) in z.chunks_exact_mut(positions).zip(bias) {
-                row.fill(b);
-            }
-            conv.add_image_product(conv.input_image(x, image), kernel, cols, z);
+            conv.image_forward(conv.input_image(x, image), kernel, bias, cols, z);
             let halving = self.pool.is_halving();
             for (channel, (plane, y)) in z
                 .chunks_exact(positions)
@@ -168,11 +166,11 @@ impl ConvReluMaxPoolShape {
                     // Without winners (inference) only the maxima are needed.
                     let Some(winners) = winners else {
                         for (y, (u, l)) in y.iter_mut().zip(windows) {
-                            *y = relu(first_max4([u[0], u[1], l[0], l[1]]).1);
+                            *y = rectify(first_max4([u[0], u[1], l[0], l[1]]).1);
                         }
                         continue;
                     };
-                    for (ox, ((y, winner), (u, l))) in y
+                    for (ox, ((y, w), (u, l))) in y
                         .iter_mut()
                         .zip(winners.iter_mut())
                         .zip(windows)
@@ -180,8 +178,7 @@ impl ConvReluMaxPoolShape {
                     {
                         let (best, top) = first_max4([u[0], u[1], l[0], l[1]]);
                         let at = (2 * oy + best / 2) * ow + 2 * ox + best % 2;
-                        *y = relu(top);
-                        *winner = if top > 0.0 { at as u32 } else { NO_WINNER };
+                        (*y, *w) = (rectify(top), winner(at, top));
                     }
                 }
             }
@@ -189,12 +186,12 @@ impl ConvReluMaxPoolShape {
     }
 }
 
-/// ReLU as `relu::forward` has it: NaN stays NaN.
-fn relu(v: f32) -> f32 {
-    if v <= 0.0 {
-        0.0
+/// The winner of a window whose first maximum `top` is at `at`: none unless `top` is positive.
+fn winner(at: usize, top: f32) -> u32 {
+    if top > 0.0 {
+        at as u32
     } else {
-        v
+        NO_WINNER
     }
 }
 
@@ -208,18 +205,13 @@ fn fill_row(
 ) {
     match winners {
         Some(winners) => {
-            for ((y, winner), at) in y.iter_mut().zip(winners).zip(at) {
-                *y = relu(plane[at]);
-                *winner = if plane[at] > 0.0 {
-                    at as u32
-                } else {
-                    NO_WINNER
-                };
+            for ((y, w), at) in y.iter_mut().zip(winners).zip(at) {
+                (*y, *w) = (rectify(plane[at]), winner(at, plane[at]));
             }
         }
         None => {
             for (y, at) in y.iter_mut().zip(at) {
-                *y = relu(plane[at]);
+                *y = rectify(plane[at]);
             }
         }
     }

@@ -7,10 +7,19 @@ use crate::{check_len, Result};
 /// Elements per parallel task: large enough to amortise the hand-off.
 const CHUNK: usize = 16 * 1024;
 
+/// `max(v, 0)` of one value: 0 for −0 too, NaN stays NaN.
+pub(crate) fn rectify(v: f32) -> f32 {
+    if v <= 0.0 {
+        0.0
+    } else {
+        v
+    }
+}
+
 /// `y = max(x, 0)`, any shape.
 pub fn forward(threads: &dyn Threads, x: &[f32]) -> Vec<f32> {
     collect_chunks(threads, x.len(), CHUNK, |i| {
-        (x[i * CHUNK..].iter()).map(|&x| if x <= 0.0 { 0.0 } else { x })
+        (x[i * CHUNK..].iter()).map(|&x| rectify(x))
     })
 }
 
