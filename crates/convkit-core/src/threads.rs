@@ -4,8 +4,9 @@
 //! torchrun sets `OMP_NUM_THREADS`), so that ranks sharing a machine do not fight over its
 //! cores; a process started alone leaves every engine its default, all the cores.
 //!
-//! [`configure`] applies the choice; call it at the start of `main`, before any engine starts
-//! a thread (candle and rayon size their pools once, from the environment).
+//! [`configure`] applies the choice; call it at the start of `main`, on the thread that runs
+//! the engines and before any engine starts a thread (candle and rayon size their pools once,
+//! from the environment). That thread becomes one of rayon's.
 
 use std::sync::OnceLock;
 
@@ -43,7 +44,35 @@ pub fn configure(requested: Option<usize>) -> Result<&'static ThreadChoice> {
             std::env::set_var(name, n.to_string());
         }
     }
+    join_rayon_pool(rayon_threads(&choice));
     Ok(CHOSEN.get_or_init(|| choice))
+}
+
+/// The size of rayon's global pool under `choice`: the chosen count, else `RAYON_NUM_THREADS`
+/// as rayon reads it, else every core.
+fn rayon_threads(choice: &ThreadChoice) -> usize {
+    choice.threads.unwrap_or_else(|| {
+        (std::env::var("RAYON_NUM_THREADS").ok())
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or_else(cores)
+    })
+}
+
+/// Starts rayon's global pool with the calling thread as one of its `threads` (beside
+/// `threads - 1` workers), so that a parallel operation the caller starts (burn-flex's own,
+/// convkit's kernels under burn-flex, image decoding) runs partly on it. Otherwise rayon hands
+/// each operation to its workers and the caller sleeps until they are done: a wake-up of a
+/// worker and then of the caller per operation, about 170 context switches per training step
+/// on burn-flex, 27 this way (docs/measurements.md). With one thread the pool is left to rayon:
+/// a pool of only the caller would never run work handed to it from another thread. Returns
+/// whether it started the pool (not when something had started it before).
+fn join_rayon_pool(threads: usize) -> bool {
+    threads >= 2
+        && (rayon::ThreadPoolBuilder::new().num_threads(threads))
+            .use_current_thread()
+            .build_global()
+            .is_ok()
 }
 
 /// The choice [`configure`] made, or (never configured: a library user) the one it would make
@@ -216,6 +245,17 @@ mod tests {
             err.contains("CONVKIT_THREADS: expected a number of threads, found \"many\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn one_thread_leaves_rayons_pool_alone() {
+        assert!(!join_rayon_pool(1));
+        assert!(!join_rayon_pool(0));
+        let one = ThreadChoice {
+            threads: Some(1),
+            why: String::new(),
+        };
+        assert_eq!(rayon_threads(&one), 1);
     }
 
     #[test]
