@@ -216,10 +216,15 @@ def main(in_dir, out_json, tuned=False):
         # A compiled model compiles its inference graphs here, untimed: batch 256 and the tail.
         for size in sorted({256, len(test_y) % 256} - {0}):
             model(test_x[:size])
-    start = time.perf_counter()
-    with torch.no_grad():
-        logits = torch.cat([model(test_x[i : i + 256]) for i in range(0, len(test_y), 256)])
-    inference = len(test_y) / (time.perf_counter() - start)
+    # As the engines' and onnxruntime's rates: the best of three passes, probabilities out.
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        with torch.no_grad():
+            logits = torch.cat([model(test_x[i : i + 256]) for i in range(0, len(test_y), 256)])
+            probabilities(logits)
+        best = min(best, time.perf_counter() - start)
+    inference = len(test_y) / best
     p = probabilities(logits).clamp(1e-7, 1 - 1e-7)
     if logits.shape[1] == 1:
         t = test_y.float()

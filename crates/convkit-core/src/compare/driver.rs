@@ -269,7 +269,7 @@ fn onnxruntime_inference(settings: &RunSettings, out: &Path) -> Result<OnnxRunti
         .arg(&model)
         .arg(dir.join("test.u8"))
         .arg(threads.to_string())
-        .arg("256")
+        .arg(super::run::INFERENCE_BATCH.to_string())
         .output()
         .map_err(|e| Error::io(python(), e))?;
     if !output.status.success() {
