@@ -1,8 +1,9 @@
 //! 2-D convolution as im2col + GEMM, forward and backward: the forward `W · cols` per image,
 //! the kernel gradient `dy · colsᵀ` over the whole batch at once, the input gradient
 //! `col2im(Wᵀ · dy[n])` per image. `cols` is `[c·kh·kw, oh·ow]`: kernel entry by output
-//! position. Padding (TensorFlow's asymmetric `same` included) and per-axis strides are
-//! handled in im2col, so nothing is copied to pad. The bias is where each output row starts,
+//! position (in the forward at stride 1 without padding, by position in rows as wide as the
+//! input's: see [`Conv2dShape::output_rows`]). Padding (TensorFlow's asymmetric `same`
+//! included) and per-axis strides are handled in im2col, so nothing is copied to pad. The bias is where each output row starts,
 //! and its gradient one pass over the output gradient.
 
 use crate::gemm::{matmul, matmul_by_rows};
@@ -12,6 +13,12 @@ use crate::{check_len, shape_error, Result};
 
 /// The name errors give the op.
 const OP: &str = "convkit conv2d";
+
+/// The width the forward's product is made at least, in output positions (see
+/// [`Conv2dShape::forward_group`]): narrower ones spend much of their time packing operands.
+const FORWARD_COLUMNS: usize = 512;
+/// The most values of working memory the forward's images take at once.
+const FORWARD_SCRATCH: usize = 256 << 10;
 
 /// A convolution's settings: zero padding `[top, bottom, left, right]` and `strides`
 /// `[sh, sw]`, no dilation, one group.
@@ -78,6 +85,14 @@ pub struct Conv2dShape {
     pub strides: [usize; 2],
 }
 
+/// Where [`Conv2dShape::image_forward`] puts an image's output: output `(y, x)` of a channel
+/// at `y·row + x` of its `plane` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OutputRows {
+    pub row: usize,
+    pub plane: usize,
+}
+
 impl Conv2dShape {
     /// The output's dims, `[n, o, oh, ow]`.
     pub fn output(&self) -> [usize; 4] {
@@ -132,13 +147,31 @@ impl Conv2dShape {
         bias: &[f32],
     ) -> Result<Vec<f32>> {
         self.check_operands(x, kernel, bias)?;
-        let (positions, patch) = (self.positions(), self.patch());
+        let (rows, group) = (self.output_rows(), self.forward_group());
+        let (positions, cols_len) = (self.positions(), self.patch() * group * rows.plane);
         // Zeroed (fresh pages from the allocator, not a pass), then each image written whole.
         let mut y = vec![0f32; self.n * self.o * positions];
-        for_each_chunk(threads, &mut y, self.o * positions, |image, y| {
-            with_scratch(positions * patch, |cols| {
-                self.image_forward(self.input_image(x, image), kernel, bias, cols, y)
-            });
+        for_each_chunk(threads, &mut y, group * self.o * positions, |g, y| {
+            let images = g * group..(g * group + group).min(self.n);
+            if images.len() == 1 && rows.plane == positions {
+                // The output as it is to be: made in place.
+                return with_scratch(cols_len, |cols| {
+                    self.group_forward(x, images, kernel, bias, cols, y)
+                });
+            }
+            let z_len = self.o * images.len() * rows.plane;
+            with_scratch(cols_len + z_len, |scratch| {
+                let (cols, z) = scratch.split_at_mut(cols_len);
+                self.group_forward(x, images.clone(), kernel, bias, cols, &mut z[..z_len]);
+                for (i, y) in y.chunks_exact_mut(self.o * positions).enumerate() {
+                    for (channel, y) in y.chunks_exact_mut(positions).enumerate() {
+                        let z = self.group_plane(z, images.len(), channel, i);
+                        for (y, z) in y.chunks_exact_mut(self.ow).zip(z.chunks(rows.row)) {
+                            y.copy_from_slice(&z[..self.ow]);
+                        }
+                    }
+                }
+            })
         });
         Ok(y)
     }
@@ -148,32 +181,97 @@ impl Conv2dShape {
         &x[image * self.image()..][..self.image()]
     }
 
-    /// `y [o, oh·ow] = W · im2col(x) + b` for one image `x [c, h, w]`, with `cols`
-    /// (`[c·kh·kw, oh·ow]`, contents unspecified) as working memory; `y`'s contents on entry
-    /// do not matter. Each output row starts as its bias and the product is added to it.
-    pub(crate) fn image_forward(
+    /// How [`Conv2dShape::group_forward`] lays out an image's output plane. At stride 1
+    /// without padding its rows are as wide as the input's, so that each row of im2col is one
+    /// run of the image, copied at once; the values past `ow` in each row are not outputs.
+    /// Compact rows take a copy per kernel entry and output row instead (`c·kh·kw·oh` short
+    /// ones), and the unfused forward's output a copy per channel and row (`o·oh`) to leave
+    /// the wide rows: wide where the first are the more, compact otherwise.
+    pub(crate) fn output_rows(&self) -> OutputRows {
+        if self.strides == [1, 1] && self.pad == [0; 4] && self.patch() >= self.o {
+            OutputRows {
+                row: self.w,
+                plane: (self.oh - 1) * self.w + self.ow,
+            }
+        } else {
+            OutputRows {
+                row: self.ow,
+                plane: self.positions(),
+            }
+        }
+    }
+
+    /// How many images [`Conv2dShape::group_forward`] multiplies at once in the forward: enough
+    /// for a product [`FORWARD_COLUMNS`] wide, where its working memory stays within
+    /// [`FORWARD_SCRATCH`] values. Fixed by the shape alone, so the results do not depend on
+    /// the number of threads.
+    pub(crate) fn forward_group(&self) -> usize {
+        let OutputRows { plane, .. } = self.output_rows();
+        let fits = FORWARD_SCRATCH / ((self.patch() + self.o) * plane).max(1);
+        FORWARD_COLUMNS
+            .div_ceil(plane)
+            .min(fits)
+            .clamp(1, self.n.max(1))
+    }
+
+    /// `z [o, images.len()·plane] = W · [im2col(x[i]) for i in images] + b`: the images of
+    /// the batch `x [n, c, h, w]` side by side in one product, each plane in the layout of
+    /// [`Conv2dShape::output_rows`] ([`Conv2dShape::group_plane`] finds one). `cols`
+    /// (`[c·kh·kw, images.len()·plane]`, at least, contents unspecified) is working memory;
+    /// `z`'s contents on entry do not matter. Each output row starts as its bias and the
+    /// product is added to it.
+    pub(crate) fn group_forward(
         &self,
         x: &[f32],
+        images: std::ops::Range<usize>,
         kernel: &[f32],
         bias: &[f32],
         cols: &mut [f32],
-        y: &mut [f32],
+        z: &mut [f32],
     ) {
-        let (positions, patch) = (self.positions(), self.patch());
-        for (row, &b) in y.chunks_exact_mut(positions).zip(bias) {
+        let (patch, rows) = (self.patch(), self.output_rows());
+        let width = images.len() * rows.plane;
+        for (row, &b) in z.chunks_exact_mut(width).zip(bias) {
             row.fill(b);
         }
-        self.im2col(x, cols);
+        let compact = rows.plane == self.positions();
+        for (q, row) in cols[..patch * width].chunks_exact_mut(width).enumerate() {
+            let (ci, ky, kx) = (q / (self.kh * self.kw), q / self.kw % self.kh, q % self.kw);
+            for (image, row) in images.clone().zip(row.chunks_exact_mut(rows.plane)) {
+                let image = self.input_image(x, image);
+                if compact {
+                    self.im2col_entry(q, image, row);
+                } else {
+                    // Entry (ci, ky, kx)'s row: the image from (ci, ky, kx) on, `plane`
+                    // values, which end inside it (at (ci, h − kh + ky, w − kw + kx)).
+                    let from = (ci * self.h + ky) * self.w + kx;
+                    row.copy_from_slice(&image[from..from + rows.plane]);
+                }
+            }
+        }
         matmul(
-            (self.o, positions, patch),
-            y,
-            (positions, 1),
+            (self.o, width, patch),
+            z,
+            (width, 1),
             true,
             kernel,
             (patch, 1),
             cols,
-            (positions, 1),
+            (width, 1),
         );
+    }
+
+    /// Image `i` (of `count`) of [`Conv2dShape::group_forward`]'s output `z`: its plane of
+    /// output channel `channel`.
+    pub(crate) fn group_plane<'z>(
+        &self,
+        z: &'z [f32],
+        count: usize,
+        channel: usize,
+        i: usize,
+    ) -> &'z [f32] {
+        let plane = self.output_rows().plane;
+        &z[(channel * count + i) * plane..][..plane]
     }
 
     /// The input gradient `dx [n, c, h, w] = col2im(Wᵀ · dy[n])` from `dy [n, o, oh, ow]` and
@@ -343,15 +441,8 @@ impl Conv2dShape {
         });
     }
 
-    /// `cols[q·positions + p]` for one image: kernel entry `q` by output position `p = y·ow + x`.
-    fn im2col(&self, image: &[f32], cols: &mut [f32]) {
-        let positions = self.positions();
-        for (q, row) in cols.chunks_exact_mut(positions).enumerate() {
-            self.im2col_entry(q, image, row);
-        }
-    }
-
-    /// The inverse scatter of [`Conv2dShape::im2col`]: adds every entry of `cols` to the
+    /// The inverse of im2col (`cols[q·positions + p]`: each kernel entry's
+    /// [`Conv2dShape::im2col_entry`]): adds every entry of `cols` to the
     /// image value it came from (`image` starts zeroed).
     fn col2im(&self, cols: &[f32], image: &mut [f32]) {
         let (positions, ow, sw, left) = (self.positions(), self.ow, self.strides[1], self.pad[2]);
@@ -435,16 +526,22 @@ mod tests {
     fn forward_and_gradients_match_the_definition() {
         // The kernel gradient shares out kernel entries where there are more of them than
         // output channels, output channels otherwise: both kinds are here.
+        let mut partial_group = false;
         for (pad, strides, [h, w], [o, c, kh, kw]) in [
             ([0; 4], [1, 1], [7, 6], [4, 3, 3, 2]),
             ([1; 4], [1, 1], [5, 5], [4, 3, 3, 2]),
             ([0, 1, 0, 1], [2, 2], [6, 7], [4, 3, 3, 2]),
             ([2, 1, 1, 2], [3, 2], [8, 9], [4, 3, 3, 2]),
             ([1, 0, 0, 1], [1, 1], [6, 5], [9, 1, 3, 2]),
+            ([0; 4], [1, 1], [5, 6], [9, 1, 2, 3]),
+            ([0; 4], [1, 1], [4, 5], [2, 3, 1, 1]),
+            // Planes wide enough that the forward multiplies two images at once, then one.
+            ([0; 4], [1, 1], [20, 20], [2, 1, 3, 3]),
         ] {
             let s = Conv2d::new(pad, strides)
-                .shape(&[2, c, h, w], &[o, c, kh, kw])
+                .shape(&[3, c, h, w], &[o, c, kh, kw])
                 .unwrap();
+            partial_group |= !s.n.is_multiple_of(s.forward_group());
             let x = random(s.n * s.c * h * w, 1);
             let k = random(s.o * s.patch(), 2);
             let b = random(s.o, 3);
@@ -482,6 +579,7 @@ mod tests {
                 );
             }
         }
+        assert!(partial_group, "no case ends in a smaller group");
     }
 
     #[test]

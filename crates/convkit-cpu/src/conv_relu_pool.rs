@@ -1,4 +1,4 @@
-//! A convolution, its ReLU and the max pooling after it as one kernel. Each image's
+//! A convolution, its ReLU and the max pooling after it as one kernel. Each group of images'
 //! convolution output is made in the thread's working memory and pooled and rectified from
 //! there while it is in cache, so the full-size output is never written, read back, rectified
 //! and pooled in three more passes over memory. The backward needs only each window's winner:
@@ -6,7 +6,7 @@
 //! [`Conv2dShape`]'s gradients follow. The results are those of the three kernels run one
 //! after the other ([`crate::conv`], [`crate::relu`], [`crate::pool`]), bit for bit.
 
-use crate::conv::Conv2dShape;
+use crate::conv::{Conv2dShape, OutputRows};
 use crate::pool::{first_max4, MaxPool2d, MaxPool2dShape};
 use crate::relu::rectify;
 use crate::scratch::with_scratch;
@@ -66,9 +66,12 @@ impl ConvReluMaxPoolShape {
         bias: &[f32],
     ) -> Result<Vec<f32>> {
         self.conv.check_operands(x, kernel, bias)?;
-        let mut y = vec![0f32; self.conv.n * self.pooled()];
-        for_each_chunk(threads, &mut y, self.pooled(), |image, y| {
-            self.image_forward(x, kernel, bias, image, y, None)
+        let (mut y, group) = (
+            vec![0f32; self.conv.n * self.pooled()],
+            self.conv.forward_group(),
+        );
+        for_each_chunk(threads, &mut y, group * self.pooled(), |g, y| {
+            self.group_forward(x, kernel, bias, g, y, None)
         });
         Ok(y)
     }
@@ -87,11 +90,12 @@ impl ConvReluMaxPoolShape {
         let len = self.conv.n * self.pooled();
         // Zeroed (fresh pages from the allocator, not a pass), then each written once.
         let (mut y, mut winners) = (vec![0f32; len], vec![0u32; len]);
+        let group = self.conv.forward_group();
         for_each_chunk_pair(
             threads,
-            (&mut y, self.pooled()),
-            (&mut winners, self.pooled()),
-            |image, y, winners| self.image_forward(x, kernel, bias, image, y, Some(winners)),
+            (&mut y, group * self.pooled()),
+            (&mut winners, group * self.pooled()),
+            |g, y, winners| self.group_forward(x, kernel, bias, g, y, Some(winners)),
         );
         Ok((y, winners))
     }
@@ -124,65 +128,87 @@ impl ConvReluMaxPoolShape {
         Ok(dz)
     }
 
-    /// Image `image`'s pooled output `y [o, ph, pw]` and, when asked for, its `winners`.
+    /// Group `g` of [`Conv2dShape::forward_group`] images' pooled outputs `y [images, o, ph,
+    /// pw]` and, when asked for, their `winners`.
     ///
     /// The windows are pooled before the ReLU, which gives the same values and winners:
     /// ReLU keeps order, so a window's first maximum after it is its first maximum before it
     /// wherever that is positive, and where it is not the output is 0 (NaN stays NaN) with no
     /// winner either way.
-    fn image_forward(
+    fn group_forward(
         &self,
         x: &[f32],
         kernel: &[f32],
         bias: &[f32],
-        image: usize,
+        g: usize,
         y: &mut [f32],
         mut winners: Option<&mut [u32]>,
     ) {
-        let (conv, positions) = (&self.conv, self.conv.positions());
-        let (ph, pw, ow) = (self.pool.oh, self.pool.ow, self.conv.ow);
-        let cols_len = conv.patch() * positions;
-        with_scratch(cols_len + conv.o * positions, |scratch| {
+        let (conv, rows, group) = (
+            &self.conv,
+            self.conv.output_rows(),
+            self.conv.forward_group(),
+        );
+        let images = g * group..(g * group + group).min(conv.n);
+        let (ph, pw) = (self.pool.oh, self.pool.ow);
+        let cols_len = conv.patch() * images.len() * rows.plane;
+        let z_len = conv.o * images.len() * rows.plane;
+        with_scratch(cols_len + z_len, |scratch| {
             let (cols, z) = scratch.split_at_mut(cols_len);
-            conv.image_forward(conv.input_image(x, image), kernel, bias, cols, z);
-            let halving = self.pool.is_halving();
-            for (channel, (plane, y)) in z
-                .chunks_exact(positions)
-                .zip(y.chunks_exact_mut(ph * pw))
-                .enumerate()
-            {
+            conv.group_forward(x, images.clone(), kernel, bias, cols, z);
+            for (i, y) in y.chunks_exact_mut(self.pooled()).enumerate() {
                 let mut winners = (winners.as_deref_mut())
-                    .map(|winners| &mut winners[channel * ph * pw..][..ph * pw]);
-                for (oy, y) in y.chunks_exact_mut(pw).enumerate() {
-                    let winners = winners.as_deref_mut().map(|w| &mut w[oy * pw..][..pw]);
-                    if !halving {
-                        let first_max = |ox| self.pool.pool.first_max(plane, ow, oy, ox);
-                        fill_row(y, winners, plane, (0..pw).map(first_max));
-                        continue;
-                    }
-                    let upper = &plane[2 * oy * ow..][..2 * pw];
-                    let lower = &plane[(2 * oy + 1) * ow..][..2 * pw];
-                    let windows = upper.chunks_exact(2).zip(lower.chunks_exact(2));
-                    // Without winners (inference) only the maxima are needed.
-                    let Some(winners) = winners else {
-                        for (y, (u, l)) in y.iter_mut().zip(windows) {
-                            *y = rectify(first_max4([u[0], u[1], l[0], l[1]]).1);
-                        }
-                        continue;
-                    };
-                    for (ox, ((y, w), (u, l))) in y
-                        .iter_mut()
-                        .zip(winners.iter_mut())
-                        .zip(windows)
-                        .enumerate()
-                    {
-                        let (best, top) = first_max4([u[0], u[1], l[0], l[1]]);
-                        let at = (2 * oy + best / 2) * ow + 2 * ox + best % 2;
-                        (*y, *w) = (rectify(top), winner(at, top));
-                    }
+                    .map(|winners| &mut winners[i * self.pooled()..][..self.pooled()]);
+                for (channel, y) in y.chunks_exact_mut(ph * pw).enumerate() {
+                    let plane = conv.group_plane(z, images.len(), channel, i);
+                    let winners = (winners.as_deref_mut())
+                        .map(|winners| &mut winners[channel * ph * pw..][..ph * pw]);
+                    self.pool_plane(plane, rows, y, winners);
                 }
             }
         });
+    }
+
+    /// One image's channel: its pooled outputs `y [ph, pw]` and, when asked for, their
+    /// `winners`, from its convolution output `plane` laid out as `rows` say.
+    fn pool_plane(
+        &self,
+        plane: &[f32],
+        rows: OutputRows,
+        y: &mut [f32],
+        mut winners: Option<&mut [u32]>,
+    ) {
+        let (pw, ow) = (self.pool.ow, self.conv.ow);
+        // A position in `plane` as the winner's, in the output [oh, ow].
+        let compact = |at: usize| at / rows.row * ow + at % rows.row;
+        for (oy, y) in y.chunks_exact_mut(pw).enumerate() {
+            let winners = winners.as_deref_mut().map(|w| &mut w[oy * pw..][..pw]);
+            if !self.pool.is_halving() {
+                let first_max = |ox| self.pool.pool.first_max(plane, rows.row, oy, ox);
+                fill_row(y, winners, plane, (0..pw).map(first_max), compact);
+                continue;
+            }
+            let upper = &plane[2 * oy * rows.row..][..2 * pw];
+            let lower = &plane[(2 * oy + 1) * rows.row..][..2 * pw];
+            let windows = upper.chunks_exact(2).zip(lower.chunks_exact(2));
+            // Without winners (inference) only the maxima are needed.
+            let Some(winners) = winners else {
+                for (y, (u, l)) in y.iter_mut().zip(windows) {
+                    *y = rectify(first_max4([u[0], u[1], l[0], l[1]]).1);
+                }
+                continue;
+            };
+            for (ox, ((y, w), (u, l))) in y
+                .iter_mut()
+                .zip(winners.iter_mut())
+                .zip(windows)
+                .enumerate()
+            {
+                let (best, top) = first_max4([u[0], u[1], l[0], l[1]]);
+                let at = (2 * oy + best / 2) * ow + 2 * ox + best % 2;
+                (*y, *w) = (rectify(top), winner(at, top));
+            }
+        }
     }
 }
 
@@ -196,17 +222,19 @@ fn winner(at: usize, top: f32) -> u32 {
 }
 
 /// One row of pooled outputs `y` and, where kept, their `winners`, from each window's first
-/// maximum given as its position `at` in the convolution output `plane`.
+/// maximum given as its position `at` in the convolution output `plane`, which `compact`
+/// turns into the winner's position in the output `[oh, ow]`.
 fn fill_row(
     y: &mut [f32],
     winners: Option<&mut [u32]>,
     plane: &[f32],
     at: impl Iterator<Item = usize>,
+    compact: impl Fn(usize) -> usize,
 ) {
     match winners {
         Some(winners) => {
             for ((y, w), at) in y.iter_mut().zip(winners).zip(at) {
-                (*y, *w) = (rectify(plane[at]), winner(at, plane[at]));
+                (*y, *w) = (rectify(plane[at]), winner(compact(at), plane[at]));
             }
         }
         None => {
@@ -247,7 +275,9 @@ mod tests {
 
     #[test]
     fn matches_convolution_relu_and_pooling_run_one_after_the_other() {
-        let (n, c, h, w, o) = (2, 2, 9, 8, 3);
+        // Planes wide enough that the forward multiplies two images at once, then one.
+        let (n, c, h, w, o) = (3, 2, 20, 19, 3);
+        let mut partial_group = false;
         for (seed, pad, strides, size, pool_strides) in [
             (0, [0; 4], [1, 1], [2, 2], [2, 2]),
             (1, [1; 4], [1, 1], [2, 2], [2, 2]),
@@ -261,6 +291,7 @@ mod tests {
                 .unwrap();
             let pool = MaxPool2d::new(size, pool_strides);
             let fused = ConvReluMaxPoolShape::new(conv, pool).unwrap();
+            partial_group |= !n.is_multiple_of(conv.forward_group());
             let (x, mut kernel) = (values(n * c * h * w, seed), values(o * c * 9, seed + 1));
             // The first channel all exact zeros: every window's maximum is 0, with no winner.
             kernel[..c * 9].fill(0.0);
@@ -288,6 +319,7 @@ mod tests {
                 assert_same(&found, &dz, &what);
             }
         }
+        assert!(partial_group, "no case ends in a smaller group");
     }
 
     #[test]
