@@ -17,6 +17,8 @@ fn values(len: usize, seed: usize) -> Vec<f32> {
 }
 
 fn kernels(c: &mut Criterion) {
+    // As the `convkit` command does: this thread joins rayon's pool, as under burn-flex.
+    convkit::threads::configure(None).unwrap();
     let (threads, n) = (&Rayon, 32);
     // (name, input channels, input side, filters): the two 3×3 convolutions of tutorial-mnist.
     for (name, channels, side, filters) in [("conv1", 1, 28, 32), ("conv2", 32, 13, 64)] {
