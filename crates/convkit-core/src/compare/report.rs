@@ -309,7 +309,7 @@ impl Comparison {
         let _ = writeln!(s, "\n## Speed\n");
         let _ = writeln!(
             s,
-            "Times are against the fastest PyTorch row of this run (`pytorch`: eager, NCHW; `pytorch-tuned`: channels_last, a fused optimizer and torch.compile, compile time not counted). The share of peak is the epoch's FLOPs over its time, against the peak above. Inference is the best of three passes over the normalised test images, probabilities out, after an untimed batch: onnxruntime's yardstick below is measured the same way.\n"
+            "Times are against the fastest PyTorch row of this run (`pytorch`: eager, NCHW; `pytorch-tuned`: channels_last, a fused optimizer and torch.compile, compile time not counted). The share of peak is the epoch's FLOPs over its time, against the peak above. Inference is the best of three passes over the test images after an untimed one, probabilities out, each batch normalised before its clock starts: onnxruntime's yardstick below is measured the same way.\n"
         );
         let _ = writeln!(s, "| engine | device | s / epoch (median) | × fastest PyTorch | train img/s | inference img/s (batch 256) | peak RSS MiB | GFLOP/s | share of peak | test accuracy |\n|---|---|---|---|---|---|---|---|---|---|");
         for r in &self.runs {

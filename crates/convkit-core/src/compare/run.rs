@@ -131,29 +131,33 @@ const INFERENCE_PASSES: usize = 3;
 const LOSS_TRACE_EVERY: usize = 20;
 
 /// `model`'s inference rate on `test`, images/s, measured as onnxruntime's and PyTorch's are:
-/// the images normalised beforehand, one untimed batch of each size the passes use, then the
-/// best of [`INFERENCE_PASSES`] passes of probabilities in batches of [`INFERENCE_BATCH`].
+/// after an untimed pass, the best of [`INFERENCE_PASSES`] passes of probabilities in batches
+/// of [`INFERENCE_BATCH`], each batch normalised before its clock starts (one batch in memory
+/// at a time, whatever the size of the test split).
 fn inference_rate(model: &Model, test: &Dataset) -> Result<f64> {
     let [h, w, c] = model.spec().input_shape;
     let all: Vec<usize> = (0..test.len()).collect();
-    let mut x = Array4::zeros((test.len(), h, w, c));
-    test.fill_batch(&all, x.view_mut())?;
-    let batches = || x.axis_chunks_iter(ndarray::Axis(0), INFERENCE_BATCH);
-    let tail = test.len() % INFERENCE_BATCH;
-    for size in [INFERENCE_BATCH.min(test.len()), tail] {
-        if size > 0 {
-            model.predict_batch(x.slice(ndarray::s![..size, .., .., ..]))?;
-        }
-    }
+    let mut buffer = Array4::zeros((INFERENCE_BATCH.min(test.len()), h, w, c));
+    let batcher = test.batcher()?;
     let mut best = f64::INFINITY;
-    for _ in 0..INFERENCE_PASSES {
-        let t = Instant::now();
-        for batch in batches() {
-            model.predict_batch(batch)?;
+    for pass in 0..=INFERENCE_PASSES {
+        let mut seconds = 0.0;
+        for chunk in all.chunks(INFERENCE_BATCH) {
+            let mut x = buffer.slice_mut(ndarray::s![..chunk.len(), .., .., ..]);
+            batcher.fill(chunk, x.view_mut())?;
+            let t = Instant::now();
+            model.predict_batch(x.view())?;
+            seconds += t.elapsed().as_secs_f64();
         }
-        best = best.min(t.elapsed().as_secs_f64());
+        if pass > 0 {
+            best = best.min(seconds);
+        }
     }
-    Ok(test.len() as f64 / best)
+    Ok(if best > 0.0 {
+        test.len() as f64 / best
+    } else {
+        0.0
+    })
 }
 
 /// Train and measure one engine as `settings` say. Writes `OUT/<engine>-one-step.safetensors`
