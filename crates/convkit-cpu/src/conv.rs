@@ -1,10 +1,11 @@
-//! 2-D convolution as im2col + GEMM, forward and backward: the forward `W · cols` per image,
-//! the kernel gradient `dy · colsᵀ` over the whole batch at once, the input gradient
-//! `col2im(Wᵀ · dy[n])` per image. `cols` is `[c·kh·kw, oh·ow]`: kernel entry by output
-//! position (in the forward at stride 1 without padding, by position in rows as wide as the
-//! input's: see [`Conv2dShape::output_rows`]). Padding (TensorFlow's asymmetric `same`
-//! included) and per-axis strides are handled in im2col, so nothing is copied to pad. The bias is where each output row starts,
-//! and its gradient one pass over the output gradient.
+//! 2-D convolution as im2col + GEMM, forward and backward: the forward `W · cols` per group
+//! of images side by side ([`Conv2dShape::forward_group`]), the kernel gradient `dy · colsᵀ`
+//! over the whole batch at once, the input gradient `col2im(Wᵀ · dy[n])` per image. `cols` is
+//! `[c·kh·kw, oh·ow]`: kernel entry by output position (in the forward, possibly by position
+//! in rows as wide as the input's: see [`Conv2dShape::output_rows`]). Padding (TensorFlow's
+//! asymmetric `same` included) and per-axis strides are handled in im2col, so nothing is
+//! copied to pad. The bias is where each output row starts, and its gradient one pass over the
+//! output gradient.
 
 use crate::gemm::{matmul, matmul_by_rows};
 use crate::scratch::with_scratch;
@@ -152,7 +153,7 @@ impl Conv2dShape {
         // Zeroed (fresh pages from the allocator, not a pass), then each image written whole.
         let mut y = vec![0f32; self.n * self.o * positions];
         for_each_chunk(threads, &mut y, group * self.o * positions, |g, y| {
-            let images = g * group..(g * group + group).min(self.n);
+            let images = self.group_images(g);
             if images.len() == 1 && rows.plane == positions {
                 // The output as it is to be: made in place.
                 return with_scratch(cols_len, |cols| {
@@ -212,6 +213,13 @@ impl Conv2dShape {
             .div_ceil(plane)
             .min(fits)
             .clamp(1, self.n.max(1))
+    }
+
+    /// The images of group `g` of [`Conv2dShape::forward_group`] images (the last one may be
+    /// smaller).
+    pub(crate) fn group_images(&self, g: usize) -> std::ops::Range<usize> {
+        let group = self.forward_group();
+        g * group..(g * group + group).min(self.n)
     }
 
     /// `z [o, images.len()·plane] = W · [im2col(x[i]) for i in images] + b`: the images of

@@ -144,12 +144,8 @@ impl ConvReluMaxPoolShape {
         y: &mut [f32],
         mut winners: Option<&mut [u32]>,
     ) {
-        let (conv, rows, group) = (
-            &self.conv,
-            self.conv.output_rows(),
-            self.conv.forward_group(),
-        );
-        let images = g * group..(g * group + group).min(conv.n);
+        let (conv, rows) = (&self.conv, self.conv.output_rows());
+        let images = conv.group_images(g);
         let (ph, pw) = (self.pool.oh, self.pool.ow);
         let cols_len = conv.patch() * images.len() * rows.plane;
         let z_len = conv.o * images.len() * rows.plane;
