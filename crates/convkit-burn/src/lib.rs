@@ -428,6 +428,7 @@ impl Ops for BurnOps {
                 kept_values.push(data.as_mut_slice::<f32>()?);
             }
             update(
+                &convkit_cpu::Rayon,
                 value.as_mut_slice::<f32>()?,
                 grad.as_slice::<f32>()?,
                 &mut kept_values,

@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
 use convkit_core::primitives::ElementUpdate;
 
 use crate::host::{values, values_mut};
+use crate::threads::CandleThreads;
 
 /// The name errors give the op.
 const OP: &str = "convkit update";
@@ -67,7 +68,7 @@ fn nest(
 ) -> Result<()> {
     match rest.split_first() {
         None => {
-            update(w, g, &mut held);
+            update(&CandleThreads, w, g, &mut held);
             Ok(())
         }
         Some((slot, rest)) => slot.inplace_op1(&Level {
@@ -103,6 +104,7 @@ impl InplaceOp1 for Level<'_, '_> {
 mod tests {
     use super::*;
     use candle_core::Device;
+    use convkit_cpu::Threads;
 
     /// Every value and slot is changed in place and the gradient read, in one element order.
     #[test]
@@ -111,7 +113,7 @@ mod tests {
         let w = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &dev).unwrap();
         let g = Tensor::new(&[[0.5f32, 0.25], [1.0, 2.0]], &dev).unwrap();
         let (m, v) = (w.zeros_like().unwrap(), w.zeros_like().unwrap());
-        let mut update = |w: &mut [f32], g: &[f32], slots: &mut [&mut [f32]]| {
+        let mut update = |_: &dyn Threads, w: &mut [f32], g: &[f32], slots: &mut [&mut [f32]]| {
             for i in 0..w.len() {
                 slots[0][i] = g[i];
                 slots[1][i] = 2.0 * g[i];
@@ -124,7 +126,8 @@ mod tests {
         assert_eq!(read(&m), [0.5, 0.25, 1.0, 2.0]);
         assert_eq!(read(&v), [1.0, 0.5, 2.0, 4.0]);
         // A transposed (non-contiguous) gradient is left to the composite form.
-        let mut untouched = |_: &mut [f32], _: &[f32], _: &mut [&mut [f32]]| panic!("ran");
+        let mut untouched =
+            |_: &dyn Threads, _: &mut [f32], _: &[f32], _: &mut [&mut [f32]]| panic!("ran");
         assert!(!in_place(&w, &g.t().unwrap(), &[&m], &mut untouched).unwrap());
     }
 }

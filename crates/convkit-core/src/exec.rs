@@ -547,8 +547,8 @@ impl<O: Ops> Network for Executor<O> {
                     &mut self.values[i],
                     grad,
                     &mut slots,
-                    &mut |value, grad, slots| {
-                        p = training.step_elements(w.layer, kernel, value, grad, slots);
+                    &mut |threads, value, grad, slots| {
+                        p = training.step_elements(threads, w.layer, kernel, value, grad, slots);
                     },
                 )?;
                 if done {

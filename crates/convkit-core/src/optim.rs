@@ -2,9 +2,16 @@
 //! every engine implements for its own tensor type, so all engines run the same arithmetic in
 //! the same order on their own devices.
 
+use convkit_cpu::{for_each_chunk_across, Serial, Threads};
+
 use crate::compile::Optimizer;
 use crate::spec::{Regularizer, Shape};
 use crate::Result;
+
+/// How many elements of a weight one task of the one-pass update takes
+/// ([`Training::step_elements`]): 32 KiB of each array, so a task's weight, gradient and
+/// slots stay in L2. Weights no larger are updated on the calling thread.
+pub const UPDATE_CHUNK: usize = 8 << 10;
 
 /// The element-wise operations the update rules need. Engines implement this for their
 /// device tensors; core implements it for `ndarray` (used by the tests below).
@@ -529,9 +536,11 @@ impl Training {
     /// that update in place ([`crate::primitives::Ops::update_in_place`]): `w` and `slots` (those
     /// [`Optimizer::slots_used`] names, in its order) change in place; returns the penalty a
     /// `kernel`'s regulariser adds to the loss, taken before the update. The arithmetic is the
-    /// composite form's, element by element.
+    /// composite form's, element by element, the elements shared out on `threads` in chunks
+    /// of [`UPDATE_CHUNK`].
     pub fn step_elements(
         &self,
+        threads: &dyn Threads,
         layer: usize,
         kernel: bool,
         w: &mut [f32],
@@ -542,9 +551,7 @@ impl Training {
         let regularizer = match self.regularizers.get(layer).copied().flatten() {
             Some(r) if kernel => r,
             _ => {
-                let rule = |i: usize, _: f32| g[i];
-                self.optimizer
-                    .update_elements(self.learning_rate, self.step, w, rule, slots);
+                self.update_chunks(threads, w, slots, |i, _| g[i]);
                 return 0.0;
             }
         };
@@ -565,8 +572,7 @@ impl Training {
             }
             g
         };
-        self.optimizer
-            .update_elements(self.learning_rate, self.step, w, rule, slots);
+        self.update_chunks(threads, w, slots, rule);
         let mut penalty = 0.0;
         if l1 > 0.0 {
             penalty += l1 as f64 * l1_sum;
@@ -575,6 +581,31 @@ impl Training {
             penalty += l2 as f64 * l2_sum;
         }
         penalty
+    }
+
+    /// [`Optimizer::update_elements`] of `w` and its `slots` by chunks of [`UPDATE_CHUNK`]
+    /// elements on `threads` (a small weight on this thread alone); `grad(i, w)` as there, `i`
+    /// counted from the start of `w`.
+    fn update_chunks(
+        &self,
+        threads: &dyn Threads,
+        w: &mut [f32],
+        slots: &mut [&mut [f32]],
+        grad: impl Fn(usize, f32) -> f32 + Sync,
+    ) {
+        let threads = if w.len() > UPDATE_CHUNK {
+            threads
+        } else {
+            &Serial
+        };
+        let mut all: Vec<&mut [f32]> = std::iter::once(w)
+            .chain(slots.iter_mut().map(|s| &mut **s))
+            .collect();
+        for_each_chunk_across(threads, &mut all, UPDATE_CHUNK, |start, chunk| {
+            let (w, slots) = chunk.split_first_mut().expect("the weight's chunk");
+            let grad = |i: usize, w: f32| grad(start + i, w);
+            (self.optimizer).update_elements(self.learning_rate, self.step, w, grad, slots);
+        });
     }
 
     /// The new value of weight `w` of `layer` given the data gradient `g`, or `None` if the
@@ -761,7 +792,7 @@ mod tests {
                     let mut slots: Vec<&mut [f32]> =
                         one_pass_slots.iter_mut().map(Vec::as_mut_slice).collect();
                     let one_pass_penalty =
-                        training.step_elements(1, true, &mut one_pass, &g, &mut slots);
+                        training.step_elements(&Serial, 1, true, &mut one_pass, &g, &mut slots);
                     let label = format!("{rule:?} with {regularizer:?}");
                     assert!(
                         (penalty - one_pass_penalty).abs() <= 1e-7,
@@ -776,6 +807,59 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// A weight of several [`UPDATE_CHUNK`]s and a short one, updated by chunks on rayon's
+    /// threads, ends bit for bit where one pass over the whole weight on this thread does:
+    /// the chunks line up with the gradient's elements and each element's arithmetic is
+    /// unchanged.
+    #[test]
+    fn chunked_update_matches_one_pass_over_the_weight() {
+        use crate::spec::{Dense, Sequential};
+        use rand::{Rng, SeedableRng};
+        let n = 3 * UPDATE_CHUNK + 5;
+        let regularizer = Regularizer { l1: 0.01, l2: 0.02 };
+        let spec = Sequential::new(1, 1, 1)
+            .flatten()
+            .add(Dense::new(n).kernel_regularizer(regularizer));
+        let compile = crate::Compile::new(
+            Optimizer::adam(),
+            crate::Loss::SparseCategoricalCrossentropy,
+        );
+        let model = crate::plan::Compiled::new(spec, compile).unwrap();
+        let mut training = Training::new(&model).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let mut random = || -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        let (mut chunked, g) = (random(), random());
+        let (mut whole, mut whole_slots) = (chunked.clone(), [vec![0f32; n], vec![0f32; n]]);
+        let mut chunked_slots = whole_slots.clone();
+        for _ in 0..3 {
+            training.begin_step();
+            let [m, v] = &mut chunked_slots;
+            let penalty = (training).step_elements(
+                &convkit_cpu::Rayon,
+                1,
+                true,
+                &mut chunked,
+                &g,
+                &mut [m, v],
+            );
+            // The reference: the rule over the whole weight at once, the penalty as before.
+            let [m, v] = &mut whole_slots;
+            let expected: f64 = whole
+                .iter()
+                .map(|&x| 0.01 * x.abs() as f64 + 0.02 * (x * x) as f64)
+                .sum();
+            let rule = |i: usize, x: f32| {
+                let sign = if x == 0.0 { 0.0 } else { x.signum() };
+                g[i] + affine(sign, 0.01f32 as f64, 0.0) + affine(x, 2.0 * 0.02f32 as f64, 0.0)
+            };
+            let (lr, step) = (training.learning_rate, training.step);
+            (training.optimizer).update_elements(lr, step, &mut whole, rule, &mut [m, v]);
+            assert!((penalty - expected).abs() <= 1e-6 * expected, "penalty");
+            assert_eq!(chunked, whole, "weights");
+            assert_eq!(chunked_slots, whole_slots, "slots");
         }
     }
 

@@ -6,6 +6,7 @@
 //! Layout on the device: images are NCHW (`[n, channels, height, width]`), flat activations
 //! `[n, features]`.
 
+pub use convkit_cpu::Threads;
 use ndarray::ArrayView4;
 
 use crate::op::PoolKind;
@@ -44,9 +45,11 @@ pub enum Reduction {
     Max,
 }
 
-/// An optimizer's step on one weight, element by element: `(values, gradient, slots)`, each
-/// slot (a moment, a velocity) as long as the values ([`Ops::update_in_place`]).
-pub type ElementUpdate<'f> = dyn FnMut(&mut [f32], &[f32], &mut [&mut [f32]]) + 'f;
+/// An optimizer's step on one weight, element by element: `(threads, values, gradient,
+/// slots)`, each slot (a moment, a velocity) as long as the values ([`Ops::update_in_place`]);
+/// `threads` is the pool the engine's own kernels run on, which the update shares its
+/// elements out on.
+pub type ElementUpdate<'f> = dyn FnMut(&dyn Threads, &mut [f32], &[f32], &mut [&mut [f32]]) + 'f;
 
 /// A convolution whose output goes through ReLU and then max pooling, as one operation
 /// ([`Ops::conv2d_relu_max_pool`]): the common block of an image classifier.

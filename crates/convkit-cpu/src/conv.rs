@@ -9,7 +9,7 @@
 
 use crate::gemm::{matmul, matmul_by_rows};
 use crate::scratch::with_scratch;
-use crate::threads::{for_each_chunk, for_each_share_with, Threads};
+use crate::threads::{for_each_chunk, for_each_share_with, zeroed_chunks, Threads};
 use crate::{check_len, shape_error, Result};
 
 /// The name errors give the op.
@@ -150,9 +150,8 @@ impl Conv2dShape {
         self.check_operands(x, kernel, bias)?;
         let (rows, group) = (self.output_rows(), self.forward_group());
         let (positions, cols_len) = (self.positions(), self.patch() * group * rows.plane);
-        // Zeroed (fresh pages from the allocator, not a pass), then each image written whole.
-        let mut y = vec![0f32; self.n * self.o * positions];
-        for_each_chunk(threads, &mut y, group * self.o * positions, |g, y| {
+        let len = self.n * self.o * positions;
+        let y = zeroed_chunks(threads, len, group * self.o * positions, |g, y| {
             let images = self.group_images(g);
             if images.len() == 1 && rows.plane == positions {
                 // The output as it is to be: made in place.
@@ -294,8 +293,7 @@ impl Conv2dShape {
         check_len(OP, "kernel", kernel.len(), self.o * self.patch())?;
         let (positions, patch) = (self.positions(), self.patch());
         // Zeroed: col2im adds into it.
-        let mut dx = vec![0f32; self.n * self.image()];
-        for_each_chunk(threads, &mut dx, self.image(), |image, dx| {
+        let dx = zeroed_chunks(threads, self.n * self.image(), self.image(), |image, dx| {
             let dy = &dy[image * self.o * positions..][..self.o * positions];
             with_scratch(positions * patch, |dcols| {
                 matmul(

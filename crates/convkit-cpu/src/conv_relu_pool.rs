@@ -10,7 +10,7 @@ use crate::conv::{Conv2dShape, OutputRows};
 use crate::pool::{first_max4, MaxPool2d, MaxPool2dShape};
 use crate::relu::rectify;
 use crate::scratch::with_scratch;
-use crate::threads::{for_each_chunk, for_each_chunk_pair, Threads};
+use crate::threads::{zeroed_chunk_pair, zeroed_chunks, Threads};
 use crate::{check_len, shape_error, Result};
 
 /// The name errors give the op.
@@ -66,14 +66,13 @@ impl ConvReluMaxPoolShape {
         bias: &[f32],
     ) -> Result<Vec<f32>> {
         self.conv.check_operands(x, kernel, bias)?;
-        let (mut y, group) = (
-            vec![0f32; self.conv.n * self.pooled()],
-            self.conv.forward_group(),
-        );
-        for_each_chunk(threads, &mut y, group * self.pooled(), |g, y| {
-            self.group_forward(x, kernel, bias, g, y, None)
-        });
-        Ok(y)
+        let (len, group) = (self.conv.n * self.pooled(), self.conv.forward_group());
+        Ok(zeroed_chunks(
+            threads,
+            len,
+            group * self.pooled(),
+            |g, y| self.group_forward(x, kernel, bias, g, y, None),
+        ))
     }
 
     /// [`Self::forward`] and each output's winner for the backward: the position in its
@@ -88,16 +87,13 @@ impl ConvReluMaxPoolShape {
     ) -> Result<(Vec<f32>, Vec<u32>)> {
         self.conv.check_operands(x, kernel, bias)?;
         let len = self.conv.n * self.pooled();
-        // Zeroed (fresh pages from the allocator, not a pass), then each written once.
-        let (mut y, mut winners) = (vec![0f32; len], vec![0u32; len]);
-        let group = self.conv.forward_group();
-        for_each_chunk_pair(
+        let chunk = self.conv.forward_group() * self.pooled();
+        Ok(zeroed_chunk_pair(
             threads,
-            (&mut y, group * self.pooled()),
-            (&mut winners, group * self.pooled()),
+            (len, chunk),
+            (len, chunk),
             |g, y, winners| self.group_forward(x, kernel, bias, g, y, Some(winners)),
-        );
-        Ok((y, winners))
+        ))
     }
 
     /// The gradient at the convolution's output, `dz [n, o, oh, ow]`, from the pooled
@@ -113,8 +109,8 @@ impl ConvReluMaxPoolShape {
         check_len(OP, "output gradient", dy.len(), len)?;
         check_len(OP, "winners", winners.len(), len)?;
         let (plane, pooled) = (self.conv.positions(), self.pool.oh * self.pool.ow);
-        let mut dz = vec![0f32; self.conv.n * self.conv.o * plane];
-        for_each_chunk(threads, &mut dz, plane, |p, dz| {
+        let len = self.conv.n * self.conv.o * plane;
+        let dz = zeroed_chunks(threads, len, plane, |p, dz| {
             let (dy, winners) = (
                 &dy[p * pooled..][..pooled],
                 &winners[p * pooled..][..pooled],

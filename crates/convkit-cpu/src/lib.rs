@@ -31,7 +31,10 @@ mod threads;
 pub use gemm::{matmul, matmul_by_rows, Strides};
 #[cfg(feature = "rayon")]
 pub use threads::Rayon;
-pub use threads::{collect_chunks, for_each_chunk, for_each_share, Serial, Threads};
+pub use threads::{
+    collect_chunks, for_each_chunk, for_each_chunk_across, for_each_share, zeroed_chunks, Serial,
+    Threads,
+};
 
 /// What a kernel refuses: shapes or lengths that do not fit together.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

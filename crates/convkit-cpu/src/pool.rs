@@ -3,7 +3,7 @@
 //! does this, for any window and stride. A NaN that comes first in its window stays the
 //! maximum, and a later NaN never wins.
 
-use crate::threads::{collect_chunks, for_each_chunk, Threads};
+use crate::threads::{collect_chunks, zeroed_chunks, Threads};
 use crate::{check_len, shape_error, Result};
 
 /// The name errors give the op.
@@ -131,8 +131,8 @@ impl MaxPool2dShape {
         let (h, w, oh, ow) = (self.h, self.w, self.oh, self.ow);
         check_len(OP, "input", x.len(), self.n * self.c * h * w)?;
         check_len(OP, "output gradient", dy.len(), self.n * self.c * oh * ow)?;
-        let (mut dx, halving) = (vec![0f32; x.len()], self.is_halving());
-        for_each_chunk(threads, &mut dx, h * w, |p, dx| {
+        let halving = self.is_halving();
+        let dx = zeroed_chunks(threads, x.len(), h * w, |p, dx| {
             let (plane, dy) = (&x[p * h * w..][..h * w], &dy[p * oh * ow..][..oh * ow]);
             for (oy, dy) in dy.chunks_exact(ow).enumerate() {
                 if halving {

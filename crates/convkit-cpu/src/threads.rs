@@ -1,5 +1,6 @@
 //! How the kernels share work out between threads: each engine supplies its own pool.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// A pool the kernels run their work on.
@@ -89,35 +90,117 @@ pub fn for_each_chunk(
     });
 }
 
-/// [`for_each_chunk`] over two outputs at once: `fill(i, a_chunk, b_chunk)` with chunk `i` of
-/// `a` (`a_size` values each) and of `b` (`b_size` each); `a` and `b` hold as many chunks.
-pub(crate) fn for_each_chunk_pair<A: Send, B: Send>(
+/// Runs `f(start, chunks)` on `threads` for each chunk of `size` values (the last one shorter)
+/// of `slices`, all as long: `chunks` holds the values from `start` of each slice, in order.
+/// For element-wise updates of several arrays at once (a weight and its optimizer's slots).
+pub fn for_each_chunk_across(
     threads: &dyn Threads,
-    (a, a_size): (&mut [A], usize),
-    (b, b_size): (&mut [B], usize),
-    fill: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+    slices: &mut [&mut [f32]],
+    size: usize,
+    f: impl Fn(usize, &mut [&mut [f32]]) + Sync,
 ) {
-    let (a_size, b_size) = (a_size.max(1), b_size.max(1));
-    let chunks = a.len().div_ceil(a_size);
-    assert_eq!(
-        chunks,
-        b.len().div_ceil(b_size),
-        "chunks of the two outputs"
+    let (size, len) = (size.max(1), slices.first().map_or(0, |s| s.len()));
+    assert!(
+        slices.iter().all(|s| s.len() == len),
+        "slices of one length, found {:?}",
+        slices.iter().map(|s| s.len()).collect::<Vec<_>>()
     );
-    let (a_len, b_len) = (a.len(), b.len());
-    let (a_base, b_base) = (a.as_mut_ptr() as usize, b.as_mut_ptr() as usize);
+    let bases: Vec<usize> = slices.iter_mut().map(|s| s.as_mut_ptr() as usize).collect();
+    threads.run(len.div_ceil(size), &|range| {
+        for i in range {
+            // SAFETY: as in `for_each_chunk`, for each slice: `run` hands out each index once,
+            // and the slices are distinct `&mut` borrows held until every thread has finished.
+            let mut chunks: Vec<&mut [f32]> = (bases.iter())
+                .map(|&base| unsafe { chunk(base, len, size, i) })
+                .collect();
+            f(i * size, &mut chunks);
+        }
+    });
+}
+
+/// Chunk `i` of [`chunk`]'s, still uninitialised, with every value set to `T::default()`.
+///
+/// # Safety
+/// As for [`chunk`], over the spare capacity of a vector of at least `len` values.
+unsafe fn default_chunk<'a, T: Copy + Default>(
+    base: usize,
+    len: usize,
+    size: usize,
+    i: usize,
+) -> &'a mut [T] {
+    // SAFETY: the caller's promise, passed on.
+    let chunk: &mut [MaybeUninit<T>] = unsafe { chunk(base, len, size, i) };
+    chunk.fill(MaybeUninit::new(T::default()));
+    // SAFETY: every value was just written; `MaybeUninit<T>` has `T`'s layout.
+    unsafe { &mut *(chunk as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
+/// A vector of `len` values, zero (`T::default()`) at first, that `fill(i, chunk)` then
+/// completes chunk by chunk on `threads`, as [`for_each_chunk`] over `vec![0; len]` would.
+/// Each chunk is zeroed by the thread that fills it, just before: the zeroing is shared out
+/// and the chunk is in cache when `fill` writes it, where a zeroed allocation is one pass on
+/// the calling thread (the allocator reuses memory, so it cannot hand out fresh zero pages).
+pub fn zeroed_chunks<T: Copy + Default + Send>(
+    threads: &dyn Threads,
+    len: usize,
+    size: usize,
+    fill: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    let size = size.max(1);
+    let mut out = Vec::<T>::with_capacity(len);
+    let base = out.spare_capacity_mut().as_mut_ptr() as usize;
+    threads.run(len.div_ceil(size), &|range| {
+        for i in range {
+            // SAFETY: `run` hands out each index once, so the chunks are disjoint and inside
+            // the capacity of `out`, which nothing else touches until every thread has
+            // finished.
+            fill(i, unsafe { default_chunk(base, len, size, i) });
+        }
+    });
+    // SAFETY: every chunk of `0..len` was initialised (a panic in a task reaches this thread
+    // before this line), and `run` returned after every task.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// [`zeroed_chunks`] of two vectors at once: `fill(i, a_chunk, b_chunk)` with chunk `i` of
+/// `a` (`a_len` values, `a_size` a chunk) and of `b` (`b_len`, `b_size`), which hold as many
+/// chunks.
+pub(crate) fn zeroed_chunk_pair<A: Copy + Default + Send, B: Copy + Default + Send>(
+    threads: &dyn Threads,
+    (a_len, a_size): (usize, usize),
+    (b_len, b_size): (usize, usize),
+    fill: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+) -> (Vec<A>, Vec<B>) {
+    let (a_size, b_size) = (a_size.max(1), b_size.max(1));
+    let chunks = a_len.div_ceil(a_size);
+    assert_eq!(chunks, b_len.div_ceil(b_size), "chunks of the two outputs");
+    let (mut a, mut b) = (
+        Vec::<A>::with_capacity(a_len),
+        Vec::<B>::with_capacity(b_len),
+    );
+    let (a_base, b_base) = (
+        a.spare_capacity_mut().as_mut_ptr() as usize,
+        b.spare_capacity_mut().as_mut_ptr() as usize,
+    );
     threads.run(chunks, &|range| {
         for i in range {
-            // SAFETY: as in `for_each_chunk`, for each of the two outputs.
+            // SAFETY: as in `zeroed_chunks`, for each of the two vectors.
             let (a, b) = unsafe {
                 (
-                    chunk(a_base, a_len, a_size, i),
-                    chunk(b_base, b_len, b_size, i),
+                    default_chunk(a_base, a_len, a_size, i),
+                    default_chunk(b_base, b_len, b_size, i),
                 )
             };
             fill(i, a, b);
         }
     });
+    // SAFETY: as in `zeroed_chunks`, for each of the two vectors.
+    unsafe {
+        a.set_len(a_len);
+        b.set_len(b_len);
+    }
+    (a, b)
 }
 
 /// A vector of `len` values made chunk by chunk on `threads`, written once (not zeroed
@@ -137,7 +220,7 @@ pub fn collect_chunks<I: Iterator<Item = f32>>(
             // SAFETY: `run` hands out each index once, so the chunks are disjoint and inside
             // the capacity of `out`, which nothing else touches until every thread has
             // finished.
-            let chunk: &mut [std::mem::MaybeUninit<f32>] = unsafe { chunk(base, len, size, i) };
+            let chunk: &mut [MaybeUninit<f32>] = unsafe { chunk(base, len, size, i) };
             let mut written = 0;
             for (slot, value) in chunk.iter_mut().zip(values(i)) {
                 slot.write(value);
@@ -227,6 +310,54 @@ mod tests {
             for (j, v) in out.iter().enumerate() {
                 assert_eq!(*v, (j / 64) as f32 + 1.0);
             }
+        }
+    }
+
+    #[test]
+    fn zeroed_chunks_start_at_zero_and_are_filled_once() {
+        for &threads in POOLS {
+            let out = zeroed_chunks(threads, 1000, 64, |i, chunk: &mut [f32]| {
+                assert!(chunk.iter().all(|&v| v == 0.0));
+                assert_eq!(chunk.len(), if i == 15 { 1000 - 15 * 64 } else { 64 });
+                chunk[i % chunk.len()] += i as f32 + 1.0;
+            });
+            let expected: Vec<f32> = (0..1000)
+                .map(|j| {
+                    if j % 64 == j / 64 {
+                        (j / 64) as f32 + 1.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            assert_eq!(out, expected);
+            let (a, b) = zeroed_chunk_pair(threads, (10, 2), (5, 1), |i, a: &mut [f32], b| {
+                assert!(a == [0.0; 2] && b == [0u32]);
+                a[1] = i as f32;
+                b[0] = 2 * i as u32;
+            });
+            assert_eq!(a, [0.0, 0.0, 0.0, 1.0, 0.0, 2.0, 0.0, 3.0, 0.0, 4.0]);
+            assert_eq!(b, [0, 2, 4, 6, 8]);
+            assert!(zeroed_chunks::<f32>(threads, 0, 8, |_, _| panic!("no chunks")).is_empty());
+        }
+    }
+
+    #[test]
+    fn chunks_across_slices_line_up() {
+        for &threads in POOLS {
+            let (mut a, mut b) = (vec![0f32; 100], vec![0f32; 100]);
+            for_each_chunk_across(threads, &mut [&mut a, &mut b], 30, |start, chunks| {
+                let [a, b] = chunks else { panic!("two slices") };
+                assert_eq!(a.len(), if start == 90 { 10 } else { 30 });
+                for (j, (a, b)) in a.iter_mut().zip(b.iter_mut()).enumerate() {
+                    (*a, *b) = ((start + j) as f32, start as f32);
+                }
+            });
+            assert!(a.iter().enumerate().all(|(j, &v)| v == j as f32));
+            assert!(b
+                .iter()
+                .enumerate()
+                .all(|(j, &v)| v == (j / 30 * 30) as f32));
         }
     }
 
