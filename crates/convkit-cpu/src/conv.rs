@@ -1,11 +1,11 @@
 //! 2-D convolution as im2col + GEMM, forward and backward: the forward `W · cols` per group
-//! of images side by side ([`Conv2dShape::forward_group`]), the kernel gradient `dy · colsᵀ`
-//! over the whole batch at once, the input gradient `col2im(Wᵀ · dy[n])` per image. `cols` is
-//! `[c·kh·kw, oh·ow]`: kernel entry by output position (in the forward, possibly by position
-//! in rows as wide as the input's: see [`Conv2dShape::output_rows`]). Padding (TensorFlow's
-//! asymmetric `same` included) and per-axis strides are handled in im2col, so nothing is
-//! copied to pad. The bias is where each output row starts, and its gradient one pass over the
-//! output gradient.
+//! of images side by side, the kernel gradient `dy · colsᵀ` over the whole batch at once, the
+//! input gradient `col2im(Wᵀ · dy[n])` per image. `cols` is `[c·kh·kw, oh·ow]`: kernel entry
+//! by output position (in the forward, possibly by position in rows as wide as the input's).
+//! Padding (TensorFlow's asymmetric `same` included) and per-axis strides are handled in
+//! im2col, so nothing is copied to pad. The bias is where each output row starts, and its
+//! gradient one pass over the output gradient. At stride 1 a kernel of few values (a first
+//! layer's) is applied directly in the forward instead, without im2col or GEMM.
 
 use crate::gemm::{matmul, matmul_by_rows};
 use crate::scratch::with_scratch;
@@ -149,7 +149,7 @@ impl Conv2dShape {
     ) -> Result<Vec<f32>> {
         self.check_operands(x, kernel, bias)?;
         let (rows, group) = (self.output_rows(), self.forward_group());
-        let (positions, cols_len) = (self.positions(), self.patch() * group * rows.plane);
+        let (positions, cols_len) = (self.positions(), self.group_scratch(group));
         let len = self.n * self.o * positions;
         let y = zeroed_chunks(threads, len, group * self.o * positions, |g, y| {
             let images = self.group_images(g);
@@ -188,7 +188,8 @@ impl Conv2dShape {
     /// ones), and the unfused forward's output a copy per channel and row (`o·oh`) to leave
     /// the wide rows: wide where the first are the more, compact otherwise.
     pub(crate) fn output_rows(&self) -> OutputRows {
-        if self.strides == [1, 1] && self.pad == [0; 4] && self.patch() >= self.o {
+        let wide = self.strides == [1, 1] && self.pad == [0; 4] && self.patch() >= self.o;
+        if wide && !self.is_direct() {
             OutputRows {
                 row: self.w,
                 plane: (self.oh - 1) * self.w + self.ow,
@@ -214,6 +215,15 @@ impl Conv2dShape {
             .clamp(1, self.n.max(1))
     }
 
+    /// Values of working memory [`Conv2dShape::group_forward`] takes for `images` images.
+    pub(crate) fn group_scratch(&self, images: usize) -> usize {
+        if self.is_direct() {
+            self.direct_scratch()
+        } else {
+            self.patch() * images * self.output_rows().plane
+        }
+    }
+
     /// The images of group `g` of [`Conv2dShape::forward_group`] images (the last one may be
     /// smaller).
     pub(crate) fn group_images(&self, g: usize) -> std::ops::Range<usize> {
@@ -224,9 +234,10 @@ impl Conv2dShape {
     /// `z [o, images.len()·plane] = W · [im2col(x[i]) for i in images] + b`: the images of
     /// the batch `x [n, c, h, w]` side by side in one product, each plane in the layout of
     /// [`Conv2dShape::output_rows`] ([`Conv2dShape::group_plane`] finds one). `cols`
-    /// (`[c·kh·kw, images.len()·plane]`, at least, contents unspecified) is working memory;
-    /// `z`'s contents on entry do not matter. Each output row starts as its bias and the
-    /// product is added to it.
+    /// ([`Conv2dShape::group_scratch`] values at least, contents unspecified) is working
+    /// memory; `z`'s contents on entry do not matter. Each output row starts as its bias and
+    /// the product is added to it; a kernel of few values is applied directly instead
+    /// ([`crate::direct`]).
     pub(crate) fn group_forward(
         &self,
         x: &[f32],
@@ -238,6 +249,13 @@ impl Conv2dShape {
     ) {
         let (patch, rows) = (self.patch(), self.output_rows());
         let width = images.len() * rows.plane;
+        if self.is_direct() {
+            for (i, image) in images.enumerate() {
+                let z = &mut z[i * rows.plane..];
+                self.direct_forward(self.input_image(x, image), kernel, bias, cols, z, width);
+            }
+            return;
+        }
         for (row, &b) in z.chunks_exact_mut(width).zip(bias) {
             row.fill(b);
         }
@@ -531,8 +549,10 @@ mod tests {
     #[test]
     fn forward_and_gradients_match_the_definition() {
         // The kernel gradient shares out kernel entries where there are more of them than
-        // output channels, output channels otherwise: both kinds are here.
-        let mut partial_group = false;
+        // output channels, output channels otherwise: both kinds are here. The forward is
+        // direct at stride 1 for kernels of up to 32 values, im2col + GEMM otherwise (wide
+        // rows, or compact ones where padded or with more channels out than kernel values).
+        let (mut partial_group, mut direct, mut gemm_stride_1) = (false, false, false);
         for (pad, strides, [h, w], [o, c, kh, kw]) in [
             ([0; 4], [1, 1], [7, 6], [4, 3, 3, 2]),
             ([1; 4], [1, 1], [5, 5], [4, 3, 3, 2]),
@@ -543,11 +563,20 @@ mod tests {
             ([0; 4], [1, 1], [4, 5], [2, 3, 1, 1]),
             // Planes wide enough that the forward multiplies two images at once, then one.
             ([0; 4], [1, 1], [20, 20], [2, 1, 3, 3]),
+            // Direct: a block of eight channels and three more; rows wider than a vector.
+            ([0; 4], [1, 1], [20, 21], [11, 1, 3, 3]),
+            ([1, 1, 2, 0], [1, 1], [19, 18], [9, 3, 3, 3]),
+            // im2col + GEMM at stride 1: wide rows, compact padded, compact for 40 channels.
+            ([0; 4], [1, 1], [7, 6], [4, 4, 3, 3]),
+            ([1; 4], [1, 1], [5, 5], [4, 4, 3, 3]),
+            ([0; 4], [1, 1], [6, 6], [40, 4, 3, 3]),
         ] {
             let s = Conv2d::new(pad, strides)
                 .shape(&[3, c, h, w], &[o, c, kh, kw])
                 .unwrap();
             partial_group |= !s.n.is_multiple_of(s.forward_group());
+            direct |= s.is_direct();
+            gemm_stride_1 |= !s.is_direct() && strides == [1, 1];
             let x = random(s.n * s.c * h * w, 1);
             let k = random(s.o * s.patch(), 2);
             let b = random(s.o, 3);
@@ -586,6 +615,7 @@ mod tests {
             }
         }
         assert!(partial_group, "no case ends in a smaller group");
+        assert!(direct && gemm_stride_1, "both forwards at stride 1");
     }
 
     #[test]

@@ -143,7 +143,7 @@ impl ConvReluMaxPoolShape {
         let (conv, rows) = (&self.conv, self.conv.output_rows());
         let images = conv.group_images(g);
         let (ph, pw) = (self.pool.oh, self.pool.ow);
-        let cols_len = conv.patch() * images.len() * rows.plane;
+        let cols_len = conv.group_scratch(images.len());
         let z_len = conv.o * images.len() * rows.plane;
         with_scratch(cols_len + z_len, |scratch| {
             let (cols, z) = scratch.split_at_mut(cols_len);
@@ -267,15 +267,18 @@ mod tests {
 
     #[test]
     fn matches_convolution_relu_and_pooling_run_one_after_the_other() {
-        // Planes wide enough that the forward multiplies two images at once, then one.
-        let (n, c, h, w, o) = (3, 2, 20, 19, 3);
+        // Planes wide enough that the forward multiplies two images at once, then one. Two
+        // input channels make the forward direct at stride 1, four im2col + GEMM.
+        let (n, h, w, o) = (3, 20, 19, 3);
         let mut partial_group = false;
-        for (seed, pad, strides, size, pool_strides) in [
-            (0, [0; 4], [1, 1], [2, 2], [2, 2]),
-            (1, [1; 4], [1, 1], [2, 2], [2, 2]),
-            (2, [0, 1, 0, 1], [1, 2], [2, 2], [1, 1]),
-            (4, [1; 4], [2, 1], [3, 3], [2, 2]),
-            (5, [0; 4], [1, 1], [2, 3], [1, 2]),
+        for (seed, c, pad, strides, size, pool_strides) in [
+            (0, 2, [0; 4], [1, 1], [2, 2], [2, 2]),
+            (1, 2, [1; 4], [1, 1], [2, 2], [2, 2]),
+            (2, 2, [0, 1, 0, 1], [1, 2], [2, 2], [1, 1]),
+            (4, 2, [1; 4], [2, 1], [3, 3], [2, 2]),
+            (5, 2, [0; 4], [1, 1], [2, 3], [1, 2]),
+            (6, 4, [0; 4], [1, 1], [2, 2], [2, 2]),
+            (7, 4, [1; 4], [1, 1], [2, 3], [1, 2]),
         ] {
             let what = format!("seed {seed}, pool {size:?} at {pool_strides:?}");
             let conv = Conv2d::new(pad, strides)

@@ -5,7 +5,7 @@
 //! images are NCHW (`[n, c, h, w]`), convolution kernels `[o, c, kh, kw]`, Dense kernels
 //! `[units, inputs]` or `[inputs, units]` ([`dense::KernelLayout`]). Work is shared out
 //! between threads through the small [`Threads`] trait, so each engine keeps its own pool:
-//! candle its barrier pool, burn-flex rayon's ([`Rayon`]). Every sum runs whole on one
+//! candle its barrier pool, burn-flex rayon's (`Rayon`, with the `rayon` feature). Every sum runs whole on one
 //! thread in a fixed order, so results do not depend on the number of threads or their timing.
 //!
 //! ```
@@ -21,6 +21,7 @@
 pub mod conv;
 pub mod conv_relu_pool;
 pub mod dense;
+mod direct;
 mod gemm;
 pub mod peak;
 pub mod pool;

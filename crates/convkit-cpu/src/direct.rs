@@ -1,0 +1,402 @@
+//! The forward of a convolution whose kernels hold few values (`c·kh·kw ≤` [`DIRECT_PATCH`]:
+//! a first layer on grey or RGB images) at stride 1, computed directly rather than as
+//! im2col + GEMM. There a GEMM's inner dimension is the kernel's few values, so packing its
+//! operands and writing im2col's columns cost more than the multiplications: the first layer
+//! of a 28×28 grey classifier ran at a fifth of the second's rate. Here each output row is
+//! made from a copy of the `c·kh` input rows under it (padding included, so the inner loop has
+//! no edges): one vector of output columns at a time, each of the kernel's taps read once and
+//! multiplied into a block of output channels, every sum the bias and then the taps in kernel
+//! order, each one fused multiply-add. The vector is AVX-512's or AVX2's where the CPU has it
+//! (picked at run time), eight portable lanes otherwise; the sums are the same on each.
+
+use crate::conv::Conv2dShape;
+
+/// The most values a kernel may hold for the direct forward.
+pub(crate) const DIRECT_PATCH: usize = 32;
+/// The most output columns one vector holds: an AVX-512 register of f32.
+const LANES: usize = 16;
+/// Output channels made at once: enough running sums to keep two FMA units busy.
+const CHANNELS: usize = 8;
+
+/// What one image's output rows need to know.
+#[derive(Clone, Copy)]
+struct Rows {
+    /// `c·kh·kw`.
+    patch: usize,
+    kh: usize,
+    kw: usize,
+    /// Channels of input and output.
+    c: usize,
+    o: usize,
+    /// Output plane's rows and columns.
+    oh: usize,
+    ow: usize,
+    /// Input rows and columns, and the padding `[top, bottom, left, right]`.
+    h: usize,
+    w: usize,
+    pad: [usize; 4],
+    /// One row of the window: the padded input row and [`LANES`] values of slack.
+    window_row: usize,
+    /// The distance in the output between two channels' planes of one image.
+    channel_stride: usize,
+}
+
+impl Conv2dShape {
+    /// Whether the forward computes this convolution directly (module docs).
+    pub(crate) fn is_direct(&self) -> bool {
+        self.strides == [1, 1] && self.patch() <= DIRECT_PATCH
+    }
+
+    /// Values of working memory [`Conv2dShape::direct_forward`] takes: the `c·kh` padded input
+    /// rows under one output row, and the kernel rearranged by blocks of [`CHANNELS`].
+    pub(crate) fn direct_scratch(&self) -> usize {
+        let [_, _, left, right] = self.pad;
+        self.c * self.kh * (self.w + left + right + LANES) + self.o * self.patch()
+    }
+
+    /// The direct forward of one `image` `[c, h, w]`: its output planes,
+    /// compact rows, from `z`'s start, each channel's `channel_stride` values after the last's.
+    /// `window` ([`Conv2dShape::direct_scratch`] values) is working memory.
+    pub(crate) fn direct_forward(
+        &self,
+        image: &[f32],
+        kernel: &[f32],
+        bias: &[f32],
+        window: &mut [f32],
+        z: &mut [f32],
+        channel_stride: usize,
+    ) {
+        let [_, _, left, right] = self.pad;
+        let rows = Rows {
+            patch: self.patch(),
+            kh: self.kh,
+            kw: self.kw,
+            c: self.c,
+            o: self.o,
+            oh: self.oh,
+            ow: self.ow,
+            h: self.h,
+            w: self.w,
+            pad: self.pad,
+            window_row: self.w + left + right + LANES,
+            channel_stride,
+        };
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") {
+                // SAFETY: the CPU has AVX-512F, checked just above.
+                return unsafe { x86::image_avx512(&rows, image, kernel, bias, window, z) };
+            }
+            if has!("avx2") && has!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA, checked just above.
+                return unsafe { x86::image_avx2(&rows, image, kernel, bias, window, z) };
+            }
+        }
+        // SAFETY: `Portable` needs no CPU feature.
+        unsafe { image_rows::<Portable>(&rows, image, kernel, bias, window, z) }
+    }
+}
+
+/// A vector of f32 the direct forward computes with. Its operations need the CPU feature its
+/// type is made of (hence `unsafe`); every one is exact or one rounding, the same on each.
+trait Vector: Copy {
+    /// Values in one vector (at most [`LANES`]).
+    const WIDTH: usize;
+    /// `value` in every lane.
+    unsafe fn splat(value: f32) -> Self;
+    /// `WIDTH` values from `from`, which must hold them.
+    unsafe fn load(from: *const f32) -> Self;
+    /// `weight · tap + sum`, rounded once (fused multiply-add).
+    unsafe fn mul_add(weight: Self, tap: Self, sum: Self) -> Self;
+    /// The `WIDTH` values to `to`, which must have room for them.
+    unsafe fn store(self, to: *mut f32);
+}
+
+/// Eight lanes in plain Rust, for CPUs without AVX2.
+#[derive(Clone, Copy)]
+struct Portable([f32; 8]);
+
+impl Vector for Portable {
+    const WIDTH: usize = 8;
+    unsafe fn splat(value: f32) -> Self {
+        Portable([value; 8])
+    }
+    unsafe fn load(from: *const f32) -> Self {
+        // SAFETY: the caller's promise that `from` holds eight values.
+        Portable(unsafe { from.cast::<[f32; 8]>().read_unaligned() })
+    }
+    unsafe fn mul_add(weight: Self, tap: Self, sum: Self) -> Self {
+        Portable(std::array::from_fn(|l| {
+            weight.0[l].mul_add(tap.0[l], sum.0[l])
+        }))
+    }
+    unsafe fn store(self, to: *mut f32) {
+        // SAFETY: the caller's promise that `to` has room for eight values.
+        unsafe { to.cast::<[f32; 8]>().write_unaligned(self.0) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{image_rows, Rows, Vector};
+
+    /// [`image_rows`] on AVX-512 registers.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn image_avx512(
+        r: &Rows,
+        image: &[f32],
+        kernel: &[f32],
+        bias: &[f32],
+        window: &mut [f32],
+        z: &mut [f32],
+    ) {
+        // SAFETY: this function runs only where the CPU has AVX-512F (its target feature).
+        unsafe { image_rows::<__m512>(r, image, kernel, bias, window, z) }
+    }
+
+    /// [`image_rows`] on AVX2 registers with FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn image_avx2(
+        r: &Rows,
+        image: &[f32],
+        kernel: &[f32],
+        bias: &[f32],
+        window: &mut [f32],
+        z: &mut [f32],
+    ) {
+        // SAFETY: this function runs only where the CPU has AVX2 and FMA (its target features).
+        unsafe { image_rows::<__m256>(r, image, kernel, bias, window, z) }
+    }
+
+    impl Vector for __m512 {
+        const WIDTH: usize = 16;
+        #[inline(always)]
+        unsafe fn splat(value: f32) -> Self {
+            // SAFETY: (all four) the caller runs with AVX-512F; pointers as the trait says.
+            unsafe { _mm512_set1_ps(value) }
+        }
+        #[inline(always)]
+        unsafe fn load(from: *const f32) -> Self {
+            unsafe { _mm512_loadu_ps(from) }
+        }
+        #[inline(always)]
+        unsafe fn mul_add(weight: Self, tap: Self, sum: Self) -> Self {
+            unsafe { _mm512_fmadd_ps(weight, tap, sum) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, to: *mut f32) {
+            unsafe { _mm512_storeu_ps(to, self) }
+        }
+    }
+
+    impl Vector for __m256 {
+        const WIDTH: usize = 8;
+        #[inline(always)]
+        unsafe fn splat(value: f32) -> Self {
+            // SAFETY: (all four) the caller runs with AVX2 and FMA; pointers as the trait says.
+            unsafe { _mm256_set1_ps(value) }
+        }
+        #[inline(always)]
+        unsafe fn load(from: *const f32) -> Self {
+            unsafe { _mm256_loadu_ps(from) }
+        }
+        #[inline(always)]
+        unsafe fn mul_add(weight: Self, tap: Self, sum: Self) -> Self {
+            unsafe { _mm256_fmadd_ps(weight, tap, sum) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, to: *mut f32) {
+            unsafe { _mm256_storeu_ps(to, self) }
+        }
+    }
+}
+
+/// Every output row of one `image` `[c, h, w]` into `z` (module docs), on vectors `V`.
+///
+/// # Safety
+/// The CPU has the features `V`'s operations need.
+#[inline(always)]
+unsafe fn image_rows<V: Vector>(
+    r: &Rows,
+    image: &[f32],
+    kernel: &[f32],
+    bias: &[f32],
+    window: &mut [f32],
+    z: &mut [f32],
+) {
+    let [top, _, left, _] = r.pad;
+    // The kernel's full blocks of `CHANNELS` output channels, each `[patch, CHANNELS]`: a
+    // tap's weights side by side. The channels after the last full block read `kernel`.
+    let blocks = r.o / CHANNELS;
+    let (by_block, window) = window.split_at_mut(blocks * CHANNELS * r.patch);
+    for (block, by_block) in by_block.chunks_exact_mut(CHANNELS * r.patch).enumerate() {
+        for (q, weights) in by_block.chunks_exact_mut(CHANNELS).enumerate() {
+            for (j, weight) in weights.iter_mut().enumerate() {
+                *weight = kernel[(block * CHANNELS + j) * r.patch + q];
+            }
+        }
+    }
+    let by_block = &*by_block;
+    let window = &mut window[..r.c * r.kh * r.window_row];
+    // Where tap `q = (ci·kh + ky)·kw + kx` starts in the window: at output column 0.
+    let mut taps = [0usize; DIRECT_PATCH];
+    for (q, tap) in taps[..r.patch].iter_mut().enumerate() {
+        *tap = (q / r.kw) * r.window_row + q % r.kw;
+    }
+    let taps = &taps[..r.patch];
+    // Padding and slack stay zero; only the image's part of each row is written below.
+    window.fill(0.0);
+    for y in 0..r.oh {
+        // Window row `ci·kh + ky`: input row `y + ky − top` of channel `ci`, padded.
+        for (row, out) in window.chunks_exact_mut(r.window_row).enumerate() {
+            let (ci, ky) = (row / r.kh, row % r.kh);
+            let out = &mut out[left..left + r.w];
+            match (y + ky).checked_sub(top).filter(|&iy| iy < r.h) {
+                Some(iy) => out.copy_from_slice(&image[(ci * r.h + iy) * r.w..][..r.w]),
+                None => out.fill(0.0),
+            }
+        }
+        // Vectors of columns; a last partial one moved back to end at `ow` (its first
+        // columns made twice, the same both times), so every store is whole.
+        let mut x = 0;
+        while x < r.ow {
+            let start = if x + V::WIDTH <= r.ow {
+                x
+            } else {
+                r.ow.saturating_sub(V::WIDTH)
+            };
+            let valid = V::WIDTH.min(r.ow - start);
+            let (window, z) = (&window[start..], &mut z[y * r.ow + start..]);
+            for (block, weights) in by_block.chunks_exact(CHANNELS * r.patch).enumerate() {
+                let channel = block * CHANNELS;
+                // SAFETY: the caller's promise about `V`.
+                unsafe {
+                    channels::<V, CHANNELS>(r, window, taps, weights, bias, channel, z, valid)
+                };
+            }
+            for channel in blocks * CHANNELS..r.o {
+                let weights = &kernel[channel * r.patch..][..r.patch];
+                // SAFETY: as above.
+                unsafe { channels::<V, 1>(r, window, taps, weights, bias, channel, z, valid) };
+            }
+            x = start + V::WIDTH;
+        }
+    }
+}
+
+/// Output channels `channel..channel + B` at one vector of columns: the bias, then each tap
+/// (its values from `window` at offset `taps[q]`) times its weight (`weights [patch, B]`)
+/// added in kernel order; the first `valid` columns written to `z`, from its start in the
+/// first channel's plane.
+///
+/// # Safety
+/// The CPU has the features `V`'s operations need.
+#[allow(clippy::too_many_arguments)] // one call site, inlined; a struct would hide the loop
+#[inline(always)]
+unsafe fn channels<V: Vector, const B: usize>(
+    r: &Rows,
+    window: &[f32],
+    taps: &[usize],
+    weights: &[f32],
+    bias: &[f32],
+    channel: usize,
+    z: &mut [f32],
+    valid: usize,
+) {
+    let last_tap = taps.last().copied().unwrap_or(0);
+    assert!(V::WIDTH <= LANES && last_tap + V::WIDTH <= window.len());
+    assert!(weights.len() == taps.len() * B && channel + B <= bias.len());
+    assert!((channel + B - 1) * r.channel_stride + valid <= z.len());
+    // SAFETY (all below): the CPU has `V`'s features (the caller's promise); every load reads
+    // `WIDTH` values from a tap's offset, at most `last_tap` (taps grow with `q`), inside
+    // `window` (asserted); weights and biases by index within their lengths (asserted).
+    let mut sums: [V; B] = std::array::from_fn(|j| unsafe { V::splat(bias[channel + j]) });
+    for (q, &tap) in taps.iter().enumerate() {
+        let tap = unsafe { V::load(window.as_ptr().add(tap)) };
+        for (j, sum) in sums.iter_mut().enumerate() {
+            let weight = unsafe { V::splat(*weights.get_unchecked(q * B + j)) };
+            *sum = unsafe { V::mul_add(weight, tap, *sum) };
+        }
+    }
+    for (j, sum) in sums.into_iter().enumerate() {
+        let z = &mut z[(channel + j) * r.channel_stride..];
+        if valid == V::WIDTH {
+            // SAFETY: `z` has room for `valid` values (asserted above).
+            unsafe { sum.store(z.as_mut_ptr()) };
+        } else {
+            let mut lanes = [0f32; LANES];
+            // SAFETY: `lanes` has room for `WIDTH ≤ LANES` values.
+            unsafe { sum.store(lanes.as_mut_ptr()) };
+            z[..valid].copy_from_slice(&lanes[..valid]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::Conv2d;
+    use crate::testing::random;
+
+    /// One vector's [`image_rows`].
+    type ImageRows = unsafe fn(&Rows, &[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
+
+    /// Every vector this CPU has gives the portable lanes' sums bit for bit (the forward's
+    /// values against the definition are tested in `conv`, on the vector picked at run time).
+    #[test]
+    fn every_vector_gives_the_same_sums() {
+        let mut vectors: Vec<ImageRows> = vec![image_rows::<Portable>];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                vectors.push(x86::image_avx2);
+            }
+            if has!("avx512f") {
+                vectors.push(x86::image_avx512);
+            }
+        }
+        for (pad, [h, w], [o, c, kh, kw]) in [
+            ([0; 4], [20, 21], [11, 1, 3, 3]),
+            ([1, 1, 2, 0], [9, 7], [9, 3, 3, 3]),
+            ([0; 4], [5, 4], [3, 2, 2, 2]),
+        ] {
+            let s = Conv2d::new(pad, [1, 1])
+                .shape(&[1, c, h, w], &[o, c, kh, kw])
+                .unwrap();
+            assert!(s.is_direct());
+            let (x, k, b) = (random(c * h * w, 1), random(o * s.patch(), 2), random(o, 3));
+            let [_, _, left, right] = pad;
+            let rows = Rows {
+                patch: s.patch(),
+                kh,
+                kw,
+                c,
+                o,
+                oh: s.oh,
+                ow: s.ow,
+                h,
+                w,
+                pad,
+                window_row: w + left + right + LANES,
+                channel_stride: s.positions(),
+            };
+            let sums = vectors.iter().map(|&image_rows| {
+                let mut window = vec![f32::NAN; s.direct_scratch()];
+                let mut z = vec![f32::NAN; o * s.positions()];
+                // SAFETY: each vector was listed only where the CPU has its features.
+                unsafe { image_rows(&rows, &x, &k, &b, &mut window, &mut z) };
+                z.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            });
+            let sums: Vec<_> = sums.collect();
+            assert!(sums.iter().all(|z| z == &sums[0]), "{:?}", s.kernel());
+            assert!(
+                sums[0].iter().all(|&v| !f32::from_bits(v).is_nan()),
+                "every output"
+            );
+        }
+    }
+}
