@@ -143,75 +143,56 @@ mod x86 {
 
     use super::{image_rows, Rows, Vector};
 
-    /// [`image_rows`] on AVX-512 registers.
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn image_avx512(
-        r: &Rows,
-        image: &[f32],
-        kernel: &[f32],
-        bias: &[f32],
-        window: &mut [f32],
-        z: &mut [f32],
-    ) {
-        // SAFETY: this function runs only where the CPU has AVX-512F (its target feature).
-        unsafe { image_rows::<__m512>(r, image, kernel, bias, window, z) }
+    /// For one x86 register type: `Vector` from its four intrinsics, and `image_rows` on it
+    /// compiled with the features it needs, as the function `$image`.
+    macro_rules! x86_vector {
+        ($image:ident, $vector:ty, $width:literal, $features:literal,
+         $splat:ident, $load:ident, $fma:ident, $store:ident) => {
+            #[doc = concat!("[`image_rows`] on `", stringify!($vector), "` (", $features, ").")]
+            #[target_feature(enable = $features)]
+            pub(super) fn $image(
+                r: &Rows,
+                image: &[f32],
+                kernel: &[f32],
+                bias: &[f32],
+                window: &mut [f32],
+                z: &mut [f32],
+            ) {
+                // SAFETY: this function runs only where the CPU has the register's features
+                // (its target features).
+                unsafe { image_rows::<$vector>(r, image, kernel, bias, window, z) }
+            }
+
+            impl Vector for $vector {
+                const WIDTH: usize = $width;
+                #[inline(always)]
+                unsafe fn splat(value: f32) -> Self {
+                    // SAFETY: (all four) the caller runs with the register's features;
+                    // pointers as the trait says.
+                    unsafe { $splat(value) }
+                }
+                #[inline(always)]
+                unsafe fn load(from: *const f32) -> Self {
+                    unsafe { $load(from) }
+                }
+                #[inline(always)]
+                unsafe fn mul_add(weight: Self, tap: Self, sum: Self) -> Self {
+                    unsafe { $fma(weight, tap, sum) }
+                }
+                #[inline(always)]
+                unsafe fn store(self, to: *mut f32) {
+                    unsafe { $store(to, self) }
+                }
+            }
+        };
     }
 
-    /// [`image_rows`] on AVX2 registers with FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn image_avx2(
-        r: &Rows,
-        image: &[f32],
-        kernel: &[f32],
-        bias: &[f32],
-        window: &mut [f32],
-        z: &mut [f32],
-    ) {
-        // SAFETY: this function runs only where the CPU has AVX2 and FMA (its target features).
-        unsafe { image_rows::<__m256>(r, image, kernel, bias, window, z) }
-    }
-
-    impl Vector for __m512 {
-        const WIDTH: usize = 16;
-        #[inline(always)]
-        unsafe fn splat(value: f32) -> Self {
-            // SAFETY: (all four) the caller runs with AVX-512F; pointers as the trait says.
-            unsafe { _mm512_set1_ps(value) }
-        }
-        #[inline(always)]
-        unsafe fn load(from: *const f32) -> Self {
-            unsafe { _mm512_loadu_ps(from) }
-        }
-        #[inline(always)]
-        unsafe fn mul_add(weight: Self, tap: Self, sum: Self) -> Self {
-            unsafe { _mm512_fmadd_ps(weight, tap, sum) }
-        }
-        #[inline(always)]
-        unsafe fn store(self, to: *mut f32) {
-            unsafe { _mm512_storeu_ps(to, self) }
-        }
-    }
-
-    impl Vector for __m256 {
-        const WIDTH: usize = 8;
-        #[inline(always)]
-        unsafe fn splat(value: f32) -> Self {
-            // SAFETY: (all four) the caller runs with AVX2 and FMA; pointers as the trait says.
-            unsafe { _mm256_set1_ps(value) }
-        }
-        #[inline(always)]
-        unsafe fn load(from: *const f32) -> Self {
-            unsafe { _mm256_loadu_ps(from) }
-        }
-        #[inline(always)]
-        unsafe fn mul_add(weight: Self, tap: Self, sum: Self) -> Self {
-            unsafe { _mm256_fmadd_ps(weight, tap, sum) }
-        }
-        #[inline(always)]
-        unsafe fn store(self, to: *mut f32) {
-            unsafe { _mm256_storeu_ps(to, self) }
-        }
-    }
+    #[rustfmt::skip]
+    x86_vector!(image_avx512, __m512, 16, "avx512f",
+        _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_storeu_ps);
+    #[rustfmt::skip]
+    x86_vector!(image_avx2, __m256, 8, "avx2,fma",
+        _mm256_set1_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_storeu_ps);
 }
 
 /// Every output row of one `image` `[c, h, w]` into `z` (module docs), on vectors `V`.
