@@ -604,7 +604,8 @@ impl Training {
         for_each_chunk_across(threads, &mut all, UPDATE_CHUNK, |start, chunk| {
             let (w, slots) = chunk.split_first_mut().expect("the weight's chunk");
             let grad = |i: usize, w: f32| grad(start + i, w);
-            (self.optimizer).update_elements(self.learning_rate, self.step, w, grad, slots);
+            self.optimizer
+                .update_elements(self.learning_rate, self.step, w, grad, slots);
         });
     }
 
@@ -837,14 +838,8 @@ mod tests {
         for _ in 0..3 {
             training.begin_step();
             let [m, v] = &mut chunked_slots;
-            let penalty = (training).step_elements(
-                &convkit_cpu::Rayon,
-                1,
-                true,
-                &mut chunked,
-                &g,
-                &mut [m, v],
-            );
+            let penalty =
+                training.step_elements(&convkit_cpu::Rayon, 1, true, &mut chunked, &g, &mut [m, v]);
             // The reference: the rule over the whole weight at once, the penalty as before.
             let [m, v] = &mut whole_slots;
             let expected: f64 = whole
@@ -856,7 +851,9 @@ mod tests {
                 g[i] + affine(sign, 0.01f32 as f64, 0.0) + affine(x, 2.0 * 0.02f32 as f64, 0.0)
             };
             let (lr, step) = (training.learning_rate, training.step);
-            (training.optimizer).update_elements(lr, step, &mut whole, rule, &mut [m, v]);
+            training
+                .optimizer
+                .update_elements(lr, step, &mut whole, rule, &mut [m, v]);
             assert!((penalty - expected).abs() <= 1e-6 * expected, "penalty");
             assert_eq!(chunked, whole, "weights");
             assert_eq!(chunked_slots, whole_slots, "slots");

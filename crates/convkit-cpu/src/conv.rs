@@ -86,7 +86,7 @@ pub struct Conv2dShape {
     pub strides: [usize; 2],
 }
 
-/// Where [`Conv2dShape::image_forward`] puts an image's output: output `(y, x)` of a channel
+/// Where [`Conv2dShape::group_forward`] puts an image's output: output `(y, x)` of a channel
 /// at `y·row + x` of its `plane` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct OutputRows {

@@ -21,22 +21,7 @@ const CHANNELS: usize = 8;
 /// What one image's output rows need to know.
 #[derive(Clone, Copy)]
 struct Rows {
-    /// `c·kh·kw`.
-    patch: usize,
-    kh: usize,
-    kw: usize,
-    /// Channels of input and output.
-    c: usize,
-    o: usize,
-    /// Output plane's rows and columns.
-    oh: usize,
-    ow: usize,
-    /// Input rows and columns, and the padding `[top, bottom, left, right]`.
-    h: usize,
-    w: usize,
-    pad: [usize; 4],
-    /// One row of the window: the padded input row and [`LANES`] values of slack.
-    window_row: usize,
+    conv: Conv2dShape,
     /// The distance in the output between two channels' planes of one image.
     channel_stride: usize,
 }
@@ -50,8 +35,14 @@ impl Conv2dShape {
     /// Values of working memory [`Conv2dShape::direct_forward`] takes: the `c·kh` padded input
     /// rows under one output row, and the kernel rearranged by blocks of [`CHANNELS`].
     pub(crate) fn direct_scratch(&self) -> usize {
+        self.c * self.kh * self.window_row() + self.o * self.patch()
+    }
+
+    /// Values in one row of the direct forward's window: the padded input row and [`LANES`]
+    /// values of slack.
+    fn window_row(&self) -> usize {
         let [_, _, left, right] = self.pad;
-        self.c * self.kh * (self.w + left + right + LANES) + self.o * self.patch()
+        self.w + left + right + LANES
     }
 
     /// The direct forward of one `image` `[c, h, w]`: its output planes,
@@ -66,19 +57,8 @@ impl Conv2dShape {
         z: &mut [f32],
         channel_stride: usize,
     ) {
-        let [_, _, left, right] = self.pad;
         let rows = Rows {
-            patch: self.patch(),
-            kh: self.kh,
-            kw: self.kw,
-            c: self.c,
-            o: self.o,
-            oh: self.oh,
-            ow: self.ow,
-            h: self.h,
-            w: self.w,
-            pad: self.pad,
-            window_row: self.w + left + right + LANES,
+            conv: *self,
             channel_stride,
         };
         #[cfg(target_arch = "x86_64")]
@@ -208,58 +188,69 @@ unsafe fn image_rows<V: Vector>(
     window: &mut [f32],
     z: &mut [f32],
 ) {
-    let [top, _, left, _] = r.pad;
+    let Conv2dShape {
+        c,
+        h,
+        w,
+        o,
+        kh,
+        kw,
+        oh,
+        ow,
+        ..
+    } = r.conv;
+    let ([top, _, left, _], patch, window_row) = (r.conv.pad, r.conv.patch(), r.conv.window_row());
     // The kernel's full blocks of `CHANNELS` output channels, each `[patch, CHANNELS]`: a
     // tap's weights side by side. The channels after the last full block read `kernel`.
-    let blocks = r.o / CHANNELS;
-    let (by_block, window) = window.split_at_mut(blocks * CHANNELS * r.patch);
-    for (block, by_block) in by_block.chunks_exact_mut(CHANNELS * r.patch).enumerate() {
+    let blocks = o / CHANNELS;
+    let (by_block, window) = window.split_at_mut(blocks * CHANNELS * patch);
+    for (block, by_block) in by_block.chunks_exact_mut(CHANNELS * patch).enumerate() {
         for (q, weights) in by_block.chunks_exact_mut(CHANNELS).enumerate() {
             for (j, weight) in weights.iter_mut().enumerate() {
-                *weight = kernel[(block * CHANNELS + j) * r.patch + q];
+                *weight = kernel[(block * CHANNELS + j) * patch + q];
             }
         }
     }
     let by_block = &*by_block;
-    let window = &mut window[..r.c * r.kh * r.window_row];
+    let window = &mut window[..c * kh * window_row];
     // Where tap `q = (ci·kh + ky)·kw + kx` starts in the window: at output column 0.
     let mut taps = [0usize; DIRECT_PATCH];
-    for (q, tap) in taps[..r.patch].iter_mut().enumerate() {
-        *tap = (q / r.kw) * r.window_row + q % r.kw;
+    for (q, tap) in taps[..patch].iter_mut().enumerate() {
+        *tap = (q / kw) * window_row + q % kw;
     }
-    let taps = &taps[..r.patch];
+    let taps = &taps[..patch];
     // Padding and slack stay zero; only the image's part of each row is written below.
     window.fill(0.0);
-    for y in 0..r.oh {
+    for y in 0..oh {
         // Window row `ci·kh + ky`: input row `y + ky − top` of channel `ci`, padded.
-        for (row, out) in window.chunks_exact_mut(r.window_row).enumerate() {
-            let (ci, ky) = (row / r.kh, row % r.kh);
-            let out = &mut out[left..left + r.w];
-            match (y + ky).checked_sub(top).filter(|&iy| iy < r.h) {
-                Some(iy) => out.copy_from_slice(&image[(ci * r.h + iy) * r.w..][..r.w]),
+        for (row, out) in window.chunks_exact_mut(window_row).enumerate() {
+            let (ci, ky) = (row / kh, row % kh);
+            let out = &mut out[left..left + w];
+            match (y + ky).checked_sub(top).filter(|&iy| iy < h) {
+                Some(iy) => out.copy_from_slice(&image[(ci * h + iy) * w..][..w]),
                 None => out.fill(0.0),
             }
         }
         // Vectors of columns; a last partial one moved back to end at `ow` (its first
         // columns made twice, the same both times), so every store is whole.
         let mut x = 0;
-        while x < r.ow {
-            let start = if x + V::WIDTH <= r.ow {
+        while x < ow {
+            let start = if x + V::WIDTH <= ow {
                 x
             } else {
-                r.ow.saturating_sub(V::WIDTH)
+                ow.saturating_sub(V::WIDTH)
             };
-            let valid = V::WIDTH.min(r.ow - start);
-            let (window, z) = (&window[start..], &mut z[y * r.ow + start..]);
-            for (block, weights) in by_block.chunks_exact(CHANNELS * r.patch).enumerate() {
+            let valid = V::WIDTH.min(ow - start);
+            let (window, z) = (&window[start..], &mut z[y * ow + start..]);
+            for (block, weights) in by_block.chunks_exact(CHANNELS * patch).enumerate() {
                 let channel = block * CHANNELS;
                 // SAFETY: the caller's promise about `V`.
                 unsafe {
                     channels::<V, CHANNELS>(r, window, taps, weights, bias, channel, z, valid)
                 };
             }
-            for channel in blocks * CHANNELS..r.o {
-                let weights = &kernel[channel * r.patch..][..r.patch];
+            for channel in blocks * CHANNELS..o {
+                let weights = &kernel[channel * patch..][..patch];
                 // SAFETY: as above.
                 unsafe { channels::<V, 1>(r, window, taps, weights, bias, channel, z, valid) };
             }
@@ -350,19 +341,8 @@ mod tests {
                 .unwrap();
             assert!(s.is_direct());
             let (x, k, b) = (random(c * h * w, 1), random(o * s.patch(), 2), random(o, 3));
-            let [_, _, left, right] = pad;
             let rows = Rows {
-                patch: s.patch(),
-                kh,
-                kw,
-                c,
-                o,
-                oh: s.oh,
-                ow: s.ow,
-                h,
-                w,
-                pad,
-                window_row: w + left + right + LANES,
+                conv: s,
                 channel_stride: s.positions(),
             };
             let sums = vectors.iter().map(|&image_rows| {
