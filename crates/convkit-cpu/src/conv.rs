@@ -338,6 +338,9 @@ impl Conv2dShape {
     pub fn kernel_grad(&self, threads: &dyn Threads, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
         check_len(OP, "input", x.len(), self.n * self.image())?;
         self.check_output_grad(dy)?;
+        if self.is_direct() {
+            return Ok(self.direct_kernel_grad(threads, x, dy));
+        }
         let (o, positions, patch) = (self.o, self.positions(), self.patch());
         let samples = self.n * positions;
         with_scratch((patch + o) * samples, |scratch| {
@@ -443,7 +446,7 @@ impl Conv2dShape {
     }
 
     /// Kernel entry `q`'s row of im2col for one image: `out[y·ow + x]`, 0 in the padding.
-    fn im2col_entry(&self, q: usize, image: &[f32], out: &mut [f32]) {
+    pub(crate) fn im2col_entry(&self, q: usize, image: &[f32], out: &mut [f32]) {
         let (ow, sw, left) = (self.ow, self.strides[1], self.pad[2]);
         self.taps(q, |y, start, xs| {
             let out = &mut out[y * ow..][..ow];

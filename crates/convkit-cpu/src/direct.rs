@@ -10,6 +10,8 @@
 //! (picked at run time), eight portable lanes otherwise; the sums are the same on each.
 
 use crate::conv::Conv2dShape;
+use crate::scratch::with_scratch;
+use crate::threads::{for_each_share, Threads};
 
 /// The most values a kernel may hold for the direct forward.
 pub(crate) const DIRECT_PATCH: usize = 32;
@@ -17,6 +19,8 @@ pub(crate) const DIRECT_PATCH: usize = 32;
 const LANES: usize = 16;
 /// Output channels made at once: enough running sums to keep two FMA units busy.
 const CHANNELS: usize = 8;
+/// The most kernel entries the direct kernel gradient sums side by side at the end.
+const LAST_ENTRIES: usize = 12;
 
 /// What one image's output rows need to know.
 #[derive(Clone, Copy)]
@@ -78,6 +82,139 @@ impl Conv2dShape {
     }
 }
 
+impl Conv2dShape {
+    /// The kernel gradient `dW [o, c, kh, kw] = Σₙ dy[n] · im2col(x[n])ᵀ` of a direct
+    /// convolution (module docs) from `x [n, c, h, w]` and `dy [n, o, oh, ow]`, without
+    /// GEMM: there its inner side is the kernel's few values, and the batch-wide copies of
+    /// `dy` and im2col it needs cost more than the products. Each thread takes a share of the
+    /// output channels and, image by image, im2col of the image and the dot product of each
+    /// channel's output gradient plane with each kernel entry's row of it, one vector of
+    /// positions at a time; every sum runs over the images, the vectors and then their lanes
+    /// in that order, so it does not depend on the number of threads.
+    pub(crate) fn direct_kernel_grad(
+        &self,
+        threads: &dyn Threads,
+        x: &[f32],
+        dy: &[f32],
+    ) -> Vec<f32> {
+        let patch = self.patch();
+        let mut dk = vec![0f32; self.o * patch];
+        for_each_share(threads, &mut dk, patch, |channels, dk| {
+            with_scratch(patch * self.positions(), |cols| {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    use std::arch::is_x86_feature_detected as has;
+                    if has!("avx512f") {
+                        // SAFETY: the CPU has AVX-512F, checked just above.
+                        return unsafe { x86::kernel_grad_avx512(self, x, dy, channels, cols, dk) };
+                    }
+                    if has!("avx2") && has!("fma") {
+                        // SAFETY: the CPU has AVX2 and FMA, checked just above.
+                        return unsafe { x86::kernel_grad_avx2(self, x, dy, channels, cols, dk) };
+                    }
+                }
+                // SAFETY: `Portable` needs no CPU feature.
+                unsafe { kernel_grad_rows::<Portable>(self, x, dy, channels, cols, dk) }
+            })
+        });
+        dk
+    }
+}
+
+/// The kernel gradient's rows `dk [channels, patch]` for output `channels` (see
+/// [`Conv2dShape::direct_kernel_grad`]), with `cols` (`patch·positions` values) as working
+/// memory, on vectors `V`.
+///
+/// # Safety
+/// The CPU has the features `V`'s operations need.
+#[inline(always)]
+unsafe fn kernel_grad_rows<V: Vector>(
+    conv: &Conv2dShape,
+    x: &[f32],
+    dy: &[f32],
+    channels: std::ops::Range<usize>,
+    cols: &mut [f32],
+    dk: &mut [f32],
+) {
+    let (patch, positions) = (conv.patch(), conv.positions());
+    let cols = &mut cols[..patch * positions];
+    // A running vector of sums per (channel, entry), and one scalar for the positions past
+    // the last whole vector.
+    // SAFETY: (all in this function) the CPU has `V`'s features, the caller's promise.
+    let mut sums = vec![unsafe { V::splat(0.0) }; channels.len() * patch];
+    let mut tails = vec![0f32; channels.len() * patch];
+    for image in 0..conv.n {
+        let x = conv.input_image(x, image);
+        for (q, row) in cols.chunks_exact_mut(positions).enumerate() {
+            conv.im2col_entry(q, x, row);
+        }
+        for (i, channel) in channels.clone().enumerate() {
+            let dy = &dy[(image * conv.o + channel) * positions..][..positions];
+            let (sums, tails) = (
+                &mut sums[i * patch..][..patch],
+                &mut tails[i * patch..][..patch],
+            );
+            // Entries by eights, so that as many sums run side by side, and the last (at
+            // most twelve) together.
+            let mut q = 0;
+            while patch - q > LAST_ENTRIES {
+                unsafe { entry_dots::<V, CHANNELS>(dy, cols, q, sums, tails) };
+                q += CHANNELS;
+            }
+            macro_rules! last {
+                ($($b:literal)*) => {
+                    match patch - q {
+                        $($b => unsafe { entry_dots::<V, $b>(dy, cols, q, sums, tails) },)*
+                        _ => unreachable!("at most {LAST_ENTRIES} entries are left"),
+                    }
+                };
+            }
+            last!(1 2 3 4 5 6 7 8 9 10 11 12);
+        }
+    }
+    for ((dk, sum), tail) in dk.iter_mut().zip(sums).zip(tails) {
+        let mut lanes = [0f32; LANES];
+        unsafe { sum.store(lanes.as_mut_ptr()) };
+        *dk = lanes[..V::WIDTH].iter().sum::<f32>() + tail;
+    }
+}
+
+/// Adds `dy · cols[q]` for kernel entries `q..q + B` (rows of `cols`, each as long as `dy`)
+/// to their running `sums` (whole vectors) and `tails` (the positions after them).
+///
+/// # Safety
+/// The CPU has the features `V`'s operations need.
+#[inline(always)]
+unsafe fn entry_dots<V: Vector, const B: usize>(
+    dy: &[f32],
+    cols: &[f32],
+    q: usize,
+    sums: &mut [V],
+    tails: &mut [f32],
+) {
+    let positions = dy.len();
+    assert!(cols.len() >= (q + B) * positions && sums.len() >= q + B && tails.len() >= q + B);
+    let vectors = positions / V::WIDTH;
+    // SAFETY (all below): the CPU has `V`'s features (the caller's promise); each load reads
+    // `WIDTH` values from `v·WIDTH < positions − WIDTH + 1` of a row of `positions` values
+    // inside `dy` or `cols` (asserted).
+    let mut running: [V; B] = std::array::from_fn(|j| sums[q + j]);
+    for v in 0..vectors {
+        let d = unsafe { V::load(dy.as_ptr().add(v * V::WIDTH)) };
+        for (j, sum) in running.iter_mut().enumerate() {
+            let col = unsafe { V::load(cols.as_ptr().add((q + j) * positions + v * V::WIDTH)) };
+            *sum = unsafe { V::mul_add(d, col, *sum) };
+        }
+    }
+    for (j, sum) in running.into_iter().enumerate() {
+        sums[q + j] = sum;
+        let col = &cols[(q + j) * positions..][..positions];
+        for p in vectors * V::WIDTH..positions {
+            tails[q + j] += dy[p] * col[p];
+        }
+    }
+}
+
 /// A vector of f32 the direct forward computes with. Its operations need the CPU feature its
 /// type is made of (hence `unsafe`); every one is exact or one rounding, the same on each.
 trait Vector: Copy {
@@ -121,13 +258,29 @@ impl Vector for Portable {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{image_rows, Rows, Vector};
+    use super::{image_rows, kernel_grad_rows, Conv2dShape, Rows, Vector};
 
-    /// For one x86 register type: `Vector` from its four intrinsics, and `image_rows` on it
-    /// compiled with the features it needs, as the function `$image`.
+    /// For one x86 register type: `Vector` from its four intrinsics, and `image_rows` and
+    /// `kernel_grad_rows` on it compiled with the features it needs, as the functions `$image`
+    /// and `$kernel_grad`.
     macro_rules! x86_vector {
-        ($image:ident, $vector:ty, $width:literal, $features:literal,
+        ($image:ident, $kernel_grad:ident, $vector:ty, $width:literal, $features:literal,
          $splat:ident, $load:ident, $fma:ident, $store:ident) => {
+            #[doc = concat!("[`kernel_grad_rows`] on `", stringify!($vector), "` (", $features, ").")]
+            #[target_feature(enable = $features)]
+            pub(super) fn $kernel_grad(
+                conv: &Conv2dShape,
+                x: &[f32],
+                dy: &[f32],
+                channels: std::ops::Range<usize>,
+                cols: &mut [f32],
+                dk: &mut [f32],
+            ) {
+                // SAFETY: this function runs only where the CPU has the register's features
+                // (its target features).
+                unsafe { kernel_grad_rows::<$vector>(conv, x, dy, channels, cols, dk) }
+            }
+
             #[doc = concat!("[`image_rows`] on `", stringify!($vector), "` (", $features, ").")]
             #[target_feature(enable = $features)]
             pub(super) fn $image(
@@ -168,10 +321,10 @@ mod x86 {
     }
 
     #[rustfmt::skip]
-    x86_vector!(image_avx512, __m512, 16, "avx512f",
+    x86_vector!(image_avx512, kernel_grad_avx512, __m512, 16, "avx512f",
         _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_storeu_ps);
     #[rustfmt::skip]
-    x86_vector!(image_avx2, __m256, 8, "avx2,fma",
+    x86_vector!(image_avx2, kernel_grad_avx2, __m256, 8, "avx2,fma",
         _mm256_set1_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_storeu_ps);
 }
 
@@ -358,6 +511,52 @@ mod tests {
                 sums[0].iter().all(|&v| !f32::from_bits(v).is_nan()),
                 "every output"
             );
+        }
+    }
+
+    /// One vector's [`kernel_grad_rows`].
+    type KernelGradRows =
+        unsafe fn(&Conv2dShape, &[f32], &[f32], std::ops::Range<usize>, &mut [f32], &mut [f32]);
+
+    /// Every vector this CPU has gives the kernel gradient of the portable lanes to within
+    /// rounding (their lanes split the sums differently), for a share of the channels.
+    #[test]
+    fn every_vector_gives_the_same_kernel_gradient() {
+        let mut vectors: Vec<KernelGradRows> = vec![kernel_grad_rows::<Portable>];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                vectors.push(x86::kernel_grad_avx2);
+            }
+            if has!("avx512f") {
+                vectors.push(x86::kernel_grad_avx512);
+            }
+        }
+        // A block of eight kernel entries and one more; three blocks and three.
+        for (pad, [h, w], [o, c, kh, kw]) in [
+            ([0; 4], [20, 21], [5, 1, 3, 3]),
+            ([1, 1, 2, 0], [9, 7], [4, 3, 3, 3]),
+        ] {
+            let s = Conv2d::new(pad, [1, 1])
+                .shape(&[2, c, h, w], &[o, c, kh, kw])
+                .unwrap();
+            let (x, dy) = (random(2 * c * h * w, 1), random(2 * o * s.positions(), 2));
+            let channels = 1..o;
+            let grads: Vec<Vec<f32>> = vectors
+                .iter()
+                .map(|&rows| {
+                    let mut cols = vec![f32::NAN; s.patch() * s.positions()];
+                    let mut dk = vec![f32::NAN; channels.len() * s.patch()];
+                    // SAFETY: each vector was listed only where the CPU has its features.
+                    unsafe { rows(&s, &x, &dy, channels.clone(), &mut cols, &mut dk) };
+                    dk
+                })
+                .collect();
+            let whole = s.direct_kernel_grad(&crate::Serial, &x, &dy);
+            for dk in &grads {
+                crate::testing::assert_close(dk, &whole[s.patch()..], 1e-5, "kernel gradient");
+            }
         }
     }
 }
