@@ -466,6 +466,20 @@ mod tests {
     use crate::conv::Conv2d;
     use crate::testing::random;
 
+    /// The portable version of a loop and those of the x86 vectors this CPU has.
+    #[cfg(target_arch = "x86_64")]
+    fn on_this_cpu<F>(portable: F, avx2: F, avx512: F) -> Vec<F> {
+        use std::arch::is_x86_feature_detected as has;
+        let mut vectors = vec![portable];
+        if has!("avx2") && has!("fma") {
+            vectors.push(avx2);
+        }
+        if has!("avx512f") {
+            vectors.push(avx512);
+        }
+        vectors
+    }
+
     /// One vector's [`image_rows`].
     type ImageRows = unsafe fn(&Rows, &[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
 
@@ -473,17 +487,11 @@ mod tests {
     /// values against the definition are tested in `conv`, on the vector picked at run time).
     #[test]
     fn every_vector_gives_the_same_sums() {
-        let mut vectors: Vec<ImageRows> = vec![image_rows::<Portable>];
         #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") {
-                vectors.push(x86::image_avx2);
-            }
-            if has!("avx512f") {
-                vectors.push(x86::image_avx512);
-            }
-        }
+        let vectors: Vec<ImageRows> =
+            on_this_cpu(image_rows::<Portable>, x86::image_avx2, x86::image_avx512);
+        #[cfg(not(target_arch = "x86_64"))]
+        let vectors: Vec<ImageRows> = vec![image_rows::<Portable>];
         for (pad, [h, w], [o, c, kh, kw]) in [
             ([0; 4], [20, 21], [11, 1, 3, 3]),
             ([1, 1, 2, 0], [9, 7], [9, 3, 3, 3]),
@@ -522,18 +530,15 @@ mod tests {
     /// rounding (their lanes split the sums differently), for a share of the channels.
     #[test]
     fn every_vector_gives_the_same_kernel_gradient() {
-        let mut vectors: Vec<KernelGradRows> = vec![kernel_grad_rows::<Portable>];
         #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") {
-                vectors.push(x86::kernel_grad_avx2);
-            }
-            if has!("avx512f") {
-                vectors.push(x86::kernel_grad_avx512);
-            }
-        }
-        // A block of eight kernel entries and one more; three blocks and three.
+        let vectors: Vec<KernelGradRows> = on_this_cpu(
+            kernel_grad_rows::<Portable>,
+            x86::kernel_grad_avx2,
+            x86::kernel_grad_avx512,
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        let vectors: Vec<KernelGradRows> = vec![kernel_grad_rows::<Portable>];
+        // Nine kernel entries summed side by side; 27 as two blocks of eight and eleven.
         for (pad, [h, w], [o, c, kh, kw]) in [
             ([0; 4], [20, 21], [5, 1, 3, 3]),
             ([1, 1, 2, 0], [9, 7], [4, 3, 3, 3]),
