@@ -7,7 +7,10 @@
 //! no edges): one vector of output columns at a time, each of the kernel's taps read once and
 //! multiplied into a block of output channels, every sum the bias and then the taps in kernel
 //! order, each one fused multiply-add. The vector is AVX-512's or AVX2's where the CPU has it
-//! (picked at run time), eight portable lanes otherwise; the sums are the same on each.
+//! (picked at run time), eight portable lanes otherwise; the sums are the same on each. The
+//! kernel gradient of such a convolution is summed directly too
+//! ([`Conv2dShape::direct_kernel_grad`]): its GEMM would have the same few values as its
+//! output side.
 
 use crate::conv::Conv2dShape;
 use crate::scratch::with_scratch;
@@ -19,8 +22,6 @@ pub(crate) const DIRECT_PATCH: usize = 32;
 const LANES: usize = 16;
 /// Output channels made at once: enough running sums to keep two FMA units busy.
 const CHANNELS: usize = 8;
-/// The most kernel entries the direct kernel gradient sums side by side at the end.
-const LAST_ENTRIES: usize = 12;
 
 /// What one image's output rows need to know.
 #[derive(Clone, Copy)]
@@ -154,22 +155,15 @@ unsafe fn kernel_grad_rows<V: Vector>(
                 &mut sums[i * patch..][..patch],
                 &mut tails[i * patch..][..patch],
             );
-            // Entries by eights, so that as many sums run side by side, and the last (at
-            // most twelve) together.
+            // Entries by eights, so that as many sums run side by side; the rest one by one.
             let mut q = 0;
-            while patch - q > LAST_ENTRIES {
+            while q + CHANNELS <= patch {
                 unsafe { entry_dots::<V, CHANNELS>(dy, cols, q, sums, tails) };
                 q += CHANNELS;
             }
-            macro_rules! last {
-                ($($b:literal)*) => {
-                    match patch - q {
-                        $($b => unsafe { entry_dots::<V, $b>(dy, cols, q, sums, tails) },)*
-                        _ => unreachable!("at most {LAST_ENTRIES} entries are left"),
-                    }
-                };
+            for q in q..patch {
+                unsafe { entry_dots::<V, 1>(dy, cols, q, sums, tails) };
             }
-            last!(1 2 3 4 5 6 7 8 9 10 11 12);
         }
     }
     for ((dk, sum), tail) in dk.iter_mut().zip(sums).zip(tails) {
@@ -538,7 +532,7 @@ mod tests {
         );
         #[cfg(not(target_arch = "x86_64"))]
         let vectors: Vec<KernelGradRows> = vec![kernel_grad_rows::<Portable>];
-        // Nine kernel entries summed side by side; 27 as two blocks of eight and eleven.
+        // A block of eight kernel entries and one more; three blocks and three.
         for (pad, [h, w], [o, c, kh, kw]) in [
             ([0; 4], [20, 21], [5, 1, 3, 3]),
             ([1, 1, 2, 0], [9, 7], [4, 3, 3, 3]),
