@@ -2,7 +2,7 @@
 //! every engine implements for its own tensor type, so all engines run the same arithmetic in
 //! the same order on their own devices.
 
-use convkit_cpu::{for_each_chunk_across, Serial, Threads};
+use convkit_cpu::{for_each_chunk_across, vectorized, Serial, Threads, Vectorize};
 
 use crate::compile::Optimizer;
 use crate::spec::{Regularizer, Shape};
@@ -165,6 +165,7 @@ fn affine(x: f32, mul: f64, add: f64) -> f32 {
 impl Optimizer {
     /// Which slots the rule keeps, as `[m, v, mg]` ([`Slots::named`]'s order): exactly those
     /// [`Optimizer::update`] creates.
+    #[inline(always)]
     pub fn slots_used(&self) -> [bool; 3] {
         match *self {
             Optimizer::Sgd { momentum, .. } => [momentum != 0.0, false, false],
@@ -178,17 +179,21 @@ impl Optimizer {
     /// [`Optimizer::update`] in one pass over host memory, for CPU engines
     /// ([`crate::primitives::Ops::update_in_place`]): `w` and the slots change in place. The same
     /// arithmetic in the same order as the composite form on `ndarray` (each `affine` in f64
-    /// rounded to f32, the rest in f32), element by element. `grad(i, w)` gives element `i`'s
-    /// gradient from the weight's value before the update; `slots` are those
-    /// [`Optimizer::slots_used`] names, in its order, each as long as `w`.
+    /// rounded to f32, the rest in f32), element by element. `grad(g, w)` gives an element's
+    /// gradient from its data gradient in `g` (as long as `w`) and the weight's value before
+    /// the update; `slots` are those [`Optimizer::slots_used`] names, in its order, each as
+    /// long as `w`. Inlined, so that [`convkit_cpu::vectorized`] can widen its loops.
+    #[inline(always)]
     pub fn update_elements(
         &self,
         lr: f64,
         step: u64,
         w: &mut [f32],
-        grad: impl Fn(usize, f32) -> f32,
+        g: &[f32],
+        grad: impl Fn(f32, f32) -> f32,
         slots: &mut [&mut [f32]],
     ) {
+        assert_eq!(g.len(), w.len(), "one data gradient per weight");
         let [uses_m, uses_v, uses_mg] = self.slots_used();
         let mut slots = slots.iter_mut();
         let mut take = |used: bool| {
@@ -204,13 +209,13 @@ impl Optimizer {
                 momentum, nesterov, ..
             } => match m {
                 None => {
-                    for (i, w) in w.iter_mut().enumerate() {
-                        *w -= affine(grad(i, *w), lr, 0.0);
+                    for (w, &g) in w.iter_mut().zip(g) {
+                        *w -= affine(grad(g, *w), lr, 0.0);
                     }
                 }
                 Some(m) => {
-                    for (i, (w, m)) in w.iter_mut().zip(m.iter_mut()).enumerate() {
-                        let lr_g = affine(grad(i, *w), lr, 0.0);
+                    for ((w, m), &g) in w.iter_mut().zip(m.iter_mut()).zip(g) {
+                        let lr_g = affine(grad(g, *w), lr, 0.0);
                         *m = affine(*m, momentum, 0.0) - lr_g;
                         *w = if nesterov {
                             *w + affine(*m, momentum, 0.0) - lr_g
@@ -228,9 +233,8 @@ impl Optimizer {
             } => {
                 let alpha = adam_step_size(lr, beta_1, beta_2, step);
                 let (m, v) = (m.expect("Adam keeps m"), v.expect("Adam keeps v"));
-                for (i, ((w, m), v)) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).enumerate()
-                {
-                    let g = grad(i, *w);
+                for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                    let g = grad(g, *w);
                     *m += affine(g - *m, 1.0 - beta_1, 0.0);
                     *v += affine(g * g - *v, 1.0 - beta_2, 0.0);
                     *w -= affine(*m, alpha, 0.0) / affine(v.sqrt(), 1.0, epsilon);
@@ -243,8 +247,8 @@ impl Optimizer {
                 ..
             } => {
                 let (mut m, v, mut mg) = (m, v.expect("RMSprop keeps v"), mg);
-                for (i, (w, v)) in w.iter_mut().zip(v.iter_mut()).enumerate() {
-                    let g = grad(i, *w);
+                for (i, ((w, v), &g)) in w.iter_mut().zip(v.iter_mut()).zip(g).enumerate() {
+                    let g = grad(g, *w);
                     *v = affine(*v, rho, 0.0) + affine(g * g, 1.0 - rho, 0.0);
                     let mut denominator = affine(*v, 1.0, epsilon);
                     if let Some(mg) = mg.as_deref_mut() {
@@ -551,7 +555,7 @@ impl Training {
         let regularizer = match self.regularizers.get(layer).copied().flatten() {
             Some(r) if kernel => r,
             _ => {
-                self.update_chunks(threads, w, slots, |i, _| g[i]);
+                self.update_chunks(threads, w, g, slots, |g, _| g);
                 return 0.0;
             }
         };
@@ -562,8 +566,7 @@ impl Training {
             l1_sum += (sign(x) * x) as f64;
             l2_sum += (x * x) as f64;
         }
-        let rule = |i: usize, x: f32| {
-            let mut g = g[i];
+        let rule = |mut g: f32, x: f32| {
             if l1 > 0.0 {
                 g += affine(sign(x), l1 as f64, 0.0);
             }
@@ -572,7 +575,7 @@ impl Training {
             }
             g
         };
-        self.update_chunks(threads, w, slots, rule);
+        self.update_chunks(threads, w, g, slots, rule);
         let mut penalty = 0.0;
         if l1 > 0.0 {
             penalty += l1 as f64 * l1_sum;
@@ -584,14 +587,15 @@ impl Training {
     }
 
     /// [`Optimizer::update_elements`] of `w` and its `slots` by chunks of [`UPDATE_CHUNK`]
-    /// elements on `threads` (a small weight on this thread alone); `grad(i, w)` as there, `i`
-    /// counted from the start of `w`.
+    /// elements on `threads` (a small weight on this thread alone); `g` and `grad(g, w)` as
+    /// there.
     fn update_chunks(
         &self,
         threads: &dyn Threads,
         w: &mut [f32],
+        g: &[f32],
         slots: &mut [&mut [f32]],
-        grad: impl Fn(usize, f32) -> f32 + Sync,
+        grad: impl Fn(f32, f32) -> f32 + Sync,
     ) {
         let threads = if w.len() > UPDATE_CHUNK {
             threads
@@ -603,9 +607,13 @@ impl Training {
             .collect();
         for_each_chunk_across(threads, &mut all, UPDATE_CHUNK, |start, chunk| {
             let (w, slots) = chunk.split_first_mut().expect("the weight's chunk");
-            let grad = |i: usize, w: f32| grad(start + i, w);
-            self.optimizer
-                .update_elements(self.learning_rate, self.step, w, grad, slots);
+            vectorized(ChunkUpdate {
+                training: self,
+                g: &g[start..][..w.len()],
+                w,
+                grad: &grad,
+                slots,
+            });
         });
     }
 
@@ -636,6 +644,30 @@ impl Training {
                 slots,
             )
             .map(Some)
+    }
+}
+
+/// [`Optimizer::update_elements`] of one chunk, as [`Training::update_chunks`] runs it: on the
+/// widest vectors the CPU has.
+struct ChunkUpdate<'t, 'c, 's, G> {
+    training: &'t Training,
+    w: &'c mut [f32],
+    g: &'c [f32],
+    grad: G,
+    slots: &'c mut [&'s mut [f32]],
+}
+
+impl<G: Fn(f32, f32) -> f32> Vectorize for ChunkUpdate<'_, '_, '_, G> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let Training {
+            optimizer,
+            learning_rate,
+            step,
+            ..
+        } = self.training;
+        optimizer.update_elements(*learning_rate, *step, self.w, self.g, self.grad, self.slots);
     }
 }
 
@@ -846,14 +878,14 @@ mod tests {
                 .iter()
                 .map(|&x| 0.01 * x.abs() as f64 + 0.02 * (x * x) as f64)
                 .sum();
-            let rule = |i: usize, x: f32| {
+            let rule = |g: f32, x: f32| {
                 let sign = if x == 0.0 { 0.0 } else { x.signum() };
-                g[i] + affine(sign, 0.01f32 as f64, 0.0) + affine(x, 2.0 * 0.02f32 as f64, 0.0)
+                g + affine(sign, 0.01f32 as f64, 0.0) + affine(x, 2.0 * 0.02f32 as f64, 0.0)
             };
             let (lr, step) = (training.learning_rate, training.step);
             training
                 .optimizer
-                .update_elements(lr, step, &mut whole, rule, &mut [m, v]);
+                .update_elements(lr, step, &mut whole, &g, rule, &mut [m, v]);
             assert!((penalty - expected).abs() <= 1e-6 * expected, "penalty");
             assert_eq!(chunked, whole, "weights");
             assert_eq!(chunked_slots, whole_slots, "slots");

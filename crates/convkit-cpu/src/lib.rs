@@ -28,6 +28,7 @@ pub mod pool;
 pub mod relu;
 mod scratch;
 mod threads;
+mod vectorized;
 
 pub use gemm::{matmul, matmul_by_rows, Strides};
 #[cfg(feature = "rayon")]
@@ -36,6 +37,7 @@ pub use threads::{
     collect_chunks, for_each_chunk, for_each_chunk_across, for_each_share, zeroed_chunks, Serial,
     Threads,
 };
+pub use vectorized::{vectorized, Vectorize};
 
 /// What a kernel refuses: shapes or lengths that do not fit together.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
