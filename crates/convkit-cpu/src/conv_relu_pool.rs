@@ -171,36 +171,151 @@ impl ConvReluMaxPoolShape {
         mut winners: Option<&mut [u32]>,
     ) {
         let (pw, ow) = (self.pool.ow, self.conv.ow);
+        if self.pool.is_halving() {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F, checked just above.
+                return unsafe { x86::halving_plane(plane, rows.row, ow, y, pw, winners) };
+            }
+            return halving_plane(plane, rows.row, ow, y, pw, winners);
+        }
         // A position in `plane` as the winner's, in the output [oh, ow].
         let compact = |at: usize| at / rows.row * ow + at % rows.row;
         for (oy, y) in y.chunks_exact_mut(pw).enumerate() {
             let winners = winners.as_deref_mut().map(|w| &mut w[oy * pw..][..pw]);
-            if !self.pool.is_halving() {
-                let first_max = |ox| self.pool.pool.first_max(plane, rows.row, oy, ox);
-                fill_row(y, winners, plane, (0..pw).map(first_max), compact);
-                continue;
+            let first_max = |ox| self.pool.pool.first_max(plane, rows.row, oy, ox);
+            fill_row(y, winners, plane, (0..pw).map(first_max), compact);
+        }
+    }
+}
+
+/// [`ConvReluMaxPoolShape::pool_plane`] for 2×2 windows at stride 2, window by window: `plane`'s
+/// rows are `row` values apart, output rows `ow`; `y` is `[ph, pw]`, `winners` too.
+fn halving_plane(
+    plane: &[f32],
+    row: usize,
+    ow: usize,
+    y: &mut [f32],
+    pw: usize,
+    mut winners: Option<&mut [u32]>,
+) {
+    for (oy, y) in y.chunks_exact_mut(pw).enumerate() {
+        let upper = &plane[2 * oy * row..][..2 * pw];
+        let lower = &plane[(2 * oy + 1) * row..][..2 * pw];
+        let windows = upper.chunks_exact(2).zip(lower.chunks_exact(2));
+        // Without winners (inference) only the maxima are needed.
+        let Some(winners) = winners.as_deref_mut() else {
+            for (y, (u, l)) in y.iter_mut().zip(windows) {
+                *y = rectify(first_max4([u[0], u[1], l[0], l[1]]).1);
             }
-            let upper = &plane[2 * oy * rows.row..][..2 * pw];
-            let lower = &plane[(2 * oy + 1) * rows.row..][..2 * pw];
-            let windows = upper.chunks_exact(2).zip(lower.chunks_exact(2));
-            // Without winners (inference) only the maxima are needed.
-            let Some(winners) = winners else {
-                for (y, (u, l)) in y.iter_mut().zip(windows) {
-                    *y = rectify(first_max4([u[0], u[1], l[0], l[1]]).1);
+            continue;
+        };
+        let winners = &mut winners[oy * pw..][..pw];
+        for (ox, ((y, w), (u, l))) in y
+            .iter_mut()
+            .zip(winners.iter_mut())
+            .zip(windows)
+            .enumerate()
+        {
+            let (best, top) = first_max4([u[0], u[1], l[0], l[1]]);
+            let at = (2 * oy + best / 2) * ow + 2 * ox + best % 2;
+            (*y, *w) = (rectify(top), winner(at, top));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::NO_WINNER;
+
+    /// [`super::halving_plane`] sixteen windows at a time: the same values and winners,
+    /// as AVX-512's compares and selects order NaNs and ties as [`super::first_max4`],
+    /// [`super::rectify`] and [`super::winner`] do.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn halving_plane(
+        plane: &[f32],
+        row: usize,
+        ow: usize,
+        y: &mut [f32],
+        pw: usize,
+        mut winners: Option<&mut [u32]>,
+    ) {
+        let ph = y.len() / pw;
+        // Every load below reads inside windows' rows: up to column 2·pw of row 2·ph − 1.
+        assert!(ph == 0 || (2 * ph - 1) * row + 2 * pw <= plane.len());
+        assert!(winners.as_ref().is_none_or(|w| w.len() == y.len()));
+        assert!(u32::try_from(2 * ph * ow).is_ok());
+        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+        let (zero, no_winner) = (_mm512_setzero_ps(), _mm512_set1_epi32(NO_WINNER as i32));
+        let ow_i32 = _mm512_set1_epi32(ow as i32);
+        for oy in 0..ph {
+            let (upper, lower) = (2 * oy * row, (2 * oy + 1) * row);
+            for ox in (0..pw).step_by(16) {
+                let count = (pw - ox).min(16);
+                let (first, second) = (
+                    mask((2 * count).min(16)),
+                    mask((2 * count).saturating_sub(16)),
+                );
+                // The window row's 2·count values from `at` on, evens and odds apart.
+                let split = |at: usize| {
+                    // SAFETY: `at + 2·count ≤ plane.len()` (asserted above); masked lanes are
+                    // not read.
+                    let (a, b) = unsafe {
+                        let from = plane.as_ptr().add(at);
+                        (
+                            _mm512_maskz_loadu_ps(first, from),
+                            _mm512_maskz_loadu_ps(second, from.add(16)),
+                        )
+                    };
+                    (
+                        _mm512_permutex2var_ps(a, evens, b),
+                        _mm512_permutex2var_ps(a, odds, b),
+                    )
+                };
+                let ((a, b), (c, d)) = (split(upper + 2 * ox), split(lower + 2 * ox));
+                // The window's first maximum in the order a, b, c, d; `best` its position in
+                // the output [oh, ow].
+                let at_a =
+                    _mm512_add_epi32(_mm512_set1_epi32((2 * oy * ow + 2 * ox) as i32), evens);
+                let one = _mm512_set1_epi32(1);
+                let (mut top, mut best) = (a, at_a);
+                for (v, at) in [
+                    (b, _mm512_add_epi32(at_a, one)),
+                    (c, _mm512_add_epi32(at_a, ow_i32)),
+                    (d, _mm512_add_epi32(_mm512_add_epi32(at_a, ow_i32), one)),
+                ] {
+                    let wins = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, top);
+                    top = _mm512_mask_blend_ps(wins, top, v);
+                    best = _mm512_mask_blend_epi32(wins, best, at);
                 }
-                continue;
-            };
-            for (ox, ((y, w), (u, l))) in y
-                .iter_mut()
-                .zip(winners.iter_mut())
-                .zip(windows)
-                .enumerate()
-            {
-                let (best, top) = first_max4([u[0], u[1], l[0], l[1]]);
-                let at = (2 * oy + best / 2) * ow + 2 * ox + best % 2;
-                (*y, *w) = (rectify(top), winner(at, top));
+                let keep = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(top, zero);
+                let out = mask(count);
+                // SAFETY: `oy·pw + ox + count ≤ y.len()`; masked lanes are not written.
+                unsafe {
+                    let to = y.as_mut_ptr().add(oy * pw + ox);
+                    _mm512_mask_storeu_ps(to, out, _mm512_maskz_mov_ps(keep, top));
+                }
+                if let Some(winners) = winners.as_deref_mut() {
+                    let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(top, zero);
+                    let won = _mm512_mask_blend_epi32(positive, no_winner, best);
+                    // SAFETY: as for `y`, which `winners` is as long as (asserted).
+                    unsafe {
+                        let to = winners.as_mut_ptr().add(oy * pw + ox);
+                        _mm512_mask_storeu_epi32(to.cast(), out, won);
+                    }
+                }
             }
         }
+    }
+
+    /// The first `lanes` lanes, `lanes ≤ 16`.
+    #[inline(always)]
+    fn mask(lanes: usize) -> __mmask16 {
+        debug_assert!(lanes <= 16);
+        ((1u32 << lanes) - 1) as __mmask16
     }
 }
 
@@ -268,53 +383,86 @@ mod tests {
     #[test]
     fn matches_convolution_relu_and_pooling_run_one_after_the_other() {
         // Planes wide enough that the forward multiplies two images at once, then one. Two
-        // input channels make the forward direct at stride 1, four im2col + GEMM.
-        let (n, h, w, o) = (3, 20, 19, 3);
+        // input channels make the forward direct at stride 1, four im2col + GEMM. The wider
+        // planes have more than sixteen 2×2 windows to a row.
+        let (n, h, o) = (3, 20, 3);
         let mut partial_group = false;
-        for (seed, c, pad, strides, size, pool_strides) in [
-            (0, 2, [0; 4], [1, 1], [2, 2], [2, 2]),
-            (1, 2, [1; 4], [1, 1], [2, 2], [2, 2]),
-            (2, 2, [0, 1, 0, 1], [1, 2], [2, 2], [1, 1]),
-            (4, 2, [1; 4], [2, 1], [3, 3], [2, 2]),
-            (5, 2, [0; 4], [1, 1], [2, 3], [1, 2]),
-            (6, 4, [0; 4], [1, 1], [2, 2], [2, 2]),
-            (7, 4, [1; 4], [1, 1], [2, 3], [1, 2]),
-        ] {
-            let what = format!("seed {seed}, pool {size:?} at {pool_strides:?}");
-            let conv = Conv2d::new(pad, strides)
-                .shape(&[n, c, h, w], &[o, c, 3, 3])
-                .unwrap();
-            let pool = MaxPool2d::new(size, pool_strides);
-            let fused = ConvReluMaxPoolShape::new(conv, pool).unwrap();
-            partial_group |= !n.is_multiple_of(conv.forward_group());
-            let (x, mut kernel) = (values(n * c * h * w, seed), values(o * c * 9, seed + 1));
-            // The first channel all exact zeros: every window's maximum is 0, with no winner.
-            kernel[..c * 9].fill(0.0);
-            let bias = [0.0, -1.0, 2.0];
-            for &threads in POOLS {
-                let z = conv.forward(threads, &x, &kernel, &bias).unwrap();
-                let r = crate::relu::forward(threads, &z);
-                let ps = pool.shape(&conv.output()).unwrap();
-                let expected = ps.forward(threads, &r).unwrap();
-                let (y, winners) = fused
-                    .forward_with_winners(threads, &x, &kernel, &bias)
+        for w in [19, 37] {
+            for (seed, c, pad, strides, size, pool_strides) in [
+                (0, 2, [0; 4], [1, 1], [2, 2], [2, 2]),
+                (1, 2, [1; 4], [1, 1], [2, 2], [2, 2]),
+                (2, 2, [0, 1, 0, 1], [1, 2], [2, 2], [1, 1]),
+                (4, 2, [1; 4], [2, 1], [3, 3], [2, 2]),
+                (5, 2, [0; 4], [1, 1], [2, 3], [1, 2]),
+                (6, 4, [0; 4], [1, 1], [2, 2], [2, 2]),
+                (7, 4, [1; 4], [1, 1], [2, 3], [1, 2]),
+            ] {
+                let what = format!("width {w}, seed {seed}, pool {size:?} at {pool_strides:?}");
+                let conv = Conv2d::new(pad, strides)
+                    .shape(&[n, c, h, w], &[o, c, 3, 3])
                     .unwrap();
-                assert_same(&y, &expected, &what);
-                let inference = fused.forward(threads, &x, &kernel, &bias).unwrap();
-                assert_same(&inference, &expected, &what);
-                assert!(
-                    winners.contains(&NO_WINNER),
-                    "{what}: no window without a winner"
-                );
+                let pool = MaxPool2d::new(size, pool_strides);
+                let fused = ConvReluMaxPoolShape::new(conv, pool).unwrap();
+                partial_group |= !n.is_multiple_of(conv.forward_group());
+                let (x, mut kernel) = (values(n * c * h * w, seed), values(o * c * 9, seed + 1));
+                // The first channel all exact zeros: every window's maximum is 0, with no winner.
+                kernel[..c * 9].fill(0.0);
+                let bias = [0.0, -1.0, 2.0];
+                for &threads in POOLS {
+                    let z = conv.forward(threads, &x, &kernel, &bias).unwrap();
+                    let r = crate::relu::forward(threads, &z);
+                    let ps = pool.shape(&conv.output()).unwrap();
+                    let expected = ps.forward(threads, &r).unwrap();
+                    let (y, winners) = fused
+                        .forward_with_winners(threads, &x, &kernel, &bias)
+                        .unwrap();
+                    assert_same(&y, &expected, &what);
+                    let inference = fused.forward(threads, &x, &kernel, &bias).unwrap();
+                    assert_same(&inference, &expected, &what);
+                    assert!(
+                        winners.contains(&NO_WINNER),
+                        "{what}: no window without a winner"
+                    );
 
-                let dy: Vec<f32> = (0..y.len()).map(|i| (i % 7) as f32 - 2.5).collect();
-                let dr = ps.backward(threads, &r, &dy).unwrap();
-                let dz = crate::relu::backward(threads, &dr, &r).unwrap();
-                let found = fused.conv_output_grad(threads, &dy, &winners).unwrap();
-                assert_same(&found, &dz, &what);
+                    let dy: Vec<f32> = (0..y.len()).map(|i| (i % 7) as f32 - 2.5).collect();
+                    let dr = ps.backward(threads, &r, &dy).unwrap();
+                    let dz = crate::relu::backward(threads, &dr, &r).unwrap();
+                    let found = fused.conv_output_grad(threads, &dy, &winners).unwrap();
+                    assert_same(&found, &dz, &what);
+                }
             }
         }
         assert!(partial_group, "no case ends in a smaller group");
+    }
+
+    /// The AVX-512 pooling gives the portable one's values and winners, bit for bit: planes
+    /// with ties, zeros, negatives and NaNs; wide rows (`row > ow`) and compact ones; output
+    /// rows of fewer, exactly and more than sixteen windows.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn every_vector_pools_alike() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        for (seed, (oh, ow, row)) in [(5, 7, 7), (6, 9, 12), (4, 32, 32), (7, 45, 47), (3, 33, 33)]
+            .into_iter()
+            .enumerate()
+        {
+            let (ph, pw) = (oh / 2, ow / 2);
+            let plane = values((oh - 1) * row + ow, seed);
+            let mut portable = (vec![0f32; ph * pw], vec![0u32; ph * pw]);
+            halving_plane(&plane, row, ow, &mut portable.0, pw, Some(&mut portable.1));
+            let mut avx512 = (vec![0f32; ph * pw], vec![0u32; ph * pw]);
+            // SAFETY: the CPU has AVX-512F, checked above.
+            unsafe { x86::halving_plane(&plane, row, ow, &mut avx512.0, pw, Some(&mut avx512.1)) };
+            let what = format!("{oh}×{ow} rows {row} apart");
+            assert_same(&avx512.0, &portable.0, &what);
+            assert_eq!(avx512.1, portable.1, "{what}: winners");
+            let mut inference = vec![0f32; ph * pw];
+            // SAFETY: as above.
+            unsafe { x86::halving_plane(&plane, row, ow, &mut inference, pw, None) };
+            assert_same(&inference, &portable.0, &what);
+        }
     }
 
     #[test]
