@@ -219,6 +219,8 @@ impl Conv2dShape {
     pub(crate) fn group_scratch(&self, images: usize) -> usize {
         if self.is_direct() {
             self.direct_scratch()
+        } else if self.is_wide_direct() {
+            0
         } else {
             self.patch() * images * self.output_rows().plane
         }
@@ -236,8 +238,8 @@ impl Conv2dShape {
     /// [`Conv2dShape::output_rows`] ([`Conv2dShape::group_plane`] finds one). `cols`
     /// ([`Conv2dShape::group_scratch`] values at least, contents unspecified) is working
     /// memory; `z`'s contents on entry do not matter. Each output row starts as its bias and
-    /// the product is added to it; a kernel of few values is applied directly instead
-    /// ([`crate::direct`]).
+    /// the product is added to it; a kernel of few values, or one whose planes are in long
+    /// wide rows, is applied directly instead ([`crate::direct`]).
     pub(crate) fn group_forward(
         &self,
         x: &[f32],
@@ -253,6 +255,13 @@ impl Conv2dShape {
             for (i, image) in images.enumerate() {
                 let z = &mut z[i * rows.plane..];
                 self.direct_forward(self.input_image(x, image), kernel, bias, cols, z, width);
+            }
+            return;
+        }
+        if self.is_wide_direct() {
+            for (i, image) in images.enumerate() {
+                let z = &mut z[i * rows.plane..];
+                self.wide_forward(self.input_image(x, image), kernel, bias, z, width);
             }
             return;
         }
@@ -554,9 +563,12 @@ mod tests {
     fn forward_and_gradients_match_the_definition() {
         // The kernel gradient shares out kernel entries where there are more of them than
         // output channels, output channels otherwise: both kinds are here. The forward is
-        // direct at stride 1 for kernels of up to 32 values, im2col + GEMM otherwise (wide
-        // rows, or compact ones where padded or with more channels out than kernel values).
-        let (mut partial_group, mut direct, mut gemm_stride_1) = (false, false, false);
+        // direct at stride 1 for kernels of up to 32 values, taken straight from the image
+        // for larger ones into planes of wide rows long enough, im2col + GEMM otherwise (short
+        // wide rows, or compact ones where padded or with more channels out than kernel
+        // values).
+        let (mut partial_group, mut direct, mut wide, mut gemm_stride_1) =
+            (false, false, false, false);
         for (pad, strides, [h, w], [o, c, kh, kw]) in [
             ([0; 4], [1, 1], [7, 6], [4, 3, 3, 2]),
             ([1; 4], [1, 1], [5, 5], [4, 3, 3, 2]),
@@ -574,13 +586,17 @@ mod tests {
             ([0; 4], [1, 1], [7, 6], [4, 4, 3, 3]),
             ([1; 4], [1, 1], [5, 5], [4, 4, 3, 3]),
             ([0; 4], [1, 1], [6, 6], [40, 4, 3, 3]),
+            // Wide direct: a block of eight channels and three more; a last block of
+            // positions that overlaps the one before.
+            ([0; 4], [1, 1], [9, 10], [11, 4, 3, 3]),
         ] {
             let s = Conv2d::new(pad, strides)
                 .shape(&[3, c, h, w], &[o, c, kh, kw])
                 .unwrap();
             partial_group |= !s.n.is_multiple_of(s.forward_group());
             direct |= s.is_direct();
-            gemm_stride_1 |= !s.is_direct() && strides == [1, 1];
+            wide |= s.is_wide_direct();
+            gemm_stride_1 |= !s.is_direct() && !s.is_wide_direct() && strides == [1, 1];
             let x = random(s.n * s.c * h * w, 1);
             let k = random(s.o * s.patch(), 2);
             let b = random(s.o, 3);
@@ -619,7 +635,7 @@ mod tests {
             }
         }
         assert!(partial_group, "no case ends in a smaller group");
-        assert!(direct && gemm_stride_1, "both forwards at stride 1");
+        assert!(direct && wide && gemm_stride_1, "every forward at stride 1");
     }
 
     #[test]
