@@ -30,6 +30,28 @@ pub(crate) const DIRECT_PATCH: usize = 32;
 /// Vectors of output positions the wide forward makes at once, each for [`CHANNELS`]
 /// channels: 24 running sums, the most AVX-512's 32 registers hold beside the taps.
 const WIDE_VECTORS: usize = 3;
+
+/// Returns `x86::$avx512(args)` where the CPU has AVX-512F, `x86::$avx2(args)` where it has
+/// AVX2 and FMA (checked at run time), else `$portable::<Portable>(args)`: a loop on the
+/// widest vector this CPU has.
+macro_rules! on_widest_vector {
+    ($avx512:ident, $avx2:ident, $portable:ident($($arg:expr),* $(,)?)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") {
+                // SAFETY: the CPU has AVX-512F, checked just above.
+                return unsafe { x86::$avx512($($arg),*) };
+            }
+            if has!("avx2") && has!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA, checked just above.
+                return unsafe { x86::$avx2($($arg),*) };
+            }
+        }
+        // SAFETY: `Portable` needs no CPU feature.
+        unsafe { $portable::<Portable>($($arg),*) }
+    }};
+}
 /// The most output columns one vector holds: an AVX-512 register of f32.
 const LANES: usize = 16;
 /// Output channels made at once: enough running sums to keep two FMA units busy.
@@ -78,20 +100,11 @@ impl Conv2dShape {
             conv: *self,
             channel_stride,
         };
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") {
-                // SAFETY: the CPU has AVX-512F, checked just above.
-                return unsafe { x86::image_avx512(&rows, image, kernel, bias, window, z) };
-            }
-            if has!("avx2") && has!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA, checked just above.
-                return unsafe { x86::image_avx2(&rows, image, kernel, bias, window, z) };
-            }
-        }
-        // SAFETY: `Portable` needs no CPU feature.
-        unsafe { image_rows::<Portable>(&rows, image, kernel, bias, window, z) }
+        on_widest_vector!(
+            image_avx512,
+            image_avx2,
+            image_rows(&rows, image, kernel, bias, window, z)
+        )
     }
 }
 
@@ -122,20 +135,11 @@ impl Conv2dShape {
             conv: *self,
             channel_stride,
         };
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") {
-                // SAFETY: the CPU has AVX-512F, checked just above.
-                return unsafe { x86::wide_avx512(&rows, image, kernel, bias, z) };
-            }
-            if has!("avx2") && has!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA, checked just above.
-                return unsafe { x86::wide_avx2(&rows, image, kernel, bias, z) };
-            }
-        }
-        // SAFETY: `Portable` needs no CPU feature.
-        unsafe { wide_planes::<Portable>(&rows, image, kernel, bias, z) }
+        on_widest_vector!(
+            wide_avx512,
+            wide_avx2,
+            wide_planes(&rows, image, kernel, bias, z)
+        )
     }
 
     /// The kernel gradient `dW [o, c, kh, kw] = Σₙ dy[n] · im2col(x[n])ᵀ` of a direct
@@ -156,20 +160,11 @@ impl Conv2dShape {
         let mut dk = vec![0f32; self.o * patch];
         for_each_share(threads, &mut dk, patch, |channels, dk| {
             with_scratch(patch * self.positions(), |cols| {
-                #[cfg(target_arch = "x86_64")]
-                {
-                    use std::arch::is_x86_feature_detected as has;
-                    if has!("avx512f") {
-                        // SAFETY: the CPU has AVX-512F, checked just above.
-                        return unsafe { x86::kernel_grad_avx512(self, x, dy, channels, cols, dk) };
-                    }
-                    if has!("avx2") && has!("fma") {
-                        // SAFETY: the CPU has AVX2 and FMA, checked just above.
-                        return unsafe { x86::kernel_grad_avx2(self, x, dy, channels, cols, dk) };
-                    }
-                }
-                // SAFETY: `Portable` needs no CPU feature.
-                unsafe { kernel_grad_rows::<Portable>(self, x, dy, channels, cols, dk) }
+                on_widest_vector!(
+                    kernel_grad_avx512,
+                    kernel_grad_avx2,
+                    kernel_grad_rows(self, x, dy, channels, cols, dk)
+                )
             })
         });
         dk
