@@ -251,17 +251,10 @@ impl Conv2dShape {
     ) {
         let (patch, rows) = (self.patch(), self.output_rows());
         let width = images.len() * rows.plane;
-        if self.is_direct() {
+        if self.is_direct() || self.is_wide_direct() {
             for (i, image) in images.enumerate() {
                 let z = &mut z[i * rows.plane..];
                 self.direct_forward(self.input_image(x, image), kernel, bias, cols, z, width);
-            }
-            return;
-        }
-        if self.is_wide_direct() {
-            for (i, image) in images.enumerate() {
-                let z = &mut z[i * rows.plane..];
-                self.wide_forward(self.input_image(x, image), kernel, bias, z, width);
             }
             return;
         }

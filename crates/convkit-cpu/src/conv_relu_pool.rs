@@ -250,7 +250,7 @@ mod x86 {
         let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
         let (zero, no_winner) = (_mm512_setzero_ps(), _mm512_set1_epi32(NO_WINNER as i32));
-        let ow_i32 = _mm512_set1_epi32(ow as i32);
+        let (one, ow_i32) = (_mm512_set1_epi32(1), _mm512_set1_epi32(ow as i32));
         for oy in 0..ph {
             let (upper, lower) = (2 * oy * row, (2 * oy + 1) * row);
             for ox in (0..pw).step_by(16) {
@@ -280,7 +280,6 @@ mod x86 {
                 // the output [oh, ow].
                 let at_a =
                     _mm512_add_epi32(_mm512_set1_epi32((2 * oy * ow + 2 * ox) as i32), evens);
-                let one = _mm512_set1_epi32(1);
                 let (mut top, mut best) = (a, at_a);
                 for (v, at) in [
                     (b, _mm512_add_epi32(at_a, one)),

@@ -18,7 +18,7 @@
 //! `(ci, ky, kx)` on, contiguous, so each vector is loaded straight from the image — no
 //! im2col copy, no GEMM packing — and multiplied into [`WIDE_VECTORS`] vectors of positions
 //! for a block of [`CHANNELS`] channels, every sum again the bias and then the taps in kernel
-//! order ([`Conv2dShape::wide_forward`]). The second convolution of a small classifier ran
+//! order ([`Conv2dShape::is_wide_direct`]). The second convolution of a small classifier ran
 //! 20% faster so than as im2col + GEMM, whose packed copies were a fifth of its time.
 
 use crate::conv::Conv2dShape;
@@ -84,9 +84,10 @@ impl Conv2dShape {
         self.w + left + right + LANES
     }
 
-    /// The direct forward of one `image` `[c, h, w]`: its output planes,
-    /// compact rows, from `z`'s start, each channel's `channel_stride` values after the last's.
-    /// `window` ([`Conv2dShape::direct_scratch`] values) is working memory.
+    /// The direct forward of one `image` `[c, h, w]` (either form, module docs): its output
+    /// planes in [`Conv2dShape::output_rows`]' layout, from `z`'s start, each channel's
+    /// `channel_stride` values after the last's. `window` ([`Conv2dShape::direct_scratch`]
+    /// values) is working memory for the first form; the wide one reads the image as it is.
     pub(crate) fn direct_forward(
         &self,
         image: &[f32],
@@ -100,15 +101,22 @@ impl Conv2dShape {
             conv: *self,
             channel_stride,
         };
-        on_widest_vector!(
-            image_avx512,
-            image_avx2,
-            image_rows(&rows, image, kernel, bias, window, z)
-        )
+        if self.is_direct() {
+            on_widest_vector!(
+                image_avx512,
+                image_avx2,
+                image_rows(&rows, image, kernel, bias, window, z)
+            )
+        } else {
+            debug_assert!(self.is_wide_direct());
+            on_widest_vector!(
+                wide_avx512,
+                wide_avx2,
+                wide_planes(&rows, image, kernel, bias, z)
+            )
+        }
     }
-}
 
-impl Conv2dShape {
     /// Whether the forward takes its taps straight from the input image (module docs): stride
     /// 1, no padding, a kernel of more than [`DIRECT_PATCH`] values and output planes in wide
     /// rows ([`Conv2dShape::output_rows`]) of at least [`WIDE_VECTORS`] AVX-512 vectors.
@@ -119,27 +127,6 @@ impl Conv2dShape {
             && self.pad == [0; 4]
             && rows.row == self.w
             && rows.plane >= WIDE_VECTORS * LANES
-    }
-
-    /// The wide forward of one `image` `[c, h, w]` (module docs): its output planes in wide
-    /// rows, from `z`'s start, each channel's `channel_stride` values after the last's.
-    pub(crate) fn wide_forward(
-        &self,
-        image: &[f32],
-        kernel: &[f32],
-        bias: &[f32],
-        z: &mut [f32],
-        channel_stride: usize,
-    ) {
-        let rows = Rows {
-            conv: *self,
-            channel_stride,
-        };
-        on_widest_vector!(
-            wide_avx512,
-            wide_avx2,
-            wide_planes(&rows, image, kernel, bias, z)
-        )
     }
 
     /// The kernel gradient `dW [o, c, kh, kw] = Σₙ dy[n] · im2col(x[n])ᵀ` of a direct
@@ -637,6 +624,17 @@ mod tests {
         vectors
     }
 
+    /// Every vector's outputs (started as NaN) are the first's bit for bit, and none is NaN.
+    fn assert_alike_and_written(outputs: impl Iterator<Item = Vec<f32>>, s: &Conv2dShape) {
+        let bits = |z: Vec<f32>| z.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let sums: Vec<_> = outputs.map(bits).collect();
+        assert!(sums.iter().all(|z| z == &sums[0]), "{:?}", s.kernel());
+        assert!(
+            sums[0].iter().all(|&v| !f32::from_bits(v).is_nan()),
+            "every output"
+        );
+    }
+
     /// One vector's [`image_rows`].
     type ImageRows = unsafe fn(&Rows, &[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
 
@@ -668,14 +666,9 @@ mod tests {
                 let mut z = vec![f32::NAN; o * s.positions()];
                 // SAFETY: each vector was listed only where the CPU has its features.
                 unsafe { image_rows(&rows, &x, &k, &b, &mut window, &mut z) };
-                z.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                z
             });
-            let sums: Vec<_> = sums.collect();
-            assert!(sums.iter().all(|z| z == &sums[0]), "{:?}", s.kernel());
-            assert!(
-                sums[0].iter().all(|&v| !f32::from_bits(v).is_nan()),
-                "every output"
-            );
+            assert_alike_and_written(sums, &s);
         }
     }
 
@@ -707,14 +700,9 @@ mod tests {
                 let mut z = vec![f32::NAN; o * plane];
                 // SAFETY: each vector was listed only where the CPU has its features.
                 unsafe { wide_planes(&rows, &x, &k, &b, &mut z) };
-                z.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                z
             });
-            let sums: Vec<_> = sums.collect();
-            assert!(sums.iter().all(|z| z == &sums[0]), "{:?}", s.kernel());
-            assert!(
-                sums[0].iter().all(|&v| !f32::from_bits(v).is_nan()),
-                "every output"
-            );
+            assert_alike_and_written(sums, &s);
         }
     }
 
