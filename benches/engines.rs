@@ -7,8 +7,11 @@ use convkit::{init, Compile, Loss, Model, Optimizer, Sequential};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn engines(c: &mut Criterion) {
-    // As the `convkit` command does: this thread joins rayon's pool (burn-flex's operations).
+    // As the `convkit` command does: this thread joins rayon's pool (burn-flex's operations),
+    // and freed activations stay with the allocator (candle-cpu's step takes twice as long
+    // without it here).
     convkit::threads::configure(None).unwrap();
+    convkit::keep_freed_memory_for_reuse();
     let spec = Sequential::preset("tutorial-mnist").unwrap();
     let weights = init::glorot_uniform(&spec, 0).unwrap();
     let x32 = Array4::from_shape_fn((32, 28, 28, 1), |(n, h, w, _)| {

@@ -317,6 +317,7 @@ impl<O: Ops> Executor<O> {
         y: &Targets,
         tracked: &[bool],
     ) -> Result<StepParts<O::Tensor>> {
+        let _awake = self.ops.keep_threads_awake();
         let targets = self.target_rows(y)?;
         let crops = self.training.crop_offsets(x.dim().0);
         let masks = self.training.dropout_masks(x.dim().0);
@@ -518,6 +519,7 @@ impl<O: Ops> Network for Executor<O> {
             self.sum_over_group(n, &tracked, &mut step)?;
         }
         self.training.begin_step();
+        let _awake = self.ops.keep_threads_awake();
         let mut penalty = 0.0;
         for ((i, w), grad) in self.plan.weights.iter().enumerate().zip(step.grads) {
             if !w.role.is_optimized() {
@@ -582,6 +584,7 @@ impl<O: Ops> Network for Executor<O> {
 
     fn predict(&self, x: ArrayView4<'_, f32>) -> Result<Array2<f32>> {
         let n = x.dim().0;
+        let _awake = self.ops.keep_threads_awake();
         let params: Vec<O::Tensor> = self
             .values
             .iter()

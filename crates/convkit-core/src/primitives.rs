@@ -94,6 +94,15 @@ pub trait Ops {
         Ok(())
     }
 
+    /// Keeps the engine's idle compute threads ready for its next operation until the value
+    /// returned is dropped. The executor holds it over a step's or a prediction's operations,
+    /// not over a wait for other ranks. For an engine on rayon's pool, whose idle threads
+    /// otherwise fall asleep between two operations and each operation wakes them again with
+    /// a system call. Default: `None`, for engines with a pool of their own or a device.
+    fn keep_threads_awake(&self) -> Option<convkit_cpu::RayonAwake> {
+        None
+    }
+
     /// Row-major host values of `shape` as a device tensor that no gradient flows into.
     fn upload(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;
     /// A device tensor's values, row-major.

@@ -31,12 +31,12 @@ mod threads;
 mod vectorized;
 
 pub use gemm::{matmul, matmul_by_rows, Strides};
-#[cfg(feature = "rayon")]
-pub use threads::Rayon;
 pub use threads::{
     collect_chunks, for_each_chunk, for_each_chunk_across, for_each_share, zeroed_chunks, Serial,
     Threads,
 };
+#[cfg(feature = "rayon")]
+pub use threads::{Rayon, RayonAwake};
 pub use vectorized::{vectorized, Vectorize};
 
 /// What a kernel refuses: shapes or lengths that do not fit together.

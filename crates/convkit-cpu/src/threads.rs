@@ -58,6 +58,58 @@ impl Threads for Rayon {
     }
 }
 
+/// While alive, rayon's other threads wait for work spinning rather than asleep.
+///
+/// Between two parallel operations rayon puts an idle thread to sleep after a few dozen
+/// yields, and the next operation wakes it with a system call: on 2 cores a tenth of a
+/// burn-flex training step went to that (docs/measurements.md). Held over a step, each of the
+/// pool's threads but the caller's runs a job that takes any work that comes (through
+/// `rayon::yield_now`) and spins in between, as candle's own pool does. Dropping it lets them
+/// sleep again. Costs the idle threads' cycles while held, so hold it over work, not waits.
+#[cfg(feature = "rayon")]
+#[must_use = "the threads sleep again when this is dropped"]
+#[derive(Debug)]
+pub struct RayonAwake {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[cfg(feature = "rayon")]
+impl RayonAwake {
+    /// Keeps rayon's global pool awake until the value is dropped.
+    pub fn new() -> Self {
+        use std::sync::atomic::Ordering;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // The caller's own job returns at once: spinning there would wait for itself.
+        let caller = rayon::current_thread_index();
+        let flag = done.clone();
+        rayon::spawn_broadcast(move |thread| {
+            if Some(thread.index()) == caller {
+                return;
+            }
+            while !flag.load(Ordering::Acquire) {
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        Self { done }
+    }
+}
+
+#[cfg(feature = "rayon")]
+impl Default for RayonAwake {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(feature = "rayon")]
+impl Drop for RayonAwake {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Chunk `i` of `size` values (the last one shorter) of the `len` values at `base`.
 ///
 /// # Safety
@@ -297,6 +349,50 @@ pub fn for_each_share_with(
 mod tests {
     use super::*;
     use crate::testing::POOLS;
+
+    /// Sums `0..n` as chunks on rayon's pool.
+    #[cfg(feature = "rayon")]
+    fn pool_sum(n: usize) -> u64 {
+        let values = zeroed_chunks(&Rayon, n, 97, |i, chunk: &mut [u64]| {
+            for (j, v) in chunk.iter_mut().enumerate() {
+                *v = (i * 97 + j) as u64;
+            }
+        });
+        values.iter().sum()
+    }
+
+    #[test]
+    #[cfg(feature = "rayon")]
+    fn work_runs_while_the_pool_is_kept_awake_and_the_spinning_stops_after() {
+        use std::time::{Duration, Instant};
+        let expected = 10_000 * 9_999 / 2;
+        let awake = RayonAwake::new();
+        let spinning = std::sync::Arc::downgrade(&awake.done);
+        for _ in 0..50 {
+            assert_eq!(pool_sum(10_000), expected);
+        }
+        // Held again from inside the pool (the caller's own job must not wait for itself),
+        // and twice at once.
+        let (a, b) = rayon::join(
+            || {
+                let _inner = RayonAwake::new();
+                pool_sum(10_000)
+            },
+            || pool_sum(10_000),
+        );
+        assert_eq!((a, b), (expected, expected));
+        drop(awake);
+        // Each thread's job holds the flag until it has returned.
+        let start = Instant::now();
+        while spinning.upgrade().is_some() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "rayon's threads still spin 20 s after the guard was dropped"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(pool_sum(10_000), expected);
+    }
 
     #[test]
     fn every_chunk_once_with_a_short_last_one() {
