@@ -245,6 +245,43 @@ unsafe fn entry_dots<V: Vector, const B: usize>(
     }
 }
 
+/// Independent running sums in [`fma_chains`]: more than the FMA units can have in flight
+/// (two units, four cycles each, on current x86 cores).
+const FMA_CHAINS: usize = 12;
+
+/// `rounds` fused multiply-adds on each of [`FMA_CHAINS`] independent running sums of the
+/// widest vector this CPU has (AVX-512, else AVX2 with FMA, checked at run time): the rate at
+/// which one core issues floating-point work when nothing else holds it up, the ceiling no
+/// kernel on it passes. Returns the floating-point operations done (two a lane) and a value
+/// that depends on every one of them, for the caller to keep.
+pub(crate) fn fma_rounds(rounds: usize) -> (f64, f32) {
+    on_widest_vector!(fma_rate_avx512, fma_rate_avx2, fma_chains(rounds))
+}
+
+/// [`fma_rounds`] on vectors `V`.
+///
+/// # Safety
+/// The CPU has the features `V`'s operations need.
+#[inline(always)]
+unsafe fn fma_chains<V: Vector>(rounds: usize) -> (f64, f32) {
+    // SAFETY (all below): the CPU has `V`'s features (the caller's promise); each store
+    // writes `WIDTH ≤ LANES` values into `lanes`.
+    let (scale, shift) = unsafe { (V::splat(0.999_999), V::splat(1e-7)) };
+    let mut sums = [unsafe { V::splat(1.0) }; FMA_CHAINS];
+    for _ in 0..rounds {
+        for sum in sums.iter_mut() {
+            *sum = unsafe { V::mul_add(scale, *sum, shift) };
+        }
+    }
+    let mut lanes = [0f32; LANES];
+    let mut total = 0.0;
+    for sum in sums {
+        unsafe { sum.store(lanes.as_mut_ptr()) };
+        total += lanes[..V::WIDTH].iter().sum::<f32>();
+    }
+    ((2 * rounds * FMA_CHAINS * V::WIDTH) as f64, total)
+}
+
 /// A vector of f32 the direct forward computes with. Its operations need the CPU feature its
 /// type is made of (hence `unsafe`); every one is exact or one rounding, the same on each.
 trait Vector: Copy {
@@ -288,14 +325,23 @@ impl Vector for Portable {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{image_rows, kernel_grad_rows, wide_planes, Conv2dShape, Rows, Vector};
+    use super::{fma_chains, image_rows, kernel_grad_rows, wide_planes, Conv2dShape, Rows, Vector};
 
     /// For one x86 register type: `Vector` from its four intrinsics, and `image_rows` and
     /// `kernel_grad_rows` on it compiled with the features it needs, as the functions `$image`
     /// and `$kernel_grad`.
     macro_rules! x86_vector {
-        ($image:ident, $wide:ident, $kernel_grad:ident, $vector:ty, $width:literal,
-         $features:literal, $splat:ident, $load:ident, $fma:ident, $store:ident) => {
+        ($image:ident, $wide:ident, $kernel_grad:ident, $fma_rate:ident, $vector:ty,
+         $width:literal, $features:literal, $splat:ident, $load:ident, $fma:ident,
+         $store:ident) => {
+            #[doc = concat!("[`fma_chains`] on `", stringify!($vector), "` (", $features, ").")]
+            #[target_feature(enable = $features)]
+            pub(super) fn $fma_rate(rounds: usize) -> (f64, f32) {
+                // SAFETY: this function runs only where the CPU has the register's features
+                // (its target features).
+                unsafe { fma_chains::<$vector>(rounds) }
+            }
+
             #[doc = concat!("[`wide_planes`] on `", stringify!($vector), "` (", $features, ").")]
             #[target_feature(enable = $features)]
             pub(super) fn $wide(
@@ -365,10 +411,10 @@ mod x86 {
     }
 
     #[rustfmt::skip]
-    x86_vector!(image_avx512, wide_avx512, kernel_grad_avx512, __m512, 16, "avx512f",
+    x86_vector!(image_avx512, wide_avx512, kernel_grad_avx512, fma_rate_avx512, __m512, 16, "avx512f",
         _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_storeu_ps);
     #[rustfmt::skip]
-    x86_vector!(image_avx2, wide_avx2, kernel_grad_avx2, __m256, 8, "avx2,fma",
+    x86_vector!(image_avx2, wide_avx2, kernel_grad_avx2, fma_rate_avx2, __m256, 8, "avx2,fma",
         _mm256_set1_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_storeu_ps);
 }
 

@@ -52,7 +52,8 @@ pub struct Comparison {
     /// Compiled-in engines that did not run: their device is missing, or they are left out
     /// unless asked for ([`crate::backend::Backend::left_out_by_default`]).
     pub left_out: Vec<LeftOut>,
-    /// FP32 matrix-multiply peak of this machine, GFLOP/s, as measured by the harness.
+    /// FP32 peak of this machine, GFLOP/s, as measured by the harness: fused multiply-adds
+    /// on every thread ([`crate::compare::machine_peak_gflops`]).
     pub machine_peak_gflops: f64,
     pub peak_method: String,
     /// onnxruntime on the same model, or why it did not run.
@@ -280,7 +281,7 @@ impl Comparison {
         }
         let _ = writeln!(
             s,
-            "Machine FP32 matrix-multiply peak: {:.1} GFLOP/s ({}).\n",
+            "Machine FP32 peak: {:.1} GFLOP/s ({}).\n",
             self.machine_peak_gflops, self.peak_method
         );
         let _ = writeln!(

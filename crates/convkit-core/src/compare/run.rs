@@ -415,9 +415,10 @@ fn peak_rss_bytes() -> u64 {
 }
 
 /// This machine's FP32 peak as the report's yardstick, GFLOP/s, and how it was measured: the
-/// best of six 2048×2048×2048 products with gemm's fastest kernel for this CPU (AVX-512 where
-/// it has it, picked at run time, as the engines' GEMMs), rows shared out on rayon's threads;
-/// the CPU's model and the instruction set are named in the description.
+/// rate rayon's threads issue fused multiply-adds at on the widest vectors this CPU has
+/// (AVX-512 where it has it, picked at run time), the best of six rounds; the description
+/// names the CPU's model and the instruction set, and gives the rate gemm's kernel (the
+/// engines' GEMMs) reaches on six 2048×2048×2048 products on the same threads.
 pub fn machine_peak_gflops() -> (f64, String) {
     let peak = convkit_cpu::peak::measure(&convkit_cpu::Rayon, 2048, 6);
     let cpu = peak.cpu.as_deref().unwrap_or("an unnamed CPU");
