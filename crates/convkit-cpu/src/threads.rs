@@ -64,8 +64,15 @@ impl Threads for Rayon {
 /// yields, and the next operation wakes it with a system call: on 2 cores a tenth of a
 /// burn-flex training step went to that (docs/measurements.md). Held over a step, each of the
 /// pool's threads but the caller's runs a job that takes any work that comes (through
-/// `rayon::yield_now`) and spins in between, as candle's own pool does. Dropping it lets them
-/// sleep again. Costs the idle threads' cycles while held, so hold it over work, not waits.
+/// `rayon::yield_now`) and spins in between, as candle's own pool does, for up to a
+/// millisecond without work. Dropping it lets them sleep again. Costs the idle threads' cycles
+/// while held, so hold it over work, not waits.
+/// How long a thread kept awake by [`RayonAwake`] spins without work before it gives up: longer
+/// than the gaps between a training step's operations, short enough that a thread taken away
+/// from a wait (see [`RayonAwake::new`]) costs little.
+#[cfg(feature = "rayon")]
+const RAYON_AWAKE_IDLE: std::time::Duration = std::time::Duration::from_millis(1);
+
 #[cfg(feature = "rayon")]
 #[must_use = "the threads sleep again when this is dropped"]
 #[derive(Debug)]
@@ -86,10 +93,21 @@ impl RayonAwake {
             if Some(thread.index()) == caller {
                 return;
             }
+            // A thread may take this job while it waits inside another (for the rest of a
+            // split it began), and what it waits for cannot go on until the job returns. So
+            // the job also returns after `RAYON_AWAKE_IDLE` without work: with nothing to run
+            // for that long, it may be holding up the caller.
+            let mut idle_since = None;
             while !flag.load(Ordering::Acquire) {
-                if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                    std::hint::spin_loop();
+                if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                    idle_since = None;
+                    continue;
                 }
+                let since = *idle_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > RAYON_AWAKE_IDLE {
+                    return;
+                }
+                std::hint::spin_loop();
             }
         });
         Self { done }
@@ -392,6 +410,48 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(pool_sum(10_000), expected);
+    }
+
+    #[test]
+    #[cfg(feature = "rayon")]
+    fn a_thread_that_takes_the_spinning_job_inside_a_wait_does_not_hold_the_caller_up() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+        let nap = || std::thread::sleep(Duration::from_millis(40));
+        // The caller is one of the pool's threads, as in the `convkit` binary. The other
+        // thread takes the second half of a join and splits it again; while it is busy with
+        // the first quarter the caller makes a guard, then takes the last quarter, so that
+        // the other thread waits inside the caller's half with the spinning job queued for
+        // it. That job must give the thread back for the half to finish.
+        let pool = (rayon::ThreadPoolBuilder::new().num_threads(2).build()).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let quarters = pool.install(|| {
+                let started = AtomicBool::new(false);
+                let mut awake = None;
+                let (_, quarters) = rayon::join(
+                    || {
+                        while !started.load(Ordering::Acquire) {
+                            std::hint::spin_loop();
+                        }
+                        awake = Some(RayonAwake::new());
+                    },
+                    || {
+                        started.store(true, Ordering::Release);
+                        rayon::join(nap, nap);
+                        2
+                    },
+                );
+                drop(awake);
+                quarters
+            });
+            done.send(quarters).unwrap();
+        });
+        assert_eq!(
+            finished.recv_timeout(Duration::from_secs(60)),
+            Ok(2),
+            "the spinning job held a thread that the caller waited for"
+        );
     }
 
     #[test]
