@@ -754,11 +754,12 @@ fn compare_reports_agreement_and_speed_and_survives_a_failing_engine() {
             > 0.0,
         "{md}"
     );
-    // The peak names the CPU and the kernel it was measured with.
+    // The peak names the CPU, how it was measured and gemm's rate beside it.
     let method = json["peak_method"].as_str().unwrap();
     assert!(
-        method.contains("with gemm's") && method.contains("x86-64")
-            || cfg!(not(target_arch = "x86_64")),
+        method.contains("fused multiply-adds on")
+            && method.contains("gemm's")
+            && (method.contains("x86-64") || cfg!(not(target_arch = "x86_64"))),
         "{method}"
     );
     assert!(
