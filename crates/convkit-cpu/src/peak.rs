@@ -65,7 +65,7 @@ pub fn cpu_model() -> Option<String> {
 }
 
 /// The ceiling on `threads`: the best of `rounds` timed rounds of fused multiply-adds on every
-/// thread at once ([`FMA_ROUNDS`] on each of a dozen independent sums), and the best of
+/// thread at once (four million on each of a dozen independent sums), and the best of
 /// `rounds` products of two `size`×`size` f32 matrices, their output rows shared out on
 /// `threads` as the engines' GEMMs are ([`matmul_by_rows`]).
 pub fn measure(threads: &dyn Threads, size: usize, rounds: usize) -> Peak {

@@ -82,7 +82,8 @@ pub struct RayonAwake {
 
 #[cfg(feature = "rayon")]
 impl RayonAwake {
-    /// Keeps rayon's global pool awake until the value is dropped.
+    /// Keeps the calling thread's rayon pool (the global one, outside any other) awake until
+    /// the value is dropped.
     pub fn new() -> Self {
         use std::sync::atomic::Ordering;
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
