@@ -5,7 +5,9 @@
 //! Padding (TensorFlow's asymmetric `same` included) and per-axis strides are handled in
 //! im2col, so nothing is copied to pad. The bias is where each output row starts, and its
 //! gradient one pass over the output gradient. At stride 1 a kernel of few values (a first
-//! layer's) is applied directly in the forward instead, without im2col or GEMM.
+//! layer's) is applied directly in the forward instead, without im2col or GEMM, and so is a
+//! larger one without padding, with its gradients where it has 16 channels or more on their
+//! side (the `direct` module's docs say how).
 
 use crate::gemm::{matmul, matmul_by_rows};
 use crate::scratch::with_scratch;
@@ -302,7 +304,9 @@ impl Conv2dShape {
     }
 
     /// The input gradient `dx [n, c, h, w] = col2im(Wᵀ · dy[n])` from `dy [n, o, oh, ow]` and
-    /// `kernel [o, c, kh, kw]`.
+    /// `kernel [o, c, kh, kw]`. At stride 1 without padding, for a kernel of more than 32
+    /// values and 16 input channels or more, it is summed straight from `dy` and the kernel,
+    /// without GEMM or col2im (see `direct`'s module docs).
     pub fn input_grad(
         &self,
         threads: &dyn Threads,
@@ -311,6 +315,9 @@ impl Conv2dShape {
     ) -> Result<Vec<f32>> {
         self.check_output_grad(dy)?;
         check_len(OP, "kernel", kernel.len(), self.o * self.patch())?;
+        if self.has_wide_input_grad() {
+            return Ok(self.wide_input_grad(threads, dy, kernel));
+        }
         let (positions, patch) = (self.positions(), self.patch());
         // Zeroed: col2im adds into it.
         let dx = zeroed_chunks(threads, self.n * self.image(), self.image(), |image, dx| {
@@ -337,12 +344,17 @@ impl Conv2dShape {
     /// share out the larger side of `dW`, so each reads the smaller operand whole and its own
     /// part of the larger: kernel entries (rows of `cols`, each thread making its own) where
     /// there are more of them than output channels, output channels (rows of `dy`) otherwise.
-    /// At stride 1 with a kernel of at most 32 values it is summed directly, without GEMM.
+    /// At stride 1 with a kernel of at most 32 values it is summed directly, without GEMM;
+    /// without padding, for a larger kernel and 16 output channels or more, straight from `x`
+    /// and `dy`, without im2col or GEMM (see `direct`'s module docs).
     pub fn kernel_grad(&self, threads: &dyn Threads, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
         check_len(OP, "input", x.len(), self.n * self.image())?;
         self.check_output_grad(dy)?;
         if self.is_direct() {
             return Ok(self.direct_kernel_grad(threads, x, dy));
+        }
+        if self.has_wide_kernel_grad() {
+            return Ok(self.wide_kernel_grad(threads, x, dy));
         }
         let (o, positions, patch) = (self.o, self.positions(), self.patch());
         let samples = self.n * positions;
@@ -562,6 +574,7 @@ mod tests {
         // values).
         let (mut partial_group, mut direct, mut wide, mut gemm_stride_1) =
             (false, false, false, false);
+        let (mut wide_dk, mut wide_dx, mut gemm_dk, mut gemm_dx) = (false, false, false, false);
         for (pad, strides, [h, w], [o, c, kh, kw]) in [
             ([0; 4], [1, 1], [7, 6], [4, 3, 3, 2]),
             ([1; 4], [1, 1], [5, 5], [4, 3, 3, 2]),
@@ -582,6 +595,12 @@ mod tests {
             // Wide direct: a block of eight channels and three more; a last block of
             // positions that overlaps the one before.
             ([0; 4], [1, 1], [9, 10], [11, 4, 3, 3]),
+            // Gradients straight from the operands: the kernel's for 18 output channels
+            // (padded to 32) and 45 kernel entries (blocks of six and singles); the input's for
+            // 17 input channels and 15 positions (a block of twelve and singles); both.
+            ([0; 4], [1, 1], [6, 5], [18, 5, 3, 3]),
+            ([0; 4], [1, 1], [5, 7], [3, 17, 3, 3]),
+            ([0; 4], [1, 1], [5, 6], [16, 16, 2, 3]),
         ] {
             let s = Conv2d::new(pad, strides)
                 .shape(&[3, c, h, w], &[o, c, kh, kw])
@@ -590,6 +609,14 @@ mod tests {
             direct |= s.is_direct();
             wide |= s.is_wide_direct();
             gemm_stride_1 |= !s.is_direct() && !s.is_wide_direct() && strides == [1, 1];
+            (wide_dk, gemm_dk) = (
+                wide_dk | s.has_wide_kernel_grad(),
+                gemm_dk | !s.has_wide_kernel_grad() && !s.is_direct(),
+            );
+            (wide_dx, gemm_dx) = (
+                wide_dx | s.has_wide_input_grad(),
+                gemm_dx | !s.has_wide_input_grad(),
+            );
             let x = random(s.n * s.c * h * w, 1);
             let k = random(s.o * s.patch(), 2);
             let b = random(s.o, 3);
@@ -629,6 +656,7 @@ mod tests {
         }
         assert!(partial_group, "no case ends in a smaller group");
         assert!(direct && wide && gemm_stride_1, "every forward at stride 1");
+        assert!(wide_dk && wide_dx && gemm_dk && gemm_dx, "every gradient");
     }
 
     #[test]

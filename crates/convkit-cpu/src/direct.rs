@@ -20,10 +20,19 @@
 //! for a block of [`CHANNELS`] channels, every sum again the bias and then the taps in kernel
 //! order ([`Conv2dShape::is_wide_direct`]). The second convolution of a small classifier ran
 //! 20% faster so than as im2col + GEMM, whose packed copies were a fifth of its time.
+//!
+//! The gradients of such a convolution (stride 1, no padding, a larger kernel) are summed
+//! straight from their operands too, without im2col, col2im or GEMM packing: the kernel
+//! gradient ([`Conv2dShape::wide_kernel_grad`]) one vector of output channels at a time, from
+//! the output gradient laid out by position and each tap's input value broadcast; the input
+//! gradient ([`Conv2dShape::wide_input_grad`]) one vector of input channels at a time, from the
+//! kernel laid out by tap and each output gradient value broadcast, added into an image laid
+//! out by position. Every sum runs in a fixed order over its terms, the same on every vector
+//! and any number of threads.
 
 use crate::conv::Conv2dShape;
 use crate::scratch::with_scratch;
-use crate::threads::{for_each_share, Threads};
+use crate::threads::{for_each_share, zeroed_chunks, Threads};
 
 /// The most values a kernel may hold for the direct forward.
 pub(crate) const DIRECT_PATCH: usize = 32;
@@ -245,6 +254,390 @@ unsafe fn entry_dots<V: Vector, const B: usize>(
     }
 }
 
+/// Kernel entries the wide kernel gradient sums at once, each for a block of output-channel
+/// vectors ([`Conv2dShape::wide_kernel_grad`]); output-gradient positions the wide input
+/// gradient takes at once, each for a block of input-channel vectors
+/// ([`Conv2dShape::wide_input_grad`]). With four AVX-512 vectors (two of eight lanes) in a
+/// block, 24 (12) running sums, the most the registers hold beside the operands.
+const GRAD_ROWS: usize = 6;
+const GRAD_PIXELS: usize = 12;
+
+impl Conv2dShape {
+    /// Whether the gradients are summed straight from their operands (module docs): stride 1,
+    /// no padding, a kernel of more than [`DIRECT_PATCH`] values. The kernel gradient also
+    /// needs a vector's worth of output channels, the input gradient of input channels
+    /// ([`Conv2dShape::has_wide_kernel_grad`], [`Conv2dShape::has_wide_input_grad`]): fewer
+    /// are padded to one, which would multiply zeros.
+    fn has_wide_gradients(&self) -> bool {
+        !self.is_direct() && self.strides == [1, 1] && self.pad == [0; 4]
+    }
+
+    /// Whether [`Conv2dShape::wide_kernel_grad`] computes the kernel gradient.
+    pub(crate) fn has_wide_kernel_grad(&self) -> bool {
+        self.has_wide_gradients() && self.o >= LANES
+    }
+
+    /// Whether [`Conv2dShape::wide_input_grad`] computes the input gradient.
+    pub(crate) fn has_wide_input_grad(&self) -> bool {
+        self.has_wide_gradients() && self.c >= LANES
+    }
+
+    /// Where kernel entry `q = (ci·kh + ky)·kw + kx`'s tap for output `(0, 0)` lies in an
+    /// image `[c, h, w]`; output `(y, x)`'s is `y·w + x` further on.
+    fn entry_offset(&self, q: usize) -> usize {
+        let (ci, ky, kx) = (q / (self.kh * self.kw), q / self.kw % self.kh, q % self.kw);
+        (ci * self.h + ky) * self.w + kx
+    }
+
+    /// The kernel gradient `dW [o, c, kh, kw]` from `x [n, c, h, w]` and `dy [n, o, oh, ow]`
+    /// where [`Conv2dShape::has_wide_kernel_grad`]: `dy` laid out by position
+    /// (`[n, oh·ow, o]`, channels padded with zeros to whole [`LANES`]), then each thread
+    /// takes a share of the kernel entries and sums, image by image, [`GRAD_ROWS`] entries by
+    /// a block of channel vectors at a time, each position's output gradient vector times the
+    /// entry's tap broadcast. Each sum runs over the images and then the positions in raster
+    /// order, one fused multiply-add each, whatever the vector or the number of threads.
+    pub(crate) fn wide_kernel_grad(
+        &self,
+        threads: &dyn Threads,
+        x: &[f32],
+        dy: &[f32],
+    ) -> Vec<f32> {
+        let (o, patch, positions) = (self.o, self.patch(), self.positions());
+        let lanes = o.next_multiple_of(LANES);
+        let by_position = zeroed_chunks(
+            threads,
+            self.n * positions * lanes,
+            positions * lanes,
+            |image, out| {
+                let planes = &dy[image * o * positions..][..o * positions];
+                for (channel, plane) in planes.chunks_exact(positions).enumerate() {
+                    for (at, &g) in out[channel..].iter_mut().step_by(lanes).zip(plane) {
+                        *at = g;
+                    }
+                }
+            },
+        );
+        // dWᵀ `[patch, lanes]`: a share of kernel entries is a share of its rows.
+        let mut dk_t = vec![0f32; patch * lanes];
+        for_each_share(threads, &mut dk_t, lanes, |entries, dk_t| {
+            self.kernel_grad_entries(x, &by_position, entries, dk_t)
+        });
+        let mut dk = Vec::with_capacity(o * patch);
+        dk.extend((0..o).flat_map(|oc| dk_t.iter().skip(oc).step_by(lanes).copied()));
+        dk
+    }
+
+    /// Adds kernel entries `entries`' gradients (see [`Conv2dShape::wide_kernel_grad`]) to
+    /// `dk_t` (their rows of `[patch, lanes]`), on the widest vector this CPU has.
+    fn kernel_grad_entries(
+        &self,
+        x: &[f32],
+        by_position: &[f32],
+        entries: std::ops::Range<usize>,
+        dk_t: &mut [f32],
+    ) {
+        on_widest_vector!(
+            wide_kernel_grad_avx512,
+            wide_kernel_grad_avx2,
+            wide_kernel_grad_rows(self, x, by_position, entries, dk_t)
+        )
+    }
+
+    /// The input gradient `dx [n, c, h, w]` from `dy [n, o, oh, ow]` and `kernel [o, c, kh, kw]`
+    /// where [`Conv2dShape::has_wide_input_grad`]: the kernel laid out by tap
+    /// (`[kh·kw, o, c]`, input channels padded with zeros to whole [`LANES`]), then image by
+    /// image (one per task) an image laid out by position (`[h·w, c]`) into which each tap
+    /// adds, [`GRAD_PIXELS`] output-gradient positions by a block of channel vectors at a
+    /// time, each output channel's weight vector times its gradient value broadcast. Each
+    /// value sums the taps in kernel order, each over the output channels in order, one fused
+    /// multiply-add each, whatever the vector or the number of threads.
+    pub(crate) fn wide_input_grad(
+        &self,
+        threads: &dyn Threads,
+        dy: &[f32],
+        kernel: &[f32],
+    ) -> Vec<f32> {
+        let (c, o, taps, positions) = (self.c, self.o, self.kh * self.kw, self.positions());
+        let lanes = c.next_multiple_of(LANES);
+        let mut by_tap = vec![0f32; taps * o * lanes];
+        for (i, &weight) in kernel[..o * self.patch()].iter().enumerate() {
+            let (oc, ci, tap) = (i / (c * taps), i / taps % c, i % taps);
+            by_tap[(tap * o + oc) * lanes + ci] = weight;
+        }
+        let plane = self.h * self.w;
+        zeroed_chunks(threads, self.n * self.image(), self.image(), |image, dx| {
+            let dy = &dy[image * o * positions..][..o * positions];
+            with_scratch(plane * lanes, |dx_t| {
+                dx_t.fill(0.0);
+                self.input_grad_image(dy, &by_tap, dx_t);
+                for (ci, dx) in dx.chunks_exact_mut(plane).enumerate() {
+                    for (v, &g) in dx.iter_mut().zip(dx_t[ci..].iter().step_by(lanes)) {
+                        *v = g;
+                    }
+                }
+            });
+        })
+    }
+
+    /// One image's input gradient by position, `dx_t [h·w, lanes]` (zeroed), from its
+    /// `dy [o, oh, ow]` and the kernel by tap (see [`Conv2dShape::wide_input_grad`]), on the
+    /// widest vector this CPU has.
+    fn input_grad_image(&self, dy: &[f32], by_tap: &[f32], dx_t: &mut [f32]) {
+        on_widest_vector!(
+            wide_input_grad_avx512,
+            wide_input_grad_avx2,
+            wide_input_grad_taps(self, dy, by_tap, dx_t)
+        )
+    }
+}
+
+/// Adds kernel entries `entries`' gradients to `dk_t` (their rows, each `lanes` values: the
+/// output channels padded to whole [`LANES`]), from `x [n, c, h, w]` and the output gradient
+/// by position `by_position [n, oh·ow, lanes]`, on vectors `V`: [`GRAD_ROWS`] entries by a
+/// block of channel vectors at a time, the rest one by one.
+///
+/// # Safety
+/// The CPU has the features `V`'s operations need.
+#[inline(always)]
+unsafe fn wide_kernel_grad_rows<V: Vector>(
+    conv: &Conv2dShape,
+    x: &[f32],
+    by_position: &[f32],
+    entries: std::ops::Range<usize>,
+    dk_t: &mut [f32],
+) {
+    // SAFETY (both): the caller's promise about `V`.
+    if V::WIDTH == LANES {
+        unsafe { kernel_grad_blocks::<V, 4>(conv, x, by_position, entries, dk_t) }
+    } else {
+        unsafe { kernel_grad_blocks::<V, 2>(conv, x, by_position, entries, dk_t) }
+    }
+}
+
+/// [`wide_kernel_grad_rows`] with blocks of `CV` channel vectors.
+///
+/// # Safety
+/// The CPU has the features `V`'s operations need.
+#[inline(always)]
+unsafe fn kernel_grad_blocks<V: Vector, const CV: usize>(
+    conv: &Conv2dShape,
+    x: &[f32],
+    by_position: &[f32],
+    entries: std::ops::Range<usize>,
+    dk_t: &mut [f32],
+) {
+    let (positions, lanes) = (conv.positions(), conv.o.next_multiple_of(LANES));
+    let vectors = lanes / V::WIDTH;
+    assert!(dk_t.len() >= entries.len() * lanes);
+    assert!(by_position.len() >= conv.n * positions * lanes);
+    for image in 0..conv.n {
+        let x = conv.input_image(x, image);
+        let dy = &by_position[image * positions * lanes..][..positions * lanes];
+        let mut row = 0;
+        while row < entries.len() {
+            let q = entries.start + row;
+            let dk_t = &mut dk_t[row * lanes..];
+            let full = row + GRAD_ROWS <= entries.len();
+            let mut vector = 0;
+            while vector < vectors {
+                let block = vector + CV <= vectors;
+                // SAFETY (all four): the caller's promise about `V`.
+                match (full, block) {
+                    (true, true) => unsafe {
+                        kernel_grad_block::<V, GRAD_ROWS, CV>(conv, x, dy, q, vector, dk_t)
+                    },
+                    (true, false) => unsafe {
+                        kernel_grad_block::<V, GRAD_ROWS, 1>(conv, x, dy, q, vector, dk_t)
+                    },
+                    (false, true) => unsafe {
+                        kernel_grad_block::<V, 1, CV>(conv, x, dy, q, vector, dk_t)
+                    },
+                    (false, false) => unsafe {
+                        kernel_grad_block::<V, 1, 1>(conv, x, dy, q, vector, dk_t)
+                    },
+                }
+                vector += if block { CV } else { 1 };
+            }
+            row += if full { GRAD_ROWS } else { 1 };
+        }
+    }
+}
+
+/// Kernel entries `q..q + R` by channel vectors `vector..vector + CV` (see
+/// [`wide_kernel_grad_rows`]) for one image `x [c, h, w]` with output gradient
+/// `dy [oh·ow, lanes]`: each running sum loaded from `dk_t` (rows from entry `q`, `lanes`
+/// values each), every position's gradient vector times the entry's tap added in raster
+/// order, stored back.
+///
+/// # Safety
+/// The CPU has the features `V`'s operations need.
+#[inline(always)]
+unsafe fn kernel_grad_block<V: Vector, const R: usize, const CV: usize>(
+    conv: &Conv2dShape,
+    x: &[f32],
+    dy: &[f32],
+    q: usize,
+    vector: usize,
+    dk_t: &mut [f32],
+) {
+    let (oh, ow, w) = (conv.oh, conv.ow, conv.w);
+    let lanes = conv.o.next_multiple_of(LANES);
+    let first = vector * V::WIDTH;
+    let taps: [usize; R] = std::array::from_fn(|j| conv.entry_offset(q + j));
+    // The last tap read is `taps[R−1] + (oh−1)·w + ow−1`, inside the image (no padding).
+    assert!(V::WIDTH <= LANES && first + CV * V::WIDTH <= lanes);
+    assert!(taps[R - 1] + (oh - 1) * w + ow <= x.len() && dy.len() >= oh * ow * lanes);
+    assert!(dk_t.len() >= (R - 1) * lanes + first + CV * V::WIDTH);
+    // SAFETY (all below): the CPU has `V`'s features (the caller's promise); every load and
+    // store is of `WIDTH` values from `first + v·WIDTH` of a row of `lanes` inside `dy` or
+    // `dk_t`, every tap inside `x` (asserted above).
+    let mut sums: [[V; CV]; R] = std::array::from_fn(|j| {
+        std::array::from_fn(|v| unsafe {
+            V::load(dk_t.as_ptr().add(j * lanes + first + v * V::WIDTH))
+        })
+    });
+    for y in 0..oh {
+        for col in 0..ow {
+            let (at, grads) = (
+                y * w + col,
+                dy.as_ptr().wrapping_add((y * ow + col) * lanes),
+            );
+            let grads: [V; CV] =
+                std::array::from_fn(|v| unsafe { V::load(grads.add(first + v * V::WIDTH)) });
+            for (row, &tap) in sums.iter_mut().zip(&taps) {
+                let tap = unsafe { V::splat(*x.get_unchecked(tap + at)) };
+                for (sum, &grad) in row.iter_mut().zip(&grads) {
+                    *sum = unsafe { V::mul_add(tap, grad, *sum) };
+                }
+            }
+        }
+    }
+    for (j, row) in sums.iter().enumerate() {
+        for (v, sum) in row.iter().enumerate() {
+            unsafe { sum.store(dk_t.as_mut_ptr().add(j * lanes + first + v * V::WIDTH)) };
+        }
+    }
+}
+
+/// Adds one image's input gradient to `dx_t [h·w, lanes]` (the input channels padded to
+/// whole [`LANES`]) from its `dy [o, oh, ow]` and the kernel by tap `by_tap [kh·kw, o, lanes]`,
+/// on vectors `V`: tap by tap, [`GRAD_PIXELS`] output-gradient positions by a block of channel
+/// vectors at a time, the rest one by one.
+///
+/// # Safety
+/// The CPU has the features `V`'s operations need.
+#[inline(always)]
+unsafe fn wide_input_grad_taps<V: Vector>(
+    conv: &Conv2dShape,
+    dy: &[f32],
+    by_tap: &[f32],
+    dx_t: &mut [f32],
+) {
+    // SAFETY (both): the caller's promise about `V`.
+    if V::WIDTH == LANES {
+        unsafe { input_grad_blocks::<V, GRAD_PIXELS, 2>(conv, dy, by_tap, dx_t) }
+    } else {
+        unsafe { input_grad_blocks::<V, { GRAD_PIXELS / 2 }, 2>(conv, dy, by_tap, dx_t) }
+    }
+}
+
+/// [`wide_input_grad_taps`] with blocks of `P` positions by `CV` channel vectors.
+///
+/// # Safety
+/// The CPU has the features `V`'s operations need.
+#[inline(always)]
+unsafe fn input_grad_blocks<V: Vector, const P: usize, const CV: usize>(
+    conv: &Conv2dShape,
+    dy: &[f32],
+    by_tap: &[f32],
+    dx_t: &mut [f32],
+) {
+    let (o, w, kw, positions) = (conv.o, conv.w, conv.kw, conv.positions());
+    let lanes = conv.c.next_multiple_of(LANES);
+    let vectors = lanes / V::WIDTH;
+    for tap in 0..conv.kh * kw {
+        let shift = tap / kw * w + tap % kw;
+        let weights = &by_tap[tap * o * lanes..][..o * lanes];
+        let mut p = 0;
+        while p < positions {
+            let full = p + P <= positions;
+            let mut vector = 0;
+            while vector < vectors {
+                let block = vector + CV <= vectors;
+                // SAFETY (all four): the caller's promise about `V`.
+                match (full, block) {
+                    (true, true) => unsafe {
+                        input_grad_block::<V, P, CV>(conv, dy, weights, p, shift, vector, dx_t)
+                    },
+                    (true, false) => unsafe {
+                        input_grad_block::<V, P, 1>(conv, dy, weights, p, shift, vector, dx_t)
+                    },
+                    (false, true) => unsafe {
+                        input_grad_block::<V, 1, CV>(conv, dy, weights, p, shift, vector, dx_t)
+                    },
+                    (false, false) => unsafe {
+                        input_grad_block::<V, 1, 1>(conv, dy, weights, p, shift, vector, dx_t)
+                    },
+                }
+                vector += if block { CV } else { 1 };
+            }
+            p += if full { P } else { 1 };
+        }
+    }
+}
+
+/// Output-gradient positions `p..p + P` (in raster order) by channel vectors
+/// `vector..vector + CV` of one tap (see [`wide_input_grad_taps`]): the running sums of the
+/// input positions they reach (each position's `(y, x)` moved to `(y + ky, x + kx)`, `shift`
+/// values on in the image) loaded from `dx_t`, every output channel's weight vector times the
+/// position's gradient added in channel order, stored back.
+///
+/// # Safety
+/// The CPU has the features `V`'s operations need.
+#[inline(always)]
+unsafe fn input_grad_block<V: Vector, const P: usize, const CV: usize>(
+    conv: &Conv2dShape,
+    dy: &[f32],
+    weights: &[f32],
+    p: usize,
+    shift: usize,
+    vector: usize,
+    dx_t: &mut [f32],
+) {
+    let (o, ow, w, positions) = (conv.o, conv.ow, conv.w, conv.positions());
+    let lanes = conv.c.next_multiple_of(LANES);
+    let first = vector * V::WIDTH;
+    // Where each position's running sums start in `dx_t`: input position `y·w + x + shift`.
+    let sums_at: [usize; P] =
+        std::array::from_fn(|j| ((p + j) / ow * w + (p + j) % ow + shift) * lanes + first);
+    // The last position reaches `(oh−1+ky)·w + ow−1+kx < h·w` (no padding).
+    assert!(V::WIDTH <= LANES && first + CV * V::WIDTH <= lanes && p + P <= positions);
+    assert!(dy.len() >= o * positions && weights.len() >= o * lanes);
+    assert!(sums_at[P - 1] + CV * V::WIDTH <= dx_t.len());
+    // SAFETY (all below): the CPU has `V`'s features (the caller's promise); every load and
+    // store is of `WIDTH` values inside `weights` or `dx_t` (positions grow with `j`;
+    // asserted above), every gradient `dy[oc·positions + p + j]` inside `dy`.
+    let mut sums: [[V; CV]; P] = std::array::from_fn(|j| {
+        std::array::from_fn(|v| unsafe { V::load(dx_t.as_ptr().add(sums_at[j] + v * V::WIDTH)) })
+    });
+    for oc in 0..o {
+        let row = weights.as_ptr().wrapping_add(oc * lanes + first);
+        let taps: [V; CV] = std::array::from_fn(|v| unsafe { V::load(row.add(v * V::WIDTH)) });
+        let grads = &dy[oc * positions + p..][..P];
+        for (row, &grad) in sums.iter_mut().zip(grads) {
+            let grad = unsafe { V::splat(grad) };
+            for (sum, &tap) in row.iter_mut().zip(&taps) {
+                *sum = unsafe { V::mul_add(grad, tap, *sum) };
+            }
+        }
+    }
+    for (j, row) in sums.iter().enumerate() {
+        for (v, sum) in row.iter().enumerate() {
+            unsafe { sum.store(dx_t.as_mut_ptr().add(sums_at[j] + v * V::WIDTH)) };
+        }
+    }
+}
+
 /// Independent running sums in [`fma_chains`]: more than the FMA units can have in flight
 /// (two units, four cycles each, on current x86 cores).
 const FMA_CHAINS: usize = 12;
@@ -325,13 +718,17 @@ impl Vector for Portable {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{fma_chains, image_rows, kernel_grad_rows, wide_planes, Conv2dShape, Rows, Vector};
+    use super::{
+        fma_chains, image_rows, kernel_grad_rows, wide_input_grad_taps, wide_kernel_grad_rows,
+        wide_planes, Conv2dShape, Rows, Vector,
+    };
 
     /// For one x86 register type: `Vector` from its four intrinsics, and `image_rows` and
     /// `kernel_grad_rows` on it compiled with the features it needs, as the functions `$image`
     /// and `$kernel_grad`.
     macro_rules! x86_vector {
-        ($image:ident, $wide:ident, $kernel_grad:ident, $fma_rate:ident, $vector:ty,
+        ($image:ident, $wide:ident, $kernel_grad:ident, $wide_kernel_grad:ident,
+         $wide_input_grad:ident, $fma_rate:ident, $vector:ty,
          $width:literal, $features:literal, $splat:ident, $load:ident, $fma:ident,
          $store:ident) => {
             #[doc = concat!("[`fma_chains`] on `", stringify!($vector), "` (", $features, ").")]
@@ -369,6 +766,33 @@ mod x86 {
                 // SAFETY: this function runs only where the CPU has the register's features
                 // (its target features).
                 unsafe { kernel_grad_rows::<$vector>(conv, x, dy, channels, cols, dk) }
+            }
+
+            #[doc = concat!("[`wide_kernel_grad_rows`] on `", stringify!($vector), "` (", $features, ").")]
+            #[target_feature(enable = $features)]
+            pub(super) fn $wide_kernel_grad(
+                conv: &Conv2dShape,
+                x: &[f32],
+                by_position: &[f32],
+                entries: std::ops::Range<usize>,
+                dk_t: &mut [f32],
+            ) {
+                // SAFETY: this function runs only where the CPU has the register's features
+                // (its target features).
+                unsafe { wide_kernel_grad_rows::<$vector>(conv, x, by_position, entries, dk_t) }
+            }
+
+            #[doc = concat!("[`wide_input_grad_taps`] on `", stringify!($vector), "` (", $features, ").")]
+            #[target_feature(enable = $features)]
+            pub(super) fn $wide_input_grad(
+                conv: &Conv2dShape,
+                dy: &[f32],
+                by_tap: &[f32],
+                dx_t: &mut [f32],
+            ) {
+                // SAFETY: this function runs only where the CPU has the register's features
+                // (its target features).
+                unsafe { wide_input_grad_taps::<$vector>(conv, dy, by_tap, dx_t) }
             }
 
             #[doc = concat!("[`image_rows`] on `", stringify!($vector), "` (", $features, ").")]
@@ -411,10 +835,12 @@ mod x86 {
     }
 
     #[rustfmt::skip]
-    x86_vector!(image_avx512, wide_avx512, kernel_grad_avx512, fma_rate_avx512, __m512, 16, "avx512f",
+    x86_vector!(image_avx512, wide_avx512, kernel_grad_avx512, wide_kernel_grad_avx512,
+        wide_input_grad_avx512, fma_rate_avx512, __m512, 16, "avx512f",
         _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_storeu_ps);
     #[rustfmt::skip]
-    x86_vector!(image_avx2, wide_avx2, kernel_grad_avx2, fma_rate_avx2, __m256, 8, "avx2,fma",
+    x86_vector!(image_avx2, wide_avx2, kernel_grad_avx2, wide_kernel_grad_avx2,
+        wide_input_grad_avx2, fma_rate_avx2, __m256, 8, "avx2,fma",
         _mm256_set1_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_storeu_ps);
 }
 
@@ -792,6 +1218,63 @@ mod tests {
             for dk in &grads {
                 crate::testing::assert_close(dk, &whole[s.patch()..], 1e-5, "kernel gradient");
             }
+        }
+    }
+
+    /// One vector's [`wide_kernel_grad_rows`].
+    type WideKernelGradRows =
+        unsafe fn(&Conv2dShape, &[f32], &[f32], std::ops::Range<usize>, &mut [f32]);
+    /// One vector's [`wide_input_grad_taps`].
+    type WideInputGradTaps = unsafe fn(&Conv2dShape, &[f32], &[f32], &mut [f32]);
+
+    /// Every vector this CPU has gives the portable lanes' gradients straight from the
+    /// operands bit for bit (their values against the definition are tested in `conv`): a
+    /// share of kernel entries that ends in singles, channels padded to whole vectors, a last
+    /// block of positions short of a whole one.
+    #[test]
+    fn every_vector_gives_the_same_wide_gradients() {
+        #[cfg(target_arch = "x86_64")]
+        let (kernel_grads, input_grads): (Vec<WideKernelGradRows>, Vec<WideInputGradTaps>) = (
+            on_this_cpu(
+                wide_kernel_grad_rows::<Portable>,
+                x86::wide_kernel_grad_avx2,
+                x86::wide_kernel_grad_avx512,
+            ),
+            on_this_cpu(
+                wide_input_grad_taps::<Portable>,
+                x86::wide_input_grad_avx2,
+                x86::wide_input_grad_avx512,
+            ),
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        let (kernel_grads, input_grads): (Vec<WideKernelGradRows>, Vec<WideInputGradTaps>) = (
+            vec![wide_kernel_grad_rows::<Portable>],
+            vec![wide_input_grad_taps::<Portable>],
+        );
+        for [h, w, o, c] in [[7, 9, 16, 17], [13, 13, 64, 32], [6, 5, 40, 48]] {
+            let s = Conv2d::new([0; 4], [1, 1])
+                .shape(&[2, c, h, w], &[o, c, 3, 3])
+                .unwrap();
+            assert!(s.has_wide_kernel_grad() && s.has_wide_input_grad());
+            let (x, dy) = (random(2 * s.image(), 1), random(2 * o * s.positions(), 2));
+            let (lanes_out, lanes_in) = (o.next_multiple_of(LANES), c.next_multiple_of(LANES));
+            let by_position = random(2 * s.positions() * lanes_out, 3);
+            let by_tap = random(9 * o * lanes_in, 4);
+            let entries = 1..s.patch() - 1;
+            let dks = kernel_grads.iter().map(|&rows| {
+                let mut dk_t = vec![0.5; entries.len() * lanes_out];
+                // SAFETY: each vector was listed only where the CPU has its features.
+                unsafe { rows(&s, &x, &by_position, entries.clone(), &mut dk_t) };
+                dk_t
+            });
+            assert_alike_and_written(dks, &s);
+            let dxs = input_grads.iter().map(|&taps| {
+                let mut dx_t = vec![0.5; h * w * lanes_in];
+                // SAFETY: as above.
+                unsafe { taps(&s, &dy[o * s.positions()..], &by_tap, &mut dx_t) };
+                dx_t
+            });
+            assert_alike_and_written(dxs, &s);
         }
     }
 }
