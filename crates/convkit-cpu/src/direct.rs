@@ -360,9 +360,12 @@ impl Conv2dShape {
         let (c, o, taps, positions) = (self.c, self.o, self.kh * self.kw, self.positions());
         let lanes = c.next_multiple_of(LANES);
         let mut by_tap = vec![0f32; taps * o * lanes];
-        for (i, &weight) in kernel[..o * self.patch()].iter().enumerate() {
-            let (oc, ci, tap) = (i / (c * taps), i / taps % c, i % taps);
-            by_tap[(tap * o + oc) * lanes + ci] = weight;
+        for (oc, kernel) in kernel.chunks_exact(self.patch()).take(o).enumerate() {
+            for (ci, kernel) in kernel.chunks_exact(taps).enumerate() {
+                for (tap, &weight) in kernel.iter().enumerate() {
+                    by_tap[(tap * o + oc) * lanes + ci] = weight;
+                }
+            }
         }
         let plane = self.h * self.w;
         zeroed_chunks(threads, self.n * self.image(), self.image(), |image, dx| {
