@@ -394,6 +394,41 @@ impl Conv2dShape {
     }
 }
 
+/// One tile of a grid of rows by vectors (see [`tiles`]): its first row and vector, and
+/// whether it spans a whole block of rows (else one row) and of vectors (else one vector).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tile {
+    row: usize,
+    vector: usize,
+    whole_rows: bool,
+    whole_vectors: bool,
+}
+
+/// The tiles covering `rows × vectors` in blocks of `row_block` rows by `vector_block`
+/// vectors, row by row of blocks: the rows (vectors) past the last whole block one at a time.
+fn tiles(
+    rows: usize,
+    row_block: usize,
+    vectors: usize,
+    vector_block: usize,
+) -> impl Iterator<Item = Tile> {
+    let starts = |len: usize, block: usize| {
+        let whole = len / block * block;
+        (0..whole)
+            .step_by(block)
+            .map(|start| (start, true))
+            .chain((whole..len).map(|start| (start, false)))
+    };
+    starts(rows, row_block).flat_map(move |(row, whole_rows)| {
+        starts(vectors, vector_block).map(move |(vector, whole_vectors)| Tile {
+            row,
+            vector,
+            whole_rows,
+            whole_vectors,
+        })
+    })
+}
+
 /// Adds kernel entries `entries`' gradients to `dk_t` (their rows, each `lanes` values: the
 /// output channels padded to whole [`LANES`]), from `x [n, c, h, w]` and the output gradient
 /// by position `by_position [n, oh·ow, lanes]`, on vectors `V`: [`GRAD_ROWS`] entries by a
@@ -436,32 +471,24 @@ unsafe fn kernel_grad_blocks<V: Vector, const CV: usize>(
     for image in 0..conv.n {
         let x = conv.input_image(x, image);
         let dy = &by_position[image * positions * lanes..][..positions * lanes];
-        let mut row = 0;
-        while row < entries.len() {
-            let q = entries.start + row;
-            let dk_t = &mut dk_t[row * lanes..];
-            let full = row + GRAD_ROWS <= entries.len();
-            let mut vector = 0;
-            while vector < vectors {
-                let block = vector + CV <= vectors;
-                // SAFETY (all four): the caller's promise about `V`.
-                match (full, block) {
-                    (true, true) => unsafe {
-                        kernel_grad_block::<V, GRAD_ROWS, CV>(conv, x, dy, q, vector, dk_t)
-                    },
-                    (true, false) => unsafe {
-                        kernel_grad_block::<V, GRAD_ROWS, 1>(conv, x, dy, q, vector, dk_t)
-                    },
-                    (false, true) => unsafe {
-                        kernel_grad_block::<V, 1, CV>(conv, x, dy, q, vector, dk_t)
-                    },
-                    (false, false) => unsafe {
-                        kernel_grad_block::<V, 1, 1>(conv, x, dy, q, vector, dk_t)
-                    },
-                }
-                vector += if block { CV } else { 1 };
+        for tile in tiles(entries.len(), GRAD_ROWS, vectors, CV) {
+            let (q, vector) = (entries.start + tile.row, tile.vector);
+            let dk_t = &mut dk_t[tile.row * lanes..];
+            // SAFETY (all four): the caller's promise about `V`.
+            match (tile.whole_rows, tile.whole_vectors) {
+                (true, true) => unsafe {
+                    kernel_grad_block::<V, GRAD_ROWS, CV>(conv, x, dy, q, vector, dk_t)
+                },
+                (true, false) => unsafe {
+                    kernel_grad_block::<V, GRAD_ROWS, 1>(conv, x, dy, q, vector, dk_t)
+                },
+                (false, true) => unsafe {
+                    kernel_grad_block::<V, 1, CV>(conv, x, dy, q, vector, dk_t)
+                },
+                (false, false) => unsafe {
+                    kernel_grad_block::<V, 1, 1>(conv, x, dy, q, vector, dk_t)
+                },
             }
-            row += if full { GRAD_ROWS } else { 1 };
         }
     }
 }
@@ -561,30 +588,23 @@ unsafe fn input_grad_blocks<V: Vector, const P: usize, const CV: usize>(
     for tap in 0..conv.kh * kw {
         let shift = tap / kw * w + tap % kw;
         let weights = &by_tap[tap * o * lanes..][..o * lanes];
-        let mut p = 0;
-        while p < positions {
-            let full = p + P <= positions;
-            let mut vector = 0;
-            while vector < vectors {
-                let block = vector + CV <= vectors;
-                // SAFETY (all four): the caller's promise about `V`.
-                match (full, block) {
-                    (true, true) => unsafe {
-                        input_grad_block::<V, P, CV>(conv, dy, weights, p, shift, vector, dx_t)
-                    },
-                    (true, false) => unsafe {
-                        input_grad_block::<V, P, 1>(conv, dy, weights, p, shift, vector, dx_t)
-                    },
-                    (false, true) => unsafe {
-                        input_grad_block::<V, 1, CV>(conv, dy, weights, p, shift, vector, dx_t)
-                    },
-                    (false, false) => unsafe {
-                        input_grad_block::<V, 1, 1>(conv, dy, weights, p, shift, vector, dx_t)
-                    },
-                }
-                vector += if block { CV } else { 1 };
+        for tile in tiles(positions, P, vectors, CV) {
+            let (p, vector) = (tile.row, tile.vector);
+            // SAFETY (all four): the caller's promise about `V`.
+            match (tile.whole_rows, tile.whole_vectors) {
+                (true, true) => unsafe {
+                    input_grad_block::<V, P, CV>(conv, dy, weights, p, shift, vector, dx_t)
+                },
+                (true, false) => unsafe {
+                    input_grad_block::<V, P, 1>(conv, dy, weights, p, shift, vector, dx_t)
+                },
+                (false, true) => unsafe {
+                    input_grad_block::<V, 1, CV>(conv, dy, weights, p, shift, vector, dx_t)
+                },
+                (false, false) => unsafe {
+                    input_grad_block::<V, 1, 1>(conv, dy, weights, p, shift, vector, dx_t)
+                },
             }
-            p += if full { P } else { 1 };
         }
     }
 }
@@ -1279,5 +1299,31 @@ mod tests {
             });
             assert_alike_and_written(dxs, &s);
         }
+    }
+
+    /// The tiles cover each row and vector once, whole blocks first and then singles.
+    #[test]
+    fn tiles_cover_the_grid_once() {
+        let all: Vec<Tile> = tiles(8, 3, 5, 2).collect();
+        let mut covered = [[0; 5]; 8];
+        for t in &all {
+            let (rows, vectors) = (
+                if t.whole_rows { 3 } else { 1 },
+                if t.whole_vectors { 2 } else { 1 },
+            );
+            for row in &mut covered[t.row..t.row + rows] {
+                for v in &mut row[t.vector..t.vector + vectors] {
+                    *v += 1;
+                }
+            }
+        }
+        assert_eq!(covered, [[1; 5]; 8]);
+        let row_starts: Vec<(usize, bool)> = all
+            .iter()
+            .filter(|t| t.vector == 0)
+            .map(|t| (t.row, t.whole_rows))
+            .collect();
+        assert_eq!(row_starts, [(0, true), (3, true), (6, false), (7, false)]);
+        assert_eq!(tiles(0, 6, 4, 4).count(), 0);
     }
 }
