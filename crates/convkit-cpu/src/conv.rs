@@ -140,6 +140,18 @@ impl Conv2dShape {
         self.c * self.kh * self.kw
     }
 
+    /// Kernel entry `q = (ci·kh + ky)·kw + kx` as `(ci, ky, kx)`.
+    pub(crate) fn entry(&self, q: usize) -> (usize, usize, usize) {
+        (q / (self.kh * self.kw), q / self.kw % self.kh, q % self.kw)
+    }
+
+    /// Where kernel entry `q`'s tap for output `(0, 0)` lies in an unpadded image
+    /// `[c, h, w]` at stride 1; output `(y, x)`'s is `y·w + x` further on.
+    pub(crate) fn entry_offset(&self, q: usize) -> usize {
+        let (ci, ky, kx) = self.entry(q);
+        (ci * self.h + ky) * self.w + kx
+    }
+
     /// `y [n, o, oh, ow] = W · im2col(x[n]) + b` from `x [n, c, h, w]`, `kernel [o, c, kh, kw]`
     /// and `bias [o]`.
     pub fn forward(
@@ -265,7 +277,6 @@ impl Conv2dShape {
         }
         let compact = rows.plane == self.positions();
         for (q, row) in cols[..patch * width].chunks_exact_mut(width).enumerate() {
-            let (ci, ky, kx) = (q / (self.kh * self.kw), q / self.kw % self.kh, q % self.kw);
             for (image, row) in images.clone().zip(row.chunks_exact_mut(rows.plane)) {
                 let image = self.input_image(x, image);
                 if compact {
@@ -273,7 +284,7 @@ impl Conv2dShape {
                 } else {
                     // Entry (ci, ky, kx)'s row: the image from (ci, ky, kx) on, `plane`
                     // values, which end inside it (at (ci, h − kh + ky, w − kw + kx)).
-                    let from = (ci * self.h + ky) * self.w + kx;
+                    let from = self.entry_offset(q);
                     row.copy_from_slice(&image[from..from + rows.plane]);
                 }
             }
@@ -414,9 +425,7 @@ impl Conv2dShape {
                     );
                 },
             );
-            let mut dk = Vec::with_capacity(o * patch);
-            dk.extend((0..o).flat_map(|oc| dk_t.iter().skip(oc).step_by(o).copied()));
-            Ok(dk)
+            Ok(first_columns(&dk_t, o, o))
         })
     }
 
@@ -444,7 +453,7 @@ impl Conv2dShape {
     fn taps(&self, q: usize, mut visit: impl FnMut(usize, Option<usize>, std::ops::Range<usize>)) {
         let [top, _, left, _] = self.pad;
         let [sh, sw] = self.strides;
-        let (ci, ky, kx) = (q / (self.kh * self.kw), q / self.kw % self.kh, q % self.kw);
+        let (ci, ky, kx) = self.entry(q);
         let lo = left.saturating_sub(kx).div_ceil(sw).min(self.ow);
         let hi = (self.w + left)
             .saturating_sub(kx)
@@ -506,6 +515,14 @@ impl Conv2dShape {
             });
         }
     }
+}
+
+/// The first `count` columns of `rows` (rows of `row_len` values), each as a row: a
+/// transposed gradient back in its kernel's layout.
+pub(crate) fn first_columns(rows: &[f32], row_len: usize, count: usize) -> Vec<f32> {
+    let mut columns = Vec::with_capacity(count * rows.len() / row_len.max(1));
+    columns.extend((0..count).flat_map(|col| rows.iter().skip(col).step_by(row_len).copied()));
+    columns
 }
 
 /// The sum of `values` in f64, in a fixed order: eight running sums over the values in steps

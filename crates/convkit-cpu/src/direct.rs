@@ -30,7 +30,7 @@
 //! out by position. Every sum runs in a fixed order over its terms, the same on every vector
 //! and any number of threads.
 
-use crate::conv::Conv2dShape;
+use crate::conv::{first_columns, Conv2dShape};
 use crate::scratch::with_scratch;
 use crate::threads::{for_each_share, zeroed_chunks, Threads};
 
@@ -282,11 +282,16 @@ impl Conv2dShape {
         self.has_wide_gradients() && self.c >= LANES
     }
 
-    /// Where kernel entry `q = (ci·kh + ky)·kw + kx`'s tap for output `(0, 0)` lies in an
-    /// image `[c, h, w]`; output `(y, x)`'s is `y·w + x` further on.
-    fn entry_offset(&self, q: usize) -> usize {
-        let (ci, ky, kx) = (q / (self.kh * self.kw), q / self.kw % self.kh, q % self.kw);
-        (ci * self.h + ky) * self.w + kx
+    /// Values in a row of the wide kernel gradient's `dy` by position: the output channels
+    /// padded to whole [`LANES`].
+    fn output_lanes(&self) -> usize {
+        self.o.next_multiple_of(LANES)
+    }
+
+    /// Values in a row of the wide input gradient's kernel by tap and image by position: the
+    /// input channels padded to whole [`LANES`].
+    fn input_lanes(&self) -> usize {
+        self.c.next_multiple_of(LANES)
     }
 
     /// The kernel gradient `dW [o, c, kh, kw]` from `x [n, c, h, w]` and `dy [n, o, oh, ow]`
@@ -303,7 +308,7 @@ impl Conv2dShape {
         dy: &[f32],
     ) -> Vec<f32> {
         let (o, patch, positions) = (self.o, self.patch(), self.positions());
-        let lanes = o.next_multiple_of(LANES);
+        let lanes = self.output_lanes();
         let by_position = zeroed_chunks(
             threads,
             self.n * positions * lanes,
@@ -322,9 +327,7 @@ impl Conv2dShape {
         for_each_share(threads, &mut dk_t, lanes, |entries, dk_t| {
             self.kernel_grad_entries(x, &by_position, entries, dk_t)
         });
-        let mut dk = Vec::with_capacity(o * patch);
-        dk.extend((0..o).flat_map(|oc| dk_t.iter().skip(oc).step_by(lanes).copied()));
-        dk
+        first_columns(&dk_t, lanes, o)
     }
 
     /// Adds kernel entries `entries`' gradients (see [`Conv2dShape::wide_kernel_grad`]) to
@@ -357,8 +360,8 @@ impl Conv2dShape {
         dy: &[f32],
         kernel: &[f32],
     ) -> Vec<f32> {
-        let (c, o, taps, positions) = (self.c, self.o, self.kh * self.kw, self.positions());
-        let lanes = c.next_multiple_of(LANES);
+        let (o, taps, positions) = (self.o, self.kh * self.kw, self.positions());
+        let lanes = self.input_lanes();
         let mut by_tap = vec![0f32; taps * o * lanes];
         for (oc, kernel) in kernel.chunks_exact(self.patch()).take(o).enumerate() {
             for (ci, kernel) in kernel.chunks_exact(taps).enumerate() {
@@ -464,7 +467,7 @@ unsafe fn kernel_grad_blocks<V: Vector, const CV: usize>(
     entries: std::ops::Range<usize>,
     dk_t: &mut [f32],
 ) {
-    let (positions, lanes) = (conv.positions(), conv.o.next_multiple_of(LANES));
+    let (positions, lanes) = (conv.positions(), conv.output_lanes());
     let vectors = lanes / V::WIDTH;
     assert!(dk_t.len() >= entries.len() * lanes);
     assert!(by_position.len() >= conv.n * positions * lanes);
@@ -511,7 +514,7 @@ unsafe fn kernel_grad_block<V: Vector, const R: usize, const CV: usize>(
     dk_t: &mut [f32],
 ) {
     let (oh, ow, w) = (conv.oh, conv.ow, conv.w);
-    let lanes = conv.o.next_multiple_of(LANES);
+    let lanes = conv.output_lanes();
     let first = vector * V::WIDTH;
     let taps: [usize; R] = std::array::from_fn(|j| conv.entry_offset(q + j));
     // The last tap read is `taps[R−1] + (oh−1)·w + ow−1`, inside the image (no padding).
@@ -583,7 +586,7 @@ unsafe fn input_grad_blocks<V: Vector, const P: usize, const CV: usize>(
     dx_t: &mut [f32],
 ) {
     let (o, w, kw, positions) = (conv.o, conv.w, conv.kw, conv.positions());
-    let lanes = conv.c.next_multiple_of(LANES);
+    let lanes = conv.input_lanes();
     let vectors = lanes / V::WIDTH;
     for tap in 0..conv.kh * kw {
         let shift = tap / kw * w + tap % kw;
@@ -628,7 +631,7 @@ unsafe fn input_grad_block<V: Vector, const P: usize, const CV: usize>(
     dx_t: &mut [f32],
 ) {
     let (o, ow, w, positions) = (conv.o, conv.ow, conv.w, conv.positions());
-    let lanes = conv.c.next_multiple_of(LANES);
+    let lanes = conv.input_lanes();
     let first = vector * V::WIDTH;
     // Where each position's running sums start in `dx_t`: input position `y·w + x + shift`.
     let sums_at: [usize; P] =
@@ -746,92 +749,42 @@ mod x86 {
         wide_planes, Conv2dShape, Rows, Vector,
     };
 
-    /// For one x86 register type: `Vector` from its four intrinsics, and `image_rows` and
-    /// `kernel_grad_rows` on it compiled with the features it needs, as the functions `$image`
-    /// and `$kernel_grad`.
+    /// `$name`: the generic loop `$generic` on `$vector`, compiled with the register's
+    /// `$features` (enabled for the function, so the loop inlined into it uses them).
+    macro_rules! on_features {
+        ($features:literal, $vector:ty,
+         $name:ident = $generic:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?) => {
+            #[doc = concat!("[`", stringify!($generic), "`] on `", stringify!($vector), "` (", $features, ").")]
+            #[target_feature(enable = $features)]
+            pub(super) fn $name($($arg: $ty),*) $(-> $ret)? {
+                // SAFETY: this function runs only where the CPU has the register's features
+                // (its target features).
+                unsafe { $generic::<$vector>($($arg),*) }
+            }
+        };
+    }
+
+    /// For one x86 register type: `Vector` from its four intrinsics, and each generic loop of
+    /// this module on it compiled with the features it needs, under the names given.
     macro_rules! x86_vector {
         ($image:ident, $wide:ident, $kernel_grad:ident, $wide_kernel_grad:ident,
          $wide_input_grad:ident, $fma_rate:ident, $vector:ty,
          $width:literal, $features:literal, $splat:ident, $load:ident, $fma:ident,
          $store:ident) => {
-            #[doc = concat!("[`fma_chains`] on `", stringify!($vector), "` (", $features, ").")]
-            #[target_feature(enable = $features)]
-            pub(super) fn $fma_rate(rounds: usize) -> (f64, f32) {
-                // SAFETY: this function runs only where the CPU has the register's features
-                // (its target features).
-                unsafe { fma_chains::<$vector>(rounds) }
-            }
-
-            #[doc = concat!("[`wide_planes`] on `", stringify!($vector), "` (", $features, ").")]
-            #[target_feature(enable = $features)]
-            pub(super) fn $wide(
-                r: &Rows,
-                image: &[f32],
-                kernel: &[f32],
-                bias: &[f32],
-                z: &mut [f32],
-            ) {
-                // SAFETY: this function runs only where the CPU has the register's features
-                // (its target features).
-                unsafe { wide_planes::<$vector>(r, image, kernel, bias, z) }
-            }
-
-            #[doc = concat!("[`kernel_grad_rows`] on `", stringify!($vector), "` (", $features, ").")]
-            #[target_feature(enable = $features)]
-            pub(super) fn $kernel_grad(
-                conv: &Conv2dShape,
-                x: &[f32],
-                dy: &[f32],
-                channels: std::ops::Range<usize>,
-                cols: &mut [f32],
-                dk: &mut [f32],
-            ) {
-                // SAFETY: this function runs only where the CPU has the register's features
-                // (its target features).
-                unsafe { kernel_grad_rows::<$vector>(conv, x, dy, channels, cols, dk) }
-            }
-
-            #[doc = concat!("[`wide_kernel_grad_rows`] on `", stringify!($vector), "` (", $features, ").")]
-            #[target_feature(enable = $features)]
-            pub(super) fn $wide_kernel_grad(
-                conv: &Conv2dShape,
-                x: &[f32],
-                by_position: &[f32],
-                entries: std::ops::Range<usize>,
-                dk_t: &mut [f32],
-            ) {
-                // SAFETY: this function runs only where the CPU has the register's features
-                // (its target features).
-                unsafe { wide_kernel_grad_rows::<$vector>(conv, x, by_position, entries, dk_t) }
-            }
-
-            #[doc = concat!("[`wide_input_grad_taps`] on `", stringify!($vector), "` (", $features, ").")]
-            #[target_feature(enable = $features)]
-            pub(super) fn $wide_input_grad(
-                conv: &Conv2dShape,
-                dy: &[f32],
-                by_tap: &[f32],
-                dx_t: &mut [f32],
-            ) {
-                // SAFETY: this function runs only where the CPU has the register's features
-                // (its target features).
-                unsafe { wide_input_grad_taps::<$vector>(conv, dy, by_tap, dx_t) }
-            }
-
-            #[doc = concat!("[`image_rows`] on `", stringify!($vector), "` (", $features, ").")]
-            #[target_feature(enable = $features)]
-            pub(super) fn $image(
-                r: &Rows,
-                image: &[f32],
-                kernel: &[f32],
-                bias: &[f32],
-                window: &mut [f32],
-                z: &mut [f32],
-            ) {
-                // SAFETY: this function runs only where the CPU has the register's features
-                // (its target features).
-                unsafe { image_rows::<$vector>(r, image, kernel, bias, window, z) }
-            }
+            on_features!($features, $vector, $fma_rate = fma_chains(rounds: usize) -> (f64, f32));
+            on_features!($features, $vector, $wide = wide_planes(
+                r: &Rows, image: &[f32], kernel: &[f32], bias: &[f32], z: &mut [f32]));
+            on_features!($features, $vector, $kernel_grad = kernel_grad_rows(
+                conv: &Conv2dShape, x: &[f32], dy: &[f32], channels: std::ops::Range<usize>,
+                cols: &mut [f32], dk: &mut [f32]));
+            on_features!($features, $vector, $wide_kernel_grad = wide_kernel_grad_rows(
+                conv: &Conv2dShape, x: &[f32], by_position: &[f32],
+                entries: std::ops::Range<usize>, dk_t: &mut [f32]));
+            on_features!($features, $vector, $wide_input_grad = wide_input_grad_taps(
+                conv: &Conv2dShape, dy: &[f32], by_tap: &[f32], dx_t: &mut [f32]));
+            on_features!($features, $vector, $image = image_rows(
+                r: &Rows, image: &[f32], kernel: &[f32], bias: &[f32], window: &mut [f32],
+                z: &mut [f32]));
 
             impl Vector for $vector {
                 const WIDTH: usize = $width;
@@ -1280,7 +1233,7 @@ mod tests {
                 .unwrap();
             assert!(s.has_wide_kernel_grad() && s.has_wide_input_grad());
             let (x, dy) = (random(2 * s.image(), 1), random(2 * o * s.positions(), 2));
-            let (lanes_out, lanes_in) = (o.next_multiple_of(LANES), c.next_multiple_of(LANES));
+            let (lanes_out, lanes_in) = (s.output_lanes(), s.input_lanes());
             let by_position = random(2 * s.positions() * lanes_out, 3);
             let by_tap = random(9 * o * lanes_in, 4);
             let entries = 1..s.patch() - 1;
