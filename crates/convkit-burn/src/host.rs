@@ -207,8 +207,9 @@ fn register_conv_grads(
     });
 }
 
-/// The fused convolution, ReLU and max pooling's backward: the gradient at the convolution's
-/// output from each window's winner, then the convolution's.
+/// The fused convolution, ReLU and max pooling's backward: the gradients of the tracked
+/// operands from the pooled output's gradient and each window's winner
+/// ([`ConvReluMaxPoolShape::kernel_grad`] and its siblings).
 #[derive(Debug)]
 struct ConvReluMaxPoolBackward;
 
@@ -223,13 +224,23 @@ impl Backward<Flex, 3> for ConvReluMaxPoolBackward {
     );
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let nodes = ops.parents.map(|p| p.map(|node| node.id));
+        let [x_node, kernel_node, bias_node] = ops.parents.map(|p| p.map(|node| node.id));
         let dy = contiguous(grads.consume::<Flex>(&ops.node));
         let (x, kernel, s, bias_dims, winners) = ops.state;
-        let dz = s
-            .conv_output_grad(&Rayon, f32s(&dy), &winners)
-            .unwrap_or_else(|e| panic!("{e}"));
-        register_conv_grads(grads, nodes, (&x, &kernel, &s.conv, &bias_dims), &dz);
+        let dy = f32s(&dy);
+        register(grads, x_node, || {
+            let dx = s.input_grad(&Rayon, dy, &winners, f32s(&kernel));
+            tensor(dx, &s.conv.input())
+        });
+        register(grads, kernel_node, || {
+            tensor(
+                s.kernel_grad(&Rayon, f32s(&x), dy, &winners),
+                &s.conv.kernel(),
+            )
+        });
+        register(grads, bias_node, || {
+            tensor(s.bias_grad(&Rayon, dy, &winners), &bias_dims)
+        });
     }
 }
 
@@ -583,18 +594,20 @@ mod tests {
 
     /// The fused block against burn's own convolution, ReLU and max pooling, forward,
     /// backward and in inference (the kernel crate checks it bit for bit against its three
-    /// kernels, with ties and NaNs).
+    /// kernels, with ties and NaNs): two input channels take the dense gradients of the
+    /// scattered output gradient, sixteen the sums over the winners.
     #[test]
     fn the_fused_block_matches_burns_three_ops() {
-        for (pad, strides, size, pool_strides) in [
-            ([0; 4], [1, 1], [2, 2], [2, 2]),
-            ([1; 4], [2, 1], [3, 2], [1, 2]),
+        for (pad, strides, size, pool_strides, c) in [
+            ([0; 4], [1, 1], [2, 2], [2, 2], 2),
+            ([1; 4], [2, 1], [3, 2], [1, 2], 2),
+            ([0; 4], [1, 1], [2, 2], [2, 2], 16),
         ] {
             let conv = convkit_cpu::conv::Conv2d::new(pad, strides);
             let pool = convkit_cpu::pool::MaxPool2d::new(size, pool_strides);
             let [top, bottom, left, right] = pad;
             assert_matches_burn(
-                &[[3, 2, 10, 9], [4, 2, 3, 3], [4, 1, 1, 1]],
+                &[[3, c, 10, 9], [4, c, 3, 3], [4, 1, 1, 1]],
                 |t| ops::conv2d_relu_max_pool(&t[0], &t[1], &t[2], conv, pool),
                 |t| {
                     let options = ConvOptions::new_with_padding(
@@ -608,7 +621,9 @@ mod tests {
                     max_pool2d(y, MaxPoolOptions::new(size).with_stride(pool_strides))
                 },
                 [1e-4, 1e-3],
-                &format!("pad {pad:?} strides {strides:?} pool {size:?} {pool_strides:?}"),
+                &format!(
+                    "pad {pad:?} strides {strides:?} pool {size:?} {pool_strides:?}, {c} channels"
+                ),
             );
         }
     }

@@ -154,29 +154,104 @@ impl CustomOp3 for ConvReluMaxPool {
             candle_core::bail!("{OP}: a backward without a forward that kept the winners");
         };
         let s = self.shape(x.dims(), kernel.dims())?;
-        let dz = dy
-            .contiguous()?
-            .apply_op1_no_bwd(&ConvOutputGrad { s, winners })?;
-        conv_grads(s.conv, x, kernel, bias, &dz)
+        let dy = dy.contiguous()?;
+        let dx = (x.track_op())
+            .then(|| dy.apply_op2_no_bwd(&kernel.contiguous()?, &PooledInputGrad { s, winners }))
+            .transpose()?;
+        let dk = (kernel.track_op())
+            .then(|| {
+                x.contiguous()?
+                    .apply_op2_no_bwd(&dy, &PooledKernelGrad { s, winners })
+            })
+            .transpose()?;
+        let db = (bias.track_op())
+            .then(|| dy.apply_op1_no_bwd(&PooledBiasGrad { s, winners }))
+            .transpose()?;
+        Ok((dx, dk, db))
     }
 }
 
-/// The gradient at a [`ConvReluMaxPool`]'s convolution output, `[n, o, oh, ow]`, from the
-/// pooled output's and the forward's winners.
-struct ConvOutputGrad<'w> {
+/// [`ConvReluMaxPoolShape::input_grad`], `[n, c, h, w]`, from the pooled output's gradient,
+/// the kernel and the forward's winners.
+struct PooledInputGrad<'w> {
     s: ConvReluMaxPoolShape,
     winners: &'w [u32],
 }
 
-impl CustomOp1 for ConvOutputGrad<'_> {
+impl CustomOp2 for PooledInputGrad<'_> {
     fn name(&self) -> &'static str {
-        "convkit-conv2d-relu-max-pool2d-output-grad"
+        "convkit-conv2d-relu-max-pool2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dys: &CpuStorage,
+        dyl: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (dy, kernel) = (
+            values(dys, dyl, OP, "output gradient")?,
+            values(ks, kl, OP, "kernel")?,
+        );
+        let dx = self.s.input_grad(&CandleThreads, dy, self.winners, kernel);
+        Ok((
+            CpuStorage::F32(kernel_result(dx)?),
+            Shape::from(&self.s.conv.input()[..]),
+        ))
+    }
+}
+
+/// [`ConvReluMaxPoolShape::kernel_grad`], `[o, c, kh, kw]`, from the input, the pooled
+/// output's gradient and the forward's winners.
+struct PooledKernelGrad<'w> {
+    s: ConvReluMaxPoolShape,
+    winners: &'w [u32],
+}
+
+impl CustomOp2 for PooledKernelGrad<'_> {
+    fn name(&self) -> &'static str {
+        "convkit-conv2d-relu-max-pool2d-kernel-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        dys: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, dy) = (
+            values(xs, xl, OP, "input")?,
+            values(dys, dyl, OP, "output gradient")?,
+        );
+        let dk = self.s.kernel_grad(&CandleThreads, x, dy, self.winners);
+        Ok((
+            CpuStorage::F32(kernel_result(dk)?),
+            Shape::from(&self.s.conv.kernel()[..]),
+        ))
+    }
+}
+
+/// [`ConvReluMaxPoolShape::bias_grad`], `[o]`, from the pooled output's gradient and the
+/// forward's winners.
+struct PooledBiasGrad<'w> {
+    s: ConvReluMaxPoolShape,
+    winners: &'w [u32],
+}
+
+impl CustomOp1 for PooledBiasGrad<'_> {
+    fn name(&self) -> &'static str {
+        "convkit-conv2d-relu-max-pool2d-bias-grad"
     }
 
     fn cpu_fwd(&self, dys: &CpuStorage, dyl: &Layout) -> Result<(CpuStorage, Shape)> {
         let dy = values(dys, dyl, OP, "output gradient")?;
-        let dz = kernel_result(self.s.conv_output_grad(&CandleThreads, dy, self.winners))?;
-        Ok((CpuStorage::F32(dz), Shape::from(&self.s.conv.output()[..])))
+        let db = self.s.bias_grad(&CandleThreads, dy, self.winners);
+        Ok((
+            CpuStorage::F32(kernel_result(db)?),
+            Shape::from(self.s.conv.o),
+        ))
     }
 }
 
@@ -274,7 +349,11 @@ mod tests {
     /// the same values again on constant operands, where no winners are kept.
     #[test]
     fn the_fused_block_matches_convolution_relu_and_pooling() {
-        for (pad, stride, pool, pool_stride) in [(0, 1, 2, 2), (1, 2, 3, 1)] {
+        // Two input channels: the dense gradients of the scattered output gradient; sixteen:
+        // the sums over the winners.
+        for (pad, stride, pool, pool_stride, c) in
+            [(0, 1, 2, 2, 2), (1, 2, 3, 1, 2), (0, 1, 2, 2, 16)]
+        {
             let conv = Kernel::new([pad; 4], [stride; 2]);
             let pool = MaxPool2d::new([pool; 2], [pool_stride; 2]);
             let fused = || ConvReluMaxPool {
@@ -288,15 +367,15 @@ mod tests {
                     .apply_op1(crate::relu::Relu)?
                     .apply_op1(crate::pool::MaxPool2d(pool))
             };
-            let case = format!("pad {pad} stride {stride} pool {pool:?}");
+            let case = format!("pad {pad} stride {stride} pool {pool:?} channels {c}");
             assert_matches_candle(
                 fused(),
-                [&[3, 2, 10, 9], &[4, 2, 3, 3], &[4]],
+                [&[3, c, 10, 9], &[4, c, 3, 3], &[4]],
                 unfused,
-                [1e-6, 1e-6],
+                [1e-6, 1e-5],
                 &case,
             );
-            let [x, k, b] = [&[2, 2, 8, 8][..], &[4, 2, 3, 3], &[4]]
+            let [x, k, b] = [&[2, c, 8, 8][..], &[4, c, 3, 3], &[4]]
                 .map(|dims| Tensor::randn(0f32, 1.0, dims, &Device::Cpu).unwrap());
             let inference = ConvReluMaxPool {
                 for_grad: false,

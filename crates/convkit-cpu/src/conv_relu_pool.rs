@@ -2,9 +2,12 @@
 //! convolution output is made in the thread's working memory and pooled and rectified from
 //! there while it is in cache, so the full-size output is never written, read back, rectified
 //! and pooled in three more passes over memory. The backward needs only each window's winner:
-//! one scatter gives the gradient at the convolution's output, from which
-//! [`Conv2dShape`]'s gradients follow. The results are those of the three kernels run one
-//! after the other ([`crate::conv`], [`crate::relu`], [`crate::pool`]), bit for bit.
+//! the gradient at the convolution's output is zero but at the winners, so the kernel, input
+//! and bias gradients are sums over the winners ([`ConvReluMaxPoolShape::kernel_grad`] and
+//! its siblings, in `winner_grads`); one scatter gives that gradient itself
+//! ([`ConvReluMaxPoolShape::conv_output_grad`]). The forward's results are those of the three
+//! kernels run one after the other ([`crate::conv`], [`crate::relu`], [`crate::pool`]), bit
+//! for bit; the gradients theirs to rounding (the same terms, added in another order).
 
 use crate::conv::{Conv2dShape, OutputRows};
 use crate::pool::{first_max4, MaxPool2d, MaxPool2dShape};

@@ -62,13 +62,13 @@ macro_rules! on_widest_vector {
     }};
 }
 /// The most output columns one vector holds: an AVX-512 register of f32.
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 /// Output channels made at once: enough running sums to keep two FMA units busy.
 const CHANNELS: usize = 8;
 
 /// What one image's output rows need to know.
 #[derive(Clone, Copy)]
-struct Rows {
+pub(crate) struct Rows {
     conv: Conv2dShape,
     /// The distance in the output between two channels' planes of one image.
     channel_stride: usize,
@@ -400,16 +400,16 @@ impl Conv2dShape {
 /// One tile of a grid of rows by vectors (see [`tiles`]): its first row and vector, and
 /// whether it spans a whole block of rows (else one row) and of vectors (else one vector).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Tile {
-    row: usize,
-    vector: usize,
-    whole_rows: bool,
-    whole_vectors: bool,
+pub(crate) struct Tile {
+    pub(crate) row: usize,
+    pub(crate) vector: usize,
+    pub(crate) whole_rows: bool,
+    pub(crate) whole_vectors: bool,
 }
 
 /// The tiles covering `rows × vectors` in blocks of `row_block` rows by `vector_block`
 /// vectors, row by row of blocks: the rows (vectors) past the last whole block one at a time.
-fn tiles(
+pub(crate) fn tiles(
     rows: usize,
     row_block: usize,
     vectors: usize,
@@ -703,7 +703,7 @@ unsafe fn fma_chains<V: Vector>(rounds: usize) -> (f64, f32) {
 
 /// A vector of f32 the direct forward computes with. Its operations need the CPU feature its
 /// type is made of (hence `unsafe`); every one is exact or one rounding, the same on each.
-trait Vector: Copy {
+pub(crate) trait Vector: Copy {
     /// Values in one vector (at most [`LANES`]).
     const WIDTH: usize;
     /// `value` in every lane.
@@ -718,7 +718,7 @@ trait Vector: Copy {
 
 /// Eight lanes in plain Rust, for CPUs without AVX2.
 #[derive(Clone, Copy)]
-struct Portable([f32; 8]);
+pub(crate) struct Portable([f32; 8]);
 
 impl Vector for Portable {
     const WIDTH: usize = 8;
@@ -741,13 +741,14 @@ impl Vector for Portable {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{
         fma_chains, image_rows, kernel_grad_rows, wide_input_grad_taps, wide_kernel_grad_rows,
         wide_planes, Conv2dShape, Rows, Vector,
     };
+    use crate::winner_grads::{winner_input_grad_terms, winner_kernel_grad_rows, Patches};
 
     /// `$name`: the generic loop `$generic` on `$vector`, compiled with the register's
     /// `$features` (enabled for the function, so the loop inlined into it uses them).
@@ -756,7 +757,7 @@ mod x86 {
          $name:ident = $generic:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?) => {
             #[doc = concat!("[`", stringify!($generic), "`] on `", stringify!($vector), "` (", $features, ").")]
             #[target_feature(enable = $features)]
-            pub(super) fn $name($($arg: $ty),*) $(-> $ret)? {
+            pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
                 // SAFETY: this function runs only where the CPU has the register's features
                 // (its target features).
                 unsafe { $generic::<$vector>($($arg),*) }
@@ -768,7 +769,8 @@ mod x86 {
     /// this module on it compiled with the features it needs, under the names given.
     macro_rules! x86_vector {
         ($image:ident, $wide:ident, $kernel_grad:ident, $wide_kernel_grad:ident,
-         $wide_input_grad:ident, $fma_rate:ident, $vector:ty,
+         $wide_input_grad:ident, $winner_kernel_grad:ident, $winner_input_grad:ident,
+         $fma_rate:ident, $vector:ty,
          $width:literal, $features:literal, $splat:ident, $load:ident, $fma:ident,
          $store:ident) => {
             on_features!($features, $vector, $fma_rate = fma_chains(rounds: usize) -> (f64, f32));
@@ -782,6 +784,12 @@ mod x86 {
                 entries: std::ops::Range<usize>, dk_t: &mut [f32]));
             on_features!($features, $vector, $wide_input_grad = wide_input_grad_taps(
                 conv: &Conv2dShape, dy: &[f32], by_tap: &[f32], dx_t: &mut [f32]));
+            on_features!($features, $vector, $winner_kernel_grad = winner_kernel_grad_rows(
+                g: &Patches, x_t: &[f32], dy: &[f32], winners: &[u32], starts: &[usize],
+                channels: std::ops::Range<usize>, dk_t: &mut [f32]));
+            on_features!($features, $vector, $winner_input_grad = winner_input_grad_terms(
+                g: &Patches, dy: &[f32], winners: &[u32], starts: &[usize], by_row: &[f32],
+                dx_t: &mut [f32]));
             on_features!($features, $vector, $image = image_rows(
                 r: &Rows, image: &[f32], kernel: &[f32], bias: &[f32], window: &mut [f32],
                 z: &mut [f32]));
@@ -812,11 +820,13 @@ mod x86 {
 
     #[rustfmt::skip]
     x86_vector!(image_avx512, wide_avx512, kernel_grad_avx512, wide_kernel_grad_avx512,
-        wide_input_grad_avx512, fma_rate_avx512, __m512, 16, "avx512f",
+        wide_input_grad_avx512, winner_kernel_grad_avx512, winner_input_grad_avx512,
+        fma_rate_avx512, __m512, 16, "avx512f",
         _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_storeu_ps);
     #[rustfmt::skip]
     x86_vector!(image_avx2, wide_avx2, kernel_grad_avx2, wide_kernel_grad_avx2,
-        wide_input_grad_avx2, fma_rate_avx2, __m256, 8, "avx2,fma",
+        wide_input_grad_avx2, winner_kernel_grad_avx2, winner_input_grad_avx2,
+        fma_rate_avx2, __m256, 8, "avx2,fma",
         _mm256_set1_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_storeu_ps);
 }
 
@@ -1056,21 +1066,9 @@ unsafe fn wide_channels<V: Vector, const B: usize>(
 mod tests {
     use super::*;
     use crate::conv::Conv2d;
-    use crate::testing::random;
-
-    /// The portable version of a loop and those of the x86 vectors this CPU has.
     #[cfg(target_arch = "x86_64")]
-    fn on_this_cpu<F>(portable: F, avx2: F, avx512: F) -> Vec<F> {
-        use std::arch::is_x86_feature_detected as has;
-        let mut vectors = vec![portable];
-        if has!("avx2") && has!("fma") {
-            vectors.push(avx2);
-        }
-        if has!("avx512f") {
-            vectors.push(avx512);
-        }
-        vectors
-    }
+    use crate::testing::on_this_cpu;
+    use crate::testing::random;
 
     /// Every vector's outputs (started as NaN) are the first's bit for bit, and none is NaN.
     fn assert_alike_and_written(outputs: impl Iterator<Item = Vec<f32>>, s: &Conv2dShape) {

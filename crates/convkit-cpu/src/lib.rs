@@ -21,6 +21,7 @@
 pub mod conv;
 pub mod conv_relu_pool;
 pub mod dense;
+#[macro_use]
 mod direct;
 mod gemm;
 pub mod peak;
@@ -29,6 +30,7 @@ pub mod relu;
 mod scratch;
 mod threads;
 mod vectorized;
+mod winner_grads;
 
 pub use gemm::{matmul, matmul_by_rows, Strides};
 pub use threads::{

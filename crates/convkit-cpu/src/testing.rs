@@ -56,3 +56,17 @@ pub(crate) fn assert_all_close(what: &str, checks: &[(Vec<f32>, &[f32], f32)]) {
         assert_close(found, expected, *tolerance, &format!("{what}, output {i}"));
     }
 }
+
+/// The portable version of a loop and those of the x86 vectors this CPU has.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn on_this_cpu<F>(portable: F, avx2: F, avx512: F) -> Vec<F> {
+    use std::arch::is_x86_feature_detected as has;
+    let mut vectors = vec![portable];
+    if has!("avx2") && has!("fma") {
+        vectors.push(avx2);
+    }
+    if has!("avx512f") {
+        vectors.push(avx512);
+    }
+    vectors
+}
