@@ -172,7 +172,7 @@ impl ConvReluMaxPoolShape {
     }
 
     /// The bias gradient `db [o]`: each channel's sum of the gradients of its windows that
-    /// have a winner, over images then windows, in f64.
+    /// have a winner, in f64, image by image, each image in a fixed order of eight running sums.
     pub fn bias_grad(
         &self,
         threads: &dyn Threads,
@@ -184,14 +184,10 @@ impl ConvReluMaxPoolShape {
         let mut db = vec![0f32; o];
         for_each_chunk(threads, &mut db, 1, |channel, db| {
             let sum: f64 = (0..self.conv.n)
-                .flat_map(|image| {
+                .map(|image| {
                     let from = (image * o + channel) * windows;
-                    dy[from..][..windows]
-                        .iter()
-                        .zip(&winners[from..][..windows])
+                    winner_sum(&dy[from..][..windows], &winners[from..][..windows])
                 })
-                .filter(|(_, &winner)| winner != NO_WINNER)
-                .map(|(&d, _)| d as f64)
                 .sum();
             db[0] = sum as f32;
         });
@@ -285,6 +281,25 @@ fn transpose(from: &[f32], [rows, cols]: [usize; 2], to: &mut [f32]) {
 fn aligned(buffer: &mut [f32], len: usize) -> &mut [f32] {
     let skip = buffer.as_ptr().align_offset(64).min(LANES);
     &mut buffer[skip..][..len]
+}
+
+/// The sum of the gradients `dy` of one image's channel whose windows have a winner, in f64
+/// and a fixed order: eight running sums over the windows in steps of eight (the others
+/// adding 0, so the compiler keeps them in one vector register), then the rest, then the
+/// eight.
+fn winner_sum(dy: &[f32], winners: &[u32]) -> f64 {
+    let term = |d: f32, winner: u32| if winner != NO_WINNER { d as f64 } else { 0.0 };
+    let mut lanes = [0f64; 8];
+    let (grads, won) = (dy.chunks_exact(8), winners.chunks_exact(8));
+    let rest: f64 = (grads.remainder().iter().zip(won.remainder()))
+        .map(|(&d, &w)| term(d, w))
+        .sum();
+    for (grads, won) in grads.zip(won) {
+        for ((lane, &d), &w) in lanes.iter_mut().zip(grads).zip(won) {
+            *lane += term(d, w);
+        }
+    }
+    lanes.iter().sum::<f64>() + rest
 }
 
 /// Each window of one image's channel with a winner, as its [`Term`], into `terms` (which
