@@ -35,6 +35,10 @@ use crate::direct::x86;
 /// The name errors give the op.
 const OP: &str = "convkit conv2d+relu+max_pool2d backward";
 
+/// Values kept after an image laid out by position: a patch row's last vector may read or
+/// write up to one [`LANES`] past the image's last value.
+const OVERHANG: usize = LANES;
+
 /// Patch rows whose running sums the kernel gradient keeps at once.
 const PATCH_ROWS: usize = 3;
 
@@ -60,12 +64,6 @@ impl Patches {
     /// One patch, its rows padded: `kh·row_lanes` values.
     fn patch_lanes(&self) -> usize {
         self.kh * self.row_lanes
-    }
-
-    /// How far past an image's last value a patch row's vectors may read or write: less than
-    /// one [`LANES`].
-    fn overhang(&self) -> usize {
-        LANES
     }
 }
 
@@ -149,7 +147,7 @@ impl ConvReluMaxPoolShape {
         let starts = self.patch_starts();
         // dW by patch row, `[o, kh, row_lanes]`: a share of channels is a share of its rows.
         let mut dk_t = vec![0f32; g.o * g.patch_lanes()];
-        let len = g.n * g.image + g.overhang();
+        let len = g.n * g.image + OVERHANG;
         with_scratch(len + LANES, |buffer| {
             let x_t = aligned(buffer, len);
             by_position(threads, &self.conv, x, x_t);
@@ -236,8 +234,8 @@ impl ConvReluMaxPoolShape {
             |image, dx| {
                 let from = image * per_image;
                 let (dy, winners) = (&dy[from..][..per_image], &winners[from..][..per_image]);
-                with_scratch(g.image + g.overhang() + LANES, |buffer| {
-                    let dx_t = aligned(buffer, g.image + g.overhang());
+                with_scratch(g.image + OVERHANG + LANES, |buffer| {
+                    let dx_t = aligned(buffer, g.image + OVERHANG);
                     dx_t.fill(0.0);
                     input_grad_image(&g, dy, winners, &starts, by_row, dx_t);
                     transpose(dx_t, [plane, g.c], dx);
@@ -651,7 +649,7 @@ mod tests {
                 .forward_with_winners(&Serial, &x, &kernel, &random(conv.o, 3))
                 .unwrap();
             let dy = random(y.len(), 4);
-            let mut x_t = vec![0.0; conv.n * conv.image() + g.overhang()];
+            let mut x_t = vec![0.0; conv.n * conv.image() + OVERHANG];
             by_position(&Serial, &conv, &x, &mut x_t);
             let starts = s.patch_starts();
             let by_row = random(g.o * g.patch_lanes(), 5);
@@ -668,7 +666,7 @@ mod tests {
             let per_image = g.o * g.windows;
             let dxs: Vec<_> = (input_grads.iter())
                 .map(|&terms| {
-                    let mut dx_t = vec![0.5; g.image + g.overhang()];
+                    let mut dx_t = vec![0.5; g.image + OVERHANG];
                     let (dy, winners) = (&dy[per_image..], &winners[per_image..]);
                     // SAFETY: as above.
                     unsafe { terms(&g, dy, winners, &starts, &by_row, &mut dx_t) };
